@@ -1,0 +1,2 @@
+//! dispatch: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! domain: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! eventstore: not written yet.
+#![forbid(unsafe_code)]

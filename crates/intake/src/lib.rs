@@ -1,0 +1,2 @@
+//! intake: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! partition: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! projection: not written yet.
+#![forbid(unsafe_code)]

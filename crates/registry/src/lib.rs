@@ -1,0 +1,2 @@
+//! registry: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! standards: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! testkit: not written yet.
+#![forbid(unsafe_code)]

@@ -1,0 +1,6 @@
+//! One module per subcommand family; each owns its clap arguments and its `run`.
+pub mod bench;
+pub mod demo;
+pub mod partition;
+pub mod serve;
+pub mod standards;

@@ -1,0 +1,85 @@
+//! `wangge`: the one binary a city engineer runs. Every service, the offline tools, the
+//! benchmarks and the demo are subcommands of it, so one build, one config file and one
+//! `--help` cover the whole system.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod config;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+/// wangge (网格): event-sourced backend for urban grid management on NATS JetStream.
+///
+/// Configuration comes from a TOML file (`--config`, or `$WANGGE_CONFIG`) and is overridden by
+/// `WANGGE_*` environment variables, e.g. `WANGGE_NATS_URL=nats://10.0.0.5:4222`.
+/// `wangge config` prints the effective configuration.
+#[derive(Debug, Parser)]
+#[command(name = "wangge", version, about, long_about)]
+struct Cli {
+    /// Path of the TOML configuration file.
+    #[arg(long, global = true, env = "WANGGE_CONFIG")]
+    config: Option<std::path::PathBuf>,
+
+    /// Log format: `pretty` for people, `json` for log collectors.
+    #[arg(long, global = true, env = "WANGGE_LOG_FORMAT")]
+    log_format: Option<logging::LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the effective configuration (file + environment) as TOML.
+    Config,
+    /// Create or update every stream, consumer and bucket wangge needs, then exit.
+    Up(cmd::serve::UpArgs),
+    /// Run one service until SIGINT/SIGTERM.
+    Serve(cmd::serve::ServeArgs),
+    /// Start a private nats-server and every service, simulate a city, print a report.
+    Demo(cmd::demo::DemoArgs),
+    /// Benchmarks that print ratios against raw NATS measured in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+    /// Partition communities into ~200-household grids (offline, no NATS).
+    Partition(cmd::partition::PartitionArgs),
+    /// Import foreign data (OpenStreetMap) into wangge's GeoJSON input.
+    #[command(subcommand)]
+    Import(cmd::partition::ImportCommand),
+    /// Check communities against a city's policy standards (offline, no NATS).
+    Standards(cmd::standards::StandardsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match config::Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    logging::init(
+        cli.log_format.unwrap_or(settings.log.format),
+        &settings.log.filter,
+    );
+    let result = match cli.command {
+        Command::Config => config::print(&settings),
+        Command::Up(args) => cmd::serve::up(&settings, args),
+        Command::Serve(args) => cmd::serve::serve(&settings, args),
+        Command::Demo(args) => cmd::demo::run(&settings, args),
+        Command::Bench(command) => cmd::bench::run(&settings, command),
+        Command::Partition(args) => cmd::partition::run(args),
+        Command::Import(command) => cmd::partition::import(command),
+        Command::Standards(args) => cmd::standards::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "wangge failed");
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
