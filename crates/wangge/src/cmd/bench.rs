@@ -1,4 +1,4 @@
-//! `wangge bench ...` (not written yet).
+//! `wangge bench ...`: every figure is printed beside raw NATS measured in the same run.
 
 use crate::config::Settings;
 
@@ -6,8 +6,16 @@ use crate::config::Settings;
 pub enum BenchCommand {
     /// Event store appends and replay against raw JetStream.
     Store,
+    /// Partition a seeded synthetic city (offline).
+    Partition(super::partition::BenchPartitionArgs),
+    /// Point-in-grid lookups over a synthetic city (offline).
+    Locate(super::partition::BenchLocateArgs),
 }
 
-pub fn run(_settings: &Settings, _command: BenchCommand) -> anyhow::Result<()> {
-    anyhow::bail!("benchmarks are not written yet")
+pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Store => anyhow::bail!("`wangge bench store` is not written yet"),
+        BenchCommand::Partition(args) => super::partition::bench_partition(args),
+        BenchCommand::Locate(args) => super::partition::bench_locate(args),
+    }
 }

@@ -16,3 +16,17 @@ pub fn run(_args: PartitionArgs) -> anyhow::Result<()> {
 pub fn import(_command: ImportCommand) -> anyhow::Result<()> {
     anyhow::bail!("`wangge import osm` is not written yet")
 }
+
+#[derive(Debug, clap::Args)]
+pub struct BenchPartitionArgs {}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchLocateArgs {}
+
+pub fn bench_partition(_args: BenchPartitionArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`wangge bench partition` is not written yet")
+}
+
+pub fn bench_locate(_args: BenchLocateArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`wangge bench locate` is not written yet")
+}
