@@ -1,0 +1,543 @@
+//! The stored form of a commit: NATS headers for the envelope, a postcard body for the events,
+//! and the hash chain that links each commit to the one before it.
+
+use async_nats::HeaderMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::aggregate::AggregateId;
+use crate::codec::{CodecError, EncodedEvent, EventCodec};
+use crate::{COMMIT_BODY_BYTES_MAX, COMMIT_EVENTS_MAX};
+
+/// Header names of the commit envelope.
+pub mod headers {
+    pub const AGGREGATE: &str = "Wangge-Aggregate";
+    pub const COMMAND_ID: &str = "Wangge-Command-Id";
+    pub const FIRST_VERSION: &str = "Wangge-First-Version";
+    pub const VERSION: &str = "Wangge-Version";
+    pub const EVENT_TYPES: &str = "Wangge-Event-Types";
+    pub const SCHEMA_VERSIONS: &str = "Wangge-Schema-Versions";
+    pub const EVENT_IDS: &str = "Wangge-Event-Ids";
+    pub const CORRELATION_ID: &str = "Wangge-Correlation-Id";
+    pub const CAUSATION_ID: &str = "Wangge-Causation-Id";
+    pub const ACTOR: &str = "Wangge-Actor";
+    pub const OCCURRED_AT: &str = "Wangge-Occurred-At";
+    pub const PREVIOUS_HASH: &str = "Wangge-Previous-Hash";
+    pub const HASH: &str = "Wangge-Hash";
+    pub const BODY_FORMAT: &str = "Wangge-Body-Format";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The body format this build writes. Older formats stay readable in [`decode_body`].
+pub const BODY_FORMAT_CURRENT: u16 = 1;
+
+/// Where an aggregate stands: the version of its last event (gap-free, from 1), the stream
+/// sequence of its last commit (for `Nats-Expected-Last-Subject-Sequence`), and that commit's
+/// hash (the next commit's previous hash). A new aggregate is [`Position::NEW`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    pub version: u64,
+    pub sequence: u64,
+    pub hash: [u8; 32],
+}
+
+impl Position {
+    pub const NEW: Position = Position {
+        version: 0,
+        sequence: 0,
+        hash: [0; 32],
+    };
+
+    pub fn is_new(&self) -> bool {
+        self.version == 0
+    }
+}
+
+/// Who did it, why, and when: the part of the envelope the caller supplies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitMeta {
+    /// Ties together everything one outside request caused (e.g. a resident's submission).
+    pub correlation_id: Uuid,
+    /// The message or event that directly caused this commit.
+    pub causation_id: Uuid,
+    /// Who acted, e.g. `department:urban-management/console-3` or `system:dispatch`.
+    pub actor: String,
+    /// When the decision was made, in UTC milliseconds (the `now` given to the domain).
+    pub occurred_at_ms: i64,
+    /// W3C trace context; derived from the correlation id when absent.
+    pub traceparent: Option<String>,
+}
+
+/// Events one command produced, to be appended atomically. `command_id` is the idempotency
+/// key: the same command id on the same aggregate is stored at most once.
+#[derive(Debug, Clone)]
+pub struct Commit<E> {
+    pub command_id: String,
+    pub events: Vec<E>,
+    pub event_ids: Vec<Uuid>,
+    pub meta: CommitMeta,
+}
+
+impl<E> Commit<E> {
+    /// A commit with fresh UUID v7 event ids. Retrying the same `Commit` value reuses them.
+    pub fn new(command_id: impl Into<String>, events: Vec<E>, meta: CommitMeta) -> Commit<E> {
+        let event_ids = events.iter().map(|_| Uuid::now_v7()).collect();
+        Commit {
+            command_id: command_id.into(),
+            events,
+            event_ids,
+            meta,
+        }
+    }
+}
+
+/// One stored event with its place in the aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent<E> {
+    pub event_id: Uuid,
+    pub version: u64,
+    pub event_type: String,
+    pub event: E,
+}
+
+/// A commit as read back from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedCommit<E> {
+    pub aggregate: AggregateId,
+    pub command_id: String,
+    pub sequence: u64,
+    pub first_version: u64,
+    pub version: u64,
+    pub events: Vec<RecordedEvent<E>>,
+    pub meta: CommitMeta,
+    pub previous_hash: [u8; 32],
+    pub hash: [u8; 32],
+    /// When the server stored it, UTC milliseconds.
+    pub stored_at_ms: i64,
+}
+
+impl<E> RecordedCommit<E> {
+    pub fn position(&self) -> Position {
+        Position {
+            version: self.version,
+            sequence: self.sequence,
+            hash: self.hash,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredEventV1 {
+    event_id: [u8; 16],
+    event_type: String,
+    schema_version: u16,
+    payload: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CommitBodyV1 {
+    events: Vec<StoredEventV1>,
+}
+
+/// What the chain hash covers. Frozen: changing it breaks every stored chain.
+#[derive(Serialize)]
+struct ChainInputV1<'a> {
+    domain_separator: &'a str,
+    aggregate: &'a str,
+    command_id: &'a str,
+    first_version: u64,
+    version: u64,
+    previous_hash: [u8; 32],
+    correlation_id: [u8; 16],
+    causation_id: [u8; 16],
+    actor: &'a str,
+    occurred_at_ms: i64,
+    body_digest: [u8; 32],
+}
+
+pub(crate) struct ChainFields<'a> {
+    pub aggregate: &'a str,
+    pub command_id: &'a str,
+    pub first_version: u64,
+    pub version: u64,
+    pub previous_hash: [u8; 32],
+    pub meta: &'a CommitMeta,
+    pub body: &'a [u8],
+}
+
+pub(crate) fn chain_hash(fields: &ChainFields<'_>) -> [u8; 32] {
+    let input = ChainInputV1 {
+        domain_separator: "wangge-commit-v1",
+        aggregate: fields.aggregate,
+        command_id: fields.command_id,
+        first_version: fields.first_version,
+        version: fields.version,
+        previous_hash: fields.previous_hash,
+        correlation_id: *fields.meta.correlation_id.as_bytes(),
+        causation_id: *fields.meta.causation_id.as_bytes(),
+        actor: &fields.meta.actor,
+        occurred_at_ms: fields.meta.occurred_at_ms,
+        body_digest: Sha256::digest(fields.body).into(),
+    };
+    let bytes = postcard::to_allocvec(&input).expect("postcard encodes a fixed struct");
+    Sha256::digest(bytes).into()
+}
+
+/// Digest of what the events say (types, schema versions, payloads), without ids or times:
+/// two commits under one command id are "the same" exactly when these match.
+pub(crate) fn content_digest<'a>(
+    events: impl Iterator<Item = (&'a str, u16, &'a [u8])>,
+) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for (event_type, schema_version, payload) in events {
+        hasher.update((event_type.len() as u64).to_le_bytes());
+        hasher.update(event_type.as_bytes());
+        hasher.update(schema_version.to_le_bytes());
+        hasher.update((payload.len() as u64).to_le_bytes());
+        hasher.update(payload);
+    }
+    hasher.finalize().into()
+}
+
+/// A commit ready to publish.
+pub(crate) struct OutgoingCommit {
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+    pub msg_id: String,
+    pub position_after: (u64, [u8; 32]),
+    pub content_digest: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeCommitError {
+    #[error("a commit needs at least one event")]
+    Empty,
+    #[error("commit has {count} events, more than {COMMIT_EVENTS_MAX}")]
+    TooManyEvents { count: usize },
+    #[error("commit body is {bytes} bytes, more than {COMMIT_BODY_BYTES_MAX}")]
+    TooLarge { bytes: usize },
+    #[error("commit has {events} events but {ids} event ids")]
+    IdsMismatch { events: usize, ids: usize },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+pub(crate) fn encode_commit<C: EventCodec>(
+    codec: &C,
+    aggregate: &AggregateId,
+    expected: &Position,
+    commit: &Commit<C::Event>,
+) -> Result<OutgoingCommit, EncodeCommitError> {
+    let count = commit.events.len();
+    if count == 0 {
+        return Err(EncodeCommitError::Empty);
+    }
+    if count > COMMIT_EVENTS_MAX {
+        return Err(EncodeCommitError::TooManyEvents { count });
+    }
+    if commit.event_ids.len() != count {
+        return Err(EncodeCommitError::IdsMismatch {
+            events: count,
+            ids: commit.event_ids.len(),
+        });
+    }
+    let encoded: Vec<EncodedEvent> = commit
+        .events
+        .iter()
+        .map(|event| codec.encode(event))
+        .collect::<Result<_, _>>()?;
+    let content_digest = content_digest(encoded.iter().map(|e| {
+        (
+            e.event_type.as_str(),
+            e.schema_version,
+            e.payload.as_slice(),
+        )
+    }));
+    let event_types = encoded
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let schema_versions = encoded
+        .iter()
+        .map(|e| e.schema_version.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let event_ids = commit
+        .event_ids
+        .iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let body = CommitBodyV1 {
+        events: encoded
+            .into_iter()
+            .zip(&commit.event_ids)
+            .map(|(event, id)| StoredEventV1 {
+                event_id: *id.as_bytes(),
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+            })
+            .collect(),
+    };
+    let body = postcard::to_allocvec(&body).map_err(|error| {
+        EncodeCommitError::Codec(CodecError::Encode {
+            event_type: "commit body".to_owned(),
+            reason: error.to_string(),
+        })
+    })?;
+    if body.len() > COMMIT_BODY_BYTES_MAX {
+        return Err(EncodeCommitError::TooLarge { bytes: body.len() });
+    }
+    let first_version = expected.version + 1;
+    let version = expected.version + count as u64;
+    let hash = chain_hash(&ChainFields {
+        aggregate: aggregate.as_str(),
+        command_id: &commit.command_id,
+        first_version,
+        version,
+        previous_hash: expected.hash,
+        meta: &commit.meta,
+        body: &body,
+    });
+    let meta = &commit.meta;
+    let traceparent = meta.traceparent.clone().unwrap_or_else(|| {
+        let span = commit.event_ids[0].as_bytes();
+        format!(
+            "00-{}-{}-01",
+            meta.correlation_id.simple(),
+            hex::encode(&span[8..16])
+        )
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(headers::AGGREGATE, aggregate.as_str());
+    headers.insert(headers::COMMAND_ID, commit.command_id.as_str());
+    headers.insert(headers::FIRST_VERSION, first_version.to_string().as_str());
+    headers.insert(headers::VERSION, version.to_string().as_str());
+    headers.insert(headers::EVENT_TYPES, event_types.as_str());
+    headers.insert(headers::SCHEMA_VERSIONS, schema_versions.as_str());
+    headers.insert(headers::EVENT_IDS, event_ids.as_str());
+    headers.insert(
+        headers::CORRELATION_ID,
+        meta.correlation_id.to_string().as_str(),
+    );
+    headers.insert(
+        headers::CAUSATION_ID,
+        meta.causation_id.to_string().as_str(),
+    );
+    headers.insert(headers::ACTOR, meta.actor.as_str());
+    headers.insert(
+        headers::OCCURRED_AT,
+        meta.occurred_at_ms.to_string().as_str(),
+    );
+    headers.insert(headers::PREVIOUS_HASH, hex::encode(expected.hash).as_str());
+    headers.insert(headers::HASH, hex::encode(hash).as_str());
+    headers.insert(
+        headers::BODY_FORMAT,
+        BODY_FORMAT_CURRENT.to_string().as_str(),
+    );
+    headers.insert(headers::TRACEPARENT, traceparent.as_str());
+    Ok(OutgoingCommit {
+        headers,
+        body: body.into(),
+        msg_id: format!("{}/{}", aggregate, commit.command_id),
+        position_after: (version, hash),
+        content_digest,
+    })
+}
+
+/// Why a stored message is not a well-formed commit.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeCommitError {
+    #[error("header {name} is missing")]
+    MissingHeader { name: &'static str },
+    #[error("header {name} has a bad value {value:?}")]
+    BadHeader { name: &'static str, value: String },
+    #[error("body format {format} is unknown to this build")]
+    UnknownBodyFormat { format: u16 },
+    #[error("body does not decode: {reason}")]
+    BadBody { reason: String },
+    #[error("body holds {events} events but versions {first_version}..={version} say otherwise")]
+    CountMismatch {
+        events: usize,
+        first_version: u64,
+        version: u64,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, DecodeCommitError> {
+    headers
+        .get(name)
+        .map(|value| value.as_str())
+        .ok_or(DecodeCommitError::MissingHeader { name })
+}
+
+fn parsed<T: std::str::FromStr>(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<T, DecodeCommitError> {
+    let value = header(headers, name)?;
+    value.parse().map_err(|_| DecodeCommitError::BadHeader {
+        name,
+        value: value.to_owned(),
+    })
+}
+
+fn hash_header(headers: &HeaderMap, name: &'static str) -> Result<[u8; 32], DecodeCommitError> {
+    let value = header(headers, name)?;
+    let mut hash = [0; 32];
+    hex::decode_to_slice(value, &mut hash).map_err(|_| DecodeCommitError::BadHeader {
+        name,
+        value: value.to_owned(),
+    })?;
+    Ok(hash)
+}
+
+/// The envelope of a stored commit, read from headers only (cheap: no body decoding).
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEnvelope {
+    pub aggregate: String,
+    pub command_id: String,
+    pub first_version: u64,
+    pub version: u64,
+    pub meta: CommitMeta,
+    pub previous_hash: [u8; 32],
+    pub hash: [u8; 32],
+    pub body_format: u16,
+}
+
+pub(crate) fn decode_envelope(headers: &HeaderMap) -> Result<StoredEnvelope, DecodeCommitError> {
+    Ok(StoredEnvelope {
+        aggregate: header(headers, headers::AGGREGATE)?.to_owned(),
+        command_id: header(headers, headers::COMMAND_ID)?.to_owned(),
+        first_version: parsed(headers, headers::FIRST_VERSION)?,
+        version: parsed(headers, headers::VERSION)?,
+        meta: CommitMeta {
+            correlation_id: parsed(headers, headers::CORRELATION_ID)?,
+            causation_id: parsed(headers, headers::CAUSATION_ID)?,
+            actor: header(headers, headers::ACTOR)?.to_owned(),
+            occurred_at_ms: parsed(headers, headers::OCCURRED_AT)?,
+            traceparent: headers
+                .get(headers::TRACEPARENT)
+                .map(|value| value.as_str().to_owned()),
+        },
+        previous_hash: hash_header(headers, headers::PREVIOUS_HASH)?,
+        hash: hash_header(headers, headers::HASH)?,
+        body_format: parsed(headers, headers::BODY_FORMAT)?,
+    })
+}
+
+impl StoredEnvelope {
+    /// Recomputes the chain hash over this envelope and `body`.
+    pub fn recomputed_hash(&self, body: &[u8]) -> [u8; 32] {
+        chain_hash(&ChainFields {
+            aggregate: &self.aggregate,
+            command_id: &self.command_id,
+            first_version: self.first_version,
+            version: self.version,
+            previous_hash: self.previous_hash,
+            meta: &self.meta,
+            body,
+        })
+    }
+}
+
+/// Events of a body in stored form (type, schema version, payload), before codec decoding.
+pub(crate) struct RawEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u16,
+    pub payload: Vec<u8>,
+}
+
+pub(crate) fn decode_body(format: u16, body: &[u8]) -> Result<Vec<RawEvent>, DecodeCommitError> {
+    match format {
+        1 => {
+            let body: CommitBodyV1 =
+                postcard::from_bytes(body).map_err(|error| DecodeCommitError::BadBody {
+                    reason: error.to_string(),
+                })?;
+            Ok(body
+                .events
+                .into_iter()
+                .map(|event| RawEvent {
+                    event_id: Uuid::from_bytes(event.event_id),
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    payload: event.payload,
+                })
+                .collect())
+        }
+        format => Err(DecodeCommitError::UnknownBodyFormat { format }),
+    }
+}
+
+pub(crate) fn raw_content_digest(events: &[RawEvent]) -> [u8; 32] {
+    content_digest(events.iter().map(|e| {
+        (
+            e.event_type.as_str(),
+            e.schema_version,
+            e.payload.as_slice(),
+        )
+    }))
+}
+
+/// Decodes a stored message into a [`RecordedCommit`], checking that its own hash matches.
+pub(crate) fn decode_commit<C: EventCodec>(
+    codec: &C,
+    sequence: u64,
+    stored_at_ms: i64,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<RecordedCommit<C::Event>, DecodeCommitError> {
+    let envelope = decode_envelope(headers)?;
+    let raw = decode_body(envelope.body_format, body)?;
+    let expected_count = envelope
+        .version
+        .checked_sub(envelope.first_version)
+        .map(|n| n + 1);
+    if expected_count != Some(raw.len() as u64) {
+        return Err(DecodeCommitError::CountMismatch {
+            events: raw.len(),
+            first_version: envelope.first_version,
+            version: envelope.version,
+        });
+    }
+    let aggregate =
+        AggregateId::new(envelope.aggregate.clone()).map_err(|_| DecodeCommitError::BadHeader {
+            name: headers::AGGREGATE,
+            value: envelope.aggregate.clone(),
+        })?;
+    let events = raw
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            Ok(RecordedEvent {
+                event_id: raw.event_id,
+                version: envelope.first_version + index as u64,
+                event: codec.decode(&raw.event_type, raw.schema_version, &raw.payload)?,
+                event_type: raw.event_type,
+            })
+        })
+        .collect::<Result<Vec<_>, CodecError>>()?;
+    Ok(RecordedCommit {
+        aggregate,
+        command_id: envelope.command_id,
+        sequence,
+        first_version: envelope.first_version,
+        version: envelope.version,
+        events,
+        meta: envelope.meta,
+        previous_hash: envelope.previous_hash,
+        hash: envelope.hash,
+        stored_at_ms,
+    })
+}
+
+pub(crate) fn datetime_to_ms(datetime: time::OffsetDateTime) -> i64 {
+    (datetime.unix_timestamp_nanos() / 1_000_000) as i64
+}

@@ -1,0 +1,512 @@
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use futures::StreamExt as _;
+use tracing::{debug, warn};
+
+use crate::aggregate::AggregateId;
+use crate::codec::EventCodec;
+use crate::envelope::{
+    self, Commit, Position, RecordedCommit, datetime_to_ms, decode_body, decode_envelope,
+    encode_commit, raw_content_digest,
+};
+use crate::error::{AppendError, ConflictReason, LoadError, OpenError};
+
+/// Publish attempts for one append. Retrying is safe: the `Nats-Msg-Id` makes a repeat a no-op.
+const APPEND_ATTEMPTS_MAX: usize = 8;
+/// Pause between publish attempts (a cluster leader election takes a few seconds).
+const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Longest wait for one message while reading an aggregate to its known end.
+const LOAD_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bounded contexts that own a stream each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoundedContext {
+    /// Communities, buildings, grids and grid workers.
+    Grids,
+    /// Incident lifecycle, dispatch and whistles.
+    Incidents,
+    /// Submissions as received, including rejected ones.
+    Intake,
+}
+
+impl BoundedContext {
+    pub fn stream_name(self) -> &'static str {
+        match self {
+            BoundedContext::Grids => "GRIDS",
+            BoundedContext::Incidents => "INCIDENTS",
+            BoundedContext::Intake => "INTAKE",
+        }
+    }
+
+    pub fn subject_prefix(self) -> &'static str {
+        match self {
+            BoundedContext::Grids => "grids",
+            BoundedContext::Incidents => "incidents",
+            BoundedContext::Intake => "intake",
+        }
+    }
+}
+
+/// How a context's stream is laid out and kept.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub stream_name: String,
+    /// Commits go to `<subject_prefix>.ev.<aggregate id>`.
+    pub subject_prefix: String,
+    /// 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+    /// Window in which JetStream drops a repeated `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// Forbid deleting and purging messages through the API (production default). Tests that
+    /// simulate tampering turn it off.
+    pub immutable: bool,
+}
+
+impl StreamSpec {
+    pub fn for_context(
+        context: BoundedContext,
+        replicas: usize,
+        duplicate_window: Duration,
+    ) -> StreamSpec {
+        StreamSpec {
+            stream_name: context.stream_name().to_owned(),
+            subject_prefix: context.subject_prefix().to_owned(),
+            replicas,
+            duplicate_window,
+            immutable: true,
+        }
+    }
+
+    /// A spec with its own names, for tests and benchmarks that need isolated streams.
+    pub fn named(stream_name: &str, subject_prefix: &str) -> StreamSpec {
+        StreamSpec {
+            stream_name: stream_name.to_owned(),
+            subject_prefix: subject_prefix.to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            immutable: true,
+        }
+    }
+
+    pub fn subject(&self, aggregate: &AggregateId) -> String {
+        format!("{}.ev.{}", self.subject_prefix, aggregate)
+    }
+
+    /// The wildcard covering every aggregate of the context.
+    pub fn all_subjects(&self) -> String {
+        format!("{}.ev.>", self.subject_prefix)
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream_name.clone(),
+            subjects: vec![self.all_subjects()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            allow_direct: true,
+            deny_delete: self.immutable,
+            deny_purge: self.immutable,
+            description: Some(format!("wangge event log: {}", self.subject_prefix)),
+            ..Default::default()
+        }
+    }
+}
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Where the aggregate stands after the commit.
+    pub position: Position,
+    /// True when this exact commit was already stored (a retried or redelivered command):
+    /// nothing new was written.
+    pub duplicate: bool,
+}
+
+/// An aggregate's whole history, read to its last commit.
+#[derive(Debug, Clone)]
+pub struct Loaded<E> {
+    pub commits: Vec<RecordedCommit<E>>,
+    pub position: Position,
+}
+
+impl<E> Loaded<E> {
+    pub fn events(&self) -> impl Iterator<Item = &E> {
+        self.commits
+            .iter()
+            .flat_map(|commit| commit.events.iter().map(|recorded| &recorded.event))
+    }
+}
+
+/// An event store for one bounded context. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventStore<C: EventCodec> {
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) stream: stream::Stream,
+    pub(crate) spec: StreamSpec,
+    pub(crate) codec: C,
+}
+
+impl<C: EventCodec> EventStore<C> {
+    /// Creates or updates the context's stream (idempotent) and returns a store on it.
+    pub async fn open(
+        jetstream: jetstream::Context,
+        spec: StreamSpec,
+        codec: C,
+    ) -> Result<EventStore<C>, OpenError> {
+        let stream_error = |source| OpenError::Stream {
+            stream: spec.stream_name.clone(),
+            source,
+        };
+        jetstream
+            .create_or_update_stream(spec.stream_config())
+            .await
+            .map_err(stream_error)?;
+        let stream = jetstream
+            .get_stream(&spec.stream_name)
+            .await
+            .map_err(|error| OpenError::GetStream {
+                stream: spec.stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        Ok(EventStore {
+            jetstream,
+            stream,
+            spec,
+            codec,
+        })
+    }
+
+    pub fn spec(&self) -> &StreamSpec {
+        &self.spec
+    }
+
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    pub fn subject(&self, aggregate: &AggregateId) -> String {
+        self.spec.subject(aggregate)
+    }
+
+    /// Appends one commit to `aggregate`, which the caller believes to be at `expected`.
+    ///
+    /// - another writer got there first → `Conflict(StaleVersion)`;
+    /// - the same command id and the same events are already stored → `Ok` with
+    ///   `duplicate: true`, nothing written;
+    /// - the same command id with other events → `Conflict(CommandIdReused)`.
+    pub async fn append(
+        &self,
+        aggregate: &AggregateId,
+        expected: &Position,
+        commit: &Commit<C::Event>,
+    ) -> Result<Appended, AppendError> {
+        let subject = self.subject(aggregate);
+        let outgoing =
+            encode_commit(&self.codec, aggregate, expected, commit).map_err(|source| {
+                AppendError::Encode {
+                    subject: subject.clone(),
+                    source,
+                }
+            })?;
+        let mut attempt = 0;
+        let ack = loop {
+            attempt += 1;
+            let publish = jetstream::message::PublishMessage::build()
+                .headers(outgoing.headers.clone())
+                .payload(outgoing.body.clone())
+                .message_id(&outgoing.msg_id)
+                .expected_last_subject_sequence(expected.sequence);
+            let result = match self.jetstream.send_publish(subject.clone(), publish).await {
+                Ok(future) => future.await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(ack) => break ack,
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    // nats-server checks the expected subject sequence before the Msg-Id, so
+                    // a retry of a commit that was stored also lands here: look at what
+                    // follows `expected` on this subject.
+                    return self
+                        .resolve_sequence_conflict(&subject, expected, commit, &outgoing)
+                        .await;
+                }
+                Err(error) if attempt < APPEND_ATTEMPTS_MAX && retryable(error.kind()) => {
+                    warn!(%subject, attempt, %error, "append not acknowledged; retrying with the same Msg-Id");
+                    tokio::time::sleep(APPEND_RETRY_PAUSE).await;
+                }
+                Err(source) => {
+                    return Err(AppendError::Publish {
+                        subject,
+                        attempts: attempt,
+                        source,
+                    });
+                }
+            }
+        };
+        let (version, hash) = outgoing.position_after;
+        if !ack.duplicate {
+            return Ok(Appended {
+                position: Position {
+                    version,
+                    sequence: ack.sequence,
+                    hash,
+                },
+                duplicate: false,
+            });
+        }
+        // JetStream dropped it as a repeat of an earlier Msg-Id: same content, or a reused id?
+        let stored = self
+            .stream
+            .direct_get(ack.sequence)
+            .await
+            .map_err(|error| AppendError::DuplicateCheck {
+                subject: subject.clone(),
+                sequence: ack.sequence,
+                reason: error.to_string(),
+            })?;
+        self.compare_stored(&subject, &stored, commit, &outgoing)
+    }
+
+    /// The aggregate is not at `expected`. If the commit right after `expected` is this very
+    /// command, the append already happened (a retry or a redelivered input): a duplicate.
+    async fn resolve_sequence_conflict(
+        &self,
+        subject: &str,
+        expected: &Position,
+        commit: &Commit<C::Event>,
+        outgoing: &envelope::OutgoingCommit,
+    ) -> Result<Appended, AppendError> {
+        let stale = || AppendError::Conflict {
+            subject: subject.to_owned(),
+            reason: ConflictReason::StaleVersion {
+                expected: *expected,
+            },
+        };
+        let next = self
+            .stream
+            .direct_get_next_for_subject(subject.to_owned(), Some(expected.sequence + 1))
+            .await;
+        let stored = match next {
+            Ok(stored) => stored,
+            Err(error) if matches!(error.kind(), stream::DirectGetErrorKind::NotFound) => {
+                return Err(stale());
+            }
+            Err(error) => {
+                return Err(AppendError::DuplicateCheck {
+                    subject: subject.to_owned(),
+                    sequence: expected.sequence + 1,
+                    reason: error.to_string(),
+                });
+            }
+        };
+        let same_command = stored
+            .headers
+            .get(envelope::headers::COMMAND_ID)
+            .map(|value| value.as_str())
+            == Some(commit.command_id.as_str());
+        if !same_command {
+            return Err(stale());
+        }
+        self.compare_stored(subject, &stored, commit, outgoing)
+    }
+
+    /// `stored` carries our command id: the same events make it a duplicate, others a conflict.
+    fn compare_stored(
+        &self,
+        subject: &str,
+        stored: &async_nats::jetstream::message::StreamMessage,
+        commit: &Commit<C::Event>,
+        outgoing: &envelope::OutgoingCommit,
+    ) -> Result<Appended, AppendError> {
+        let duplicate_check = |reason: String| AppendError::DuplicateCheck {
+            subject: subject.to_owned(),
+            sequence: stored.sequence,
+            reason,
+        };
+        let envelope =
+            decode_envelope(&stored.headers).map_err(|error| duplicate_check(error.to_string()))?;
+        let raw = decode_body(envelope.body_format, &stored.payload)
+            .map_err(|error| duplicate_check(error.to_string()))?;
+        if raw_content_digest(&raw) != outgoing.content_digest {
+            return Err(AppendError::Conflict {
+                subject: subject.to_owned(),
+                reason: ConflictReason::CommandIdReused {
+                    command_id: commit.command_id.clone(),
+                    stored_sequence: stored.sequence,
+                },
+            });
+        }
+        debug!(%subject, sequence = stored.sequence, "commit already stored; nothing written");
+        Ok(Appended {
+            position: Position {
+                version: envelope.version,
+                sequence: stored.sequence,
+                hash: envelope.hash,
+            },
+            duplicate: true,
+        })
+    }
+
+    /// The position of an aggregate's last commit, or [`Position::NEW`] if it has none.
+    pub async fn last_position(&self, aggregate: &AggregateId) -> Result<Position, LoadError> {
+        let subject = self.subject(aggregate);
+        match self
+            .stream
+            .direct_get_last_for_subject(subject.clone())
+            .await
+        {
+            Ok(message) => {
+                let envelope =
+                    decode_envelope(&message.headers).map_err(|source| LoadError::Corrupt {
+                        subject: subject.clone(),
+                        sequence: message.sequence,
+                        source,
+                    })?;
+                Ok(Position {
+                    version: envelope.version,
+                    sequence: message.sequence,
+                    hash: envelope.hash,
+                })
+            }
+            Err(error) if matches!(error.kind(), stream::DirectGetErrorKind::NotFound) => {
+                Ok(Position::NEW)
+            }
+            Err(error) => Err(LoadError::LastCommit {
+                subject,
+                reason: error.to_string(),
+            }),
+        }
+    }
+
+    /// Reads an aggregate's whole history up to its last commit (known before reading starts,
+    /// so the read ends there and never waits for a timeout), checking the hash chain.
+    pub async fn load(&self, aggregate: &AggregateId) -> Result<Loaded<C::Event>, LoadError> {
+        self.load_after(aggregate, Position::NEW).await
+    }
+
+    /// Reads the commits after `after` (e.g. a snapshot's position) up to the last one.
+    pub async fn load_after(
+        &self,
+        aggregate: &AggregateId,
+        after: Position,
+    ) -> Result<Loaded<C::Event>, LoadError> {
+        let subject = self.subject(aggregate);
+        let last = self.last_position(aggregate).await?;
+        if last.sequence <= after.sequence {
+            return Ok(Loaded {
+                commits: Vec::new(),
+                position: after,
+            });
+        }
+        let read_error = |reason: String| LoadError::Read {
+            subject: subject.clone(),
+            reason,
+        };
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after.sequence + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| read_error(error.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|error| read_error(error.to_string()))?;
+        let mut commits = Vec::new();
+        let mut position = after;
+        while position.sequence < last.sequence {
+            let message = tokio::time::timeout(LOAD_MESSAGE_TIMEOUT, messages.next())
+                .await
+                .map_err(|_| read_error(format!("no message within {LOAD_MESSAGE_TIMEOUT:?}")))?
+                .ok_or_else(|| read_error("message stream ended".to_owned()))?
+                .map_err(|error| read_error(error.to_string()))?;
+            let info = message
+                .info()
+                .map_err(|error| read_error(error.to_string()))?;
+            let sequence = info.stream_sequence;
+            let stored_at_ms = datetime_to_ms(info.published);
+            let commit = envelope::decode_commit(
+                &self.codec,
+                sequence,
+                stored_at_ms,
+                &message.headers.clone().unwrap_or_default(),
+                &message.payload,
+            )
+            .map_err(|source| LoadError::Corrupt {
+                subject: subject.clone(),
+                sequence,
+                source,
+            })?;
+            check_link(
+                &subject,
+                &position,
+                &commit,
+                &message.payload,
+                &message.headers.clone().unwrap_or_default(),
+            )?;
+            position = commit.position();
+            commits.push(commit);
+        }
+        Ok(Loaded { commits, position })
+    }
+}
+
+/// The commit must follow `previous` in version and hash, and its own hash must be right.
+fn check_link<E>(
+    subject: &str,
+    previous: &Position,
+    commit: &RecordedCommit<E>,
+    body: &[u8],
+    headers: &async_nats::HeaderMap,
+) -> Result<(), LoadError> {
+    let broken = |detail: String| LoadError::ChainBroken {
+        subject: subject.to_owned(),
+        sequence: commit.sequence,
+        detail,
+    };
+    if commit.first_version != previous.version + 1 {
+        return Err(broken(format!(
+            "version {} follows version {}",
+            commit.first_version, previous.version
+        )));
+    }
+    // A load that starts after a snapshot knows the previous hash only if the snapshot did.
+    if !(previous.is_new() && commit.first_version != 1) && commit.previous_hash != previous.hash {
+        return Err(broken(
+            "previous hash does not match the preceding commit".to_owned(),
+        ));
+    }
+    let envelope = decode_envelope(headers).map_err(|source| LoadError::Corrupt {
+        subject: subject.to_owned(),
+        sequence: commit.sequence,
+        source,
+    })?;
+    if envelope.recomputed_hash(body) != commit.hash {
+        return Err(broken(
+            "stored hash does not match the commit's content".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn retryable(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::Other
+    ) || kind == PublishErrorKind::StreamNotFound
+}

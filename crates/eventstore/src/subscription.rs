@@ -1,0 +1,260 @@
+//! Catch-up subscriptions: a durable pull consumer with explicit acks, read in bounded
+//! batches, that survives the pull stream ending (`RequestLimitExceeded`, missed heartbeats)
+//! and server restarts by re-creating the stream or the consumer.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt as _;
+use tracing::warn;
+
+use crate::codec::EventCodec;
+use crate::envelope::{DecodeCommitError, RecordedCommit, datetime_to_ms, decode_commit};
+use crate::store::EventStore;
+
+/// Longest wait between attempts to re-establish a broken subscription.
+const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// First wait before re-establishing a broken subscription.
+const RESUBSCRIBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct SubscriptionConfig {
+    /// Durable consumer name; the server keeps its position across restarts.
+    pub durable_name: String,
+    /// Subject filter; defaults to every aggregate of the context.
+    pub filter_subject: Option<String>,
+    /// Start after this stream sequence when the consumer is created (a checkpoint kept with a
+    /// read model). Ignored when the durable consumer already exists: the server's position wins.
+    pub start_after_sequence: u64,
+    /// Messages per pull request.
+    pub batch_max: usize,
+    /// Unacknowledged messages the server lets this consumer have out.
+    pub ack_pending_max: i64,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+}
+
+impl SubscriptionConfig {
+    pub fn durable(name: impl Into<String>) -> SubscriptionConfig {
+        SubscriptionConfig {
+            durable_name: name.into(),
+            filter_subject: None,
+            start_after_sequence: 0,
+            batch_max: 1_000,
+            ack_pending_max: 10_000,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("subscribe {durable}: create consumer: {reason}")]
+    Consumer { durable: String, reason: String },
+    #[error("subscribe {durable}: message at sequence {sequence} does not decode: {source}")]
+    Decode {
+        durable: String,
+        sequence: u64,
+        source: DecodeCommitError,
+        message: Box<jetstream::Message>,
+    },
+    #[error("subscribe {durable}: message has no JetStream metadata: {reason}")]
+    Metadata { durable: String, reason: String },
+}
+
+/// One delivered commit; acknowledge it after its effects are stored.
+#[derive(Debug)]
+pub struct Delivery<E> {
+    pub commit: RecordedCommit<E>,
+    /// Messages the server still holds for this consumer after this one.
+    pub pending: u64,
+    message: jetstream::Message,
+}
+
+impl<E> Delivery<E> {
+    /// Acknowledge: the server will not deliver this commit again.
+    pub async fn ack(&self) -> Result<(), async_nats::Error> {
+        self.message.ack().await
+    }
+
+    /// Acknowledge and wait for the server to confirm; use where a lost ack would cost a
+    /// redelivery that the caller cannot detect as already applied.
+    pub async fn ack_confirmed(&self) -> Result<(), async_nats::Error> {
+        self.message.double_ack().await
+    }
+}
+
+/// A running catch-up subscription. Call [`Subscription::next`] in a loop.
+pub struct Subscription<C: EventCodec> {
+    store: EventStore<C>,
+    config: SubscriptionConfig,
+    consumer: Option<consumer::PullConsumer>,
+    messages: Option<consumer::pull::Stream>,
+    backoff: Duration,
+}
+
+impl<C: EventCodec> std::fmt::Debug for Subscription<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("config", &self.config)
+            .field("connected", &self.messages.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: EventCodec> EventStore<C> {
+    /// Opens (creating if needed) a durable catch-up subscription on this context's stream.
+    pub async fn subscribe(
+        &self,
+        config: SubscriptionConfig,
+    ) -> Result<Subscription<C>, SubscribeError> {
+        let mut subscription = Subscription {
+            store: self.clone(),
+            config,
+            consumer: None,
+            messages: None,
+            backoff: RESUBSCRIBE_BACKOFF_MIN,
+        };
+        subscription.ensure_consumer().await?;
+        Ok(subscription)
+    }
+}
+
+impl<C: EventCodec> Subscription<C> {
+    async fn ensure_consumer(&mut self) -> Result<consumer::PullConsumer, SubscribeError> {
+        if let Some(consumer) = &self.consumer {
+            return Ok(consumer.clone());
+        }
+        let config = &self.config;
+        let deliver_policy = if config.start_after_sequence == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: config.start_after_sequence + 1,
+            }
+        };
+        let consumer = self
+            .store
+            .stream
+            .get_or_create_consumer(
+                &config.durable_name,
+                consumer::pull::Config {
+                    durable_name: Some(config.durable_name.clone()),
+                    filter_subject: config
+                        .filter_subject
+                        .clone()
+                        .unwrap_or_else(|| self.store.spec.all_subjects()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    deliver_policy,
+                    ack_wait: config.ack_wait,
+                    max_ack_pending: config.ack_pending_max,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| SubscribeError::Consumer {
+                durable: config.durable_name.clone(),
+                reason: error.to_string(),
+            })?;
+        self.consumer = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// The next commit. Waits for new commits when caught up; re-establishes the pull stream
+    /// (and the consumer, if the server lost it) after errors, with bounded backoff, forever:
+    /// wrap the call in a `select!` with the shutdown signal.
+    pub async fn next(&mut self) -> Result<Delivery<C::Event>, SubscribeError> {
+        loop {
+            if self.messages.is_none() {
+                match self.open_messages().await {
+                    Ok(messages) => self.messages = Some(messages),
+                    Err(reason) => {
+                        warn!(durable = %self.config.durable_name, %reason, "subscription broken; retrying");
+                        self.pause().await;
+                        continue;
+                    }
+                }
+            }
+            let messages = self.messages.as_mut().expect("opened above");
+            match messages.next().await {
+                Some(Ok(message)) => {
+                    self.backoff = RESUBSCRIBE_BACKOFF_MIN;
+                    return self.decode(message);
+                }
+                Some(Err(error)) => {
+                    let kind = error.kind();
+                    if matches!(kind, consumer::pull::MessagesErrorKind::ConsumerDeleted) {
+                        self.consumer = None;
+                    }
+                    warn!(durable = %self.config.durable_name, %error, "pull stream ended; re-creating it");
+                    self.messages = None;
+                    self.pause().await;
+                }
+                None => {
+                    self.messages = None;
+                    self.pause().await;
+                }
+            }
+        }
+    }
+
+    async fn open_messages(&mut self) -> Result<consumer::pull::Stream, String> {
+        let consumer = self
+            .ensure_consumer()
+            .await
+            .map_err(|error| error.to_string())?;
+        match consumer
+            .stream()
+            .max_messages_per_batch(self.config.batch_max)
+            .messages()
+            .await
+        {
+            Ok(messages) => Ok(messages),
+            Err(error) => {
+                // The consumer may be gone (server restarted without it): make it again next time.
+                self.consumer = None;
+                Err(error.to_string())
+            }
+        }
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(RESUBSCRIBE_BACKOFF_MAX);
+    }
+
+    fn decode(&self, message: jetstream::Message) -> Result<Delivery<C::Event>, SubscribeError> {
+        let durable = || self.config.durable_name.clone();
+        let (sequence, pending, stored_at_ms) = {
+            let info = message.info().map_err(|error| SubscribeError::Metadata {
+                durable: durable(),
+                reason: error.to_string(),
+            })?;
+            (
+                info.stream_sequence,
+                info.pending,
+                datetime_to_ms(info.published),
+            )
+        };
+        let headers = message.headers.clone().unwrap_or_default();
+        match decode_commit(
+            &self.store.codec,
+            sequence,
+            stored_at_ms,
+            &headers,
+            &message.payload,
+        ) {
+            Ok(commit) => Ok(Delivery {
+                commit,
+                pending,
+                message,
+            }),
+            Err(source) => Err(SubscribeError::Decode {
+                durable: durable(),
+                sequence,
+                source,
+                message: Box::new(message),
+            }),
+        }
+    }
+}
