@@ -1,0 +1,1711 @@
+//! The incident aggregate: one resident's (or grid worker's) report, from intake to rating.
+//!
+//! The lifecycle is the closed loop of the digital urban-management standard GB/T 30428
+//! (信息收集 → 案卷建立 → 任务派遣 → 任务处理 → 处理反馈 → 核查结案 → 综合评价):
+//!
+//! ```text
+//! Reported ─File─► Filed ─Dispatch─► Dispatched ─Acknowledge─► Acknowledged ─Resolve─► Resolved
+//!    │                                 │  ▲   (ReturnNotOurs, Reassign,      │             │
+//!    └RejectReport► Rejected           │  │    RequestExtension, Park,       │   Verify(fail)
+//!                                      │  └─── Unpark, whistles) ◄──────────┘◄────────────┤
+//!                                      ▼                                      Verify(pass)│
+//!                                   Parked                        Closed ◄────────────────┘
+//!                                                                   │ Rate (unsatisfied may reopen)
+//!                                                                   └ Reopen ─► Dispatched
+//! ```
+//!
+//! plus `Cancel` by the reporter before resolution, `MergeDuplicate` (another report of the
+//! same problem joins as an additional reporter) and `MarkDuplicateOf` (this report is
+//! folded into another incident).
+//!
+//! # Whistle-and-report (吹哨报到)
+//!
+//! Sanming, 《关于加强城市社区治理的若干措施》 (2020), 七、提升社区治理效能:
+//! "探索“街巷吹哨、部门报到”机制。按照属地管理原则，完善以街道党政领导为“街长”、社区主干为
+//! “巷长”……对街道无法独立解决的事项，可通过“e三明”网上公共服务平台“乡呼县应”通道“吹哨”，
+//! 县(市、区)职能部门快速“响应”、联动处置。"
+//!
+//! A whistle ([`Whistle`]) always has a cause ([`WhistleCause`]): an emergency category (blown
+//! at dispatch), a missed response or resolution deadline (blown by [`Action::DeadlineElapsed`]),
+//! a handler declaring the case beyond its powers, or summoned departments missing their report
+//! deadline. An incident has at most one active whistle; a new cause while one is active
+//! escalates it one rung up the ladder [`Level`] (grid → community 巷长 → street 街长 → district →
+//! city). Every deadline is consumed by the event that records it missed, so a repeated
+//! `DeadlineElapsed` can never escalate twice for the same cause. Each summoned department must
+//! report (报到) by its `report_by`; a miss is a [`IncidentEvent::WhistleReportMissed`] naming
+//! the department, followed by an escalation that summons it again one level higher.
+//!
+//! # Evaluation inputs (响应率、解决率、满意率)
+//!
+//! Everything a per-department / per-street evaluation needs is in the log. The street is the
+//! first 9 digits of `Filed.grid`; the handler is named in the assigning event.
+//!
+//! | rate | denominator (assignments) | numerator |
+//! |---|---|---|
+//! | response rate | `Dispatched`, `Returned.rerouted_to`, `Reopened`, `Unparked` (handler from state) | `Acknowledged { late: false }` |
+//! | response misses | — | `DeadlineMissed { deadline: Response, handler }` |
+//! | whistle reporting | each `summoned` entry of `WhistleBlown` / `WhistleEscalated` | `WhistleReported { late: false }`; misses: `WhistleReportMissed` |
+//! | resolution rate | same assignments | `Resolved { late: false }` followed by `Verified` (a `VerificationFailed` counts against) |
+//! | satisfaction rate | `Rated` | `Rated { satisfaction: Satisfied or BasicallySatisfied }` |
+//! | returns | — | `Returned { handler, rerouted_to }` (who returned it, where it went) |
+//!
+//! # `evolve` by value
+//!
+//! [`evolve`] takes the state by value and returns it, matching the design's
+//! `evolve(State, &Event) -> State`: folding a history moves one state through without a clone,
+//! and `decide` can evolve a scratch copy while it emits several events. [`IncidentState::apply`]
+//! is the same thing in `&mut` form for services that keep states in a map.
+
+use serde::{Deserialize, Serialize};
+
+use crate::calendar::Clock;
+use crate::ids::{
+    Actor, ActorId, CategoryCode, DepartmentId, GridCode, IncidentId, Role, StreetCode, Timestamp,
+};
+use crate::policy::Policy;
+use crate::routing::{Route, WhistleKind};
+use crate::taxonomy::HandlingLevel;
+
+/// Longest report description, in bytes.
+pub const DESCRIPTION_BYTES_MAX: usize = 2_000;
+/// Longest note or reason text, in bytes.
+pub const NOTE_BYTES_MAX: usize = 1_000;
+/// Most additional reporters merged into one incident.
+pub const CO_REPORTERS_MAX: usize = 32;
+/// Most "not ours" returns of one incident before the street must decide itself.
+pub const RETURNS_MAX: usize = 4;
+/// Most extensions granted per incident.
+pub const EXTENSIONS_MAX: u8 = 2;
+/// Longest single extension, in minutes of the category's clock.
+pub const EXTENSION_MINUTES_MAX: u32 = 30 * 420;
+/// Most reopenings of one incident.
+pub const REOPENS_MAX: u8 = 3;
+/// Most overdue items one `DeadlineElapsed` handles (a bound on its loop).
+pub const DUE_ITEMS_MAX: usize = 64;
+
+/// A WGS84 position in fixed point (1e-7 degrees), as reported by the app.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Position {
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+}
+
+/// Who holds a case.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum Handler {
+    GridWorker,
+    Community,
+    Street,
+    Department(DepartmentId),
+}
+
+impl Handler {
+    fn from_route(route: &Route) -> Handler {
+        match route.level {
+            HandlingLevel::GridWorker => Handler::GridWorker,
+            HandlingLevel::Community => Handler::Community,
+            HandlingLevel::Street => Handler::Street,
+            HandlingLevel::Department => Handler::Department(route.department),
+        }
+    }
+
+    /// Whether `role` speaks for this handler.
+    pub fn is(self, role: Role) -> bool {
+        matches!(
+            (self, role),
+            (Handler::GridWorker, Role::GridWorker)
+                | (Handler::Community, Role::Community)
+                | (Handler::Street, Role::Street)
+        ) || matches!((self, role), (Handler::Department(a), Role::Department(b)) if a == b)
+    }
+
+    /// The rung that blows the first whistle on this handler. A late department is whistled
+    /// by the street (the Sanming "乡呼县应": the street calls, the county department answers).
+    pub fn first_whistle_level(self) -> Level {
+        match self {
+            Handler::GridWorker => Level::Community,
+            Handler::Community => Level::Street,
+            Handler::Street => Level::District,
+            Handler::Department(_) => Level::Street,
+        }
+    }
+}
+
+impl std::fmt::Display for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handler::GridWorker => f.write_str("grid_worker"),
+            Handler::Community => f.write_str("community"),
+            Handler::Street => f.write_str("street"),
+            Handler::Department(d) => write!(f, "department:{d}"),
+        }
+    }
+}
+
+/// The escalation ladder: grid → community (巷长) → street (街长) → district → city.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum Level {
+    Grid,
+    Community,
+    Street,
+    District,
+    City,
+}
+
+impl Level {
+    /// The next rung up; `None` at the top.
+    pub fn up(self) -> Option<Level> {
+        match self {
+            Level::Grid => Some(Level::Community),
+            Level::Community => Some(Level::Street),
+            Level::Street => Some(Level::District),
+            Level::District => Some(Level::City),
+            Level::City => None,
+        }
+    }
+}
+
+/// Where an incident stands.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+pub enum Status {
+    /// No event yet.
+    #[default]
+    Absent,
+    Reported,
+    Filed,
+    Dispatched,
+    Acknowledged,
+    Resolved,
+    Closed,
+    Rejected,
+    Cancelled,
+    Parked,
+    Merged,
+}
+
+/// A resident's rating (好差评).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum Satisfaction {
+    Satisfied,
+    BasicallySatisfied,
+    Unsatisfied,
+}
+
+/// Why a report is not taken up.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum RejectReason {
+    OutsideJurisdiction,
+    NotAGovernmentMatter,
+    InsufficientInformation,
+    Malicious,
+}
+
+/// Why a handler returns a case as "not ours".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum ReturnReason {
+    NotOurDuty,
+    WrongLocation,
+    WrongCategory,
+}
+
+/// How a handler was chosen.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum RouteSource {
+    /// The city's routing table.
+    Table,
+    /// The street's override in the routing table.
+    StreetOverride,
+    /// The route's fallback list, after a return.
+    Fallback,
+    /// Back to the street (属地) after a return with no fallback left.
+    Street,
+    /// Chosen by a person (street, district or city).
+    Manual,
+}
+
+/// Which deadline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum DeadlineKind {
+    Response,
+    Resolution,
+}
+
+/// Why a whistle was blown or escalated.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum WhistleCause {
+    /// The category is an emergency: blown at dispatch.
+    Emergency,
+    /// The handler missed a deadline (recorded by the `DeadlineMissed` event before it).
+    DeadlineMissed(DeadlineKind),
+    /// The handler declared the case beyond its powers.
+    BeyondPowers,
+    /// Summoned departments missed their report deadline (each recorded by a
+    /// `WhistleReportMissed` event before it).
+    ReportsMissed,
+}
+
+/// One department summoned by a whistle, with its report deadline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Summoned {
+    pub department: DepartmentId,
+    pub report_by: Timestamp,
+}
+
+/// Where a summoned department stands.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum ReportState {
+    Pending,
+    Reported,
+    Missed,
+}
+
+/// A summoned department in the state.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Summons {
+    pub department: DepartmentId,
+    pub report_by: Timestamp,
+    pub state: ReportState,
+}
+
+/// The active whistle.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Whistle {
+    pub kind: WhistleKind,
+    pub level: Level,
+    pub cause: WhistleCause,
+    pub summons: Vec<Summons>,
+}
+
+/// A deadline and whether it has been recorded missed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Due {
+    pub at: Timestamp,
+    pub missed: bool,
+}
+
+/// Everything that happened to an incident. Stored (postcard, via [`crate::encoding`]).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum IncidentEvent {
+    Reported {
+        incident: IncidentId,
+        by: Actor,
+        description: String,
+        position: Option<Position>,
+        category_hint: Option<CategoryCode>,
+    },
+    Filed {
+        by: Actor,
+        grid: GridCode,
+        category: CategoryCode,
+        emergency: bool,
+    },
+    ReportRejected {
+        by: Actor,
+        reason: RejectReason,
+        note: String,
+    },
+    Dispatched {
+        by: Actor,
+        handler: Handler,
+        source: RouteSource,
+        clock: Clock,
+        response_due: Timestamp,
+        resolution_due: Timestamp,
+    },
+    Acknowledged {
+        by: Actor,
+        late: bool,
+    },
+    Resolved {
+        by: Actor,
+        late: bool,
+        note: String,
+    },
+    VerificationFailed {
+        by: Actor,
+        note: String,
+        resolution_due: Timestamp,
+    },
+    Verified {
+        by: Actor,
+    },
+    Closed {
+        by: Actor,
+    },
+    Rated {
+        by: Actor,
+        satisfaction: Satisfaction,
+    },
+    Reopened {
+        by: Actor,
+        reason: String,
+        response_due: Timestamp,
+        resolution_due: Timestamp,
+    },
+    Returned {
+        by: Actor,
+        handler: Handler,
+        reason: ReturnReason,
+        note: String,
+        rerouted_to: Handler,
+        source: RouteSource,
+        response_due: Timestamp,
+        resolution_due: Timestamp,
+    },
+    ExtensionRequested {
+        by: Actor,
+        minutes: u32,
+        reason: String,
+    },
+    ExtensionApproved {
+        by: Actor,
+        minutes: u32,
+        resolution_due: Timestamp,
+    },
+    ExtensionDenied {
+        by: Actor,
+        note: String,
+    },
+    Parked {
+        by: Actor,
+        reason: String,
+    },
+    Unparked {
+        by: Actor,
+        response_due: Timestamp,
+        resolution_due: Timestamp,
+    },
+    DuplicateMerged {
+        by: Actor,
+        duplicate: IncidentId,
+        reporter: ActorId,
+    },
+    MergedInto {
+        by: Actor,
+        original: IncidentId,
+    },
+    Cancelled {
+        by: Actor,
+    },
+    DeadlineMissed {
+        handler: Handler,
+        deadline: DeadlineKind,
+        due: Timestamp,
+    },
+    WhistleBlown {
+        kind: WhistleKind,
+        level: Level,
+        cause: WhistleCause,
+        summoned: Vec<Summoned>,
+        /// A fresh resolution deadline for the joint handling, when the cause calls for one.
+        resolution_due: Option<Timestamp>,
+    },
+    WhistleReported {
+        by: Actor,
+        department: DepartmentId,
+        late: bool,
+    },
+    WhistleReportMissed {
+        department: DepartmentId,
+        due: Timestamp,
+    },
+    WhistleEscalated {
+        kind: WhistleKind,
+        from: Level,
+        to: Level,
+        cause: WhistleCause,
+        summoned: Vec<Summoned>,
+        resolution_due: Option<Timestamp>,
+    },
+}
+
+/// What an actor asks for.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Action {
+    Report {
+        incident: IncidentId,
+        description: String,
+        position: Option<Position>,
+        category_hint: Option<CategoryCode>,
+    },
+    File {
+        grid: GridCode,
+        category: CategoryCode,
+    },
+    RejectReport {
+        reason: RejectReason,
+        note: String,
+    },
+    /// `to: None` routes by the table; `Some` is a person's choice (street and above), and on
+    /// an already dispatched case it reassigns it.
+    Dispatch {
+        to: Option<Handler>,
+    },
+    Acknowledge,
+    Resolve {
+        note: String,
+    },
+    Verify {
+        passed: bool,
+        note: String,
+    },
+    Rate {
+        satisfaction: Satisfaction,
+        reopen: bool,
+    },
+    Reopen {
+        reason: String,
+    },
+    ReturnNotOurs {
+        reason: ReturnReason,
+        note: String,
+    },
+    RequestExtension {
+        minutes: u32,
+        reason: String,
+    },
+    DecideExtension {
+        approve: bool,
+        note: String,
+    },
+    Park {
+        reason: String,
+    },
+    Unpark,
+    MergeDuplicate {
+        duplicate: IncidentId,
+        reporter: ActorId,
+    },
+    MarkDuplicateOf {
+        original: IncidentId,
+    },
+    Cancel,
+    DeclareBeyondPowers {
+        reason: String,
+    },
+    ReportToWhistle,
+    /// Sent by the shell when [`next_deadline`] has passed.
+    DeadlineElapsed,
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Report { .. } => "report",
+            Action::File { .. } => "file",
+            Action::RejectReport { .. } => "reject_report",
+            Action::Dispatch { .. } => "dispatch",
+            Action::Acknowledge => "acknowledge",
+            Action::Resolve { .. } => "resolve",
+            Action::Verify { .. } => "verify",
+            Action::Rate { .. } => "rate",
+            Action::Reopen { .. } => "reopen",
+            Action::ReturnNotOurs { .. } => "return_not_ours",
+            Action::RequestExtension { .. } => "request_extension",
+            Action::DecideExtension { .. } => "decide_extension",
+            Action::Park { .. } => "park",
+            Action::Unpark => "unpark",
+            Action::MergeDuplicate { .. } => "merge_duplicate",
+            Action::MarkDuplicateOf { .. } => "mark_duplicate_of",
+            Action::Cancel => "cancel",
+            Action::DeclareBeyondPowers { .. } => "declare_beyond_powers",
+            Action::ReportToWhistle => "report_to_whistle",
+            Action::DeadlineElapsed => "deadline_elapsed",
+        }
+    }
+}
+
+/// A command: who asks, and what.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct IncidentCommand {
+    pub actor: Actor,
+    pub action: Action,
+}
+
+/// A business refusal. No events are produced.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error, Serialize)]
+pub enum Rejection {
+    #[error("no incident has been reported under this id")]
+    NoSuchIncident,
+    #[error("an incident with this id already exists")]
+    AlreadyExists,
+    #[error("{command} is not possible while the incident is {status:?}")]
+    InvalidTransition {
+        command: &'static str,
+        status: Status,
+    },
+    #[error("role {role} may not {command}")]
+    Forbidden { command: &'static str, role: Role },
+    #[error("{role} may not {command}: the case is neither assigned to it nor summoned it")]
+    NotAssigned { command: &'static str, role: Role },
+    #[error("only a reporter of this incident may {command}")]
+    NotReporter { command: &'static str },
+    #[error("category {0} is not a fileable category of the taxonomy")]
+    UnknownCategory(CategoryCode),
+    #[error("department {0} is not in the routing table")]
+    UnknownDepartment(DepartmentId),
+    #[error("category {category} has no route for street {street}")]
+    NoRoute {
+        category: CategoryCode,
+        street: StreetCode,
+    },
+    #[error("{field} is {bytes} bytes, more than {max}")]
+    TextTooLong {
+        field: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("{field} must not be empty")]
+    EmptyText { field: &'static str },
+    #[error("no deadline has passed (next: {next:?})")]
+    NothingDue { next: Option<Timestamp> },
+    #[error("the handler has not acknowledged the case")]
+    NotAcknowledged,
+    #[error("an extension request is already pending")]
+    ExtensionPending,
+    #[error("no extension request is pending")]
+    NoExtensionPending,
+    #[error("{EXTENSIONS_MAX} extensions were already granted")]
+    ExtensionsExhausted,
+    #[error("extension of {minutes} minutes is outside 1..={EXTENSION_MINUTES_MAX}")]
+    ExtensionMinutes { minutes: u32 },
+    #[error("the resolution deadline has already been missed")]
+    ResolutionAlreadyMissed,
+    #[error("the case was already returned {RETURNS_MAX} times; the street must decide")]
+    ReturnsExhausted,
+    #[error("the street owns its cases and reassigns them instead of returning them")]
+    StreetCannotReturn,
+    #[error("the case is already assigned to {0}")]
+    SameHandler(Handler),
+    #[error("the incident was already rated")]
+    AlreadyRated,
+    #[error("the incident was already reopened {REOPENS_MAX} times")]
+    ReopensExhausted,
+    #[error("no whistle is active")]
+    NoActiveWhistle,
+    #[error("department {0} was not summoned by the active whistle")]
+    NotSummoned(DepartmentId),
+    #[error("department {0} has already reported")]
+    AlreadyReportedToWhistle(DepartmentId),
+    #[error("the handler already declared this assignment beyond its powers")]
+    AlreadyDeclared,
+    #[error("the whistle is already at the top of the ladder")]
+    TopOfLadder,
+    #[error("more than {CO_REPORTERS_MAX} additional reporters")]
+    TooManyReporters,
+    #[error("{0} is already a reporter of this incident")]
+    AlreadyAReporter(ActorId),
+    #[error("an incident cannot be merged with itself")]
+    SelfMerge,
+}
+
+/// The state `decide` needs; built by folding events with [`evolve`]. Compact on purpose:
+/// see the crate docs for the measured size.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct IncidentState {
+    pub status: Status,
+    pub incident: Option<IncidentId>,
+    pub reporter: Option<ActorId>,
+    pub co_reporters: Vec<ActorId>,
+    pub grid: Option<GridCode>,
+    pub category: Option<CategoryCode>,
+    pub emergency: bool,
+    pub handler: Option<Handler>,
+    pub response: Option<Due>,
+    pub resolution: Option<Due>,
+    /// Whether a resolution deadline was missed during the current assignment.
+    pub resolution_missed: bool,
+    pub whistle: Option<Whistle>,
+    /// Handlers that returned the case as "not ours", in order.
+    pub returned_by: Vec<Handler>,
+    pub pending_extension: Option<u32>,
+    pub extensions_granted: u8,
+    pub reopens: u8,
+    pub beyond_powers_declared: bool,
+    pub emergency_whistled: bool,
+    pub rating: Option<Satisfaction>,
+}
+
+impl IncidentState {
+    /// Folds a history.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a IncidentEvent>) -> IncidentState {
+        events.into_iter().fold(IncidentState::default(), evolve)
+    }
+
+    pub fn street(&self) -> Option<StreetCode> {
+        self.grid.map(GridCode::street)
+    }
+
+    /// Bytes this state owns on the heap (for the memory budget).
+    pub fn heap_bytes(&self) -> usize {
+        self.co_reporters.capacity() * std::mem::size_of::<ActorId>()
+            + self.returned_by.capacity() * std::mem::size_of::<Handler>()
+            + self
+                .whistle
+                .as_ref()
+                .map_or(0, |w| w.summons.capacity() * std::mem::size_of::<Summons>())
+    }
+
+    /// Whether the incident is finished for the handlers (nothing more is due from them).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status,
+            Status::Closed | Status::Rejected | Status::Cancelled | Status::Merged
+        )
+    }
+
+    /// Applies one event in place (see [`evolve`]). Total: never panics, whatever the event.
+    pub fn apply(&mut self, event: &IncidentEvent) {
+        use IncidentEvent as E;
+        match event {
+            E::Reported { incident, by, .. } => {
+                self.status = Status::Reported;
+                self.incident = Some(*incident);
+                self.reporter = Some(by.id);
+            }
+            E::Filed {
+                grid,
+                category,
+                emergency,
+                ..
+            } => {
+                self.status = Status::Filed;
+                self.grid = Some(*grid);
+                self.category = Some(*category);
+                self.emergency = *emergency;
+            }
+            E::ReportRejected { .. } => self.status = Status::Rejected,
+            E::Dispatched {
+                handler,
+                response_due,
+                resolution_due,
+                ..
+            } => {
+                self.assign(*handler, *response_due, *resolution_due);
+            }
+            E::Acknowledged { .. } => {
+                self.status = Status::Acknowledged;
+                self.response = None;
+            }
+            E::Resolved { .. } => {
+                self.status = Status::Resolved;
+                self.response = None;
+                self.resolution = None;
+                self.whistle = None;
+                self.pending_extension = None;
+            }
+            E::VerificationFailed { resolution_due, .. } => {
+                self.status = Status::Acknowledged;
+                self.resolution = Some(Due {
+                    at: *resolution_due,
+                    missed: false,
+                });
+                self.resolution_missed = false;
+            }
+            E::Verified { .. } => {}
+            E::Closed { .. } => self.status = Status::Closed,
+            E::Rated { satisfaction, .. } => self.rating = Some(*satisfaction),
+            E::Reopened {
+                response_due,
+                resolution_due,
+                ..
+            } => {
+                self.reopens = self.reopens.saturating_add(1);
+                self.rating = None;
+                let handler = self.handler.unwrap_or(Handler::Street);
+                self.assign(handler, *response_due, *resolution_due);
+            }
+            E::Returned {
+                handler,
+                rerouted_to,
+                response_due,
+                resolution_due,
+                ..
+            } => {
+                self.returned_by.push(*handler);
+                self.assign(*rerouted_to, *response_due, *resolution_due);
+            }
+            E::ExtensionRequested { minutes, .. } => self.pending_extension = Some(*minutes),
+            E::ExtensionApproved { resolution_due, .. } => {
+                self.pending_extension = None;
+                self.extensions_granted = self.extensions_granted.saturating_add(1);
+                self.resolution = Some(Due {
+                    at: *resolution_due,
+                    missed: false,
+                });
+            }
+            E::ExtensionDenied { .. } => self.pending_extension = None,
+            E::Parked { .. } => {
+                self.status = Status::Parked;
+                self.response = None;
+                self.resolution = None;
+                self.whistle = None;
+                self.pending_extension = None;
+            }
+            E::Unparked {
+                response_due,
+                resolution_due,
+                ..
+            } => {
+                let handler = self.handler.unwrap_or(Handler::Street);
+                self.assign(handler, *response_due, *resolution_due);
+            }
+            E::DuplicateMerged { reporter, .. } => self.co_reporters.push(*reporter),
+            E::MergedInto { .. } => self.status = Status::Merged,
+            E::Cancelled { .. } => {
+                self.status = Status::Cancelled;
+                self.response = None;
+                self.resolution = None;
+                self.whistle = None;
+            }
+            E::DeadlineMissed { deadline, .. } => match deadline {
+                DeadlineKind::Response => {
+                    if let Some(d) = &mut self.response {
+                        d.missed = true;
+                    }
+                }
+                DeadlineKind::Resolution => {
+                    self.resolution_missed = true;
+                    if let Some(d) = &mut self.resolution {
+                        d.missed = true;
+                    }
+                }
+            },
+            E::WhistleBlown {
+                kind,
+                level,
+                cause,
+                summoned,
+                resolution_due,
+            } => {
+                if *cause == WhistleCause::Emergency {
+                    self.emergency_whistled = true;
+                }
+                if *cause == WhistleCause::BeyondPowers {
+                    self.beyond_powers_declared = true;
+                }
+                let summons = summoned
+                    .iter()
+                    .map(|s| Summons {
+                        department: s.department,
+                        report_by: s.report_by,
+                        state: ReportState::Pending,
+                    })
+                    .collect();
+                self.whistle = Some(Whistle {
+                    kind: *kind,
+                    level: *level,
+                    cause: *cause,
+                    summons,
+                });
+                if let Some(at) = resolution_due {
+                    self.resolution = Some(Due {
+                        at: *at,
+                        missed: false,
+                    });
+                }
+            }
+            E::WhistleReported { department, .. } => {
+                if let Some(s) = self.summons_mut(*department) {
+                    s.state = ReportState::Reported;
+                }
+            }
+            E::WhistleReportMissed { department, .. } => {
+                if let Some(s) = self.summons_mut(*department)
+                    && s.state == ReportState::Pending
+                {
+                    s.state = ReportState::Missed;
+                }
+            }
+            E::WhistleEscalated {
+                kind,
+                to,
+                cause,
+                summoned,
+                resolution_due,
+                ..
+            } => {
+                if *cause == WhistleCause::BeyondPowers {
+                    self.beyond_powers_declared = true;
+                }
+                let whistle = self.whistle.get_or_insert_with(|| Whistle {
+                    kind: *kind,
+                    level: *to,
+                    cause: *cause,
+                    summons: Vec::new(),
+                });
+                whistle.kind = *kind;
+                whistle.level = *to;
+                whistle.cause = *cause;
+                for s in summoned {
+                    let fresh = Summons {
+                        department: s.department,
+                        report_by: s.report_by,
+                        state: ReportState::Pending,
+                    };
+                    match whistle
+                        .summons
+                        .iter_mut()
+                        .find(|x| x.department == s.department)
+                    {
+                        Some(x) => *x = fresh,
+                        None => whistle.summons.push(fresh),
+                    }
+                }
+                if let Some(at) = resolution_due {
+                    self.resolution = Some(Due {
+                        at: *at,
+                        missed: false,
+                    });
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, handler: Handler, response_due: Timestamp, resolution_due: Timestamp) {
+        self.status = Status::Dispatched;
+        self.handler = Some(handler);
+        self.response = Some(Due {
+            at: response_due,
+            missed: false,
+        });
+        self.resolution = Some(Due {
+            at: resolution_due,
+            missed: false,
+        });
+        self.resolution_missed = false;
+        self.pending_extension = None;
+        self.beyond_powers_declared = false;
+    }
+
+    fn summons_mut(&mut self, department: DepartmentId) -> Option<&mut Summons> {
+        self.whistle
+            .as_mut()?
+            .summons
+            .iter_mut()
+            .find(|s| s.department == department)
+    }
+
+    fn summons(&self, department: DepartmentId) -> Option<&Summons> {
+        self.whistle
+            .as_ref()?
+            .summons
+            .iter()
+            .find(|s| s.department == department)
+    }
+}
+
+/// Applies one event to a state (by value; see the module docs for why).
+pub fn evolve(mut state: IncidentState, event: &IncidentEvent) -> IncidentState {
+    state.apply(event);
+    state
+}
+
+/// One thing that can fall due.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DueItem {
+    Response(Timestamp),
+    Resolution(Timestamp),
+    Report(DepartmentId, Timestamp),
+}
+
+impl DueItem {
+    fn at(self) -> Timestamp {
+        match self {
+            DueItem::Response(t) | DueItem::Resolution(t) | DueItem::Report(_, t) => t,
+        }
+    }
+}
+
+fn due_items(state: &IncidentState) -> impl Iterator<Item = DueItem> + '_ {
+    let response = state
+        .response
+        .filter(|d| !d.missed)
+        .map(|d| DueItem::Response(d.at));
+    let resolution = state
+        .resolution
+        .filter(|d| !d.missed)
+        .map(|d| DueItem::Resolution(d.at));
+    let reports = state
+        .whistle
+        .iter()
+        .flat_map(|w| w.summons.iter())
+        .filter(|s| s.state == ReportState::Pending)
+        .map(|s| DueItem::Report(s.department, s.report_by));
+    response.into_iter().chain(resolution).chain(reports)
+}
+
+/// When the shell must next send [`Action::DeadlineElapsed`]; `None` if nothing is pending.
+pub fn next_deadline(state: &IncidentState) -> Option<Timestamp> {
+    if state.is_terminal() || state.status == Status::Parked {
+        return None;
+    }
+    due_items(state).map(DueItem::at).min()
+}
+
+/// Decides what a command means for an incident. Pure: `now` and `policy` are inputs.
+pub fn decide(
+    state: &IncidentState,
+    command: IncidentCommand,
+    now: Timestamp,
+    policy: &Policy,
+) -> Result<Vec<IncidentEvent>, Rejection> {
+    let mut d = Decision {
+        state: state.clone(),
+        events: Vec::new(),
+        now,
+        policy,
+        actor: command.actor,
+    };
+    d.run(command.action)?;
+    Ok(d.events)
+}
+
+/// A decision in progress: events are applied to a scratch state as they are emitted, so
+/// multi-event decisions see their own effects.
+struct Decision<'a> {
+    state: IncidentState,
+    events: Vec<IncidentEvent>,
+    now: Timestamp,
+    policy: &'a Policy,
+    actor: Actor,
+}
+
+fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), Rejection> {
+    if text.len() > max {
+        return Err(Rejection::TextTooLong {
+            field,
+            bytes: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn check_reason(field: &'static str, text: &str) -> Result<(), Rejection> {
+    if text.trim().is_empty() {
+        return Err(Rejection::EmptyText { field });
+    }
+    check_text(field, text, NOTE_BYTES_MAX)
+}
+
+impl Decision<'_> {
+    fn emit(&mut self, event: IncidentEvent) {
+        self.state.apply(&event);
+        self.events.push(event);
+    }
+
+    fn role(&self) -> Role {
+        self.actor.role
+    }
+
+    fn require_role(&self, command: &'static str, allowed: &[Role]) -> Result<(), Rejection> {
+        if allowed.contains(&self.role()) {
+            Ok(())
+        } else {
+            Err(Rejection::Forbidden {
+                command,
+                role: self.role(),
+            })
+        }
+    }
+
+    fn require_status(&self, command: &'static str, allowed: &[Status]) -> Result<(), Rejection> {
+        if self.state.status == Status::Absent && !allowed.contains(&Status::Absent) {
+            return Err(Rejection::NoSuchIncident);
+        }
+        if allowed.contains(&self.state.status) {
+            Ok(())
+        } else {
+            Err(Rejection::InvalidTransition {
+                command,
+                status: self.state.status,
+            })
+        }
+    }
+
+    /// The actor must speak for the current handler.
+    fn require_handler(&self, command: &'static str) -> Result<Handler, Rejection> {
+        let handler = self.state.handler.unwrap_or(Handler::Street);
+        if handler.is(self.role()) {
+            Ok(handler)
+        } else if matches!(
+            self.role(),
+            Role::Department(_) | Role::GridWorker | Role::Community | Role::Street
+        ) {
+            Err(Rejection::NotAssigned {
+                command,
+                role: self.role(),
+            })
+        } else {
+            Err(Rejection::Forbidden {
+                command,
+                role: self.role(),
+            })
+        }
+    }
+
+    fn route(&self) -> Result<(Route, RouteSource), Rejection> {
+        let (Some(category), Some(street)) = (self.state.category, self.state.street()) else {
+            return Err(Rejection::InvalidTransition {
+                command: "route",
+                status: self.state.status,
+            });
+        };
+        let table = &self.policy.routing;
+        let route = table
+            .route(category, street)
+            .ok_or(Rejection::NoRoute { category, street })?;
+        let source = if table.has_override(category, street) {
+            RouteSource::StreetOverride
+        } else {
+            RouteSource::Table
+        };
+        Ok((route.clone(), source))
+    }
+
+    /// Response and resolution deadlines for a fresh assignment, from now.
+    fn deadlines(&self, route: &Route) -> (Timestamp, Timestamp) {
+        let calendar = &self.policy.calendar;
+        (
+            calendar.add(self.now, route.response_minutes, route.clock),
+            calendar.add(self.now, route.resolution_minutes, route.clock),
+        )
+    }
+
+    fn summon(
+        &self,
+        kind: WhistleKind,
+        departments: impl IntoIterator<Item = DepartmentId>,
+    ) -> Vec<Summoned> {
+        let limit = self.policy.routing.whistle.for_kind(kind);
+        let report_by = self
+            .policy
+            .calendar
+            .add(self.now, limit.report_limit_minutes, limit.clock);
+        departments
+            .into_iter()
+            .map(|department| Summoned {
+                department,
+                report_by,
+            })
+            .collect()
+    }
+
+    fn is_reporter(&self) -> bool {
+        self.role() == Role::Resident
+            && (self.state.reporter == Some(self.actor.id)
+                || self.state.co_reporters.contains(&self.actor.id))
+    }
+
+    fn run(&mut self, action: Action) -> Result<(), Rejection> {
+        use Role as R;
+        use Status as S;
+        let command = action.name();
+        const OFFICE: &[Role] = &[R::System, R::Community, R::Street, R::District, R::City];
+        const SUPERVISOR: &[Role] = &[R::Street, R::District, R::City];
+        const ACTIVE: &[Status] = &[S::Dispatched, S::Acknowledged];
+        let actor = self.actor;
+        match action {
+            Action::Report {
+                incident,
+                description,
+                position,
+                category_hint,
+            } => {
+                if self.state.status != S::Absent {
+                    return Err(Rejection::AlreadyExists);
+                }
+                self.require_role(
+                    command,
+                    &[R::Resident, R::GridWorker, R::Community, R::System],
+                )?;
+                check_reason("description", &description)?;
+                check_text("description", &description, DESCRIPTION_BYTES_MAX)?;
+                self.emit(IncidentEvent::Reported {
+                    incident,
+                    by: actor,
+                    description,
+                    position,
+                    category_hint,
+                });
+            }
+            Action::File { grid, category } => {
+                self.require_status(command, &[S::Reported])?;
+                self.require_role(command, OFFICE)?;
+                if !self.policy.taxonomy.is_leaf(category) {
+                    return Err(Rejection::UnknownCategory(category));
+                }
+                let emergency = self
+                    .policy
+                    .taxonomy
+                    .get(category)
+                    .is_some_and(|c| c.emergency);
+                if self.policy.routing.route(category, grid.street()).is_none() {
+                    return Err(Rejection::NoRoute {
+                        category,
+                        street: grid.street(),
+                    });
+                }
+                self.emit(IncidentEvent::Filed {
+                    by: actor,
+                    grid,
+                    category,
+                    emergency,
+                });
+            }
+            Action::RejectReport { reason, note } => {
+                self.require_status(command, &[S::Reported])?;
+                self.require_role(command, OFFICE)?;
+                check_text("note", &note, NOTE_BYTES_MAX)?;
+                self.emit(IncidentEvent::ReportRejected {
+                    by: actor,
+                    reason,
+                    note,
+                });
+            }
+            Action::Dispatch { to } => self.dispatch(to)?,
+            Action::Acknowledge => {
+                self.require_status(command, &[S::Dispatched])?;
+                self.require_handler(command)?;
+                let late = self
+                    .state
+                    .response
+                    .is_some_and(|d| d.missed || self.now > d.at);
+                self.emit(IncidentEvent::Acknowledged { by: actor, late });
+            }
+            Action::Resolve { note } => {
+                self.require_status(command, ACTIVE)?;
+                let reported_summons = matches!(self.role(), R::Department(d)
+                    if self.state.summons(d).is_some_and(|s| s.state == ReportState::Reported));
+                if !reported_summons {
+                    self.require_handler(command)?;
+                    if self.state.status != S::Acknowledged {
+                        return Err(Rejection::NotAcknowledged);
+                    }
+                }
+                check_text("note", &note, NOTE_BYTES_MAX)?;
+                let late = self.state.resolution_missed
+                    || self.state.resolution.is_some_and(|d| self.now > d.at);
+                self.emit(IncidentEvent::Resolved {
+                    by: actor,
+                    late,
+                    note,
+                });
+            }
+            Action::Verify { passed, note } => {
+                self.require_status(command, &[S::Resolved])?;
+                self.require_role(command, &[R::GridWorker])?;
+                check_text("note", &note, NOTE_BYTES_MAX)?;
+                if passed {
+                    self.emit(IncidentEvent::Verified { by: actor });
+                    self.emit(IncidentEvent::Closed { by: actor });
+                } else {
+                    check_reason("note", &note)?;
+                    let (route, _) = self.route()?;
+                    let resolution_due =
+                        self.policy
+                            .calendar
+                            .add(self.now, route.resolution_minutes, route.clock);
+                    self.emit(IncidentEvent::VerificationFailed {
+                        by: actor,
+                        note,
+                        resolution_due,
+                    });
+                }
+            }
+            Action::Rate {
+                satisfaction,
+                reopen,
+            } => {
+                self.require_status(command, &[S::Closed])?;
+                self.require_role(command, &[R::Resident])?;
+                if !self.is_reporter() {
+                    return Err(Rejection::NotReporter { command });
+                }
+                if self.state.rating.is_some() {
+                    return Err(Rejection::AlreadyRated);
+                }
+                let reopen = reopen && satisfaction == Satisfaction::Unsatisfied;
+                if reopen && self.state.reopens >= REOPENS_MAX {
+                    return Err(Rejection::ReopensExhausted);
+                }
+                self.emit(IncidentEvent::Rated {
+                    by: actor,
+                    satisfaction,
+                });
+                if reopen {
+                    self.reopen("resident unsatisfied".to_owned())?;
+                }
+            }
+            Action::Reopen { reason } => {
+                self.require_status(command, &[S::Closed])?;
+                self.require_role(command, OFFICE)?;
+                check_reason("reason", &reason)?;
+                if self.state.reopens >= REOPENS_MAX {
+                    return Err(Rejection::ReopensExhausted);
+                }
+                self.reopen(reason)?;
+            }
+            Action::ReturnNotOurs { reason, note } => {
+                self.require_status(command, ACTIVE)?;
+                let handler = self.require_handler(command)?;
+                if handler == Handler::Street {
+                    return Err(Rejection::StreetCannotReturn);
+                }
+                check_reason("note", &note)?;
+                if self.state.returned_by.len() >= RETURNS_MAX {
+                    return Err(Rejection::ReturnsExhausted);
+                }
+                let (route, _) = self.route()?;
+                let tried = |h: Handler| h == handler || self.state.returned_by.contains(&h);
+                let mut candidates: Vec<Handler> = Vec::new();
+                if !matches!(handler, Handler::Department(_)) {
+                    // A grid worker or community hands up to the responsible department.
+                    candidates.push(Handler::Department(route.department));
+                }
+                candidates.extend(route.fallback.iter().map(|d| Handler::Department(*d)));
+                let (rerouted_to, source) = match candidates.into_iter().find(|h| !tried(*h)) {
+                    Some(h) => (
+                        h,
+                        if h == Handler::Department(route.department) {
+                            RouteSource::Table
+                        } else {
+                            RouteSource::Fallback
+                        },
+                    ),
+                    None => (Handler::Street, RouteSource::Street),
+                };
+                let (response_due, resolution_due) = self.deadlines(&route);
+                self.emit(IncidentEvent::Returned {
+                    by: actor,
+                    handler,
+                    reason,
+                    note,
+                    rerouted_to,
+                    source,
+                    response_due,
+                    resolution_due,
+                });
+            }
+            Action::RequestExtension { minutes, reason } => {
+                self.require_status(command, ACTIVE)?;
+                self.require_handler(command)?;
+                check_reason("reason", &reason)?;
+                if minutes == 0 || minutes > EXTENSION_MINUTES_MAX {
+                    return Err(Rejection::ExtensionMinutes { minutes });
+                }
+                if self.state.pending_extension.is_some() {
+                    return Err(Rejection::ExtensionPending);
+                }
+                if self.state.extensions_granted >= EXTENSIONS_MAX {
+                    return Err(Rejection::ExtensionsExhausted);
+                }
+                if self.state.resolution.is_none_or(|d| d.missed) {
+                    return Err(Rejection::ResolutionAlreadyMissed);
+                }
+                self.emit(IncidentEvent::ExtensionRequested {
+                    by: actor,
+                    minutes,
+                    reason,
+                });
+            }
+            Action::DecideExtension { approve, note } => {
+                self.require_status(command, ACTIVE)?;
+                self.require_role(command, SUPERVISOR)?;
+                check_text("note", &note, NOTE_BYTES_MAX)?;
+                let Some(minutes) = self.state.pending_extension else {
+                    return Err(Rejection::NoExtensionPending);
+                };
+                if approve {
+                    let Some(due) = self.state.resolution.filter(|d| !d.missed) else {
+                        return Err(Rejection::ResolutionAlreadyMissed);
+                    };
+                    let (route, _) = self.route()?;
+                    let resolution_due = self.policy.calendar.add(due.at, minutes, route.clock);
+                    self.emit(IncidentEvent::ExtensionApproved {
+                        by: actor,
+                        minutes,
+                        resolution_due,
+                    });
+                } else {
+                    self.emit(IncidentEvent::ExtensionDenied { by: actor, note });
+                }
+            }
+            Action::Park { reason } => {
+                self.require_status(command, ACTIVE)?;
+                self.require_role(command, SUPERVISOR)?;
+                check_reason("reason", &reason)?;
+                self.emit(IncidentEvent::Parked { by: actor, reason });
+            }
+            Action::Unpark => {
+                self.require_status(command, &[S::Parked])?;
+                self.require_role(command, SUPERVISOR)?;
+                let (route, _) = self.route()?;
+                let (response_due, resolution_due) = self.deadlines(&route);
+                self.emit(IncidentEvent::Unparked {
+                    by: actor,
+                    response_due,
+                    resolution_due,
+                });
+            }
+            Action::MergeDuplicate {
+                duplicate,
+                reporter,
+            } => {
+                self.require_status(
+                    command,
+                    &[
+                        S::Reported,
+                        S::Filed,
+                        S::Dispatched,
+                        S::Acknowledged,
+                        S::Resolved,
+                        S::Parked,
+                    ],
+                )?;
+                self.require_role(command, OFFICE)?;
+                if self.state.incident == Some(duplicate) {
+                    return Err(Rejection::SelfMerge);
+                }
+                if self.state.reporter == Some(reporter)
+                    || self.state.co_reporters.contains(&reporter)
+                {
+                    return Err(Rejection::AlreadyAReporter(reporter));
+                }
+                if self.state.co_reporters.len() >= CO_REPORTERS_MAX {
+                    return Err(Rejection::TooManyReporters);
+                }
+                self.emit(IncidentEvent::DuplicateMerged {
+                    by: actor,
+                    duplicate,
+                    reporter,
+                });
+            }
+            Action::MarkDuplicateOf { original } => {
+                self.require_status(command, &[S::Reported, S::Filed])?;
+                self.require_role(command, OFFICE)?;
+                if self.state.incident == Some(original) {
+                    return Err(Rejection::SelfMerge);
+                }
+                self.emit(IncidentEvent::MergedInto {
+                    by: actor,
+                    original,
+                });
+            }
+            Action::Cancel => {
+                self.require_status(
+                    command,
+                    &[
+                        S::Reported,
+                        S::Filed,
+                        S::Dispatched,
+                        S::Acknowledged,
+                        S::Parked,
+                    ],
+                )?;
+                self.require_role(command, &[R::Resident])?;
+                if self.state.reporter != Some(actor.id) {
+                    return Err(Rejection::NotReporter { command });
+                }
+                self.emit(IncidentEvent::Cancelled { by: actor });
+            }
+            Action::DeclareBeyondPowers { reason } => {
+                self.require_status(command, ACTIVE)?;
+                let handler = self.require_handler(command)?;
+                check_reason("reason", &reason)?;
+                if self.state.beyond_powers_declared {
+                    return Err(Rejection::AlreadyDeclared);
+                }
+                let (route, _) = self.route()?;
+                let others: Vec<DepartmentId> = route
+                    .summon
+                    .iter()
+                    .copied()
+                    .filter(|d| Handler::Department(*d) != handler)
+                    .collect();
+                let departments = if others.is_empty() {
+                    route.summon.clone()
+                } else {
+                    others
+                };
+                let kind = if self.state.emergency {
+                    WhistleKind::Emergency
+                } else {
+                    WhistleKind::Tough
+                };
+                let resolution_due = Some(self.policy.calendar.add(
+                    self.now,
+                    route.resolution_minutes,
+                    route.clock,
+                ));
+                self.whistle(
+                    kind,
+                    handler.first_whistle_level(),
+                    WhistleCause::BeyondPowers,
+                    departments,
+                    resolution_due,
+                )?;
+            }
+            Action::ReportToWhistle => {
+                self.require_status(command, ACTIVE)?;
+                let R::Department(department) = self.role() else {
+                    return Err(Rejection::Forbidden {
+                        command,
+                        role: self.role(),
+                    });
+                };
+                if self.state.whistle.is_none() {
+                    return Err(Rejection::NoActiveWhistle);
+                }
+                let summons = self
+                    .state
+                    .summons(department)
+                    .ok_or(Rejection::NotSummoned(department))?;
+                let late = match summons.state {
+                    ReportState::Reported => {
+                        return Err(Rejection::AlreadyReportedToWhistle(department));
+                    }
+                    ReportState::Missed => true,
+                    ReportState::Pending => self.now > summons.report_by,
+                };
+                self.emit(IncidentEvent::WhistleReported {
+                    by: actor,
+                    department,
+                    late,
+                });
+            }
+            Action::DeadlineElapsed => {
+                self.require_role(command, &[R::System])?;
+                if self.state.status == S::Absent {
+                    return Err(Rejection::NoSuchIncident);
+                }
+                self.deadlines_elapsed()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, to: Option<Handler>) -> Result<(), Rejection> {
+        use Role as R;
+        use Status as S;
+        let command = "dispatch";
+        let reassign = matches!(self.state.status, S::Dispatched | S::Acknowledged);
+        if reassign {
+            self.require_role(command, &[R::Street, R::District, R::City])?;
+        } else {
+            self.require_status(command, &[S::Filed])?;
+            self.require_role(
+                command,
+                &[R::System, R::Community, R::Street, R::District, R::City],
+            )?;
+        }
+        let (route, table_source) = self.route()?;
+        let (handler, source) = match to {
+            None if reassign => {
+                return Err(Rejection::InvalidTransition {
+                    command,
+                    status: self.state.status,
+                });
+            }
+            None => (Handler::from_route(&route), table_source),
+            Some(handler) => {
+                if !matches!(self.role(), R::Street | R::District | R::City) {
+                    return Err(Rejection::Forbidden {
+                        command,
+                        role: self.role(),
+                    });
+                }
+                if let Handler::Department(d) = handler
+                    && self.policy.routing.department(d).is_none()
+                {
+                    return Err(Rejection::UnknownDepartment(d));
+                }
+                (handler, RouteSource::Manual)
+            }
+        };
+        if reassign && self.state.handler == Some(handler) {
+            return Err(Rejection::SameHandler(handler));
+        }
+        let (response_due, resolution_due) = self.deadlines(&route);
+        self.emit(IncidentEvent::Dispatched {
+            by: self.actor,
+            handler,
+            source,
+            clock: route.clock,
+            response_due,
+            resolution_due,
+        });
+        if self.state.emergency && !self.state.emergency_whistled {
+            // An emergency whistle is blown at once (应急哨), by the street (属地).
+            self.whistle(
+                WhistleKind::Emergency,
+                Level::Street,
+                WhistleCause::Emergency,
+                route.summon.clone(),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self, reason: String) -> Result<(), Rejection> {
+        let (route, _) = self.route()?;
+        let (response_due, resolution_due) = self.deadlines(&route);
+        self.emit(IncidentEvent::Reopened {
+            by: self.actor,
+            reason,
+            response_due,
+            resolution_due,
+        });
+        Ok(())
+    }
+
+    /// Blows a whistle, or escalates the active one, for `cause`. Every caller has already
+    /// recorded the cause (a missed deadline, a declaration, an emergency category).
+    fn whistle(
+        &mut self,
+        kind: WhistleKind,
+        level: Level,
+        cause: WhistleCause,
+        departments: Vec<DepartmentId>,
+        resolution_due: Option<Timestamp>,
+    ) -> Result<(), Rejection> {
+        match self.state.whistle.clone() {
+            None => {
+                let summoned = self.summon(kind, departments);
+                self.emit(IncidentEvent::WhistleBlown {
+                    kind,
+                    level,
+                    cause,
+                    summoned,
+                    resolution_due,
+                });
+                Ok(())
+            }
+            Some(active) => {
+                let to = active.level.up().ok_or(Rejection::TopOfLadder)?;
+                // Once a whistle has had to go up, it is a hard case (攻坚哨), unless an emergency.
+                let kind =
+                    if active.kind == WhistleKind::Emergency || kind == WhistleKind::Emergency {
+                        WhistleKind::Emergency
+                    } else {
+                        WhistleKind::Tough
+                    };
+                let summoned = self.summon(kind, departments);
+                self.emit(IncidentEvent::WhistleEscalated {
+                    kind,
+                    from: active.level,
+                    to,
+                    cause,
+                    summoned,
+                    resolution_due,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn deadlines_elapsed(&mut self) -> Result<(), Rejection> {
+        let now = self.now;
+        if next_deadline(&self.state).is_none_or(|t| t > now) {
+            return Err(Rejection::NothingDue {
+                next: next_deadline(&self.state),
+            });
+        }
+        for _ in 0..DUE_ITEMS_MAX {
+            let Some(item) = due_items(&self.state)
+                .filter(|i| i.at() <= now)
+                .min_by_key(|i| i.at())
+            else {
+                break;
+            };
+            let handler = self.state.handler.unwrap_or(Handler::Street);
+            let (route, _) = self.route()?;
+            let kind = if self.state.emergency {
+                WhistleKind::Emergency
+            } else {
+                WhistleKind::Routine
+            };
+            let top = self
+                .state
+                .whistle
+                .as_ref()
+                .is_some_and(|w| w.level.up().is_none());
+            match item {
+                DueItem::Response(due) => {
+                    self.emit(IncidentEvent::DeadlineMissed {
+                        handler,
+                        deadline: DeadlineKind::Response,
+                        due,
+                    });
+                    let departments = match handler {
+                        Handler::Department(d) => vec![d],
+                        _ => route.summon.clone(),
+                    };
+                    if !top {
+                        let cause = WhistleCause::DeadlineMissed(DeadlineKind::Response);
+                        self.whistle(
+                            kind,
+                            handler.first_whistle_level(),
+                            cause,
+                            departments,
+                            None,
+                        )?;
+                    }
+                }
+                DueItem::Resolution(due) => {
+                    self.emit(IncidentEvent::DeadlineMissed {
+                        handler,
+                        deadline: DeadlineKind::Resolution,
+                        due,
+                    });
+                    if !top {
+                        let fresh =
+                            self.policy
+                                .calendar
+                                .add(now, route.resolution_minutes, route.clock);
+                        let cause = WhistleCause::DeadlineMissed(DeadlineKind::Resolution);
+                        let departments = route.summon.clone();
+                        self.whistle(
+                            kind,
+                            handler.first_whistle_level(),
+                            cause,
+                            departments,
+                            Some(fresh),
+                        )?;
+                    }
+                }
+                DueItem::Report(..) => {
+                    // Every department whose report is overdue is recorded, then one escalation
+                    // re-summons them all a rung higher.
+                    let missed: Vec<(DepartmentId, Timestamp)> = self
+                        .state
+                        .whistle
+                        .iter()
+                        .flat_map(|w| w.summons.iter())
+                        .filter(|s| s.state == ReportState::Pending && s.report_by <= now)
+                        .map(|s| (s.department, s.report_by))
+                        .collect();
+                    for (department, due) in &missed {
+                        self.emit(IncidentEvent::WhistleReportMissed {
+                            department: *department,
+                            due: *due,
+                        });
+                    }
+                    if !top {
+                        let departments = missed.into_iter().map(|(d, _)| d).collect();
+                        self.whistle(
+                            kind,
+                            Level::Street,
+                            WhistleCause::ReportsMissed,
+                            departments,
+                            None,
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
