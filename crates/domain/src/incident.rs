@@ -1120,7 +1120,11 @@ impl Decision<'_> {
                     command,
                     &[R::Resident, R::GridWorker, R::Community, R::System],
                 )?;
-                check_reason("description", &description)?;
+                if description.trim().is_empty() {
+                    return Err(Rejection::EmptyText {
+                        field: "description",
+                    });
+                }
                 check_text("description", &description, DESCRIPTION_BYTES_MAX)?;
                 self.emit(IncidentEvent::Reported {
                     incident,
