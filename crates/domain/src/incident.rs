@@ -71,7 +71,10 @@ pub const DESCRIPTION_BYTES_MAX: usize = 2_000;
 /// Longest note or reason text, in bytes.
 pub const NOTE_BYTES_MAX: usize = 1_000;
 /// Most additional reporters merged into one incident.
-pub const CO_REPORTERS_MAX: usize = 32;
+pub const CO_REPORTERS_MAX: usize = 16;
+/// Most summons one whistle keeps in the state. Beyond it, summons that already reported
+/// (then ones recorded missed) are dropped from the state — their record stays in the log.
+pub const WHISTLE_SUMMONS_MAX: usize = 12;
 /// Most "not ours" returns of one incident before the street must decide itself.
 pub const RETURNS_MAX: usize = 4;
 /// Most extensions granted per incident.
@@ -722,7 +725,7 @@ impl IncidentState {
                 resolution_due,
                 ..
             } => {
-                self.returned_by.push(*handler);
+                push_exact(&mut self.returned_by, *handler);
                 self.assign(*rerouted_to, *response_due, *resolution_due);
             }
             E::ExtensionRequested { minutes, .. } => self.pending_extension = Some(*minutes),
@@ -750,7 +753,7 @@ impl IncidentState {
                 let handler = self.handler.unwrap_or(Handler::Street);
                 self.assign(handler, *response_due, *resolution_due);
             }
-            E::DuplicateMerged { reporter, .. } => self.co_reporters.push(*reporter),
+            E::DuplicateMerged { reporter, .. } => push_exact(&mut self.co_reporters, *reporter),
             E::MergedInto { .. } => self.status = Status::Merged,
             E::Cancelled { .. } => {
                 self.status = Status::Cancelled;
@@ -765,6 +768,8 @@ impl IncidentState {
                     }
                 }
                 DeadlineKind::Resolution => {
+                    // A pending extension request lapses with the deadline it asked to move.
+                    self.pending_extension = None;
                     self.resolution_missed = true;
                     if let Some(d) = &mut self.resolution {
                         d.missed = true;
@@ -849,9 +854,20 @@ impl IncidentState {
                         .find(|x| x.department == s.department)
                     {
                         Some(x) => *x = fresh,
-                        None => whistle.summons.push(fresh),
+                        None => push_exact(&mut whistle.summons, fresh),
                     }
                 }
+                for settled in [ReportState::Reported, ReportState::Missed] {
+                    while whistle.summons.len() > WHISTLE_SUMMONS_MAX {
+                        match whistle.summons.iter().position(|x| x.state == settled) {
+                            Some(at) => {
+                                whistle.summons.remove(at);
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                whistle.summons.shrink_to_fit();
                 if let Some(at) = resolution_due {
                     self.resolution = Some(Due {
                         at: *at,
@@ -893,6 +909,13 @@ impl IncidentState {
             .iter()
             .find(|s| s.department == department)
     }
+}
+
+/// Pushes without the doubling growth of `Vec::push`: per-incident lists are short and rarely
+/// grow, and the memory budget counts capacity.
+fn push_exact<T>(list: &mut Vec<T>, item: T) {
+    list.reserve_exact(1);
+    list.push(item);
 }
 
 /// Applies one event to a state (by value; see the module docs for why).

@@ -19,8 +19,9 @@ const MINUTE: i64 = 60_000;
 /// When `check` runs its command: one hour after the story started.
 const NOW: Timestamp = Timestamp(T0.0 + 60 * MINUTE);
 
-fn policy() -> Policy {
-    Policy::embedded("sanming").expect("embedded sanming policy")
+fn policy() -> &'static Policy {
+    static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| Policy::embedded("sanming").expect("embedded sanming policy"))
 }
 
 fn actor(role: Role, n: u128) -> Actor {
@@ -122,7 +123,7 @@ fn render_result(result: Result<Vec<IncidentEvent>, domain::Rejection>) -> Strin
 
 fn check_at(given: &[IncidentEvent], now: Timestamp, actor: Actor, action: Action, expect: Expect) {
     let state = IncidentState::from_events(given);
-    let result = decide(&state, IncidentCommand { actor, action }, now, &policy());
+    let result = decide(&state, IncidentCommand { actor, action }, now, policy());
     if let Ok(events) = &result {
         // Every accepted command leaves a state the decider can keep working with.
         let after = events.iter().fold(state, domain::evolve);
@@ -139,7 +140,7 @@ fn check(given: &[IncidentEvent], actor: Actor, action: Action, expect: Expect) 
 struct Story {
     events: Vec<IncidentEvent>,
     now: Timestamp,
-    policy: Policy,
+    policy: &'static Policy,
 }
 
 impl Story {
@@ -157,7 +158,7 @@ impl Story {
             &state,
             IncidentCommand { actor, action },
             self.now,
-            &self.policy,
+            self.policy,
         ) {
             Ok(events) => self.events.extend(events),
             Err(e) => panic!("story step {what} rejected: {e}"),
@@ -1056,7 +1057,7 @@ fn park_unpark_merge_cancel() {
     "#]],
     );
     let mut story = Story::acknowledged();
-    for n in 0..32 {
+    for n in 0..16 {
         story = story.then(system(), merge(100 + n));
     }
     check(
@@ -1064,9 +1065,9 @@ fn park_unpark_merge_cancel() {
         system(),
         merge(2),
         expect![[r#"
-        rejected: more than 32 additional reporters
-          TooManyReporters
-    "#]],
+            rejected: more than 16 additional reporters
+              TooManyReporters
+        "#]],
     );
     // A merged co-reporter may rate.
     let closed_with_neighbour = Story::acknowledged()
@@ -1453,4 +1454,74 @@ fn deadline_kinds_are_distinct_causes() {
     "#]],
     );
     let _ = DeadlineKind::Response;
+}
+
+/// The dispatch service holds 100,000 open incidents at <= 1,024 bytes each: the worst case
+/// (every per-incident list at its bound) must fit.
+#[test]
+fn worst_case_state_fits_the_memory_budget() {
+    use domain::incident::{
+        CO_REPORTERS_MAX, Level, RETURNS_MAX, Summoned, WHISTLE_SUMMONS_MAX, WhistleCause,
+    };
+    use domain::routing::WhistleKind;
+    let mut state = IncidentState::from_events(&Story::acknowledged().events);
+    for n in 0..CO_REPORTERS_MAX {
+        state.apply(&IncidentEvent::DuplicateMerged {
+            by: system(),
+            duplicate: IncidentId(uuid::Uuid::from_u128(n as u128 + 100)),
+            reporter: ActorId(uuid::Uuid::from_u128(n as u128 + 100)),
+        });
+    }
+    for n in 0..RETURNS_MAX {
+        let name = format!("department_{n}");
+        state.apply(&IncidentEvent::Returned {
+            by: department(&name),
+            handler: Handler::Department(dept(&name)),
+            reason: ReturnReason::NotOurDuty,
+            note: String::new(),
+            rerouted_to: Handler::Street,
+            source: domain::incident::RouteSource::Street,
+            response_due: NOW,
+            resolution_due: NOW,
+        });
+    }
+    let summon = |from: usize, to: usize| -> Vec<Summoned> {
+        (from..to)
+            .map(|n| Summoned {
+                department: dept(&format!("summoned_{n}")),
+                report_by: NOW,
+            })
+            .collect()
+    };
+    state.apply(&IncidentEvent::WhistleBlown {
+        kind: WhistleKind::Tough,
+        level: Level::Street,
+        cause: WhistleCause::BeyondPowers,
+        summoned: summon(0, 8),
+        resolution_due: None,
+    });
+    for n in 0..8 {
+        state.apply(&IncidentEvent::WhistleReported {
+            by: system(),
+            department: dept(&format!("summoned_{n}")),
+            late: false,
+        });
+    }
+    state.apply(&IncidentEvent::WhistleEscalated {
+        kind: WhistleKind::Tough,
+        from: Level::Street,
+        to: Level::District,
+        cause: WhistleCause::ReportsMissed,
+        summoned: summon(8, 16),
+        resolution_due: None,
+    });
+    let summons = state.whistle.as_ref().map_or(0, |w| w.summons.len());
+    assert_eq!(summons, WHISTLE_SUMMONS_MAX);
+    let bytes = std::mem::size_of::<IncidentState>() + state.heap_bytes();
+    expect!["200 bytes inline + 708 on the heap = 908 bytes"].assert_eq(&format!(
+        "{} bytes inline + {} on the heap = {bytes} bytes",
+        std::mem::size_of::<IncidentState>(),
+        state.heap_bytes()
+    ));
+    assert!(bytes <= 1_024);
 }
