@@ -9,7 +9,7 @@ use crate::taxonomy::{DEFAULT_CATEGORIES_TOML, Taxonomy, TaxonomyError};
 pub const DEFAULT_CITY: &str = "sanming";
 
 /// Cities whose configuration is embedded in the binary.
-pub const EMBEDDED_CITIES: &[&str] = &["sanming", "yixing"];
+pub const EMBEDDED_CITIES: &[&str] = &["sanming", "yixing", "wuhan", "hangzhou", "loudi"];
 
 /// Which of a city's files.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -30,6 +30,24 @@ pub fn city_file(city: &str, file: CityFile) -> Option<&'static str> {
         ("yixing", CityFile::Routing) => include_str!("../../../config/cities/yixing/routing.toml"),
         ("yixing", CityFile::Calendar) => {
             include_str!("../../../config/cities/yixing/calendar.toml")
+        }
+        ("wuhan", CityFile::Routing) => {
+            include_str!("../../../config/cities/wuhan/routing.toml")
+        }
+        ("wuhan", CityFile::Calendar) => {
+            include_str!("../../../config/cities/wuhan/calendar.toml")
+        }
+        ("hangzhou", CityFile::Routing) => {
+            include_str!("../../../config/cities/hangzhou/routing.toml")
+        }
+        ("hangzhou", CityFile::Calendar) => {
+            include_str!("../../../config/cities/hangzhou/calendar.toml")
+        }
+        ("loudi", CityFile::Routing) => {
+            include_str!("../../../config/cities/loudi/routing.toml")
+        }
+        ("loudi", CityFile::Calendar) => {
+            include_str!("../../../config/cities/loudi/calendar.toml")
         }
         _ => return None,
     })

@@ -1525,3 +1525,25 @@ fn worst_case_state_fits_the_memory_budget() {
     ));
     assert!(bytes <= 1_024);
 }
+
+/// A case filed under a category that a later configuration no longer routes (the events are
+/// facts; the policy changed under them) is refused with a typed error, not a panic.
+#[test]
+fn a_category_the_policy_no_longer_routes() {
+    let mut given = Story::reported().events;
+    given.push(IncidentEvent::Filed {
+        by: system(),
+        grid: grid(),
+        category: category("0199"),
+        emergency: false,
+    });
+    check(
+        &given,
+        system(),
+        Action::Dispatch { to: None },
+        expect![[r#"
+            rejected: category 0199 has no route for street 350404002
+              NoRoute { category: CategoryCode { class: 1, subclass: 99 }, street: StreetCode(350404002) }
+        "#]],
+    );
+}
