@@ -13,8 +13,8 @@
 //! - deadlines on the working clock land in working time, and no fresh deadline is in the past;
 //! - every event round-trips through the stored encoding; replaying the log gives the state.
 //!
-//! A fixed set of seeds runs by default; `WANGGE_SIM_SEEDS=N` runs seeds 1..=N instead. A
-//! failure names its seed.
+//! A fixed set of seeds runs by default; `WANGGE_SIM_SEEDS=N` runs seeds 1..=N instead and
+//! `WANGGE_SIM_SEED=S` just seed S. A failure names its seed.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -107,7 +107,7 @@ impl Drop for SeedGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "simulation failed with seed {} (rerun: WANGGE_SIM_SEEDS or FIXED_SEEDS)",
+                "simulation failed with seed {0} (rerun just it: WANGGE_SIM_SEED={0})",
                 self.0
             );
         }
@@ -701,10 +701,11 @@ impl Sim {
 }
 
 fn seeds() -> Vec<u64> {
-    match std::env::var("WANGGE_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
+    let number = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    if let Some(seed) = number("WANGGE_SIM_SEED") {
+        return vec![seed];
+    }
+    match number("WANGGE_SIM_SEEDS") {
         Some(n) => (1..=n).collect(),
         None => FIXED_SEEDS.to_vec(),
     }
