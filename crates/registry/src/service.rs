@@ -1,0 +1,667 @@
+//! The registry service: a thin shell around [`crate::domain`].
+//!
+//! - **Start**: a durable catch-up subscription on the GRIDS stream, private to this instance,
+//!   is read up to the stream's last sequence (taken at start) and folded into a [`Directory`];
+//!   then the locate index is built once and published.
+//! - **Run**: one `tokio::select!` loop over the shutdown signal, the subscription (commits
+//!   written by any instance: several registries stay in sync) and three request subjects,
+//!   subscribed in the queue group `registry` so instances share the load.
+//! - **Commands** are decided on the in-memory state, appended with the aggregate's expected
+//!   position and the command id as idempotency key, folded in, and only then answered. A
+//!   conflicting writer makes this instance read the aggregate's new commits and decide again.
+//! - **Shutdown**: stop taking requests (drain the subscriptions: requests already delivered
+//!   are still answered), delete the private consumer, flush.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::consumer;
+use eventstore::{
+    AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, SubscribeError,
+    Subscription, SubscriptionConfig,
+};
+use futures::StreamExt as _;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::api::{
+    self, CommunityAnswer, CommunityQuery, GridSummary, ItemRejectionJson, LocateAnswer,
+    LocateRequest, Receipt, RejectedReply,
+};
+use crate::directory::{Applied, Directory, Locator};
+use crate::domain::{self, Community, Event, Rejection};
+use crate::wire::RegistryCodec;
+
+/// Decide-append rounds for one command when other writers keep winning the race.
+const COMMAND_ATTEMPTS_MAX: usize = 4;
+/// Longest wait for one commit while catching up at start.
+const CATCH_UP_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests already delivered may take to be answered at shutdown.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A private consumer left behind by a crashed instance is removed by the server after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// Longest locate request body (a point needs a few dozen bytes).
+const LOCATE_REQUEST_BYTES_MAX: usize = 1024;
+/// Longest actor string written to the commit envelope.
+const ACTOR_BYTES_MAX: usize = 128;
+
+/// How one registry instance runs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The city's standards profile for compliance answers.
+    pub profile: standards::Profile,
+    /// Queue group shared by all instances for request subjects.
+    pub queue_group: String,
+    /// This instance's name (part of its private consumer's name).
+    pub instance: String,
+    /// False: only follow the stream and keep [`Locator`]s current (for in-process use by
+    /// another service); true: also answer requests.
+    pub serve_requests: bool,
+}
+
+impl ServiceConfig {
+    pub fn new(profile: standards::Profile) -> ServiceConfig {
+        ServiceConfig {
+            profile,
+            queue_group: "registry".to_owned(),
+            instance: "registry".to_owned(),
+            serve_requests: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("read GRIDS stream info: {reason}")]
+    StreamInfo { reason: String },
+    #[error("create consumer {durable}: {reason}")]
+    Consumer { durable: String, reason: String },
+    #[error(transparent)]
+    Subscription(#[from] SubscribeError),
+    #[error("catch up to sequence {target}: {reason}")]
+    CatchUp { target: u64, reason: String },
+    #[error("subscribe to {subject}: {reason}")]
+    Subscribe { subject: String, reason: String },
+    #[error("build locate index: {0}")]
+    Index(#[from] partition::locate::LocateError),
+    #[error("read commits of {community}: {reason}")]
+    Reload { community: String, reason: String },
+}
+
+/// A started registry: state rebuilt, ready to [`RegistryService::run`].
+pub struct RegistryService {
+    client: async_nats::Client,
+    store: EventStore<RegistryCodec>,
+    config: ServiceConfig,
+    directory: Directory,
+    subscription: Subscription<RegistryCodec>,
+    durable: String,
+}
+
+impl std::fmt::Debug for RegistryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryService")
+            .field("config", &self.config)
+            .field("communities", &self.directory.communities())
+            .field("durable", &self.durable)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn consumer_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|error| {
+        format!(r#"{{"status":"error","reason_code":"encode","message":"{error}"}}"#).into_bytes()
+    })
+}
+
+impl RegistryService {
+    /// Opens this instance's private subscription and folds the GRIDS stream up to its current
+    /// end into memory.
+    pub async fn start(
+        client: async_nats::Client,
+        store: EventStore<RegistryCodec>,
+        config: ServiceConfig,
+    ) -> Result<RegistryService, ServiceError> {
+        let stream_name = store.spec().stream_name.clone();
+        let stream = store
+            .jetstream()
+            .get_stream(&stream_name)
+            .await
+            .map_err(|error| ServiceError::StreamInfo {
+                reason: error.to_string(),
+            })?;
+        let target = stream
+            .get_info()
+            .await
+            .map_err(|error| ServiceError::StreamInfo {
+                reason: error.to_string(),
+            })?
+            .state
+            .last_sequence;
+        let durable = format!(
+            "{}-{}",
+            consumer_safe(&config.instance),
+            Uuid::now_v7().simple()
+        );
+        let subscription_config = SubscriptionConfig::durable(durable.clone());
+        // Created here first so the server removes it if this instance dies without cleaning up;
+        // the store's subscription then finds and uses it.
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: store.spec().all_subjects(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_wait: subscription_config.ack_wait,
+                max_ack_pending: subscription_config.ack_pending_max,
+                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| ServiceError::Consumer {
+                durable: durable.clone(),
+                reason: error.to_string(),
+            })?;
+        let mut subscription = store.subscribe(subscription_config).await?;
+        let mut directory = Directory::new();
+        let started = std::time::Instant::now();
+        let mut commits = 0u64;
+        let mut reached = 0u64;
+        while reached < target {
+            let delivery = tokio::time::timeout(CATCH_UP_MESSAGE_TIMEOUT, subscription.next())
+                .await
+                .map_err(|_| ServiceError::CatchUp {
+                    target,
+                    reason: format!(
+                        "no commit within {CATCH_UP_MESSAGE_TIMEOUT:?} after sequence {reached}"
+                    ),
+                })??;
+            reached = delivery.commit.sequence;
+            directory
+                .apply(&delivery.commit)
+                .map_err(|error| ServiceError::CatchUp {
+                    target,
+                    reason: error.to_string(),
+                })?;
+            commits += 1;
+            if let Err(error) = delivery.ack().await {
+                warn!(%error, "ack during catch-up failed; the commit may be redelivered");
+            }
+        }
+        let grids = directory.publish()?;
+        info!(
+            commits,
+            communities = directory.communities(),
+            grids,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "registry state rebuilt from the GRIDS stream"
+        );
+        Ok(RegistryService {
+            client,
+            store,
+            config,
+            directory,
+            subscription,
+            durable,
+        })
+    }
+
+    /// A cheap in-process handle that always answers from the latest state.
+    pub fn locator(&self) -> Locator {
+        self.directory.locator()
+    }
+
+    /// Serves until `shutdown` turns true (or its sender is dropped), then drains and returns.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
+        let group = self.config.queue_group.clone();
+        let mut subscribers = Vec::new();
+        if self.config.serve_requests {
+            for subject in [
+                api::SUBJECT_LOCATE,
+                api::SUBJECT_COMMANDS,
+                api::SUBJECT_QUERY_COMMUNITY,
+            ] {
+                let subscriber = self
+                    .client
+                    .queue_subscribe(subject, group.clone())
+                    .await
+                    .map_err(|error| ServiceError::Subscribe {
+                        subject: subject.to_owned(),
+                        reason: error.to_string(),
+                    })?;
+                subscribers.push(subscriber);
+            }
+            // Make sure the server knows the subscriptions before callers are told we are up.
+            if let Err(error) = self.client.flush().await {
+                warn!(%error, "flush after subscribing failed");
+            }
+        }
+        info!(
+            serve_requests = self.config.serve_requests,
+            queue_group = %group,
+            "registry serving"
+        );
+        let mut requests = futures::stream::select_all(subscribers);
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break Ok(());
+                    }
+                }
+                delivery = self.subscription.next() => {
+                    if let Err(error) = self.on_delivery(delivery).await {
+                        break Err(error);
+                    }
+                }
+                Some(message) = requests.next(), if self.config.serve_requests => {
+                    self.on_request(message).await;
+                }
+            }
+        };
+        // Stop taking requests; answer the ones already delivered to us.
+        let mut answered = 0usize;
+        for subscriber in requests.iter_mut() {
+            if let Err(error) = subscriber.drain().await {
+                warn!(%error, "drain request subscription");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, requests.next()).await {
+            self.on_request(message).await;
+            answered += 1;
+        }
+        let stream_name = self.store.spec().stream_name.clone();
+        match self.store.jetstream().get_stream(&stream_name).await {
+            Ok(stream) => {
+                if let Err(error) = stream.delete_consumer(&self.durable).await {
+                    warn!(durable = %self.durable, %error, "delete private consumer");
+                }
+            }
+            Err(error) => warn!(%error, "open stream to delete private consumer"),
+        }
+        if let Err(error) = self.client.flush().await {
+            warn!(%error, "flush at shutdown");
+        }
+        info!(answered_while_draining = answered, "registry stopped");
+        result
+    }
+
+    async fn on_delivery(
+        &mut self,
+        delivery: Result<eventstore::Delivery<Event>, SubscribeError>,
+    ) -> Result<(), ServiceError> {
+        let delivery = delivery?;
+        match self.directory.apply(&delivery.commit) {
+            Ok(Applied::New) => {
+                self.directory.publish()?;
+            }
+            Ok(Applied::AlreadyHeld) => {}
+            Err(gap) => {
+                warn!(%gap, "commit out of order; reading the community's commits");
+                self.reload(&delivery.commit.aggregate).await?;
+            }
+        }
+        if let Err(error) = delivery.ack().await {
+            debug!(%error, "ack failed; the commit may be redelivered (it is skipped then)");
+        }
+        Ok(())
+    }
+
+    /// Reads the commits of one community after the held position and folds them in.
+    async fn reload(&mut self, aggregate: &AggregateId) -> Result<(), ServiceError> {
+        let held = self.directory.community_or_new(aggregate.as_str()).position;
+        let loaded = self
+            .store
+            .load_after(aggregate, held)
+            .await
+            .map_err(|error| ServiceError::Reload {
+                community: aggregate.to_string(),
+                reason: error.to_string(),
+            })?;
+        for commit in &loaded.commits {
+            self.directory
+                .apply(commit)
+                .map_err(|error| ServiceError::Reload {
+                    community: aggregate.to_string(),
+                    reason: error.to_string(),
+                })?;
+        }
+        self.directory.publish()?;
+        Ok(())
+    }
+
+    async fn on_request(&mut self, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            debug!(subject = %message.subject, "request without reply subject ignored");
+            return;
+        };
+        let subject = message.subject.as_str();
+        let body = if subject == api::SUBJECT_LOCATE {
+            to_json(&locate_reply(&self.directory.locator(), &message.payload))
+        } else if subject == api::SUBJECT_QUERY_COMMUNITY {
+            self.query_community(&message.payload)
+        } else if let Some(name) = subject.strip_prefix(api::SUBJECT_COMMAND_PREFIX) {
+            let name = name.to_owned();
+            self.command(&name, &message.payload).await
+        } else {
+            to_json(&RejectedReply::new(
+                "unknown_subject",
+                format!("no handler for {subject}"),
+            ))
+        };
+        if let Err(error) = self.client.publish(reply, body.into()).await {
+            warn!(%error, "reply not sent");
+        }
+    }
+
+    fn query_community(&self, payload: &[u8]) -> Vec<u8> {
+        if payload.len() > api::REQUEST_BYTES_MAX {
+            return to_json(&RejectedReply::new("too_large", "request too large"));
+        }
+        let query: CommunityQuery = match serde_json::from_slice(payload) {
+            Ok(query) => query,
+            Err(error) => {
+                return to_json(&RejectedReply::new("malformed_json", error.to_string()));
+            }
+        };
+        match self.directory.get(&query.community_id) {
+            Some(entry) if entry.community.profile.is_some() => to_json(&community_answer(
+                &entry.community,
+                entry.position.version,
+                &self.config.profile,
+            )),
+            _ => to_json(&RejectedReply::new(
+                "not_found",
+                format!("community {:?} is not registered", query.community_id),
+            )),
+        }
+    }
+
+    async fn command(&mut self, name: &str, payload: &[u8]) -> Vec<u8> {
+        if payload.len() > api::REQUEST_BYTES_MAX {
+            return to_json(&RejectedReply::new("too_large", "request too large"));
+        }
+        let parsed = match api::parse_command(name, payload) {
+            Ok(parsed) => parsed,
+            Err(rejected) => return to_json(&rejected),
+        };
+        let header = parsed.header;
+        if let Err(reason) = domain::check_id(&header.community_id, domain::COMMUNITY_ID_BYTES_MAX)
+        {
+            return to_json(&RejectedReply::new(
+                "bad_community_id",
+                format!("community id {:?} {reason}", header.community_id),
+            ));
+        }
+        let aggregate = match AggregateId::new(header.community_id.clone()) {
+            Ok(aggregate) => aggregate,
+            Err(error) => {
+                return to_json(&RejectedReply::new("bad_community_id", error.to_string()));
+            }
+        };
+        let actor: String = header
+            .actor
+            .as_deref()
+            .unwrap_or("anonymous")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(ACTOR_BYTES_MAX)
+            .collect();
+        for attempt in 1..=COMMAND_ATTEMPTS_MAX {
+            let entry = self.directory.community_or_new(&header.community_id);
+            let now = now_ms();
+            let events =
+                match domain::decide(&entry.community, &header.command_id, &parsed.command, now) {
+                    Ok(events) => events,
+                    Err(rejection) => return to_json(&rejection_reply(&rejection)),
+                };
+            if events.is_empty() {
+                return to_json(&receipt(
+                    &header.command_id,
+                    &entry.community,
+                    entry.position.version,
+                    0,
+                    true,
+                    &[],
+                ));
+            }
+            let meta = CommitMeta {
+                correlation_id: Uuid::now_v7(),
+                causation_id: Uuid::now_v7(),
+                actor: if actor.is_empty() {
+                    "anonymous".to_owned()
+                } else {
+                    actor.clone()
+                },
+                occurred_at_ms: now,
+                traceparent: None,
+            };
+            let commit = Commit::new(header.command_id.clone(), events, meta);
+            match self
+                .store
+                .append(&aggregate, &entry.position, &commit)
+                .await
+            {
+                Ok(appended) if !appended.duplicate => {
+                    self.directory.apply_own(
+                        &header.community_id,
+                        &header.command_id,
+                        &commit.events,
+                        appended.position,
+                    );
+                    if let Err(error) = self.directory.publish() {
+                        error!(%error, "locate index not rebuilt after a command");
+                    }
+                    let community = &self
+                        .directory
+                        .get(&header.community_id)
+                        .expect("applied above")
+                        .community;
+                    return to_json(&receipt(
+                        &header.command_id,
+                        community,
+                        appended.position.version,
+                        appended.position.sequence,
+                        false,
+                        &commit.events,
+                    ));
+                }
+                Ok(appended) => {
+                    // Stored before (by us or another instance) but not yet folded in here.
+                    if let Err(error) = self.reload(&aggregate).await {
+                        warn!(%error, "reload after a duplicate append");
+                    }
+                    let community = self.directory.community_or_new(&header.community_id);
+                    return to_json(&receipt(
+                        &header.command_id,
+                        &community.community,
+                        appended.position.version,
+                        appended.position.sequence,
+                        true,
+                        &[],
+                    ));
+                }
+                Err(AppendError::Conflict {
+                    reason: ConflictReason::StaleVersion { .. },
+                    ..
+                }) if attempt < COMMAND_ATTEMPTS_MAX => {
+                    debug!(community = %aggregate, attempt, "another writer went first; reading its commits");
+                    if let Err(error) = self.reload(&aggregate).await {
+                        return to_json(&error_reply("store_unavailable", error.to_string()));
+                    }
+                }
+                Err(AppendError::Conflict {
+                    reason: ConflictReason::CommandIdReused { command_id, .. },
+                    ..
+                }) => {
+                    return to_json(&RejectedReply::new(
+                        "command_id_reused",
+                        format!("command id {command_id} was already used for another command"),
+                    ));
+                }
+                Err(error) => {
+                    error!(%error, "append failed");
+                    return to_json(&error_reply("store_unavailable", error.to_string()));
+                }
+            }
+        }
+        to_json(&error_reply(
+            "conflict",
+            format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
+        ))
+    }
+}
+
+fn error_reply(reason_code: &str, message: String) -> RejectedReply {
+    RejectedReply {
+        status: "error".to_owned(),
+        reason_code: reason_code.to_owned(),
+        message,
+        rejected_items: Vec::new(),
+    }
+}
+
+fn rejection_reply(rejection: &Rejection) -> RejectedReply {
+    let mut reply = RejectedReply::new(rejection.reason_code(), rejection.to_string());
+    if let Rejection::NothingToImport { rejected, .. } = rejection {
+        reply.rejected_items = rejected.iter().map(ItemRejectionJson::from).collect();
+    }
+    reply
+}
+
+/// Answers a `grids.locate` body.
+pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
+    if payload.len() > LOCATE_REQUEST_BYTES_MAX {
+        return LocateAnswer::rejected(
+            "too_large",
+            format!(
+                "request is {} bytes, more than {LOCATE_REQUEST_BYTES_MAX}",
+                payload.len()
+            ),
+        );
+    }
+    match serde_json::from_slice::<LocateRequest>(payload) {
+        Ok(request) => locator.locate(request.lon, request.lat),
+        Err(error) => LocateAnswer::rejected("malformed_json", error.to_string()),
+    }
+}
+
+fn grid_summaries<'a>(
+    community: &Community,
+    grids: impl Iterator<Item = &'a domain::GridRecord>,
+) -> Vec<GridSummary> {
+    grids
+        .map(|grid| GridSummary {
+            grid_code: grid.grid_code.clone(),
+            households: grid.households,
+            flags: grid.flags.iter().map(|f| f.as_str().to_owned()).collect(),
+            grid_worker: community.workers.get(&grid.grid_code).cloned(),
+        })
+        .collect()
+}
+
+fn receipt(
+    command_id: &str,
+    community: &Community,
+    version: u64,
+    sequence: u64,
+    duplicate: bool,
+    events: &[Event],
+) -> Receipt {
+    let mut receipt = Receipt {
+        status: "accepted".to_owned(),
+        command_id: command_id.to_owned(),
+        community_id: community.id.clone(),
+        duplicate,
+        version,
+        sequence,
+        events: events.iter().map(|e| e.kind().to_owned()).collect(),
+        buildings_imported: None,
+        rejected_items: Vec::new(),
+        grids_drawn: Vec::new(),
+        grids_retired: Vec::new(),
+    };
+    for event in events {
+        match event {
+            Event::BuildingsImported {
+                buildings,
+                rejected,
+            } => {
+                receipt.buildings_imported = Some(buildings.len());
+                receipt.rejected_items = rejected.iter().map(ItemRejectionJson::from).collect();
+            }
+            Event::GridsDrawn { drawn, retired, .. } => {
+                receipt.grids_drawn = grid_summaries(community, drawn.iter());
+                receipt.grids_retired = retired.clone();
+            }
+            _ => {}
+        }
+    }
+    receipt
+}
+
+/// Facts and compliance of one community.
+pub fn community_answer(
+    community: &Community,
+    version: u64,
+    profile: &standards::Profile,
+) -> CommunityAnswer {
+    let registered = community
+        .profile
+        .as_ref()
+        .expect("only registered communities are answered");
+    let households = community.households();
+    let population = community.population();
+    let grid_workers = community
+        .workers
+        .values()
+        .map(|w| w.worker_id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let facts = standards::CommunityFacts {
+        households: u32::try_from(households).unwrap_or(u32::MAX),
+        population: population.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
+        grids: Some(community.grids.len() as u32),
+        grid_workers: Some(grid_workers as u32),
+        ..standards::CommunityFacts::default()
+    };
+    CommunityAnswer {
+        status: "found".to_owned(),
+        community_id: community.id.clone(),
+        code: registered.code.clone(),
+        name: registered.name.clone(),
+        street: registered.street.clone(),
+        district: registered.district.clone(),
+        buildings: community.buildings.len(),
+        households,
+        population,
+        grids: grid_summaries(community, community.grids.values()),
+        grid_workers,
+        version,
+        compliance: standards::evaluate(profile, &facts),
+    }
+}
