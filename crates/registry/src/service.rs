@@ -96,6 +96,8 @@ pub struct RegistryService {
     directory: Directory,
     subscription: Subscription<RegistryCodec>,
     durable: String,
+    /// Request subscriptions (queue group), open from the end of `start`.
+    requests: futures::stream::SelectAll<async_nats::Subscriber>,
 }
 
 impl std::fmt::Debug for RegistryService {
@@ -135,8 +137,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl RegistryService {
-    /// Opens this instance's private subscription and folds the GRIDS stream up to its current
-    /// end into memory.
+    /// Opens this instance's private subscription, folds the GRIDS stream up to its current end
+    /// into memory, then subscribes to the request subjects (if `serve_requests`).
     pub async fn start(
         client: async_nats::Client,
         store: EventStore<RegistryCodec>,
@@ -216,6 +218,31 @@ impl RegistryService {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "registry state rebuilt from the GRIDS stream"
         );
+        let mut subscribers = Vec::new();
+        if config.serve_requests {
+            for subject in [
+                api::SUBJECT_LOCATE,
+                api::SUBJECT_COMMANDS,
+                api::SUBJECT_QUERY_COMMUNITY,
+            ] {
+                let subscriber = client
+                    .queue_subscribe(subject, config.queue_group.clone())
+                    .await
+                    .map_err(|error| ServiceError::Subscribe {
+                        subject: subject.to_owned(),
+                        reason: error.to_string(),
+                    })?;
+                subscribers.push(subscriber);
+            }
+            // The server knows the subscriptions before the caller is told we are up.
+            client
+                .flush()
+                .await
+                .map_err(|error| ServiceError::Subscribe {
+                    subject: "flush".to_owned(),
+                    reason: error.to_string(),
+                })?;
+        }
         Ok(RegistryService {
             client,
             store,
@@ -223,6 +250,7 @@ impl RegistryService {
             directory,
             subscription,
             durable,
+            requests: futures::stream::select_all(subscribers),
         })
     }
 
@@ -232,36 +260,14 @@ impl RegistryService {
     }
 
     /// Serves until `shutdown` turns true (or its sender is dropped), then drains and returns.
+    /// Requests that arrived since [`RegistryService::start`] returned are answered too.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
-        let group = self.config.queue_group.clone();
-        let mut subscribers = Vec::new();
-        if self.config.serve_requests {
-            for subject in [
-                api::SUBJECT_LOCATE,
-                api::SUBJECT_COMMANDS,
-                api::SUBJECT_QUERY_COMMUNITY,
-            ] {
-                let subscriber = self
-                    .client
-                    .queue_subscribe(subject, group.clone())
-                    .await
-                    .map_err(|error| ServiceError::Subscribe {
-                        subject: subject.to_owned(),
-                        reason: error.to_string(),
-                    })?;
-                subscribers.push(subscriber);
-            }
-            // Make sure the server knows the subscriptions before callers are told we are up.
-            if let Err(error) = self.client.flush().await {
-                warn!(%error, "flush after subscribing failed");
-            }
-        }
         info!(
             serve_requests = self.config.serve_requests,
-            queue_group = %group,
+            queue_group = %self.config.queue_group,
             "registry serving"
         );
-        let mut requests = futures::stream::select_all(subscribers);
+        let mut requests = std::mem::take(&mut self.requests);
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());

@@ -1,0 +1,311 @@
+//! The registry service against a real nats-server: commands, locate, query, restart from the
+//! stream, idempotent redelivery, and two instances kept in sync.
+
+use std::time::Duration;
+
+use eventstore::{BoundedContext, EventStore, StreamSpec};
+use expect_test::{Expect, expect};
+use registry::{LocateAnswer, RegistryCodec, RegistryService, ServiceConfig};
+use serde_json::{Value, json};
+use testkit::NatsServer;
+use tokio::sync::watch;
+
+/// South-west corner of the test community (Sanming, Fujian) and ~100 m in degrees.
+const ORIGIN: (f64, f64) = (117.6300, 26.2600);
+const STEP: f64 = 0.001;
+
+async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .name("registry-test")
+        .connect(url)
+        .await
+        .expect("connect to nats-server")
+}
+
+async fn store(client: &async_nats::Client) -> EventStore<RegistryCodec> {
+    EventStore::open(
+        async_nats::jetstream::new(client.clone()),
+        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
+        RegistryCodec,
+    )
+    .await
+    .expect("open GRIDS")
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), registry::ServiceError>>,
+    locator: registry::Locator,
+}
+
+async fn start(url: &str, instance: &str) -> Running {
+    let client = connect(url).await;
+    let store = store(&client).await;
+    let mut config = ServiceConfig::new(standards::builtin("sanming").expect("sanming profile"));
+    config.instance = instance.to_owned();
+    let service = RegistryService::start(client, store, config)
+        .await
+        .expect("start registry");
+    let locator = service.locator();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(service.run(stopped));
+    Running {
+        stop,
+        task,
+        locator,
+    }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.send(true).expect("service listens");
+        self.task
+            .await
+            .expect("service task")
+            .expect("service ends cleanly");
+    }
+}
+
+async fn request(client: &async_nats::Client, subject: &str, body: Vec<u8>) -> Value {
+    let reply = client
+        .request(subject.to_owned(), body.into())
+        .await
+        .unwrap_or_else(|error| panic!("request {subject}: {error}"));
+    serde_json::from_slice(&reply.payload).expect("reply is JSON")
+}
+
+async fn send(client: &async_nats::Client, subject: &str, body: Value) -> Value {
+    request(client, subject, body.to_string().into_bytes()).await
+}
+
+/// Snapshots a reply without the fields that depend on time or ids.
+fn check(reply: &Value, expect: Expect) {
+    let mut reply = reply.clone();
+    if let Some(compliance) = reply.get_mut("compliance") {
+        *compliance = compliance["summary"].clone();
+    }
+    expect.assert_eq(&reply.to_string());
+}
+
+fn position(column: f64, row: f64) -> (f64, f64) {
+    (ORIGIN.0 + column * STEP, ORIGIN.1 + row * STEP)
+}
+
+fn register_body() -> Value {
+    let (x, y) = ORIGIN;
+    let s = 4.0 * STEP;
+    json!({
+        "command_id": "cmd-register-1",
+        "community_id": "liedong",
+        "actor": "staff:sanyuan/zhang",
+        "code": "350402001001",
+        "name": "列东社区",
+        "street": "列东街道",
+        "district": "三元区",
+        "boundary": [[[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]]
+    })
+}
+
+fn import_body() -> Value {
+    let mut buildings = Vec::new();
+    for row in 0..3 {
+        for column in 0..3 {
+            let (lon, lat) = position(0.8 + column as f64 * 1.2, 0.8 + row as f64 * 1.2);
+            buildings.push(json!({
+                "id": format!("b{}", row * 3 + column + 1),
+                "lon": lon, "lat": lat, "households": 60, "population": 180
+            }));
+        }
+    }
+    let (lon, lat) = position(9.0, 9.0);
+    buildings.push(json!({"id": "far", "lon": lon, "lat": lat, "households": 10}));
+    json!({"command_id": "cmd-import-1", "community_id": "liedong", "buildings": buildings})
+}
+
+async fn locate(client: &async_nats::Client, (lon, lat): (f64, f64)) -> Value {
+    send(client, "grids.locate", json!({"lon": lon, "lat": lat})).await
+}
+
+async fn stream_messages(client: &async_nats::Client) -> u64 {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let mut stream = jetstream.get_stream("GRIDS").await.expect("GRIDS");
+    stream.info().await.expect("stream info").state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let first = start(&url, "registry-a").await;
+
+    check(
+        &send(&client, "grids.cmd.register_community", register_body()).await,
+        expect![[
+            r#"{"command_id":"cmd-register-1","community_id":"liedong","duplicate":false,"events":["community_registered"],"sequence":1,"status":"accepted","version":1}"#
+        ]],
+    );
+    check(
+        &send(&client, "grids.cmd.import_buildings", import_body()).await,
+        expect![[
+            r#"{"buildings_imported":9,"command_id":"cmd-import-1","community_id":"liedong","duplicate":false,"events":["buildings_imported"],"rejected_items":[{"building_id":"far","message":"position (117.639, 26.269) is outside the community boundary","reason_code":"outside_boundary"}],"sequence":2,"status":"accepted","version":2}"#
+        ]],
+    );
+    check(
+        &send(
+            &client,
+            "grids.cmd.partition",
+            json!({"command_id": "cmd-partition-1", "community_id": "liedong"}),
+        )
+        .await,
+        expect![[
+            r#"{"command_id":"cmd-partition-1","community_id":"liedong","duplicate":false,"events":["grids_drawn"],"grids_drawn":[{"flags":[],"grid_code":"350402001001001","grid_worker":null,"households":180},{"flags":[],"grid_code":"350402001001002","grid_worker":null,"households":180},{"flags":[],"grid_code":"350402001001003","grid_worker":null,"households":180}],"sequence":3,"status":"accepted","version":3}"#
+        ]],
+    );
+
+    // The grid that holds building b1 gets a worker.
+    let b1 = position(0.8, 0.8);
+    let before = locate(&client, b1).await;
+    let grid_code = before["grid_code"]
+        .as_str()
+        .expect("b1 is served")
+        .to_owned();
+    let assign = json!({
+        "command_id": "cmd-assign-1", "community_id": "liedong",
+        "grid_code": grid_code, "worker_id": "w-001", "worker_name": "王芳"
+    });
+    check(
+        &send(&client, "grids.cmd.assign_grid_worker", assign.clone()).await,
+        expect![[
+            r#"{"command_id":"cmd-assign-1","community_id":"liedong","duplicate":false,"events":["grid_worker_assigned"],"sequence":4,"status":"accepted","version":4}"#
+        ]],
+    );
+    check(
+        &locate(&client, b1).await,
+        expect![[
+            r#"{"community":"liedong","community_code":"350402001001","community_name":"列东社区","district":"三元区","grid_code":"350402001001003","grid_worker":{"name":"王芳","worker_id":"w-001"},"status":"served","street":"列东街道"}"#
+        ]],
+    );
+    check(
+        &locate(&client, position(9.0, 9.0)).await,
+        expect![[r#"{"status":"unserved"}"#]],
+    );
+    check(
+        &request(&client, "grids.locate", b"{\"lon\": \"east\"}".to_vec()).await,
+        expect![[
+            r#"{"message":"invalid type: string \"east\", expected f64 at line 1 column 14","reason_code":"malformed_json","status":"rejected"}"#
+        ]],
+    );
+    check(
+        &request(&client, "grids.locate", b"not json".to_vec()).await,
+        expect![[
+            r#"{"message":"expected ident at line 1 column 2","reason_code":"malformed_json","status":"rejected"}"#
+        ]],
+    );
+    check(
+        &locate(&client, (200.0, 26.0)).await,
+        expect![[
+            r#"{"message":"(200, 26) is outside WGS84 lon -180..180, lat -90..90","reason_code":"bad_coordinates","status":"rejected"}"#
+        ]],
+    );
+    check(
+        &send(
+            &client,
+            "grids.cmd.partition",
+            json!({"command_id": "cmd-partition-2", "community_id": "nowhere"}),
+        )
+        .await,
+        expect![[
+            r#"{"message":"community nowhere is not registered","reason_code":"not_registered","status":"rejected"}"#
+        ]],
+    );
+    check(
+        &send(
+            &client,
+            "grids.query.community",
+            json!({"community_id": "liedong"}),
+        )
+        .await,
+        expect![[
+            r#"{"buildings":9,"code":"350402001001","community_id":"liedong","compliance":{"met":0,"not_applicable":0,"not_met":0,"unknown":3},"district":"三元区","grid_workers":1,"grids":[{"flags":[],"grid_code":"350402001001001","grid_worker":null,"households":180},{"flags":[],"grid_code":"350402001001002","grid_worker":null,"households":180},{"flags":[],"grid_code":"350402001001003","grid_worker":{"name":"王芳","worker_id":"w-001"},"households":180}],"households":540,"name":"列东社区","population":1620,"status":"found","street":"列东街道","version":4}"#
+        ]],
+    );
+
+    // In process: the same answer without NATS.
+    match first.locator.locate(b1.0, b1.1) {
+        LocateAnswer::Served {
+            grid_code: code,
+            grid_worker,
+            ..
+        } => {
+            assert_eq!(code, grid_code);
+            assert_eq!(grid_worker.map(|w| w.worker_id).as_deref(), Some("w-001"));
+        }
+        other => panic!("in-process locate: {other:?}"),
+    }
+
+    // A redelivered command writes nothing.
+    let messages = stream_messages(&client).await;
+    check(
+        &send(&client, "grids.cmd.assign_grid_worker", assign.clone()).await,
+        expect![[
+            r#"{"command_id":"cmd-assign-1","community_id":"liedong","duplicate":true,"events":[],"sequence":0,"status":"accepted","version":4}"#
+        ]],
+    );
+    assert_eq!(stream_messages(&client).await, messages);
+
+    // Restart: state comes back from the stream.
+    first.shutdown().await;
+    let second = start(&url, "registry-b").await;
+    check(
+        &locate(&client, b1).await,
+        expect![[
+            r#"{"community":"liedong","community_code":"350402001001","community_name":"列东社区","district":"三元区","grid_code":"350402001001003","grid_worker":{"name":"王芳","worker_id":"w-001"},"status":"served","street":"列东街道"}"#
+        ]],
+    );
+    check(
+        &send(&client, "grids.cmd.assign_grid_worker", assign).await,
+        expect![[
+            r#"{"command_id":"cmd-assign-1","community_id":"liedong","duplicate":true,"events":[],"sequence":0,"status":"accepted","version":4}"#
+        ]],
+    );
+    assert_eq!(stream_messages(&client).await, messages);
+
+    // A second instance follows commits made by the first.
+    let third = start(&url, "registry-c").await;
+    let b9 = position(3.2, 3.2);
+    let other_grid = locate(&client, b9).await["grid_code"]
+        .as_str()
+        .expect("b9 is served")
+        .to_owned();
+    let reply = send(
+        &client,
+        "grids.cmd.assign_grid_worker",
+        json!({
+            "command_id": "cmd-assign-2", "community_id": "liedong",
+            "grid_code": other_grid, "worker_id": "w-002", "worker_name": "李明"
+        }),
+    )
+    .await;
+    assert_eq!(reply["status"], "accepted", "{reply}");
+    for locator in [&second.locator, &third.locator] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let LocateAnswer::Served {
+                grid_worker: Some(worker),
+                ..
+            } = locator.locate(b9.0, b9.1)
+                && worker.worker_id == "w-002"
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an instance did not follow the other's commit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    second.shutdown().await;
+    third.shutdown().await;
+}
