@@ -27,8 +27,8 @@
 
 mod geometry;
 pub mod locate;
-pub mod synthetic;
 mod solver;
+pub mod synthetic;
 
 use geo::{MultiPolygon, Point, Polygon};
 use serde::{Deserialize, Serialize};
@@ -158,7 +158,10 @@ impl Quality {
                 .iter()
                 .filter(|grid| (HOUSEHOLDS_MIN..=HOUSEHOLDS_MAX).contains(&grid.households))
                 .count(),
-            disconnected: grids.iter().filter(|grid| !grid.detached.is_empty()).count(),
+            disconnected: grids
+                .iter()
+                .filter(|grid| !grid.detached.is_empty())
+                .count(),
             flagged: grids.iter().filter(|grid| !grid.flags.is_empty()).count(),
             polsby_popper,
         }

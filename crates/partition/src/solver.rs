@@ -60,7 +60,8 @@ impl Sites {
     }
 
     fn neighbours(&self, site: usize) -> &[u32] {
-        &self.adjacency[self.adjacency_start[site] as usize..self.adjacency_start[site + 1] as usize]
+        &self.adjacency
+            [self.adjacency_start[site] as usize..self.adjacency_start[site + 1] as usize]
     }
 
     fn cell(&self, site: usize) -> &[(u32, u32)] {
@@ -92,7 +93,10 @@ fn grid_count_for(households: u64) -> usize {
     let score = |k: u64| {
         let average = households as f64 / k as f64;
         let total_penalty = k as f64 * penalty(average.round() as u64) as f64;
-        (total_penalty, (average - f64::from(HOUSEHOLDS_TARGET)).abs())
+        (
+            total_penalty,
+            (average - f64::from(HOUSEHOLDS_TARGET)).abs(),
+        )
     };
     let mut best = low;
     for k in low..=high {
@@ -143,8 +147,10 @@ impl<'a> Community<'a> {
             community: input.id.clone(),
         };
         let bbox = input.boundary.bounding_rect().ok_or_else(bad_boundary)?;
-        if !(bbox.min().x.is_finite() && bbox.max().x.is_finite())
-            || !(bbox.min().y.is_finite() && bbox.max().y.is_finite())
+        if !(bbox.min().x.is_finite()
+            && bbox.max().x.is_finite()
+            && bbox.min().y.is_finite()
+            && bbox.max().y.is_finite())
         {
             return Err(bad_boundary());
         }
@@ -264,10 +270,25 @@ impl<'a> Community<'a> {
         separate_duplicates(&mut position);
 
         let size = bbox_size(&boundary);
-        let min = boundary.bounding_rect().map(|r| r.min()).unwrap_or_default();
-        let hilbert = position.iter().map(|c| hilbert_key(*c, min, size)).collect();
+        let min = boundary
+            .bounding_rect()
+            .map(|r| r.min())
+            .unwrap_or_default();
+        let hilbert = position
+            .iter()
+            .map(|c| hilbert_key(*c, min, size))
+            .collect();
 
-        let sites = triangulate(input, position, weight, item, hilbert, &boundary, &boundary_segments, size)?;
+        let sites = triangulate(
+            input,
+            position,
+            weight,
+            item,
+            hilbert,
+            &boundary,
+            &boundary_segments,
+            size,
+        )?;
         Ok(Community {
             input,
             projection,
@@ -315,7 +336,10 @@ fn separate_duplicates(position: &mut [Coord<f64>]) {
     for (index, at) in position.iter_mut().enumerate() {
         let mut attempt = 0u32;
         loop {
-            let key = ((at.x * 1000.0).round() as i64, (at.y * 1000.0).round() as i64);
+            let key = (
+                (at.x * 1000.0).round() as i64,
+                (at.y * 1000.0).round() as i64,
+            );
             if seen.insert(key) {
                 break;
             }
@@ -369,7 +393,8 @@ fn triangulate(
         circumcenter[face.fix().index()] = Coord { x: c.x, y: c.y };
     }
     let crosses_outside = |a: Coord<f64>, b: Coord<f64>| -> bool {
-        let envelope = AABB::from_corners([a.x.min(b.x), a.y.min(b.y)], [a.x.max(b.x), a.y.max(b.y)]);
+        let envelope =
+            AABB::from_corners([a.x.min(b.x), a.y.min(b.y)], [a.x.max(b.x), a.y.max(b.y)]);
         let edge = Line::new(a, b);
         let mut near = false;
         for segment in boundary_segments.locate_in_envelope_intersecting(&envelope) {
@@ -394,6 +419,28 @@ fn triangulate(
         };
         !boundary.intersects(&middle)
     };
+    let border_reaches_inside = |a: Coord<f64>, b: Coord<f64>| -> bool {
+        const SAMPLES: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+        // A cell cannot reach further than about one territory spacing past the boundary,
+        // so a border with no boundary segment within that distance is wholly inside.
+        let margin = TERRITORY_SPACING_MAX_METRES * 2.0;
+        let envelope = AABB::from_corners(
+            [a.x.min(b.x) - margin, a.y.min(b.y) - margin],
+            [a.x.max(b.x) + margin, a.y.max(b.y) + margin],
+        );
+        let near = boundary_segments
+            .locate_in_envelope_intersecting(&envelope)
+            .next()
+            .is_some();
+        let at = |t: f64| Coord {
+            x: a.x + (b.x - a.x) * t,
+            y: a.y + (b.y - a.y) * t,
+        };
+        if !near {
+            return true;
+        }
+        SAMPLES.iter().any(|&t| boundary.intersects(&at(t)))
+    };
     let mut adjacency_start = Vec::with_capacity(real + 1);
     let mut adjacency = Vec::with_capacity(real * 6);
     let mut cell_start = Vec::with_capacity(real + 1);
@@ -405,9 +452,15 @@ fn triangulate(
         for edge in vertex.out_edges() {
             let to = edge.to().fix().index();
             let face = edge.face().fix().index() as u32;
+            let right_face = edge.rev().face().fix().index();
             if to < real {
                 cell.push((to as u32, face));
-                if !crosses_outside(position[from], position[to]) {
+                // Neighbours must be joined inside the community twice over: the Delaunay
+                // edge stays inside, and their shared Voronoi border reaches inside (else
+                // their clipped cells would only touch outside the boundary).
+                if !crosses_outside(position[from], position[to])
+                    && border_reaches_inside(circumcenter[right_face], circumcenter[face as usize])
+                {
                     adjacency.push(to as u32);
                 }
             } else {
@@ -664,7 +717,31 @@ impl State {
                     }
                 }
             }
-            let Some(&orphan) = region.iter().find(|&&site| self.grid_of[site as usize] == NONE)
+            // Territory cut off from the graph (a sliver between notches) joins any grid whose
+            // cell touches it; its geometry is reattached to a touching grid at the end.
+            let mut joined = false;
+            for &site in region {
+                let site = site as usize;
+                if self.grid_of[site] != NONE || s.item[site].is_some() {
+                    continue;
+                }
+                if let Some(grid) = s
+                    .cell(site)
+                    .iter()
+                    .filter(|(n, _)| *n != NONE)
+                    .map(|&(n, _)| self.grid_of[n as usize])
+                    .find(|&g| g != NONE && allowed(g))
+                {
+                    self.assign(s, site, grid);
+                    joined = true;
+                }
+            }
+            if joined {
+                continue;
+            }
+            let Some(&orphan) = region
+                .iter()
+                .find(|&&site| self.grid_of[site as usize] == NONE)
             else {
                 return created;
             };
@@ -852,7 +929,13 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 .flat_map(|&g| members[g as usize].iter().copied())
                 .filter(|&site| neighbourhood.contains(&state.grid_of[site as usize]))
                 .collect();
-            state.refine(s, &region, &|g| neighbourhood.contains(&g), false, LOCAL_PASSES_MAX);
+            state.refine(
+                s,
+                &region,
+                &|g| neighbourhood.contains(&g),
+                false,
+                LOCAL_PASSES_MAX,
+            );
             let households = state.households[grid as usize];
             if penalty(households) == 0 {
                 continue;
@@ -877,7 +960,10 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
             let region: Vec<u32> = (0..s.len() as u32)
                 .filter(|&site| merged.contains(&state.grid_of[site as usize]))
                 .collect();
-            let before: Vec<u32> = region.iter().map(|&site| state.grid_of[site as usize]).collect();
+            let before: Vec<u32> = region
+                .iter()
+                .map(|&site| state.grid_of[site as usize])
+                .collect();
             for &site in &region {
                 state.assign(s, site as usize, NONE);
             }
@@ -888,7 +974,9 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
             // Old codes go to the new grids that keep most of their members.
             let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
             for (i, &site) in region.iter().enumerate() {
-                *overlap.entry((before[i], state.grid_of[site as usize])).or_default() += 1;
+                *overlap
+                    .entry((before[i], state.grid_of[site as usize]))
+                    .or_default() += 1;
             }
             let mut pairs: Vec<((u32, u32), usize)> = overlap.into_iter().collect();
             pairs.sort_by_key(|&((old, new), n)| (std::cmp::Reverse(n), old, new));
@@ -914,15 +1002,19 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
 fn locked(state: &State, s: &Sites, grid: u32) -> bool {
     let households = state.households[grid as usize];
     if households > u64::from(HOUSEHOLDS_MAX) {
-        return state.grid_of.iter().enumerate().any(|(site, &g)| {
-            g == grid && s.weight[site] > HOUSEHOLDS_MAX
-        });
+        return state
+            .grid_of
+            .iter()
+            .enumerate()
+            .any(|(site, &g)| g == grid && s.weight[site] > HOUSEHOLDS_MAX);
     }
     false
 }
 
 fn sequence_of(code: &str) -> u32 {
-    code.get(12..).and_then(|tail| tail.parse().ok()).unwrap_or(0)
+    code.get(12..)
+        .and_then(|tail| tail.parse().ok())
+        .unwrap_or(0)
 }
 
 fn grid_adjacency(state: &State, s: &Sites) -> HashMap<u32, Vec<u32>> {
@@ -974,8 +1066,9 @@ fn finish(
         .sum();
     let rest = total - oversize_total;
     let rest_k = grid_count_for(rest) as u64;
-    let indivisible =
-        rest > 0 && rest >= u64::from(HOUSEHOLDS_MIN) && penalty(rest / rest_k) + penalty(rest.div_ceil(rest_k)) > 0;
+    let indivisible = rest > 0
+        && rest >= u64::from(HOUSEHOLDS_MIN)
+        && penalty(rest / rest_k) + penalty(rest.div_ceil(rest_k)) > 0;
     let no_items = s.item.iter().all(|i| i.is_none());
 
     let mut next_face = vec![NONE; s.circumcenter.len()];
@@ -984,7 +1077,9 @@ fn finish(
         let sites = &members[grid as usize];
         let raw = trace_region(s, &state.grid_of, grid, sites, &mut next_face);
         let needs_clip = sites.iter().any(|&site| s.item[site as usize].is_none())
-            || raw.bounding_rect().is_none_or(|rect| touches_boundary(community, rect));
+            || raw
+                .bounding_rect()
+                .is_none_or(|rect| touches_boundary(community, rect));
         let clipped = if needs_clip {
             raw.intersection(&community.boundary)
         } else {
@@ -1018,6 +1113,10 @@ fn finish(
         let centroid = state.centroid(grid);
         built.push((grid, main, detached, centroid));
     }
+
+    // Detached pieces holding none of their grid's items (a cell reaching across a notch)
+    // join a neighbouring grid they touch, so coverage stays whole and grids stay connected.
+    reattach_orphans(s, &members, &mut built);
 
     // Codes: kept codes stay; the others are numbered in reading order after the kept ones.
     let row_height = (community.area / live.len().max(1) as f64).sqrt().max(1.0);
@@ -1191,4 +1290,45 @@ fn trace_region(
             .map(|(outer, holes)| Polygon::new(outer.exterior().clone(), holes))
             .collect(),
     )
+}
+
+type Built = (u32, Polygon<f64>, Vec<Polygon<f64>>, Coord<f64>);
+
+fn reattach_orphans(s: &Sites, members: &[Vec<u32>], built: &mut [Built]) {
+    let mut orphans: Vec<Polygon<f64>> = Vec::new();
+    for (grid, _, detached, _) in built.iter_mut() {
+        let items: Vec<Coord<f64>> = members[*grid as usize]
+            .iter()
+            .filter(|&&site| s.item[site as usize].is_some())
+            .map(|&site| s.position[site as usize])
+            .collect();
+        let (keep, free): (Vec<_>, Vec<_>) = detached
+            .drain(..)
+            .partition(|part| items.iter().any(|c| part.intersects(c)));
+        *detached = keep;
+        orphans.extend(free);
+    }
+    for orphan in orphans {
+        let Some(rect) = orphan.bounding_rect() else {
+            continue;
+        };
+        let mut joined = false;
+        for (_, main, _, _) in built.iter_mut() {
+            let Some(other) = main.bounding_rect() else {
+                continue;
+            };
+            if !rect.intersects(&other) {
+                continue;
+            }
+            let union = main.union(&orphan);
+            if union.0.len() == 1 {
+                *main = union.0.into_iter().next().unwrap_or_else(|| main.clone());
+                joined = true;
+                break;
+            }
+        }
+        if !joined && let Some((_, _, detached, _)) = built.first_mut() {
+            detached.push(orphan);
+        }
+    }
 }

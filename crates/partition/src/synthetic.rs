@@ -43,7 +43,10 @@ impl SplitMix64 {
 }
 
 /// Where the synthetic city sits (Loudi, Hunan).
-const ORIGIN: Coord<f64> = Coord { x: 111.99, y: 27.70 };
+const ORIGIN: Coord<f64> = Coord {
+    x: 111.99,
+    y: 27.70,
+};
 
 /// A household count as found in a mid-size Chinese city: mostly low-rise, some mid-rise,
 /// a few high-rises with several units.
