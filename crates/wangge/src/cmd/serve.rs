@@ -1,17 +1,225 @@
-//! `wangge up` and `wangge serve <service>` (not written yet).
+//! `wangge up` and `wangge serve <service>`: the long-running side of wangge.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use eventstore::{BoundedContext, EventStore, PostcardCodec, StreamSpec};
+use registry::{RegistryCodec, RegistryService, ServiceConfig};
+use tokio::sync::watch;
 
 use crate::config::Settings;
 
+/// Worker threads of a service's runtime (the machines are small; NATS does the scaling).
+const RUNTIME_WORKER_THREADS: usize = 2;
+
+/// Create or update the JetStream streams wangge writes to, then exit.
+///
+/// Creates (or updates in place) GRIDS (`grids.ev.>`), INCIDENTS (`incidents.ev.>`) and
+/// INTAKE (`intake.ev.>`) with `store.replicas` replicas (1 on a single server, 3 on a
+/// cluster) and a `store.duplicate_window_seconds` window for idempotent appends. Safe to run
+/// again at any time: existing messages are kept. Example:
+///
+///     WANGGE_NATS__URL=nats://10.0.0.5:4222,nats://10.0.0.6:4222 wangge up
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct UpArgs {}
 
+/// Run one service until SIGINT or SIGTERM.
+///
+/// On a signal the service stops taking requests, answers those already delivered to it,
+/// removes its private stream consumer and exits 0. Run several instances of a service for
+/// load sharing and failover: request subjects use a NATS queue group.
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
-
-pub fn up(_settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge up` is not written yet")
+pub struct ServeArgs {
+    #[command(subcommand)]
+    pub service: ServiceCommand,
 }
 
-pub fn serve(_settings: &Settings, _args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge serve` is not written yet")
+#[derive(Debug, clap::Subcommand)]
+pub enum ServiceCommand {
+    /// The grid registry: communities, buildings, grids and grid workers.
+    ///
+    /// At start it reads the GRIDS stream to its end and builds the locate index in memory,
+    /// then answers (queue group `registry`):
+    ///
+    ///   grids.locate            {"lon":117.63,"lat":26.26}
+    ///                           -> {"status":"served","grid_code":..,"grid_worker":..} |
+    ///                              {"status":"unserved"} | {"status":"rejected",..}
+    ///   grids.cmd.register_community / update_community
+    ///                           {"command_id","community_id","code","name","street",
+    ///                            "district","boundary":[[[[lon,lat],..]]]}
+    ///   grids.cmd.import_buildings
+    ///                           {"command_id","community_id","buildings":[{"id","lon","lat",
+    ///                            "households","population"}]}   (at most 2000 per batch)
+    ///   grids.cmd.partition     {"command_id","community_id"}
+    ///   grids.cmd.assign_grid_worker
+    ///                           {"command_id","community_id","grid_code","worker_id","worker_name"}
+    ///   grids.query.community   {"community_id"} -> facts + compliance with the `city` profile
+    ///
+    /// A command is answered only after its events are stored; resending a command id is
+    /// answered as a duplicate and writes nothing. See docs/REGISTRY.md.
+    #[command(verbatim_doc_comment)]
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Name of this instance (appears in its private stream consumer's name and in logs).
+    #[arg(long, default_value = "registry")]
+    pub instance: String,
+    /// NATS queue group shared by all registry instances.
+    #[arg(long, default_value = "registry")]
+    pub queue_group: String,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKER_THREADS)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+/// Parses `nats.url`: one or more comma-separated server URLs.
+pub fn server_addresses(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let addresses: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("nats.url: {url:?} is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(!addresses.is_empty(), "nats.url names no server");
+    Ok(addresses)
+}
+
+/// Connects with the settings' servers, credentials and client name.
+pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_nats::Client> {
+    let addresses = server_addresses(&settings.nats.url)?;
+    let mut options =
+        async_nats::ConnectOptions::new().name(format!("{}-{role}", settings.nats.client_name));
+    if let Some(path) = &settings.nats.credentials {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("read NATS credentials {}", path.display()))?;
+    }
+    options
+        .connect(addresses)
+        .await
+        .with_context(|| format!("connect to NATS at {}", settings.nats.url))
+}
+
+fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
+    StreamSpec::for_context(
+        context,
+        settings.store.replicas,
+        Duration::from_secs(settings.store.duplicate_window_seconds),
+    )
+}
+
+pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let client = connect(settings, "up").await?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        for context in [
+            BoundedContext::Grids,
+            BoundedContext::Incidents,
+            BoundedContext::Intake,
+        ] {
+            let spec = spec(settings, context);
+            // The codec is irrelevant to creating the stream; no event is written here.
+            EventStore::open(
+                jetstream.clone(),
+                spec.clone(),
+                PostcardCodec::<()>::new("up"),
+            )
+            .await
+            .with_context(|| format!("create or update stream {}", spec.stream_name))?;
+            let mut stream = jetstream
+                .get_stream(&spec.stream_name)
+                .await
+                .with_context(|| format!("read stream {}", spec.stream_name))?;
+            let info = stream.info().await?;
+            writeln!(
+                std::io::stdout(),
+                "stream {} ({}): replicas {}, duplicate window {}s, {} messages, ready",
+                spec.stream_name,
+                spec.all_subjects(),
+                info.config.num_replicas,
+                info.config.duplicate_window.as_secs(),
+                info.state.messages
+            )
+            .context("write to stdout")?;
+        }
+        client.flush().await.context("flush")?;
+        Ok(())
+    })
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn termination() -> anyhow::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            result.context("listen for SIGINT")?;
+            Ok("SIGINT")
+        }
+        _ = terminate.recv() => Ok("SIGTERM"),
+    }
+}
+
+pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
+    match args.service {
+        ServiceCommand::Registry(registry_args) => serve_registry(settings, registry_args),
+    }
+}
+
+fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()> {
+    let profile = standards::builtin(&settings.city)
+        .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
+    runtime()?.block_on(async {
+        let (stop, stopped) = watch::channel(false);
+        // Listen before the (possibly long) catch-up so a signal during it is not lost.
+        let signals = tokio::spawn(async move {
+            match termination().await {
+                Ok(signal) => tracing::info!(signal, "shutting down"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
+            }
+            let _ = stop.send(true);
+        });
+        let client = connect(settings, &args.instance).await?;
+        let store = EventStore::open(
+            async_nats::jetstream::new(client.clone()),
+            spec(settings, BoundedContext::Grids),
+            RegistryCodec,
+        )
+        .await
+        .context("open the GRIDS stream")?;
+        let mut config = ServiceConfig::new(profile);
+        config.instance = args.instance;
+        config.queue_group = args.queue_group;
+        let service = tokio::select! {
+            started = RegistryService::start(client, store, config) => started.context("start the registry")?,
+            _ = wait_stopped(stopped.clone()) => {
+                tracing::info!("stopped during start");
+                return Ok(());
+            }
+        };
+        service.run(stopped).await.context("registry")?;
+        signals.abort();
+        Ok(())
+    })
+}
+
+async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
+    while !*stopped.borrow() {
+        if stopped.changed().await.is_err() {
+            return;
+        }
+    }
 }
