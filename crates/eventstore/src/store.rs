@@ -208,19 +208,22 @@ impl<C: EventCodec> EventStore<C> {
         commit: &Commit<C::Event>,
     ) -> Result<Appended, AppendError> {
         let subject = self.subject(aggregate);
-        let outgoing =
-            encode_commit(&self.codec, aggregate, expected, commit).map_err(|source| {
-                AppendError::Encode {
-                    subject: subject.clone(),
-                    source,
-                }
-            })?;
         let mut attempt = 0;
-        let ack = loop {
+        let (ack, (version, hash)) = loop {
             attempt += 1;
+            // Encoding is deterministic (event ids live in the commit), so each attempt
+            // encodes afresh and moves its headers into the publish instead of cloning them.
+            let outgoing =
+                encode_commit(&self.codec, aggregate, expected, commit).map_err(|source| {
+                    AppendError::Encode {
+                        subject: subject.clone(),
+                        source,
+                    }
+                })?;
+            let position_after = outgoing.position_after;
             let publish = jetstream::message::PublishMessage::build()
-                .headers(outgoing.headers.clone())
-                .payload(outgoing.body.clone())
+                .headers(outgoing.headers)
+                .payload(outgoing.body)
                 .message_id(&outgoing.msg_id)
                 .expected_last_subject_sequence(expected.sequence);
             let result = match self.jetstream.send_publish(subject.clone(), publish).await {
@@ -228,13 +231,13 @@ impl<C: EventCodec> EventStore<C> {
                 Err(error) => Err(error),
             };
             match result {
-                Ok(ack) => break ack,
+                Ok(ack) => break (ack, position_after),
                 Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
                     // nats-server checks the expected subject sequence before the Msg-Id, so
                     // a retry of a commit that was stored also lands here: look at what
                     // follows `expected` on this subject.
                     return self
-                        .resolve_sequence_conflict(&subject, expected, commit, &outgoing)
+                        .resolve_sequence_conflict(&subject, expected, commit)
                         .await;
                 }
                 Err(error) if attempt < APPEND_ATTEMPTS_MAX && retryable(error.kind()) => {
@@ -250,7 +253,6 @@ impl<C: EventCodec> EventStore<C> {
                 }
             }
         };
-        let (version, hash) = outgoing.position_after;
         if !ack.duplicate {
             return Ok(Appended {
                 position: Position {
@@ -271,7 +273,7 @@ impl<C: EventCodec> EventStore<C> {
                 sequence: ack.sequence,
                 reason: error.to_string(),
             })?;
-        self.compare_stored(&subject, &stored, commit, &outgoing)
+        self.compare_stored(&subject, &stored, commit)
     }
 
     /// The aggregate is not at `expected`. If the commit right after `expected` is this very
@@ -281,7 +283,6 @@ impl<C: EventCodec> EventStore<C> {
         subject: &str,
         expected: &Position,
         commit: &Commit<C::Event>,
-        outgoing: &envelope::OutgoingCommit,
     ) -> Result<Appended, AppendError> {
         let stale = || AppendError::Conflict {
             subject: subject.to_owned(),
@@ -306,15 +307,14 @@ impl<C: EventCodec> EventStore<C> {
                 });
             }
         };
-        let same_command = stored
+        let stored_command = stored
             .headers
             .get(envelope::headers::COMMAND_ID)
-            .map(|value| value.as_str())
-            == Some(commit.command_id.as_str());
-        if !same_command {
+            .map(|value| value.as_str());
+        if stored_command != Some(commit.command_id.as_str()) {
             return Err(stale());
         }
-        self.compare_stored(subject, &stored, commit, outgoing)
+        self.compare_stored(subject, &stored, commit)
     }
 
     /// `stored` carries our command id: the same events make it a duplicate, others a conflict.
@@ -323,7 +323,6 @@ impl<C: EventCodec> EventStore<C> {
         subject: &str,
         stored: &async_nats::jetstream::message::StreamMessage,
         commit: &Commit<C::Event>,
-        outgoing: &envelope::OutgoingCommit,
     ) -> Result<Appended, AppendError> {
         let duplicate_check = |reason: String| AppendError::DuplicateCheck {
             subject: subject.to_owned(),
@@ -334,7 +333,9 @@ impl<C: EventCodec> EventStore<C> {
             decode_envelope(&stored.headers).map_err(|error| duplicate_check(error.to_string()))?;
         let raw = decode_body(envelope.body_format, &stored.payload)
             .map_err(|error| duplicate_check(error.to_string()))?;
-        if raw_content_digest(&raw) != outgoing.content_digest {
+        let ours = envelope::commit_content_digest(&self.codec, commit)
+            .map_err(|error| duplicate_check(error.to_string()))?;
+        if raw_content_digest(&raw) != ours {
             return Err(AppendError::Conflict {
                 subject: subject.to_owned(),
                 reason: ConflictReason::CommandIdReused {
@@ -424,6 +425,7 @@ impl<C: EventCodec> EventStore<C> {
             .messages()
             .await
             .map_err(|error| read_error(error.to_string()))?;
+        let no_headers = async_nats::HeaderMap::new();
         let mut commits = Vec::new();
         let mut position = after;
         while position.sequence < last.sequence {
@@ -437,11 +439,12 @@ impl<C: EventCodec> EventStore<C> {
                 .map_err(|error| read_error(error.to_string()))?;
             let sequence = info.stream_sequence;
             let stored_at_ms = datetime_to_ms(info.published);
+            let headers = message.headers.as_ref().unwrap_or(&no_headers);
             let commit = envelope::decode_commit(
                 &self.codec,
                 sequence,
                 stored_at_ms,
-                &message.headers.clone().unwrap_or_default(),
+                headers,
                 &message.payload,
             )
             .map_err(|source| LoadError::Corrupt {
@@ -449,13 +452,7 @@ impl<C: EventCodec> EventStore<C> {
                 sequence,
                 source,
             })?;
-            check_link(
-                &subject,
-                &position,
-                &commit,
-                &message.payload,
-                &message.headers.clone().unwrap_or_default(),
-            )?;
+            check_link(&subject, &position, &commit, &message.payload, headers)?;
             position = commit.position();
             commits.push(commit);
         }

@@ -85,7 +85,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
             format: LogFormat::Pretty,
-            filter: "info".to_owned(),
+            filter: "info,async_nats=warn".to_owned(),
         }
     }
 }

@@ -1,11 +1,17 @@
-//! `wangge bench ...`: every figure is printed beside raw NATS measured in the same run.
+//! `wangge bench ...`: every figure is printed beside raw NATS measured in the same run, on a
+//! private nats-server started for the run, so the ratios say what wangge itself costs.
 
 use crate::config::Settings;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Event store appends and replay against raw JetStream.
-    Store,
+    /// Event store appends and replay against raw JetStream, in one run.
+    ///
+    /// Starts its own nats-server (file storage, temporary directory), then measures: raw
+    /// JetStream publishes carrying the same bytes, `Nats-Expected-Last-Subject-Sequence` and
+    /// `Nats-Msg-Id` with the same number of aggregates in flight, against `EventStore::append`;
+    /// and a raw pull-consumer replay against the store's decoding replay of the same stream.
+    Store(super::bench_store::BenchStoreArgs),
     /// Partition a seeded synthetic city (offline).
     Partition(super::partition::BenchPartitionArgs),
     /// Point-in-grid lookups over a synthetic city (offline).
@@ -14,7 +20,7 @@ pub enum BenchCommand {
 
 pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Store => anyhow::bail!("`wangge bench store` is not written yet"),
+        BenchCommand::Store(args) => super::bench_store::run(args),
         BenchCommand::Partition(args) => super::partition::bench_partition(args),
         BenchCommand::Locate(args) => super::partition::bench_locate(args),
     }
