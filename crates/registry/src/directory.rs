@@ -6,40 +6,103 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use eventstore::{Position, RecordedCommit};
+use geo::BoundingRect as _;
 use partition::locate::{LocateError, LocateIndex, Located};
+use rstar::primitives::{GeomWithData, Rectangle};
+use rstar::{AABB, RTree};
 use tokio::sync::watch;
 
 use crate::api::LocateAnswer;
 use crate::domain::{Community, Event, GridWorker, evolve};
 
-/// What a located grid answers besides its code.
-#[derive(Debug, Clone)]
-struct GridFacts {
+/// One community's part of the locate view: its own grid index, rebuilt only when the
+/// community changes.
+#[derive(Debug)]
+struct CommunityView {
     community_id: String,
     community_code: String,
     community_name: String,
     street: String,
     district: String,
-    grid_worker: Option<GridWorker>,
+    index: LocateIndex,
+    workers: HashMap<String, GridWorker>,
+    grids: usize,
 }
 
-/// An immutable view for locating points.
+impl CommunityView {
+    fn build(entry: &Entry) -> Result<Option<CommunityView>, LocateError> {
+        let community = &entry.community;
+        let Some(profile) = &community.profile else {
+            return Ok(None);
+        };
+        let mut polygons = Vec::new();
+        for (code, grid) in &community.grids {
+            for polygon in std::iter::once(&grid.polygon).chain(&grid.detached) {
+                polygons.push((code.clone(), community.id.clone(), polygon.clone()));
+            }
+        }
+        Ok(Some(CommunityView {
+            community_id: community.id.clone(),
+            community_code: profile.code.clone(),
+            community_name: profile.name.clone(),
+            street: profile.street.clone(),
+            district: profile.district.clone(),
+            index: LocateIndex::build(polygons)?,
+            workers: community
+                .workers
+                .iter()
+                .map(|(code, worker)| (code.clone(), worker.clone()))
+                .collect(),
+            grids: community.grids.len(),
+        }))
+    }
+
+    /// The community's extent: the bounding box of its grids.
+    fn extent(entry: &Entry) -> Option<Rectangle<[f64; 2]>> {
+        let mut rect: Option<geo::Rect<f64>> = None;
+        for grid in entry.community.grids.values() {
+            for polygon in std::iter::once(&grid.polygon).chain(&grid.detached) {
+                if let Some(r) = polygon.bounding_rect() {
+                    rect = Some(match rect {
+                        None => r,
+                        Some(acc) => geo::Rect::new(
+                            geo::Coord {
+                                x: acc.min().x.min(r.min().x),
+                                y: acc.min().y.min(r.min().y),
+                            },
+                            geo::Coord {
+                                x: acc.max().x.max(r.max().x),
+                                y: acc.max().y.max(r.max().y),
+                            },
+                        ),
+                    });
+                }
+            }
+        }
+        rect.map(|r| Rectangle::from_corners([r.min().x, r.min().y], [r.max().x, r.max().y]))
+    }
+}
+
+/// An immutable view for locating points: an R-tree of community extents over one grid index
+/// per community, so a change rebuilds one community's index and the (small) top tree.
 #[derive(Debug)]
 pub struct LocateView {
-    index: LocateIndex,
-    grids: HashMap<String, GridFacts>,
+    communities: Vec<Arc<CommunityView>>,
+    tree: RTree<GeomWithData<Rectangle<[f64; 2]>, usize>>,
+    grids: usize,
 }
 
 impl LocateView {
     fn empty() -> LocateView {
         LocateView {
-            index: LocateIndex::build(std::iter::empty()).expect("an empty index builds"),
-            grids: HashMap::new(),
+            communities: Vec::new(),
+            tree: RTree::new(),
+            grids: 0,
         }
     }
 
     pub fn grids(&self) -> usize {
-        self.grids.len()
+        self.grids
     }
 
     pub fn locate(&self, lon: f64, lat: f64) -> LocateAnswer {
@@ -52,21 +115,24 @@ impl LocateView {
                 format!("({lon}, {lat}) is outside WGS84 lon -180..180, lat -90..90"),
             );
         }
-        match self.index.locate(lon, lat) {
-            Located::Unserved => LocateAnswer::Unserved,
-            Located::Grid { grid_code, .. } => match self.grids.get(grid_code) {
-                Some(facts) => LocateAnswer::Served {
-                    community: facts.community_id.clone(),
-                    community_code: facts.community_code.clone(),
-                    community_name: facts.community_name.clone(),
+        for candidate in self
+            .tree
+            .locate_in_envelope_intersecting(&AABB::from_point([lon, lat]))
+        {
+            let view = &self.communities[candidate.data];
+            if let Located::Grid { grid_code, .. } = view.index.locate(lon, lat) {
+                return LocateAnswer::Served {
+                    community: view.community_id.clone(),
+                    community_code: view.community_code.clone(),
+                    community_name: view.community_name.clone(),
                     grid_code: grid_code.to_owned(),
-                    grid_worker: facts.grid_worker.clone(),
-                    street: facts.street.clone(),
-                    district: facts.district.clone(),
-                },
-                None => LocateAnswer::Unserved,
-            },
+                    grid_worker: view.workers.get(grid_code).cloned(),
+                    street: view.street.clone(),
+                    district: view.district.clone(),
+                };
+            }
         }
+        LocateAnswer::Unserved
     }
 }
 
@@ -122,6 +188,8 @@ pub enum Applied {
 #[derive(Debug)]
 pub struct Directory {
     communities: BTreeMap<String, Entry>,
+    /// Per community: its locate part and extent, as last published.
+    views: BTreeMap<String, (Arc<CommunityView>, Rectangle<[f64; 2]>)>,
     publisher: watch::Sender<Arc<LocateView>>,
 }
 
@@ -136,6 +204,7 @@ impl Directory {
         let (publisher, _) = watch::channel(Arc::new(LocateView::empty()));
         Directory {
             communities: BTreeMap::new(),
+            views: BTreeMap::new(),
             publisher,
         }
     }
@@ -222,35 +291,49 @@ impl Directory {
         entry.position = position;
     }
 
-    /// Rebuilds the locate index from every grid and publishes it to all [`Locator`]s.
-    pub fn publish(&self) -> Result<usize, LocateError> {
-        let mut grids = HashMap::new();
-        let mut polygons = Vec::new();
-        for (id, entry) in &self.communities {
-            let Some(profile) = &entry.community.profile else {
-                continue;
-            };
-            for (code, grid) in &entry.community.grids {
-                grids.insert(
-                    code.clone(),
-                    GridFacts {
-                        community_id: id.clone(),
-                        community_code: profile.code.clone(),
-                        community_name: profile.name.clone(),
-                        street: profile.street.clone(),
-                        district: profile.district.clone(),
-                        grid_worker: entry.community.workers.get(code).cloned(),
-                    },
-                );
-                for polygon in std::iter::once(&grid.polygon).chain(&grid.detached) {
-                    polygons.push((code.clone(), id.clone(), polygon.clone()));
-                }
-            }
+    /// Rebuilds every community's locate part and publishes (after a catch-up).
+    pub fn publish_all(&mut self) -> Result<usize, LocateError> {
+        self.views.clear();
+        let ids: Vec<String> = self.communities.keys().cloned().collect();
+        for id in &ids {
+            self.refresh(id)?;
         }
-        let index = LocateIndex::build(polygons)?;
-        let count = grids.len();
-        self.publisher
-            .send_replace(Arc::new(LocateView { index, grids }));
-        Ok(count)
+        Ok(self.publish())
+    }
+
+    /// Rebuilds one community's locate part and publishes.
+    pub fn publish_community(&mut self, community_id: &str) -> Result<usize, LocateError> {
+        self.refresh(community_id)?;
+        Ok(self.publish())
+    }
+
+    fn refresh(&mut self, community_id: &str) -> Result<(), LocateError> {
+        self.views.remove(community_id);
+        if let Some(entry) = self.communities.get(community_id)
+            && let Some(view) = CommunityView::build(entry)?
+            && let Some(extent) = CommunityView::extent(entry)
+        {
+            self.views
+                .insert(community_id.to_owned(), (Arc::new(view), extent));
+        }
+        Ok(())
+    }
+
+    /// Publishes a new view from the current community parts; returns the grids indexed.
+    fn publish(&self) -> usize {
+        let mut communities = Vec::with_capacity(self.views.len());
+        let mut boxes = Vec::with_capacity(self.views.len());
+        let mut grids = 0;
+        for (view, extent) in self.views.values() {
+            boxes.push(GeomWithData::new(*extent, communities.len()));
+            grids += view.grids;
+            communities.push(Arc::clone(view));
+        }
+        self.publisher.send_replace(Arc::new(LocateView {
+            communities,
+            tree: RTree::bulk_load(boxes),
+            grids,
+        }));
+        grids
     }
 }

@@ -210,7 +210,7 @@ impl RegistryService {
                 warn!(%error, "ack during catch-up failed; the commit may be redelivered");
             }
         }
-        let grids = directory.publish()?;
+        let grids = directory.publish_all()?;
         info!(
             commits,
             communities = directory.communities(),
@@ -323,7 +323,8 @@ impl RegistryService {
         let delivery = delivery?;
         match self.directory.apply(&delivery.commit) {
             Ok(Applied::New) => {
-                self.directory.publish()?;
+                self.directory
+                    .publish_community(delivery.commit.aggregate.as_str())?;
             }
             Ok(Applied::AlreadyHeld) => {}
             Err(gap) => {
@@ -356,7 +357,7 @@ impl RegistryService {
                     reason: error.to_string(),
                 })?;
         }
-        self.directory.publish()?;
+        self.directory.publish_community(aggregate.as_str())?;
         Ok(())
     }
 
@@ -438,18 +439,25 @@ impl RegistryService {
             .take(ACTOR_BYTES_MAX)
             .collect();
         for attempt in 1..=COMMAND_ATTEMPTS_MAX {
-            let entry = self.directory.community_or_new(&header.community_id);
             let now = now_ms();
-            let events =
-                match domain::decide(&entry.community, &header.command_id, &parsed.command, now) {
-                    Ok(events) => events,
-                    Err(rejection) => return to_json(&rejection_reply(&rejection)),
-                };
+            // Decide on the held state without copying it (a community holds its buildings).
+            let fresh;
+            let (community, position) = match self.directory.get(&header.community_id) {
+                Some(entry) => (&entry.community, entry.position),
+                None => {
+                    fresh = Community::new(header.community_id.as_str());
+                    (&fresh, eventstore::Position::NEW)
+                }
+            };
+            let events = match domain::decide(community, &header.command_id, &parsed.command, now) {
+                Ok(events) => events,
+                Err(rejection) => return to_json(&rejection_reply(&rejection)),
+            };
             if events.is_empty() {
                 return to_json(&receipt(
                     &header.command_id,
-                    &entry.community,
-                    entry.position.version,
+                    community,
+                    position.version,
                     0,
                     true,
                     &[],
@@ -467,11 +475,7 @@ impl RegistryService {
                 traceparent: None,
             };
             let commit = Commit::new(header.command_id.clone(), events, meta);
-            match self
-                .store
-                .append(&aggregate, &entry.position, &commit)
-                .await
-            {
+            match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
                     self.directory.apply_own(
                         &header.community_id,
@@ -479,7 +483,7 @@ impl RegistryService {
                         &commit.events,
                         appended.position,
                     );
-                    if let Err(error) = self.directory.publish() {
+                    if let Err(error) = self.directory.publish_community(&header.community_id) {
                         error!(%error, "locate index not rebuilt after a command");
                     }
                     let community = &self

@@ -68,15 +68,30 @@ fn import_nine() -> (&'static str, Command) {
     )
 }
 
-fn render_polygon(polygon: &Polygon<f64>) -> String {
-    format!(
-        "{} positions, {} holes",
-        polygon.exterior().0.len(),
-        polygon.interiors().len()
-    )
+/// Whether a grid's land holds every member's position (vertex counts are the engine's
+/// business and change with it; covering the members is the registry's contract).
+fn render_cover(grid: &GridRecord, buildings: &BTreeMap<String, Building>) -> String {
+    let uncovered: Vec<&str> = grid
+        .members
+        .iter()
+        .filter(|id| {
+            let Some(building) = buildings.get(id.as_str()) else {
+                return true;
+            };
+            !std::iter::once(&grid.polygon)
+                .chain(&grid.detached)
+                .any(|polygon| geo::Intersects::intersects(polygon, &building.position))
+        })
+        .map(String::as_str)
+        .collect();
+    if uncovered.is_empty() {
+        "covers its members".to_owned()
+    } else {
+        format!("does NOT cover {uncovered:?}")
+    }
 }
 
-fn render(event: &Event) -> String {
+fn render(event: &Event, buildings: &BTreeMap<String, Building>) -> String {
     let mut out = String::new();
     match event {
         Event::CommunityRegistered {
@@ -130,12 +145,12 @@ fn render(event: &Event) -> String {
                 let flags: Vec<&str> = grid.flags.iter().map(|f| f.as_str()).collect();
                 let _ = write!(
                     out,
-                    "\n  {} households={} population={} members={:?} flags={flags:?} polygon: {}",
+                    "\n  {} households={} population={} members={:?} flags={flags:?} polygon {}",
                     grid.grid_code,
                     grid.households,
                     grid.population,
                     grid.members,
-                    render_polygon(&grid.polygon)
+                    render_cover(grid, buildings)
                 );
             }
         }
@@ -167,7 +182,21 @@ fn check(given: &[(&str, Command)], when: (&str, Command), expect: Expect) {
     }
     let actual = match decide(&community, when.0, &when.1, NOW_MS + 1) {
         Ok(events) if events.is_empty() => "no events (already applied)".to_owned(),
-        Ok(events) => events.iter().map(render).collect::<Vec<_>>().join("\n"),
+        Ok(events) => {
+            let mut buildings = community.buildings.clone();
+            for event in &events {
+                if let Event::BuildingsImported { buildings: new, .. } = event {
+                    for b in new {
+                        buildings.insert(b.id.clone(), b.clone());
+                    }
+                }
+            }
+            events
+                .iter()
+                .map(|event| render(event, &buildings))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
         Err(rejection) => format!("rejected {}: {rejection}", rejection.reason_code()),
     };
     expect.assert_eq(&actual);
@@ -309,9 +338,9 @@ fn partition_draws_grids() {
         ("c-partition", Command::Partition),
         expect![[r#"
             grids_drawn Full unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon: 11 positions, 0 holes
-              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon: 9 positions, 0 holes
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon: 11 positions, 0 holes"#]],
+              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
+              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon covers its members
+              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
     );
     check(
         &[
@@ -343,9 +372,9 @@ fn new_buildings_repair_grids_locally() {
         expect![[r#"
             buildings_imported +b10(90)
             grids_drawn Repair unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon: 12 positions, 0 holes
-              350402001001002 households=270 population=810 members=["b10", "b3", "b6", "b9"] flags=["out_of_range"] polygon: 10 positions, 0 holes
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon: 11 positions, 0 holes"#]],
+              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
+              350402001001002 households=270 population=810 members=["b10", "b3", "b6", "b9"] flags=["out_of_range"] polygon covers its members
+              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
     );
 }
 
@@ -439,9 +468,9 @@ fn update_community() {
         expect![[r#"
             community_updated 350402001001 列东社区 列东街道 三元区
             grids_drawn Repair unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon: 11 positions, 0 holes
-              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon: 9 positions, 0 holes
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon: 11 positions, 0 holes"#]],
+              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
+              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon covers its members
+              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
     );
 }
 
