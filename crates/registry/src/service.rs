@@ -1,8 +1,8 @@
 //! The registry service: a thin shell around [`crate::domain`].
 //!
-//! - **Start**: a durable catch-up subscription on the GRIDS stream, private to this instance,
-//!   is read up to the stream's last sequence (taken at start) and folded into a [`Directory`];
-//!   then the locate index is built once and published.
+//! - **Start**: the GRIDS stream is replayed in bulk up to its last sequence (taken at start)
+//!   and folded into a [`Directory`]; the locate index is built once and published; a durable
+//!   subscription private to this instance continues after the replayed sequence.
 //! - **Run**: one `tokio::select!` loop over the shutdown signal, the subscription (commits
 //!   written by any instance: several registries stay in sync) and three request subjects,
 //!   subscribed in the queue group `registry` so instances share the load.
@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer;
 use eventstore::{
-    AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, SubscribeError,
-    Subscription, SubscriptionConfig,
+    AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, ReplayRange,
+    SubscribeError, Subscription, SubscriptionConfig,
 };
 use futures::StreamExt as _;
 use tokio::sync::watch;
@@ -34,8 +34,6 @@ use crate::wire::RegistryCodec;
 
 /// Decide-append rounds for one command when other writers keep winning the race.
 const COMMAND_ATTEMPTS_MAX: usize = 4;
-/// Longest wait for one commit while catching up at start.
-const CATCH_UP_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests already delivered may take to be answered at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A private consumer left behind by a crashed instance is removed by the server after this.
@@ -78,8 +76,8 @@ pub enum ServiceError {
     Consumer { durable: String, reason: String },
     #[error(transparent)]
     Subscription(#[from] SubscribeError),
-    #[error("catch up to sequence {target}: {reason}")]
-    CatchUp { target: u64, reason: String },
+    #[error("catch up with the GRIDS stream: {reason}")]
+    CatchUp { reason: String },
     #[error("subscribe to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
     #[error("build locate index: {0}")]
@@ -137,8 +135,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl RegistryService {
-    /// Opens this instance's private subscription, folds the GRIDS stream up to its current end
-    /// into memory, then subscribes to the request subjects (if `serve_requests`).
+    /// Folds the GRIDS stream up to its current end into memory, opens this instance's private
+    /// subscription after it, then subscribes to the request subjects (if `serve_requests`).
     pub async fn start(
         client: async_nats::Client,
         store: EventStore<RegistryCodec>,
@@ -152,28 +150,52 @@ impl RegistryService {
             .map_err(|error| ServiceError::StreamInfo {
                 reason: error.to_string(),
             })?;
-        let target = stream
-            .get_info()
+        // 1. Bulk replay (no acks) up to the stream's last sequence now.
+        let started = std::time::Instant::now();
+        let mut directory = Directory::new();
+        let mut commits = 0u64;
+        let mut apply_error = None;
+        let reached = store
+            .replay(ReplayRange::default(), |commit| {
+                if apply_error.is_some() {
+                    return;
+                }
+                match directory.apply(&commit) {
+                    Ok(_) => commits += 1,
+                    Err(error) => apply_error = Some(error),
+                }
+            })
             .await
-            .map_err(|error| ServiceError::StreamInfo {
+            .map_err(|error| ServiceError::CatchUp {
                 reason: error.to_string(),
-            })?
-            .state
-            .last_sequence;
+            })?;
+        if let Some(error) = apply_error {
+            return Err(ServiceError::CatchUp {
+                reason: error.to_string(),
+            });
+        }
+        // 2. A private durable consumer from there on, for commits written after the replay.
+        // Created here so the server removes it if this instance dies without cleaning up; the
+        // store's subscription then finds and uses it.
         let durable = format!(
             "{}-{}",
             consumer_safe(&config.instance),
             Uuid::now_v7().simple()
         );
-        let subscription_config = SubscriptionConfig::durable(durable.clone());
-        // Created here first so the server removes it if this instance dies without cleaning up;
-        // the store's subscription then finds and uses it.
+        let mut subscription_config = SubscriptionConfig::durable(durable.clone());
+        subscription_config.start_after_sequence = reached;
         stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(durable.clone()),
                 filter_subject: store.spec().all_subjects(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: if reached == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: reached + 1,
+                    }
+                },
                 ack_wait: subscription_config.ack_wait,
                 max_ack_pending: subscription_config.ack_pending_max,
                 inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
@@ -184,32 +206,7 @@ impl RegistryService {
                 durable: durable.clone(),
                 reason: error.to_string(),
             })?;
-        let mut subscription = store.subscribe(subscription_config).await?;
-        let mut directory = Directory::new();
-        let started = std::time::Instant::now();
-        let mut commits = 0u64;
-        let mut reached = 0u64;
-        while reached < target {
-            let delivery = tokio::time::timeout(CATCH_UP_MESSAGE_TIMEOUT, subscription.next())
-                .await
-                .map_err(|_| ServiceError::CatchUp {
-                    target,
-                    reason: format!(
-                        "no commit within {CATCH_UP_MESSAGE_TIMEOUT:?} after sequence {reached}"
-                    ),
-                })??;
-            reached = delivery.commit.sequence;
-            directory
-                .apply(&delivery.commit)
-                .map_err(|error| ServiceError::CatchUp {
-                    target,
-                    reason: error.to_string(),
-                })?;
-            commits += 1;
-            if let Err(error) = delivery.ack().await {
-                warn!(%error, "ack during catch-up failed; the commit may be redelivered");
-            }
-        }
+        let subscription = store.subscribe(subscription_config).await?;
         let grids = directory.publish_all()?;
         info!(
             commits,

