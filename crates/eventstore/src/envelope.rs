@@ -12,41 +12,40 @@ use crate::{COMMIT_BODY_BYTES_MAX, COMMIT_EVENTS_MAX};
 
 /// Header names of the commit envelope.
 pub mod headers {
+    /// The aggregate id (also the subject's tail).
     pub const AGGREGATE: &str = "Wangge-Aggregate";
+    /// The idempotency key of the command or input that produced the commit.
     pub const COMMAND_ID: &str = "Wangge-Command-Id";
-    pub const FIRST_VERSION: &str = "Wangge-First-Version";
+    /// The aggregate version of the commit's last event (gap-free from 1); the first event's
+    /// version is this minus the number of events plus one.
     pub const VERSION: &str = "Wangge-Version";
-    pub const EVENT_TYPES: &str = "Wangge-Event-Types";
-    pub const SCHEMA_VERSIONS: &str = "Wangge-Schema-Versions";
-    pub const EVENT_IDS: &str = "Wangge-Event-Ids";
+    /// One `type/schema_version/event_id` per event, comma-separated, in order.
+    pub const EVENTS: &str = "Wangge-Events";
     pub const CORRELATION_ID: &str = "Wangge-Correlation-Id";
     pub const CAUSATION_ID: &str = "Wangge-Causation-Id";
     pub const ACTOR: &str = "Wangge-Actor";
+    /// When the decision was made: UTC milliseconds since the Unix epoch.
     pub const OCCURRED_AT: &str = "Wangge-Occurred-At";
-    pub const PREVIOUS_HASH: &str = "Wangge-Previous-Hash";
-    pub const HASH: &str = "Wangge-Hash";
+    /// `previous_hash:hash`, both SHA-256 in hex.
+    pub const CHAIN: &str = "Wangge-Chain";
+    /// Body format; absent means 1.
     pub const BODY_FORMAT: &str = "Wangge-Body-Format";
     pub const TRACEPARENT: &str = "traceparent";
 }
 
-/// Header names, parsed once: building them per commit costs more than the rest of encoding.
-static HEADER_NAMES: std::sync::LazyLock<[async_nats::header::HeaderName; 15]> =
+/// Header names, parsed once: async-nats hashes and copies a name on every insert.
+static HEADER_NAMES: std::sync::LazyLock<[async_nats::header::HeaderName; 10]> =
     std::sync::LazyLock::new(|| {
         [
             headers::AGGREGATE,
             headers::COMMAND_ID,
-            headers::FIRST_VERSION,
             headers::VERSION,
-            headers::EVENT_TYPES,
-            headers::SCHEMA_VERSIONS,
-            headers::EVENT_IDS,
+            headers::EVENTS,
             headers::CORRELATION_ID,
             headers::CAUSATION_ID,
             headers::ACTOR,
             headers::OCCURRED_AT,
-            headers::PREVIOUS_HASH,
-            headers::HASH,
-            headers::BODY_FORMAT,
+            headers::CHAIN,
             headers::TRACEPARENT,
         ]
         .map(|name| name.parse().expect("header names are valid"))
@@ -54,6 +53,11 @@ static HEADER_NAMES: std::sync::LazyLock<[async_nats::header::HeaderName; 15]> =
 
 /// The body format this build writes. Older formats stay readable in [`decode_body`].
 pub const BODY_FORMAT_CURRENT: u16 = 1;
+// Format 1 is written without a `Wangge-Body-Format` header; a later format must write one.
+const _: () = assert!(
+    BODY_FORMAT_CURRENT == 1,
+    "write Wangge-Body-Format for formats after 1"
+);
 
 /// Where an aggregate stands: the version of its last event (gap-free, from 1), the stream
 /// sequence of its last commit (for `Nats-Expected-Last-Subject-Sequence`), and that commit's
@@ -231,8 +235,23 @@ pub enum EncodeCommitError {
     TooLarge { bytes: usize },
     #[error("commit has {events} events but {ids} event ids")]
     IdsMismatch { events: usize, ids: usize },
+    #[error("{field} {value:?} cannot travel in a NATS header")]
+    BadHeaderValue { field: &'static str, value: String },
     #[error(transparent)]
     Codec(#[from] CodecError),
+}
+
+/// Event types name events in the `Wangge-Events` header: `[a-z0-9._-]`, 1 to 64 bytes.
+fn is_header_token(value: &str) -> bool {
+    (1..=64).contains(&value.len())
+        && value.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
+/// Free text in a header: printable, no control characters, at most 256 bytes.
+fn is_header_text(value: &str) -> bool {
+    value.len() <= 256 && !value.chars().any(char::is_control)
 }
 
 pub(crate) fn encode_commit<C: EventCodec>(
@@ -260,22 +279,35 @@ pub(crate) fn encode_commit<C: EventCodec>(
         .map(|event| codec.encode(event))
         .collect::<Result<_, _>>()?;
 
-    let event_types = encoded
-        .iter()
-        .map(|e| e.event_type.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let schema_versions = encoded
-        .iter()
-        .map(|e| e.schema_version.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let event_ids = commit
-        .event_ids
-        .iter()
-        .map(Uuid::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    if let Some(bad) = encoded.iter().find(|e| !is_header_token(&e.event_type)) {
+        return Err(EncodeCommitError::BadHeaderValue {
+            field: "event type",
+            value: bad.event_type.clone(),
+        });
+    }
+    for (field, value) in [
+        ("actor", commit.meta.actor.as_str()),
+        ("command id", commit.command_id.as_str()),
+    ] {
+        if !is_header_text(value) {
+            return Err(EncodeCommitError::BadHeaderValue {
+                field,
+                value: value.to_owned(),
+            });
+        }
+    }
+    let mut events_header = String::with_capacity(encoded.len() * 56);
+    for (index, (event, id)) in encoded.iter().zip(&commit.event_ids).enumerate() {
+        use std::fmt::Write as _;
+        if index > 0 {
+            events_header.push(',');
+        }
+        let _ = write!(
+            events_header,
+            "{}/{}/{}",
+            event.event_type, event.schema_version, id
+        );
+    }
     let body = CommitBodyV1 {
         events: encoded
             .into_iter()
@@ -322,19 +354,18 @@ pub(crate) fn encode_commit<C: EventCodec>(
     let mut put = |index: usize, value: String| headers.insert(names[index].clone(), value);
     put(0, aggregate.as_str().to_owned());
     put(1, commit.command_id.clone());
-    put(2, first_version.to_string());
-    put(3, version.to_string());
-    put(4, event_types);
-    put(5, schema_versions);
-    put(6, event_ids);
-    put(7, meta.correlation_id.to_string());
-    put(8, meta.causation_id.to_string());
-    put(9, meta.actor.clone());
-    put(10, meta.occurred_at_ms.to_string());
-    put(11, hex::encode(expected.hash));
-    put(12, hex::encode(hash));
-    put(13, BODY_FORMAT_CURRENT.to_string());
-    put(14, traceparent);
+    put(2, version.to_string());
+    put(3, events_header);
+    put(4, meta.correlation_id.to_string());
+    put(5, meta.causation_id.to_string());
+    put(6, meta.actor.clone());
+    put(7, meta.occurred_at_ms.to_string());
+    let mut chain = String::with_capacity(129);
+    chain.push_str(&hex::encode(expected.hash));
+    chain.push(':');
+    chain.push_str(&hex::encode(hash));
+    put(8, chain);
+    put(9, traceparent);
     Ok(OutgoingCommit {
         headers,
         body: body.into(),
@@ -382,8 +413,7 @@ fn parsed<T: std::str::FromStr>(
     })
 }
 
-fn hash_header(headers: &HeaderMap, name: &'static str) -> Result<[u8; 32], DecodeCommitError> {
-    let value = header(headers, name)?;
+fn hex_hash(name: &'static str, value: &str) -> Result<[u8; 32], DecodeCommitError> {
     let mut hash = [0; 32];
     hex::decode_to_slice(value, &mut hash).map_err(|_| DecodeCommitError::BadHeader {
         name,
@@ -406,11 +436,33 @@ pub(crate) struct StoredEnvelope {
 }
 
 pub(crate) fn decode_envelope(headers: &HeaderMap) -> Result<StoredEnvelope, DecodeCommitError> {
+    let version: u64 = parsed(headers, headers::VERSION)?;
+    let events = header(headers, headers::EVENTS)?;
+    let event_count = events.split(',').count() as u64;
+    let bad_events = || DecodeCommitError::BadHeader {
+        name: headers::EVENTS,
+        value: events.to_owned(),
+    };
+    let first_version = (version + 1)
+        .checked_sub(event_count)
+        .filter(|first| *first >= 1)
+        .ok_or_else(bad_events)?;
+    let chain = header(headers, headers::CHAIN)?;
+    let (previous, own) = chain
+        .split_once(':')
+        .ok_or_else(|| DecodeCommitError::BadHeader {
+            name: headers::CHAIN,
+            value: chain.to_owned(),
+        })?;
+    let body_format = match headers.get(headers::BODY_FORMAT) {
+        Some(_) => parsed(headers, headers::BODY_FORMAT)?,
+        None => 1,
+    };
     Ok(StoredEnvelope {
         aggregate: header(headers, headers::AGGREGATE)?.to_owned(),
         command_id: header(headers, headers::COMMAND_ID)?.to_owned(),
-        first_version: parsed(headers, headers::FIRST_VERSION)?,
-        version: parsed(headers, headers::VERSION)?,
+        first_version,
+        version,
         meta: CommitMeta {
             correlation_id: parsed(headers, headers::CORRELATION_ID)?,
             causation_id: parsed(headers, headers::CAUSATION_ID)?,
@@ -420,9 +472,9 @@ pub(crate) fn decode_envelope(headers: &HeaderMap) -> Result<StoredEnvelope, Dec
                 .get(headers::TRACEPARENT)
                 .map(|value| value.as_str().to_owned()),
         },
-        previous_hash: hash_header(headers, headers::PREVIOUS_HASH)?,
-        hash: hash_header(headers, headers::HASH)?,
-        body_format: parsed(headers, headers::BODY_FORMAT)?,
+        previous_hash: hex_hash(headers::CHAIN, previous)?,
+        hash: hex_hash(headers::CHAIN, own)?,
+        body_format,
     })
 }
 
@@ -585,8 +637,16 @@ mod golden {
             ],
             meta,
         };
-        let expected = Position { version: 3, sequence: 41, hash: [0xab; 32] };
-        (AggregateId::new("sanming.golden").expect("valid"), expected, commit)
+        let expected = Position {
+            version: 3,
+            sequence: 41,
+            hash: [0xab; 32],
+        };
+        (
+            AggregateId::new("sanming.golden").expect("valid"),
+            expected,
+            commit,
+        )
     }
 
     #[test]
@@ -608,7 +668,8 @@ mod golden {
             std::fs::write(&headers_path, &headers_text).expect("write golden headers");
         }
         let golden_body = std::fs::read(&body_path).expect("golden body is committed");
-        let golden_headers = std::fs::read_to_string(&headers_path).expect("golden headers are committed");
+        let golden_headers =
+            std::fs::read_to_string(&headers_path).expect("golden headers are committed");
         // Today's encoder still produces the frozen bytes...
         assert_eq!(outgoing.body.as_ref(), golden_body.as_slice());
         assert_eq!(headers_text, golden_headers);
@@ -619,10 +680,21 @@ mod golden {
             headers.insert(name, value);
         }
         let decoded = decode_commit(&codec, 42, 0, &headers, &golden_body).expect("decode golden");
-        assert_eq!(decoded.events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(), commit.events);
+        assert_eq!(
+            decoded
+                .events
+                .iter()
+                .map(|e| e.event.clone())
+                .collect::<Vec<_>>(),
+            commit.events
+        );
         assert_eq!((decoded.first_version, decoded.version), (4, 5));
         assert_eq!(decoded.previous_hash, [0xab; 32]);
         let envelope = decode_envelope(&headers).expect("envelope");
-        assert_eq!(envelope.recomputed_hash(&golden_body), decoded.hash, "chain hash v1 is stable");
+        assert_eq!(
+            envelope.recomputed_hash(&golden_body),
+            decoded.hash,
+            "chain hash v1 is stable"
+        );
     }
 }

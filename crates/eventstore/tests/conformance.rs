@@ -145,23 +145,22 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
         Nats-Msg-Id
         Wangge-Actor
         Wangge-Aggregate
-        Wangge-Body-Format
         Wangge-Causation-Id
+        Wangge-Chain
         Wangge-Command-Id
         Wangge-Correlation-Id
-        Wangge-Event-Ids
-        Wangge-Event-Types
-        Wangge-First-Version
-        Wangge-Hash
+        Wangge-Events
         Wangge-Occurred-At
-        Wangge-Previous-Hash
-        Wangge-Schema-Versions
         Wangge-Version
         traceparent"#]]
     .assert_eq(&names.join("\n"));
     assert_eq!(
-        raw.headers.get("Wangge-Event-Types").map(|v| v.as_str()),
-        Some("ledger,ledger")
+        raw.headers.get("Wangge-Events").map(|v| v
+            .as_str()
+            .split(',')
+            .map(|e| e.split('/').take(2).collect::<Vec<_>>().join("/"))
+            .collect::<Vec<_>>()),
+        Some(vec!["ledger/1".to_owned(), "ledger/1".to_owned()])
     );
     assert_eq!(
         raw.headers.get("Nats-Msg-Id").map(|v| v.as_str()),

@@ -110,10 +110,15 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
     let mut raw_append_per_s: f64 = 0.0;
     let mut append_per_s: f64 = 0.0;
     for round in 0..APPEND_ROUNDS {
+        let cpu = process_cpu_seconds();
         let rate = raw_append_round(&context, &headers, &raw_payload, round, args.aggregates, per_round).await?;
+        let raw_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
         raw_append_per_s = raw_append_per_s.max(rate);
+        let cpu = process_cpu_seconds();
         let rate = store_append_round(&store, &event, round, args.aggregates, per_round).await?;
+        let store_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
         append_per_s = append_per_s.max(rate);
+        eprintln!("  client CPU per commit: raw {raw_cpu_us:.1} us, store {store_cpu_us:.1} us");
         eprintln!("  append round {}: raw {raw_append_per_s:>8.0}/s, store {append_per_s:>8.0}/s (best so far)", round + 1);
     }
 
@@ -254,4 +259,15 @@ async fn raw_replay(stream: &jetstream::stream::Stream, until: u64) -> anyhow::R
         }
     }
     Ok(count)
+}
+
+/// User + system CPU seconds this process has used (from /proc/self/stat; 0 elsewhere).
+fn process_cpu_seconds() -> f64 {
+    const CLOCK_TICKS_PER_S: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is 0, utime is 11, stime is 12.
+    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / CLOCK_TICKS_PER_S
 }
