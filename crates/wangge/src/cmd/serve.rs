@@ -13,24 +13,29 @@ use crate::config::Settings;
 /// Worker threads of a service's runtime (the machines are small; NATS does the scaling).
 const RUNTIME_WORKER_THREADS: usize = 2;
 
-/// Create or update the JetStream streams wangge writes to, then exit.
-///
-/// Creates (or updates in place) GRIDS (`grids.ev.>`), INCIDENTS (`incidents.ev.>`) and
-/// INTAKE (`intake.ev.>`) with `store.replicas` replicas (1 on a single server, 3 on a
-/// cluster) and a `store.duplicate_window_seconds` window for idempotent appends. Safe to run
-/// again at any time: existing messages are kept. Example:
-///
-///     WANGGE_NATS__URL=nats://10.0.0.5:4222,nats://10.0.0.6:4222 wangge up
+/// Creates (or updates in place) the JetStream streams wangge writes to, then exits.
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_long_help = UP_HELP)]
 pub struct UpArgs {}
 
-/// Run one service until SIGINT or SIGTERM.
-///
-/// On a signal the service stops taking requests, answers those already delivered to it,
-/// removes its private stream consumer and exits 0. Run several instances of a service for
-/// load sharing and failover: request subjects use a NATS queue group.
+const SERVE_HELP: &str = "\
+On SIGINT or SIGTERM the service stops taking requests, answers those already delivered to it,
+removes its private stream consumer and exits 0. Run several instances of a service for load
+sharing and failover: request subjects use a NATS queue group. Example:
+
+    wangge --config /etc/wangge.toml serve registry --instance registry-2";
+
+const UP_HELP: &str = "\
+Streams: GRIDS (grids.ev.>), INCIDENTS (incidents.ev.>), INTAKE (intake.ev.>), each with
+`store.replicas` replicas (1 on a single server, 3 on a cluster) and a
+`store.duplicate_window_seconds` window for idempotent appends. Safe to run again at any time:
+existing messages are kept. Prints one line per stream. Example:
+
+    WANGGE_NATS__URL=nats://10.0.0.5:4222,nats://10.0.0.6:4222 wangge up";
+
+/// Runs one service until SIGINT or SIGTERM.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = SERVE_HELP)]
 pub struct ServeArgs {
     #[command(subcommand)]
     pub service: ServiceCommand,
