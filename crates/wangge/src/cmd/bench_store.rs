@@ -1,6 +1,5 @@
 //! `wangge bench store`: the event store against raw JetStream in the same run.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -10,10 +9,10 @@ use serde::{Deserialize, Serialize};
 
 /// Aggregates (independent writers) in flight at once, as in DESIGN.md's reference figure.
 const AGGREGATES_IN_FLIGHT_DEFAULT: usize = 1_000;
-/// Replays per side; the best is reported (the machine is shared).
-const REPLAY_ROUNDS: usize = 3;
+/// Replays per side, alternating raw and store.
+const REPLAY_ROUNDS: usize = 5;
 /// Append rounds per side, alternating raw and store.
-const APPEND_ROUNDS: usize = 2;
+const APPEND_ROUNDS: usize = 4;
 /// Payload bytes of the benchmark event (a typical incident event is 100-300 bytes).
 const EVENT_NOTE_BYTES: usize = 160;
 
@@ -104,47 +103,56 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
     let commit_bytes = stored.payload.len();
     let raw_payload = stored.payload.clone();
 
-    // Alternate raw and store rounds so neither side always runs on a fuller server or a
-    // busier machine; report each side's best round.
+    // Alternate raw and store rounds so that each store round has a raw round beside it under
+    // the same machine load; report medians of the rates and of the paired ratios.
     let per_round = per_aggregate.div_ceil(APPEND_ROUNDS).max(1);
-    let mut raw_append_per_s: f64 = 0.0;
-    let mut append_per_s: f64 = 0.0;
+    let mut raw_rates = Vec::with_capacity(APPEND_ROUNDS);
+    let mut store_rates = Vec::with_capacity(APPEND_ROUNDS);
     for round in 0..APPEND_ROUNDS {
         let cpu = process_cpu_seconds();
-        let rate = raw_append_round(&context, &headers, &raw_payload, round, args.aggregates, per_round).await?;
+        let raw = raw_append_round(&context, &headers, &raw_payload, round, args.aggregates, per_round).await?;
         let raw_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
-        raw_append_per_s = raw_append_per_s.max(rate);
         let cpu = process_cpu_seconds();
-        let rate = store_append_round(&store, &event, round, args.aggregates, per_round).await?;
+        let stored = store_append_round(&store, &event, round, args.aggregates, per_round).await?;
         let store_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
-        append_per_s = append_per_s.max(rate);
-        eprintln!("  client CPU per commit: raw {raw_cpu_us:.1} us, store {store_cpu_us:.1} us");
-        eprintln!("  append round {}: raw {raw_append_per_s:>8.0}/s, store {append_per_s:>8.0}/s (best so far)", round + 1);
+        eprintln!(
+            "  append round {}: raw {raw:>8.0}/s ({raw_cpu_us:.1} us client CPU), store {stored:>8.0}/s ({store_cpu_us:.1} us), ratio {:.2}",
+            round + 1,
+            stored / raw
+        );
+        raw_rates.push(raw);
+        store_rates.push(stored);
     }
+    let raw_append_per_s = median(&raw_rates);
+    let append_per_s = median(&store_rates);
+    let append_ratio = median(&paired_ratios(&store_rates, &raw_rates));
 
     // Replay the store's stream: raw pull consumer (no decoding) against the store's replay.
     let until = store.last_sequence().await?;
     let stream = context.get_stream("BENCH_STORE").await?;
-    let mut raw_replay_per_s: f64 = 0.0;
-    let mut replay_per_s: f64 = 0.0;
+    let mut raw_rates = Vec::with_capacity(REPLAY_ROUNDS);
+    let mut store_rates = Vec::with_capacity(REPLAY_ROUNDS);
     for round in 0..REPLAY_ROUNDS {
         let started = Instant::now();
         let count = raw_replay(&stream, until).await?;
-        raw_replay_per_s = raw_replay_per_s.max(count as f64 / started.elapsed().as_secs_f64());
+        let raw = count as f64 / started.elapsed().as_secs_f64();
 
         let started = Instant::now();
-        let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = counted.clone();
+        let mut count: u64 = 0;
         store
-            .replay(ReplayRange { until_sequence: Some(until), ..ReplayRange::default() }, move |commit| {
-                counter.fetch_add(commit.events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .replay(ReplayRange { until_sequence: Some(until), ..ReplayRange::default() }, |commit| {
+                count += commit.events.len() as u64;
             })
             .await?;
-        let count = counted.load(std::sync::atomic::Ordering::Relaxed);
         anyhow::ensure!(count == until, "store replay saw {count} events, expected {until}");
-        replay_per_s = replay_per_s.max(count as f64 / started.elapsed().as_secs_f64());
-        eprintln!("  replay round {}: raw {raw_replay_per_s:>10.0}/s, store {replay_per_s:>10.0}/s (best so far)", round + 1);
+        let replayed = count as f64 / started.elapsed().as_secs_f64();
+        eprintln!("  replay round {}: raw {raw:>8.0}/s, store {replayed:>8.0}/s, ratio {:.2}", round + 1, replayed / raw);
+        raw_rates.push(raw);
+        store_rates.push(replayed);
     }
+    let raw_replay_per_s = median(&raw_rates);
+    let replay_per_s = median(&store_rates);
+    let replay_ratio = median(&paired_ratios(&store_rates, &raw_rates));
 
     let figures = StoreFigures {
         commits,
@@ -152,18 +160,18 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
         commit_bytes,
         append_per_s,
         raw_append_per_s,
-        append_ratio: append_per_s / raw_append_per_s,
+        append_ratio,
         replay_per_s,
         raw_replay_per_s,
-        replay_ratio: replay_per_s / raw_replay_per_s,
+        replay_ratio,
         nats_server: binary.display().to_string(),
     };
     println!(
-        "append: store {:.0}/s vs raw {:.0}/s, ratio {:.2} (target >= 0.80)",
+        "append: store {:.0}/s vs raw {:.0}/s (medians), paired ratio {:.2} (target >= 0.80)",
         figures.append_per_s, figures.raw_append_per_s, figures.append_ratio
     );
     println!(
-        "replay: store {:.0}/s vs raw {:.0}/s, ratio {:.2} (target >= 0.70)",
+        "replay: store {:.0}/s vs raw {:.0}/s (medians), paired ratio {:.2} (target >= 0.70)",
         figures.replay_per_s, figures.raw_replay_per_s, figures.replay_ratio
     );
     if args.json {
@@ -259,6 +267,17 @@ async fn raw_replay(stream: &jetstream::stream::Stream, until: u64) -> anyhow::R
         }
     }
     Ok(count)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len() % 2 == 0 { (sorted[middle - 1] + sorted[middle]) / 2.0 } else { sorted[middle] }
+}
+
+fn paired_ratios(numerators: &[f64], denominators: &[f64]) -> Vec<f64> {
+    numerators.iter().zip(denominators).map(|(n, d)| n / d).collect()
 }
 
 /// User + system CPU seconds this process has used (from /proc/self/stat; 0 elsewhere).
