@@ -30,6 +30,14 @@ const TERRITORY_SPACING_MIN_METRES: f64 = 8.0;
 const TERRITORY_SPACING_MAX_METRES: f64 = 60.0;
 /// Spacing (metres) between the sites of a building's units along its long axis.
 const UNIT_SPACING_METRES: f64 = 3.0;
+/// Rounds of the balanced power-diagram first cut.
+const POWER_ITERATIONS: usize = 30;
+/// Grids (nearest centres) each site considers in one round.
+const POWER_CANDIDATES: usize = 12;
+/// Bias step, as a share of a grid's mean squared radius per unit of relative imbalance.
+const POWER_STEP: f64 = 0.5;
+/// Rounds between refreshes of each site's nearest centres.
+const POWER_REFRESH_ROUNDS: usize = 6;
 
 /// What a site stands for.
 #[derive(Debug, Clone, Copy)]
@@ -484,6 +492,7 @@ fn triangulate(
 }
 
 /// Mutable assignment of sites to grids, with per-grid sums kept up to date.
+#[derive(Clone)]
 struct State {
     grid_of: Vec<u32>,
     households: Vec<u64>,
@@ -642,6 +651,118 @@ impl State {
             }
         }
         created
+    }
+
+    /// Capacity-constrained Voronoi: sites go to the grid minimising d²(site, centre) − bias,
+    /// centres move to their sites' centroid and biases rise for light grids and fall for heavy
+    /// ones. The cells of such a power diagram are convex, so grids come out compact; the
+    /// Hilbert cut only seeds the centres. Items over the maximum keep their own grid.
+    fn balance_power_diagram(&mut self, s: &Sites, region: &[u32], grids: &[u32]) {
+        let movable: Vec<u32> = region
+            .iter()
+            .copied()
+            .filter(|&site| s.weight[site as usize] <= HOUSEHOLDS_MAX)
+            .collect();
+        let runs: Vec<u32> = grids
+            .iter()
+            .copied()
+            .filter(|&g| {
+                !movable.is_empty() && movable.iter().any(|&site| self.grid_of[site as usize] == g)
+            })
+            .collect();
+        if runs.len() < 2 {
+            return;
+        }
+        let households: u64 = movable
+            .iter()
+            .map(|&site| u64::from(s.weight[site as usize]))
+            .sum();
+        let target = households as f64 / runs.len() as f64;
+        let mut centre: Vec<Coord<f64>> = runs.iter().map(|&g| self.centroid(g)).collect();
+        let (mut min, mut max) = (
+            Coord {
+                x: f64::MAX,
+                y: f64::MAX,
+            },
+            Coord {
+                x: f64::MIN,
+                y: f64::MIN,
+            },
+        );
+        for &site in &movable {
+            let c = s.position[site as usize];
+            min = Coord {
+                x: min.x.min(c.x),
+                y: min.y.min(c.y),
+            };
+            max = Coord {
+                x: max.x.max(c.x),
+                y: max.y.max(c.y),
+            };
+        }
+        let radius2 = ((max.x - min.x) * (max.y - min.y)).max(1.0) / runs.len() as f64;
+        let mut bias = vec![0.0f64; runs.len()];
+        let mut choice = vec![0usize; movable.len()];
+        let candidates = POWER_CANDIDATES.min(runs.len());
+        let mut nearest: Vec<(f64, usize)> = Vec::with_capacity(runs.len());
+        let mut candidate_of: Vec<u32> = vec![0; movable.len() * candidates];
+        for iteration in 0..POWER_ITERATIONS {
+            // Centres move slowly: refresh each site's nearest centres every few rounds.
+            if iteration % POWER_REFRESH_ROUNDS == 0 {
+                let tree = RTree::bulk_load(
+                    centre
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| GeomWithData::new([c.x, c.y], i))
+                        .collect::<Vec<_>>(),
+                );
+                for (i, &site) in movable.iter().enumerate() {
+                    let at = s.position[site as usize];
+                    for (slot, c) in tree
+                        .nearest_neighbor_iter(&[at.x, at.y])
+                        .take(candidates)
+                        .enumerate()
+                    {
+                        candidate_of[i * candidates + slot] = c.data as u32;
+                    }
+                }
+            }
+            let mut weight = vec![0u64; runs.len()];
+            let mut sum = vec![Coord { x: 0.0, y: 0.0 }; runs.len()];
+            let mut count = vec![0usize; runs.len()];
+            for (i, &site) in movable.iter().enumerate() {
+                let at = s.position[site as usize];
+                nearest.clear();
+                nearest.extend(
+                    candidate_of[i * candidates..(i + 1) * candidates]
+                        .iter()
+                        .map(|&g| (dist2(at, centre[g as usize]) - bias[g as usize], g as usize)),
+                );
+                let best = nearest
+                    .iter()
+                    .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+                    .map(|&(_, g)| g)
+                    .unwrap_or(0);
+                choice[i] = best;
+                weight[best] += u64::from(s.weight[site as usize]);
+                sum[best].x += at.x;
+                sum[best].y += at.y;
+                count[best] += 1;
+            }
+            let step = POWER_STEP * (1.0 - iteration as f64 / POWER_ITERATIONS as f64 * 0.5);
+            for g in 0..runs.len() {
+                if count[g] > 0 {
+                    centre[g] = Coord {
+                        x: sum[g].x / count[g] as f64,
+                        y: sum[g].y / count[g] as f64,
+                    };
+                }
+                bias[g] += step * (target - weight[g] as f64) / target * radius2;
+            }
+        }
+        for (i, &site) in movable.iter().enumerate() {
+            self.assign(s, site as usize, runs[choice[i]]);
+        }
     }
 
     /// Every grid in `grids` keeps its heaviest connected piece; the rest is unassigned.
@@ -850,8 +971,44 @@ pub fn partition(input: &CommunityInput) -> Result<Partition, PartitionError> {
 }
 
 /// Cut `region` (all unassigned afterwards) into fresh grids and refine them among themselves.
+/// Two first cuts compete: the Hilbert runs refined by compactness moves, and a balanced power
+/// diagram seeded by those runs. The one with the lower out-of-range penalty wins, then the
+/// one with fewer adjacency edges cut between grids (shorter borders, more compact grids).
 fn solve_region(state: &mut State, s: &Sites, region: &[u32]) -> Vec<u32> {
+    let mut hilbert = state.clone();
+    let mut power = state.clone();
+    let created_hilbert = solve_variant(&mut hilbert, s, region, false);
+    let created_power = solve_variant(&mut power, s, region, true);
+    let score = |st: &State, created: &[u32]| {
+        let penalty_sum: u64 = created
+            .iter()
+            .map(|&g| penalty(st.households[g as usize]))
+            .sum();
+        let mut cut = 0usize;
+        for &site in region {
+            let g = st.grid_of[site as usize];
+            cut += s
+                .neighbours(site as usize)
+                .iter()
+                .filter(|&&n| st.grid_of[n as usize] != g)
+                .count();
+        }
+        (penalty_sum, cut)
+    };
+    if score(&power, &created_power) < score(&hilbert, &created_hilbert) {
+        *state = power;
+        created_power
+    } else {
+        *state = hilbert;
+        created_hilbert
+    }
+}
+
+fn solve_variant(state: &mut State, s: &Sites, region: &[u32], power: bool) -> Vec<u32> {
     let mut created = state.cut(s, region);
+    if power {
+        state.balance_power_diagram(s, region, &created);
+    }
     let members = state.members(state.grids());
     let created_members: Vec<Vec<u32>> = created
         .iter()
@@ -861,7 +1018,7 @@ fn solve_region(state: &mut State, s: &Sites, region: &[u32]) -> Vec<u32> {
     let first = created.first().copied().unwrap_or(state.grids() as u32);
     let extra = state.grow(s, region, &|g| g >= first);
     created.extend(extra);
-    state.refine(s, region, &|g| g >= first, true, REFINE_PASSES_MAX);
+    state.refine(s, region, &|g| g >= first, !power, REFINE_PASSES_MAX);
     created
 }
 
