@@ -12,10 +12,10 @@ use crate::{COMMIT_BODY_BYTES_MAX, COMMIT_EVENTS_MAX};
 
 /// Header names of the commit envelope.
 pub mod headers {
-    /// The aggregate id (also the subject's tail).
-    pub const AGGREGATE: &str = "Wangge-Aggregate";
-    /// The idempotency key of the command or input that produced the commit.
-    pub const COMMAND_ID: &str = "Wangge-Command-Id";
+    /// `<aggregate>/<command id>`: JetStream's idempotency key, stored with the message. The
+    /// aggregate is also the subject's tail (`<context>.ev.<aggregate>`), which is
+    /// authoritative; the two must agree.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
     /// The aggregate version of the commit's last event (gap-free from 1); the first event's
     /// version is this minus the number of events plus one.
     pub const VERSION: &str = "Wangge-Version";
@@ -34,11 +34,9 @@ pub mod headers {
 }
 
 /// Header names, parsed once: async-nats hashes and copies a name on every insert.
-static HEADER_NAMES: std::sync::LazyLock<[async_nats::header::HeaderName; 10]> =
+static HEADER_NAMES: std::sync::LazyLock<[async_nats::header::HeaderName; 8]> =
     std::sync::LazyLock::new(|| {
         [
-            headers::AGGREGATE,
-            headers::COMMAND_ID,
             headers::VERSION,
             headers::EVENTS,
             headers::CORRELATION_ID,
@@ -181,24 +179,30 @@ pub(crate) struct ChainFields<'a> {
 /// (length-prefixed strings, little-endian integers) and the body, in one pass. Frozen:
 /// changing it breaks every stored chain.
 pub(crate) fn chain_hash(fields: &ChainFields<'_>) -> [u8; 32] {
-    fn string(hasher: &mut Sha256, value: &str) {
-        hasher.update((value.len() as u64).to_le_bytes());
+    fn string(hasher: &mut ring::digest::Context, value: &str) {
+        hasher.update(&(value.len() as u64).to_le_bytes());
         hasher.update(value.as_bytes());
     }
-    let mut hasher = Sha256::new();
+    // ring's SHA-256 uses the CPU's vector (and SHA) instructions; measured 2x fewer
+    // instructions than a portable implementation on CPUs without SHA-NI.
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     string(&mut hasher, "wangge-commit-v1");
     string(&mut hasher, fields.aggregate);
     string(&mut hasher, fields.command_id);
-    hasher.update(fields.first_version.to_le_bytes());
-    hasher.update(fields.version.to_le_bytes());
-    hasher.update(fields.previous_hash);
+    hasher.update(&fields.first_version.to_le_bytes());
+    hasher.update(&fields.version.to_le_bytes());
+    hasher.update(&fields.previous_hash);
     hasher.update(fields.meta.correlation_id.as_bytes());
     hasher.update(fields.meta.causation_id.as_bytes());
     string(&mut hasher, &fields.meta.actor);
-    hasher.update(fields.meta.occurred_at_ms.to_le_bytes());
-    hasher.update((fields.body.len() as u64).to_le_bytes());
+    hasher.update(&fields.meta.occurred_at_ms.to_le_bytes());
+    hasher.update(&(fields.body.len() as u64).to_le_bytes());
     hasher.update(fields.body);
-    hasher.finalize().into()
+    hasher
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 digests are 32 bytes")
 }
 
 /// Digest of what the events say (types, schema versions, payloads), without ids or times:
@@ -352,24 +356,22 @@ pub(crate) fn encode_commit<C: EventCodec>(
     let names = &*HEADER_NAMES;
     let mut headers = HeaderMap::new();
     let mut put = |index: usize, value: String| headers.insert(names[index].clone(), value);
-    put(0, aggregate.as_str().to_owned());
-    put(1, commit.command_id.clone());
-    put(2, version.to_string());
-    put(3, events_header);
-    put(4, meta.correlation_id.to_string());
-    put(5, meta.causation_id.to_string());
-    put(6, meta.actor.clone());
-    put(7, meta.occurred_at_ms.to_string());
+    put(0, version.to_string());
+    put(1, events_header);
+    put(2, meta.correlation_id.to_string());
+    put(3, meta.causation_id.to_string());
+    put(4, meta.actor.clone());
+    put(5, meta.occurred_at_ms.to_string());
     let mut chain = String::with_capacity(129);
     chain.push_str(&hex::encode(expected.hash));
     chain.push(':');
     chain.push_str(&hex::encode(hash));
-    put(8, chain);
-    put(9, traceparent);
+    put(6, chain);
+    put(7, traceparent);
     Ok(OutgoingCommit {
         headers,
         body: body.into(),
-        msg_id: format!("{}/{}", aggregate, commit.command_id),
+        msg_id: [aggregate.as_str(), "/", commit.command_id.as_str()].concat(),
         position_after: (version, hash),
     })
 }
@@ -377,6 +379,8 @@ pub(crate) fn encode_commit<C: EventCodec>(
 /// Why a stored message is not a well-formed commit.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeCommitError {
+    #[error("subject {subject} is not <context>.ev.<aggregate>")]
+    BadSubject { subject: String },
     #[error("header {name} is missing")]
     MissingHeader { name: &'static str },
     #[error("header {name} has a bad value {value:?}")]
@@ -435,7 +439,26 @@ pub(crate) struct StoredEnvelope {
     pub body_format: u16,
 }
 
-pub(crate) fn decode_envelope(headers: &HeaderMap) -> Result<StoredEnvelope, DecodeCommitError> {
+pub(crate) fn decode_envelope(
+    subject: &str,
+    headers: &HeaderMap,
+) -> Result<StoredEnvelope, DecodeCommitError> {
+    let aggregate = subject
+        .split_once(".ev.")
+        .map(|(_, aggregate)| aggregate)
+        .ok_or_else(|| DecodeCommitError::BadSubject {
+            subject: subject.to_owned(),
+        })?;
+    let msg_id = header(headers, headers::MSG_ID)?;
+    let command_id = match msg_id.split_once('/') {
+        Some((named, command_id)) if named == aggregate => command_id,
+        _ => {
+            return Err(DecodeCommitError::BadHeader {
+                name: headers::MSG_ID,
+                value: msg_id.to_owned(),
+            });
+        }
+    };
     let version: u64 = parsed(headers, headers::VERSION)?;
     let events = header(headers, headers::EVENTS)?;
     let event_count = events.split(',').count() as u64;
@@ -459,8 +482,8 @@ pub(crate) fn decode_envelope(headers: &HeaderMap) -> Result<StoredEnvelope, Dec
         None => 1,
     };
     Ok(StoredEnvelope {
-        aggregate: header(headers, headers::AGGREGATE)?.to_owned(),
-        command_id: header(headers, headers::COMMAND_ID)?.to_owned(),
+        aggregate: aggregate.to_owned(),
+        command_id: command_id.to_owned(),
         first_version,
         version,
         meta: CommitMeta {
@@ -558,10 +581,11 @@ pub(crate) fn decode_commit<C: EventCodec>(
     codec: &C,
     sequence: u64,
     stored_at_ms: i64,
+    subject: &str,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<RecordedCommit<C::Event>, DecodeCommitError> {
-    let envelope = decode_envelope(headers)?;
+    let envelope = decode_envelope(subject, headers)?;
     let raw = decode_body(envelope.body_format, body)?;
     let expected_count = envelope
         .version
@@ -576,7 +600,7 @@ pub(crate) fn decode_commit<C: EventCodec>(
     }
     let aggregate =
         AggregateId::new(envelope.aggregate.clone()).map_err(|_| DecodeCommitError::BadHeader {
-            name: headers::AGGREGATE,
+            name: "subject",
             value: envelope.aggregate.clone(),
         })?;
     let events = raw
@@ -659,6 +683,7 @@ mod golden {
             .iter()
             .flat_map(|(name, values)| values.iter().map(move |value| format!("{name}: {value}")))
             .collect();
+        header_lines.push(format!("{}: {}", headers::MSG_ID, outgoing.msg_id));
         header_lines.sort();
         let headers_text = header_lines.join("\n") + "\n";
         let body_path = golden_dir().join("commit_v1.body");
@@ -679,7 +704,15 @@ mod golden {
             let (name, value) = line.split_once(": ").expect("name: value");
             headers.insert(name, value);
         }
-        let decoded = decode_commit(&codec, 42, 0, &headers, &golden_body).expect("decode golden");
+        let decoded = decode_commit(
+            &codec,
+            42,
+            0,
+            "golden.ev.sanming.golden",
+            &headers,
+            &golden_body,
+        )
+        .expect("decode golden");
         assert_eq!(
             decoded
                 .events
@@ -690,7 +723,7 @@ mod golden {
         );
         assert_eq!((decoded.first_version, decoded.version), (4, 5));
         assert_eq!(decoded.previous_hash, [0xab; 32]);
-        let envelope = decode_envelope(&headers).expect("envelope");
+        let envelope = decode_envelope("golden.ev.sanming.golden", &headers).expect("envelope");
         assert_eq!(
             envelope.recomputed_hash(&golden_body),
             decoded.hash,

@@ -115,6 +115,7 @@ impl<C: EventCodec> EventStore<C> {
                 &self.codec,
                 sequence,
                 stored_at_ms,
+                &message.subject,
                 headers,
                 &message.payload,
             )

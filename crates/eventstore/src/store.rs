@@ -307,10 +307,13 @@ impl<C: EventCodec> EventStore<C> {
                 });
             }
         };
-        let stored_command = stored
+        let stored_msg_id = stored
             .headers
-            .get(envelope::headers::COMMAND_ID)
+            .get(envelope::headers::MSG_ID)
             .map(|value| value.as_str());
+        let stored_command = stored_msg_id
+            .and_then(|msg_id| msg_id.split_once('/'))
+            .map(|(_, command)| command);
         if stored_command != Some(commit.command_id.as_str()) {
             return Err(stale());
         }
@@ -329,8 +332,8 @@ impl<C: EventCodec> EventStore<C> {
             sequence: stored.sequence,
             reason,
         };
-        let envelope =
-            decode_envelope(&stored.headers).map_err(|error| duplicate_check(error.to_string()))?;
+        let envelope = decode_envelope(&stored.subject, &stored.headers)
+            .map_err(|error| duplicate_check(error.to_string()))?;
         let raw = decode_body(envelope.body_format, &stored.payload)
             .map_err(|error| duplicate_check(error.to_string()))?;
         let ours = envelope::commit_content_digest(&self.codec, commit)
@@ -365,10 +368,12 @@ impl<C: EventCodec> EventStore<C> {
         {
             Ok(message) => {
                 let envelope =
-                    decode_envelope(&message.headers).map_err(|source| LoadError::Corrupt {
-                        subject: subject.clone(),
-                        sequence: message.sequence,
-                        source,
+                    decode_envelope(&message.subject, &message.headers).map_err(|source| {
+                        LoadError::Corrupt {
+                            subject: subject.clone(),
+                            sequence: message.sequence,
+                            source,
+                        }
                     })?;
                 Ok(Position {
                     version: envelope.version,
@@ -444,6 +449,7 @@ impl<C: EventCodec> EventStore<C> {
                 &self.codec,
                 sequence,
                 stored_at_ms,
+                &message.subject,
                 headers,
                 &message.payload,
             )
@@ -485,7 +491,7 @@ fn check_link<E>(
             "previous hash does not match the preceding commit".to_owned(),
         ));
     }
-    let envelope = decode_envelope(headers).map_err(|source| LoadError::Corrupt {
+    let envelope = decode_envelope(subject, headers).map_err(|source| LoadError::Corrupt {
         subject: subject.to_owned(),
         sequence: commit.sequence,
         source,

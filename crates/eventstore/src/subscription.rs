@@ -236,12 +236,14 @@ impl<C: EventCodec> Subscription<C> {
                 datetime_to_ms(info.published),
             )
         };
-        let headers = message.headers.clone().unwrap_or_default();
+        let no_headers = async_nats::HeaderMap::new();
+        let headers = message.headers.as_ref().unwrap_or(&no_headers);
         match decode_commit(
             &self.store.codec,
             sequence,
             stored_at_ms,
-            &headers,
+            &message.subject,
+            headers,
             &message.payload,
         ) {
             Ok(commit) => Ok(Delivery {

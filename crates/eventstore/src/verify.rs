@@ -152,7 +152,7 @@ impl<C: EventCodec> EventStore<C> {
             }
             let subject = message.subject.to_string();
             let headers = message.headers.clone().unwrap_or_default();
-            let envelope = match decode_envelope(&headers) {
+            let envelope = match decode_envelope(&subject, &headers) {
                 Ok(envelope) => envelope,
                 Err(error) => {
                     add(

@@ -112,7 +112,7 @@ pub mod v1 {
 
 use v1::*;
 
-/// Event type names as stored in the `Wangge-Event-Types` header.
+/// Event type names as stored in the `Wangge-Events` header.
 pub mod event_types {
     pub const COMMUNITY_REGISTERED: &str = "community_registered";
     pub const COMMUNITY_UPDATED: &str = "community_updated";
