@@ -1,0 +1,388 @@
+//! The in-memory book of incidents: every incident's state and position, folded from the
+//! INCIDENTS stream in order, and a deadline index rebuilt from those states.
+//!
+//! Pure (no IO, no clock) so it is tested without a server. The deadline index is a binary
+//! heap of `(deadline, incident)` with lazy deletion: a state change that moves an incident's
+//! next deadline pushes the new one, and stale entries are dropped when they surface (their
+//! incident's [`domain::next_deadline`] no longer matches). The heap is rebuilt when stale
+//! entries outnumber live ones, so it stays within twice the pending deadlines.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+use domain::incident::{IncidentEvent, IncidentState, Status};
+use domain::{IncidentId, Timestamp, next_deadline};
+use eventstore::{AggregateId, Position, RecordedCommit};
+use serde::{Deserialize, Serialize};
+
+/// Distinct aggregate-id layouts (prefix before the incident uuid) the book remembers.
+pub const AGGREGATE_TEMPLATES_MAX: usize = 64;
+
+/// How an incident's aggregate id is spelled around its uuid: `<prefix>.<uuid>` (or just
+/// `<uuid>`), hyphenated or simple. Learnt from the stream, so dispatch writes to exactly the
+/// subject the intake service created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregateTemplate {
+    pub prefix: String,
+    pub hyphenated: bool,
+}
+
+impl AggregateTemplate {
+    /// Splits an aggregate id into its template and incident id; `None` when the last token is
+    /// not a uuid.
+    pub fn parse(aggregate: &AggregateId) -> Option<(AggregateTemplate, IncidentId)> {
+        let text = aggregate.as_str();
+        let (prefix, last) = match text.rsplit_once('.') {
+            Some((prefix, last)) => (prefix, last),
+            None => ("", text),
+        };
+        let uuid = uuid::Uuid::try_parse(last).ok()?;
+        Some((
+            AggregateTemplate {
+                prefix: prefix.to_owned(),
+                hyphenated: last.contains('-'),
+            },
+            IncidentId(uuid),
+        ))
+    }
+
+    pub fn aggregate(&self, incident: IncidentId) -> AggregateId {
+        let id = if self.hyphenated {
+            incident.0.hyphenated().to_string()
+        } else {
+            incident.0.simple().to_string()
+        };
+        let text = if self.prefix.is_empty() {
+            id
+        } else {
+            format!("{}.{id}", self.prefix)
+        };
+        AggregateId::new(text).expect("a valid prefix and a uuid make a valid aggregate id")
+    }
+}
+
+/// The aggregate id dispatch expects intake to use: `<city>.<incident uuid, hyphenated>`.
+pub fn incident_aggregate(city: &str, incident: IncidentId) -> AggregateId {
+    AggregateTemplate {
+        prefix: city.to_owned(),
+        hyphenated: true,
+    }
+    .aggregate(incident)
+}
+
+/// One incident as held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub state: IncidentState,
+    pub position: Position,
+    /// Index into the book's aggregate templates.
+    pub template: u8,
+}
+
+/// What applying a stored commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Folded in.
+    New,
+    /// Already held (own append, or a redelivery).
+    AlreadyHeld,
+    /// Commits are missing before this one: read the aggregate after `held`.
+    Gap {
+        incident: IncidentId,
+        held: Position,
+    },
+    /// Not an incident aggregate this book can hold (logged and skipped).
+    Foreign(String),
+}
+
+/// Memory figures of the book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct BookStats {
+    pub incidents: usize,
+    pub open_incidents: usize,
+    pub pending_deadlines: usize,
+    pub undispatched: usize,
+    /// Bytes the book owns: map slots (key, value, control byte) by capacity, state heap
+    /// bytes, the deadline heap and the undispatched set.
+    pub held_bytes: usize,
+    /// Last stream sequence folded in.
+    pub reached_sequence: u64,
+}
+
+/// Every incident's state and position, and when each next falls due.
+#[derive(Debug, Default)]
+pub struct Book {
+    incidents: HashMap<IncidentId, Held>,
+    deadlines: BinaryHeap<Reverse<(Timestamp, IncidentId)>>,
+    /// Filed incidents not yet dispatched (dispatch decides their routing).
+    undispatched: BTreeSet<IncidentId>,
+    templates: Vec<AggregateTemplate>,
+    reached: u64,
+}
+
+impl Book {
+    pub fn new() -> Book {
+        Book::default()
+    }
+
+    pub fn get(&self, incident: IncidentId) -> Option<&Held> {
+        self.incidents.get(&incident)
+    }
+
+    pub fn reached_sequence(&self) -> u64 {
+        self.reached
+    }
+
+    pub fn len(&self) -> usize {
+        self.incidents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.incidents.is_empty()
+    }
+
+    pub fn aggregate_of(&self, incident: IncidentId) -> Option<AggregateId> {
+        let held = self.incidents.get(&incident)?;
+        let template = self.templates.get(usize::from(held.template))?;
+        Some(template.aggregate(incident))
+    }
+
+    /// Reserves room for `additional` incidents (the benchmark and snapshot loads know).
+    pub fn reserve(&mut self, additional: usize) {
+        self.incidents.reserve(additional);
+    }
+
+    fn template_index(&mut self, template: AggregateTemplate) -> Option<u8> {
+        if let Some(at) = self.templates.iter().position(|t| *t == template) {
+            return Some(at as u8);
+        }
+        if self.templates.len() >= AGGREGATE_TEMPLATES_MAX {
+            return None;
+        }
+        self.templates.push(template);
+        Some((self.templates.len() - 1) as u8)
+    }
+
+    /// Folds one stored commit in (from the replay or the subscription).
+    pub fn apply_commit(&mut self, commit: &RecordedCommit<IncidentEvent>) -> Applied {
+        self.reached = self.reached.max(commit.sequence);
+        let Some((template, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
+            return Applied::Foreign(format!(
+                "aggregate {} does not end in an incident uuid",
+                commit.aggregate
+            ));
+        };
+        let held_position = self
+            .incidents
+            .get(&incident)
+            .map_or(Position::NEW, |h| h.position);
+        if commit.version <= held_position.version {
+            return Applied::AlreadyHeld;
+        }
+        if commit.first_version != held_position.version + 1 {
+            return Applied::Gap {
+                incident,
+                held: held_position,
+            };
+        }
+        let Some(template) = self.template_index(template) else {
+            return Applied::Foreign(format!(
+                "more than {AGGREGATE_TEMPLATES_MAX} aggregate id layouts"
+            ));
+        };
+        self.fold(
+            incident,
+            template,
+            commit.events.iter().map(|e| &e.event),
+            commit.position(),
+        );
+        Applied::New
+    }
+
+    /// Folds the events of a commit this instance appended (known position after it).
+    pub fn apply_own<'a>(
+        &mut self,
+        incident: IncidentId,
+        events: impl IntoIterator<Item = &'a IncidentEvent>,
+        position: Position,
+    ) {
+        let template = self.incidents.get(&incident).map_or(0, |h| h.template);
+        if let Some(held) = self.incidents.get(&incident)
+            && held.position.version >= position.version
+        {
+            return;
+        }
+        self.fold(incident, template, events, position);
+    }
+
+    fn fold<'a>(
+        &mut self,
+        incident: IncidentId,
+        template: u8,
+        events: impl IntoIterator<Item = &'a IncidentEvent>,
+        position: Position,
+    ) {
+        let held = self.incidents.entry(incident).or_insert_with(|| Held {
+            state: IncidentState::default(),
+            position: Position::NEW,
+            template,
+        });
+        let before = next_deadline(&held.state);
+        for event in events {
+            held.state.apply(event);
+        }
+        held.position = position;
+        let after = next_deadline(&held.state);
+        let status = held.state.status;
+        if let Some(at) = after
+            && before != after
+        {
+            self.deadlines.push(Reverse((at, incident)));
+        }
+        if status == Status::Filed {
+            self.undispatched.insert(incident);
+        } else {
+            self.undispatched.remove(&incident);
+        }
+        if self.deadlines.len() > 2 * self.incidents.len() + 1024 {
+            self.rebuild_deadlines();
+        }
+    }
+
+    /// Rebuilds the deadline index from the states (drops stale entries).
+    pub fn rebuild_deadlines(&mut self) {
+        let entries: Vec<Reverse<(Timestamp, IncidentId)>> = self
+            .incidents
+            .iter()
+            .filter_map(|(id, held)| next_deadline(&held.state).map(|at| Reverse((at, *id))))
+            .collect();
+        self.deadlines = BinaryHeap::from(entries);
+    }
+
+    /// The earliest pending deadline (stale entries at the top are dropped first).
+    pub fn next_deadline(&mut self) -> Option<Timestamp> {
+        while let Some(Reverse((at, incident))) = self.deadlines.peek().copied() {
+            let live = self
+                .incidents
+                .get(&incident)
+                .and_then(|h| next_deadline(&h.state));
+            if live == Some(at) {
+                return Some(at);
+            }
+            self.deadlines.pop();
+            if let Some(live) = live
+                && live > at
+            {
+                // Moved later without a push (e.g. folded from a snapshot): keep it indexed.
+                self.deadlines.push(Reverse((live, incident)));
+            }
+        }
+        None
+    }
+
+    /// Takes up to `max` incidents whose next deadline is at or before `now`, earliest first.
+    /// Each is taken out of the index; the caller re-adds it with [`Book::reschedule`] if its
+    /// escalation could not be stored.
+    pub fn take_due(&mut self, now: Timestamp, max: usize) -> Vec<(IncidentId, Timestamp)> {
+        let mut due = Vec::new();
+        while due.len() < max {
+            match self.next_deadline() {
+                Some(at) if at <= now => {
+                    if let Some(Reverse((at, incident))) = self.deadlines.pop() {
+                        due.push((incident, at));
+                    }
+                }
+                _ => break,
+            }
+        }
+        due
+    }
+
+    /// Puts an incident's current next deadline back into the index.
+    pub fn reschedule(&mut self, incident: IncidentId) {
+        if let Some(at) = self
+            .incidents
+            .get(&incident)
+            .and_then(|h| next_deadline(&h.state))
+        {
+            self.deadlines.push(Reverse((at, incident)));
+        }
+    }
+
+    /// Up to `max` filed incidents that wait for their dispatch decision; taken out of the set
+    /// (a failed dispatch is retried when the next commit of the incident arrives, or at start).
+    pub fn take_undispatched(&mut self, max: usize) -> Vec<IncidentId> {
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            match self.undispatched.pop_first() {
+                Some(incident) => taken.push(incident),
+                None => break,
+            }
+        }
+        taken
+    }
+
+    pub fn has_undispatched(&self) -> bool {
+        !self.undispatched.is_empty()
+    }
+
+    pub fn stats(&self) -> BookStats {
+        use std::mem::size_of;
+        let slot = size_of::<IncidentId>() + size_of::<Held>() + 1;
+        let held_bytes = self.incidents.capacity() * slot
+            + self
+                .incidents
+                .values()
+                .map(|h| h.state.heap_bytes())
+                .sum::<usize>()
+            + self.deadlines.capacity() * size_of::<Reverse<(Timestamp, IncidentId)>>()
+            + self.undispatched.len() * size_of::<IncidentId>() * 2;
+        BookStats {
+            incidents: self.incidents.len(),
+            open_incidents: self
+                .incidents
+                .values()
+                .filter(|h| !h.state.is_terminal())
+                .count(),
+            pending_deadlines: self
+                .incidents
+                .values()
+                .filter(|h| next_deadline(&h.state).is_some())
+                .count(),
+            undispatched: self.undispatched.len(),
+            held_bytes,
+            reached_sequence: self.reached,
+        }
+    }
+
+    /// Everything needed to rebuild the book without the stream: used by snapshots.
+    pub fn parts(
+        &self,
+    ) -> (
+        &[AggregateTemplate],
+        impl Iterator<Item = (&IncidentId, &Held)>,
+    ) {
+        (&self.templates, self.incidents.iter())
+    }
+
+    /// Rebuilds a book from snapshot parts.
+    pub fn from_parts(
+        templates: Vec<AggregateTemplate>,
+        incidents: impl IntoIterator<Item = (IncidentId, Held)>,
+        reached: u64,
+    ) -> Book {
+        let mut book = Book {
+            templates,
+            reached,
+            ..Book::default()
+        };
+        for (id, held) in incidents {
+            if held.state.status == Status::Filed {
+                book.undispatched.insert(id);
+            }
+            book.incidents.insert(id, held);
+        }
+        book.rebuild_deadlines();
+        book
+    }
+}

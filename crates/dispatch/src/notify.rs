@@ -1,0 +1,210 @@
+//! Durable notifications to the people who must act: one JetStream subject per recipient in
+//! the NOTIFICATIONS stream, so a console that was offline reads what it missed from its own
+//! durable consumer.
+//!
+//! Subjects: `dispatch.notify.department.<id>`, `dispatch.notify.street.<9 digits>`,
+//! `dispatch.notify.community.<12 digits>`, `dispatch.notify.grid.<15 digits>`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use domain::incident::{Handler, IncidentEvent, IncidentState};
+use domain::{DepartmentId, GridCode, IncidentId, Timestamp};
+use serde::{Deserialize, Serialize};
+
+pub const NOTIFICATIONS_STREAM: &str = "NOTIFICATIONS";
+pub const NOTIFY_SUBJECT_PREFIX: &str = "dispatch.notify";
+/// How long a console may stay offline and still catch up.
+pub const NOTIFICATIONS_AGE_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most notifications one commit produces (a whistle summons at most a dozen departments).
+pub const NOTIFICATIONS_PER_COMMIT_MAX: usize = 32;
+
+/// Who is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Recipient {
+    Department(DepartmentId),
+    Street(domain::StreetCode),
+    Community(u64),
+    Grid(GridCode),
+}
+
+impl Recipient {
+    pub fn subject(&self) -> String {
+        match self {
+            Recipient::Department(d) => format!("{NOTIFY_SUBJECT_PREFIX}.department.{d}"),
+            Recipient::Street(s) => format!("{NOTIFY_SUBJECT_PREFIX}.street.{s}"),
+            Recipient::Community(c) => format!("{NOTIFY_SUBJECT_PREFIX}.community.{c:012}"),
+            Recipient::Grid(g) => format!("{NOTIFY_SUBJECT_PREFIX}.grid.{g}"),
+        }
+    }
+
+    /// The recipient speaking for a handler of a case in `grid`.
+    pub fn for_handler(handler: Handler, grid: Option<GridCode>) -> Option<Recipient> {
+        match handler {
+            Handler::Department(d) => Some(Recipient::Department(d)),
+            Handler::Street => grid.map(|g| Recipient::Street(g.street())),
+            Handler::Community => grid.map(|g| Recipient::Community(g.community())),
+            Handler::GridWorker => grid.map(Recipient::Grid),
+        }
+    }
+}
+
+/// One notification (JSON body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub incident: uuid::Uuid,
+    /// `assigned`, `summoned`, `deadline_missed`, `report_missed`, `extension_decided`,
+    /// `verification_failed`, `to_verify`.
+    pub kind: String,
+    pub recipient: String,
+    /// INCIDENTS stream sequence of the commit that caused it.
+    pub stream_sequence: u64,
+    pub version: u64,
+    /// The deadline that matters to the recipient (respond, report or resolve by), if any.
+    pub due: Option<Timestamp>,
+}
+
+/// The notifications a commit causes. `state` is the incident's state as held (for the grid
+/// and the current handler).
+pub fn notifications(
+    incident: IncidentId,
+    events: &[&IncidentEvent],
+    state: Option<&IncidentState>,
+    stream_sequence: u64,
+    version: u64,
+) -> Vec<(Recipient, Notification)> {
+    let grid = state.and_then(|s| s.grid);
+    let current = state.and_then(|s| s.handler);
+    let mut out: Vec<(Recipient, Notification)> = Vec::new();
+    let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
+        if let Some(recipient) = recipient
+            && out.len() < NOTIFICATIONS_PER_COMMIT_MAX
+            && !out.iter().any(|(r, n)| *r == recipient && n.kind == kind)
+        {
+            out.push((
+                recipient,
+                Notification {
+                    incident: incident.0,
+                    kind: kind.to_owned(),
+                    recipient: recipient.subject(),
+                    stream_sequence,
+                    version,
+                    due,
+                },
+            ));
+        }
+    };
+    for event in events {
+        use IncidentEvent as E;
+        match event {
+            E::Dispatched {
+                handler,
+                response_due,
+                ..
+            } => push(
+                Recipient::for_handler(*handler, grid),
+                "assigned",
+                Some(*response_due),
+            ),
+            E::Returned {
+                rerouted_to,
+                response_due,
+                ..
+            } => push(
+                Recipient::for_handler(*rerouted_to, grid),
+                "assigned",
+                Some(*response_due),
+            ),
+            E::Reopened { response_due, .. } | E::Unparked { response_due, .. } => push(
+                current.and_then(|h| Recipient::for_handler(h, grid)),
+                "assigned",
+                Some(*response_due),
+            ),
+            E::WhistleBlown { summoned, .. } | E::WhistleEscalated { summoned, .. } => {
+                for s in summoned {
+                    push(
+                        Some(Recipient::Department(s.department)),
+                        "summoned",
+                        Some(s.report_by),
+                    );
+                }
+            }
+            E::DeadlineMissed { handler, .. } => push(
+                Recipient::for_handler(*handler, grid),
+                "deadline_missed",
+                None,
+            ),
+            E::WhistleReportMissed { department, .. } => push(
+                Some(Recipient::Department(*department)),
+                "report_missed",
+                None,
+            ),
+            E::ExtensionApproved { resolution_due, .. } => push(
+                current.and_then(|h| Recipient::for_handler(h, grid)),
+                "extension_decided",
+                Some(*resolution_due),
+            ),
+            E::ExtensionDenied { .. } => push(
+                current.and_then(|h| Recipient::for_handler(h, grid)),
+                "extension_decided",
+                None,
+            ),
+            E::VerificationFailed { resolution_due, .. } => push(
+                current.and_then(|h| Recipient::for_handler(h, grid)),
+                "verification_failed",
+                Some(*resolution_due),
+            ),
+            E::Resolved { .. } => push(grid.map(Recipient::Grid), "to_verify", None),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Creates (or updates) the NOTIFICATIONS stream.
+pub async fn open_stream(
+    jetstream: &jetstream::Context,
+    replicas: usize,
+    duplicate_window: Duration,
+) -> Result<stream::Stream, String> {
+    jetstream
+        .get_or_create_stream(stream::Config {
+            name: NOTIFICATIONS_STREAM.to_owned(),
+            subjects: vec![format!("{NOTIFY_SUBJECT_PREFIX}.>")],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: replicas,
+            duplicate_window,
+            max_age: NOTIFICATIONS_AGE_MAX,
+            description: Some("wangge dispatch notifications to consoles".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("create or open stream {NOTIFICATIONS_STREAM}: {e}"))
+}
+
+/// A console's durable consumer on its own notification subject: the server keeps its
+/// position, so a console that was offline reads everything it missed, in order.
+pub async fn console_consumer(
+    jetstream: &jetstream::Context,
+    recipient: Recipient,
+    durable: &str,
+) -> Result<consumer::PullConsumer, String> {
+    let stream = jetstream
+        .get_stream(NOTIFICATIONS_STREAM)
+        .await
+        .map_err(|e| format!("open stream {NOTIFICATIONS_STREAM}: {e}"))?;
+    stream
+        .get_or_create_consumer(
+            durable,
+            consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                filter_subject: recipient.subject(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("console consumer {durable}: {e}"))
+}

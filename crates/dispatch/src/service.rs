@@ -1,0 +1,977 @@
+//! The dispatch service: a thin shell around [`domain::decide`].
+//!
+//! - **Start**: the INCIDENTS stream is replayed in bulk to its current end (after a KV
+//!   snapshot, if one is there) into a [`Book`]; a durable subscription private to this
+//!   instance continues after it. The deadline index is rebuilt from the states: a deadline is
+//!   in the event log, so it survives any restart of dispatch or nats-server.
+//! - **Run**: one `tokio::select!` loop over the shutdown signal, the private subscription
+//!   (commits written by intake, consoles through any instance, other dispatch instances), the
+//!   shared notifier consumer, console command requests (queue group) and a sleep until the
+//!   next deadline.
+//! - **Deadlines** fire as `DeadlineElapsed` decided at `now` and appended at the incident's
+//!   expected position with the command id `deadline:<incident>:<deadline ms>`: a second
+//!   instance or a restarted one that tries the same escalation gets a conflict or a
+//!   duplicate, re-reads the incident, and finds nothing due. So each deadline escalates once.
+//! - **Filed incidents** are dispatched by the table (`Dispatch { to: None }` as the system
+//!   actor, command id `dispatch:<incident>`).
+//! - **Notifications** are published by a consumer shared by all instances (each commit is
+//!   handled by one of them) to `dispatch.notify.<recipient>` with the Msg-Id
+//!   `<stream sequence>:<recipient>:<kind>`, then acknowledged: a crash in between redelivers, and the
+//!   server drops the repeat.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use domain::incident::{Action, IncidentCommand, IncidentEvent, Status};
+use domain::{Actor, ActorId, IncidentId, Policy, Rejection, Role, Timestamp, decide};
+use eventstore::{
+    AggregateId, AppendError, Appended, Commit, CommitMeta, ConflictReason, EventStore, Position,
+    ReplayRange, SnapshotStore, SubscribeError, Subscription, SubscriptionConfig,
+};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::book::{AggregateTemplate, Applied, Book, BookStats, Held};
+use crate::clock::TimeSource;
+use crate::notify::{self, Notification, Recipient};
+use crate::wire::{self, CommandReply, ConsoleCommand};
+
+/// The INCIDENTS event store as dispatch uses it.
+pub type IncidentStore = EventStore<codecs::IncidentCodec>;
+
+/// Due deadlines escalated per loop turn (appended concurrently: distinct incidents).
+pub const DUE_BATCH_MAX: usize = 256;
+/// Filed incidents dispatched per loop turn.
+pub const DISPATCH_BATCH_MAX: usize = 256;
+/// Decide-append rounds for one console command when other writers keep winning the race.
+const COMMAND_ATTEMPTS_MAX: usize = 4;
+/// How long requests already delivered may take to be answered at shutdown.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A private consumer left behind by a crashed instance is removed by the server after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// Durable name of the notifier consumer shared by all dispatch instances.
+pub const NOTIFIER_DURABLE: &str = "dispatch-notifier";
+/// Incidents per snapshot shard (a worst-case state encodes in under 800 bytes, so a shard
+/// stays below the KV value limit).
+pub const SNAPSHOT_INCIDENTS_PER_SHARD: usize = 1_000;
+/// Snapshot shards at most (1,000 x 1,000 = one million incidents).
+pub const SNAPSHOT_SHARDS_MAX: usize = 1_000;
+/// Format of the snapshot manifest and shards (bump when `Held` changes).
+const SNAPSHOT_FORMAT: u16 = 1;
+const SNAPSHOT_MANIFEST_KEY: &str = "dispatch.manifest";
+
+/// How one dispatch instance runs.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub policy: Arc<Policy>,
+    /// This instance's name (part of its private consumer's name).
+    pub instance: String,
+    /// Queue group shared by all instances for command subjects.
+    pub queue_group: String,
+    pub time: TimeSource,
+    /// Longest sleep between deadline checks (a guard against clock jumps, and the tick of
+    /// manual time in tests).
+    pub deadline_poll_max: Duration,
+    /// The id the service acts under as `Role::System`.
+    pub system_actor: ActorId,
+    /// Answer console commands.
+    pub serve_requests: bool,
+    /// Publish notifications (through the shared notifier consumer).
+    pub notify: bool,
+    /// NOTIFICATIONS stream replicas and duplicate window.
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+    /// KV bucket for snapshots (`None`: always replay the stream at start).
+    pub snapshot_bucket: Option<String>,
+    /// Write a snapshot after this many commits were folded in since the last one.
+    pub snapshot_every_commits: u64,
+}
+
+impl DispatchConfig {
+    pub fn new(policy: Policy) -> DispatchConfig {
+        DispatchConfig {
+            policy: Arc::new(policy),
+            instance: "dispatch".to_owned(),
+            queue_group: "dispatch".to_owned(),
+            time: TimeSource::System,
+            deadline_poll_max: Duration::from_secs(1),
+            system_actor: ActorId(Uuid::from_u128(0xd15_9a7c)),
+            serve_requests: true,
+            notify: true,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            snapshot_bucket: Some("DISPATCH_SNAPSHOTS".to_owned()),
+            snapshot_every_commits: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("catch up with the INCIDENTS stream: {reason}")]
+    CatchUp { reason: String },
+    #[error("create consumer {durable}: {reason}")]
+    Consumer { durable: String, reason: String },
+    #[error(transparent)]
+    Subscription(#[from] SubscribeError),
+    #[error("subscribe to {subject}: {reason}")]
+    Subscribe { subject: String, reason: String },
+    #[error("notifications: {reason}")]
+    Notifications { reason: String },
+    #[error("reload incident {incident}: {reason}")]
+    Reload { incident: String, reason: String },
+}
+
+/// What the instance has done since it started (published on a watch channel).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Commits this instance appended (deadlines, dispatches, console commands).
+    pub decisions: u64,
+    pub deadlines_escalated: u64,
+    pub dispatched: u64,
+    pub commands_accepted: u64,
+    pub commands_rejected: u64,
+    /// Appends lost to another writer (then re-read).
+    pub conflicts: u64,
+    pub notifications: u64,
+    pub reached_sequence: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotManifest {
+    generation: u64,
+    shards: u32,
+    reached_sequence: u64,
+    templates: Vec<AggregateTemplate>,
+}
+
+/// One dispatch instance.
+pub struct DispatchService {
+    client: async_nats::Client,
+    store: IncidentStore,
+    config: DispatchConfig,
+    book: Book,
+    subscription: Subscription<codecs::IncidentCodec>,
+    notifier: Option<Subscription<codecs::IncidentCodec>>,
+    durable: String,
+    requests: futures::stream::SelectAll<async_nats::Subscriber>,
+    progress: Progress,
+    progress_tx: watch::Sender<Progress>,
+    snapshots: Option<SnapshotStore>,
+    commits_since_snapshot: u64,
+    /// Replies to recent console command ids, so a console's retry gets the first answer.
+    recent: RecentReplies,
+}
+
+/// Console command ids remembered per instance (a retry through another instance still writes
+/// nothing: the store's Msg-Id and expected sequence refuse it, but it is answered from the
+/// state as it is then).
+pub const RECENT_COMMANDS_MAX: usize = 4_096;
+
+#[derive(Debug, Default)]
+struct RecentReplies {
+    replies: std::collections::HashMap<String, CommandReply>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl RecentReplies {
+    fn get(&self, command_id: &str) -> Option<CommandReply> {
+        self.replies.get(command_id).cloned()
+    }
+
+    fn remember(&mut self, command_id: String, reply: &CommandReply) {
+        let reply = match reply.clone() {
+            CommandReply::Accepted {
+                incident,
+                version,
+                sequence,
+                ..
+            } => CommandReply::Accepted {
+                incident,
+                version,
+                sequence,
+                duplicate: true,
+                events: Vec::new(),
+            },
+            CommandReply::Rejected { .. } => reply.clone(),
+            CommandReply::Error { .. } => return,
+        };
+        if self.replies.insert(command_id.clone(), reply).is_none() {
+            self.order.push_back(command_id);
+        }
+        while self.order.len() > RECENT_COMMANDS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.replies.remove(&old);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for DispatchService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchService")
+            .field("instance", &self.config.instance)
+            .field("incidents", &self.book.len())
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
+    }
+}
+
+fn consumer_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+fn to_json<T: Serialize>(value: &T) -> bytes::Bytes {
+    serde_json::to_vec(value)
+        .unwrap_or_else(|error| {
+            format!(r#"{{"status":"error","reason_code":"encode","message":"{error}"}}"#)
+                .into_bytes()
+        })
+        .into()
+}
+
+fn event_names(events: &[IncidentEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| domain::encoding::encode_event(e).event_type.to_owned())
+        .collect()
+}
+
+impl DispatchService {
+    /// Loads the book (snapshot + replay to the stream's end), opens the subscriptions and
+    /// subscribes to console commands.
+    pub async fn start(
+        client: async_nats::Client,
+        store: IncidentStore,
+        config: DispatchConfig,
+    ) -> Result<DispatchService, ServiceError> {
+        let started = std::time::Instant::now();
+        let jetstream = store.jetstream().clone();
+        let snapshots = match &config.snapshot_bucket {
+            Some(bucket) => Some(
+                SnapshotStore::open(&jetstream, bucket, config.replicas)
+                    .await
+                    .map_err(|e| ServiceError::CatchUp {
+                        reason: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        let mut book = match &snapshots {
+            Some(snapshots) => read_snapshot(snapshots).await.unwrap_or_default(),
+            None => Book::new(),
+        };
+        let from_snapshot = book.reached_sequence();
+        let mut gaps = Vec::new();
+        let reached = store
+            .replay(
+                ReplayRange {
+                    after_sequence: from_snapshot,
+                    ..ReplayRange::default()
+                },
+                |commit| match book.apply_commit(&commit) {
+                    Applied::New | Applied::AlreadyHeld => {}
+                    Applied::Gap { incident, held } => {
+                        gaps.push((commit.aggregate, incident, held))
+                    }
+                    Applied::Foreign(reason) => warn!(%reason, "commit skipped"),
+                },
+            )
+            .await
+            .map_err(|e| ServiceError::CatchUp {
+                reason: e.to_string(),
+            })?;
+        // A replay in stream order has no gaps unless a snapshot was torn; read those incidents.
+        for (aggregate, incident, held) in gaps {
+            reload_into(&store, &mut book, &aggregate, incident, held).await?;
+        }
+        book.rebuild_deadlines();
+        let durable = format!(
+            "{}-{}",
+            consumer_safe(&config.instance),
+            Uuid::now_v7().simple()
+        );
+        let stream = jetstream
+            .get_stream(&store.spec().stream_name)
+            .await
+            .map_err(|e| ServiceError::CatchUp {
+                reason: e.to_string(),
+            })?;
+        let mut subscription_config = SubscriptionConfig::durable(durable.clone());
+        subscription_config.start_after_sequence = reached;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: store.spec().all_subjects(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: if reached == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: reached + 1,
+                    }
+                },
+                ack_wait: subscription_config.ack_wait,
+                max_ack_pending: subscription_config.ack_pending_max,
+                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ServiceError::Consumer {
+                durable: durable.clone(),
+                reason: e.to_string(),
+            })?;
+        let subscription = store.subscribe(subscription_config).await?;
+        let notifier = if config.notify {
+            notify::open_stream(&jetstream, config.replicas, config.duplicate_window)
+                .await
+                .map_err(|reason| ServiceError::Notifications { reason })?;
+            let mut notifier_config = SubscriptionConfig::durable(NOTIFIER_DURABLE);
+            // Only used when the shared consumer is first created: notify from now on.
+            notifier_config.start_after_sequence = reached;
+            Some(store.subscribe(notifier_config).await?)
+        } else {
+            None
+        };
+        let mut subscribers = Vec::new();
+        if config.serve_requests {
+            let subscriber = client
+                .queue_subscribe(wire::SUBJECT_COMMANDS, config.queue_group.clone())
+                .await
+                .map_err(|e| ServiceError::Subscribe {
+                    subject: wire::SUBJECT_COMMANDS.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            subscribers.push(subscriber);
+            client.flush().await.map_err(|e| ServiceError::Subscribe {
+                subject: "flush".to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+        let progress = Progress {
+            reached_sequence: reached,
+            ..Progress::default()
+        };
+        let (progress_tx, _) = watch::channel(progress);
+        info!(
+            incidents = book.len(),
+            from_snapshot,
+            reached,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "dispatch book rebuilt from the INCIDENTS stream"
+        );
+        Ok(DispatchService {
+            client,
+            store,
+            config,
+            book,
+            subscription,
+            notifier,
+            durable,
+            requests: futures::stream::select_all(subscribers),
+            progress,
+            progress_tx,
+            snapshots,
+            commits_since_snapshot: reached.saturating_sub(from_snapshot),
+            recent: RecentReplies::default(),
+        })
+    }
+
+    /// Memory and count figures of the held book (walks every incident: call sparingly).
+    pub fn book_stats(&self) -> BookStats {
+        self.book.stats()
+    }
+
+    pub fn book(&self) -> &Book {
+        &self.book
+    }
+
+    /// A receiver of [`Progress`], updated after every loop turn that did something.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress_tx.subscribe()
+    }
+
+    /// Serves until `shutdown` turns true (or its sender is dropped).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
+        let mut requests = std::mem::take(&mut self.requests);
+        let mut notifier = self.notifier.take();
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            let work_pending = self.book.has_undispatched();
+            let wait = self.wait_for_deadline(work_pending);
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break Ok(());
+                    }
+                }
+                delivery = self.subscription.next() => {
+                    if let Err(error) = self.on_delivery(delivery).await {
+                        break Err(error);
+                    }
+                }
+                delivery = next_notification(&mut notifier) => {
+                    self.on_notification(delivery).await;
+                }
+                Some(message) = requests.next(), if self.config.serve_requests => {
+                    self.on_request(message).await;
+                }
+                _ = tokio::time::sleep(wait) => {
+                    self.fire_due().await;
+                    self.dispatch_filed().await;
+                }
+            }
+            self.progress.reached_sequence = self.book.reached_sequence();
+            self.progress_tx.send_replace(self.progress);
+            if self.commits_since_snapshot >= self.config.snapshot_every_commits {
+                self.write_snapshot().await;
+            }
+        };
+        for subscriber in requests.iter_mut() {
+            if let Err(error) = subscriber.drain().await {
+                warn!(%error, "drain command subscription");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, requests.next()).await {
+            self.on_request(message).await;
+        }
+        if self.commits_since_snapshot > 0 {
+            self.write_snapshot().await;
+        }
+        match self
+            .store
+            .jetstream()
+            .get_stream(&self.store.spec().stream_name)
+            .await
+        {
+            Ok(stream) => {
+                if let Err(error) = stream.delete_consumer(&self.durable).await {
+                    warn!(durable = %self.durable, %error, "delete private consumer");
+                }
+            }
+            Err(error) => warn!(%error, "open stream to delete private consumer"),
+        }
+        if let Err(error) = self.client.flush().await {
+            warn!(%error, "flush at shutdown");
+        }
+        info!(progress = ?self.progress, "dispatch stopped");
+        result
+    }
+
+    fn wait_for_deadline(&mut self, work_pending: bool) -> Duration {
+        if work_pending {
+            return Duration::ZERO;
+        }
+        let poll = self.config.deadline_poll_max;
+        match self.book.next_deadline() {
+            None => poll,
+            Some(at) => {
+                let ahead = at.0.saturating_sub(self.config.time.now().0);
+                if ahead <= 0 {
+                    return Duration::ZERO;
+                }
+                let wall = self.config.time.wall_ms_for(ahead).max(1) as u64;
+                Duration::from_millis(wall).min(poll)
+            }
+        }
+    }
+
+    async fn on_delivery(
+        &mut self,
+        delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+    ) -> Result<(), ServiceError> {
+        let delivery = delivery?;
+        match self.book.apply_commit(&delivery.commit) {
+            Applied::New => self.commits_since_snapshot += 1,
+            Applied::AlreadyHeld => {}
+            Applied::Gap { incident, held } => {
+                warn!(aggregate = %delivery.commit.aggregate, "commit out of order; reading the incident");
+                reload_into(
+                    &self.store,
+                    &mut self.book,
+                    &delivery.commit.aggregate,
+                    incident,
+                    held,
+                )
+                .await?;
+            }
+            Applied::Foreign(reason) => warn!(%reason, "commit skipped"),
+        }
+        if let Err(error) = delivery.ack().await {
+            debug!(%error, "ack failed; the commit may be redelivered (it is skipped then)");
+        }
+        Ok(())
+    }
+
+    async fn reload(&mut self, incident: IncidentId) -> Result<(), ServiceError> {
+        let Some(aggregate) = self.book.aggregate_of(incident) else {
+            return Ok(());
+        };
+        let held = self
+            .book
+            .get(incident)
+            .map_or(Position::NEW, |h| h.position);
+        reload_into(&self.store, &mut self.book, &aggregate, incident, held).await
+    }
+
+    fn meta(&self, actor: &Actor, now: Timestamp) -> CommitMeta {
+        CommitMeta {
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            actor: match actor.role {
+                Role::System => format!("system:dispatch/{}", self.config.instance),
+                role => format!("{role}/{}", actor.id),
+            },
+            occurred_at_ms: now.0,
+            traceparent: None,
+        }
+    }
+
+    fn system(&self) -> Actor {
+        Actor {
+            role: Role::System,
+            id: self.config.system_actor,
+        }
+    }
+
+    /// Decides a system command for each incident, appends the commits concurrently (distinct
+    /// aggregates) and folds in the ones stored. Returns how many were stored.
+    async fn system_batch(
+        &mut self,
+        incidents: &[IncidentId],
+        action: Action,
+        command_id: impl Fn(IncidentId) -> String,
+    ) -> (u64, Vec<IncidentId>) {
+        let now = self.config.time.now();
+        let actor = self.system();
+        let mut planned = Vec::with_capacity(incidents.len());
+        let mut untouched = Vec::new();
+        for &incident in incidents {
+            let (Some(held), Some(aggregate)) =
+                (self.book.get(incident), self.book.aggregate_of(incident))
+            else {
+                continue;
+            };
+            let command = IncidentCommand {
+                actor,
+                action: action.clone(),
+            };
+            match decide(&held.state, command, now, &self.config.policy) {
+                Ok(events) if !events.is_empty() => {
+                    let commit = Commit::new(command_id(incident), events, self.meta(&actor, now));
+                    planned.push((incident, aggregate, held.position, commit));
+                }
+                Ok(_) => untouched.push(incident),
+                Err(rejection) => {
+                    debug!(%incident, %rejection, "system command not applicable");
+                    untouched.push(incident);
+                }
+            }
+        }
+        let store = &self.store;
+        let results: Vec<Result<Appended, AppendError>> = futures::future::join_all(
+            planned
+                .iter()
+                .map(|(_, aggregate, position, commit)| store.append(aggregate, position, commit)),
+        )
+        .await;
+        let mut stored = 0;
+        for ((incident, _, _, commit), result) in planned.into_iter().zip(results) {
+            match result {
+                Ok(appended) if !appended.duplicate => {
+                    self.book
+                        .apply_own(incident, commit.events.iter(), appended.position);
+                    self.commits_since_snapshot += 1;
+                    stored += 1;
+                }
+                Ok(_) | Err(AppendError::Conflict { .. }) => {
+                    // Another instance (or this one before a restart) stored it first.
+                    self.progress.conflicts += 1;
+                    if let Err(error) = self.reload(incident).await {
+                        warn!(%error, "reload after a lost race");
+                    }
+                    untouched.push(incident);
+                }
+                Err(error) => {
+                    error!(%incident, %error, "append failed; will retry");
+                    untouched.push(incident);
+                }
+            }
+        }
+        self.progress.decisions += stored;
+        (stored, untouched)
+    }
+
+    /// Escalates every due deadline (a bounded batch per turn).
+    async fn fire_due(&mut self) {
+        let now = self.config.time.now();
+        let due = self.book.take_due(now, DUE_BATCH_MAX);
+        if due.is_empty() {
+            return;
+        }
+        let ids: Vec<IncidentId> = due.iter().map(|(id, _)| *id).collect();
+        let at_of = |incident: IncidentId| {
+            due.iter()
+                .find(|(id, _)| *id == incident)
+                .map_or(0, |(_, at)| at.0)
+        };
+        let (stored, untouched) = self
+            .system_batch(&ids, Action::DeadlineElapsed, |incident| {
+                format!("deadline:{incident}:{}", at_of(incident))
+            })
+            .await;
+        self.progress.deadlines_escalated += stored;
+        for incident in untouched {
+            self.book.reschedule(incident);
+        }
+    }
+
+    /// Dispatches filed incidents by the routing table.
+    async fn dispatch_filed(&mut self) {
+        let filed = self.book.take_undispatched(DISPATCH_BATCH_MAX);
+        if filed.is_empty() {
+            return;
+        }
+        let (stored, _) = self
+            .system_batch(&filed, Action::Dispatch { to: None }, |incident| {
+                format!("dispatch:{incident}")
+            })
+            .await;
+        self.progress.dispatched += stored;
+    }
+
+    async fn on_request(&mut self, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            debug!(subject = %message.subject, "request without reply subject ignored");
+            return;
+        };
+        let reply_body = match message
+            .subject
+            .as_str()
+            .strip_prefix(wire::SUBJECT_COMMAND_PREFIX)
+        {
+            Some(action) => {
+                let action = action.to_owned();
+                match wire::parse_command(&action, &message.payload) {
+                    Ok(command) => self.command(command).await,
+                    Err(reply) => reply,
+                }
+            }
+            None => CommandReply::rejected("unknown_subject", message.subject.to_string()),
+        };
+        match &reply_body {
+            CommandReply::Accepted { .. } => self.progress.commands_accepted += 1,
+            _ => self.progress.commands_rejected += 1,
+        }
+        if let Err(error) = self.client.publish(reply, to_json(&reply_body)).await {
+            warn!(%error, "reply not sent");
+        }
+    }
+
+    /// Decides a console command on the held state, appends it, folds it in, answers. A
+    /// command id seen recently is answered as before, without deciding again.
+    pub async fn command(&mut self, command: ConsoleCommand) -> CommandReply {
+        if let Some(id) = &command.command_id
+            && let Some(reply) = self.recent.get(id)
+        {
+            return reply;
+        }
+        let reply = self.decide_and_append(&command).await;
+        if let Some(id) = command.command_id {
+            self.recent.remember(id, &reply);
+        }
+        reply
+    }
+
+    async fn decide_and_append(&mut self, command: &ConsoleCommand) -> CommandReply {
+        let command_id = command
+            .command_id
+            .clone()
+            .unwrap_or_else(|| format!("console:{}", Uuid::now_v7()));
+        for attempt in 1..=COMMAND_ATTEMPTS_MAX {
+            let (Some(held), Some(aggregate)) = (
+                self.book.get(command.incident),
+                self.book.aggregate_of(command.incident),
+            ) else {
+                return CommandReply::from_rejection(&Rejection::NoSuchIncident);
+            };
+            let now = self.config.time.now();
+            let events = match decide(
+                &held.state,
+                IncidentCommand {
+                    actor: command.actor,
+                    action: command.action.clone(),
+                },
+                now,
+                &self.config.policy,
+            ) {
+                Ok(events) => events,
+                Err(rejection) => return CommandReply::from_rejection(&rejection),
+            };
+            let position = held.position;
+            let commit = Commit::new(command_id.clone(), events, self.meta(&command.actor, now));
+            match self.store.append(&aggregate, &position, &commit).await {
+                Ok(appended) if !appended.duplicate => {
+                    self.book
+                        .apply_own(command.incident, commit.events.iter(), appended.position);
+                    self.commits_since_snapshot += 1;
+                    self.progress.decisions += 1;
+                    return CommandReply::Accepted {
+                        incident: command.incident.0,
+                        version: appended.position.version,
+                        sequence: appended.position.sequence,
+                        duplicate: false,
+                        events: event_names(&commit.events),
+                    };
+                }
+                Ok(appended) => {
+                    if let Err(error) = self.reload(command.incident).await {
+                        warn!(%error, "reload after a duplicate command");
+                    }
+                    return CommandReply::Accepted {
+                        incident: command.incident.0,
+                        version: appended.position.version,
+                        sequence: appended.position.sequence,
+                        duplicate: true,
+                        events: Vec::new(),
+                    };
+                }
+                Err(AppendError::Conflict {
+                    reason: ConflictReason::CommandIdReused { command_id, .. },
+                    ..
+                }) => {
+                    return CommandReply::rejected(
+                        "command_id_reused",
+                        format!("command id {command_id} was already used for another command"),
+                    );
+                }
+                Err(AppendError::Conflict { .. }) if attempt < COMMAND_ATTEMPTS_MAX => {
+                    self.progress.conflicts += 1;
+                    if let Err(error) = self.reload(command.incident).await {
+                        return CommandReply::error("store_unavailable", error.to_string());
+                    }
+                }
+                Err(error) => return CommandReply::error("store_unavailable", error.to_string()),
+            }
+        }
+        CommandReply::error(
+            "conflict",
+            format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
+        )
+    }
+
+    async fn on_notification(
+        &mut self,
+        delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+    ) {
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                warn!(%error, "notifier delivery");
+                return;
+            }
+        };
+        let commit = &delivery.commit;
+        let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
+            let _ = delivery.ack().await;
+            return;
+        };
+        let events: Vec<&IncidentEvent> = commit.events.iter().map(|e| &e.event).collect();
+        let state = self.book.get(incident).map(|h: &Held| &h.state);
+        let notes =
+            notify::notifications(incident, &events, state, commit.sequence, commit.version);
+        let jetstream = self.store.jetstream();
+        let mut all_stored = true;
+        for (recipient, note) in &notes {
+            if let Err(error) =
+                publish_notification(jetstream, commit.sequence, *recipient, note).await
+            {
+                warn!(%error, "notification not stored; the commit will be redelivered");
+                all_stored = false;
+                break;
+            }
+            self.progress.notifications += 1;
+        }
+        if all_stored && let Err(error) = delivery.ack().await {
+            debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
+        }
+    }
+
+    async fn write_snapshot(&mut self) {
+        let Some(snapshots) = self.snapshots.clone() else {
+            self.commits_since_snapshot = 0;
+            return;
+        };
+        match write_snapshot(&snapshots, &self.book).await {
+            Ok(shards) => debug!(shards, "snapshot written"),
+            Err(error) => warn!(%error, "snapshot not written"),
+        }
+        self.commits_since_snapshot = 0;
+    }
+}
+
+async fn next_notification(
+    notifier: &mut Option<Subscription<codecs::IncidentCodec>>,
+) -> Result<eventstore::Delivery<IncidentEvent>, SubscribeError> {
+    match notifier {
+        Some(notifier) => notifier.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn publish_notification(
+    jetstream: &jetstream::Context,
+    stream_sequence: u64,
+    recipient: Recipient,
+    note: &Notification,
+) -> Result<(), String> {
+    let subject = recipient.subject();
+    let message = jetstream::message::PublishMessage::build()
+        .payload(to_json(note))
+        .message_id(format!("{stream_sequence}:{subject}:{}", note.kind));
+    let ack = jetstream
+        .send_publish(subject, message)
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Reads an incident's commits after `held` and folds them in.
+async fn reload_into(
+    store: &IncidentStore,
+    book: &mut Book,
+    aggregate: &AggregateId,
+    incident: IncidentId,
+    held: Position,
+) -> Result<(), ServiceError> {
+    let loaded = store
+        .load_after(aggregate, held)
+        .await
+        .map_err(|e| ServiceError::Reload {
+            incident: incident.to_string(),
+            reason: e.to_string(),
+        })?;
+    for commit in &loaded.commits {
+        if let Applied::Gap { .. } | Applied::Foreign(_) = book.apply_commit(commit) {
+            return Err(ServiceError::Reload {
+                incident: incident.to_string(),
+                reason: format!("commit at sequence {} does not follow", commit.sequence),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn shard_key(generation: u64, shard: usize) -> String {
+    format!("dispatch.g{generation}.s{shard}")
+}
+
+/// Writes the book as shards of a new generation, then the manifest pointing at them (CAS on
+/// the manifest: two instances never interleave generations).
+async fn write_snapshot(snapshots: &SnapshotStore, book: &Book) -> Result<usize, String> {
+    let current = snapshots
+        .read::<SnapshotManifest>(SNAPSHOT_MANIFEST_KEY, SNAPSHOT_FORMAT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let generation = current
+        .snapshot
+        .as_ref()
+        .map_or(1, |(m, _)| m.generation + 1);
+    let (templates, incidents) = book.parts();
+    let entries: Vec<(&IncidentId, &Held)> = incidents.collect();
+    let shards = entries.len().div_ceil(SNAPSHOT_INCIDENTS_PER_SHARD);
+    if shards > SNAPSHOT_SHARDS_MAX {
+        return Err(format!("{shards} shards, more than {SNAPSHOT_SHARDS_MAX}"));
+    }
+    let position = Position {
+        version: generation,
+        sequence: book.reached_sequence(),
+        hash: [0; 32],
+    };
+    for (shard, chunk) in entries.chunks(SNAPSHOT_INCIDENTS_PER_SHARD).enumerate() {
+        let key = shard_key(generation, shard);
+        let existing = snapshots
+            .read::<Vec<(IncidentId, Held)>>(&key, SNAPSHOT_FORMAT)
+            .await
+            .map_err(|e| e.to_string())?
+            .revision;
+        snapshots
+            .write(&key, SNAPSHOT_FORMAT, &chunk.to_vec(), position, existing)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let manifest = SnapshotManifest {
+        generation,
+        shards: shards as u32,
+        reached_sequence: book.reached_sequence(),
+        templates: templates.to_vec(),
+    };
+    snapshots
+        .write(
+            SNAPSHOT_MANIFEST_KEY,
+            SNAPSHOT_FORMAT,
+            &manifest,
+            position,
+            current.revision,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(shards)
+}
+
+/// Reads the latest complete snapshot; `None` (replay from the start) when absent or torn.
+async fn read_snapshot(snapshots: &SnapshotStore) -> Option<Book> {
+    let manifest = snapshots
+        .read::<SnapshotManifest>(SNAPSHOT_MANIFEST_KEY, SNAPSHOT_FORMAT)
+        .await
+        .ok()?
+        .snapshot?
+        .0;
+    let mut incidents = Vec::new();
+    for shard in 0..manifest.shards as usize {
+        let read = snapshots
+            .read::<Vec<(IncidentId, Held)>>(
+                &shard_key(manifest.generation, shard),
+                SNAPSHOT_FORMAT,
+            )
+            .await
+            .ok()?;
+        let (chunk, _) = read.snapshot?;
+        incidents.extend(chunk);
+    }
+    if incidents
+        .iter()
+        .any(|(_, h)| usize::from(h.template) >= manifest.templates.len())
+    {
+        return None;
+    }
+    let book = Book::from_parts(manifest.templates, incidents, manifest.reached_sequence);
+    info!(
+        incidents = book.len(),
+        reached = manifest.reached_sequence,
+        "dispatch book loaded from snapshot"
+    );
+    Some(book)
+}
+
+/// `Status` of an incident as held, for tests and tools.
+pub fn status_of(book: &Book, incident: IncidentId) -> Option<Status> {
+    book.get(incident).map(|h| h.state.status)
+}

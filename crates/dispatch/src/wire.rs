@@ -1,0 +1,266 @@
+//! Console commands and replies (JSON over NATS request/reply) and notifications.
+//!
+//! A command is a request on `dispatch.cmd.<action>`:
+//!
+//! ```json
+//! {"command_id":"console-7/0193..","incident":"0193..-..","actor":{"role":"department:chengguan","id":"..."},
+//!  "note":"..","reason":"..","minutes":60,"approve":true,"passed":true,
+//!  "satisfaction":"satisfied","reopen":false,"return_reason":"not_our_duty"}
+//! ```
+//!
+//! (only the fields the action needs). The reply is `{"status":"accepted",..}`,
+//! `{"status":"rejected","reason_code":..,"message":..}` for a business refusal (nothing was
+//! written), or `{"status":"error",..}` when the store could not be reached.
+
+use domain::incident::{Action, ReturnReason, Satisfaction};
+use domain::{Actor, ActorId, IncidentId, Rejection, Role};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of command subjects; the last token is the action.
+pub const SUBJECT_COMMAND_PREFIX: &str = "dispatch.cmd.";
+/// Wildcard the service subscribes to (queue group).
+pub const SUBJECT_COMMANDS: &str = "dispatch.cmd.*";
+/// Largest command request body.
+pub const REQUEST_BYTES_MAX: usize = 16 * 1024;
+/// Longest console command id.
+pub const COMMAND_ID_BYTES_MAX: usize = 128;
+
+/// The actions consoles may send, by subject token.
+pub const ACTIONS: &[&str] = &[
+    "acknowledge",
+    "resolve",
+    "return",
+    "request_extension",
+    "approve_extension",
+    "blow_whistle",
+    "report_to_whistle",
+    "verify",
+    "rate",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActorJson {
+    /// `resident`, `grid_worker`, `community`, `street`, `district`, `city` or
+    /// `department:<id>`.
+    pub role: String,
+    pub id: uuid::Uuid,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// Idempotency key: resending the same command id writes nothing new.
+    #[serde(default)]
+    pub command_id: Option<String>,
+    pub incident: uuid::Uuid,
+    pub actor: Option<ActorJson>,
+    #[serde(default)]
+    pub note: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub minutes: Option<u32>,
+    #[serde(default)]
+    pub approve: Option<bool>,
+    #[serde(default)]
+    pub passed: Option<bool>,
+    /// `satisfied`, `basically_satisfied`, `unsatisfied`.
+    #[serde(default)]
+    pub satisfaction: Option<String>,
+    #[serde(default)]
+    pub reopen: Option<bool>,
+    /// `not_our_duty`, `wrong_location`, `wrong_category`.
+    #[serde(default)]
+    pub return_reason: Option<String>,
+}
+
+/// A reply to a console command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CommandReply {
+    Accepted {
+        incident: uuid::Uuid,
+        /// The incident's version after the commit.
+        version: u64,
+        /// Stream sequence of the commit.
+        sequence: u64,
+        /// True when this command id was already stored (nothing new written).
+        duplicate: bool,
+        /// Event type names of the commit (empty for a duplicate).
+        events: Vec<String>,
+    },
+    Rejected {
+        reason_code: String,
+        message: String,
+    },
+    Error {
+        reason_code: String,
+        message: String,
+    },
+}
+
+impl CommandReply {
+    pub fn rejected(reason_code: &str, message: impl Into<String>) -> CommandReply {
+        CommandReply::Rejected {
+            reason_code: reason_code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub fn error(reason_code: &str, message: impl Into<String>) -> CommandReply {
+        CommandReply::Error {
+            reason_code: reason_code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub fn from_rejection(rejection: &Rejection) -> CommandReply {
+        CommandReply::rejected(&rejection_code(rejection), rejection.to_string())
+    }
+}
+
+/// `snake_case` of the rejection's variant, e.g. `not_assigned`.
+pub fn rejection_code(rejection: &Rejection) -> String {
+    let name = match serde_json::to_value(rejection) {
+        Ok(serde_json::Value::String(name)) => name,
+        Ok(serde_json::Value::Object(map)) => map.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let mut code = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                code.push('_');
+            }
+            code.push(c.to_ascii_lowercase());
+        } else {
+            code.push(c);
+        }
+    }
+    code
+}
+
+pub fn parse_role(text: &str) -> Result<Role, String> {
+    Ok(match text {
+        "resident" => Role::Resident,
+        "grid_worker" => Role::GridWorker,
+        "community" => Role::Community,
+        "street" => Role::Street,
+        "district" => Role::District,
+        "city" => Role::City,
+        other => match other.strip_prefix("department:") {
+            Some(id) => Role::Department(id.parse().map_err(|e| format!("{e}"))?),
+            None => return Err(format!("unknown role {other:?}")),
+        },
+    })
+}
+
+/// A parsed console command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleCommand {
+    pub command_id: Option<String>,
+    pub incident: IncidentId,
+    pub actor: Actor,
+    pub action: Action,
+}
+
+fn need<T>(value: Option<T>, field: &str, action: &str) -> Result<T, CommandReply> {
+    value.ok_or_else(|| {
+        CommandReply::rejected(
+            "missing_field",
+            format!("{action} needs the field {field:?}"),
+        )
+    })
+}
+
+/// Parses a request on `dispatch.cmd.<action>`. Consoles may not send `System` commands.
+pub fn parse_command(action: &str, payload: &[u8]) -> Result<ConsoleCommand, CommandReply> {
+    if payload.len() > REQUEST_BYTES_MAX {
+        return Err(CommandReply::rejected(
+            "too_large",
+            format!(
+                "request is {} bytes, more than {REQUEST_BYTES_MAX}",
+                payload.len()
+            ),
+        ));
+    }
+    let request: CommandRequest = serde_json::from_slice(payload)
+        .map_err(|e| CommandReply::rejected("malformed_json", e.to_string()))?;
+    if let Some(id) = &request.command_id
+        && (id.is_empty() || id.len() > COMMAND_ID_BYTES_MAX)
+    {
+        return Err(CommandReply::rejected(
+            "bad_command_id",
+            format!("command id must be 1..={COMMAND_ID_BYTES_MAX} bytes"),
+        ));
+    }
+    let actor_json = need(request.actor.clone(), "actor", action)?;
+    let role = parse_role(&actor_json.role).map_err(|e| CommandReply::rejected("bad_role", e))?;
+    let actor = Actor {
+        role,
+        id: ActorId(actor_json.id),
+    };
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let action_value = match action {
+        "acknowledge" => Action::Acknowledge,
+        "resolve" => Action::Resolve {
+            note: text(&request.note),
+        },
+        "return" => Action::ReturnNotOurs {
+            reason: match need(request.return_reason.as_deref(), "return_reason", action)? {
+                "not_our_duty" => ReturnReason::NotOurDuty,
+                "wrong_location" => ReturnReason::WrongLocation,
+                "wrong_category" => ReturnReason::WrongCategory,
+                other => {
+                    return Err(CommandReply::rejected(
+                        "bad_return_reason",
+                        format!("unknown return reason {other:?}"),
+                    ));
+                }
+            },
+            note: text(&request.note),
+        },
+        "request_extension" => Action::RequestExtension {
+            minutes: need(request.minutes, "minutes", action)?,
+            reason: text(&request.reason),
+        },
+        "approve_extension" => Action::DecideExtension {
+            approve: need(request.approve, "approve", action)?,
+            note: text(&request.note),
+        },
+        "blow_whistle" => Action::DeclareBeyondPowers {
+            reason: text(&request.reason),
+        },
+        "report_to_whistle" => Action::ReportToWhistle,
+        "verify" => Action::Verify {
+            passed: need(request.passed, "passed", action)?,
+            note: text(&request.note),
+        },
+        "rate" => Action::Rate {
+            satisfaction: match need(request.satisfaction.as_deref(), "satisfaction", action)? {
+                "satisfied" => Satisfaction::Satisfied,
+                "basically_satisfied" => Satisfaction::BasicallySatisfied,
+                "unsatisfied" => Satisfaction::Unsatisfied,
+                other => {
+                    return Err(CommandReply::rejected(
+                        "bad_satisfaction",
+                        format!("unknown satisfaction {other:?}"),
+                    ));
+                }
+            },
+            reopen: request.reopen.unwrap_or(false),
+        },
+        other => {
+            return Err(CommandReply::rejected(
+                "unknown_action",
+                format!("no console action {other:?}; one of {ACTIONS:?}"),
+            ));
+        }
+    };
+    Ok(ConsoleCommand {
+        command_id: request.command_id,
+        incident: IncidentId(request.incident),
+        actor,
+        action: action_value,
+    })
+}

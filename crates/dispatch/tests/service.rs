@@ -1,0 +1,427 @@
+//! The dispatch service on a real nats-server, in virtual time: the whole whistle ladder with
+//! silent departments, two instances at once (no double escalation), console commands with
+//! typed rejections, and an offline console catching up on its notification subject.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use dispatch::notify::{Notification, Recipient, console_consumer};
+use dispatch::{
+    CommandReply, DispatchConfig, DispatchService, IncidentStore, ManualTime, TimeSource,
+};
+use domain::incident::{Action, IncidentCommand};
+use domain::{Actor, ActorId, IncidentId, Policy, Role, Timestamp, decide};
+use eventstore::{
+    AggregateId, BoundedContext, Commit, CommitMeta, EventStore, Position, StreamSpec,
+};
+use expect_test::{Expect, expect};
+use futures::StreamExt as _;
+use tokio::sync::watch;
+
+/// 2026-05-06 10:00 (UTC+8), a working day.
+const START: Timestamp = Timestamp(1_778_032_800_000);
+const MINUTE: i64 = 60_000;
+const WAIT_MAX: Duration = Duration::from_secs(20);
+
+fn actor(role: Role, n: u128) -> Actor {
+    Actor {
+        role,
+        id: ActorId(uuid::Uuid::from_u128(n)),
+    }
+}
+
+async fn open_store(url: &str) -> (async_nats::Client, IncidentStore) {
+    let client = async_nats::connect(url).await.unwrap();
+    let store = EventStore::open(
+        async_nats::jetstream::new(client.clone()),
+        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
+    (client, store)
+}
+
+/// Appends what intake would: Reported + Filed, as one commit, at `now`.
+async fn report_and_file(
+    store: &IncidentStore,
+    n: u128,
+    category: &str,
+    now: Timestamp,
+) -> IncidentId {
+    let policy = Policy::embedded("sanming").unwrap();
+    let incident = IncidentId(uuid::Uuid::from_u128(0x1000 + n));
+    let reporter = actor(Role::Resident, 100 + n);
+    let mut state = domain::IncidentState::default();
+    let mut events = Vec::new();
+    for command in [
+        IncidentCommand {
+            actor: reporter,
+            action: Action::Report {
+                incident,
+                description: "fire in the stairwell".to_owned(),
+                position: None,
+                category_hint: None,
+            },
+        },
+        IncidentCommand {
+            actor: actor(Role::System, 9),
+            action: Action::File {
+                grid: "350402001002007".parse().unwrap(),
+                category: category.parse().unwrap(),
+            },
+        },
+    ] {
+        for event in decide(&state, command, now, &policy).unwrap() {
+            state.apply(&event);
+            events.push(event);
+        }
+    }
+    let meta = CommitMeta {
+        correlation_id: uuid::Uuid::now_v7(),
+        causation_id: uuid::Uuid::now_v7(),
+        actor: "system:intake".to_owned(),
+        occurred_at_ms: now.0,
+        traceparent: None,
+    };
+    let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
+    store
+        .append(
+            &aggregate,
+            &Position::NEW,
+            &Commit::new(format!("intake:{n}"), events, meta),
+        )
+        .await
+        .unwrap();
+    incident
+}
+
+struct Instance {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_instance(url: &str, name: &str, time: &ManualTime) -> Instance {
+    let (client, store) = open_store(url).await;
+    let mut config = DispatchConfig::new(Policy::embedded("sanming").unwrap());
+    config.instance = name.to_owned();
+    config.time = TimeSource::Manual(time.clone());
+    config.deadline_poll_max = Duration::from_millis(20);
+    config.snapshot_bucket = None;
+    let service = DispatchService::start(client, store, config).await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move { service.run(stopped).await.unwrap() });
+    Instance { stop, task }
+}
+
+/// One line per commit: who caused it (command id kind) and its event types, with the
+/// deadline-missed kinds and the whistle levels.
+async fn history(store: &IncidentStore, incident: IncidentId) -> String {
+    use domain::incident::IncidentEvent as E;
+    let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
+    let loaded = store.load(&aggregate).await.unwrap();
+    let mut out = String::new();
+    for commit in &loaded.commits {
+        let cause = commit.command_id.split(':').next().unwrap_or("");
+        let at = (commit.meta.occurred_at_ms - START.0) / MINUTE;
+        let events: Vec<String> = commit
+            .events
+            .iter()
+            .map(|e| match &e.event {
+                E::Dispatched { handler, .. } => format!("Dispatched({handler})"),
+                E::DeadlineMissed { deadline, .. } => format!("DeadlineMissed({deadline:?})"),
+                E::WhistleBlown {
+                    level, summoned, ..
+                } => format!(
+                    "WhistleBlown({level:?}: {})",
+                    summoned
+                        .iter()
+                        .map(|s| s.department.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                E::WhistleEscalated {
+                    from, to, summoned, ..
+                } => format!(
+                    "WhistleEscalated({from:?}->{to:?}: {})",
+                    summoned
+                        .iter()
+                        .map(|s| s.department.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                E::WhistleReportMissed { department, .. } => {
+                    format!("WhistleReportMissed({department})")
+                }
+                other => domain::encoding::encode_event(other).event_type.to_owned(),
+            })
+            .collect();
+        out.push_str(&format!(
+            "v{} +{at}min {cause}: {}\n",
+            commit.version,
+            events.join(" ")
+        ));
+    }
+    out
+}
+
+async fn wait_version(store: &IncidentStore, incident: IncidentId, version: u64) {
+    let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let position = store.last_position(&aggregate).await.unwrap();
+        if position.version >= version {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT_MAX,
+            "incident stuck at version {}",
+            position.version
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lets both instances look at the clock a few times (no event must appear).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn request(
+    client: &async_nats::Client,
+    action: &str,
+    body: serde_json::Value,
+) -> CommandReply {
+    let reply = client
+        .request(
+            format!("dispatch.cmd.{action}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+async fn drain(consumer: &PullConsumer) -> Vec<Notification> {
+    let mut out = Vec::new();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap();
+    while let Some(Ok(message)) = messages.next().await {
+        out.push(serde_json::from_slice(&message.payload).unwrap());
+        message.ack().await.unwrap();
+    }
+    out
+}
+
+fn check_commands(replies: &[(String, CommandReply)], expect: Expect) {
+    let text: Vec<String> = replies
+        .iter()
+        .map(|(what, reply)| match reply {
+            CommandReply::Accepted {
+                version,
+                events,
+                duplicate,
+                ..
+            } => {
+                format!(
+                    "{what}: accepted v{version} dup={duplicate} {}",
+                    events.join(" ")
+                )
+            }
+            CommandReply::Rejected {
+                reason_code,
+                message,
+            } => {
+                format!("{what}: rejected {reason_code} ({message})")
+            }
+            CommandReply::Error {
+                reason_code,
+                message,
+            } => format!("{what}: error {reason_code} ({message})"),
+        })
+        .collect();
+    expect.assert_eq(&(text.join("\n") + "\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let b = start_instance(&url, "dispatch-b", &time).await;
+
+    // 0405 fire: emergency, handled by xiaofang (10 min to respond, 120 to resolve, wall
+    // clock); the emergency whistle summons yingji (30 min to report).
+    let fire = report_and_file(&store, 1, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    settle().await;
+
+    // Consoles: a department the case is not assigned to, a resident, an unknown action.
+    let chengguan =
+        serde_json::json!({"role":"department:chengguan","id":uuid::Uuid::from_u128(7)});
+    let yingji = serde_json::json!({"role":"department:yingji","id":uuid::Uuid::from_u128(8)});
+    let replies = vec![
+        ("chengguan acknowledges".to_owned(), request(&client, "acknowledge", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
+        ("chengguan reports".to_owned(), request(&client, "report_to_whistle", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
+        ("system role".to_owned(), request(&client, "acknowledge", serde_json::json!({"incident":fire.0,"actor":{"role":"system","id":uuid::Uuid::from_u128(1)}})).await),
+        ("unknown action".to_owned(), request(&client, "park", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
+        ("unknown incident".to_owned(), request(&client, "acknowledge", serde_json::json!({"incident":uuid::Uuid::from_u128(5),"actor":chengguan})).await),
+        ("yingji verifies".to_owned(), request(&client, "verify", serde_json::json!({"incident":fire.0,"actor":yingji,"passed":true})).await),
+    ];
+    check_commands(
+        &replies,
+        expect![[r#"
+            chengguan acknowledges: rejected not_assigned (department:chengguan may not acknowledge: the case is neither assigned to it nor summoned it)
+            chengguan reports: rejected not_summoned (department chengguan was not summoned by the active whistle)
+            system role: rejected bad_role (unknown role "system")
+            unknown action: rejected unknown_action (no console action "park"; one of ["acknowledge", "resolve", "return", "request_extension", "approve_extension", "blow_whistle", "report_to_whistle", "verify", "rate"])
+            unknown incident: rejected no_such_incident (no incident has been reported under this id)
+            yingji verifies: rejected invalid_transition (verify is not possible while the incident is Dispatched)
+        "#]],
+    );
+
+    // Nobody answers. Step past every deadline in turn.
+    for (minutes, version) in [(11, 6), (31, 8), (41, 9), (121, 10)] {
+        time.set(Timestamp(START.0 + minutes * MINUTE));
+        wait_version(&store, fire, version).await;
+        settle().await;
+    }
+    time.set(Timestamp(START.0 + 2_000 * MINUTE));
+    settle().await;
+    expect![[r#"
+        v2 +0min intake: incident.reported incident.filed
+        v4 +0min dispatch: Dispatched(department:xiaofang) WhistleBlown(Street: xiaofang,yingji)
+        v6 +11min deadline: DeadlineMissed(Response) WhistleEscalated(Street->District: xiaofang)
+        v8 +31min deadline: WhistleReportMissed(yingji) WhistleEscalated(District->City: yingji)
+        v9 +41min deadline: WhistleReportMissed(xiaofang)
+        v11 +121min deadline: WhistleReportMissed(yingji) DeadlineMissed(Resolution)
+    "#]]
+    .assert_eq(&history(&store, fire).await);
+
+    // yingji's console was never online: its durable consumer, made now, has it all.
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let consumer = console_consumer(
+        &jetstream,
+        Recipient::Department("yingji".parse().unwrap()),
+        "console-yingji",
+    )
+    .await
+    .unwrap();
+    let notes = drain(&consumer).await;
+    let rendered: Vec<String> = notes
+        .iter()
+        .map(|n| format!("{} v{} {}", n.kind, n.version, n.recipient))
+        .collect();
+    expect![[r#"
+        summoned v4 dispatch.notify.department.yingji
+        report_missed v8 dispatch.notify.department.yingji
+        summoned v8 dispatch.notify.department.yingji
+        report_missed v11 dispatch.notify.department.yingji"#]]
+    .assert_eq(&rendered.join("\n"));
+
+    for instance in [a, b] {
+        instance.stop.send(true).unwrap();
+        instance.task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_department_acknowledges_resolves_and_the_case_closes() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let fire = report_and_file(&store, 2, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    let xiaofang = serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
+    let yingji = serde_json::json!({"role":"department:yingji","id":uuid::Uuid::from_u128(8)});
+    let worker = serde_json::json!({"role":"grid_worker","id":uuid::Uuid::from_u128(9)});
+    let resident = serde_json::json!({"role":"resident","id":uuid::Uuid::from_u128(100 + 2)});
+    time.set(Timestamp(START.0 + 5 * MINUTE));
+    let mut replies = Vec::new();
+    for (what, action, body) in [
+        (
+            "yingji reports",
+            "report_to_whistle",
+            serde_json::json!({"incident":fire.0,"actor":yingji,"command_id":"c1"}),
+        ),
+        (
+            "yingji reports again (same id)",
+            "report_to_whistle",
+            serde_json::json!({"incident":fire.0,"actor":yingji,"command_id":"c1"}),
+        ),
+        (
+            "yingji reports again",
+            "report_to_whistle",
+            serde_json::json!({"incident":fire.0,"actor":yingji}),
+        ),
+        (
+            "xiaofang resolves first",
+            "resolve",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"note":"out"}),
+        ),
+        (
+            "xiaofang acknowledges",
+            "acknowledge",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang}),
+        ),
+        (
+            "xiaofang asks for time",
+            "request_extension",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"minutes":60,"reason":"smoke"}),
+        ),
+        (
+            "street approves",
+            "approve_extension",
+            serde_json::json!({"incident":fire.0,"actor":{"role":"street","id":uuid::Uuid::from_u128(3)},"approve":true}),
+        ),
+        (
+            "xiaofang resolves",
+            "resolve",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"note":"out"}),
+        ),
+        (
+            "grid worker verifies",
+            "verify",
+            serde_json::json!({"incident":fire.0,"actor":worker,"passed":true}),
+        ),
+        (
+            "resident rates",
+            "rate",
+            serde_json::json!({"incident":fire.0,"actor":resident,"satisfaction":"satisfied"}),
+        ),
+    ] {
+        replies.push((what.to_owned(), request(&client, action, body).await));
+    }
+    check_commands(
+        &replies,
+        expect![[r#"
+            yingji reports: accepted v5 dup=false incident.whistle_reported
+            yingji reports again (same id): accepted v5 dup=true 
+            yingji reports again: rejected already_reported_to_whistle (department yingji has already reported)
+            xiaofang resolves first: rejected not_acknowledged (the handler has not acknowledged the case)
+            xiaofang acknowledges: accepted v6 dup=false incident.acknowledged
+            xiaofang asks for time: accepted v7 dup=false incident.extension_requested
+            street approves: accepted v8 dup=false incident.extension_approved
+            xiaofang resolves: accepted v9 dup=false incident.resolved
+            grid worker verifies: accepted v11 dup=false incident.verified incident.closed
+            resident rates: accepted v12 dup=false incident.rated
+        "#]],
+    );
+    // Nothing is due any more, however late it gets.
+    time.set(Timestamp(START.0 + 10_000 * MINUTE));
+    settle().await;
+    wait_version(&store, fire, 12).await;
+    let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
+    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 12);
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+}
