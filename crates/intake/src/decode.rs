@@ -1,0 +1,311 @@
+//! The intake decoder: bytes in, a valid submission or a typed refusal out. Pure and total —
+//! it never panics, whatever the bytes (`tests/decoder_props.rs` feeds it arbitrary input).
+
+use domain::CategoryCode;
+use domain::taxonomy::Taxonomy;
+
+use crate::wire::{Channel, Contact, Location, MediaRef, ReasonCode, Submission, SubmissionKind};
+
+/// Largest submission payload, in bytes (a 4,000-character description is at most 16 KB,
+/// media references at most 9 × 2 KB).
+pub const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+/// Longest description, in characters (the public contract).
+pub const DESCRIPTION_CHARS_MAX: usize = 4_000;
+/// Most media references per submission.
+pub const MEDIA_REFS_MAX: usize = 9;
+/// Longest media URL, in bytes.
+pub const MEDIA_URL_BYTES_MAX: usize = 2_048;
+/// Shortest and longest submission id, in bytes.
+pub const SUBMISSION_ID_BYTES_MIN: usize = 8;
+pub const SUBMISSION_ID_BYTES_MAX: usize = 64;
+/// Longest building id, in bytes.
+pub const BUILDING_ID_BYTES_MAX: usize = 128;
+/// Longest contact name or phone, in bytes.
+pub const CONTACT_FIELD_BYTES_MAX: usize = 128;
+/// Longest refusal message taken from a parser error, in bytes.
+const MESSAGE_BYTES_MAX: usize = 300;
+
+/// Limits of the decoder (defaults: the named constants above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub payload_bytes_max: usize,
+    pub description_chars_max: usize,
+    pub media_refs_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            payload_bytes_max: PAYLOAD_BYTES_MAX,
+            description_chars_max: DESCRIPTION_CHARS_MAX,
+            media_refs_max: MEDIA_REFS_MAX,
+        }
+    }
+}
+
+/// Where the problem is, after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Place {
+    Point { lon: f64, lat: f64 },
+    Building(String),
+}
+
+/// A submission that passed schema and taxonomy validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSubmission {
+    pub submission_id: String,
+    pub kind: SubmissionKind,
+    pub category: CategoryCode,
+    pub place: Place,
+    pub description: String,
+    pub media: Vec<MediaRef>,
+    pub channel: Channel,
+    pub reporter_id: uuid::Uuid,
+    pub occurred_at_ms: i64,
+    pub contact: Option<Contact>,
+}
+
+/// A refusal by the decoder, with whatever identification could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub submission_id: Option<String>,
+    pub reporter_id: Option<uuid::Uuid>,
+    pub channel: Option<Channel>,
+    pub reason_code: ReasonCode,
+    pub message: String,
+}
+
+/// Whether `id` is a usable submission id (it becomes a NATS subject token).
+pub fn is_valid_submission_id(id: &str) -> bool {
+    (SUBMISSION_ID_BYTES_MIN..=SUBMISSION_ID_BYTES_MAX).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn clip(mut text: String) -> String {
+    if text.len() > MESSAGE_BYTES_MAX {
+        let mut end = MESSAGE_BYTES_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Decodes and validates one payload. `fallback_id` is the `Nats-Msg-Id` of a durable
+/// submission, used to identify a refusal when the body carries no usable id.
+pub fn decode_submission(
+    bytes: &[u8],
+    fallback_id: Option<&str>,
+    limits: &Limits,
+    taxonomy: &Taxonomy,
+) -> Result<ValidSubmission, Refusal> {
+    let fallback = fallback_id
+        .filter(|id| is_valid_submission_id(id))
+        .map(str::to_owned);
+    let refuse = |submission_id: Option<String>, reason_code, message: String| Refusal {
+        submission_id,
+        reporter_id: None,
+        channel: None,
+        reason_code,
+        message: clip(message),
+    };
+    if bytes.len() > limits.payload_bytes_max {
+        return Err(refuse(
+            fallback,
+            ReasonCode::PayloadTooLarge,
+            format!(
+                "payload is {} bytes, more than {}",
+                bytes.len(),
+                limits.payload_bytes_max
+            ),
+        ));
+    }
+    let value: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(error) => {
+            return Err(refuse(
+                fallback,
+                ReasonCode::MalformedJson,
+                format!("payload is not JSON: {error}"),
+            ));
+        }
+    };
+    // Identification for the refusal record, read before the full parse can fail.
+    let body_id = value
+        .get("submission_id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| is_valid_submission_id(id))
+        .map(str::to_owned);
+    let known_id = body_id.or(fallback);
+    let submission: Submission = match serde_json::from_value(value) {
+        Ok(submission) => submission,
+        Err(error) => {
+            return Err(refuse(
+                known_id,
+                ReasonCode::SchemaViolation,
+                format!("not a submission: {error}"),
+            ));
+        }
+    };
+    validate(submission, known_id, limits, taxonomy)
+}
+
+fn validate(
+    submission: Submission,
+    known_id: Option<String>,
+    limits: &Limits,
+    taxonomy: &Taxonomy,
+) -> Result<ValidSubmission, Refusal> {
+    let refuse = |reason_code, message: String| Refusal {
+        submission_id: known_id.clone(),
+        reporter_id: Some(submission.reporter_id),
+        channel: Some(submission.channel),
+        reason_code,
+        message: clip(message),
+    };
+    use ReasonCode as R;
+    if !is_valid_submission_id(&submission.submission_id) {
+        return Err(refuse(
+            R::SchemaViolation,
+            format!(
+                "submission_id must be {SUBMISSION_ID_BYTES_MIN}..={SUBMISSION_ID_BYTES_MAX} characters of A-Z a-z 0-9 _ -"
+            ),
+        ));
+    }
+    let description_chars = submission.description.chars().count();
+    if description_chars > limits.description_chars_max {
+        return Err(refuse(
+            R::DescriptionTooLong,
+            format!(
+                "description is {description_chars} characters, more than {}",
+                limits.description_chars_max
+            ),
+        ));
+    }
+    if submission.description.len() > domain::incident::DESCRIPTION_BYTES_MAX {
+        return Err(refuse(
+            R::DescriptionTooLong,
+            format!(
+                "description is {} bytes of UTF-8, more than the incident record's {}",
+                submission.description.len(),
+                domain::incident::DESCRIPTION_BYTES_MAX
+            ),
+        ));
+    }
+    if submission.description.trim().is_empty() {
+        return Err(refuse(
+            R::SchemaViolation,
+            "description must not be empty".to_owned(),
+        ));
+    }
+    if submission.media.len() > limits.media_refs_max {
+        return Err(refuse(
+            R::TooManyMedia,
+            format!(
+                "{} media references, more than {}",
+                submission.media.len(),
+                limits.media_refs_max
+            ),
+        ));
+    }
+    for (index, media) in submission.media.iter().enumerate() {
+        let ok = match media {
+            MediaRef::Url(url) => {
+                url.len() <= MEDIA_URL_BYTES_MAX
+                    && (url.starts_with("https://") || url.starts_with("http://"))
+                    && !url.chars().any(char::is_whitespace)
+            }
+            MediaRef::Sha256(hash) => {
+                hash.len() == 64
+                    && hash
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }
+        };
+        if !ok {
+            return Err(refuse(
+                R::SchemaViolation,
+                format!(
+                    "media[{index}] must be an http(s) URL of at most {MEDIA_URL_BYTES_MAX} bytes or 64 lowercase hex digits"
+                ),
+            ));
+        }
+    }
+    let category: CategoryCode = match submission.category.parse() {
+        Ok(code) => code,
+        Err(error) => return Err(refuse(R::UnknownCategory, error.to_string())),
+    };
+    if !taxonomy.is_leaf(category) {
+        return Err(refuse(
+            R::UnknownCategory,
+            format!("category {category} is not a fileable category of the taxonomy"),
+        ));
+    }
+    let place = match &submission.location {
+        Location::Point(point) => {
+            let ok = point.lon.is_finite()
+                && point.lat.is_finite()
+                && (-180.0..=180.0).contains(&point.lon)
+                && (-90.0..=90.0).contains(&point.lat);
+            if !ok {
+                return Err(refuse(
+                    R::SchemaViolation,
+                    "location.point must have lon in -180..=180 and lat in -90..=90".to_owned(),
+                ));
+            }
+            Place::Point {
+                lon: point.lon,
+                lat: point.lat,
+            }
+        }
+        Location::BuildingId(id) => {
+            if id.is_empty() || id.len() > BUILDING_ID_BYTES_MAX {
+                return Err(refuse(
+                    R::SchemaViolation,
+                    format!("location.building_id must be 1..={BUILDING_ID_BYTES_MAX} bytes"),
+                ));
+            }
+            Place::Building(id.clone())
+        }
+    };
+    let occurred_at_ms = match time::OffsetDateTime::parse(
+        &submission.occurred_at,
+        &time::format_description::well_known::Rfc3339,
+    ) {
+        Ok(at) => (at.unix_timestamp_nanos() / 1_000_000) as i64,
+        Err(error) => {
+            return Err(refuse(
+                R::SchemaViolation,
+                format!("occurred_at is not RFC 3339: {error}"),
+            ));
+        }
+    };
+    if let Some(contact) = &submission.contact {
+        let too_long = [&contact.name, &contact.phone]
+            .into_iter()
+            .flatten()
+            .any(|field| field.len() > CONTACT_FIELD_BYTES_MAX);
+        if too_long {
+            return Err(refuse(
+                R::SchemaViolation,
+                format!("contact fields must be at most {CONTACT_FIELD_BYTES_MAX} bytes"),
+            ));
+        }
+    }
+    Ok(ValidSubmission {
+        submission_id: submission.submission_id,
+        kind: submission.kind,
+        category,
+        place,
+        description: submission.description,
+        media: submission.media,
+        channel: submission.channel,
+        reporter_id: submission.reporter_id,
+        occurred_at_ms,
+        contact: submission.contact,
+    })
+}

@@ -1,0 +1,999 @@
+//! The NATS shell of intake: one `tokio::select!` loop over the SUBMISSIONS consumer, the
+//! request subjects, the INCIDENTS follower and the shutdown signal. Submissions are taken in
+//! bounded batches: decided one by one in memory, then stored with all appends of a phase in
+//! flight at once (incident commits, then receipts), then acknowledged or answered.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use bytes::Bytes;
+use codecs::IncidentCodec;
+use domain::incident::{IncidentEvent, IncidentState};
+use domain::{IncidentId, Policy, Timestamp};
+use eventstore::{
+    AggregateId, AppendError, Commit, CommitMeta, EventStore, Position, PostcardCodec, ReplayRange,
+    SubscribeError, Subscription, SubscriptionConfig,
+};
+use futures::StreamExt as _;
+use futures::stream::{ReadyChunks, SelectAll};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::core::{
+    Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, intake_aggregate, refusal_event,
+};
+use crate::decode::{Limits, decode_submission, is_valid_submission_id};
+use crate::status;
+use crate::wire::{self, EraseContact, EraseReply, IncidentQuery, IncidentQueryReply, Receipt};
+
+/// The INTAKE stream's codec: one frozen v1 postcard type.
+pub type IntakeCodec = PostcardCodec<IntakeEvent>;
+/// Event type of INTAKE records.
+pub const INTAKE_EVENT_TYPE: &str = "intake.submission";
+/// Submissions taken from the stream (or requests) per batch.
+pub const SUBMISSION_BATCH_MAX: usize = 512;
+/// Unacknowledged submissions the server lets the intake consumer have out.
+pub const SUBMISSIONS_ACK_PENDING_MAX: i64 = 4_096;
+/// How long the server waits for an ack before redelivering a submission.
+pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Delay before a submission whose decision could not be stored is redelivered.
+const NAK_DELAY: Duration = Duration::from_secs(1);
+/// How long unprocessed submissions are kept (work-queue retention removes them on ack).
+pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The server drops the private follower consumer of a crashed instance after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// Longest wait for already-delivered requests at shutdown.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest query request body.
+const QUERY_BYTES_MAX: usize = 1024;
+/// Back-off after the submissions pull stream broke.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(200);
+
+/// How one intake instance runs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub core: CoreConfig,
+    pub limits: Limits,
+    /// Queue group of the request subjects, shared by all instances.
+    pub queue_group: String,
+    /// This instance's name (its private follower consumer's name starts with it).
+    pub instance: String,
+    /// Stream capturing `intake.submit.*`.
+    pub submissions_stream: String,
+    /// Durable consumer shared by all instances.
+    pub submissions_durable: String,
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+    /// KV bucket with reporters' contact details (erasable).
+    pub contacts_bucket: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            core: CoreConfig::default(),
+            limits: Limits::default(),
+            queue_group: "intake".to_owned(),
+            instance: "intake".to_owned(),
+            submissions_stream: "SUBMISSIONS".to_owned(),
+            submissions_durable: "intake".to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            contacts_bucket: "INTAKE_CONTACTS".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("create or update stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("create contacts bucket {bucket}: {reason}")]
+    Bucket { bucket: String, reason: String },
+    #[error("replay {stream}: {reason}")]
+    Replay { stream: String, reason: String },
+    #[error("create consumer {durable}: {reason}")]
+    Consumer { durable: String, reason: String },
+    #[error(transparent)]
+    Subscription(#[from] SubscribeError),
+    #[error("subscribe to {subject}: {reason}")]
+    Subscribe { subject: String, reason: String },
+}
+
+/// Creates (or updates) the SUBMISSIONS stream: work-queue retention, so a submission (which
+/// may hold contact details) is removed once intake acknowledged it.
+pub async fn ensure_submissions_stream(
+    jetstream: &jetstream::Context,
+    config: &ServiceConfig,
+) -> Result<stream::Stream, ServiceError> {
+    let stream_error = |reason: String| ServiceError::Stream {
+        stream: config.submissions_stream.clone(),
+        reason,
+    };
+    jetstream
+        .create_or_update_stream(stream::Config {
+            name: config.submissions_stream.clone(),
+            subjects: vec![wire::SUBJECT_SUBMIT_ALL.to_owned()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            max_age: SUBMISSIONS_MAX_AGE,
+            description: Some("wangge: submissions waiting for intake".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| stream_error(error.to_string()))?;
+    jetstream
+        .get_stream(&config.submissions_stream)
+        .await
+        .map_err(|error| stream_error(error.to_string()))
+}
+
+type Chunks<S> = Pin<Box<ReadyChunks<S>>>;
+
+/// One submission waiting to be decided.
+struct Input {
+    payload: Bytes,
+    fallback_id: Option<String>,
+    now: Timestamp,
+    origin: Origin,
+}
+
+enum Origin {
+    Durable(jetstream::Message),
+    Request(Option<async_nats::Subject>),
+}
+
+/// A started intake instance; call [`IntakeService::run`].
+pub struct IntakeService {
+    client: async_nats::Client,
+    incidents: EventStore<IncidentCodec>,
+    intake: EventStore<IntakeCodec>,
+    policy: Policy,
+    locator: Box<dyn Locate + Send + Sync>,
+    core: Core,
+    config: ServiceConfig,
+    contacts: kv::Store,
+    submissions_consumer: consumer::PullConsumer,
+    submissions: Option<Chunks<consumer::pull::Stream>>,
+    follower: Subscription<IncidentCodec>,
+    follower_durable: String,
+    requests: Chunks<async_nats::Subscriber>,
+    queries: SelectAll<async_nats::Subscriber>,
+}
+
+impl std::fmt::Debug for IntakeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntakeService")
+            .field("config", &self.config)
+            .field("open_incidents", &self.core.open_incidents())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .unwrap_or_else(|error| {
+            Bytes::from(format!(
+                r#"{{"status":"unavailable","message":"encode reply: {error}"}}"#
+            ))
+        })
+}
+
+fn uuid_from(text: &str) -> uuid::Uuid {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+fn meta(correlation: &str, now: Timestamp) -> CommitMeta {
+    let id = uuid_from(correlation);
+    CommitMeta {
+        correlation_id: id,
+        causation_id: id,
+        actor: "system:intake".to_owned(),
+        occurred_at_ms: now.0,
+        traceparent: None,
+    }
+}
+
+fn incident_aggregate(id: IncidentId) -> AggregateId {
+    // A hyphenated UUID is always a valid aggregate id.
+    AggregateId::new(id.0.to_string()).unwrap_or_else(|_| unreachable_aggregate())
+}
+
+#[allow(clippy::panic)]
+fn unreachable_aggregate() -> AggregateId {
+    panic!("a UUID is a valid aggregate id")
+}
+
+impl IntakeService {
+    /// Opens the streams, rebuilds the state from INTAKE and INCIDENTS, opens the consumers
+    /// and subscribes to the request subjects. Requests sent after it returns are answered.
+    pub async fn start(
+        client: async_nats::Client,
+        incidents: EventStore<IncidentCodec>,
+        intake: EventStore<IntakeCodec>,
+        policy: Policy,
+        locator: Box<dyn Locate + Send + Sync>,
+        config: ServiceConfig,
+    ) -> Result<IntakeService, ServiceError> {
+        let jetstream = incidents.jetstream().clone();
+        let submissions_stream = ensure_submissions_stream(&jetstream, &config).await?;
+        let contacts = jetstream
+            .create_key_value(kv::Config {
+                bucket: config.contacts_bucket.clone(),
+                description: "wangge: reporters' contact details (erasable)".to_owned(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| ServiceError::Bucket {
+                bucket: config.contacts_bucket.clone(),
+                reason: error.to_string(),
+            })?;
+        let started = std::time::Instant::now();
+        let mut core = Core::new(config.core);
+        let mut receipts = 0u64;
+        intake
+            .replay(ReplayRange::default(), |commit| {
+                for recorded in &commit.events {
+                    if let Some(id) = recorded.event.submission_id() {
+                        core.remember(id, recorded.event.receipt());
+                        receipts += 1;
+                    }
+                }
+            })
+            .await
+            .map_err(|error| ServiceError::Replay {
+                stream: intake.spec().stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        let mut gaps = Vec::new();
+        let reached = incidents
+            .replay(ReplayRange::default(), |commit| {
+                if core.fold(&commit).0 == Folded::Gap
+                    && let Ok(id) = uuid::Uuid::parse_str(commit.aggregate.as_str())
+                {
+                    gaps.push(IncidentId(id));
+                }
+            })
+            .await
+            .map_err(|error| ServiceError::Replay {
+                stream: incidents.spec().stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        // A private follower of INCIDENTS from where the replay ended.
+        let follower_durable = format!("{}-{}", config.instance, uuid::Uuid::now_v7().simple());
+        let mut follower_config = SubscriptionConfig::durable(follower_durable.clone());
+        follower_config.start_after_sequence = reached;
+        let incidents_stream = jetstream
+            .get_stream(&incidents.spec().stream_name)
+            .await
+            .map_err(|error| ServiceError::Stream {
+                stream: incidents.spec().stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        incidents_stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(follower_durable.clone()),
+                filter_subject: incidents.spec().all_subjects(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: reached + 1,
+                },
+                ack_wait: follower_config.ack_wait,
+                max_ack_pending: follower_config.ack_pending_max,
+                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| ServiceError::Consumer {
+                durable: follower_durable.clone(),
+                reason: error.to_string(),
+            })?;
+        let follower = incidents.subscribe(follower_config).await?;
+        let submissions_consumer = submissions_stream
+            .get_or_create_consumer(
+                &config.submissions_durable,
+                consumer::pull::Config {
+                    durable_name: Some(config.submissions_durable.clone()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: SUBMISSION_ACK_WAIT,
+                    max_ack_pending: SUBMISSIONS_ACK_PENDING_MAX,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| ServiceError::Consumer {
+                durable: config.submissions_durable.clone(),
+                reason: error.to_string(),
+            })?;
+        let subscribe = |subject: &'static str| {
+            let client = client.clone();
+            let group = config.queue_group.clone();
+            async move {
+                client
+                    .queue_subscribe(subject, group)
+                    .await
+                    .map_err(|error| ServiceError::Subscribe {
+                        subject: subject.to_owned(),
+                        reason: error.to_string(),
+                    })
+            }
+        };
+        let requests = Box::pin(
+            subscribe(wire::SUBJECT_REQUEST)
+                .await?
+                .ready_chunks(SUBMISSION_BATCH_MAX),
+        );
+        let queries = futures::stream::select_all([
+            subscribe(wire::SUBJECT_QUERY_RECEIPT).await?,
+            subscribe(wire::SUBJECT_QUERY_INCIDENT).await?,
+            subscribe(wire::SUBJECT_CONTACT_ERASE).await?,
+        ]);
+        client
+            .flush()
+            .await
+            .map_err(|error| ServiceError::Subscribe {
+                subject: "flush".to_owned(),
+                reason: error.to_string(),
+            })?;
+        let mut service = IntakeService {
+            client,
+            incidents,
+            intake,
+            policy,
+            locator,
+            core,
+            config,
+            contacts,
+            submissions_consumer,
+            submissions: None,
+            follower,
+            follower_durable,
+            requests,
+            queries,
+        };
+        for id in gaps {
+            service.reload(id).await;
+        }
+        info!(
+            receipts,
+            open_incidents = service.core.open_incidents(),
+            incidents_sequence = reached,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "intake state rebuilt"
+        );
+        Ok(service)
+    }
+
+    async fn open_submissions(&mut self) -> Option<()> {
+        if self.submissions.is_some() {
+            return Some(());
+        }
+        match self
+            .submissions_consumer
+            .stream()
+            .max_messages_per_batch(SUBMISSION_BATCH_MAX)
+            .messages()
+            .await
+        {
+            Ok(messages) => {
+                self.submissions = Some(Box::pin(messages.ready_chunks(SUBMISSION_BATCH_MAX)));
+                Some(())
+            }
+            Err(error) => {
+                warn!(%error, "open the submissions pull stream; retrying");
+                tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+                None
+            }
+        }
+    }
+
+    /// Serves until `shutdown` turns true (or its sender is dropped), then drains and returns.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
+        info!(queue_group = %self.config.queue_group, "intake serving");
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            if self.submissions.is_none() && self.open_submissions().await.is_none() {
+                continue;
+            }
+            let Some(submissions) = self.submissions.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break Ok(());
+                    }
+                }
+                batch = submissions.next() => match batch {
+                    Some(batch) => self.on_submissions(batch).await,
+                    None => {
+                        self.submissions = None;
+                        tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+                    }
+                },
+                Some(batch) = self.requests.next() => {
+                    let inputs = batch
+                        .into_iter()
+                        .map(|message| Input {
+                            payload: message.payload,
+                            fallback_id: None,
+                            now: Timestamp(now_ms()),
+                            origin: Origin::Request(message.reply),
+                        })
+                        .collect();
+                    self.decide_and_store(inputs).await;
+                }
+                Some(message) = self.queries.next() => self.on_query(message).await,
+                delivery = self.follower.next() => {
+                    if let Err(error) = self.on_follow(delivery).await {
+                        break Err(error);
+                    }
+                }
+            }
+        };
+        self.stop().await;
+        result
+    }
+
+    async fn stop(mut self) {
+        // Stop taking requests; answer the ones already delivered to us.
+        if let Err(error) = Pin::get_mut(self.requests.as_mut()).get_mut().drain().await {
+            warn!(%error, "drain the request subscription");
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
+        let mut answered = 0usize;
+        while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, self.requests.next()).await {
+            answered += batch.len();
+            let inputs = batch
+                .into_iter()
+                .map(|message| Input {
+                    payload: message.payload,
+                    fallback_id: None,
+                    now: Timestamp(now_ms()),
+                    origin: Origin::Request(message.reply),
+                })
+                .collect();
+            self.decide_and_store(inputs).await;
+        }
+        if let Err(error) = self.client.flush().await {
+            warn!(%error, "flush at shutdown");
+        }
+        match self
+            .incidents
+            .jetstream()
+            .get_stream(&self.incidents.spec().stream_name)
+            .await
+        {
+            Ok(stream) => {
+                if let Err(error) = stream.delete_consumer(&self.follower_durable).await {
+                    warn!(durable = %self.follower_durable, %error, "delete private consumer");
+                }
+            }
+            Err(error) => warn!(%error, "open INCIDENTS to delete the private consumer"),
+        }
+        info!(answered_while_draining = answered, "intake stopped");
+    }
+
+    async fn on_submissions(
+        &mut self,
+        batch: Vec<Result<jetstream::Message, consumer::pull::MessagesError>>,
+    ) {
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut broken = false;
+        for item in batch {
+            match item {
+                Ok(message) => {
+                    let now = message
+                        .info()
+                        .map(|info| (info.published.unix_timestamp_nanos() / 1_000_000) as i64)
+                        .unwrap_or_else(|_| now_ms());
+                    let fallback_id = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+                        .map(|value| value.as_str().to_owned());
+                    inputs.push(Input {
+                        payload: message.payload.clone(),
+                        fallback_id,
+                        now: Timestamp(now),
+                        origin: Origin::Durable(message),
+                    });
+                }
+                Err(error) => {
+                    warn!(%error, "submissions pull stream failed; re-creating it");
+                    broken = true;
+                }
+            }
+        }
+        if !inputs.is_empty() {
+            self.decide_and_store(inputs).await;
+        }
+        if broken {
+            self.submissions = None;
+            tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+        }
+    }
+
+    /// Decides every input in order, stores the incident commits (all aggregates in flight,
+    /// commits of one aggregate in order), then the receipts, then acks or answers.
+    async fn decide_and_store(&mut self, inputs: Vec<Input>) {
+        let mut plans: Vec<Plan> = Vec::with_capacity(inputs.len());
+        let mut contacts = Vec::new();
+        for input in &inputs {
+            let decoded = decode_submission(
+                &input.payload,
+                input.fallback_id.as_deref(),
+                &self.config.limits,
+                &self.policy.taxonomy,
+            );
+            let plan = match decoded {
+                Ok(valid) => {
+                    if self.core.receipt(&valid.submission_id).is_none()
+                        && self.core.receipts_evicted()
+                    {
+                        self.look_up_receipt(&valid.submission_id).await;
+                    }
+                    if let Some(contact) = &valid.contact
+                        && self.core.receipt(&valid.submission_id).is_none()
+                    {
+                        contacts.push((valid.reporter_id, contact.clone()));
+                    }
+                    self.core.plan(
+                        valid,
+                        &input.payload,
+                        input.now,
+                        self.locator.as_ref(),
+                        &self.policy,
+                    )
+                }
+                Err(refusal) => {
+                    let known = refusal
+                        .submission_id
+                        .as_deref()
+                        .and_then(|id| self.core.receipt(id));
+                    match known {
+                        Some(receipt) => Plan {
+                            receipt: receipt.clone(),
+                            record: None,
+                            incident: None,
+                        },
+                        None => {
+                            let event = refusal_event(&refusal, &input.payload);
+                            let receipt = event.receipt();
+                            if let Some(id) = &refusal.submission_id {
+                                self.core.remember(id, receipt.clone());
+                            }
+                            let aggregate = intake_aggregate(
+                                refusal.submission_id.as_deref(),
+                                &Sha256::digest(&input.payload).into(),
+                            );
+                            Plan {
+                                receipt,
+                                record: Some((aggregate, event)),
+                                incident: None,
+                            }
+                        }
+                    }
+                }
+            };
+            plans.push(plan);
+        }
+        let mut failed = vec![false; plans.len()];
+        // Phase 1: incident commits, one chain per aggregate.
+        let mut chains: Vec<(IncidentId, Vec<usize>)> = Vec::new();
+        let mut chain_of: HashMap<IncidentId, usize> = HashMap::new();
+        for (index, plan) in plans.iter().enumerate() {
+            if let Some(write) = &plan.incident {
+                let chain = *chain_of.entry(write.incident).or_insert_with(|| {
+                    chains.push((write.incident, Vec::new()));
+                    chains.len() - 1
+                });
+                chains[chain].1.push(index);
+            }
+        }
+        let appends = chains.iter().map(|(incident, indices)| {
+            let store = &self.incidents;
+            let plans = &plans;
+            let inputs = &inputs;
+            let start = self
+                .core
+                .tracked(incident)
+                .map_or(Position::NEW, |tracked| tracked.position);
+            let aggregate = incident_aggregate(*incident);
+            async move {
+                let mut position = start;
+                for (done, index) in indices.iter().enumerate() {
+                    let Some(write) = &plans[*index].incident else {
+                        continue;
+                    };
+                    let commit = Commit {
+                        command_id: write.command_id.clone(),
+                        event_ids: crate::core::event_ids_for(
+                            &write.command_id,
+                            write.events.len(),
+                        ),
+                        events: write.events.clone(),
+                        meta: meta(&write.command_id, inputs[*index].now),
+                    };
+                    match store.append(&aggregate, &position, &commit).await {
+                        Ok(appended) => position = appended.position,
+                        Err(error) => return Err((done, error)),
+                    }
+                }
+                Ok(position)
+            }
+        });
+        let results = futures::future::join_all(appends).await;
+        let mut reload = Vec::new();
+        for ((incident, indices), result) in chains.iter().zip(results) {
+            match result {
+                Ok(position) => {
+                    self.core.appended(*incident, position);
+                    if let Some(tracked) = self.core.tracked(incident) {
+                        let events = indices
+                            .iter()
+                            .filter_map(|index| plans[*index].incident.as_ref())
+                            .flat_map(|write| write.events.iter())
+                            .map(|event| {
+                                domain::encoding::encode_event(event).event_type.to_owned()
+                            })
+                            .collect();
+                        let now = indices
+                            .last()
+                            .map_or(Timestamp(now_ms()), |i| inputs[*i].now);
+                        let public = status::view(
+                            *incident,
+                            &tracked.state,
+                            position.version,
+                            events,
+                            now.0,
+                        );
+                        self.publish_status(&public).await;
+                    }
+                }
+                Err((done, error)) => {
+                    warn!(%incident, %error, "store incident commit");
+                    for index in &indices[done..] {
+                        failed[*index] = true;
+                    }
+                    reload.push(*incident);
+                }
+            }
+        }
+        // Phase 2: receipts (each submission's own aggregate, created once).
+        let records = plans.iter().enumerate().filter_map(|(index, plan)| {
+            let (aggregate, event) = plan.record.as_ref()?;
+            if failed[index] {
+                return None;
+            }
+            let store = &self.intake;
+            let now = inputs[index].now;
+            Some(async move {
+                let aggregate = AggregateId::new(aggregate.clone()).map_err(|error| {
+                    warn!(%error, "receipt aggregate id");
+                    Err(index)
+                })?;
+                let command_id = format!("receipt-{aggregate}");
+                let commit = Commit {
+                    event_ids: crate::core::event_ids_for(&command_id, 1),
+                    meta: meta(&command_id, now),
+                    command_id,
+                    events: vec![event.clone()],
+                };
+                match store.append(&aggregate, &Position::NEW, &commit).await {
+                    Ok(_) => Ok(index),
+                    Err(AppendError::Conflict { .. }) => {
+                        // Another instance decided this submission first: its receipt wins.
+                        match store.load(&aggregate).await {
+                            Ok(loaded) => Err(loaded.events().next().map(|e| (index, e.receipt()))),
+                            Err(error) => {
+                                warn!(%error, "read the stored receipt");
+                                Err(None)
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, "store receipt");
+                        Err(None)
+                    }
+                }
+                .map_err(|stored| stored.ok_or(index))
+            })
+        });
+        let contact_writes = contacts.iter().map(|(reporter, contact)| {
+            let contacts = &self.contacts;
+            async move {
+                let value = serde_json::to_vec(contact).unwrap_or_default();
+                if let Err(error) = contacts.put(reporter.to_string(), value.into()).await {
+                    warn!(%error, "store contact details");
+                }
+            }
+        });
+        let (stored, _) = futures::future::join(
+            futures::future::join_all(records),
+            futures::future::join_all(contact_writes),
+        )
+        .await;
+        for result in stored {
+            match result {
+                Ok(_) => {}
+                Err(Ok((index, receipt))) => {
+                    if let Some(id) = receipt_id(&receipt) {
+                        self.core.remember(&id, receipt.clone());
+                    }
+                    plans[index].receipt = receipt;
+                }
+                Err(Err(index)) => failed[index] = true,
+            }
+        }
+        for incident in reload {
+            self.reload(incident).await;
+        }
+        // Phase 3: acknowledge or answer.
+        for ((input, plan), failed) in inputs.into_iter().zip(plans).zip(failed) {
+            let receipt = if failed {
+                if let Some(id) = receipt_id(&plan.receipt) {
+                    self.core.forget_receipt(&id);
+                }
+                Receipt::Unavailable {
+                    message:
+                        "the decision could not be stored; send again with the same submission_id"
+                            .to_owned(),
+                }
+            } else {
+                plan.receipt
+            };
+            match input.origin {
+                Origin::Durable(message) => {
+                    let ack = if failed {
+                        message.ack_with(AckKind::Nak(Some(NAK_DELAY))).await
+                    } else {
+                        message.ack().await
+                    };
+                    if let Err(error) = ack {
+                        warn!(%error, "acknowledge submission");
+                    }
+                    if !failed && let Some(id) = receipt_id(&receipt) {
+                        let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
+                        if let Err(error) = self.client.publish(subject, to_json(&receipt)).await {
+                            warn!(%error, "announce receipt");
+                        }
+                    }
+                }
+                Origin::Request(Some(reply)) => {
+                    if let Err(error) = self.client.publish(reply, to_json(&receipt)).await {
+                        warn!(%error, "answer submission request");
+                    }
+                }
+                Origin::Request(None) => {}
+            }
+        }
+    }
+
+    async fn look_up_receipt(&mut self, submission_id: &str) {
+        let Ok(aggregate) = AggregateId::new(submission_id) else {
+            return;
+        };
+        match self.intake.load(&aggregate).await {
+            Ok(loaded) => {
+                if let Some(event) = loaded.events().next() {
+                    self.core.remember(submission_id, event.receipt());
+                }
+            }
+            Err(error) => warn!(%error, "look up an old receipt"),
+        }
+    }
+
+    async fn publish_status(&self, public: &wire::IncidentStatus) {
+        let subject = format!("{}{}", wire::SUBJECT_STATUS_PREFIX, public.incident_id);
+        if let Err(error) = self.client.publish(subject, to_json(public)).await {
+            warn!(%error, "publish incident status");
+        }
+    }
+
+    async fn reload(&mut self, incident: IncidentId) {
+        match self.incidents.load(&incident_aggregate(incident)).await {
+            Ok(loaded) => self.core.reload(incident, &loaded.commits),
+            Err(error) => warn!(%incident, %error, "reload incident"),
+        }
+    }
+
+    async fn on_follow(
+        &mut self,
+        delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+    ) -> Result<(), ServiceError> {
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(SubscribeError::Decode {
+                sequence,
+                source,
+                message,
+                ..
+            }) => {
+                warn!(sequence, %source, "INCIDENTS commit does not decode; skipped");
+                if let Err(error) = message.ack().await {
+                    warn!(%error, "ack undecodable commit");
+                }
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        match self.core.fold(&delivery.commit) {
+            (Folded::Applied, Some(public)) => self.publish_status(&public).await,
+            (Folded::Gap, _) => {
+                if let Ok(id) = uuid::Uuid::parse_str(delivery.commit.aggregate.as_str()) {
+                    self.reload(IncidentId(id)).await;
+                    if let Some(tracked) = self.core.tracked(&IncidentId(id)) {
+                        let public = status::view(
+                            IncidentId(id),
+                            &tracked.state,
+                            tracked.position.version,
+                            Vec::new(),
+                            delivery.commit.meta.occurred_at_ms,
+                        );
+                        self.publish_status(&public).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Err(error) = delivery.ack().await {
+            warn!(%error, "ack INCIDENTS commit");
+        }
+        Ok(())
+    }
+
+    async fn on_query(&mut self, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let body = if message.payload.len() > QUERY_BYTES_MAX {
+            Err(format!("request is more than {QUERY_BYTES_MAX} bytes"))
+        } else {
+            Ok(&message.payload[..])
+        };
+        let answer = match message.subject.as_str() {
+            wire::SUBJECT_QUERY_RECEIPT => {
+                let query = body.and_then(|body| {
+                    serde_json::from_slice::<wire::ReceiptQuery>(body)
+                        .map_err(|error| error.to_string())
+                });
+                let receipt = match query {
+                    Ok(query) if is_valid_submission_id(&query.submission_id) => {
+                        if self.core.receipt(&query.submission_id).is_none() {
+                            self.look_up_receipt(&query.submission_id).await;
+                        }
+                        self.core.receipt(&query.submission_id).cloned().unwrap_or(
+                            Receipt::Rejected {
+                                submission_id: Some(query.submission_id),
+                                reason_code: wire::ReasonCode::NotFound,
+                                message: "no submission with this id was received".to_owned(),
+                            },
+                        )
+                    }
+                    Ok(_) => Receipt::Rejected {
+                        submission_id: None,
+                        reason_code: wire::ReasonCode::SchemaViolation,
+                        message: "submission_id is not a valid submission id".to_owned(),
+                    },
+                    Err(message) => Receipt::Rejected {
+                        submission_id: None,
+                        reason_code: wire::ReasonCode::MalformedJson,
+                        message,
+                    },
+                };
+                to_json(&receipt)
+            }
+            wire::SUBJECT_QUERY_INCIDENT => {
+                let query = body.and_then(|body| {
+                    serde_json::from_slice::<IncidentQuery>(body).map_err(|error| error.to_string())
+                });
+                let answer = match query {
+                    Ok(query) => self.incident_answer(IncidentId(query.incident_id)).await,
+                    Err(message) => IncidentQueryReply::Rejected {
+                        reason_code: "malformed_request".to_owned(),
+                        message,
+                    },
+                };
+                to_json(&answer)
+            }
+            wire::SUBJECT_CONTACT_ERASE => {
+                let query = body.and_then(|body| {
+                    serde_json::from_slice::<EraseContact>(body).map_err(|error| error.to_string())
+                });
+                let answer = match query {
+                    Ok(query) => match self.contacts.purge(query.reporter_id.to_string()).await {
+                        Ok(()) => EraseReply::Erased {
+                            reporter_id: query.reporter_id,
+                        },
+                        Err(error) => EraseReply::Rejected {
+                            reason_code: "store_unavailable".to_owned(),
+                            message: error.to_string(),
+                        },
+                    },
+                    Err(message) => EraseReply::Rejected {
+                        reason_code: "malformed_request".to_owned(),
+                        message,
+                    },
+                };
+                to_json(&answer)
+            }
+            _ => return,
+        };
+        if let Err(error) = self.client.publish(reply, answer).await {
+            warn!(%error, "answer query");
+        }
+    }
+
+    async fn incident_answer(&self, incident: IncidentId) -> IncidentQueryReply {
+        if let Some(tracked) = self.core.tracked(&incident)
+            && tracked.position.version > 0
+        {
+            return IncidentQueryReply::Found {
+                incident: status::view(
+                    incident,
+                    &tracked.state,
+                    tracked.position.version,
+                    Vec::new(),
+                    now_ms(),
+                ),
+            };
+        }
+        match self.incidents.load(&incident_aggregate(incident)).await {
+            Ok(loaded) if !loaded.commits.is_empty() => {
+                let state = IncidentState::from_events(loaded.events());
+                let changed_at = loaded
+                    .commits
+                    .last()
+                    .map_or(0, |commit| commit.meta.occurred_at_ms);
+                IncidentQueryReply::Found {
+                    incident: status::view(
+                        incident,
+                        &state,
+                        loaded.position.version,
+                        Vec::new(),
+                        changed_at,
+                    ),
+                }
+            }
+            Ok(_) => IncidentQueryReply::NotFound {
+                incident_id: incident.0,
+            },
+            Err(error) => IncidentQueryReply::Rejected {
+                reason_code: "store_unavailable".to_owned(),
+                message: error.to_string(),
+            },
+        }
+    }
+}
+
+fn receipt_id(receipt: &Receipt) -> Option<String> {
+    match receipt {
+        Receipt::Filed { submission_id, .. } | Receipt::Merged { submission_id, .. } => {
+            Some(submission_id.clone())
+        }
+        Receipt::Rejected { submission_id, .. } => submission_id.clone(),
+        Receipt::Unavailable { .. } => None,
+    }
+}

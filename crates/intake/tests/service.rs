@@ -1,0 +1,508 @@
+//! The intake service against a real nats-server, with a real grid registry: the durable path
+//! across an intake outage, resubmission, every rejection reason, duplicate merge, status
+//! updates, queries and contact erasure.
+
+use std::time::Duration;
+
+use codecs::IncidentCodec;
+use eventstore::{BoundedContext, EventStore, StreamSpec};
+use expect_test::{Expect, expect};
+use futures::StreamExt as _;
+use intake::{IntakeCodec, IntakeService, ServiceConfig};
+use registry::{RegistryCodec, RegistryService};
+use serde_json::{Value, json};
+use testkit::NatsServer;
+use tokio::sync::watch;
+
+/// South-west corner of the test community (Sanming, Fujian) and ~100 m in degrees.
+const ORIGIN: (f64, f64) = (117.6300, 26.2600);
+const STEP: f64 = 0.001;
+const REPORTER: &str = "0193a1b2-0000-7000-8000-000000000001";
+const OTHER_REPORTER: &str = "0193a1b2-0000-7000-8000-000000000002";
+const THIRD_REPORTER: &str = "0193a1b2-0000-7000-8000-000000000003";
+
+async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .name("intake-test")
+        .connect(url)
+        .await
+        .expect("connect to nats-server")
+}
+
+fn spec(context: BoundedContext) -> StreamSpec {
+    StreamSpec::for_context(context, 1, Duration::from_secs(120))
+}
+
+struct Stack {
+    registry_stop: watch::Sender<bool>,
+    locator: registry::Locator,
+}
+
+/// A registry with one partitioned community of 9 buildings.
+async fn registry(url: &str) -> Stack {
+    let client = connect(url).await;
+    let grids = EventStore::open(
+        async_nats::jetstream::new(client.clone()),
+        spec(BoundedContext::Grids),
+        RegistryCodec,
+    )
+    .await
+    .expect("open GRIDS");
+    let config =
+        registry::ServiceConfig::new(standards::builtin("sanming").expect("sanming profile"));
+    let service = RegistryService::start(client.clone(), grids, config)
+        .await
+        .expect("start registry");
+    let locator = service.locator();
+    let (registry_stop, stopped) = watch::channel(false);
+    tokio::spawn(service.run(stopped));
+    let (x, y) = ORIGIN;
+    let s = 4.0 * STEP;
+    send(
+        &client,
+        "grids.cmd.register_community",
+        json!({
+            "command_id": "cmd-register-1", "community_id": "liedong", "code": "350402001001",
+            "name": "列东社区", "street": "列东街道", "district": "三元区",
+            "boundary": [[[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]]
+        }),
+    )
+    .await;
+    let mut buildings = Vec::new();
+    for row in 0..3 {
+        for column in 0..3 {
+            let (lon, lat) = position(0.8 + column as f64 * 1.2, 0.8 + row as f64 * 1.2);
+            buildings.push(json!({"id": format!("b{}", row * 3 + column + 1),
+                "lon": lon, "lat": lat, "households": 60}));
+        }
+    }
+    send(
+        &client,
+        "grids.cmd.import_buildings",
+        json!({"command_id": "cmd-import-1", "community_id": "liedong", "buildings": buildings}),
+    )
+    .await;
+    send(
+        &client,
+        "grids.cmd.partition",
+        json!({"command_id": "cmd-partition-1", "community_id": "liedong"}),
+    )
+    .await;
+    for _ in 0..100 {
+        if locator.grids() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(locator.grids() > 0, "registry drew grids");
+    Stack {
+        registry_stop,
+        locator,
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), intake::ServiceError>>,
+}
+
+async fn start_intake(url: &str, locator: &registry::Locator, config: ServiceConfig) -> Running {
+    let client = connect(url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let incidents = EventStore::open(
+        jetstream.clone(),
+        spec(BoundedContext::Incidents),
+        IncidentCodec,
+    )
+    .await
+    .expect("open INCIDENTS");
+    let intake_store = EventStore::open(
+        jetstream,
+        spec(BoundedContext::Intake),
+        IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+    )
+    .await
+    .expect("open INTAKE");
+    let service = IntakeService::start(
+        client,
+        incidents,
+        intake_store,
+        domain::Policy::embedded("sanming").expect("sanming policy"),
+        Box::new(locator.clone()),
+        config,
+    )
+    .await
+    .expect("start intake");
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(service.run(stopped));
+    Running { stop, task }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.send(true).expect("intake listens");
+        self.task
+            .await
+            .expect("intake task")
+            .expect("intake ends cleanly");
+    }
+}
+
+fn position(column: f64, row: f64) -> (f64, f64) {
+    (ORIGIN.0 + column * STEP, ORIGIN.1 + row * STEP)
+}
+
+/// Building `index % 9`'s position, moved `index / 9` × ~2 m east (inside its grid).
+fn near_building(index: usize) -> (f64, f64) {
+    let (column, row) = ((index % 9) % 3, (index % 9) / 3);
+    let (lon, lat) = position(0.8 + column as f64 * 1.2, 0.8 + row as f64 * 1.2);
+    (lon + (index / 9) as f64 * 0.00002, lat)
+}
+
+async fn request(client: &async_nats::Client, subject: &str, body: Vec<u8>) -> Value {
+    let reply = client
+        .request(subject.to_owned(), body.into())
+        .await
+        .unwrap_or_else(|error| panic!("request {subject}: {error}"));
+    serde_json::from_slice(&reply.payload).expect("reply is JSON")
+}
+
+async fn send(client: &async_nats::Client, subject: &str, body: Value) -> Value {
+    request(client, subject, body.to_string().into_bytes()).await
+}
+
+fn submission(id: &str, reporter: &str, category: &str, (lon, lat): (f64, f64)) -> Value {
+    json!({
+        "submission_id": id,
+        "kind": "problem_report",
+        "category": category,
+        "location": {"point": {"lon": lon, "lat": lat}},
+        "description": "垃圾桶满溢 overflowing bin",
+        "media": [{"sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}],
+        "channel": "app",
+        "reporter_id": reporter,
+        "occurred_at": "2026-11-20T08:30:00+08:00",
+        "contact": {"name": "张三", "phone": "13800000000"}
+    })
+}
+
+/// Snapshots a JSON value without its time-dependent fields.
+fn check(value: &Value, expect: Expect) {
+    let mut value = value.clone();
+    for field in [
+        "respond_by",
+        "respond_by_ms",
+        "resolve_by_ms",
+        "changed_at_ms",
+    ] {
+        if let Some(slot) = value.get_mut(field)
+            && !slot.is_null()
+        {
+            *slot = json!("<time>");
+        }
+    }
+    expect.assert_eq(&value.to_string());
+}
+
+async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let mut stream = jetstream.get_stream(stream).await.expect("stream");
+    stream.info().await.expect("stream info").state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    // Intake creates SUBMISSIONS; then it goes down.
+    let first = start_intake(&url, &stack.locator, ServiceConfig::default()).await;
+    first.shutdown().await;
+
+    // While intake is down, apps publish durably; the server acknowledges each.
+    let mut receipts = client
+        .subscribe("intake.receipts.>")
+        .await
+        .expect("subscribe receipts");
+    for index in 0..20 {
+        let id = format!("durable-{index:04}");
+        let body = submission(&id, REPORTER, "0101", near_building(index));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        for _ in 0..3 {
+            // The same submission sent three times.
+            let ack = jetstream
+                .publish_with_headers(
+                    "intake.submit.app",
+                    headers.clone(),
+                    body.to_string().into(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("server acknowledged");
+            assert_eq!(ack.stream, "SUBMISSIONS");
+        }
+    }
+    assert_eq!(
+        stream_messages(&client, "SUBMISSIONS").await,
+        20,
+        "Msg-Id dedup"
+    );
+
+    let mut config = ServiceConfig::default();
+    config.core.rate_burst = 1_000;
+    config.core.dedup_radius_m = 0.0;
+    let second = start_intake(&url, &stack.locator, config.clone()).await;
+    let mut filed = 0;
+    while filed < 20 {
+        let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
+            .await
+            .expect("receipt within 10 s")
+            .expect("receipt");
+        let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        assert_eq!(receipt["status"], "filed", "{receipt}");
+        filed += 1;
+    }
+    assert_eq!(
+        stream_messages(&client, "INCIDENTS").await,
+        20,
+        "one commit per incident"
+    );
+    assert_eq!(
+        stream_messages(&client, "INTAKE").await,
+        20,
+        "one receipt per submission"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        stream_messages(&client, "SUBMISSIONS").await,
+        0,
+        "acked and removed"
+    );
+
+    // The same submission id on the request path returns the original receipt, writes nothing.
+    let again = submission("durable-0003", REPORTER, "0101", near_building(3));
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        replies.push(send(&client, "intake.request", again.clone()).await);
+    }
+    assert!(replies.iter().all(|reply| *reply == replies[0]));
+    check(
+        &replies[0],
+        expect![[
+            r#"{"grid_code":"350402001001001","incident_id":"4eac5c3d-0999-8a4c-a2f5-ccb6b6f776c4","respond_by":"<time>","respond_by_ms":"<time>","status":"filed","submission_id":"durable-0003"}"#
+        ]],
+    );
+    second.shutdown().await;
+    // A restarted intake remembers receipts from the INTAKE stream.
+    let third = start_intake(&url, &stack.locator, config).await;
+    let reply = send(&client, "intake.request", again).await;
+    assert_eq!(reply["status"], "filed");
+    assert_eq!(stream_messages(&client, "INCIDENTS").await, 20);
+    assert_eq!(stream_messages(&client, "INTAKE").await, 20);
+    third.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_merges_status_queries_and_erasure() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let mut config = ServiceConfig::default();
+    config.core.rate_burst = 3;
+    let running = start_intake(&url, &stack.locator, config).await;
+    let b1 = position(0.8, 0.8);
+
+    // Every rejection reason.
+    let reject = |body: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            let reply = request(&client, "intake.request", body).await;
+            format!("{} {}", reply["reason_code"], reply["message"])
+        }
+    };
+    let valid = submission("reject-00001", REPORTER, "0101", b1);
+    expect![[r#""malformed_json" "payload is not JSON: key must be a string at line 1 column 2""#]]
+        .assert_eq(&reject(b"{oops".to_vec()).await);
+    expect![[r#""schema_violation" "not a submission: missing field `channel`""#]].assert_eq(
+        &reject({
+            let mut body = valid.clone();
+            body.as_object_mut().map(|o| o.remove("channel"));
+            body["submission_id"] = json!("reject-00002");
+            body.to_string().into_bytes()
+        })
+        .await,
+    );
+    let mut body = valid.clone();
+    body["submission_id"] = json!("reject-00003");
+    body["category"] = json!("0199");
+    expect![[r#""unknown_category" "category 0199 is not a fileable category of the taxonomy""#]]
+        .assert_eq(&reject(body.to_string().into_bytes()).await);
+    let mut body = valid.clone();
+    body["submission_id"] = json!("reject-00004");
+    body["location"] = json!({"point": {"lon": ORIGIN.0 + 0.5, "lat": ORIGIN.1}});
+    expect![[r#""outside_communities" "the location is outside every community with grids""#]]
+        .assert_eq(&reject(body.to_string().into_bytes()).await);
+    let mut body = valid.clone();
+    body["submission_id"] = json!("reject-00005");
+    body["description"] = json!("字".repeat(4_001));
+    expect![[r#""description_too_long" "description is 4001 characters, more than 4000""#]]
+        .assert_eq(&reject(body.to_string().into_bytes()).await);
+    let mut body = valid.clone();
+    body["submission_id"] = json!("reject-00006");
+    body["media"] = json!(vec![json!({"url": "https://media.example/a.jpg"}); 10]);
+    expect![[r#""too_many_media" "10 media references, more than 9""#]]
+        .assert_eq(&reject(body.to_string().into_bytes()).await);
+    expect![[r#""payload_too_large" "payload is 70000 bytes, more than 65536""#]]
+        .assert_eq(&reject(vec![b' '; 70_000]).await);
+    // Rejected submissions are recorded (one INTAKE record per refusal).
+    check(
+        &send(
+            &client,
+            "intake.query.receipt",
+            json!({"submission_id": "reject-00003"}),
+        )
+        .await,
+        expect![[
+            r#"{"message":"category 0199 is not a fileable category of the taxonomy","reason_code":"unknown_category","status":"rejected","submission_id":"reject-00003"}"#
+        ]],
+    );
+
+    // Duplicate merge, with a status subscriber on the original incident.
+    let first = send(
+        &client,
+        "intake.request",
+        submission("merge-00001", REPORTER, "0103", b1),
+    )
+    .await;
+    let incident = first["incident_id"].as_str().expect("filed").to_owned();
+    let mut status = client
+        .subscribe(format!("incidents.status.{incident}"))
+        .await
+        .expect("subscribe status");
+    client.flush().await.expect("flush");
+    let near = (b1.0 + 0.0001, b1.1 + 0.0001); // ~15 m away
+    let second = send(
+        &client,
+        "intake.request",
+        submission("merge-00002", OTHER_REPORTER, "0103", near),
+    )
+    .await;
+    check(
+        &second,
+        expect![[
+            r#"{"grid_code":"350402001001003","incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","respond_by":"<time>","respond_by_ms":"<time>","status":"merged","submission_id":"merge-00002"}"#
+        ]],
+    );
+    assert_eq!(second["incident_id"], first["incident_id"]);
+    let update = tokio::time::timeout(Duration::from_secs(5), status.next())
+        .await
+        .expect("status within 5 s")
+        .expect("status");
+    check(
+        &serde_json::from_slice(&update.payload).expect("JSON"),
+        expect![[
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":["incident.duplicate_merged"],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":3}"#
+        ]],
+    );
+    // Another category at the same spot is a new incident.
+    let other = send(
+        &client,
+        "intake.request",
+        submission("merge-00003", OTHER_REPORTER, "0102", near),
+    )
+    .await;
+    assert_eq!(other["status"], "filed");
+    assert_ne!(other["incident_id"], first["incident_id"]);
+
+    // Query by id.
+    let found = send(
+        &client,
+        "incidents.query.get",
+        json!({"incident_id": incident}),
+    )
+    .await;
+    check(
+        &found["incident"],
+        expect![[
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":[],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":3}"#
+        ]],
+    );
+    check(
+        &send(
+            &client,
+            "incidents.query.get",
+            json!({"incident_id": "0193a1b2-0000-7000-8000-0000000000ff"}),
+        )
+        .await,
+        expect![[r#"{"incident_id":"0193a1b2-0000-7000-8000-0000000000ff","status":"not_found"}"#]],
+    );
+
+    // Contact details: in the erasable bucket, never in the event log; erased on request.
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let contacts = jetstream
+        .get_key_value("INTAKE_CONTACTS")
+        .await
+        .expect("bucket");
+    let stored = contacts
+        .get(REPORTER)
+        .await
+        .expect("read")
+        .expect("contact stored");
+    expect![[r#"{"name":"张三","phone":"13800000000"}"#]]
+        .assert_eq(std::str::from_utf8(&stored).expect("utf-8"));
+    for stream in ["INCIDENTS", "INTAKE"] {
+        let mut stream = jetstream.get_stream(stream).await.expect("stream");
+        let last = stream.info().await.expect("info").state.last_sequence;
+        for sequence in 1..=last {
+            let message = stream.direct_get(sequence).await.expect("message");
+            let text = String::from_utf8_lossy(&message.payload);
+            assert!(
+                !text.contains("13800000000") && !text.contains("张三"),
+                "PII in {stream:?}"
+            );
+        }
+    }
+    check(
+        &send(
+            &client,
+            "intake.contact.erase",
+            json!({"reporter_id": REPORTER}),
+        )
+        .await,
+        expect![[r#"{"reporter_id":"0193a1b2-0000-7000-8000-000000000001","status":"erased"}"#]],
+    );
+    assert!(
+        contacts.get(REPORTER).await.expect("read").is_none(),
+        "erased"
+    );
+
+    // Rate limit: burst 3 for a fresh reporter, then refused.
+    let mut outcomes = Vec::new();
+    for index in 0..4 {
+        let body = submission(
+            &format!("rate-{index:05}"),
+            THIRD_REPORTER,
+            "0104",
+            near_building(index + 3),
+        );
+        let reply = send(&client, "intake.request", body).await;
+        outcomes.push(format!(
+            "{}{}",
+            reply["status"],
+            reply
+                .get("reason_code")
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default()
+        ));
+    }
+    expect![[r#"["\"filed\"", "\"filed\"", "\"filed\"", "\"rejected\" \"rate_limited\""]"#]]
+        .assert_eq(&format!("{outcomes:?}"));
+    running.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}
