@@ -309,3 +309,119 @@ fn validate(
         contact: submission.contact,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{Expect, expect};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn valid() -> Value {
+        json!({
+            "submission_id": "sub-00000001",
+            "kind": "suggestion",
+            "category": "0101",
+            "location": {"point": {"lon": 117.63, "lat": 26.26}},
+            "description": "路灯不亮",
+            "media": [{"url": "https://media.example/1.jpg"}],
+            "channel": "patrol",
+            "reporter_id": "0193a1b2-0000-7000-8000-000000000001",
+            "occurred_at": "2026-11-20T08:30:00+08:00"
+        })
+    }
+
+    fn check(edit: impl FnOnce(&mut Value), expect: Expect) {
+        let mut body = valid();
+        edit(&mut body);
+        let taxonomy = Taxonomy::default_embedded();
+        let actual = match decode_submission(
+            body.to_string().as_bytes(),
+            None,
+            &Limits::default(),
+            &taxonomy,
+        ) {
+            Ok(valid) => format!(
+                "ok {} {} {:?} at {}",
+                valid.submission_id, valid.category, valid.place, valid.occurred_at_ms
+            ),
+            Err(refusal) => format!(
+                "{} ({:?}): {}",
+                refusal.reason_code.as_str(),
+                refusal.submission_id,
+                refusal.message
+            ),
+        };
+        expect.assert_eq(&actual);
+    }
+
+    #[test]
+    fn decoding() {
+        check(
+            |_| {},
+            expect!["ok sub-00000001 0101 Point { lon: 117.63, lat: 26.26 } at 1795134600000"],
+        );
+        check(
+            |b| b["location"] = json!({"building_id": "b-17"}),
+            expect![[r#"ok sub-00000001 0101 Building("b-17") at 1795134600000"#]],
+        );
+        check(
+            |b| b["submission_id"] = json!("short"),
+            expect![[
+                r#"schema_violation (None): submission_id must be 8..=64 characters of A-Z a-z 0-9 _ -"#
+            ]],
+        );
+        check(
+            |b| b["kind"] = json!("praise"),
+            expect![[
+                r#"schema_violation (Some("sub-00000001")): not a submission: unknown variant `praise`, expected one of `consultation`, `suggestion`, `problem_report`, `complaint`"#
+            ]],
+        );
+        check(
+            |b| b["category"] = json!("01"),
+            expect![[
+                r#"unknown_category (Some("sub-00000001")): category 01 is not a fileable category of the taxonomy"#
+            ]],
+        );
+        check(
+            |b| b["category"] = json!("x"),
+            expect![[
+                r#"unknown_category (Some("sub-00000001")): category code "x" must be 2 digits (class) or 4 digits (class + subclass), not 00"#
+            ]],
+        );
+        check(
+            |b| b["location"] = json!({"point": {"lon": 200.0, "lat": 26.0}}),
+            expect![[
+                r#"schema_violation (Some("sub-00000001")): location.point must have lon in -180..=180 and lat in -90..=90"#
+            ]],
+        );
+        check(
+            |b| b["media"] = json!([{"url": "ftp://x"}]),
+            expect![[
+                r#"schema_violation (Some("sub-00000001")): media[0] must be an http(s) URL of at most 2048 bytes or 64 lowercase hex digits"#
+            ]],
+        );
+        check(
+            |b| b["description"] = json!("字".repeat(700)),
+            expect![[
+                r#"description_too_long (Some("sub-00000001")): description is 2100 bytes of UTF-8, more than the incident record's 2000"#
+            ]],
+        );
+        check(
+            |b| b["description"] = json!("  "),
+            expect![[r#"schema_violation (Some("sub-00000001")): description must not be empty"#]],
+        );
+        check(
+            |b| b["occurred_at"] = json!("yesterday"),
+            expect![[
+                r#"schema_violation (Some("sub-00000001")): occurred_at is not RFC 3339: the 'year' component could not be parsed"#
+            ]],
+        );
+        check(
+            |b| b["contact"] = json!({"phone": "1".repeat(200)}),
+            expect![[
+                r#"schema_violation (Some("sub-00000001")): contact fields must be at most 128 bytes"#
+            ]],
+        );
+    }
+}
