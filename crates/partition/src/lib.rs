@@ -13,10 +13,11 @@
 //!    *territory* sites so that the cells near the boundary stay on their side of it.
 //! 2. A Delaunay triangulation (spade) of all sites gives the adjacency graph (edges that leave
 //!    the community are dropped) and, by duality, each site's Voronoi cell.
-//! 3. First cut: items in Hilbert-curve order, cut into `k` runs of equal households.
+//! 3. First cut: items in Hilbert-curve order, cut into `k` runs of equal households; a
+//!    balanced power diagram seeded by those runs competes with them (the better is kept).
 //! 4. Repair: every grid keeps its heaviest connected component; the rest regrows onto
-//!    neighbours. Refinement: boundary moves that lower the out-of-range penalty, then
-//!    Hartigan-style moves that make grids more compact, never disconnecting a grid.
+//!    neighbours. Refinement: boundary moves that lower the out-of-range penalty (and, for the
+//!    Hilbert cut, Hartigan-style compactness moves), never disconnecting a grid.
 //! 5. Each grid's polygon is the union of its sites' Voronoi cells, traced exactly from the
 //!    triangulation (shared edges are bit-identical, so grids never overlap and leave no gap),
 //!    then clipped to the community boundary.
