@@ -6,8 +6,8 @@
 //! registry can rebuild it from its grid events at start (or after every change) cheaply.
 
 use geo::{BoundingRect, Coord, LineString, Polygon};
+use rstar::RTree;
 use rstar::primitives::{GeomWithData, Rectangle};
-use rstar::{AABB, RTree};
 
 /// Bound on the grids one index holds (a city of 50,000 grids fits with room to spare).
 pub const GRIDS_MAX: usize = 2_000_000;
@@ -95,10 +95,7 @@ impl LocateIndex {
     /// The grid covering (lon, lat); on a shared border the first grid found wins.
     pub fn locate(&self, lon: f64, lat: f64) -> Located<'_> {
         let point = [lon, lat];
-        for candidate in self
-            .tree
-            .locate_in_envelope_intersecting(&AABB::from_point(point))
-        {
+        for candidate in self.tree.locate_all_at_point(&point) {
             let entry = &self.entries[candidate.data as usize];
             if polygon_covers(&entry.polygon, Coord { x: lon, y: lat }) {
                 return Located::Grid {

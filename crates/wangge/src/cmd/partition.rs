@@ -1009,13 +1009,33 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) used so far by `/proc/<which>/stat` (`self` for the process,
+/// `thread-self` for the calling thread): a figure the other jobs sharing the machine do not
+/// distort, printed beside wall-clock seconds. Assumes the usual 100 clock ticks per second.
+fn cpu_seconds(which: &str) -> f64 {
+    const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+    std::fs::read_to_string(format!("/proc/{which}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            // Fields 14 and 15 of stat(5) (utime, stime) are 12 and 13 after the name.
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / CLOCK_TICKS_PER_SECOND)
+        })
+        .unwrap_or(0.0)
+}
+
 pub fn bench_partition(args: BenchPartitionArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let city = partition::synthetic::city(args.seed, args.buildings, args.per_community);
     let generated = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
+    let cpu_before = cpu_seconds("self");
     let results = partition_all(&city);
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("self") - cpu_before;
     let mut total = Quality::default();
     let mut failed = 0;
     for result in &results {
@@ -1039,6 +1059,7 @@ pub fn bench_partition(args: BenchPartitionArgs) -> anyhow::Result<()> {
         "failed_communities": failed,
         "grids": total.grids,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "generate_seconds": generated,
         "peak_rss_bytes": peak_rss_bytes(),
         "in_range_share": total.in_range_share(),
@@ -1091,6 +1112,7 @@ pub fn bench_locate(args: BenchLocateArgs) -> anyhow::Result<()> {
         })
         .collect();
     let started = std::time::Instant::now();
+    let cpu_before = cpu_seconds("thread-self");
     let mut served = 0usize;
     for i in 0..args.lookups {
         let (lon, lat) = points[i % points.len()];
@@ -1099,8 +1121,11 @@ pub fn bench_locate(args: BenchLocateArgs) -> anyhow::Result<()> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("thread-self") - cpu_before;
     let line = json!({
         "grids": grid_count,
+        "cpu_seconds": cpu,
+        "lookups_per_cpu_s": args.lookups as f64 / cpu.max(1e-9),
         "lookups": args.lookups,
         "served_share": served as f64 / args.lookups.max(1) as f64,
         "build_seconds": build_seconds,
