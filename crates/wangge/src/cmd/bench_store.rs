@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use eventstore::{AggregateId, Commit, CommitMeta, EventStore, Position, PostcardCodec, ReplayRange, StreamSpec};
+use eventstore::{
+    AggregateId, Commit, CommitMeta, EventStore, Position, PostcardCodec, ReplayRange, StreamSpec,
+};
 use serde::{Deserialize, Serialize};
 
 /// Aggregates (independent writers) in flight at once, as in DESIGN.md's reference figure.
@@ -52,9 +54,15 @@ struct StoreFigures {
 }
 
 pub fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.commits >= args.aggregates, "--commits must be at least --aggregates");
+    anyhow::ensure!(
+        args.commits >= args.aggregates,
+        "--commits must be at least --aggregates"
+    );
     anyhow::ensure!(args.aggregates >= 1, "--aggregates must be at least 1");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio")?;
     runtime.block_on(bench(args))
 }
 
@@ -81,17 +89,38 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
         server.url()
     );
 
-    let store: EventStore<Codec> = EventStore::open(context.clone(), StreamSpec::named("BENCH_STORE", "bench"), PostcardCodec::new("bench"))
-        .await
-        .context("open store stream")?;
+    let store: EventStore<Codec> = EventStore::open(
+        context.clone(),
+        StreamSpec::named("BENCH_STORE", "bench"),
+        PostcardCodec::new("bench"),
+    )
+    .await
+    .context("open store stream")?;
     let raw_spec = StreamSpec::named("BENCH_RAW", "raw");
-    EventStore::<Codec>::open(context.clone(), raw_spec, PostcardCodec::new("bench")).await.context("open raw stream")?;
+    EventStore::<Codec>::open(context.clone(), raw_spec, PostcardCodec::new("bench"))
+        .await
+        .context("open raw stream")?;
 
     // One real commit tells the raw side the exact bytes to publish.
     let sample_id = AggregateId::new("sample").expect("valid id");
-    let event = BenchEvent { amount: 1, note: "x".repeat(EVENT_NOTE_BYTES) };
-    store.append(&sample_id, &Position::NEW, &Commit::new("sample", vec![event.clone()], meta())).await.context("sample append")?;
-    let stored = context.get_stream("BENCH_STORE").await?.direct_get(1).await.context("read sample")?;
+    let event = BenchEvent {
+        amount: 1,
+        note: "x".repeat(EVENT_NOTE_BYTES),
+    };
+    store
+        .append(
+            &sample_id,
+            &Position::NEW,
+            &Commit::new("sample", vec![event.clone()], meta()),
+        )
+        .await
+        .context("sample append")?;
+    let stored = context
+        .get_stream("BENCH_STORE")
+        .await?
+        .direct_get(1)
+        .await
+        .context("read sample")?;
     let mut headers = async_nats::HeaderMap::new();
     for (name, values) in stored.headers.iter() {
         if !name.to_string().starts_with("Nats-") {
@@ -110,11 +139,20 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
     let mut store_rates = Vec::with_capacity(APPEND_ROUNDS);
     for round in 0..APPEND_ROUNDS {
         let cpu = process_cpu_seconds();
-        let raw = raw_append_round(&context, &headers, &raw_payload, round, args.aggregates, per_round).await?;
+        let raw = raw_append_round(
+            &context,
+            &headers,
+            &raw_payload,
+            round,
+            args.aggregates,
+            per_round,
+        )
+        .await?;
         let raw_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
         let cpu = process_cpu_seconds();
         let stored = store_append_round(&store, &event, round, args.aggregates, per_round).await?;
-        let store_cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
+        let store_cpu_us =
+            (process_cpu_seconds() - cpu) * 1e6 / (per_round * args.aggregates) as f64;
         eprintln!(
             "  append round {}: raw {raw:>8.0}/s ({raw_cpu_us:.1} us client CPU), store {stored:>8.0}/s ({store_cpu_us:.1} us), ratio {:.2}",
             round + 1,
@@ -140,13 +178,26 @@ async fn bench(args: BenchStoreArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut count: u64 = 0;
         store
-            .replay(ReplayRange { until_sequence: Some(until), ..ReplayRange::default() }, |commit| {
-                count += commit.events.len() as u64;
-            })
+            .replay(
+                ReplayRange {
+                    until_sequence: Some(until),
+                    ..ReplayRange::default()
+                },
+                |commit| {
+                    count += commit.events.len() as u64;
+                },
+            )
             .await?;
-        anyhow::ensure!(count == until, "store replay saw {count} events, expected {until}");
+        anyhow::ensure!(
+            count == until,
+            "store replay saw {count} events, expected {until}"
+        );
         let replayed = count as f64 / started.elapsed().as_secs_f64();
-        eprintln!("  replay round {}: raw {raw:>8.0}/s, store {replayed:>8.0}/s, ratio {:.2}", round + 1, replayed / raw);
+        eprintln!(
+            "  replay round {}: raw {raw:>8.0}/s, store {replayed:>8.0}/s, ratio {:.2}",
+            round + 1,
+            replayed / raw
+        );
         raw_rates.push(raw);
         store_rates.push(replayed);
     }
@@ -206,7 +257,10 @@ async fn raw_append_round(
                     .payload(payload.clone())
                     .message_id(format!("r{round}a{aggregate}/{n}"))
                     .expected_last_subject_sequence(last_sequence);
-                let ack = context.send_publish(subject.clone(), publish).await?.await?;
+                let ack = context
+                    .send_publish(subject.clone(), publish)
+                    .await?
+                    .await?;
                 last_sequence = ack.sequence;
             }
             anyhow::Ok(())
@@ -235,7 +289,14 @@ async fn store_append_round(
             let id = AggregateId::new(format!("r{round}a{aggregate}")).expect("valid id");
             let mut position = Position::NEW;
             for n in 0..per_aggregate {
-                let commit = Commit::new(format!("c{n}"), vec![BenchEvent { amount: n as u64, ..event.clone() }], meta());
+                let commit = Commit::new(
+                    format!("c{n}"),
+                    vec![BenchEvent {
+                        amount: n as u64,
+                        ..event.clone()
+                    }],
+                    meta(),
+                );
                 position = store.append(&id, &position, &commit).await?.position;
             }
             anyhow::Ok(())
@@ -257,12 +318,21 @@ async fn raw_replay(stream: &jetstream::stream::Stream, until: u64) -> anyhow::R
             ..Default::default()
         })
         .await?;
-    let mut messages = consumer.stream().max_messages_per_batch(1_000).messages().await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1_000)
+        .messages()
+        .await?;
     let mut count = 0;
     while let Some(message) = messages.next().await {
         let message = message?;
         count += 1;
-        if message.info().map_err(|error| anyhow::anyhow!("{error}"))?.stream_sequence >= until {
+        if message
+            .info()
+            .map_err(|error| anyhow::anyhow!("{error}"))?
+            .stream_sequence
+            >= until
+        {
             break;
         }
     }
@@ -273,20 +343,37 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let middle = sorted.len() / 2;
-    if sorted.len() % 2 == 0 { (sorted[middle - 1] + sorted[middle]) / 2.0 } else { sorted[middle] }
+    if sorted.len() % 2 == 0 {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
 }
 
 fn paired_ratios(numerators: &[f64], denominators: &[f64]) -> Vec<f64> {
-    numerators.iter().zip(denominators).map(|(n, d)| n / d).collect()
+    numerators
+        .iter()
+        .zip(denominators)
+        .map(|(n, d)| n / d)
+        .collect()
 }
 
 /// User + system CPU seconds this process has used (from /proc/self/stat; 0 elsewhere).
 fn process_cpu_seconds() -> f64 {
     const CLOCK_TICKS_PER_S: f64 = 100.0;
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // Fields after the command: state is 0, utime is 11, stime is 12.
-    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / CLOCK_TICKS_PER_S
 }
