@@ -20,6 +20,7 @@ pub mod wire;
 
 pub use book::{Book, BookStats, incident_aggregate};
 pub use clock::{ManualTime, TimeSource};
+pub use codecs::IncidentCodec;
 pub use notify::{Notification, Recipient};
 pub use service::{DispatchConfig, DispatchService, IncidentStore, Progress, ServiceError};
 pub use wire::{CommandReply, CommandRequest};
