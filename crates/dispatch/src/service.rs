@@ -162,6 +162,8 @@ pub struct DispatchService {
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     snapshots: Option<SnapshotStore>,
+    /// Stream sequence the loaded snapshot reached (0: the book was replayed from the start).
+    from_snapshot: u64,
     commits_since_snapshot: u64,
     /// Replies to recent console command ids, so a console's retry gets the first answer.
     recent: RecentReplies,
@@ -385,6 +387,7 @@ impl DispatchService {
             progress,
             progress_tx,
             snapshots,
+            from_snapshot,
             commits_since_snapshot: reached.saturating_sub(from_snapshot),
             recent: RecentReplies::default(),
         })
@@ -397,6 +400,12 @@ impl DispatchService {
 
     pub fn book(&self) -> &Book {
         &self.book
+    }
+
+    /// The stream sequence covered by the snapshot this instance started from; 0 when there
+    /// was none (or it was torn or undecodable) and the whole stream was replayed.
+    pub fn snapshot_sequence(&self) -> u64 {
+        self.from_snapshot
     }
 
     /// A receiver of [`Progress`], updated after every loop turn that did something.
