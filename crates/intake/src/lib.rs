@@ -29,6 +29,8 @@ pub mod service;
 pub mod status;
 pub mod wire;
 
+/// The INCIDENTS codec intake writes with (re-exported for binaries that start intake).
+pub use codecs::IncidentCodec;
 pub use core::{Core, CoreConfig, IntakeEvent, Locate, Located, incident_id_for};
 pub use decode::{Limits, decode_submission};
 pub use service::{

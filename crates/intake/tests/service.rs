@@ -506,3 +506,38 @@ async fn rejections_merges_status_queries_and_erasure() {
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_submissions_while_running_are_filed_one_by_one() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let running = start_intake(&url, &stack.locator, ServiceConfig::default()).await;
+    let mut receipts = client
+        .subscribe("intake.receipts.>")
+        .await
+        .expect("subscribe receipts");
+    client.flush().await.expect("flush");
+    for index in 0..3 {
+        let id = format!("live-{index:05}");
+        let body = submission(&id, REPORTER, "0101", near_building(index));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        jetstream
+            .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("server acknowledged");
+        let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
+            .await
+            .expect("receipt within 10 s")
+            .expect("receipt");
+        let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        assert_eq!(receipt["submission_id"], id.as_str(), "{receipt}");
+    }
+    running.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}

@@ -66,26 +66,24 @@ pub enum ServiceCommand {
     /// answered as a duplicate and writes nothing. See docs/REGISTRY.md.
     #[command(verbatim_doc_comment)]
     Registry(RegistryArgs),
-    /// Whistle-and-report dispatch: routes filed incidents, fires deadlines, takes consoles'
-    /// commands, notifies consoles.
+    /// Incident intake: turns submissions into filed incidents located in a grid, exactly once.
     ///
-    /// At start it reads the INCIDENTS stream to its end (after a DISPATCH_SNAPSHOTS KV
-    /// snapshot) and rebuilds every pending deadline from the incidents' states, then answers
-    /// (queue group `dispatch`):
+    /// At start it reads the INTAKE stream (receipts) and the INCIDENTS stream (open incidents)
+    /// to their ends, follows the GRIDS stream in process for locating, then takes:
     ///
-    ///   dispatch.cmd.<action>   action: acknowledge resolve return request_extension
-    ///                           approve_extension blow_whistle report_to_whistle verify rate
-    ///                           {"command_id","incident","actor":{"role":"department:<id>",
-    ///                            "id"},"note","reason","minutes","approve","passed",
-    ///                            "satisfaction","reopen","return_reason"}
-    ///                           -> {"status":"accepted","version",..} |
-    ///                              {"status":"rejected","reason_code","message"}
+    ///   intake.submit.<channel>   durable (SUBMISSIONS stream, header Nats-Msg-Id = submission
+    ///                             id); the receipt is announced on intake.receipts.<id>
+    ///   intake.request            same submission, the reply is the receipt:
+    ///                             {"status":"filed"|"merged","incident_id","grid_code",
+    ///                              "respond_by",..} | {"status":"rejected","reason_code",..}
+    ///   intake.query.receipt      {"submission_id"} -> the stored receipt
+    ///   incidents.query.get       {"incident_id"} -> the incident's public view
+    ///   intake.contact.erase      {"reporter_id"} -> contact details purged
     ///
-    /// Notifications go to the NOTIFICATIONS stream, dispatch.notify.department.<id> (and
-    /// .street.<code>, .community.<code>, .grid.<code>); a console reads its subject with its
-    /// own durable consumer and catches up after being offline. See docs/DISPATCH.md.
+    /// and publishes every change of an incident on incidents.status.<incident_id>.
+    /// Schemas: schemas/*.schema.json and schemas/asyncapi.yaml. See docs/INTAKE.md.
     #[command(verbatim_doc_comment)]
-    Dispatch(DispatchArgs),
+    Intake(IntakeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,7 +199,7 @@ async fn termination() -> anyhow::Result<&'static str> {
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
     match args.service {
         ServiceCommand::Registry(registry_args) => serve_registry(settings, registry_args),
-        ServiceCommand::Dispatch(dispatch_args) => serve_dispatch(settings, dispatch_args),
+        ServiceCommand::Intake(intake_args) => serve_intake(settings, intake_args),
     }
 }
 
@@ -251,24 +249,32 @@ async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct DispatchArgs {
-    /// Name of this instance (appears in its private stream consumer's name and in logs).
-    #[arg(long, default_value = "dispatch")]
+pub struct IntakeArgs {
+    /// Name of this instance (appears in its private stream consumers' names and in logs).
+    #[arg(long, default_value = "intake")]
     pub instance: String,
-    /// NATS queue group shared by all dispatch instances.
-    #[arg(long, default_value = "dispatch")]
+    /// NATS queue group shared by all intake instances.
+    #[arg(long, default_value = "intake")]
     pub queue_group: String,
-    /// Compressed time for tests and demos: `now = origin + (wall - origin) * scale`.
-    #[arg(long, hide = true, requires = "time_origin_ms")]
-    pub time_scale: Option<u32>,
-    /// Origin (Unix ms) of the compressed time; every instance must be given the same.
-    #[arg(long, hide = true)]
-    pub time_origin_ms: Option<i64>,
+    /// A report of the same category within this many metres of an open incident is merged.
+    #[arg(long, default_value_t = intake::core::DEDUP_RADIUS_M)]
+    pub dedup_radius_m: f64,
+    /// ... if that incident was reported at most this many minutes before.
+    #[arg(long, default_value_t = intake::core::DEDUP_WINDOW_MS / 60_000)]
+    pub dedup_window_minutes: i64,
+    /// Submissions one reporter may send in a burst (rate limit).
+    #[arg(long, default_value_t = intake::core::RATE_BURST)]
+    pub rate_burst: u32,
+    /// Seconds for one more submission to be allowed after the burst (rate limit).
+    #[arg(long, default_value_t = intake::core::RATE_REFILL_MS / 1000)]
+    pub rate_refill_seconds: i64,
 }
 
-fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()> {
+fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
     let policy = domain::Policy::embedded(&settings.city)
-        .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
+        .with_context(|| format!("load the policy of city {:?}", settings.city))?;
+    let profile = standards::builtin(&settings.city)
+        .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
     runtime()?.block_on(async {
         let (stop, stopped) = watch::channel(false);
         let signals = tokio::spawn(async move {
@@ -279,30 +285,76 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
             let _ = stop.send(true);
         });
         let client = connect(settings, &args.instance).await?;
-        let store = EventStore::open(
-            async_nats::jetstream::new(client.clone()),
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let grids = EventStore::open(
+            jetstream.clone(),
+            spec(settings, BoundedContext::Grids),
+            RegistryCodec,
+        )
+        .await
+        .context("open the GRIDS stream")?;
+        let incidents = EventStore::open(
+            jetstream.clone(),
             spec(settings, BoundedContext::Incidents),
-            dispatch::IncidentCodec,
+            intake::IncidentCodec,
         )
         .await
         .context("open the INCIDENTS stream")?;
-        let mut config = dispatch::DispatchConfig::new(policy);
-        config.instance = args.instance;
-        config.queue_group = args.queue_group;
-        config.replicas = settings.store.replicas;
-        config.duplicate_window = Duration::from_secs(settings.store.duplicate_window_seconds);
-        if let (Some(scale), Some(origin_ms)) = (args.time_scale, args.time_origin_ms) {
-            config.time = dispatch::TimeSource::Scaled { origin_ms, scale };
-            config.deadline_poll_max = Duration::from_millis(50);
-        }
-        let service = tokio::select! {
-            started = dispatch::DispatchService::start(client, store, config) => started.context("start dispatch")?,
+        let receipts = EventStore::open(
+            jetstream,
+            spec(settings, BoundedContext::Intake),
+            intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+        )
+        .await
+        .context("open the INTAKE stream")?;
+        // The registry in process, only following GRIDS, for locating.
+        let mut registry_config = ServiceConfig::new(profile);
+        registry_config.instance = format!("{}-grids", args.instance);
+        registry_config.serve_requests = false;
+        let config = intake::ServiceConfig {
+            instance: args.instance,
+            queue_group: args.queue_group,
+            replicas: settings.store.replicas,
+            duplicate_window: Duration::from_secs(settings.store.duplicate_window_seconds),
+            core: intake::CoreConfig {
+                dedup_radius_m: args.dedup_radius_m,
+                dedup_window_ms: args.dedup_window_minutes.saturating_mul(60_000),
+                rate_burst: args.rate_burst,
+                rate_refill_ms: args.rate_refill_seconds.saturating_mul(1000),
+                ..intake::CoreConfig::default()
+            },
+            ..intake::ServiceConfig::default()
+        };
+        let started = async {
+            let registry = RegistryService::start(client.clone(), grids, registry_config)
+                .await
+                .context("start the in-process registry")?;
+            let locator = registry.locator();
+            let service = intake::IntakeService::start(
+                client,
+                incidents,
+                receipts,
+                policy,
+                Box::new(locator),
+                config,
+            )
+            .await
+            .context("start intake")?;
+            anyhow::Ok((registry, service))
+        };
+        let (registry, service) = tokio::select! {
+            started = started => started?,
             _ = wait_stopped(stopped.clone()) => {
                 tracing::info!("stopped during start");
                 return Ok(());
             }
         };
-        service.run(stopped).await.context("dispatch")?;
+        let registry_task = tokio::spawn(registry.run(stopped.clone()));
+        service.run(stopped).await.context("intake")?;
+        registry_task
+            .await
+            .context("registry task")?
+            .context("in-process registry")?;
         signals.abort();
         Ok(())
     })

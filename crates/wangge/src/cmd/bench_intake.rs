@@ -1,0 +1,371 @@
+//! `wangge bench intake`: submissions filed end to end (durable publish → incident commit and
+//! receipt stored → receipt announced) against raw JetStream acked publishes of the same
+//! payloads, measured in the same run on a private nats-server.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use eventstore::{BoundedContext, EventStore, StreamSpec};
+use futures::StreamExt as _;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+/// Publishes in flight (acks outstanding) on both sides.
+const PUBLISHES_IN_FLIGHT_MAX: usize = 1_000;
+/// Sequential durable submissions for the latency figures (one at a time, unloaded).
+const LATENCY_SAMPLES_DEFAULT: usize = 500;
+/// Longest wait for the last receipt of a run.
+const RECEIPTS_TIMEOUT: Duration = Duration::from_secs(120);
+/// South-west corner of the benchmark community (Sanming) and its side in degrees (~1.6 km).
+const ORIGIN: (f64, f64) = (117.60, 26.24);
+const SIDE_DEGREES: f64 = 0.016;
+/// Buildings on a side of the benchmark community's square lattice.
+const BUILDINGS_PER_SIDE: usize = 12;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchIntakeArgs {
+    /// Submissions to file (and raw messages to publish).
+    #[arg(long, default_value_t = 50_000)]
+    submissions: usize,
+    /// Sequential submissions for p50/p99 latency.
+    #[arg(long, default_value_t = LATENCY_SAMPLES_DEFAULT)]
+    latency_samples: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct IntakeFigures {
+    submissions: usize,
+    payload_bytes: usize,
+    filed_per_s: f64,
+    raw_publish_per_s: f64,
+    ratio: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    latency_samples: usize,
+    nats_server: String,
+}
+
+pub fn run(args: BenchIntakeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.submissions >= 1, "--submissions must be at least 1");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio")?;
+    runtime.block_on(bench(args))
+}
+
+fn submission(index: usize, prefix: &str) -> serde_json::Value {
+    // Spread over the community, a distinct point (and reporter) for every submission, so
+    // nothing merges and no reporter hits the rate limit.
+    let golden = 0.618_033_988_749_895_f64;
+    let fx = (index as f64 * golden).fract();
+    let fy = (index as f64 * golden * golden).fract();
+    let lon = ORIGIN.0 + SIDE_DEGREES * (0.02 + 0.96 * fx);
+    let lat = ORIGIN.1 + SIDE_DEGREES * (0.02 + 0.96 * fy);
+    let category = ["0101", "0102", "0103", "0104"][index % 4];
+    json!({
+        "submission_id": format!("{prefix}-{index:08}"),
+        "kind": "problem_report",
+        "category": category,
+        "location": {"point": {"lon": lon, "lat": lat}},
+        "description": "小区门口垃圾桶满溢，已两天无人清运，气味很大，请尽快处理。",
+        "media": [{"sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}],
+        "channel": "app",
+        "reporter_id": uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0000 | index as u128),
+        "occurred_at": "2026-11-20T08:30:00+08:00"
+    })
+}
+
+async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let reply = client
+        .request(subject.to_owned(), body.to_string().into())
+        .await
+        .with_context(|| format!("request {subject}"))?;
+    serde_json::from_slice(&reply.payload).context("reply is JSON")
+}
+
+/// A registry with one square community, a lattice of buildings, partitioned.
+async fn start_registry(
+    client: &async_nats::Client,
+) -> anyhow::Result<(watch::Sender<bool>, registry::Locator)> {
+    let grids = EventStore::open(
+        jetstream::new(client.clone()),
+        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
+        registry::RegistryCodec,
+    )
+    .await
+    .context("open GRIDS")?;
+    let profile = standards::builtin("sanming").context("sanming profile")?;
+    let service = registry::RegistryService::start(
+        client.clone(),
+        grids,
+        registry::ServiceConfig::new(profile),
+    )
+    .await
+    .context("start registry")?;
+    let locator = service.locator();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(service.run(stopped));
+    let (x, y) = ORIGIN;
+    let s = SIDE_DEGREES;
+    request(
+        client,
+        "grids.cmd.register_community",
+        json!({
+            "command_id": "bench-register", "community_id": "bench", "code": "350402001001",
+            "name": "基准社区", "street": "列东街道", "district": "三元区",
+            "boundary": [[[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]]
+        }),
+    )
+    .await?;
+    let step = s / BUILDINGS_PER_SIDE as f64;
+    let mut buildings = Vec::new();
+    for row in 0..BUILDINGS_PER_SIDE {
+        for column in 0..BUILDINGS_PER_SIDE {
+            buildings.push(json!({
+                "id": format!("b{row}-{column}"),
+                "lon": x + (column as f64 + 0.5) * step,
+                "lat": y + (row as f64 + 0.5) * step,
+                "households": 40
+            }));
+        }
+    }
+    request(
+        client,
+        "grids.cmd.import_buildings",
+        json!({"command_id": "bench-import", "community_id": "bench", "buildings": buildings}),
+    )
+    .await?;
+    let drawn = request(
+        client,
+        "grids.cmd.partition",
+        json!({"command_id": "bench-partition", "community_id": "bench"}),
+    )
+    .await?;
+    anyhow::ensure!(drawn["status"] == "accepted", "partition: {drawn}");
+    for _ in 0..200 {
+        if locator.grids() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::ensure!(locator.grids() > 0, "the registry drew no grids");
+    Ok((stop, locator))
+}
+
+/// Publishes every payload with acks awaited, `PUBLISHES_IN_FLIGHT_MAX` outstanding.
+async fn publish_all(
+    context: &jetstream::Context,
+    subject: &str,
+    payloads: &[(String, bytes::Bytes)],
+) -> anyhow::Result<()> {
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for (id, payload) in payloads {
+        if pending.len() >= PUBLISHES_IN_FLIGHT_MAX
+            && let Some(ack) = pending.next().await
+        {
+            let _: jetstream::publish::PublishAck = ack?;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let future = context
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .await
+            .context("publish")?;
+        pending.push(async move { future.await.map_err(anyhow::Error::from) });
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
+    let server = testkit::NatsServer::start().context("start a private nats-server")?;
+    let binary = testkit::nats_server_binary().context("find nats-server")?;
+    let client = async_nats::connect(server.url()).await.context("connect")?;
+    let context = jetstream::new(client.clone());
+    let (registry_stop, locator) = start_registry(&client).await?;
+
+    let payloads: Vec<(String, bytes::Bytes)> = (0..args.submissions)
+        .map(|index| {
+            let body = submission(index, "bench");
+            (
+                body["submission_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                body.to_string().into(),
+            )
+        })
+        .collect();
+    let payload_bytes = payloads.first().map_or(0, |(_, payload)| payload.len());
+    eprintln!(
+        "bench intake: {} submissions of {payload_bytes} bytes, nats-server at {}",
+        args.submissions,
+        server.url()
+    );
+
+    // Raw: the same payloads, acked JetStream publishes to a plain limits stream.
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "BENCH_RAW".to_owned(),
+            subjects: vec!["raw.submit.>".to_owned()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("create raw stream")?;
+    let started = Instant::now();
+    publish_all(&context, "raw.submit.app", &payloads).await?;
+    let raw_publish_per_s = args.submissions as f64 / started.elapsed().as_secs_f64();
+    eprintln!("  raw acked publishes: {raw_publish_per_s:.0}/s");
+
+    // Intake: publish durably, count receipts announced after the decisions were stored.
+    let incidents = EventStore::open(
+        context.clone(),
+        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
+        intake::IncidentCodec,
+    )
+    .await
+    .context("open INCIDENTS")?;
+    let intake_store = EventStore::open(
+        context.clone(),
+        StreamSpec::for_context(BoundedContext::Intake, 1, Duration::from_secs(120)),
+        intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+    )
+    .await
+    .context("open INTAKE")?;
+    let mut config = intake::ServiceConfig::default();
+    config.core.dedup_radius_m = 0.0;
+    let service = intake::IntakeService::start(
+        client.clone(),
+        incidents,
+        intake_store,
+        domain::Policy::embedded("sanming").context("policy")?,
+        Box::new(locator),
+        config,
+    )
+    .await
+    .context("start intake")?;
+    let (intake_stop, stopped) = watch::channel(false);
+    let intake_task = tokio::spawn(service.run(stopped));
+    let mut receipts = client
+        .subscribe("intake.receipts.>")
+        .await
+        .context("subscribe receipts")?;
+    client.flush().await?;
+    let count_receipts = tokio::spawn(async move {
+        let mut outcomes: HashMap<String, usize> = HashMap::new();
+        let mut received = 0usize;
+        while received < args.submissions {
+            match tokio::time::timeout(RECEIPTS_TIMEOUT, receipts.next()).await {
+                Ok(Some(message)) => {
+                    let receipt: serde_json::Value =
+                        serde_json::from_slice(&message.payload).unwrap_or_default();
+                    *outcomes
+                        .entry(receipt["status"].as_str().unwrap_or("?").to_owned())
+                        .or_default() += 1;
+                    received += 1;
+                }
+                _ => break,
+            }
+        }
+        (received, outcomes, Instant::now())
+    });
+    let started = Instant::now();
+    publish_all(&context, "intake.submit.app", &payloads).await?;
+    let published = started.elapsed();
+    let (received, outcomes, last) = count_receipts.await.context("receipt counter")?;
+    anyhow::ensure!(
+        received == args.submissions,
+        "only {received} of {} receipts arrived",
+        args.submissions
+    );
+    anyhow::ensure!(
+        outcomes.get("filed") == Some(&args.submissions),
+        "not all filed: {outcomes:?}"
+    );
+    let filed_per_s = args.submissions as f64 / (last - started).as_secs_f64();
+    eprintln!(
+        "  intake filed: {filed_per_s:.0}/s end to end (publishing took {:.2} s)",
+        published.as_secs_f64()
+    );
+
+    // Latency: one durable submission at a time, publish → receipt announced (its incident
+    // commit and receipt stored).
+    let mut latency_receipts = client
+        .subscribe("intake.receipts.>")
+        .await
+        .context("subscribe")?;
+    client.flush().await?;
+    let mut latencies = Vec::with_capacity(args.latency_samples);
+    for index in 0..args.latency_samples {
+        let body = submission(args.submissions + index, "latency");
+        let id = body["submission_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let sent = Instant::now();
+        publish_all(
+            &context,
+            "intake.submit.app",
+            &[(id, body.to_string().into())],
+        )
+        .await?;
+        let message = tokio::time::timeout(RECEIPTS_TIMEOUT, latency_receipts.next())
+            .await
+            .context("latency receipt timed out")?
+            .context("receipts subscription ended")?;
+        latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+        let receipt: serde_json::Value =
+            serde_json::from_slice(&message.payload).unwrap_or_default();
+        anyhow::ensure!(
+            receipt["status"] == "filed",
+            "latency sample not filed: {receipt}"
+        );
+    }
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let figures = IntakeFigures {
+        submissions: args.submissions,
+        payload_bytes,
+        filed_per_s,
+        raw_publish_per_s,
+        ratio: filed_per_s / raw_publish_per_s,
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        latency_samples: latencies.len(),
+        nats_server: binary.display().to_string(),
+    };
+    eprintln!(
+        "filed {:.0}/s vs raw {:.0}/s, ratio {:.2} (target >= 0.35); durable latency p50 {:.2} ms, p99 {:.2} ms",
+        figures.filed_per_s,
+        figures.raw_publish_per_s,
+        figures.ratio,
+        figures.p50_ms,
+        figures.p99_ms
+    );
+    let _ = intake_stop.send(true);
+    let _ = intake_task.await;
+    let _ = registry_stop.send(true);
+    if args.json {
+        println!("{}", serde_json::to_string(&figures)?);
+    }
+    Ok(())
+}
