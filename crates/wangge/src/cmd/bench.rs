@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Partition(super::partition::BenchPartitionArgs),
     /// Point-in-grid lookups over a synthetic city (offline).
     Locate(super::partition::BenchLocateArgs),
+    /// The dispatch service with many open incidents and pending deadlines (own nats-server).
+    Dispatch(super::bench_dispatch::BenchDispatchArgs),
     /// Submissions filed end to end by intake against raw acked publishes (own nats-server).
     Intake(super::bench_intake::BenchIntakeArgs),
 }
@@ -25,6 +27,7 @@ pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Store(args) => super::bench_store::run(args),
         BenchCommand::Partition(args) => super::partition::bench_partition(args),
         BenchCommand::Locate(args) => super::partition::bench_locate(args),
+        BenchCommand::Dispatch(args) => super::bench_dispatch::run(args),
         BenchCommand::Intake(args) => super::bench_intake::run(args),
     }
 }

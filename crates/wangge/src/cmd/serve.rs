@@ -66,6 +66,26 @@ pub enum ServiceCommand {
     /// answered as a duplicate and writes nothing. See docs/REGISTRY.md.
     #[command(verbatim_doc_comment)]
     Registry(RegistryArgs),
+    /// Whistle-and-report dispatch: routes filed incidents, fires deadlines, takes consoles'
+    /// commands, notifies consoles.
+    ///
+    /// At start it reads the INCIDENTS stream to its end (after a DISPATCH_SNAPSHOTS KV
+    /// snapshot) and rebuilds every pending deadline from the incidents' states, then answers
+    /// (queue group `dispatch`):
+    ///
+    ///   dispatch.cmd.<action>   action: acknowledge resolve return request_extension
+    ///                           approve_extension blow_whistle report_to_whistle verify rate
+    ///                           {"command_id","incident","actor":{"role":"department:<id>",
+    ///                            "id"},"note","reason","minutes","approve","passed",
+    ///                            "satisfaction","reopen","return_reason"}
+    ///                           -> {"status":"accepted","version",..} |
+    ///                              {"status":"rejected","reason_code","message"}
+    ///
+    /// Notifications go to the NOTIFICATIONS stream, dispatch.notify.department.<id> (and
+    /// .street.<code>, .community.<code>, .grid.<code>); a console reads its subject with its
+    /// own durable consumer and catches up after being offline. See docs/DISPATCH.md.
+    #[command(verbatim_doc_comment)]
+    Dispatch(DispatchArgs),
     /// Incident intake: turns submissions into filed incidents located in a grid, exactly once.
     ///
     /// At start it reads the INTAKE stream (receipts) and the INCIDENTS stream (open incidents)
@@ -199,6 +219,7 @@ async fn termination() -> anyhow::Result<&'static str> {
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
     match args.service {
         ServiceCommand::Registry(registry_args) => serve_registry(settings, registry_args),
+        ServiceCommand::Dispatch(dispatch_args) => serve_dispatch(settings, dispatch_args),
         ServiceCommand::Intake(intake_args) => serve_intake(settings, intake_args),
     }
 }
@@ -246,6 +267,64 @@ async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DispatchArgs {
+    /// Name of this instance (appears in its private stream consumer's name and in logs).
+    #[arg(long, default_value = "dispatch")]
+    pub instance: String,
+    /// NATS queue group shared by all dispatch instances.
+    #[arg(long, default_value = "dispatch")]
+    pub queue_group: String,
+    /// Compressed time for tests and demos: `now = origin + (wall - origin) * scale`.
+    #[arg(long, hide = true, requires = "time_origin_ms")]
+    pub time_scale: Option<u32>,
+    /// Origin (Unix ms) of the compressed time; every instance must be given the same.
+    #[arg(long, hide = true)]
+    pub time_origin_ms: Option<i64>,
+}
+
+fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()> {
+    let policy = domain::Policy::embedded(&settings.city)
+        .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
+    runtime()?.block_on(async {
+        let (stop, stopped) = watch::channel(false);
+        let signals = tokio::spawn(async move {
+            match termination().await {
+                Ok(signal) => tracing::info!(signal, "shutting down"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
+            }
+            let _ = stop.send(true);
+        });
+        let client = connect(settings, &args.instance).await?;
+        let store = EventStore::open(
+            async_nats::jetstream::new(client.clone()),
+            spec(settings, BoundedContext::Incidents),
+            dispatch::IncidentCodec,
+        )
+        .await
+        .context("open the INCIDENTS stream")?;
+        let mut config = dispatch::DispatchConfig::new(policy);
+        config.instance = args.instance;
+        config.queue_group = args.queue_group;
+        config.replicas = settings.store.replicas;
+        config.duplicate_window = Duration::from_secs(settings.store.duplicate_window_seconds);
+        if let (Some(scale), Some(origin_ms)) = (args.time_scale, args.time_origin_ms) {
+            config.time = dispatch::TimeSource::Scaled { origin_ms, scale };
+            config.deadline_poll_max = Duration::from_millis(50);
+        }
+        let service = tokio::select! {
+            started = dispatch::DispatchService::start(client, store, config) => started.context("start dispatch")?,
+            _ = wait_stopped(stopped.clone()) => {
+                tracing::info!("stopped during start");
+                return Ok(());
+            }
+        };
+        service.run(stopped).await.context("dispatch")?;
+        signals.abort();
+        Ok(())
+    })
 }
 
 #[derive(Debug, clap::Args)]
