@@ -358,10 +358,14 @@ impl DispatchService {
                     reason: e.to_string(),
                 })?;
             subscribers.push(subscriber);
-            client.flush().await.map_err(|e| ServiceError::Subscribe {
-                subject: "flush".to_owned(),
-                reason: e.to_string(),
-            })?;
+            // The server must know the subscription before we report ready (a flush only
+            // reaches the socket; a round trip reaches the server).
+            eventstore::bus::server_barrier(&client)
+                .await
+                .map_err(|e| ServiceError::Subscribe {
+                    subject: "server barrier".to_owned(),
+                    reason: e.to_string(),
+                })?;
         }
         let progress = Progress {
             reached_sequence: reached,

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod aggregate;
+pub mod bus;
 mod codec;
 mod envelope;
 mod error;

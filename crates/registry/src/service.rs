@@ -231,12 +231,12 @@ impl RegistryService {
                     })?;
                 subscribers.push(subscriber);
             }
-            // The server knows the subscriptions before the caller is told we are up.
-            client
-                .flush()
+            // The server knows the subscriptions before the caller is told we are up (a flush
+            // only reaches the socket; a round trip reaches the server).
+            eventstore::bus::server_barrier(&client)
                 .await
                 .map_err(|error| ServiceError::Subscribe {
-                    subject: "flush".to_owned(),
+                    subject: "server barrier".to_owned(),
                     reason: error.to_string(),
                 })?;
         }
