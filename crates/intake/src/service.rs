@@ -347,11 +347,12 @@ impl IntakeService {
             subscribe(wire::SUBJECT_QUERY_INCIDENT).await?,
             subscribe(wire::SUBJECT_CONTACT_ERASE).await?,
         ]);
-        client
-            .flush()
+        // The server knows the subscriptions before the caller is told we are up (a flush
+        // only reaches the socket; a round trip reaches the server).
+        eventstore::bus::server_barrier(&client)
             .await
             .map_err(|error| ServiceError::Subscribe {
-                subject: "flush".to_owned(),
+                subject: "server barrier".to_owned(),
                 reason: error.to_string(),
             })?;
         let mut service = IntakeService {
