@@ -66,8 +66,9 @@ use crate::policy::Policy;
 use crate::routing::{Route, WhistleKind};
 use crate::taxonomy::HandlingLevel;
 
-/// Longest report description, in bytes.
-pub const DESCRIPTION_BYTES_MAX: usize = 2_000;
+/// Longest report description, in bytes: the intake contract's 4,000 characters at up to four
+/// bytes of UTF-8 each. Descriptions live in events only, never in the in-memory state.
+pub const DESCRIPTION_BYTES_MAX: usize = 16_000;
 /// Longest note or reason text, in bytes.
 pub const NOTE_BYTES_MAX: usize = 1_000;
 /// Most additional reporters merged into one incident.

@@ -257,7 +257,7 @@ fn report_and_file() {
     );
     let long = Action::Report {
         incident: incident_id(),
-        description: "坑".repeat(700),
+        description: "坑".repeat(5_400),
         position: None,
         category_hint: None,
     };
@@ -266,8 +266,8 @@ fn report_and_file() {
         resident(),
         long,
         expect![[r#"
-        rejected: description is 2100 bytes, more than 2000
-          TextTooLong { field: "description", bytes: 2100, max: 2000 }
+        rejected: description is 16200 bytes, more than 16000
+          TextTooLong { field: "description", bytes: 16200, max: 16000 }
     "#]],
     );
     let empty = Action::Report {

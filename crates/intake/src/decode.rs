@@ -186,16 +186,8 @@ fn validate(
             ),
         ));
     }
-    if submission.description.len() > domain::incident::DESCRIPTION_BYTES_MAX {
-        return Err(refuse(
-            R::DescriptionTooLong,
-            format!(
-                "description is {} bytes of UTF-8, more than the incident record's {}",
-                submission.description.len(),
-                domain::incident::DESCRIPTION_BYTES_MAX
-            ),
-        ));
-    }
+    // 4,000 characters of UTF-8 always fit the incident record (`DESCRIPTION_BYTES_MAX`).
+    const _: () = assert!(DESCRIPTION_CHARS_MAX * 4 <= domain::incident::DESCRIPTION_BYTES_MAX);
     if submission.description.trim().is_empty() {
         return Err(refuse(
             R::SchemaViolation,
@@ -402,9 +394,9 @@ mod tests {
             ]],
         );
         check(
-            |b| b["description"] = json!("字".repeat(700)),
+            |b| b["description"] = json!("字".repeat(4_001)),
             expect![[
-                r#"description_too_long (Some("sub-00000001")): description is 2100 bytes of UTF-8, more than the incident record's 2000"#
+                r#"description_too_long (Some("sub-00000001")): description is 4001 characters, more than 4000"#
             ]],
         );
         check(
