@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use domain::incident::{Action, IncidentCommand, IncidentEvent, Status};
 use domain::{Actor, ActorId, IncidentId, Policy, Rejection, Role, Timestamp, decide};
 use eventstore::{
@@ -306,36 +306,9 @@ impl DispatchService {
             consumer_safe(&config.instance),
             Uuid::now_v7().simple()
         );
-        let stream = jetstream
-            .get_stream(&store.spec().stream_name)
-            .await
-            .map_err(|e| ServiceError::CatchUp {
-                reason: e.to_string(),
-            })?;
         let mut subscription_config = SubscriptionConfig::durable(durable.clone());
         subscription_config.start_after_sequence = reached;
-        stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: store.spec().all_subjects(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: if reached == 0 {
-                    consumer::DeliverPolicy::All
-                } else {
-                    consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: reached + 1,
-                    }
-                },
-                ack_wait: subscription_config.ack_wait,
-                max_ack_pending: subscription_config.ack_pending_max,
-                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ServiceError::Consumer {
-                durable: durable.clone(),
-                reason: e.to_string(),
-            })?;
+        subscription_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
         let subscription = store.subscribe(subscription_config).await?;
         let notifier = if config.notify {
             notify::open_stream(&jetstream, config.replicas, config.duplicate_window)

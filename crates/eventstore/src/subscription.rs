@@ -32,6 +32,9 @@ pub struct SubscriptionConfig {
     pub ack_pending_max: i64,
     /// How long the server waits for an ack before redelivering.
     pub ack_wait: Duration,
+    /// Remove the consumer when no one has pulled from it for this long (a private consumer
+    /// of a service instance that crashed). `None`: the consumer lives until deleted.
+    pub inactive_threshold: Option<Duration>,
 }
 
 impl SubscriptionConfig {
@@ -43,6 +46,7 @@ impl SubscriptionConfig {
             batch_max: 1_000,
             ack_pending_max: 10_000,
             ack_wait: Duration::from_secs(30),
+            inactive_threshold: None,
         }
     }
 }
@@ -148,6 +152,7 @@ impl<C: EventCodec> Subscription<C> {
                     deliver_policy,
                     ack_wait: config.ack_wait,
                     max_ack_pending: config.ack_pending_max,
+                    inactive_threshold: config.inactive_threshold.unwrap_or_default(),
                     ..Default::default()
                 },
             )

@@ -282,31 +282,7 @@ impl IntakeService {
         let follower_durable = format!("{}-{}", config.instance, uuid::Uuid::now_v7().simple());
         let mut follower_config = SubscriptionConfig::durable(follower_durable.clone());
         follower_config.start_after_sequence = reached;
-        let incidents_stream = jetstream
-            .get_stream(&incidents.spec().stream_name)
-            .await
-            .map_err(|error| ServiceError::Stream {
-                stream: incidents.spec().stream_name.clone(),
-                reason: error.to_string(),
-            })?;
-        incidents_stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(follower_durable.clone()),
-                filter_subject: incidents.spec().all_subjects(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: reached + 1,
-                },
-                ack_wait: follower_config.ack_wait,
-                max_ack_pending: follower_config.ack_pending_max,
-                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| ServiceError::Consumer {
-                durable: follower_durable.clone(),
-                reason: error.to_string(),
-            })?;
+        follower_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
         let follower = incidents.subscribe(follower_config).await?;
         let submissions_consumer = submissions_stream
             .get_or_create_consumer(

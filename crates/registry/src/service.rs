@@ -14,7 +14,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::consumer;
 use eventstore::{
     AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, ReplayRange,
     SubscribeError, Subscription, SubscriptionConfig,
@@ -142,14 +141,6 @@ impl RegistryService {
         store: EventStore<RegistryCodec>,
         config: ServiceConfig,
     ) -> Result<RegistryService, ServiceError> {
-        let stream_name = store.spec().stream_name.clone();
-        let stream = store
-            .jetstream()
-            .get_stream(&stream_name)
-            .await
-            .map_err(|error| ServiceError::StreamInfo {
-                reason: error.to_string(),
-            })?;
         // 1. Bulk replay (no acks) up to the stream's last sequence now.
         let started = std::time::Instant::now();
         let mut directory = Directory::new();
@@ -184,28 +175,7 @@ impl RegistryService {
         );
         let mut subscription_config = SubscriptionConfig::durable(durable.clone());
         subscription_config.start_after_sequence = reached;
-        stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: store.spec().all_subjects(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: if reached == 0 {
-                    consumer::DeliverPolicy::All
-                } else {
-                    consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: reached + 1,
-                    }
-                },
-                ack_wait: subscription_config.ack_wait,
-                max_ack_pending: subscription_config.ack_pending_max,
-                inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| ServiceError::Consumer {
-                durable: durable.clone(),
-                reason: error.to_string(),
-            })?;
+        subscription_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
         let subscription = store.subscribe(subscription_config).await?;
         let grids = directory.publish_all()?;
         info!(
