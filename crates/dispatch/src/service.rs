@@ -223,19 +223,6 @@ impl std::fmt::Debug for DispatchService {
     }
 }
 
-fn consumer_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect()
-}
-
 fn to_json<T: Serialize>(value: &T) -> bytes::Bytes {
     serde_json::to_vec(value)
         .unwrap_or_else(|error| {
@@ -303,7 +290,7 @@ impl DispatchService {
         book.rebuild_deadlines();
         let durable = format!(
             "{}-{}",
-            consumer_safe(&config.instance),
+            eventstore::consumer_name_fragment(&config.instance),
             Uuid::now_v7().simple()
         );
         let mut subscription_config = SubscriptionConfig::durable(durable.clone());

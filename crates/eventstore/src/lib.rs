@@ -40,7 +40,9 @@ pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};
 pub use store::{Appended, BoundedContext, EventStore, Loaded, StreamSpec};
-pub use subscription::{Delivery, SubscribeError, Subscription, SubscriptionConfig};
+pub use subscription::{
+    Delivery, SubscribeError, Subscription, SubscriptionConfig, consumer_name_fragment,
+};
 pub use verify::{Finding, VerifyReport};
 
 /// Most events one commit may hold.

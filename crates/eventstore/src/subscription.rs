@@ -37,6 +37,22 @@ pub struct SubscriptionConfig {
     pub inactive_threshold: Option<Duration>,
 }
 
+/// Turns free text (an instance name) into a valid consumer-name fragment: `[A-Za-z0-9_-]`,
+/// other characters replaced by `_`, at most 64 characters.
+pub fn consumer_name_fragment(name: &str) -> String {
+    const FRAGMENT_CHARS_MAX: usize = 64;
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(FRAGMENT_CHARS_MAX)
+        .collect()
+}
+
 impl SubscriptionConfig {
     pub fn durable(name: impl Into<String>) -> SubscriptionConfig {
         SubscriptionConfig {

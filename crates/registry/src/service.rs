@@ -114,19 +114,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn consumer_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect()
-}
-
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_else(|error| {
         format!(r#"{{"status":"error","reason_code":"encode","message":"{error}"}}"#).into_bytes()
@@ -170,7 +157,7 @@ impl RegistryService {
         // store's subscription then finds and uses it.
         let durable = format!(
             "{}-{}",
-            consumer_safe(&config.instance),
+            eventstore::consumer_name_fragment(&config.instance),
             Uuid::now_v7().simple()
         );
         let mut subscription_config = SubscriptionConfig::durable(durable.clone());

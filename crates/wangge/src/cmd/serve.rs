@@ -228,15 +228,8 @@ fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()>
     let profile = standards::builtin(&settings.city)
         .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
     runtime()?.block_on(async {
-        let (stop, stopped) = watch::channel(false);
         // Listen before the (possibly long) catch-up so a signal during it is not lost.
-        let signals = tokio::spawn(async move {
-            match termination().await {
-                Ok(signal) => tracing::info!(signal, "shutting down"),
-                Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
-            }
-            let _ = stop.send(true);
-        });
+        let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
         let store = EventStore::open(
             async_nats::jetstream::new(client.clone()),
@@ -289,14 +282,8 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
     let policy = domain::Policy::embedded(&settings.city)
         .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
     runtime()?.block_on(async {
-        let (stop, stopped) = watch::channel(false);
-        let signals = tokio::spawn(async move {
-            match termination().await {
-                Ok(signal) => tracing::info!(signal, "shutting down"),
-                Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
-            }
-            let _ = stop.send(true);
-        });
+        // Listen before the (possibly long) catch-up so a signal during it is not lost.
+        let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
         let store = EventStore::open(
             async_nats::jetstream::new(client.clone()),
@@ -355,14 +342,8 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
     let profile = standards::builtin(&settings.city)
         .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
     runtime()?.block_on(async {
-        let (stop, stopped) = watch::channel(false);
-        let signals = tokio::spawn(async move {
-            match termination().await {
-                Ok(signal) => tracing::info!(signal, "shutting down"),
-                Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
-            }
-            let _ = stop.send(true);
-        });
+        // Listen before the (possibly long) catch-up so a signal during it is not lost.
+        let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
         let jetstream = async_nats::jetstream::new(client.clone());
         let grids = EventStore::open(
@@ -437,4 +418,18 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
         signals.abort();
         Ok(())
     })
+}
+
+/// Starts listening for SIGINT/SIGTERM; the receiver turns `true` when one arrives. The
+/// returned task ends then; abort it when the service stopped for another reason.
+fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
+    let (stop, stopped) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        match termination().await {
+            Ok(signal) => tracing::info!(signal, "shutting down"),
+            Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
+        }
+        let _ = stop.send(true);
+    });
+    (signals, stopped)
 }
