@@ -1,2 +1,0 @@
-//! projection: not written yet.
-#![forbid(unsafe_code)]
