@@ -308,25 +308,20 @@ impl DispatchService {
         } else {
             None
         };
-        let mut subscribers = Vec::new();
-        if config.serve_requests {
-            let subscriber = client
-                .queue_subscribe(wire::SUBJECT_COMMANDS, config.queue_group.clone())
-                .await
-                .map_err(|e| ServiceError::Subscribe {
-                    subject: wire::SUBJECT_COMMANDS.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            subscribers.push(subscriber);
-            // The server must know the subscription before we report ready (a flush only
-            // reaches the socket; a round trip reaches the server).
-            eventstore::bus::server_barrier(&client)
-                .await
-                .map_err(|e| ServiceError::Subscribe {
-                    subject: "server barrier".to_owned(),
-                    reason: e.to_string(),
-                })?;
-        }
+        let subscribers = if config.serve_requests {
+            eventstore::bus::queue_subscribe_ready(
+                &client,
+                &[wire::SUBJECT_COMMANDS],
+                &config.queue_group,
+            )
+            .await
+            .map_err(|error| ServiceError::Subscribe {
+                subject: error.subject,
+                reason: error.reason,
+            })?
+        } else {
+            Vec::new()
+        };
         let progress = Progress {
             reached_sequence: reached,
             ..Progress::default()

@@ -30,3 +30,37 @@ pub async fn server_barrier(client: &async_nats::Client) -> Result<(), BarrierEr
         }),
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("subscribe to {subject}: {reason}")]
+pub struct SubscribeReadyError {
+    pub subject: String,
+    pub reason: String,
+}
+
+/// Subscribes to each subject in the queue group, then waits for [`server_barrier`]: when
+/// this returns, a request sent on any connection finds these subscribers.
+pub async fn queue_subscribe_ready(
+    client: &async_nats::Client,
+    subjects: &[&str],
+    queue_group: &str,
+) -> Result<Vec<async_nats::Subscriber>, SubscribeReadyError> {
+    let mut subscribers = Vec::with_capacity(subjects.len());
+    for subject in subjects {
+        let subscriber = client
+            .queue_subscribe(subject.to_string(), queue_group.to_owned())
+            .await
+            .map_err(|error| SubscribeReadyError {
+                subject: (*subject).to_owned(),
+                reason: error.to_string(),
+            })?;
+        subscribers.push(subscriber);
+    }
+    server_barrier(client)
+        .await
+        .map_err(|error| SubscribeReadyError {
+            subject: "server barrier".to_owned(),
+            reason: error.to_string(),
+        })?;
+    Ok(subscribers)
+}

@@ -300,37 +300,21 @@ impl IntakeService {
                 durable: config.submissions_durable.clone(),
                 reason: error.to_string(),
             })?;
-        let subscribe = |subject: &'static str| {
-            let client = client.clone();
-            let group = config.queue_group.clone();
-            async move {
-                client
-                    .queue_subscribe(subject, group)
-                    .await
-                    .map_err(|error| ServiceError::Subscribe {
-                        subject: subject.to_owned(),
-                        reason: error.to_string(),
-                    })
-            }
-        };
-        let requests = Box::pin(
-            subscribe(wire::SUBJECT_REQUEST)
-                .await?
-                .ready_chunks(SUBMISSION_BATCH_MAX),
-        );
-        let queries = futures::stream::select_all([
-            subscribe(wire::SUBJECT_QUERY_RECEIPT).await?,
-            subscribe(wire::SUBJECT_QUERY_INCIDENT).await?,
-            subscribe(wire::SUBJECT_CONTACT_ERASE).await?,
-        ]);
-        // The server knows the subscriptions before the caller is told we are up (a flush
-        // only reaches the socket; a round trip reaches the server).
-        eventstore::bus::server_barrier(&client)
-            .await
-            .map_err(|error| ServiceError::Subscribe {
-                subject: "server barrier".to_owned(),
-                reason: error.to_string(),
-            })?;
+        let subjects = [
+            wire::SUBJECT_REQUEST,
+            wire::SUBJECT_QUERY_RECEIPT,
+            wire::SUBJECT_QUERY_INCIDENT,
+            wire::SUBJECT_CONTACT_ERASE,
+        ];
+        let mut subscribers =
+            eventstore::bus::queue_subscribe_ready(&client, &subjects, &config.queue_group)
+                .await
+                .map_err(|error| ServiceError::Subscribe {
+                    subject: error.subject,
+                    reason: error.reason,
+                })?;
+        let queries = futures::stream::select_all(subscribers.split_off(1));
+        let requests = Box::pin(subscribers.remove(0).ready_chunks(SUBMISSION_BATCH_MAX));
         let mut service = IntakeService {
             client,
             incidents,

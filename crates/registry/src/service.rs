@@ -172,31 +172,21 @@ impl RegistryService {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "registry state rebuilt from the GRIDS stream"
         );
-        let mut subscribers = Vec::new();
-        if config.serve_requests {
-            for subject in [
+        let subscribers = if config.serve_requests {
+            let subjects = [
                 api::SUBJECT_LOCATE,
                 api::SUBJECT_COMMANDS,
                 api::SUBJECT_QUERY_COMMUNITY,
-            ] {
-                let subscriber = client
-                    .queue_subscribe(subject, config.queue_group.clone())
-                    .await
-                    .map_err(|error| ServiceError::Subscribe {
-                        subject: subject.to_owned(),
-                        reason: error.to_string(),
-                    })?;
-                subscribers.push(subscriber);
-            }
-            // The server knows the subscriptions before the caller is told we are up (a flush
-            // only reaches the socket; a round trip reaches the server).
-            eventstore::bus::server_barrier(&client)
+            ];
+            eventstore::bus::queue_subscribe_ready(&client, &subjects, &config.queue_group)
                 .await
                 .map_err(|error| ServiceError::Subscribe {
-                    subject: "server barrier".to_owned(),
-                    reason: error.to_string(),
-                })?;
-        }
+                    subject: error.subject,
+                    reason: error.reason,
+                })?
+        } else {
+            Vec::new()
+        };
         Ok(RegistryService {
             client,
             store,
