@@ -49,6 +49,12 @@ enum Command {
     Import(cmd::partition::ImportCommand),
     /// Check communities against a city's policy standards (offline, no NATS).
     Standards(cmd::standards::StandardsArgs),
+    /// Read models: rebuild from the log, replay as of a time or sequence.
+    #[command(subcommand)]
+    Projection(cmd::projection::ProjectionCommand),
+    /// Audit the event log: incident timelines, hash-chain verification, JSON-lines export.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +79,8 @@ fn main() -> std::process::ExitCode {
         Command::Partition(args) => cmd::partition::run(args),
         Command::Import(command) => cmd::partition::import(command),
         Command::Standards(args) => cmd::standards::run(args),
+        Command::Projection(command) => cmd::projection::run(&settings, command),
+        Command::Audit(command) => cmd::audit::run(&settings, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,6 +20,10 @@ pub enum BenchCommand {
     Dispatch(super::bench_dispatch::BenchDispatchArgs),
     /// Submissions filed end to end by intake against raw acked publishes (own nats-server).
     Intake(super::bench_intake::BenchIntakeArgs),
+    /// Rebuilding every read model from a long stream against raw pull-consumer replay.
+    Rebuild(super::bench_rebuild::BenchRebuildArgs),
+    /// Incidents through intake -> dispatch -> projection against raw JetStream publishes.
+    Pipeline(super::bench_pipeline::BenchPipelineArgs),
 }
 
 pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
@@ -29,5 +33,7 @@ pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Locate(args) => super::partition::bench_locate(args),
         BenchCommand::Dispatch(args) => super::bench_dispatch::run(args),
         BenchCommand::Intake(args) => super::bench_intake::run(args),
+        BenchCommand::Rebuild(args) => super::bench_rebuild::run(args),
+        BenchCommand::Pipeline(args) => super::bench_pipeline::run(args),
     }
 }

@@ -104,6 +104,8 @@ pub enum ServiceCommand {
     /// Schemas: schemas/*.schema.json and schemas/asyncapi.yaml. See docs/INTAKE.md.
     #[command(verbatim_doc_comment)]
     Intake(IntakeArgs),
+    /// The projection builder: read models in NATS KV and the query API over them.
+    Projection(super::projection::ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +200,9 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
             )
             .context("write to stdout")?;
         }
+        super::projection::up(settings, &client)
+            .await
+            .context("create the projection's buckets")?;
         client.flush().await.context("flush")?;
         Ok(())
     })
@@ -221,6 +226,9 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         ServiceCommand::Registry(registry_args) => serve_registry(settings, registry_args),
         ServiceCommand::Dispatch(dispatch_args) => serve_dispatch(settings, dispatch_args),
         ServiceCommand::Intake(intake_args) => serve_intake(settings, intake_args),
+        ServiceCommand::Projection(projection_args) => {
+            super::projection::serve(settings, projection_args)
+        }
     }
 }
 
