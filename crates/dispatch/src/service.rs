@@ -629,19 +629,9 @@ impl DispatchService {
             debug!(subject = %message.subject, "request without reply subject ignored");
             return;
         };
-        let reply_body = match message
-            .subject
-            .as_str()
-            .strip_prefix(wire::SUBJECT_COMMAND_PREFIX)
-        {
-            Some(action) => {
-                let action = action.to_owned();
-                match wire::parse_command(&action, &message.payload) {
-                    Ok(command) => self.command(command).await,
-                    Err(reply) => reply,
-                }
-            }
-            None => CommandReply::rejected("unknown_subject", message.subject.to_string()),
+        let reply_body = match wire::parse_command(message.subject.as_str(), &message.payload) {
+            Ok(command) => self.command(command).await,
+            Err(reply) => reply,
         };
         match &reply_body {
             CommandReply::Accepted { .. } => self.progress.commands_accepted += 1,

@@ -1,14 +1,21 @@
 //! Console commands and replies (JSON over NATS request/reply) and notifications.
 //!
-//! A command is a request on `dispatch.cmd.<action>`:
+//! A command is a request on `dispatch.cmd.<scope>.<action>`, where the scope names the
+//! acting role: `department.<id>` (e.g. `dispatch.cmd.department.chengguan.acknowledge`),
+//! `grid_worker`, `community`, `street`, `district`, `city` or `resident`:
 //!
 //! ```json
-//! {"command_id":"console-7/0193..","incident":"0193..-..","actor":{"role":"department:chengguan","id":"..."},
+//! {"command_id":"console-7/0193..","incident":"0193..-..","actor":{"id":"..."},
 //!  "note":"..","reason":"..","minutes":60,"approve":true,"passed":true,
 //!  "satisfaction":"satisfied","reopen":false,"return_reason":"not_our_duty"}
 //! ```
 //!
-//! (only the fields the action needs). The reply is `{"status":"accepted",..}`,
+//! (only the fields the action needs). The role is taken from the subject, never from the
+//! body, so NATS permissions on subjects decide who may act as which department: a console
+//! whose credentials may publish only `dispatch.cmd.department.chengguan.>` cannot act as
+//! another department, and the domain refuses it a case that is not chengguan's. A body may
+//! still say `"role"`; when it names another role than the subject the command is refused
+//! (`actor_mismatch`). The reply is `{"status":"accepted",..}`,
 //! `{"status":"rejected","reason_code":..,"message":..}` for a business refusal (nothing was
 //! written), or `{"status":"error",..}` when the store could not be reached.
 
@@ -16,10 +23,21 @@ use domain::incident::{Action, ReturnReason, Satisfaction};
 use domain::{Actor, ActorId, IncidentId, Rejection, Role};
 use serde::{Deserialize, Serialize};
 
-/// Prefix of command subjects; the last token is the action.
+/// Prefix of command subjects: `dispatch.cmd.<scope>.<action>`.
 pub const SUBJECT_COMMAND_PREFIX: &str = "dispatch.cmd.";
 /// Wildcard the service subscribes to (queue group).
-pub const SUBJECT_COMMANDS: &str = "dispatch.cmd.*";
+pub const SUBJECT_COMMANDS: &str = "dispatch.cmd.>";
+/// Scope token of department subjects (`dispatch.cmd.department.<id>.<action>`).
+pub const SCOPE_DEPARTMENT: &str = "department";
+/// Scope tokens of the roles that are not departments (one token each).
+pub const SCOPES_OTHER: &[&str] = &[
+    "grid_worker",
+    "community",
+    "street",
+    "district",
+    "city",
+    "resident",
+];
 /// Largest command request body.
 pub const REQUEST_BYTES_MAX: usize = 16 * 1024;
 /// Longest console command id.
@@ -40,9 +58,11 @@ pub const ACTIONS: &[&str] = &[
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ActorJson {
-    /// `resident`, `grid_worker`, `community`, `street`, `district`, `city` or
-    /// `department:<id>`.
-    pub role: String,
+    /// Optional, and only checked: the role is the subject's scope. When present it must be
+    /// the same role (`resident`, `grid_worker`, `community`, `street`, `district`, `city` or
+    /// `department:<id>`).
+    #[serde(default)]
+    pub role: Option<String>,
     pub id: uuid::Uuid,
 }
 
@@ -155,6 +175,52 @@ pub fn parse_role(text: &str) -> Result<Role, String> {
     })
 }
 
+/// The subject a console sends `action` to when acting as `role`; `None` for `System`, which
+/// consoles may never claim.
+pub fn command_subject(role: &Role, action: &str) -> Option<String> {
+    let scope = match role {
+        Role::Department(id) => format!("{SCOPE_DEPARTMENT}.{id}"),
+        Role::Resident => "resident".to_owned(),
+        Role::GridWorker => "grid_worker".to_owned(),
+        Role::Community => "community".to_owned(),
+        Role::Street => "street".to_owned(),
+        Role::District => "district".to_owned(),
+        Role::City => "city".to_owned(),
+        Role::System => return None,
+    };
+    Some(format!("{SUBJECT_COMMAND_PREFIX}{scope}.{action}"))
+}
+
+/// Splits a command subject into the acting role and the action token.
+pub fn parse_subject(subject: &str) -> Result<(Role, &str), CommandReply> {
+    let unknown = || {
+        CommandReply::rejected(
+            "unknown_subject",
+            format!(
+                "{subject:?} is not {SUBJECT_COMMAND_PREFIX}department.<id>.<action> or \
+                 {SUBJECT_COMMAND_PREFIX}<{}>.<action>",
+                SCOPES_OTHER.join("|")
+            ),
+        )
+    };
+    let rest = subject
+        .strip_prefix(SUBJECT_COMMAND_PREFIX)
+        .ok_or_else(unknown)?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    match tokens.as_slice() {
+        [SCOPE_DEPARTMENT, id, action] => {
+            let role = parse_role(&format!("department:{id}"))
+                .map_err(|e| CommandReply::rejected("bad_role", e))?;
+            Ok((role, action))
+        }
+        [scope, action] if SCOPES_OTHER.contains(scope) => {
+            let role = parse_role(scope).map_err(|e| CommandReply::rejected("bad_role", e))?;
+            Ok((role, action))
+        }
+        _ => Err(unknown()),
+    }
+}
+
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleCommand {
@@ -173,8 +239,19 @@ fn need<T>(value: Option<T>, field: &str, action: &str) -> Result<T, CommandRepl
     })
 }
 
-/// Parses a request on `dispatch.cmd.<action>`. Consoles may not send `System` commands.
-pub fn parse_command(action: &str, payload: &[u8]) -> Result<ConsoleCommand, CommandReply> {
+/// Parses a request on `subject` (see [`parse_subject`]). The actor's role is the subject's;
+/// consoles can never act as `System`.
+pub fn parse_command(subject: &str, payload: &[u8]) -> Result<ConsoleCommand, CommandReply> {
+    let (role, action) = parse_subject(subject)?;
+    parse_command_as(role, action, payload)
+}
+
+/// Parses a command body for `role` (already taken from the subject) and `action`.
+pub fn parse_command_as(
+    role: Role,
+    action: &str,
+    payload: &[u8],
+) -> Result<ConsoleCommand, CommandReply> {
     if payload.len() > REQUEST_BYTES_MAX {
         return Err(CommandReply::rejected(
             "too_large",
@@ -195,7 +272,14 @@ pub fn parse_command(action: &str, payload: &[u8]) -> Result<ConsoleCommand, Com
         ));
     }
     let actor_json = need(request.actor.clone(), "actor", action)?;
-    let role = parse_role(&actor_json.role).map_err(|e| CommandReply::rejected("bad_role", e))?;
+    if let Some(claimed) = &actor_json.role
+        && *claimed != role.to_string()
+    {
+        return Err(CommandReply::rejected(
+            "actor_mismatch",
+            format!("the body claims role {claimed:?} on a subject of role \"{role}\""),
+        ));
+    }
     let actor = Actor {
         role,
         id: ActorId(actor_json.id),

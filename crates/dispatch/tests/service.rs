@@ -187,14 +187,29 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// Sends `action` on the subject of the role the body's actor names (as a console bound to that
+/// role would), with the role left in the body (it must then match the subject).
 async fn request(
     client: &async_nats::Client,
     action: &str,
     body: serde_json::Value,
 ) -> CommandReply {
+    let role = body["actor"]["role"].as_str().unwrap();
+    let scope = match role.strip_prefix("department:") {
+        Some(id) => format!("department.{id}"),
+        None => role.to_owned(),
+    };
+    request_on(client, &format!("dispatch.cmd.{scope}.{action}"), body).await
+}
+
+async fn request_on(
+    client: &async_nats::Client,
+    subject: &str,
+    body: serde_json::Value,
+) -> CommandReply {
     let reply = client
         .request(
-            format!("dispatch.cmd.{action}"),
+            subject.to_owned(),
             serde_json::to_vec(&body).unwrap().into(),
         )
         .await
@@ -274,16 +289,20 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
         ("unknown action".to_owned(), request(&client, "park", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
         ("unknown incident".to_owned(), request(&client, "acknowledge", serde_json::json!({"incident":uuid::Uuid::from_u128(5),"actor":chengguan})).await),
         ("yingji verifies".to_owned(), request(&client, "verify", serde_json::json!({"incident":fire.0,"actor":yingji,"passed":true})).await),
+        ("chengguan claims xiaofang".to_owned(), request_on(&client, "dispatch.cmd.department.chengguan.acknowledge", serde_json::json!({"incident":fire.0,"actor":{"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)}})).await),
+        ("old subject".to_owned(), request_on(&client, "dispatch.cmd.acknowledge.now", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
     ];
     check_commands(
         &replies,
         expect![[r#"
             chengguan acknowledges: rejected not_assigned (department:chengguan may not acknowledge: the case is neither assigned to it nor summoned it)
             chengguan reports: rejected not_summoned (department chengguan was not summoned by the active whistle)
-            system role: rejected bad_role (unknown role "system")
+            system role: rejected unknown_subject ("dispatch.cmd.system.acknowledge" is not dispatch.cmd.department.<id>.<action> or dispatch.cmd.<grid_worker|community|street|district|city|resident>.<action>)
             unknown action: rejected unknown_action (no console action "park"; one of ["acknowledge", "resolve", "return", "request_extension", "approve_extension", "blow_whistle", "report_to_whistle", "verify", "rate"])
             unknown incident: rejected no_such_incident (no incident has been reported under this id)
             yingji verifies: rejected invalid_transition (verify is not possible while the incident is Dispatched)
+            chengguan claims xiaofang: rejected actor_mismatch (the body claims role "department:xiaofang" on a subject of role "department:chengguan")
+            old subject: rejected unknown_subject ("dispatch.cmd.acknowledge.now" is not dispatch.cmd.department.<id>.<action> or dispatch.cmd.<grid_worker|community|street|district|city|resident>.<action>)
         "#]],
     );
 

@@ -282,7 +282,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
         });
         let reply = client
             .request(
-                "dispatch.cmd.acknowledge",
+                "dispatch.cmd.department.xiaofang.acknowledge",
                 serde_json::to_vec(&body).unwrap().into(),
             )
             .await

@@ -73,11 +73,14 @@ pub enum ServiceCommand {
     /// snapshot) and rebuilds every pending deadline from the incidents' states, then answers
     /// (queue group `dispatch`):
     ///
-    ///   dispatch.cmd.<action>   action: acknowledge resolve return request_extension
+    ///   dispatch.cmd.<scope>.<action>
+    ///                           scope (the acting role): department.<id> | grid_worker |
+    ///                           community | street | district | city | resident
+    ///                           action: acknowledge resolve return request_extension
     ///                           approve_extension blow_whistle report_to_whistle verify rate
-    ///                           {"command_id","incident","actor":{"role":"department:<id>",
-    ///                            "id"},"note","reason","minutes","approve","passed",
-    ///                            "satisfaction","reopen","return_reason"}
+    ///                           {"command_id","incident","actor":{"id"},"note","reason",
+    ///                            "minutes","approve","passed","satisfaction","reopen",
+    ///                            "return_reason"}
     ///                           -> {"status":"accepted","version",..} |
     ///                              {"status":"rejected","reason_code","message"}
     ///
