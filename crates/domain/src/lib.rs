@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod calendar;
+pub mod describe;
 pub mod encoding;
 pub mod ids;
 pub mod incident;

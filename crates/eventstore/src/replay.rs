@@ -51,6 +51,53 @@ impl<C: EventCodec> EventStore<C> {
         Ok(info.state.last_sequence)
     }
 
+    /// The first stream sequence the server stored at or after `time_ms` (UTC milliseconds),
+    /// or `None` when nothing was stored since. Lets audits and exports start at a time
+    /// without reading the history before it.
+    pub async fn first_sequence_since(&self, time_ms: i64) -> Result<Option<u64>, LoadError> {
+        let subject = self.spec.all_subjects();
+        let read_error = |reason: String| LoadError::Read {
+            subject: subject.clone(),
+            reason,
+        };
+        let start_time =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(time_ms) * 1_000_000)
+                .map_err(|error| read_error(format!("time {time_ms} ms: {error}")))?;
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: subject.clone(),
+                ack_policy: consumer::AckPolicy::None,
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+                inactive_threshold: REPLAY_CONSUMER_INACTIVE,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| read_error(error.to_string()))?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .messages()
+            .await
+            .map_err(|error| read_error(error.to_string()))?;
+        let first = match tokio::time::timeout(REPLAY_MESSAGE_TIMEOUT, batch.next()).await {
+            Err(_) => return Err(read_error("no answer to a one-message fetch".to_owned())),
+            Ok(None) => None,
+            Ok(Some(message)) => {
+                let message = message.map_err(|error| read_error(error.to_string()))?;
+                let info = message
+                    .info()
+                    .map_err(|error| read_error(error.to_string()))?;
+                Some(info.stream_sequence)
+            }
+        };
+        let _ = self
+            .stream
+            .delete_consumer(&consumer.cached_info().name)
+            .await;
+        Ok(first)
+    }
+
     /// Calls `apply` with every commit in `range`, in stream order; returns the last sequence
     /// replayed. A commit that does not decode stops the replay with its sequence: an audit
     /// or rebuild must not silently skip history.

@@ -179,6 +179,28 @@ impl<C: EventCodec> EventStore<C> {
         })
     }
 
+    /// A store on the context's existing stream, without creating or updating it: for
+    /// read-only credentials (auditors, exports) that may not manage streams.
+    pub async fn open_existing(
+        jetstream: jetstream::Context,
+        spec: StreamSpec,
+        codec: C,
+    ) -> Result<EventStore<C>, OpenError> {
+        let stream = jetstream
+            .get_stream(&spec.stream_name)
+            .await
+            .map_err(|error| OpenError::GetStream {
+                stream: spec.stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        Ok(EventStore {
+            jetstream,
+            stream,
+            spec,
+            codec,
+        })
+    }
+
     pub fn spec(&self) -> &StreamSpec {
         &self.spec
     }

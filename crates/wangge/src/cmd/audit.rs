@@ -1,14 +1,647 @@
-//! `wangge audit ...` (being written: issue #6).
+//! `wangge audit ...`: what an inspector runs against the event log.
+//!
+//! WHY read the streams and not the read models: an audit must not trust anything derived.
+//! Every command here opens the streams without creating or changing them
+//! (`EventStore::open_existing`), so it runs with the read-only auditor credential, and reads
+//! the commits themselves, checking their hash links as it goes.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use eventstore::{
+    AggregateId, BoundedContext, EventCodec, EventStore, RecordedCommit, ReplayRange, StreamSpec,
+};
+use serde_json::{Value, json};
 
 use crate::config::Settings;
 
-/// Audit the event log: timelines, hash-chain verification, exports.
+/// Commits between two progress lines on stderr.
+const PROGRESS_EVERY_COMMITS: u64 = 10_000;
+/// Messages per pull request while exporting.
+const EXPORT_BATCH_MAX: usize = 1_000;
+
+const AUDIT_HELP: &str = "\
+The audit commands only read: they open the existing streams (GRIDS, INCIDENTS, INTAKE)
+without creating or changing them, so they run with the read-only auditor credential
+(`[nats] credentials` or WANGGE_NATS__CREDENTIALS). Examples:
+
+    wangge audit timeline 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55
+    wangge audit verify --json > verify.json          # exit 1 when anything is wrong
+    wangge audit export --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z > nov.jsonl";
+
+/// Audit the event log: incident timelines, hash-chain verification, JSON-lines export.
 #[derive(Debug, clap::Subcommand)]
+#[command(after_long_help = AUDIT_HELP)]
 pub enum AuditCommand {
-    /// Walk every aggregate's hash chain.
-    Verify,
+    /// Every event of one incident in order: time, actor, what happened, why, whom it concerned.
+    ///
+    /// Reads the incident's commits from INCIDENTS to the end known when it starts and checks
+    /// that each commit links to the one before (the hash chain). Content hashes of the whole
+    /// log are checked by `wangge audit verify`.
+    Timeline(TimelineArgs),
+    /// Walk every aggregate's hash chain in the streams; report edited, forged, reordered or
+    /// missing commits. Exits 1 when anything is found.
+    Verify(VerifyArgs),
+    /// Decoded events as JSON lines (one event per line) for external tools.
+    ///
+    /// Ranges by the time the server stored each commit (monotonic with the stream sequence);
+    /// each line also carries the decision time (`occurred_at`) from the envelope.
+    Export(ExportArgs),
 }
 
-pub fn run(_settings: &Settings, _command: AuditCommand) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge audit` is not yet written (issue #6)")
+#[derive(Debug, clap::Args)]
+pub struct TimelineArgs {
+    /// The incident id (UUID, as in the receipt).
+    pub incident: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Streams to check (default: all three).
+    #[arg(long = "stream", value_enum)]
+    pub streams: Vec<StreamName>,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// First instant (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Instant to stop before (RFC 3339); default: the end of each stream when export starts.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Streams to export (default: all three, in the order grids, incidents, intake).
+    #[arg(long = "stream", value_enum)]
+    pub streams: Vec<StreamName>,
+    /// Write to this file instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamName {
+    Grids,
+    Incidents,
+    Intake,
+}
+
+impl StreamName {
+    const ALL: [StreamName; 3] = [StreamName::Grids, StreamName::Incidents, StreamName::Intake];
+
+    fn context(self) -> BoundedContext {
+        match self {
+            StreamName::Grids => BoundedContext::Grids,
+            StreamName::Incidents => BoundedContext::Incidents,
+            StreamName::Intake => BoundedContext::Intake,
+        }
+    }
+}
+
+fn chosen(streams: &[StreamName]) -> Vec<StreamName> {
+    if streams.is_empty() {
+        StreamName::ALL.to_vec()
+    } else {
+        streams.to_vec()
+    }
+}
+
+fn spec(settings: &Settings, stream: StreamName) -> StreamSpec {
+    StreamSpec::for_context(
+        stream.context(),
+        settings.store.replicas,
+        Duration::from_secs(settings.store.duplicate_window_seconds),
+    )
+}
+
+async fn open<C: EventCodec>(
+    settings: &Settings,
+    client: &async_nats::Client,
+    stream: StreamName,
+    codec: C,
+) -> anyhow::Result<EventStore<C>> {
+    let spec = spec(settings, stream);
+    let name = spec.stream_name.clone();
+    EventStore::open_existing(async_nats::jetstream::new(client.clone()), spec, codec)
+        .await
+        .with_context(|| format!("open stream {name} (does it exist? `wangge up` creates it)"))
+}
+
+pub fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        let client = super::serve::connect(settings, "audit").await?;
+        match command {
+            AuditCommand::Timeline(args) => timeline(settings, &client, args).await,
+            AuditCommand::Verify(args) => verify(settings, &client, args).await,
+            AuditCommand::Export(args) => export(settings, &client, args).await,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// timeline
+
+async fn timeline(
+    settings: &Settings,
+    client: &async_nats::Client,
+    args: TimelineArgs,
+) -> anyhow::Result<()> {
+    let incident: uuid::Uuid = args
+        .incident
+        .trim()
+        .parse()
+        .with_context(|| format!("{:?} is not an incident id (a UUID)", args.incident))?;
+    let store = open(
+        settings,
+        client,
+        StreamName::Incidents,
+        codecs::IncidentCodec,
+    )
+    .await?;
+    // Intake writes incidents under the bare hyphenated UUID; older layouts are tried too.
+    let mut loaded = None;
+    for candidate in [
+        incident.hyphenated().to_string(),
+        incident.simple().to_string(),
+    ] {
+        let aggregate = AggregateId::new(candidate.clone())
+            .with_context(|| format!("aggregate id {candidate}"))?;
+        let found = store
+            .load(&aggregate)
+            .await
+            .with_context(|| format!("load incident {incident}"))?;
+        if !found.commits.is_empty() {
+            loaded = Some((aggregate, found));
+            break;
+        }
+    }
+    let Some((aggregate, loaded)) = loaded else {
+        anyhow::bail!("incident {incident} has no events in stream INCIDENTS");
+    };
+    let entries = timeline_entries(&loaded.commits);
+    let chain = chain_breaks(&loaded.commits);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let document = json!({
+            "incident": incident,
+            "subject": store.subject(&aggregate),
+            "commits": loaded.commits.len(),
+            "chain_intact": chain.is_empty(),
+            "chain_breaks": chain,
+            "events": entries,
+        });
+        serde_json::to_writer_pretty(&mut out, &document).context("write JSON")?;
+        writeln!(out)?;
+    } else {
+        write!(
+            out,
+            "{}",
+            render_timeline(&incident.to_string(), &entries, &chain)
+        )?;
+    }
+    Ok(())
+}
+
+/// One event of a timeline, as printed and as exported.
+fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for commit in commits {
+        for recorded in &commit.events {
+            let description = domain::describe::describe(&recorded.event);
+            entries.push(json!({
+                "version": recorded.version,
+                "sequence": commit.sequence,
+                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
+                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "actor": commit.meta.actor,
+                "command_id": commit.command_id,
+                "correlation_id": commit.meta.correlation_id,
+                "event_id": recorded.event_id,
+                "kind": description.kind,
+                "summary": description.summary,
+                "reason": description.reason,
+                "concerns": description.concerns,
+            }));
+        }
+    }
+    entries
+}
+
+/// Commits whose previous-hash does not name the commit before them.
+fn chain_breaks<E>(commits: &[RecordedCommit<E>]) -> Vec<Value> {
+    let mut breaks = Vec::new();
+    let mut previous = [0u8; 32];
+    let mut expected_version = 1;
+    for commit in commits {
+        if commit.previous_hash != previous || commit.first_version != expected_version {
+            breaks.push(json!({
+                "sequence": commit.sequence,
+                "version": commit.first_version,
+                "expected_version": expected_version,
+                "links_to_previous": commit.previous_hash == previous,
+            }));
+        }
+        previous = commit.hash;
+        expected_version = commit.version + 1;
+    }
+    breaks
+}
+
+fn render_timeline(incident: &str, entries: &[Value], chain: &[Value]) -> String {
+    let mut text = format!("Incident {incident}: {} events\n\n", entries.len());
+    for entry in entries {
+        let field = |name: &str| entry[name].as_str().unwrap_or("").to_owned();
+        text.push_str(&format!(
+            "{:>3}  {}  {}\n     {}\n",
+            entry["version"],
+            field("occurred_at"),
+            field("actor"),
+            field("summary"),
+        ));
+        if let Some(reason) = entry["reason"].as_str() {
+            text.push_str(&format!("     reason: {reason}\n"));
+        }
+        let concerns: Vec<&str> = entry["concerns"]
+            .as_array()
+            .map(|list| list.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !concerns.is_empty() {
+            text.push_str(&format!("     concerns: {}\n", concerns.join(", ")));
+        }
+    }
+    if chain.is_empty() {
+        text.push_str("\nHash chain: every commit links to the one before it.\n");
+    } else {
+        text.push_str(&format!(
+            "\nHash chain: {} BROKEN link(s) — run `wangge audit verify` and see the JSON output.\n",
+            chain.len()
+        ));
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify
+
+async fn verify(
+    settings: &Settings,
+    client: &async_nats::Client,
+    args: VerifyArgs,
+) -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    for stream in chosen(&args.streams) {
+        let progress = |checked: u64, sequence: u64| {
+            eprintln!("  {stream:?}: {checked} commits checked (sequence {sequence})");
+        };
+        let report = match stream {
+            StreamName::Grids => {
+                open(settings, client, stream, registry::RegistryCodec)
+                    .await?
+                    .verify(progress)
+                    .await
+            }
+            StreamName::Incidents => {
+                open(settings, client, stream, codecs::IncidentCodec)
+                    .await?
+                    .verify(progress)
+                    .await
+            }
+            StreamName::Intake => {
+                open(
+                    settings,
+                    client,
+                    stream,
+                    intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+                )
+                .await?
+                .verify(progress)
+                .await
+            }
+        }
+        .with_context(|| format!("verify stream {stream:?}"))?;
+        reports.push(report);
+    }
+    let findings: u64 = reports.iter().map(|report| report.findings_total).sum();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &reports).context("write JSON")?;
+        writeln!(out)?;
+    } else {
+        for report in &reports {
+            writeln!(
+                out,
+                "{}: {} commits of {} aggregates, last sequence {}: {}",
+                report.stream,
+                report.commits_checked,
+                report.aggregates,
+                report.last_sequence,
+                if report.is_intact() {
+                    "intact".to_owned()
+                } else {
+                    format!("{} FINDINGS", report.findings_total)
+                }
+            )?;
+            for finding in &report.findings {
+                writeln!(out, "  {}", serde_json::to_string(finding)?)?;
+            }
+        }
+    }
+    out.flush()?;
+    if findings > 0 {
+        anyhow::bail!("the event log is not intact: {findings} findings");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// export
+
+fn parse_instant(text: &str, flag: &str) -> anyhow::Result<i64> {
+    let time = humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!("{flag} {text:?}: expected RFC 3339, e.g. 2026-11-01T00:00:00Z")
+    })?;
+    let since_epoch = time
+        .duration_since(UNIX_EPOCH)
+        .with_context(|| format!("{flag} {text:?} is before 1970"))?;
+    i64::try_from(since_epoch.as_millis()).with_context(|| format!("{flag} {text:?} too large"))
+}
+
+async fn export(
+    settings: &Settings,
+    client: &async_nats::Client,
+    args: ExportArgs,
+) -> anyhow::Result<()> {
+    let since_ms = args
+        .since
+        .as_deref()
+        .map(|text| parse_instant(text, "--since"))
+        .transpose()?;
+    let until_ms = args
+        .until
+        .as_deref()
+        .map(|text| parse_instant(text, "--until"))
+        .transpose()?;
+    if let (Some(since), Some(until)) = (since_ms, until_ms) {
+        anyhow::ensure!(since < until, "--since must be before --until");
+    }
+    let mut out: Box<dyn std::io::Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut total = 0u64;
+    for stream in chosen(&args.streams) {
+        let exported = match stream {
+            StreamName::Grids => {
+                let store = open(settings, client, stream, registry::RegistryCodec).await?;
+                export_stream(&store, since_ms, until_ms, &mut out, registry_event_json).await
+            }
+            StreamName::Incidents => {
+                let store = open(settings, client, stream, codecs::IncidentCodec).await?;
+                export_stream(&store, since_ms, until_ms, &mut out, incident_event_json).await
+            }
+            StreamName::Intake => {
+                let codec = intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE);
+                let store = open(settings, client, stream, codec).await?;
+                export_stream(&store, since_ms, until_ms, &mut out, |event| {
+                    serde_json::to_value(event).unwrap_or(Value::Null)
+                })
+                .await
+            }
+        }
+        .with_context(|| format!("export stream {stream:?}"))?;
+        eprintln!("{stream:?}: {exported} events exported");
+        total += exported;
+    }
+    out.flush().context("flush the export")?;
+    eprintln!("{total} events exported");
+    Ok(())
+}
+
+/// Writes every event of `store` stored in `[since, until)` as one JSON line; returns the count.
+async fn export_stream<C: EventCodec>(
+    store: &EventStore<C>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    out: &mut Box<dyn std::io::Write>,
+    event_json: impl Fn(&C::Event) -> Value,
+) -> anyhow::Result<u64> {
+    let last = store.last_sequence().await?;
+    let after_sequence = match since_ms {
+        None => 0,
+        Some(since) => match store.first_sequence_since(since).await? {
+            Some(first) => first - 1,
+            None => return Ok(0),
+        },
+    };
+    let until_sequence = match until_ms {
+        None => last,
+        Some(until) => match store.first_sequence_since(until).await? {
+            Some(first) => first - 1,
+            None => last,
+        },
+    };
+    let stream_name = store.spec().stream_name.clone();
+    let mut exported = 0u64;
+    let mut commits = 0u64;
+    let mut write_error = None;
+    store
+        .replay(
+            ReplayRange {
+                after_sequence,
+                until_sequence: Some(until_sequence),
+                batch_max: EXPORT_BATCH_MAX,
+            },
+            |commit| {
+                if write_error.is_some() {
+                    return;
+                }
+                for line in export_lines(&stream_name, &commit, &event_json) {
+                    if let Err(error) = serde_json::to_writer(&mut *out, &line)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| out.write_all(b"\n"))
+                    {
+                        write_error = Some(error);
+                        return;
+                    }
+                    exported += 1;
+                }
+                commits += 1;
+                if commits.is_multiple_of(PROGRESS_EVERY_COMMITS) {
+                    eprintln!(
+                        "  {stream_name}: {commits} commits (sequence {} of {until_sequence})",
+                        commit.sequence
+                    );
+                }
+            },
+        )
+        .await?;
+    if let Some(error) = write_error {
+        return Err(error).context("write the export");
+    }
+    Ok(exported)
+}
+
+fn export_lines<E>(
+    stream: &str,
+    commit: &RecordedCommit<E>,
+    event_json: &impl Fn(&E) -> Value,
+) -> Vec<Value> {
+    commit
+        .events
+        .iter()
+        .map(|recorded| {
+            json!({
+                "stream": stream,
+                "sequence": commit.sequence,
+                "aggregate": commit.aggregate.as_str(),
+                "version": recorded.version,
+                "event_id": recorded.event_id,
+                "event_type": recorded.event_type,
+                "command_id": commit.command_id,
+                "actor": commit.meta.actor,
+                "correlation_id": commit.meta.correlation_id,
+                "causation_id": commit.meta.causation_id,
+                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
+                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "hash": hex(&commit.hash),
+                "previous_hash": hex(&commit.previous_hash),
+                "event": event_json(&recorded.event),
+            })
+        })
+        .collect()
+}
+
+fn incident_event_json(event: &domain::IncidentEvent) -> Value {
+    let description = domain::describe::describe(event);
+    json!({
+        "kind": description.kind,
+        "summary": description.summary,
+        "data": serde_json::to_value(event).unwrap_or(Value::Null),
+    })
+}
+
+fn ring(ring: &geo::LineString<f64>) -> Value {
+    Value::Array(ring.coords().map(|c| json!([c.x, c.y])).collect())
+}
+
+fn polygon(polygon: &geo::Polygon<f64>) -> Value {
+    let mut rings = vec![ring(polygon.exterior())];
+    rings.extend(polygon.interiors().iter().map(ring));
+    Value::Array(rings)
+}
+
+/// Registry events carry geometry; it is exported as GeoJSON coordinate arrays (lon, lat).
+fn registry_event_json(event: &registry::domain::Event) -> Value {
+    use registry::domain::Event;
+    match event {
+        Event::CommunityRegistered {
+            profile,
+            registered_at_ms,
+        } => json!({
+            "kind": "community_registered",
+            "code": profile.code, "name": profile.name, "street": profile.street,
+            "district": profile.district,
+            "registered_at": ms_to_rfc3339(*registered_at_ms),
+            "boundary": {"type": "MultiPolygon",
+                "coordinates": profile.boundary.0.iter().map(polygon).collect::<Vec<_>>()},
+        }),
+        Event::CommunityUpdated { profile } => json!({
+            "kind": "community_updated",
+            "code": profile.code, "name": profile.name, "street": profile.street,
+            "district": profile.district,
+            "boundary": {"type": "MultiPolygon",
+                "coordinates": profile.boundary.0.iter().map(polygon).collect::<Vec<_>>()},
+        }),
+        Event::BuildingsImported {
+            buildings,
+            rejected,
+        } => json!({
+            "kind": "buildings_imported",
+            "buildings": buildings.iter().map(|building| json!({
+                "id": building.id,
+                "lon": building.position.x(), "lat": building.position.y(),
+                "households": building.households, "population": building.population,
+            })).collect::<Vec<_>>(),
+            "rejected": rejected,
+        }),
+        Event::GridsDrawn {
+            mode,
+            drawn,
+            retired,
+            unchanged,
+        } => json!({
+            "kind": "grids_drawn",
+            "mode": mode,
+            "drawn": drawn.iter().map(|grid| json!({
+                "grid_code": grid.grid_code,
+                "households": grid.households,
+                "population": grid.population,
+                "buildings": grid.members,
+                "flags": grid.flags,
+                "polygon": {"type": "Polygon", "coordinates": polygon(&grid.polygon)},
+                "detached": grid.detached.iter().map(polygon).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "retired": retired,
+            "unchanged": unchanged,
+        }),
+        Event::GridWorkerAssigned {
+            grid_code,
+            worker,
+            assigned_at_ms,
+        } => json!({
+            "kind": "grid_worker_assigned",
+            "grid_code": grid_code,
+            "worker": worker,
+            "assigned_at": ms_to_rfc3339(*assigned_at_ms),
+        }),
+    }
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    // Millisecond precision, UTC.
+    let seconds = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    match u64::try_from(seconds) {
+        Ok(seconds) => {
+            let time = UNIX_EPOCH + Duration::from_secs(seconds);
+            let text = humantime::format_rfc3339_seconds(time).to_string();
+            format!("{}.{millis:03}Z", text.trim_end_matches('Z'))
+        }
+        Err(_) => format!("{ms}ms"),
+    }
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_parse_and_print_in_utc() {
+        let ms = parse_instant("2026-11-22T10:03:12Z", "--since").unwrap();
+        assert_eq!(ms, 1_795_341_792_000);
+        assert_eq!(ms_to_rfc3339(ms + 7), "2026-11-22T10:03:12.007Z");
+        let error = parse_instant("yesterday", "--since").unwrap_err();
+        expect_test::expect![[
+            r#"--since "yesterday": expected RFC 3339, e.g. 2026-11-01T00:00:00Z"#
+        ]]
+        .assert_eq(&format!("{error}"));
+    }
 }
