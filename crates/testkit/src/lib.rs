@@ -136,11 +136,24 @@ struct Ports {
     cluster: Option<u16>,
 }
 
+/// What to add to a test server's generated config: a file to include (e.g.
+/// `deploy/nats/accounts.conf`, the accounts and permissions of a deployment) and environment
+/// variables for the server process (the passwords that file refers to as `$VARIABLE`).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Copied next to the generated config and included from it (nats-server resolves an
+    /// include relative to the including file).
+    pub include: Option<PathBuf>,
+    /// Environment of the server process, on top of this process's.
+    pub env: Vec<(String, String)>,
+}
+
 /// One nats-server process with JetStream on file storage.
 #[derive(Debug)]
 pub struct NatsServer {
     name: String,
     binary: PathBuf,
+    env: Vec<(String, String)>,
     ports: Ports,
     config_path: PathBuf,
     store_dir: PathBuf,
@@ -160,6 +173,11 @@ struct Running {
 impl NatsServer {
     /// Starts a single JetStream server on free loopback ports with a fresh store.
     pub fn start() -> Result<NatsServer, TestkitError> {
+        NatsServer::start_with(&ServerOptions::default())
+    }
+
+    /// [`NatsServer::start`] with `options` (an included config file, environment).
+    pub fn start_with(options: &ServerOptions) -> Result<NatsServer, TestkitError> {
         let binary = nats_server_binary()?;
         let home = tempfile::Builder::new()
             .prefix("wangge-nats-")
@@ -175,7 +193,8 @@ impl NatsServer {
                 monitor: ports[1],
                 cluster: None,
             };
-            let mut server = NatsServer::prepare(binary.clone(), home.path(), "n1", ports, &[])?;
+            let mut server =
+                NatsServer::prepare(binary.clone(), home.path(), "n1", ports, &[], options)?;
             match server.spawn_and_wait() {
                 Ok(()) => {
                     server._home = Some(home);
@@ -193,6 +212,7 @@ impl NatsServer {
         name: &str,
         ports: Ports,
         routes: &[u16],
+        options: &ServerOptions,
     ) -> Result<NatsServer, TestkitError> {
         let node_dir = home.join(name);
         let store_dir = node_dir.join("jetstream");
@@ -219,11 +239,24 @@ impl NatsServer {
                 "cluster {{\n  name: wangge-test\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n}}\n"
             ));
         }
+        if let Some(include) = &options.include {
+            let file_name = include
+                .file_name()
+                .ok_or_else(|| TestkitError::Io {
+                    action: format!("include {}", include.display()),
+                    source: std::io::Error::other("not a file name"),
+                })?
+                .to_owned();
+            std::fs::copy(include, node_dir.join(&file_name))
+                .map_err(io_error(format!("copy {}", include.display())))?;
+            config.push_str(&format!("include ./{}\n", file_name.to_string_lossy()));
+        }
         std::fs::write(&config_path, config)
             .map_err(io_error(format!("write {}", config_path.display())))?;
         Ok(NatsServer {
             name: name.to_owned(),
             binary,
+            env: options.env.clone(),
             ports,
             config_path,
             store_dir,
@@ -247,6 +280,7 @@ impl NatsServer {
             .arg(&self.config_path)
             .arg("-l")
             .arg(&self.log_path)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -397,6 +431,11 @@ pub const CLUSTER_SIZE: usize = 3;
 
 impl NatsCluster {
     pub fn start() -> Result<NatsCluster, TestkitError> {
+        NatsCluster::start_with(&ServerOptions::default())
+    }
+
+    /// [`NatsCluster::start`] with `options` applied to every node.
+    pub fn start_with(options: &ServerOptions) -> Result<NatsCluster, TestkitError> {
         let binary = nats_server_binary()?;
         let home = tempfile::Builder::new()
             .prefix("wangge-cluster-")
@@ -417,8 +456,14 @@ impl NatsCluster {
         let mut nodes = Vec::with_capacity(CLUSTER_SIZE);
         for (index, ports) in node_ports.iter().enumerate() {
             let name = format!("n{}", index + 1);
-            let mut node =
-                NatsServer::prepare(binary.clone(), home.path(), &name, *ports, &route_ports)?;
+            let mut node = NatsServer::prepare(
+                binary.clone(),
+                home.path(),
+                &name,
+                *ports,
+                &route_ports,
+                options,
+            )?;
             node.spawn()?;
             nodes.push(node);
         }
@@ -456,6 +501,76 @@ impl NatsCluster {
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|node| node.name == name)
     }
+}
+
+/// The accounts and users of a deployment (`deploy/nats/accounts.conf`) for a test server, with
+/// a fresh random password for each user (the file reads them from `$WANGGE_NATS_PASS_<USER>`).
+#[derive(Debug, Clone)]
+pub struct DeployAccounts {
+    options: ServerOptions,
+}
+
+/// Environment variables the accounts file takes passwords from, by prefix.
+const PASSWORD_ENV_PREFIX: &str = "WANGGE_NATS_PASS_";
+
+impl DeployAccounts {
+    /// Reads `deploy/nats/accounts.conf` of this workspace.
+    pub fn load() -> Result<DeployAccounts, TestkitError> {
+        DeployAccounts::from_file(&workspace_root().join("deploy/nats/accounts.conf"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<DeployAccounts, TestkitError> {
+        let text =
+            std::fs::read_to_string(path).map_err(io_error(format!("read {}", path.display())))?;
+        let mut names: Vec<String> = text
+            .match_indices(&format!("${PASSWORD_ENV_PREFIX}"))
+            .map(|(at, _)| {
+                text[at + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut env = Vec::with_capacity(names.len());
+        for name in names {
+            env.push((name, random_password()?));
+        }
+        Ok(DeployAccounts {
+            options: ServerOptions {
+                include: Some(path.to_path_buf()),
+                env,
+            },
+        })
+    }
+
+    /// Options that start a server (or cluster) with these accounts.
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    /// The password of `user` (e.g. `console-chengguan`), if the file names that user.
+    pub fn password(&self, user: &str) -> Option<&str> {
+        let variable = format!(
+            "{PASSWORD_ENV_PREFIX}{}",
+            user.to_ascii_uppercase().replace('-', "_")
+        );
+        self.options
+            .env
+            .iter()
+            .find(|(name, _)| *name == variable)
+            .map(|(_, password)| password.as_str())
+    }
+}
+
+/// 128 random bits from the OS, hex.
+fn random_password() -> Result<String, TestkitError> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut file| file.read_exact(&mut bytes))
+        .map_err(io_error("read /dev/urandom"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn process_alive(pid: u32) -> bool {

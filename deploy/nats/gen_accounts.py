@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Writes deploy/nats/accounts.conf: wangge's accounts, users and per-role permissions.
+
+Run it after changing a role's subjects or the list of departments, and commit the result
+(`python3 deploy/nats/gen_accounts.py`). The config is generated because per-stream JetStream
+API permissions repeat a dozen subjects per stream and per role, which is easy to get subtly
+wrong by hand. Departments are the ids of config/cities/*/routing.toml (the same 15 in every
+city shipped today); `crates/wangge/tests/deploy_permissions.rs` checks that every department
+of every city has a console user here.
+
+Passwords are never in the file: each user's password is an environment variable
+(`$WANGGE_NATS_PASS_<USER>`) that nats-server resolves at start. Put a bcrypt hash there in
+production (`nats server passwd`), a random string in tests. A missing variable stops the
+server at start-up, so no user is ever left without a password.
+"""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+OUT = pathlib.Path(__file__).resolve().parent / "accounts.conf"
+
+# Event streams and the JetStream-side names every role refers to.
+EVENT_STREAMS = ["GRIDS", "INCIDENTS", "INTAKE", "SUBMISSIONS", "NOTIFICATIONS"]
+
+
+def departments():
+    ids = set()
+    for routing in sorted((ROOT / "config/cities").glob("*/routing.toml")):
+        ids.update(re.findall(r'^id = "([a-z0-9_]+)"', routing.read_text(), re.M))
+    return sorted(ids)
+
+
+def stream_read(stream):
+    """Read a stream: info, direct/message get, ephemeral or named consumers, acks."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def stream_own(stream):
+    """A stream the role creates (idempotently, at start) and reads."""
+    return [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"] + stream_read(stream)
+
+
+def kv_own(bucket):
+    return stream_own(f"KV_{bucket}") + [f"$KV.{bucket}.>"]
+
+
+def inbox(user):
+    return f"_INBOX_{user}.>"
+
+
+def block(name, publish, subscribe, deny_publish=(), deny_subscribe=(), responses=False):
+    def lst(items):
+        return "[\n" + "".join(f'        "{item}"\n' for item in items) + "      ]"
+
+    text = f"    {name} = {{\n      publish: {{ allow: {lst(publish)}"
+    if deny_publish:
+        text += f", deny: {lst(deny_publish)}"
+    text += f" }}\n      subscribe: {{ allow: {lst(subscribe)}"
+    if deny_subscribe:
+        text += f", deny: {lst(deny_subscribe)}"
+    text += " }\n"
+    if responses:
+        # May answer requests it received (one reply each, within the server's default expiry)
+        # without a general publish permission on anyone's inbox.
+        text += "      allow_responses: true\n"
+    return text + "    }\n"
+
+
+def main():
+    depts = departments()
+    srv = ["$SRV.>"]  # NATS micro-service discovery: PING, INFO, STATS
+    roles = []
+    users = []
+
+    def user(name, perms):
+        env = "WANGGE_NATS_PASS_" + name.upper().replace("-", "_")
+        users.append(f'      {{ user: "{name}", password: ${env}, permissions: ${perms} }}\n')
+
+    # Services: their own subjects and streams, nothing else.
+    roles.append(block(
+        "REGISTRY",
+        ["grids.ev.>", "$JS.API.INFO"] + stream_own("GRIDS"),
+        ["grids.locate", "grids.cmd.*", "grids.query.>", inbox("registry")] + srv,
+        responses=True,
+    ))
+    user("registry", "REGISTRY")
+    roles.append(block(
+        "INTAKE",
+        ["incidents.ev.>", "intake.ev.>", "intake.receipts.>", "incidents.status.>", "$JS.API.INFO"]
+        + stream_read("GRIDS") + stream_own("INCIDENTS") + stream_own("INTAKE")
+        + stream_own("SUBMISSIONS") + kv_own("INTAKE_CONTACTS"),
+        ["intake.request", "intake.query.>", "incidents.query.>", "intake.contact.erase",
+         inbox("intake")] + srv,
+        responses=True,
+    ))
+    user("intake", "INTAKE")
+    roles.append(block(
+        "DISPATCH",
+        ["incidents.ev.>", "dispatch.notify.>", "$JS.API.INFO"]
+        + stream_own("INCIDENTS") + stream_own("NOTIFICATIONS") + kv_own("DISPATCH_SNAPSHOTS"),
+        ["dispatch.cmd.>", inbox("dispatch")] + srv,
+        responses=True,
+    ))
+    user("dispatch", "DISPATCH")
+    # The projection builder owns its read-model buckets, whose names it chooses (rebuilds
+    # create fresh buckets and swap): broad JetStream rights, but it may not write, change or
+    # remove an event stream.
+    protect = []
+    for stream in EVENT_STREAMS:
+        for op in ["CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE"]:
+            protect.append(f"$JS.API.STREAM.{op}.{stream}")
+    roles.append(block(
+        "PROJECTION",
+        ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"],
+        ["projection.>", "$KV.>", inbox("projection")] + srv,
+        deny_publish=protect,
+        responses=True,
+    ))
+    user("projection", "PROJECTION")
+
+    # Resident apps: submit reports (core publish or JetStream publish on intake.submit.*),
+    # ask for a receipt or an incident's public status by id (request/reply on their own
+    # inbox). They may subscribe to nothing but their inbox: no receipts, status changes or
+    # notifications broadcast to others, and no JetStream API at all.
+    roles.append(block(
+        "RESIDENT_APP",
+        ["intake.submit.*", "intake.request", "intake.query.receipt", "incidents.query.get"],
+        [inbox("resident")],
+    ))
+    user("resident-app", "RESIDENT_APP")
+
+    # Department consoles: commands in their own department's scope, and their own
+    # notifications through one durable consumer named console-<id> whose filter is pinned in
+    # the API subject (the server checks the filter in the subject against the request).
+    for dept in depts:
+        consumer = f"console-{dept}"
+        roles.append(block(
+            f"CONSOLE_{dept.upper()}",
+            [
+                f"dispatch.cmd.department.{dept}.>",
+                "$JS.API.INFO",
+                "$JS.API.STREAM.INFO.NOTIFICATIONS",
+                f"$JS.API.CONSUMER.CREATE.NOTIFICATIONS.{consumer}.dispatch.notify.department.{dept}",
+                f"$JS.API.CONSUMER.INFO.NOTIFICATIONS.{consumer}",
+                f"$JS.API.CONSUMER.MSG.NEXT.NOTIFICATIONS.{consumer}",
+                f"$JS.ACK.NOTIFICATIONS.{consumer}.>",
+            ],
+            [inbox(f"console_{dept}"), f"dispatch.notify.department.{dept}"],
+        ))
+        user(f"console-{dept}", f"CONSOLE_{dept.upper()}")
+
+    # Auditors: read every stream through ephemeral consumers and direct gets; no writes, no
+    # stream or durable changes, and no pulls from the services' shared work consumers.
+    auditor_publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"]
+    for stream in EVENT_STREAMS:
+        auditor_publish += [
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            # the bare form only creates ephemeral consumers (a durable name is refused)
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+            f"$JS.API.CONSUMER.INFO.{stream}.*",
+            f"$JS.API.CONSUMER.DELETE.{stream}.*",
+            f"$JS.FC.{stream}.>",
+        ]
+    roles.append(block(
+        "AUDITOR",
+        auditor_publish,
+        [inbox("auditor")],
+        deny_publish=[
+            "$JS.API.CONSUMER.MSG.NEXT.NOTIFICATIONS.dispatch-notifier",
+            "$JS.API.CONSUMER.DELETE.NOTIFICATIONS.dispatch-notifier",
+            "$JS.API.CONSUMER.MSG.NEXT.SUBMISSIONS.*",
+            "$JS.API.CONSUMER.DELETE.SUBMISSIONS.*",
+            "$JS.API.CONSUMER.DELETE.GRIDS.*",
+            "$JS.API.CONSUMER.DELETE.INCIDENTS.*",
+            "$JS.API.CONSUMER.DELETE.INTAKE.*",
+        ],
+    ))
+    user("auditor", "AUDITOR")
+
+    text = (
+        "# GENERATED by deploy/nats/gen_accounts.py: edit that, run it, commit both.\n"
+        "#\n"
+        "# Accounts and users of a wangge deployment. Included by single.conf and the cluster\n"
+        "# node configs. WANGGE holds every stream; users get exactly their role's subjects.\n"
+        "# Each user's inbox prefix is private (_INBOX_<user>): clients must connect with that\n"
+        "# custom inbox prefix (wangge: nats.inbox_prefix), so no one can read another's replies.\n"
+        "# SYS is the system account (monitoring with the nats CLI: `nats server report`).\n"
+        "# `admin` (stream management, `wangge up`, backups) has every permission: keep its\n"
+        "# password with the operators only.\n\n"
+        "system_account: SYS\n\n"
+        "accounts {\n"
+        "  WANGGE {\n"
+        "    jetstream: enabled\n\n"
+        + "".join(roles)
+        + "\n    users: [\n"
+        + '      { user: "admin", password: $WANGGE_NATS_PASS_ADMIN }\n'
+        + "".join(users)
+        + "    ]\n  }\n"
+        "  SYS {\n"
+        '    users: [ { user: "ops", password: $WANGGE_NATS_PASS_OPS } ]\n'
+        "  }\n"
+        "}\n"
+    )
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(depts)} departments, {len(users) + 2} users)")
+
+
+if __name__ == "__main__":
+    main()
