@@ -1,0 +1,322 @@
+//! Rebuilds and as-of replays: fold the streams from sequence 0 into a fresh bucket.
+//!
+//! A rebuild writes generation `current + 1`, then swaps the pointer with a compare-and-set
+//! (a concurrent rebuild loses with [`StoreError::SwapConflict`]); a running builder sees the
+//! swap and continues the new generation after its checkpoint. An as-of replay writes a
+//! separate bucket `PROJ_ASOF_<label>` that nothing swaps to, for audits.
+
+use std::time::Instant;
+
+use async_nats::jetstream;
+use eventstore::{ReplayRange, StreamSpec};
+use tracing::info;
+
+use crate::fold::Projector;
+use crate::keys;
+use crate::service::{GridsStore, IncidentStore, ServiceError, open_stores};
+use crate::store::{self, Pointer, StoreError};
+use crate::wire::ScoreWeights;
+
+/// INCIDENTS sequences replayed per chunk; the incident values of a chunk are written while
+/// the next chunk is read.
+pub const REBUILD_CHUNK_SEQUENCES: u64 = 250_000;
+/// Messages per pull request while replaying.
+pub const REPLAY_BATCH_MAX: usize = 1_000;
+
+/// Where a replay stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The streams' last sequences when the replay starts.
+    End,
+    /// INCIDENTS up to this sequence; GRIDS up to the time that commit was stored.
+    Sequence(u64),
+    /// Both streams up to commits stored at or before this time (UTC ms).
+    Time(i64),
+}
+
+impl Until {
+    /// Bucket label of an as-of replay.
+    pub fn label(self) -> String {
+        match self {
+            Until::End => "END".to_owned(),
+            Until::Sequence(sequence) => format!("S{sequence}"),
+            Until::Time(ms) => format!("T{ms}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    pub incidents: StreamSpec,
+    pub grids: StreamSpec,
+    pub replicas: usize,
+    pub weights: ScoreWeights,
+    pub profile: Option<standards::Profile>,
+    pub chunk_sequences: u64,
+}
+
+impl RebuildOptions {
+    pub fn new(incidents: StreamSpec, grids: StreamSpec) -> RebuildOptions {
+        RebuildOptions {
+            incidents,
+            grids,
+            replicas: 1,
+            weights: ScoreWeights::default(),
+            profile: None,
+            chunk_sequences: REBUILD_CHUNK_SEQUENCES,
+        }
+    }
+}
+
+/// What a rebuild or as-of replay did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RebuildReport {
+    pub bucket: String,
+    pub generation: u64,
+    /// The generation that was current before the swap (rebuild only).
+    pub previous_generation: Option<u64>,
+    pub incidents_sequence: u64,
+    pub grids_sequence: u64,
+    pub commits: u64,
+    pub events: u64,
+    pub incidents: u64,
+    pub keys_written: u64,
+    pub elapsed_ms: u64,
+}
+
+/// Progress of a replay: INCIDENTS sequence reached of the target.
+pub trait ProgressSink: Sync {
+    fn target(&self, _incidents_target: u64) {}
+    fn reached(&self, _incidents_sequence: u64) {}
+}
+
+/// A sink that logs nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+impl ProgressSink for NoProgress {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("replay {stream}: {reason}")]
+    Replay { stream: String, reason: String },
+}
+
+fn replay_error(stream: &str) -> impl Fn(eventstore::LoadError) -> RebuildError + '_ {
+    move |error| RebuildError::Replay {
+        stream: stream.to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// The stored time of INCIDENTS commit `sequence` (to cut GRIDS at the same moment).
+async fn stored_at(store: &IncidentStore, sequence: u64) -> Result<Option<i64>, RebuildError> {
+    let mut at = None;
+    store
+        .replay(
+            ReplayRange {
+                after_sequence: sequence.saturating_sub(1),
+                until_sequence: Some(sequence),
+                batch_max: 1,
+            },
+            |commit| at = Some(commit.stored_at_ms),
+        )
+        .await
+        .map_err(replay_error(&store.spec().stream_name))?;
+    Ok(at)
+}
+
+/// Folds both streams up to `until` into `bucket` (emptied first) and writes the checkpoint.
+pub async fn build_into(
+    jetstream: &jetstream::Context,
+    options: &RebuildOptions,
+    bucket: &str,
+    generation: u64,
+    until: Until,
+    progress: &dyn ProgressSink,
+) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let (incident_store, grids_store): (IncidentStore, GridsStore) =
+        open_stores(jetstream, &options.incidents, &options.grids).await?;
+    let kv = store::fresh_bucket(jetstream, bucket, options.replicas).await?;
+    let incidents_last = incident_store
+        .last_sequence()
+        .await
+        .map_err(replay_error(&options.incidents.stream_name))?;
+    let (incidents_target, time_cut) = match until {
+        Until::End => (incidents_last, None),
+        Until::Sequence(sequence) => {
+            let target = sequence.min(incidents_last);
+            let cut = if target == 0 {
+                Some(i64::MIN)
+            } else {
+                stored_at(&incident_store, target).await?
+            };
+            (target, cut)
+        }
+        Until::Time(ms) => (incidents_last, Some(ms)),
+    };
+    let mut projector = Projector::new(options.weights, options.profile.clone(), false);
+    // GRIDS first (small), cut at the same time as INCIDENTS.
+    grids_store
+        .replay(ReplayRange::default(), |commit| {
+            if time_cut.is_none_or(|cut| commit.stored_at_ms <= cut) {
+                projector.apply_grids_commit(&commit);
+            }
+        })
+        .await
+        .map_err(replay_error(&options.grids.stream_name))?;
+    progress.target(incidents_target);
+    let mut commits = 0u64;
+    let mut events = 0u64;
+    let mut keys_written = 0u64;
+    let mut after = 0u64;
+    let mut writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
+    let chunk = options.chunk_sequences.max(1);
+    while after < incidents_target {
+        let until_sequence = (after + chunk).min(incidents_target);
+        let mut past_cut = false;
+        incident_store
+            .replay(
+                ReplayRange {
+                    after_sequence: after,
+                    until_sequence: Some(until_sequence),
+                    batch_max: REPLAY_BATCH_MAX,
+                },
+                |commit| {
+                    if past_cut || time_cut.is_some_and(|cut| commit.stored_at_ms > cut) {
+                        past_cut = true;
+                        return;
+                    }
+                    commits += 1;
+                    events += commit.events.len() as u64;
+                    projector.apply_incident_commit(&commit);
+                    if commit.sequence % 4_096 == 0 {
+                        progress.reached(commit.sequence);
+                    }
+                },
+            )
+            .await
+            .map_err(replay_error(&options.incidents.stream_name))?;
+        after = until_sequence;
+        progress.reached(after);
+        // Write this chunk's incident values while the next chunk is read.
+        let rendered = projector.take_dirty(true);
+        keys_written += rendered.len() as u64;
+        if let Some(previous) = writing.take() {
+            previous.await.expect("write task")?;
+        }
+        let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
+        writing = Some(tokio::spawn(async move {
+            store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
+        }));
+        info!(
+            bucket,
+            reached = after,
+            target = incidents_target,
+            commits,
+            "rebuild progress"
+        );
+        if past_cut {
+            break;
+        }
+    }
+    if let Some(previous) = writing.take() {
+        previous.await.expect("write task")?;
+    }
+    projector.recompute_aggregates();
+    let rendered = projector.take_dirty(false);
+    keys_written += rendered.len() as u64 + 1;
+    let checkpoint = crate::wire::Checkpoint {
+        generation,
+        // With a cut, the checkpoint is the last commit folded, not the stream's end.
+        incidents_sequence: if time_cut.is_some() {
+            projector.incidents_sequence()
+        } else {
+            incidents_target
+        },
+        grids_sequence: projector.grids_sequence(),
+        written_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    };
+    store::write_flush(&kv, bucket, rendered, Some(checkpoint)).await?;
+    Ok(RebuildReport {
+        bucket: bucket.to_owned(),
+        generation,
+        previous_generation: None,
+        incidents_sequence: checkpoint.incidents_sequence,
+        grids_sequence: checkpoint.grids_sequence,
+        commits,
+        events,
+        incidents: projector.incident_count() as u64,
+        keys_written,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Rebuilds every read model into generation `current + 1`, swaps the pointer to it, and
+/// deletes the buckets of generations older than the one it replaced.
+pub async fn rebuild(
+    jetstream: &jetstream::Context,
+    options: &RebuildOptions,
+    progress: &dyn ProgressSink,
+) -> Result<RebuildReport, RebuildError> {
+    let meta = store::open_bucket(jetstream, keys::META_BUCKET, options.replicas).await?;
+    let current = store::read_pointer(&meta).await?;
+    let previous = current.map(|(pointer, _)| pointer.generation);
+    let generation = previous.unwrap_or(0) + 1;
+    let bucket = keys::generation_bucket(generation);
+    info!(generation, ?previous, "rebuilding the read models");
+    let mut report = build_into(
+        jetstream,
+        options,
+        &bucket,
+        generation,
+        Until::End,
+        progress,
+    )
+    .await?;
+    store::swap_pointer(
+        &meta,
+        Pointer {
+            generation,
+            swapped_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        },
+        current.map(|(_, revision)| revision),
+    )
+    .await?;
+    report.previous_generation = previous;
+    // Keep the generation just replaced (readers may be mid-read, its builder moves over);
+    // older ones and their consumers go.
+    if let Some(previous) = previous {
+        for old in 1..previous {
+            let old_bucket = keys::generation_bucket(old);
+            if jetstream.get_key_value(&old_bucket).await.is_ok() {
+                store::delete_bucket(jetstream, &old_bucket).await?;
+                info!(bucket = %old_bucket, "old generation deleted");
+            }
+            if let Ok(stream) = jetstream.get_stream(&options.incidents.stream_name).await {
+                let _ = stream.delete_consumer(&keys::incidents_durable(old)).await;
+            }
+        }
+    }
+    report.elapsed_ms = report.elapsed_ms.max(1);
+    Ok(report)
+}
+
+/// Replays into `PROJ_ASOF_<label>` for an audit; the current generation is untouched.
+pub async fn as_of(
+    jetstream: &jetstream::Context,
+    options: &RebuildOptions,
+    until: Until,
+    progress: &dyn ProgressSink,
+) -> Result<RebuildReport, RebuildError> {
+    let bucket = keys::as_of_bucket(&until.label());
+    build_into(jetstream, options, &bucket, 0, until, progress).await
+}

@@ -1,0 +1,732 @@
+//! The projection builder as a service: folds INCIDENTS (durable consumer, explicit acks)
+//! and GRIDS into the current generation's bucket, and answers `projection.query.<model>`.
+//!
+//! One `tokio::select!` loop: the shutdown signal, INCIDENTS deliveries, GRIDS deliveries,
+//! a flush timer, and the generation pointer (a rebuild swaps it; the service then moves to
+//! the new generation). Queries are answered by a separate task reading KV, so they never
+//! wait for a flush and any instance (or a reader-only instance) can answer them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use eventstore::{
+    Delivery, EventStore, ReplayRange, StreamSpec, SubscribeError, Subscription, SubscriptionConfig,
+};
+use futures::StreamExt as _;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::fold::{Applied, Projector, StoredIncident};
+use crate::keys;
+use crate::reader::ReadModels;
+use crate::store::{self, Pointer, StoreError};
+use crate::wire::{self, QueryReply, ScoreWeights};
+
+/// Commits folded before a flush is forced (they stay unacknowledged until it is stored).
+pub const FLUSH_COMMITS_MAX: usize = 2_000;
+/// Longest time a folded commit waits for its flush.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// Attempts to store one flush before the service gives up (and restarts from KV).
+const FLUSH_ATTEMPTS_MAX: usize = 5;
+const FLUSH_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Queries answered concurrently by one instance.
+pub const QUERIES_IN_FLIGHT_MAX: usize = 64;
+/// Largest query body, in bytes.
+pub const QUERY_BYTES_MAX: usize = 4 * 1024;
+/// Areas, scorecards or communities listed in one query answer.
+pub const LIST_ITEMS_MAX: usize = 5_000;
+/// A private GRIDS consumer left by a crashed instance is removed by the server after this.
+const GRIDS_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
+
+pub type IncidentStore = EventStore<codecs::IncidentCodec>;
+pub type GridsStore = EventStore<registry::RegistryCodec>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("open stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("replay {stream}: {reason}")]
+    Replay { stream: String, reason: String },
+    #[error(transparent)]
+    Subscription(#[from] SubscribeError),
+    #[error("subscribe to queries: {reason}")]
+    Queries { reason: String },
+}
+
+/// How one projection instance runs.
+#[derive(Debug, Clone)]
+pub struct ProjectionConfig {
+    /// This instance's name (in its private GRIDS consumer's name and in logs).
+    pub instance: String,
+    pub queue_group: String,
+    pub incidents: StreamSpec,
+    pub grids: StreamSpec,
+    /// KV replicas (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+    pub weights: ScoreWeights,
+    /// Standards profile for community compliance (`None`: not evaluated).
+    pub profile: Option<standards::Profile>,
+    /// Fold and write the read models (false: answer queries only).
+    pub build: bool,
+    pub serve_queries: bool,
+    pub flush_commits_max: usize,
+    pub flush_interval: Duration,
+    /// How long the server waits for an ack before redelivering (a crashed builder's
+    /// unflushed commits come back after this).
+    pub ack_wait: Duration,
+}
+
+impl ProjectionConfig {
+    pub fn new(incidents: StreamSpec, grids: StreamSpec) -> ProjectionConfig {
+        ProjectionConfig {
+            instance: "projection".to_owned(),
+            queue_group: wire::QUEUE_GROUP.to_owned(),
+            incidents,
+            grids,
+            replicas: 1,
+            weights: ScoreWeights::default(),
+            profile: None,
+            build: true,
+            serve_queries: true,
+            flush_commits_max: FLUSH_COMMITS_MAX,
+            flush_interval: FLUSH_INTERVAL,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the instance has done (published on a watch channel after every flush).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub generation: u64,
+    pub incidents_sequence: u64,
+    pub grids_sequence: u64,
+    /// Commits folded in / skipped because the incident's stored view already reflected them.
+    pub applied: u64,
+    pub skipped: u64,
+    pub flushes: u64,
+    pub keys_written: u64,
+}
+
+/// The state of the generation being built.
+struct Attached {
+    generation: u64,
+    bucket: String,
+    kv: kv::Store,
+    projector: Projector,
+    incidents: Subscription<codecs::IncidentCodec>,
+    grids: Subscription<registry::RegistryCodec>,
+    grids_durable: String,
+    unacked: Vec<Delivery<domain::IncidentEvent>>,
+    unacked_grids: Vec<Delivery<registry::domain::Event>>,
+    first_unflushed: Option<tokio::time::Instant>,
+}
+
+/// One projection instance.
+pub struct ProjectionService {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    config: ProjectionConfig,
+    incident_store: IncidentStore,
+    grids_store: GridsStore,
+    meta: kv::Store,
+    attached: Option<Attached>,
+    progress: Progress,
+    progress_tx: watch::Sender<Progress>,
+    generation_tx: watch::Sender<u64>,
+    queries: Option<Vec<async_nats::Subscriber>>,
+}
+
+impl std::fmt::Debug for ProjectionService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionService")
+            .field("instance", &self.config.instance)
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Opens both streams (creating them if needed, as every service does).
+pub async fn open_stores(
+    jetstream: &jetstream::Context,
+    incidents: &StreamSpec,
+    grids: &StreamSpec,
+) -> Result<(IncidentStore, GridsStore), ServiceError> {
+    let incident_store =
+        EventStore::open(jetstream.clone(), incidents.clone(), codecs::IncidentCodec)
+            .await
+            .map_err(|error| ServiceError::Stream {
+                stream: incidents.stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+    let grids_store = EventStore::open(jetstream.clone(), grids.clone(), registry::RegistryCodec)
+        .await
+        .map_err(|error| ServiceError::Stream {
+            stream: grids.stream_name.clone(),
+            reason: error.to_string(),
+        })?;
+    Ok((incident_store, grids_store))
+}
+
+/// The current generation; creates generation 1 (empty) when there is none yet.
+pub async fn current_generation(
+    meta: &kv::Store,
+    jetstream: &jetstream::Context,
+    replicas: usize,
+) -> Result<u64, StoreError> {
+    loop {
+        if let Some((pointer, _)) = store::read_pointer(meta).await? {
+            return Ok(pointer.generation);
+        }
+        store::open_bucket(jetstream, &keys::generation_bucket(1), replicas).await?;
+        let pointer = Pointer {
+            generation: 1,
+            swapped_at_ms: now_ms(),
+        };
+        match store::swap_pointer(meta, pointer, None).await {
+            Ok(_) => return Ok(1),
+            // Another instance created it first: read theirs.
+            Err(StoreError::SwapConflict { .. }) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+impl ProjectionService {
+    /// Opens the streams and the current generation, loads its incident states from KV,
+    /// replays GRIDS, subscribes, and (if configured) starts answering queries.
+    pub async fn start(
+        client: async_nats::Client,
+        config: ProjectionConfig,
+    ) -> Result<ProjectionService, ServiceError> {
+        let jetstream = jetstream::new(client.clone());
+        let (incident_store, grids_store) =
+            open_stores(&jetstream, &config.incidents, &config.grids).await?;
+        let meta = store::open_bucket(&jetstream, keys::META_BUCKET, config.replicas).await?;
+        let generation = current_generation(&meta, &jetstream, config.replicas).await?;
+        let (progress_tx, _) = watch::channel(Progress::default());
+        let (generation_tx, _) = watch::channel(generation);
+        let mut service = ProjectionService {
+            client,
+            jetstream,
+            config,
+            incident_store,
+            grids_store,
+            meta,
+            attached: None,
+            progress: Progress::default(),
+            progress_tx,
+            generation_tx,
+            queries: None,
+        };
+        if service.config.build {
+            service.attach(generation).await?;
+        }
+        if service.config.serve_queries {
+            let subscribers = eventstore::bus::queue_subscribe_ready(
+                &service.client,
+                &[wire::SUBJECT_QUERY_ALL],
+                &service.config.queue_group,
+            )
+            .await
+            .map_err(|error| ServiceError::Queries {
+                reason: error.to_string(),
+            })?;
+            service.queries = Some(subscribers);
+        }
+        Ok(service)
+    }
+
+    /// A receiver of [`Progress`].
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress_tx.subscribe()
+    }
+
+    /// Loads generation `generation` and subscribes to both streams for it.
+    async fn attach(&mut self, generation: u64) -> Result<(), ServiceError> {
+        let started = std::time::Instant::now();
+        let bucket = keys::generation_bucket(generation);
+        let kv = store::open_bucket(&self.jetstream, &bucket, self.config.replicas).await?;
+        let checkpoint: Option<wire::Checkpoint> =
+            store::get_json(&kv, &bucket, keys::CHECKPOINT).await?;
+        let checkpoint = checkpoint.unwrap_or_default();
+        let mut projector = Projector::new(self.config.weights, self.config.profile.clone(), true);
+        let loaded = store::load_prefix(&self.jetstream, &bucket, keys::INCIDENT_PREFIX).await?;
+        let incidents_loaded = loaded.len();
+        for (key, value) in loaded {
+            let stored: StoredIncident =
+                serde_json::from_slice(&value).map_err(|error| StoreError::Decode {
+                    bucket: bucket.clone(),
+                    key,
+                    reason: error.to_string(),
+                })?;
+            projector.load_incident(stored.fold);
+        }
+        // Aggregates are never read back: they are recomputed from the incident states, so
+        // a flush torn by a crash cannot make anything count twice.
+        projector.recompute_aggregates();
+        projector.note_incidents_sequence(checkpoint.incidents_sequence);
+        let grids_reached = self
+            .grids_store
+            .replay(ReplayRange::default(), |commit| {
+                projector.apply_grids_commit(&commit)
+            })
+            .await
+            .map_err(|error| ServiceError::Replay {
+                stream: self.config.grids.stream_name.clone(),
+                reason: error.to_string(),
+            })?;
+        let mut incidents_config = SubscriptionConfig::durable(keys::incidents_durable(generation));
+        incidents_config.start_after_sequence = checkpoint.incidents_sequence;
+        incidents_config.batch_max = self.config.flush_commits_max.max(1);
+        incidents_config.ack_pending_max = (self.config.flush_commits_max as i64 * 2).max(1_000);
+        incidents_config.ack_wait = self.config.ack_wait;
+        let incidents = self.incident_store.subscribe(incidents_config).await?;
+        let grids_durable = format!(
+            "projection-grids-{}-{}",
+            eventstore::consumer_name_fragment(&self.config.instance),
+            uuid::Uuid::now_v7().simple()
+        );
+        let mut grids_config = SubscriptionConfig::durable(grids_durable.clone());
+        grids_config.start_after_sequence = grids_reached;
+        grids_config.inactive_threshold = Some(GRIDS_CONSUMER_INACTIVE);
+        let grids = self.grids_store.subscribe(grids_config).await?;
+        info!(
+            generation,
+            incidents = incidents_loaded,
+            checkpoint = checkpoint.incidents_sequence,
+            grids_reached,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "projection attached to its generation"
+        );
+        self.progress.generation = generation;
+        self.generation_tx.send_replace(generation);
+        self.attached = Some(Attached {
+            generation,
+            bucket,
+            kv,
+            projector,
+            incidents,
+            grids,
+            grids_durable,
+            unacked: Vec::new(),
+            unacked_grids: Vec::new(),
+            first_unflushed: Some(tokio::time::Instant::now()),
+        });
+        // Write the recomputed aggregates and compliance at once.
+        self.flush().await?;
+        Ok(())
+    }
+
+    /// Stores what changed (aggregates, then incidents, then the checkpoint), then acks the
+    /// commits it covers.
+    async fn flush(&mut self) -> Result<(), ServiceError> {
+        let Some(attached) = self.attached.as_mut() else {
+            return Ok(());
+        };
+        attached.first_unflushed = None;
+        let rendered = attached.projector.take_dirty(false);
+        let written = rendered.len() as u64;
+        let checkpoint = attached.projector.checkpoint(attached.generation, now_ms());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Values are `Bytes`: a retry's copy costs reference counts only.
+            let batch = crate::fold::Rendered {
+                models: rendered.models.clone(),
+                incidents: rendered.incidents.clone(),
+            };
+            match store::write_flush(&attached.kv, &attached.bucket, batch, Some(checkpoint)).await
+            {
+                Ok(()) => break,
+                Err(error) if attempt < FLUSH_ATTEMPTS_MAX => {
+                    warn!(%error, attempt, "flush not stored; retrying");
+                    tokio::time::sleep(FLUSH_RETRY_PAUSE).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        for delivery in attached.unacked.drain(..) {
+            if let Err(error) = delivery.ack().await {
+                debug!(%error, "ack lost; the commit will be redelivered and skipped");
+            }
+        }
+        for delivery in attached.unacked_grids.drain(..) {
+            if let Err(error) = delivery.ack().await {
+                debug!(%error, "ack lost; the GRIDS commit will be redelivered and skipped");
+            }
+        }
+        self.progress.flushes += 1;
+        self.progress.keys_written += written;
+        self.progress.incidents_sequence = checkpoint.incidents_sequence;
+        self.progress.grids_sequence = checkpoint.grids_sequence;
+        self.progress_tx.send_replace(self.progress);
+        Ok(())
+    }
+
+    /// Moves to `generation` after a rebuild swapped the pointer.
+    async fn switch(&mut self, generation: u64) -> Result<(), ServiceError> {
+        self.flush().await?;
+        if let Some(old) = self.attached.take() {
+            info!(
+                from = old.generation,
+                to = generation,
+                "generation swapped; moving to it"
+            );
+            self.delete_consumers(&old).await;
+        }
+        self.attach(generation).await
+    }
+
+    async fn delete_consumers(&self, attached: &Attached) {
+        let durable = keys::incidents_durable(attached.generation);
+        for (stream, consumer) in [
+            (&self.config.incidents.stream_name, durable.as_str()),
+            (
+                &self.config.grids.stream_name,
+                attached.grids_durable.as_str(),
+            ),
+        ] {
+            match self.jetstream.get_stream(stream).await {
+                Ok(stream) => {
+                    if let Err(error) = stream.delete_consumer(consumer).await {
+                        debug!(%consumer, %error, "delete consumer");
+                    }
+                }
+                Err(error) => warn!(%error, "open stream to delete a consumer"),
+            }
+        }
+    }
+
+    /// Builds and serves until `stopped` turns true (or its sender is dropped).
+    pub async fn run(mut self, mut stopped: watch::Receiver<bool>) -> Result<(), ServiceError> {
+        let query_task = self.queries.take().map(|subscribers| {
+            let jetstream = self.jetstream.clone();
+            let generation = self.generation_tx.subscribe();
+            let stop = stopped.clone();
+            tokio::spawn(serve_queries(jetstream, subscribers, generation, stop))
+        });
+        let mut pointer_watch = match self.meta.watch(keys::CURRENT).await {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                warn!(%error, "watch the generation pointer; swaps are seen at restart only");
+                None
+            }
+        };
+        let result = loop {
+            if *stopped.borrow() {
+                break Ok(());
+            }
+            let Some(attached) = self.attached.as_mut() else {
+                // Query-only instance.
+                if stopped.changed().await.is_err() {
+                    break Ok(());
+                }
+                continue;
+            };
+            let flush_at = attached
+                .first_unflushed
+                .map(|first| first + self.config.flush_interval);
+            tokio::select! {
+                changed = stopped.changed() => {
+                    if changed.is_err() || *stopped.borrow() {
+                        break Ok(());
+                    }
+                }
+                delivery = attached.incidents.next() => {
+                    let delivery = match delivery {
+                        Ok(delivery) => delivery,
+                        Err(error) => break Err(error.into()),
+                    };
+                    match attached.projector.apply_incident_commit(&delivery.commit) {
+                        Applied::New => self.progress.applied += 1,
+                        Applied::AlreadyReflected => self.progress.skipped += 1,
+                        Applied::Foreign => warn!(aggregate = %delivery.commit.aggregate, "commit names no incident; skipped"),
+                    }
+                    let caught_up = delivery.pending == 0;
+                    attached.unacked.push(delivery);
+                    attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
+                    let full = attached.unacked.len() >= self.config.flush_commits_max;
+                    if (caught_up || full)
+                        && let Err(error) = self.flush().await
+                    {
+                        break Err(error);
+                    }
+                }
+                delivery = attached.grids.next() => {
+                    let delivery = match delivery {
+                        Ok(delivery) => delivery,
+                        Err(error) => break Err(error.into()),
+                    };
+                    attached.projector.apply_grids_commit(&delivery.commit);
+                    let caught_up = delivery.pending == 0;
+                    attached.unacked_grids.push(delivery);
+                    attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
+                    if caught_up && let Err(error) = self.flush().await {
+                        break Err(error);
+                    }
+                }
+                _ = sleep_until(flush_at) => {
+                    if let Err(error) = self.flush().await {
+                        break Err(error);
+                    }
+                }
+                entry = next_pointer(&mut pointer_watch) => {
+                    let generation = entry.and_then(|value| serde_json::from_slice::<Pointer>(&value).ok()).map(|p| p.generation);
+                    if let Some(generation) = generation
+                        && generation != attached.generation
+                        && let Err(error) = self.switch(generation).await
+                    {
+                        break Err(error);
+                    }
+                }
+            }
+        };
+        let flushed = if result.is_ok() {
+            self.flush().await
+        } else {
+            Ok(())
+        };
+        if let Some(attached) = self.attached.take() {
+            // The INCIDENTS durable stays (its position is the builder's); the private GRIDS
+            // consumer goes.
+            if let Ok(stream) = self
+                .jetstream
+                .get_stream(&self.config.grids.stream_name)
+                .await
+            {
+                let _ = stream.delete_consumer(&attached.grids_durable).await;
+            }
+        }
+        if let Some(task) = query_task {
+            match task.await {
+                Ok(()) => {}
+                Err(error) => warn!(%error, "query task"),
+            }
+        }
+        if let Err(error) = self.client.flush().await {
+            warn!(%error, "flush at shutdown");
+        }
+        info!(progress = ?self.progress, "projection stopped");
+        result.and(flushed)
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_pointer(watch: &mut Option<kv::Watch>) -> Option<bytes::Bytes> {
+    match watch {
+        Some(entries) => match entries.next().await {
+            Some(Ok(entry)) if entry.operation == kv::Operation::Put => Some(entry.value),
+            Some(Ok(_)) => None,
+            Some(Err(error)) => {
+                warn!(%error, "generation pointer watch");
+                *watch = None;
+                None
+            }
+            None => {
+                *watch = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers queries until `stopped`; the generation follows the builder's (or the pointer).
+async fn serve_queries(
+    jetstream: jetstream::Context,
+    subscribers: Vec<async_nats::Subscriber>,
+    generation: watch::Receiver<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let client = jetstream.client();
+    let mut requests = futures::stream::select_all(subscribers);
+    let mut models: Option<ReadModels> = None;
+    loop {
+        let message = tokio::select! {
+            changed = stopped.changed() => {
+                if changed.is_err() || *stopped.borrow() {
+                    break;
+                }
+                continue;
+            }
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let wanted = *generation.borrow();
+        if models.as_ref().map(ReadModels::generation) != Some(wanted) {
+            models = ReadModels::open(&jetstream, wanted).await.ok();
+        }
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let answer = match &models {
+            Some(models) => answer(models, &message.subject, &message.payload).await,
+            None => error_reply("store", format!("generation {wanted} is not readable")),
+        };
+        if let Err(error) = client.publish(reply, answer.into()).await {
+            debug!(%error, "query reply not sent");
+        }
+    }
+    for subscriber in requests.iter_mut() {
+        let _ = subscriber.unsubscribe().await;
+    }
+}
+
+fn error_reply(reason_code: &str, message: String) -> Vec<u8> {
+    serde_json::to_vec(&QueryReply::<()>::Error {
+        reason_code: reason_code.to_owned(),
+        message,
+    })
+    .expect("error replies serialise")
+}
+
+fn found<T: Serialize>(
+    models: &ReadModels,
+    checkpoint: wire::Checkpoint,
+    value: Result<Option<T>, StoreError>,
+) -> Vec<u8> {
+    let reply = match value {
+        Ok(Some(value)) => QueryReply::Found {
+            generation: models.generation(),
+            checkpoint,
+            value,
+        },
+        Ok(None) => QueryReply::NotFound {
+            generation: models.generation(),
+            checkpoint,
+        },
+        Err(error) => return error_reply("store", error.to_string()),
+    };
+    serde_json::to_vec(&reply).expect("replies serialise")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Vec<u8>> {
+    if payload.len() > QUERY_BYTES_MAX {
+        return Err(error_reply(
+            "bad_request",
+            format!(
+                "query is {} bytes, more than {QUERY_BYTES_MAX}",
+                payload.len()
+            ),
+        ));
+    }
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload).map_err(|error| error_reply("bad_request", error.to_string()))
+}
+
+fn bounded<T>(items: Result<Vec<T>, StoreError>) -> Result<Option<Vec<T>>, StoreError> {
+    items.map(|mut items| {
+        items.truncate(LIST_ITEMS_MAX);
+        Some(items)
+    })
+}
+
+/// The answer to one query (pure over the read models: no state of the builder).
+pub async fn answer(models: &ReadModels, subject: &str, payload: &[u8]) -> Vec<u8> {
+    let model = subject
+        .strip_prefix(wire::SUBJECT_QUERY_PREFIX)
+        .unwrap_or(subject);
+    let checkpoint = match models.checkpoint().await {
+        Ok(checkpoint) => checkpoint,
+        Err(error) => return error_reply("store", error.to_string()),
+    };
+    match model {
+        "incident" => match parse::<wire::IncidentQuery>(payload) {
+            Ok(query) => found(
+                models,
+                checkpoint,
+                models.incident(&query.incident_id).await,
+            ),
+            Err(reply) => reply,
+        },
+        "board" => match parse::<wire::BoardQuery>(payload) {
+            Ok(query) => found(models, checkpoint, models.board(&query.department).await),
+            Err(reply) => reply,
+        },
+        "area" => match parse::<wire::AreaQuery>(payload) {
+            Ok(query) if crate::fold::AreaLevel::parse(&query.level).is_none() => error_reply(
+                "bad_request",
+                format!("level {:?} is not grid, community or street", query.level),
+            ),
+            Ok(query) => match &query.code {
+                Some(code) => found(
+                    models,
+                    checkpoint,
+                    models
+                        .area(&query.level, code)
+                        .await
+                        .map(|a| a.map(|a| vec![a])),
+                ),
+                None => found(
+                    models,
+                    checkpoint,
+                    bounded(models.areas(&query.level).await),
+                ),
+            },
+            Err(reply) => reply,
+        },
+        "scorecards" => match parse::<wire::ScorecardQuery>(payload) {
+            Ok(query) if !matches!(query.kind.as_str(), "department" | "street") => error_reply(
+                "bad_request",
+                format!("kind {:?} is not department or street", query.kind),
+            ),
+            Ok(query) => match &query.id {
+                Some(id) => found(
+                    models,
+                    checkpoint,
+                    models
+                        .scorecard(&query.kind, id)
+                        .await
+                        .map(|s| s.map(|s| vec![s])),
+                ),
+                None => found(
+                    models,
+                    checkpoint,
+                    bounded(models.scorecards(&query.kind).await),
+                ),
+            },
+            Err(reply) => reply,
+        },
+        "totals" => found(models, checkpoint, models.totals().await.map(Some)),
+        "compliance" => match parse::<wire::ComplianceQuery>(payload) {
+            Ok(query) => match &query.community_id {
+                Some(id) => found(
+                    models,
+                    checkpoint,
+                    models.compliance(id).await.map(|c| c.map(|c| vec![c])),
+                ),
+                None => found(models, checkpoint, bounded(models.compliance_all().await)),
+            },
+            Err(reply) => reply,
+        },
+        "checkpoint" => found(models, checkpoint, Ok(Some(checkpoint))),
+        other => error_reply(
+            "unknown_model",
+            format!(
+                "no model {other:?}: incident, board, area, scorecards, totals, compliance, checkpoint"
+            ),
+        ),
+    }
+}
