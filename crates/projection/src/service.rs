@@ -285,7 +285,20 @@ impl ProjectionService {
                 stream: self.config.grids.stream_name.clone(),
                 reason: error.to_string(),
             })?;
-        let mut incidents_config = SubscriptionConfig::durable(keys::incidents_durable(generation));
+        // The checkpoint in KV, not the consumer's ack floor, says where to resume: a durable
+        // left by a crashed builder would redeliver its unacknowledged commits only after
+        // `ack_wait`, behind newer ones, out of order. So the consumer is made afresh, in
+        // stream order from the checkpoint; commits an incident's stored view already
+        // reflects are skipped by the fold. (One builder per generation: see PROJECTION.md.)
+        let durable = keys::incidents_durable(generation);
+        if let Ok(stream) = self
+            .jetstream
+            .get_stream(&self.config.incidents.stream_name)
+            .await
+        {
+            let _ = stream.delete_consumer(&durable).await;
+        }
+        let mut incidents_config = SubscriptionConfig::durable(durable);
         incidents_config.start_after_sequence = checkpoint.incidents_sequence;
         incidents_config.batch_max = self.config.flush_commits_max.max(1);
         incidents_config.ack_pending_max = (self.config.flush_commits_max as i64 * 2).max(1_000);

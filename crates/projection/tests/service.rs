@@ -1,0 +1,266 @@
+//! The projection builder on a real nats-server: the KV read models equal a pure fold of the
+//! stream; a builder aborted mid-stream and restarted counts nothing twice; a rebuild swaps
+//! generations and the running builder follows; an as-of replay stops at its point; queries
+//! answer over request/reply.
+
+use std::time::Duration;
+
+use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use expect_test::expect;
+use projection::synthetic::{self, Synthetic};
+use projection::{
+    NoProgress, ProjectionConfig, ProjectionService, Projector, ReadModels, RebuildOptions,
+    ScoreWeights, Until,
+};
+use tokio::sync::watch;
+
+const WAIT_MAX: Duration = Duration::from_secs(30);
+
+fn specs() -> (StreamSpec, StreamSpec) {
+    (
+        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
+        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
+    )
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), projection::ServiceError>>,
+    progress: watch::Receiver<projection::Progress>,
+}
+
+async fn start(url: &str) -> Running {
+    let client = async_nats::connect(url).await.unwrap();
+    let (incidents, grids) = specs();
+    let mut config = ProjectionConfig::new(incidents, grids);
+    config.flush_commits_max = 64;
+    config.ack_wait = Duration::from_secs(1);
+    let service = ProjectionService::start(client, config).await.unwrap();
+    let progress = service.progress();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(service.run(stopped));
+    Running {
+        stop,
+        task,
+        progress,
+    }
+}
+
+/// The models a pure fold of the whole stream gives.
+async fn pure_fold(
+    store: &EventStore<codecs::IncidentCodec>,
+    until: Option<u64>,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut projector = Projector::new(ScoreWeights::default(), None, false);
+    store
+        .replay(
+            ReplayRange {
+                until_sequence: until,
+                ..ReplayRange::default()
+            },
+            |commit| {
+                projector.apply_incident_commit(&commit);
+            },
+        )
+        .await
+        .unwrap();
+    projector.recompute_aggregates();
+    projector.render_all()
+}
+
+async fn wait_checkpoint(models: &ReadModels, sequence: u64) {
+    let checkpoint = models.wait_for(sequence, 0, WAIT_MAX).await.unwrap();
+    assert!(
+        checkpoint.incidents_sequence >= sequence,
+        "checkpoint stuck at {checkpoint:?}, wanted {sequence}"
+    );
+}
+
+/// Keys whose values differ. An aggregate's `sequence` says how far the stream was folded
+/// when it was last written (an aggregate no later commit touched keeps an older one), so it
+/// is left out of the comparison; incident views must match exactly.
+fn differing(
+    left: &std::collections::BTreeMap<String, serde_json::Value>,
+    right: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Vec<String> {
+    let comparable = |key: &str, value: &serde_json::Value| {
+        let mut value = value.clone();
+        if !key.starts_with("incident.")
+            && let Some(object) = value.as_object_mut()
+        {
+            object.remove("sequence");
+        }
+        value
+    };
+    let mut keys: Vec<String> = left
+        .iter()
+        .filter(|(key, value)| {
+            right.get(*key).map(|other| comparable(key, other)) != Some(comparable(key, value))
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.extend(right.keys().filter(|key| !left.contains_key(*key)).cloned());
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, grids_spec) = specs();
+    let store = EventStore::open(
+        jetstream.clone(),
+        incidents_spec.clone(),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
+    let mut synthetic = Synthetic::new(21, Synthetic::default_grids(2, 2, 3));
+    let histories: Vec<_> = (0..400).map(|n| synthetic.incident(n)).collect();
+    let (first, second) = histories.split_at(200);
+
+    // 1. A builder folds the first half; it is aborted (no shutdown, no final flush) while
+    //    the second half is being appended, then a new one takes over the same generation.
+    let running = start(&server.url()).await;
+    synthetic::append_histories(&store, first, 50)
+        .await
+        .unwrap();
+    let appending = {
+        let store = store.clone();
+        let second = second.to_vec();
+        tokio::spawn(async move { synthetic::append_histories(&store, &second, 10).await })
+    };
+    let mut progress = running.progress.clone();
+    let half = store.last_sequence().await.unwrap();
+    while progress.borrow().incidents_sequence < half {
+        tokio::time::timeout(WAIT_MAX, progress.changed())
+            .await
+            .expect("builder progresses")
+            .unwrap();
+    }
+    running.task.abort();
+    let _ = running.task.await;
+    appending.await.unwrap().unwrap();
+    let last = store.last_sequence().await.unwrap();
+    let restarted = start(&server.url()).await;
+    let models = ReadModels::current(&jetstream).await.unwrap().unwrap();
+    assert_eq!(models.generation(), 1);
+    wait_checkpoint(&models, last).await;
+    let stored = models.dump().await.unwrap();
+    let expected = pure_fold(&store, None).await;
+    assert_eq!(
+        differing(&stored, &expected),
+        Vec::<String>::new(),
+        "KV differs from the pure fold"
+    );
+    let totals = models.totals().await.unwrap();
+    assert_eq!(totals.incidents, 400);
+
+    // 2. Queries over request/reply.
+    let ask = |subject: &'static str, body: &'static str| {
+        let client = client.clone();
+        async move {
+            let reply = client.request(subject, body.into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let totals_reply = ask("projection.query.totals", "{}").await;
+    assert_eq!(totals_reply["status"], "found");
+    assert_eq!(totals_reply["value"]["incidents"], 400);
+    let incident_id = histories[0][0].incident.to_string();
+    let incident_reply = client
+        .request(
+            "projection.query.incident",
+            serde_json::to_vec(&serde_json::json!({ "incident_id": incident_id }))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let incident_reply: serde_json::Value =
+        serde_json::from_slice(&incident_reply.payload).unwrap();
+    assert_eq!(
+        incident_reply["value"],
+        expected[&format!("incident.{incident_id}")]
+    );
+    let summary = |reply: serde_json::Value| -> String {
+        let count = reply["value"].as_array().map(Vec::len);
+        format!(
+            "{} generation={} items={count:?} reason={}",
+            reply["status"], reply["generation"], reply["reason_code"]
+        )
+    };
+    let answers = [
+        summary(ask("projection.query.scorecards", r#"{"kind":"street"}"#).await),
+        summary(ask("projection.query.area", r#"{"level":"community"}"#).await),
+        summary(
+            ask(
+                "projection.query.area",
+                r#"{"level":"grid","code":"350402001001001"}"#,
+            )
+            .await,
+        ),
+        summary(ask("projection.query.board", r#"{"department":"nobody"}"#).await),
+        summary(ask("projection.query.area", r#"{"level":"planet"}"#).await),
+        summary(ask("projection.query.weather", "{}").await),
+        summary(ask("projection.query.incident", "not json").await),
+    ];
+    expect![[r#"
+        "found" generation=1 items=Some(2) reason=null
+        "found" generation=1 items=Some(4) reason=null
+        "found" generation=1 items=Some(1) reason=null
+        "not_found" generation=1 items=None reason=null
+        "error" generation=null items=None reason="bad_request"
+        "error" generation=null items=None reason="unknown_model"
+        "error" generation=null items=None reason="bad_request""#]]
+    .assert_eq(&answers.join("\n"));
+
+    // 3. Rebuild into generation 2 and swap; the running builder follows and keeps folding.
+    let options = RebuildOptions::new(incidents_spec.clone(), grids_spec.clone());
+    let report = projection::rebuild(&jetstream, &options, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.generation, report.previous_generation),
+        (2, Some(1))
+    );
+    assert_eq!(report.incidents_sequence, last);
+    let mut more = Synthetic::new(22, Synthetic::default_grids(2, 2, 3));
+    let extra: Vec<_> = (400..420).map(|n| more.incident(n)).collect();
+    synthetic::append_histories(&store, &extra, 20)
+        .await
+        .unwrap();
+    let last = store.last_sequence().await.unwrap();
+    let models = ReadModels::current(&jetstream).await.unwrap().unwrap();
+    assert_eq!(models.generation(), 2);
+    wait_checkpoint(&models, last).await;
+    let stored = models.dump().await.unwrap();
+    let expected = pure_fold(&store, None).await;
+    assert_eq!(differing(&stored, &expected), Vec::<String>::new());
+
+    // 4. As of a sequence: exactly the commits up to it.
+    let cut = last / 2;
+    let report = projection::as_of(&jetstream, &options, Until::Sequence(cut), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(report.incidents_sequence, cut);
+    let as_of = ReadModels::open_bucket(&jetstream, 0, &report.bucket)
+        .await
+        .unwrap();
+    let stored = as_of.dump().await.unwrap();
+    let expected = pure_fold(&store, Some(cut)).await;
+    assert_eq!(differing(&stored, &expected), Vec::<String>::new());
+    assert_eq!(
+        ReadModels::current(&jetstream)
+            .await
+            .unwrap()
+            .unwrap()
+            .generation(),
+        2,
+        "an as-of replay swaps nothing"
+    );
+
+    restarted.stop.send(true).unwrap();
+    restarted.task.await.unwrap().unwrap();
+}
