@@ -32,7 +32,7 @@ use eventstore::{
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::book::{AggregateTemplate, Applied, Book, BookStats, Held};
@@ -89,6 +89,8 @@ pub struct DispatchConfig {
     pub snapshot_bucket: Option<String>,
     /// Write a snapshot after this many commits were folded in since the last one.
     pub snapshot_every_commits: u64,
+    /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
+    pub observer: observe::Observer,
 }
 
 impl DispatchConfig {
@@ -106,6 +108,7 @@ impl DispatchConfig {
             duplicate_window: Duration::from_secs(120),
             snapshot_bucket: Some("DISPATCH_SNAPSHOTS".to_owned()),
             snapshot_every_commits: 50_000,
+            observer: observe::Observer::disabled(),
         }
     }
 }
@@ -158,7 +161,9 @@ pub struct DispatchService {
     subscription: Subscription<codecs::IncidentCodec>,
     notifier: Option<Subscription<codecs::IncidentCodec>>,
     durable: String,
-    requests: futures::stream::SelectAll<async_nats::Subscriber>,
+    /// Console commands: the `commands` endpoint of the `wangge-dispatch` micro service.
+    requests: Option<async_nats::service::endpoint::Endpoint>,
+    micro: Option<async_nats::service::Service>,
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     snapshots: Option<SnapshotStore>,
@@ -308,19 +313,29 @@ impl DispatchService {
         } else {
             None
         };
-        let subscribers = if config.serve_requests {
-            eventstore::bus::queue_subscribe_ready(
+        let (micro, requests) = if config.serve_requests {
+            let subscribe_error = |reason: String| ServiceError::Subscribe {
+                subject: wire::SUBJECT_COMMANDS.to_owned(),
+                reason,
+            };
+            let micro = observe::micro_service(
                 &client,
-                &[wire::SUBJECT_COMMANDS],
+                "dispatch",
+                "wangge whistle-and-report dispatch: console commands",
                 &config.queue_group,
+                &config.instance,
             )
             .await
-            .map_err(|error| ServiceError::Subscribe {
-                subject: error.subject,
-                reason: error.reason,
-            })?
+            .map_err(|error| subscribe_error(error.to_string()))?;
+            let commands = observe::endpoint(&micro, "commands", wire::SUBJECT_COMMANDS)
+                .await
+                .map_err(|error| subscribe_error(error.to_string()))?;
+            eventstore::bus::server_barrier(&client)
+                .await
+                .map_err(|error| subscribe_error(error.to_string()))?;
+            (Some(micro), Some(commands))
         } else {
-            Vec::new()
+            (None, None)
         };
         let progress = Progress {
             reached_sequence: reached,
@@ -342,7 +357,8 @@ impl DispatchService {
             subscription,
             notifier,
             durable,
-            requests: futures::stream::select_all(subscribers),
+            requests,
+            micro,
             progress,
             progress_tx,
             snapshots,
@@ -374,8 +390,13 @@ impl DispatchService {
 
     /// Serves until `shutdown` turns true (or its sender is dropped).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
-        let mut requests = std::mem::take(&mut self.requests);
+        let mut requests = self.requests.take();
         let mut notifier = self.notifier.take();
+        let observer = self.config.observer.clone();
+        observer.watch_connection(&self.client);
+        observer.set_started();
+        let mut metrics_refresh = tokio::time::interval(METRICS_REFRESH);
+        metrics_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -396,9 +417,10 @@ impl DispatchService {
                 delivery = next_notification(&mut notifier) => {
                     self.on_notification(delivery).await;
                 }
-                Some(message) = requests.next(), if self.config.serve_requests => {
-                    self.on_request(message).await;
+                Some(request) = next_request(&mut requests) => {
+                    self.on_request(request).await;
                 }
+                _ = metrics_refresh.tick() => self.refresh_gauges(),
                 _ = tokio::time::sleep(wait) => {
                     self.fire_due().await;
                     self.dispatch_filed().await;
@@ -406,18 +428,31 @@ impl DispatchService {
             }
             self.progress.reached_sequence = self.book.reached_sequence();
             self.progress_tx.send_replace(self.progress);
+            observer.metrics().reached(
+                &self.store.spec().stream_name,
+                self.progress.reached_sequence,
+            );
             if self.commits_since_snapshot >= self.config.snapshot_every_commits {
                 self.write_snapshot().await;
             }
         };
-        for subscriber in requests.iter_mut() {
-            if let Err(error) = subscriber.drain().await {
-                warn!(%error, "drain command subscription");
-            }
+        observer.set_stopping();
+        // Stop taking commands (unsubscribe), then answer those already delivered to us.
+        if let Some(endpoint) = requests.as_mut()
+            && let Err(error) = endpoint.stop().await
+        {
+            warn!(%error, "stop the command endpoint");
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
-        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, requests.next()).await {
-            self.on_request(message).await;
+        while let Ok(Some(request)) =
+            tokio::time::timeout_at(deadline, next_request(&mut requests)).await
+        {
+            self.on_request(request).await;
+        }
+        if let Some(micro) = self.micro.take()
+            && let Err(error) = micro.stop().await
+        {
+            warn!(%error, "stop the micro service");
         }
         if self.commits_since_snapshot > 0 {
             self.write_snapshot().await;
@@ -465,8 +500,19 @@ impl DispatchService {
         delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
     ) -> Result<(), ServiceError> {
         let delivery = delivery?;
+        let span = commit_span(&delivery.commit);
+        self.fold_delivery(delivery).instrument(span).await
+    }
+
+    async fn fold_delivery(
+        &mut self,
+        delivery: eventstore::Delivery<IncidentEvent>,
+    ) -> Result<(), ServiceError> {
         match self.book.apply_commit(&delivery.commit) {
-            Applied::New => self.commits_since_snapshot += 1,
+            Applied::New => {
+                self.commits_since_snapshot += 1;
+                self.config.observer.metrics().commits_folded.inc();
+            }
             Applied::AlreadyHeld => {}
             Applied::Gap { incident, held } => {
                 warn!(aggregate = %delivery.commit.aggregate, "commit out of order; reading the incident");
@@ -498,7 +544,7 @@ impl DispatchService {
         reload_into(&self.store, &mut self.book, &aggregate, incident, held).await
     }
 
-    fn meta(&self, actor: &Actor, now: Timestamp) -> CommitMeta {
+    fn meta(&self, actor: &Actor, now: Timestamp, traceparent: String) -> CommitMeta {
         CommitMeta {
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
@@ -507,7 +553,7 @@ impl DispatchService {
                 role => format!("{role}/{}", actor.id),
             },
             occurred_at_ms: now.0,
-            traceparent: None,
+            traceparent: Some(traceparent),
         }
     }
 
@@ -542,7 +588,12 @@ impl DispatchService {
             };
             match decide(&held.state, command, now, &self.config.policy) {
                 Ok(events) if !events.is_empty() => {
-                    let commit = Commit::new(command_id(incident), events, self.meta(&actor, now));
+                    let traceparent = observe::new_traceparent();
+                    let commit = Commit::new(
+                        command_id(incident),
+                        events,
+                        self.meta(&actor, now, traceparent),
+                    );
                     planned.push((incident, aggregate, held.position, commit));
                 }
                 Ok(_) => untouched.push(incident),
@@ -561,29 +612,51 @@ impl DispatchService {
         .await;
         let mut stored = 0;
         for ((incident, _, _, commit), result) in planned.into_iter().zip(results) {
-            match result {
-                Ok(appended) if !appended.duplicate => {
-                    self.book
-                        .apply_own(incident, commit.events.iter(), appended.position);
-                    self.commits_since_snapshot += 1;
-                    stored += 1;
-                }
-                Ok(_) | Err(AppendError::Conflict { .. }) => {
-                    // Another instance (or this one before a restart) stored it first.
-                    self.progress.conflicts += 1;
-                    if let Err(error) = self.reload(incident).await {
-                        warn!(%error, "reload after a lost race");
-                    }
-                    untouched.push(incident);
-                }
-                Err(error) => {
-                    error!(%incident, %error, "append failed; will retry");
-                    untouched.push(incident);
-                }
+            let span = incident_span(incident, commit.meta.traceparent.as_deref());
+            if self
+                .settle_system_append(incident, &commit, result)
+                .instrument(span)
+                .await
+            {
+                stored += 1;
+            } else {
+                untouched.push(incident);
             }
         }
         self.progress.decisions += stored;
         (stored, untouched)
+    }
+
+    /// Folds in one system commit's append result; true when it was stored by this call.
+    async fn settle_system_append(
+        &mut self,
+        incident: IncidentId,
+        commit: &Commit<IncidentEvent>,
+        result: Result<Appended, AppendError>,
+    ) -> bool {
+        match result {
+            Ok(appended) if !appended.duplicate => {
+                self.count_appended(&commit.events);
+                debug!(command_id = %commit.command_id, sequence = appended.position.sequence, "system commit stored");
+                self.book
+                    .apply_own(incident, commit.events.iter(), appended.position);
+                self.commits_since_snapshot += 1;
+                true
+            }
+            Ok(_) | Err(AppendError::Conflict { .. }) => {
+                // Another instance (or this one before a restart) stored it first.
+                self.progress.conflicts += 1;
+                self.config.observer.metrics().append_conflicts.inc();
+                if let Err(error) = self.reload(incident).await {
+                    warn!(%error, "reload after a lost race");
+                }
+                false
+            }
+            Err(error) => {
+                error!(%error, "append failed; will retry");
+                false
+            }
+        }
     }
 
     /// Escalates every due deadline (a bounded batch per turn).
@@ -605,6 +678,11 @@ impl DispatchService {
             })
             .await;
         self.progress.deadlines_escalated += stored;
+        self.config
+            .observer
+            .metrics()
+            .deadlines_escalated
+            .inc_by(stored);
         for incident in untouched {
             self.book.reschedule(incident);
         }
@@ -622,42 +700,105 @@ impl DispatchService {
             })
             .await;
         self.progress.dispatched += stored;
+        self.config.observer.metrics().dispatched.inc_by(stored);
     }
 
-    async fn on_request(&mut self, message: async_nats::Message) {
-        let Some(reply) = message.reply.clone() else {
+    async fn on_request(&mut self, request: async_nats::service::Request) {
+        let started = std::time::Instant::now();
+        let message = &request.message;
+        if message.reply.is_none() {
             debug!(subject = %message.subject, "request without reply subject ignored");
             return;
-        };
+        }
+        let traceparent = observe::traceparent_or_new(message.headers.as_ref());
         let reply_body = match wire::parse_command(message.subject.as_str(), &message.payload) {
-            Ok(command) => self.command(command).await,
+            Ok(command) => {
+                let span = incident_span(command.incident, Some(&traceparent));
+                self.command_traced(command, traceparent)
+                    .instrument(span)
+                    .await
+            }
             Err(reply) => reply,
         };
-        match &reply_body {
-            CommandReply::Accepted { .. } => self.progress.commands_accepted += 1,
-            _ => self.progress.commands_rejected += 1,
-        }
-        if let Err(error) = self.client.publish(reply, to_json(&reply_body)).await {
+        let outcome = match &reply_body {
+            CommandReply::Accepted { .. } => {
+                self.progress.commands_accepted += 1;
+                "accepted"
+            }
+            CommandReply::Rejected { .. } => {
+                self.progress.commands_rejected += 1;
+                "rejected"
+            }
+            CommandReply::Error { .. } => {
+                self.progress.commands_rejected += 1;
+                "error"
+            }
+        };
+        debug!(subject = %message.subject, outcome, "console command answered");
+        self.config
+            .observer
+            .metrics()
+            .request("commands", outcome, started.elapsed());
+        if let Err(error) = request.respond(Ok(to_json(&reply_body))).await {
             warn!(%error, "reply not sent");
         }
+    }
+
+    /// Counts a commit this instance stored: appends, whistles blown.
+    fn count_appended(&self, events: &[IncidentEvent]) {
+        let metrics = self.config.observer.metrics();
+        metrics.commits_appended.inc();
+        for event in events {
+            if let IncidentEvent::WhistleBlown { kind, .. } = event {
+                metrics.whistle(whistle_kind(*kind));
+            }
+        }
+    }
+
+    /// Gauges that need a walk over the book (incidents held, deadlines pending).
+    fn refresh_gauges(&self) {
+        let metrics = self.config.observer.metrics();
+        metrics
+            .incidents_held
+            .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
+        let (_, incidents) = self.book.parts();
+        let pending = incidents
+            .filter(|(_, held)| domain::next_deadline(&held.state).is_some())
+            .count();
+        metrics
+            .deadlines_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// Decides a console command on the held state, appends it, folds it in, answers. A
     /// command id seen recently is answered as before, without deciding again.
     pub async fn command(&mut self, command: ConsoleCommand) -> CommandReply {
+        self.command_traced(command, observe::new_traceparent())
+            .await
+    }
+
+    async fn command_traced(
+        &mut self,
+        command: ConsoleCommand,
+        traceparent: String,
+    ) -> CommandReply {
         if let Some(id) = &command.command_id
             && let Some(reply) = self.recent.get(id)
         {
             return reply;
         }
-        let reply = self.decide_and_append(&command).await;
+        let reply = self.decide_and_append(&command, &traceparent).await;
         if let Some(id) = command.command_id {
             self.recent.remember(id, &reply);
         }
         reply
     }
 
-    async fn decide_and_append(&mut self, command: &ConsoleCommand) -> CommandReply {
+    async fn decide_and_append(
+        &mut self,
+        command: &ConsoleCommand,
+        traceparent: &str,
+    ) -> CommandReply {
         let command_id = command
             .command_id
             .clone()
@@ -683,9 +824,15 @@ impl DispatchService {
                 Err(rejection) => return CommandReply::from_rejection(&rejection),
             };
             let position = held.position;
-            let commit = Commit::new(command_id.clone(), events, self.meta(&command.actor, now));
+            let commit = Commit::new(
+                command_id.clone(),
+                events,
+                self.meta(&command.actor, now, traceparent.to_owned()),
+            );
             match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
+                    self.count_appended(&commit.events);
+                    info!(command_id = %commit.command_id, actor = %command.actor.role, events = ?event_names(&commit.events), "console command stored");
                     self.book
                         .apply_own(command.incident, commit.events.iter(), appended.position);
                     self.commits_since_snapshot += 1;
@@ -721,6 +868,7 @@ impl DispatchService {
                 }
                 Err(AppendError::Conflict { .. }) if attempt < COMMAND_ATTEMPTS_MAX => {
                     self.progress.conflicts += 1;
+                    self.config.observer.metrics().append_conflicts.inc();
                     if let Err(error) = self.reload(command.incident).await {
                         return CommandReply::error("store_unavailable", error.to_string());
                     }
@@ -750,6 +898,18 @@ impl DispatchService {
             let _ = delivery.ack().await;
             return;
         };
+        let span = incident_span(incident, commit.meta.traceparent.as_deref());
+        self.notify_commit(incident, delivery)
+            .instrument(span)
+            .await;
+    }
+
+    async fn notify_commit(
+        &mut self,
+        incident: IncidentId,
+        delivery: eventstore::Delivery<IncidentEvent>,
+    ) {
+        let commit = &delivery.commit;
         let events: Vec<&IncidentEvent> = commit.events.iter().map(|e| &e.event).collect();
         let state = self.book.get(incident).map(|h: &Held| &h.state);
         let notes =
@@ -765,6 +925,7 @@ impl DispatchService {
                 break;
             }
             self.progress.notifications += 1;
+            self.config.observer.metrics().notifications.inc();
         }
         if all_stored && let Err(error) = delivery.ack().await {
             debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
@@ -781,6 +942,40 @@ impl DispatchService {
             Err(error) => warn!(%error, "snapshot not written"),
         }
         self.commits_since_snapshot = 0;
+    }
+}
+
+/// How often the gauges that walk the book are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(5);
+
+async fn next_request(
+    requests: &mut Option<async_nats::service::endpoint::Endpoint>,
+) -> Option<async_nats::service::Request> {
+    match requests {
+        Some(requests) => requests.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn whistle_kind(kind: domain::routing::WhistleKind) -> &'static str {
+    match kind {
+        domain::routing::WhistleKind::Routine => "routine",
+        domain::routing::WhistleKind::Tough => "tough",
+        domain::routing::WhistleKind::Emergency => "emergency",
+    }
+}
+
+/// The span of work on one incident: every log line inside carries the incident id and the
+/// trace id of the commit or request that caused it.
+fn incident_span(incident: IncidentId, traceparent: Option<&str>) -> tracing::Span {
+    let trace_id = traceparent.and_then(observe::trace_id).unwrap_or("");
+    info_span!("incident", incident = %incident, trace_id)
+}
+
+fn commit_span(commit: &eventstore::RecordedCommit<IncidentEvent>) -> tracing::Span {
+    match AggregateTemplate::parse(&commit.aggregate) {
+        Some((_, incident)) => incident_span(incident, commit.meta.traceparent.as_deref()),
+        None => tracing::Span::none(),
     }
 }
 

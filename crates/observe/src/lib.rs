@@ -589,5 +589,22 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
 }
 
+/// A W3C `traceparent` for work that starts here (no caller sent one): version 00, a random
+/// trace id and span id, sampled.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &span[..16])
+}
+
+/// The caller's `traceparent` header if it is well formed, else a new one.
+pub fn traceparent_or_new(headers: Option<&async_nats::HeaderMap>) -> String {
+    headers
+        .and_then(|headers| headers.get("traceparent"))
+        .map(|value| value.as_str())
+        .filter(|value| trace_id(value).is_some())
+        .map_or_else(new_traceparent, str::to_owned)
+}
+
 #[cfg(test)]
 mod tests;
