@@ -528,7 +528,7 @@ fn polygon_json(polygon: &Polygon<f64>) -> Value {
     json!({"type": "Polygon", "coordinates": rings})
 }
 
-fn grids_geojson(partitions: &[Partition]) -> Value {
+pub fn grids_geojson(partitions: &[Partition]) -> Value {
     let features: Vec<Value> = partitions
         .iter()
         .flat_map(|p| &p.grids)
@@ -606,7 +606,7 @@ fn report_json(
 
 /// A map a city engineer checks first: community boundaries, grids filled and outlined in
 /// distinct colours with their codes, buildings as dots in their grid's colour.
-fn svg_map(communities: &[CommunityInput], partitions: &[Partition]) -> String {
+pub fn svg_map(communities: &[CommunityInput], partitions: &[Partition]) -> String {
     let mut bounds: Option<geo::Rect<f64>> = None;
     for community in communities {
         if let Some(rect) = community.boundary.bounding_rect() {
