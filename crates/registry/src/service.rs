@@ -14,6 +14,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::service::endpoint::Endpoint;
 use eventstore::{
     AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, ReplayRange,
     SubscribeError, Subscription, SubscriptionConfig,
@@ -54,6 +55,8 @@ pub struct ServiceConfig {
     /// False: only follow the stream and keep [`Locator`]s current (for in-process use by
     /// another service); true: also answer requests.
     pub serve_requests: bool,
+    /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
+    pub observer: observe::Observer,
 }
 
 impl ServiceConfig {
@@ -63,6 +66,7 @@ impl ServiceConfig {
             queue_group: "registry".to_owned(),
             instance: "registry".to_owned(),
             serve_requests: true,
+            observer: observe::Observer::disabled(),
         }
     }
 }
@@ -93,9 +97,18 @@ pub struct RegistryService {
     directory: Directory,
     subscription: Subscription<RegistryCodec>,
     durable: String,
-    /// Request subscriptions (queue group), open from the end of `start`.
-    requests: futures::stream::SelectAll<async_nats::Subscriber>,
+    /// Request endpoints of the `wangge-registry` micro service (queue group), open from the
+    /// end of `start`.
+    requests: futures::stream::SelectAll<Endpoint>,
+    micro: Option<async_nats::service::Service>,
 }
+
+/// Micro endpoints: (name, subject).
+const ENDPOINTS: [(&str, &str); 3] = [
+    ("locate", api::SUBJECT_LOCATE),
+    ("commands", api::SUBJECT_COMMANDS),
+    ("community", api::SUBJECT_QUERY_COMMUNITY),
+];
 
 impl std::fmt::Debug for RegistryService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,6 +117,24 @@ impl std::fmt::Debug for RegistryService {
             .field("communities", &self.directory.communities())
             .field("durable", &self.durable)
             .finish_non_exhaustive()
+    }
+}
+
+/// `accepted`, `rejected` or `error` from a reply's `"status"` (locate's `served` and
+/// `unserved` are answers, so accepted).
+fn outcome_of(body: &[u8]) -> &'static str {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        status: Option<&'a str>,
+    }
+    match serde_json::from_slice::<Status<'_>>(body)
+        .ok()
+        .and_then(|s| s.status)
+    {
+        Some("rejected") => "rejected",
+        Some("error") => "error",
+        _ => "accepted",
     }
 }
 
@@ -172,20 +203,38 @@ impl RegistryService {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "registry state rebuilt from the GRIDS stream"
         );
-        let subscribers = if config.serve_requests {
-            let subjects = [
-                api::SUBJECT_LOCATE,
-                api::SUBJECT_COMMANDS,
-                api::SUBJECT_QUERY_COMMUNITY,
-            ];
-            eventstore::bus::queue_subscribe_ready(&client, &subjects, &config.queue_group)
+        config
+            .observer
+            .metrics()
+            .reached(&store.spec().stream_name, reached);
+        let (micro, endpoints) = if config.serve_requests {
+            let subscribe_error = |subject: &str, reason: String| ServiceError::Subscribe {
+                subject: subject.to_owned(),
+                reason,
+            };
+            let micro = observe::micro_service(
+                &client,
+                "registry",
+                "wangge grid registry: locate, community commands and queries",
+                &config.queue_group,
+                &config.instance,
+            )
+            .await
+            .map_err(|error| subscribe_error("$SRV", error.to_string()))?;
+            let mut endpoints = Vec::with_capacity(ENDPOINTS.len());
+            for (name, subject) in ENDPOINTS {
+                endpoints.push(
+                    observe::endpoint(&micro, name, subject)
+                        .await
+                        .map_err(|error| subscribe_error(subject, error.to_string()))?,
+                );
+            }
+            eventstore::bus::server_barrier(&client)
                 .await
-                .map_err(|error| ServiceError::Subscribe {
-                    subject: error.subject,
-                    reason: error.reason,
-                })?
+                .map_err(|error| subscribe_error("server barrier", error.to_string()))?;
+            (Some(micro), endpoints)
         } else {
-            Vec::new()
+            (None, Vec::new())
         };
         Ok(RegistryService {
             client,
@@ -194,7 +243,8 @@ impl RegistryService {
             directory,
             subscription,
             durable,
-            requests: futures::stream::select_all(subscribers),
+            requests: futures::stream::select_all(endpoints),
+            micro,
         })
     }
 
@@ -212,6 +262,9 @@ impl RegistryService {
             "registry serving"
         );
         let mut requests = std::mem::take(&mut self.requests);
+        let observer = self.config.observer.clone();
+        observer.watch_connection(&self.client);
+        observer.set_started();
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -232,17 +285,23 @@ impl RegistryService {
                 }
             }
         };
-        // Stop taking requests; answer the ones already delivered to us.
+        // Stop taking requests (unsubscribe); answer the ones already delivered to us.
+        observer.set_stopping();
         let mut answered = 0usize;
-        for subscriber in requests.iter_mut() {
-            if let Err(error) = subscriber.drain().await {
-                warn!(%error, "drain request subscription");
+        for endpoint in requests.iter_mut() {
+            if let Err(error) = endpoint.stop().await {
+                warn!(%error, "stop request endpoint");
             }
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
         while let Ok(Some(message)) = tokio::time::timeout_at(deadline, requests.next()).await {
             self.on_request(message).await;
             answered += 1;
+        }
+        if let Some(micro) = self.micro.take()
+            && let Err(error) = micro.stop().await
+        {
+            warn!(%error, "stop the micro service");
         }
         let stream_name = self.store.spec().stream_name.clone();
         match self.store.jetstream().get_stream(&stream_name).await {
@@ -265,8 +324,11 @@ impl RegistryService {
         delivery: Result<eventstore::Delivery<Event>, SubscribeError>,
     ) -> Result<(), ServiceError> {
         let delivery = delivery?;
+        let metrics = self.config.observer.metrics();
+        metrics.reached(&self.store.spec().stream_name, delivery.commit.sequence);
         match self.directory.apply(&delivery.commit) {
             Ok(Applied::New) => {
+                metrics.commits_folded.inc();
                 self.directory
                     .publish_community(delivery.commit.aggregate.as_str())?;
             }
@@ -305,11 +367,13 @@ impl RegistryService {
         Ok(())
     }
 
-    async fn on_request(&mut self, message: async_nats::Message) {
-        let Some(reply) = message.reply.clone() else {
+    async fn on_request(&mut self, request: async_nats::service::Request) {
+        let started = std::time::Instant::now();
+        let message = &request.message;
+        if message.reply.is_none() {
             debug!(subject = %message.subject, "request without reply subject ignored");
             return;
-        };
+        }
         let subject = message.subject.as_str();
         let body = if subject == api::SUBJECT_LOCATE {
             to_json(&locate_reply(&self.directory.locator(), &message.payload))
@@ -324,7 +388,20 @@ impl RegistryService {
                 format!("no handler for {subject}"),
             ))
         };
-        if let Err(error) = self.client.publish(reply, body.into()).await {
+        let endpoint = ENDPOINTS
+            .iter()
+            .find(|(_, endpoint_subject)| {
+                *endpoint_subject == subject
+                    || endpoint_subject
+                        .strip_suffix('*')
+                        .is_some_and(|prefix| subject.starts_with(prefix))
+            })
+            .map_or("unknown", |(name, _)| *name);
+        self.config
+            .observer
+            .metrics()
+            .request(endpoint, outcome_of(&body), started.elapsed());
+        if let Err(error) = request.respond(Ok(body.into())).await {
             warn!(%error, "reply not sent");
         }
     }
@@ -421,6 +498,8 @@ impl RegistryService {
             let commit = Commit::new(header.command_id.clone(), events, meta);
             match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
+                    self.config.observer.metrics().commits_appended.inc();
+                    info!(community = %aggregate, command_id = %header.command_id, sequence = appended.position.sequence, "command stored");
                     self.directory.apply_own(
                         &header.community_id,
                         &header.command_id,
@@ -463,6 +542,7 @@ impl RegistryService {
                     reason: ConflictReason::StaleVersion { .. },
                     ..
                 }) if attempt < COMMAND_ATTEMPTS_MAX => {
+                    self.config.observer.metrics().append_conflicts.inc();
                     debug!(community = %aggregate, attempt, "another writer went first; reading its commits");
                     if let Err(error) = self.reload(&aggregate).await {
                         return to_json(&error_reply("store_unavailable", error.to_string()));
