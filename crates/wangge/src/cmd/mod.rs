@@ -7,6 +7,7 @@ pub mod bench_pipeline;
 pub mod bench_rebuild;
 pub mod bench_store;
 pub mod demo;
+pub mod demo_map;
 pub mod partition;
 pub mod projection;
 pub mod serve;

@@ -1,0 +1,318 @@
+//! End to end on real processes: `wangge serve registry|intake|dispatch|projection` against a
+//! private nats-server, a seeded city, resident apps and consoles from `simulation`.
+//!
+//! The same seed is run twice: once undisturbed, once with every service killed with SIGKILL
+//! in turn mid-run and restarted. The event log of every incident (event types in order) and
+//! the read models' totals must be identical: nothing lost, nothing applied twice. Every
+//! incident must end closed, or pending on a department that never answers.
+//!
+//! Determinism: incident ids are derived from submission ids; consoles start only after every
+//! receipt is in (so duplicate merges never race with closings); time runs at wall speed, so
+//! no deadline passes during the test and prompt consoles are never late.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use simulation::{Behaviour, CityPlan, ConsolePlan, Consoles, ResidentPlan, Residents};
+use tokio::sync::watch;
+
+const SEED: u64 = 11;
+const REPORTS: u64 = 160;
+/// Longest wait for the system to go quiet.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(90);
+/// The log is quiet when nothing was appended for this long.
+const QUIET_FOR: Duration = Duration::from_secs(3);
+
+const SERVICES: [&str; 4] = ["registry", "intake", "dispatch", "projection"];
+
+struct Services {
+    url: String,
+    children: BTreeMap<&'static str, Child>,
+}
+
+impl Services {
+    fn start(url: &str) -> Services {
+        let mut services = Services {
+            url: url.to_owned(),
+            children: BTreeMap::new(),
+        };
+        for name in SERVICES {
+            services.spawn(name);
+        }
+        services
+    }
+
+    fn spawn(&mut self, name: &'static str) {
+        let child = Command::new(env!("CARGO_BIN_EXE_wangge"))
+            .args(["serve", name])
+            .env_remove("WANGGE_CONFIG")
+            .env("WANGGE_NATS__URL", &self.url)
+            .env("WANGGE_LOG__FILTER", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn a service");
+        self.children.insert(name, child);
+    }
+
+    fn kill_and_restart(&mut self, name: &'static str) {
+        let mut child = self.children.remove(name).expect("running");
+        child.kill().expect("SIGKILL"); // std's kill is SIGKILL
+        child.wait().expect("reap");
+        self.spawn(name);
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn ready(client: &async_nats::Client, subject: &str, body: &'static str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = client.request(subject.to_owned(), body.into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{subject} never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn all_ready(client: &async_nats::Client) {
+    ready(
+        client,
+        "grids.query.community",
+        r#"{"community_id":"probe"}"#,
+    )
+    .await;
+    ready(
+        client,
+        "intake.query.receipt",
+        r#"{"submission_id":"probe-0000"}"#,
+    )
+    .await;
+    ready(client, "dispatch.cmd.city.verify", "{}").await;
+    ready(client, "projection.query.totals", "{}").await;
+}
+
+fn store_spec(context: BoundedContext) -> StreamSpec {
+    StreamSpec::for_context(context, 1, Duration::from_secs(120))
+}
+
+/// Waits until INCIDENTS has had no append for `QUIET_FOR`.
+async fn quiet(store: &EventStore<codecs::IncidentCodec>) {
+    let deadline = Instant::now() + QUIET_TIMEOUT;
+    let mut last = store.last_sequence().await.unwrap();
+    let mut since = Instant::now();
+    while since.elapsed() < QUIET_FOR {
+        assert!(Instant::now() < deadline, "the system never went quiet");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = store.last_sequence().await.unwrap();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    /// Incident id -> event types in order.
+    incidents: BTreeMap<String, Vec<String>>,
+    /// Read models' incident count and count by status.
+    read_model_incidents: u64,
+    read_model_by_status: BTreeMap<String, u64>,
+    filed: u64,
+    merged: u64,
+    rejected: u64,
+}
+
+/// One run of the seed; `crash` kills every service in turn.
+async fn run(crash: bool) -> Outcome {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let mut services = Services::start(&url);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    all_ready(&client).await;
+
+    let policy = domain::Policy::embedded("sanming").unwrap();
+    let city = simulation::plan_city(CityPlan {
+        seed: SEED,
+        streets: 1,
+        communities_per_street: 2,
+        buildings_per_community: 40,
+    });
+    simulation::register_city(&client, &city, |_, _| {})
+        .await
+        .unwrap();
+    // Let intake's in-process registry catch up with the new grids.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Phase 1: reports. Intake and the registry are killed while they arrive.
+    let (stop, stopped) = watch::channel(false);
+    let residents = Residents::default();
+    let receipts = residents
+        .follow_receipts(&client, stopped.clone())
+        .await
+        .unwrap();
+    let reporting = {
+        let (residents, client, city, policy, stopped) = (
+            residents.clone(),
+            client.clone(),
+            city.clone(),
+            policy.clone(),
+            stopped.clone(),
+        );
+        tokio::spawn(async move {
+            let plan = ResidentPlan {
+                seed: SEED,
+                submissions: REPORTS,
+                rate_per_s: 40.0,
+                ..ResidentPlan::default()
+            };
+            residents.run(&client, &city, &policy, plan, stopped).await
+        })
+    };
+    if crash {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        services.kill_and_restart("intake");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        services.kill_and_restart("registry");
+    }
+    reporting.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while residents.stats().receipts() < REPORTS {
+        assert!(
+            Instant::now() < deadline,
+            "receipts missing: {:?}",
+            residents.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Phase 2: consoles. Dispatch and the projection are killed while they work.
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let incidents = EventStore::open_existing(
+        jetstream.clone(),
+        store_spec(BoundedContext::Incidents),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
+    let mut console_plan = ConsolePlan::seeded(SEED, &policy, 0.0, 0.2);
+    console_plan.prompt_delay = Duration::from_millis(50);
+    console_plan.work_delay = Duration::from_millis(200);
+    let silent: Vec<String> = console_plan
+        .departments
+        .iter()
+        .filter(|(_, behaviour)| **behaviour == Behaviour::Silent)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let (consoles, consoles_task) =
+        Consoles::start(&client, console_plan, residents.clone(), stopped.clone())
+            .await
+            .unwrap();
+    if crash {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        services.kill_and_restart("dispatch");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        services.kill_and_restart("projection");
+        all_ready(&client).await;
+    }
+    quiet(&incidents).await;
+    let _ = stop.send(true);
+    let _ = receipts.await;
+    let _ = consoles_task.await;
+    let console_stats = consoles.stats();
+    assert_eq!(console_stats.failed, 0, "{console_stats:?}");
+
+    // The log, incident by incident.
+    let mut by_incident: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    incidents
+        .replay(ReplayRange::default(), |commit| {
+            let list = by_incident
+                .entry(commit.aggregate.as_str().to_owned())
+                .or_default();
+            for recorded in commit.events {
+                list.push(domain::describe::describe(&recorded.event).kind.to_owned());
+            }
+        })
+        .await
+        .unwrap();
+    // Every incident is closed, merged, or waits on a department that never answers.
+    for (incident, kinds) in &by_incident {
+        let last = kinds.last().map(String::as_str).unwrap_or("");
+        let settled = matches!(
+            last,
+            "rated" | "closed" | "merged_into" | "duplicate_merged"
+        ) || (!silent.is_empty()
+            && matches!(
+                last,
+                "dispatched" | "whistle_blown" | "whistle_reported" | "filed"
+            ));
+        assert!(settled, "incident {incident} stopped at {kinds:?}");
+    }
+    // The read models, once caught up with the log.
+    let last_incident = incidents.last_sequence().await.unwrap();
+    let grids = EventStore::open_existing(
+        jetstream.clone(),
+        store_spec(BoundedContext::Grids),
+        registry::RegistryCodec,
+    )
+    .await
+    .unwrap();
+    let last_grid = grids.last_sequence().await.unwrap();
+    let models = projection::ReadModels::current(&jetstream)
+        .await
+        .unwrap()
+        .expect("a read model generation");
+    let checkpoint = models
+        .wait_for(last_incident, last_grid, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        checkpoint.incidents_sequence >= last_incident,
+        "{checkpoint:?}"
+    );
+    let totals = models.totals().await.unwrap();
+    let stats = residents.stats();
+    drop(services);
+    drop(server);
+    Outcome {
+        incidents: by_incident,
+        read_model_incidents: totals.incidents,
+        read_model_by_status: totals.by_status,
+        filed: stats.filed,
+        merged: stats.merged,
+        rejected: stats.rejected.values().sum(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_every_service_in_turn_changes_nothing() {
+    let undisturbed = run(false).await;
+    assert_eq!(undisturbed.filed, undisturbed.incidents.len() as u64);
+    assert_eq!(undisturbed.read_model_incidents, undisturbed.filed);
+    assert_eq!(
+        undisturbed.filed + undisturbed.merged + undisturbed.rejected,
+        REPORTS
+    );
+    assert!(
+        undisturbed
+            .incidents
+            .values()
+            .any(|kinds| kinds.last().map(String::as_str) == Some("rated")),
+        "no incident went the whole way: {:?}",
+        undisturbed.incidents
+    );
+    let crashed = run(true).await;
+    assert_eq!(crashed, undisturbed);
+}
