@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use async_nats::service::endpoint::Endpoint;
 use bytes::Bytes;
 use codecs::IncidentCodec;
 use domain::incident::{IncidentEvent, IncidentState};
@@ -20,7 +21,7 @@ use futures::StreamExt as _;
 use futures::stream::{ReadyChunks, SelectAll};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::core::{
     Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, intake_aggregate, refusal_event,
@@ -69,6 +70,8 @@ pub struct ServiceConfig {
     pub duplicate_window: Duration,
     /// KV bucket with reporters' contact details (erasable).
     pub contacts_bucket: String,
+    /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
+    pub observer: observe::Observer,
 }
 
 impl Default for ServiceConfig {
@@ -83,6 +86,7 @@ impl Default for ServiceConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             contacts_bucket: "INTAKE_CONTACTS".to_owned(),
+            observer: observe::Observer::disabled(),
         }
     }
 }
@@ -141,11 +145,13 @@ struct Input {
     fallback_id: Option<String>,
     now: Timestamp,
     origin: Origin,
+    /// W3C trace context: the sender's `traceparent` header, or a new one.
+    traceparent: String,
 }
 
 enum Origin {
     Durable(jetstream::Message),
-    Request(Option<async_nats::Subject>),
+    Request(Box<async_nats::service::Request>),
 }
 
 /// A started intake instance; call [`IntakeService::run`].
@@ -162,8 +168,11 @@ pub struct IntakeService {
     submissions: Option<Chunks<consumer::pull::Stream>>,
     follower: Subscription<IncidentCodec>,
     follower_durable: String,
-    requests: Chunks<async_nats::Subscriber>,
-    queries: SelectAll<async_nats::Subscriber>,
+    /// `submit` endpoint of the `wangge-intake` micro service, in batches.
+    requests: Chunks<Endpoint>,
+    /// `receipt`, `incident` and `erase` endpoints.
+    queries: SelectAll<Endpoint>,
+    micro: Option<async_nats::service::Service>,
 }
 
 impl std::fmt::Debug for IntakeService {
@@ -199,14 +208,32 @@ fn uuid_from(text: &str) -> uuid::Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-fn meta(correlation: &str, now: Timestamp) -> CommitMeta {
+fn meta(correlation: &str, now: Timestamp, traceparent: &str) -> CommitMeta {
     let id = uuid_from(correlation);
     CommitMeta {
         correlation_id: id,
         causation_id: id,
         actor: "system:intake".to_owned(),
         occurred_at_ms: now.0,
-        traceparent: None,
+        traceparent: Some(traceparent.to_owned()),
+    }
+}
+
+/// Micro endpoints: (name, subject). The first is the submission path, batched.
+const ENDPOINTS: [(&str, &str); 4] = [
+    ("submit", wire::SUBJECT_REQUEST),
+    ("receipt", wire::SUBJECT_QUERY_RECEIPT),
+    ("incident", wire::SUBJECT_QUERY_INCIDENT),
+    ("erase", wire::SUBJECT_CONTACT_ERASE),
+];
+
+fn request_input(request: async_nats::service::Request) -> Input {
+    Input {
+        payload: request.message.payload.clone(),
+        fallback_id: None,
+        now: Timestamp(now_ms()),
+        traceparent: observe::traceparent_or_new(request.message.headers.as_ref()),
+        origin: Origin::Request(Box::new(request)),
     }
 }
 
@@ -300,21 +327,36 @@ impl IntakeService {
                 durable: config.submissions_durable.clone(),
                 reason: error.to_string(),
             })?;
-        let subjects = [
-            wire::SUBJECT_REQUEST,
-            wire::SUBJECT_QUERY_RECEIPT,
-            wire::SUBJECT_QUERY_INCIDENT,
-            wire::SUBJECT_CONTACT_ERASE,
-        ];
-        let mut subscribers =
-            eventstore::bus::queue_subscribe_ready(&client, &subjects, &config.queue_group)
-                .await
-                .map_err(|error| ServiceError::Subscribe {
-                    subject: error.subject,
-                    reason: error.reason,
-                })?;
-        let queries = futures::stream::select_all(subscribers.split_off(1));
-        let requests = Box::pin(subscribers.remove(0).ready_chunks(SUBMISSION_BATCH_MAX));
+        let subscribe_error = |subject: &str, reason: String| ServiceError::Subscribe {
+            subject: subject.to_owned(),
+            reason,
+        };
+        let micro = observe::micro_service(
+            &client,
+            "intake",
+            "wangge incident intake: submissions, receipts, incident status",
+            &config.queue_group,
+            &config.instance,
+        )
+        .await
+        .map_err(|error| subscribe_error("$SRV", error.to_string()))?;
+        let mut endpoints = Vec::with_capacity(ENDPOINTS.len());
+        for (name, subject) in ENDPOINTS {
+            endpoints.push(
+                observe::endpoint(&micro, name, subject)
+                    .await
+                    .map_err(|error| subscribe_error(subject, error.to_string()))?,
+            );
+        }
+        eventstore::bus::server_barrier(&client)
+            .await
+            .map_err(|error| subscribe_error("server barrier", error.to_string()))?;
+        let queries = futures::stream::select_all(endpoints.split_off(1));
+        let requests = Box::pin(endpoints.remove(0).ready_chunks(SUBMISSION_BATCH_MAX));
+        config
+            .observer
+            .metrics()
+            .reached(&incidents.spec().stream_name, reached);
         let mut service = IntakeService {
             client,
             incidents,
@@ -330,6 +372,7 @@ impl IntakeService {
             follower_durable,
             requests,
             queries,
+            micro: Some(micro),
         };
         for id in gaps {
             service.reload(id).await;
@@ -370,6 +413,8 @@ impl IntakeService {
     /// Serves until `shutdown` turns true (or its sender is dropped), then drains and returns.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
         info!(queue_group = %self.config.queue_group, "intake serving");
+        self.config.observer.watch_connection(&self.client);
+        self.config.observer.set_started();
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -394,15 +439,7 @@ impl IntakeService {
                     }
                 },
                 Some(batch) = self.requests.next() => {
-                    let inputs = batch
-                        .into_iter()
-                        .map(|message| Input {
-                            payload: message.payload,
-                            fallback_id: None,
-                            now: Timestamp(now_ms()),
-                            origin: Origin::Request(message.reply),
-                        })
-                        .collect();
+                    let inputs = batch.into_iter().map(request_input).collect();
                     self.decide_and_store(inputs).await;
                 }
                 Some(message) = self.queries.next() => self.on_query(message).await,
@@ -418,24 +455,27 @@ impl IntakeService {
     }
 
     async fn stop(mut self) {
-        // Stop taking requests; answer the ones already delivered to us.
-        if let Err(error) = Pin::get_mut(self.requests.as_mut()).get_mut().drain().await {
-            warn!(%error, "drain the request subscription");
+        // Stop taking requests (unsubscribe); answer the ones already delivered to us.
+        self.config.observer.set_stopping();
+        if let Err(error) = Pin::get_mut(self.requests.as_mut()).get_mut().stop().await {
+            warn!(%error, "stop the submit endpoint");
+        }
+        for endpoint in self.queries.iter_mut() {
+            if let Err(error) = endpoint.stop().await {
+                warn!(%error, "stop a query endpoint");
+            }
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
         let mut answered = 0usize;
         while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, self.requests.next()).await {
             answered += batch.len();
-            let inputs = batch
-                .into_iter()
-                .map(|message| Input {
-                    payload: message.payload,
-                    fallback_id: None,
-                    now: Timestamp(now_ms()),
-                    origin: Origin::Request(message.reply),
-                })
-                .collect();
+            let inputs = batch.into_iter().map(request_input).collect();
             self.decide_and_store(inputs).await;
+        }
+        if let Some(micro) = self.micro.take()
+            && let Err(error) = micro.stop().await
+        {
+            warn!(%error, "stop the micro service");
         }
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
@@ -474,11 +514,13 @@ impl IntakeService {
                         .as_ref()
                         .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
                         .map(|value| value.as_str().to_owned());
+                    let traceparent = observe::traceparent_or_new(message.headers.as_ref());
                     inputs.push(Input {
                         payload: message.payload.clone(),
                         fallback_id,
                         now: Timestamp(now),
                         origin: Origin::Durable(message),
+                        traceparent,
                     });
                 }
                 Err(error) => {
@@ -595,7 +637,11 @@ impl IntakeService {
                             write.events.len(),
                         ),
                         events: write.events.clone(),
-                        meta: meta(&write.command_id, inputs[*index].now),
+                        meta: meta(
+                            &write.command_id,
+                            inputs[*index].now,
+                            &inputs[*index].traceparent,
+                        ),
                     };
                     match store.append(&aggregate, &position, &commit).await {
                         Ok(appended) => position = appended.position,
@@ -610,6 +656,11 @@ impl IntakeService {
         for ((incident, indices), result) in chains.iter().zip(results) {
             match result {
                 Ok(position) => {
+                    self.config
+                        .observer
+                        .metrics()
+                        .commits_appended
+                        .inc_by(indices.len() as u64);
                     self.core.appended(*incident, position);
                     if let Some(tracked) = self.core.tracked(incident) {
                         let events = indices
@@ -650,6 +701,7 @@ impl IntakeService {
             }
             let store = &self.intake;
             let now = inputs[index].now;
+            let traceparent = inputs[index].traceparent.as_str();
             Some(async move {
                 let aggregate = AggregateId::new(aggregate.clone()).map_err(|error| {
                     warn!(%error, "receipt aggregate id");
@@ -658,7 +710,7 @@ impl IntakeService {
                 let command_id = format!("receipt-{aggregate}");
                 let commit = Commit {
                     event_ids: crate::core::event_ids_for(&command_id, 1),
-                    meta: meta(&command_id, now),
+                    meta: meta(&command_id, now, traceparent),
                     command_id,
                     events: vec![event.clone()],
                 };
@@ -725,6 +777,20 @@ impl IntakeService {
             } else {
                 plan.receipt
             };
+            let trace_id = observe::trace_id(&input.traceparent).unwrap_or("");
+            let incident = receipt
+                .incident_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            let span = info_span!("submission", incident = %incident, trace_id);
+            let entered = span.enter();
+            let kind = receipt_outcome(&receipt);
+            self.config
+                .observer
+                .metrics()
+                .submission(receipt_kind(&receipt));
+            debug!(kind, receipt = receipt_kind(&receipt), "submission decided");
+            drop(entered);
             match input.origin {
                 Origin::Durable(message) => {
                     let ack = if failed {
@@ -742,12 +808,20 @@ impl IntakeService {
                         }
                     }
                 }
-                Origin::Request(Some(reply)) => {
-                    if let Err(error) = self.client.publish(reply, to_json(&receipt)).await {
+                Origin::Request(request) => {
+                    self.config.observer.metrics().request(
+                        "submit",
+                        receipt_outcome(&receipt),
+                        Duration::from_millis(
+                            u64::try_from(now_ms().saturating_sub(input.now.0)).unwrap_or(0),
+                        ),
+                    );
+                    if request.message.reply.is_some()
+                        && let Err(error) = request.respond(Ok(to_json(&receipt))).await
+                    {
                         warn!(%error, "answer submission request");
                     }
                 }
-                Origin::Request(None) => {}
             }
         }
     }
@@ -800,6 +874,9 @@ impl IntakeService {
             }
             Err(error) => return Err(error.into()),
         };
+        let metrics = self.config.observer.metrics();
+        metrics.reached(&self.incidents.spec().stream_name, delivery.commit.sequence);
+        metrics.commits_folded.inc();
         match self.core.fold(&delivery.commit) {
             (Folded::Applied, Some(public)) => self.publish_status(&public).await,
             (Folded::Gap, _) => {
@@ -825,10 +902,12 @@ impl IntakeService {
         Ok(())
     }
 
-    async fn on_query(&mut self, message: async_nats::Message) {
-        let Some(reply) = message.reply.clone() else {
+    async fn on_query(&mut self, request: async_nats::service::Request) {
+        let started = std::time::Instant::now();
+        let message = &request.message;
+        if message.reply.is_none() {
             return;
-        };
+        }
         let body = if message.payload.len() > QUERY_BYTES_MAX {
             Err(format!("request is more than {QUERY_BYTES_MAX} bytes"))
         } else {
@@ -902,7 +981,15 @@ impl IntakeService {
             }
             _ => return,
         };
-        if let Err(error) = self.client.publish(reply, answer).await {
+        let endpoint = ENDPOINTS
+            .iter()
+            .find(|(_, subject)| *subject == message.subject.as_str())
+            .map_or("unknown", |(name, _)| *name);
+        self.config
+            .observer
+            .metrics()
+            .request(endpoint, json_outcome(&answer), started.elapsed());
+        if let Err(error) = request.respond(Ok(answer)).await {
             warn!(%error, "answer query");
         }
     }
@@ -946,6 +1033,42 @@ impl IntakeService {
                 message: error.to_string(),
             },
         }
+    }
+}
+
+/// The metric outcome of a receipt: `accepted` (filed or merged), `rejected`, `error`.
+fn receipt_outcome(receipt: &Receipt) -> &'static str {
+    match receipt {
+        Receipt::Filed { .. } | Receipt::Merged { .. } => "accepted",
+        Receipt::Rejected { .. } => "rejected",
+        Receipt::Unavailable { .. } => "error",
+    }
+}
+
+/// `filed`, `merged`, `rejected` or `unavailable`.
+fn receipt_kind(receipt: &Receipt) -> &'static str {
+    match receipt {
+        Receipt::Filed { .. } => "filed",
+        Receipt::Merged { .. } => "merged",
+        Receipt::Rejected { .. } => "rejected",
+        Receipt::Unavailable { .. } => "unavailable",
+    }
+}
+
+/// `accepted`, `rejected` or `error` from a JSON answer's `"status"`.
+fn json_outcome(answer: &[u8]) -> &'static str {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        status: Option<&'a str>,
+    }
+    match serde_json::from_slice::<Status<'_>>(answer)
+        .ok()
+        .and_then(|status| status.status)
+    {
+        Some("rejected") | Some("not_found") => "rejected",
+        Some("error") => "error",
+        _ => "accepted",
     }
 }
 
