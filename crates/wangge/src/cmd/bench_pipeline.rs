@@ -1,8 +1,361 @@
-//! `wangge bench pipeline` (being written: issue #6).
+//! `wangge bench pipeline`: incidents through intake → dispatch → projection, as deployed
+//! (each service its own `wangge serve` process on a private nats-server), against raw acked
+//! JetStream publishes of the same payloads in the same run; then the latency from a resident's
+//! publish to the handler's `assigned` notification at a fixed rate.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use futures::StreamExt as _;
+use serde::Serialize;
+use simulation::{CityPlan, ResidentPlan};
+
+use super::children::Services;
+
+/// Publishes awaiting acks at once, on both sides.
+const PUBLISHES_IN_FLIGHT_MAX: usize = 1_000;
+/// Longest wait for the read models to show every incident dispatched.
+const PIPELINE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for the last notification of the latency phase.
+const NOTIFICATIONS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Poll interval of the read models while the pipeline drains.
+const POLL_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, clap::Args)]
-pub struct BenchPipelineArgs {}
+pub struct BenchPipelineArgs {
+    /// Reports for the throughput phase (and raw messages).
+    #[arg(long, default_value_t = 20_000)]
+    reports: u64,
+    /// Reports per second in the latency phase.
+    #[arg(long, default_value_t = 1_000.0)]
+    latency_rate: f64,
+    /// Seconds of the latency phase.
+    #[arg(long, default_value_t = 5)]
+    latency_seconds: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: BenchPipelineArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge bench pipeline` is not yet written (issue #6)")
+#[derive(Debug, Serialize)]
+struct PipelineFigures {
+    reports: u64,
+    payload_bytes: usize,
+    incidents_per_s: f64,
+    raw_publish_per_s: f64,
+    ratio: f64,
+    latency_rate_per_s: f64,
+    latency_samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    nats_server: String,
+}
+
+pub fn run(args: BenchPipelineArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.reports >= 1, "--reports must be at least 1");
+    anyhow::ensure!(args.latency_rate > 0.0, "--latency-rate must be positive");
+    let server = testkit::NatsServer::start().context("start a private nats-server")?;
+    let binary = testkit::nats_server_binary().context("find nats-server")?;
+    let url = server.url();
+    let mut services = Services::default();
+    let owned = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    services.spawn("registry", &owned(&["serve", "registry"]), &url, None)?;
+    // Every report is its own incident: the benchmark measures filing, not merging.
+    services.spawn(
+        "intake",
+        &owned(&["serve", "intake", "--dedup-radius-m", "0"]),
+        &url,
+        None,
+    )?;
+    services.spawn("dispatch", &owned(&["serve", "dispatch"]), &url, None)?;
+    services.spawn("projection", &owned(&["serve", "projection"]), &url, None)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio")?;
+    let figures = runtime.block_on(bench(
+        &args,
+        &url,
+        &mut services,
+        binary.display().to_string(),
+    ));
+    services.stop();
+    drop(server);
+    let figures = figures?;
+    eprintln!(
+        "pipeline {:.0} incidents/s vs raw {:.0} publishes/s, ratio {:.3} (target >= 0.1); at {:.0} reports/s: p50 {:.1} ms, p99 {:.1} ms (target <= 25 ms)",
+        figures.incidents_per_s,
+        figures.raw_publish_per_s,
+        figures.ratio,
+        figures.latency_rate_per_s,
+        figures.p50_ms,
+        figures.p99_ms
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&figures)?);
+    }
+    Ok(())
+}
+
+async fn wait_ready(
+    client: &async_nats::Client,
+    services: &mut Services,
+    subject: &str,
+    body: &'static str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        services.check_alive()?;
+        let request = client.request(subject.to_owned(), body.into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{subject} never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes every payload with acks awaited, `PUBLISHES_IN_FLIGHT_MAX` outstanding.
+async fn publish_all(
+    context: &jetstream::Context,
+    subject: &str,
+    payloads: &[(String, bytes::Bytes)],
+) -> anyhow::Result<()> {
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for (id, payload) in payloads {
+        if pending.len() >= PUBLISHES_IN_FLIGHT_MAX
+            && let Some(ack) = pending.next().await
+        {
+            let _: jetstream::publish::PublishAck = ack?;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let future = context
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .await
+            .context("publish")?;
+        pending.push(async move { future.await.map_err(anyhow::Error::from) });
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+fn payloads(
+    city: &[simulation::PlannedCommunity],
+    policy: &domain::Policy,
+    seed: u64,
+    count: u64,
+) -> anyhow::Result<Vec<(String, bytes::Bytes)>> {
+    let plan = ResidentPlan {
+        seed,
+        submissions: count,
+        residents: u64::MAX,
+        repeat_share: 0.0,
+        invalid_share: 0.0,
+        ..ResidentPlan::default()
+    };
+    simulation::residents::submissions(city, policy, plan)
+        .into_iter()
+        .map(|submission| {
+            Ok((
+                submission.submission_id.clone(),
+                serde_json::to_vec(&submission)?.into(),
+            ))
+        })
+        .collect()
+}
+
+async fn bench(
+    args: &BenchPipelineArgs,
+    url: &str,
+    services: &mut Services,
+    nats_server: String,
+) -> anyhow::Result<PipelineFigures> {
+    let client = async_nats::connect(url).await.context("connect")?;
+    let context = jetstream::new(client.clone());
+    wait_ready(
+        &client,
+        services,
+        "grids.query.community",
+        r#"{"community_id":"probe"}"#,
+    )
+    .await?;
+    wait_ready(
+        &client,
+        services,
+        "intake.query.receipt",
+        r#"{"submission_id":"probe-0000"}"#,
+    )
+    .await?;
+    wait_ready(&client, services, "dispatch.cmd.city.verify", "{}").await?;
+    wait_ready(&client, services, "projection.query.totals", "{}").await?;
+    let policy = domain::Policy::embedded("sanming").context("policy")?;
+    let city = simulation::plan_city(CityPlan {
+        seed: 1,
+        streets: 1,
+        communities_per_street: 2,
+        buildings_per_community: 80,
+    });
+    simulation::register_city(&client, &city, |_, _| {})
+        .await
+        .context("register the benchmark city")?;
+    // Let intake's in-process registry catch up with the grids.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let throughput = payloads(&city, &policy, 1, args.reports)?;
+    let payload_bytes = throughput.first().map_or(0, |(_, payload)| payload.len());
+    eprintln!(
+        "bench pipeline: {} reports of {payload_bytes} bytes through 4 service processes, nats-server at {url}",
+        args.reports
+    );
+
+    // Raw: the same payloads, acked JetStream publishes to a plain limits stream.
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "BENCH_RAW".to_owned(),
+            subjects: vec!["raw.submit.>".to_owned()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("create raw stream")?;
+    let started = Instant::now();
+    publish_all(&context, "raw.submit.app", &throughput).await?;
+    let raw_publish_per_s = args.reports as f64 / started.elapsed().as_secs_f64();
+    eprintln!("  raw acked publishes: {raw_publish_per_s:.0}/s");
+
+    // Pipeline: until the read models show every report as an incident, none left undispatched.
+    let models = loop {
+        if let Some(models) = projection::ReadModels::current(&context).await? {
+            break models;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    let before = models.totals().await?.incidents;
+    let started = Instant::now();
+    publish_all(&context, "intake.submit.app", &throughput).await?;
+    let published = started.elapsed();
+    let deadline = started + PIPELINE_TIMEOUT;
+    let elapsed = loop {
+        let totals = models.totals().await?;
+        let waiting: u64 = ["reported", "filed"]
+            .iter()
+            .filter_map(|status| totals.by_status.get(*status))
+            .sum();
+        if totals.incidents >= before + args.reports && waiting == 0 {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the pipeline did not drain within {PIPELINE_TIMEOUT:?}: {} of {} incidents, {waiting} undispatched",
+            totals.incidents - before,
+            args.reports
+        );
+        services.check_alive()?;
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    let incidents_per_s = args.reports as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "  pipeline: {incidents_per_s:.0} incidents/s dispatched and projected (publishing took {:.2} s)",
+        published.as_secs_f64()
+    );
+
+    // Latency at a fixed rate: publish → the handler's `assigned` notification.
+    let count = (args.latency_rate * args.latency_seconds as f64).round() as u64;
+    let latency = payloads(&city, &policy, 2, count)?;
+    let mut notifications = client
+        .subscribe(format!("{}.>", dispatch::notify::NOTIFY_SUBJECT_PREFIX))
+        .await
+        .context("subscribe notifications")?;
+    client.flush().await?;
+    let expected: HashMap<uuid::Uuid, usize> = latency
+        .iter()
+        .enumerate()
+        .map(|(index, (id, _))| (intake::incident_id_for(id).0, index))
+        .collect();
+    let sent_at: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None; latency.len()]));
+    let receiver = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(expected.len());
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < expected.len() {
+                let message =
+                    match tokio::time::timeout(NOTIFICATIONS_TIMEOUT, notifications.next()).await {
+                        Ok(Some(message)) => message,
+                        _ => break,
+                    };
+                let received = Instant::now();
+                let Ok(notification) =
+                    serde_json::from_slice::<dispatch::Notification>(&message.payload)
+                else {
+                    continue;
+                };
+                if notification.kind != "assigned" {
+                    continue;
+                }
+                if let Some(&index) = expected.get(&notification.incident)
+                    && seen.insert(index)
+                {
+                    let sent = sent_at.lock().unwrap_or_else(|e| e.into_inner())[index];
+                    if let Some(sent) = sent {
+                        latencies.push((received - sent).as_secs_f64() * 1e3);
+                    }
+                }
+            }
+            latencies
+        })
+    };
+    let period = Duration::from_secs_f64(1.0 / args.latency_rate);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for (index, (id, payload)) in latency.iter().enumerate() {
+        ticker.tick().await;
+        while let Some(Some(ack)) = futures::FutureExt::now_or_never(pending.next()) {
+            let _: jetstream::publish::PublishAck = ack?;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        sent_at.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(Instant::now());
+        let future = context
+            .publish_with_headers("intake.submit.app".to_owned(), headers, payload.clone())
+            .await
+            .context("publish")?;
+        pending.push(async move { future.await.map_err(anyhow::Error::from) });
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    let mut latencies = receiver.await.context("notification receiver")?;
+    anyhow::ensure!(
+        latencies.len() == latency.len(),
+        "only {} of {} reports reached their handler's notification",
+        latencies.len(),
+        latency.len()
+    );
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(PipelineFigures {
+        reports: args.reports,
+        payload_bytes,
+        incidents_per_s,
+        raw_publish_per_s,
+        ratio: incidents_per_s / raw_publish_per_s,
+        latency_rate_per_s: args.latency_rate,
+        latency_samples: latencies.len(),
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        nats_server,
+    })
 }

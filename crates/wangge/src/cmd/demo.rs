@@ -7,8 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -17,6 +16,7 @@ use serde_json::{Value, json};
 use simulation::{Behaviour, CityPlan, ConsolePlan, Consoles, ResidentPlan, Residents};
 use tokio::sync::watch;
 
+use super::children::Services;
 use crate::config::Settings;
 
 /// Longest wait for a service to answer its first request.
@@ -25,8 +25,6 @@ const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_MODELS_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for receipts of stored submissions after the last one was published.
 const RECEIPTS_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest wait for a service to exit after SIGTERM before it is killed.
-const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval between two progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -78,72 +76,6 @@ pub struct DemoArgs {
     pub settle_seconds: u64,
 }
 
-/// The services, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Services {
-    children: Vec<(String, Child)>,
-}
-
-impl Services {
-    fn spawn(&mut self, name: &str, args: &[String], url: &str, logs: &Path) -> anyhow::Result<()> {
-        let log_path = logs.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("create {}", log_path.display()))?;
-        let child = Command::new(std::env::current_exe().context("find the wangge binary")?)
-            .args(args)
-            .env_remove("WANGGE_CONFIG")
-            .env("WANGGE_NATS__URL", url)
-            .env("WANGGE_LOG__FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("log file")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        self.children.push((name.to_owned(), child));
-        Ok(())
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child) in &mut self.children {
-            if let Some(status) = child.try_wait().context("poll a service")? {
-                anyhow::bail!("service {name} exited early ({status}); see its log");
-            }
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        for (_, child) in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + SERVICE_STOP_TIMEOUT;
-        for (name, child) in &mut self.children {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    _ => {
-                        tracing::warn!(service = %name, "did not stop in time; killed");
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
-        }
-        self.children.clear();
-    }
-}
-
-impl Drop for Services {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     anyhow::ensure!(args.time_scale >= 1, "--time-scale must be at least 1");
@@ -158,12 +90,15 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         server.store_dir().display()
     ));
     let origin_ms = dispatch::clock::wall_ms();
-    let mut services = Services {
-        children: Vec::new(),
-    };
+    let mut services = Services::default();
     let owned = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    services.spawn("registry", &owned(&["serve", "registry"]), &url, &logs)?;
-    services.spawn("intake", &owned(&["serve", "intake"]), &url, &logs)?;
+    services.spawn(
+        "registry",
+        &owned(&["serve", "registry"]),
+        &url,
+        Some(&logs),
+    )?;
+    services.spawn("intake", &owned(&["serve", "intake"]), &url, Some(&logs))?;
     let mut dispatch_args = owned(&["serve", "dispatch"]);
     dispatch_args.extend([
         "--time-scale".to_owned(),
@@ -171,8 +106,13 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         "--time-origin-ms".to_owned(),
         origin_ms.to_string(),
     ]);
-    services.spawn("dispatch", &dispatch_args, &url, &logs)?;
-    services.spawn("projection", &owned(&["serve", "projection"]), &url, &logs)?;
+    services.spawn("dispatch", &dispatch_args, &url, Some(&logs))?;
+    services.spawn(
+        "projection",
+        &owned(&["serve", "projection"]),
+        &url,
+        Some(&logs),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -6,6 +6,7 @@ pub mod bench_intake;
 pub mod bench_pipeline;
 pub mod bench_rebuild;
 pub mod bench_store;
+pub mod children;
 pub mod demo;
 pub mod demo_map;
 pub mod partition;

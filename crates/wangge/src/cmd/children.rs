@@ -1,0 +1,97 @@
+//! Services as child processes of this binary, for the demo and the pipeline benchmark:
+//! the same `wangge serve <service>` a city runs, stopped (SIGTERM, then SIGKILL) on drop.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// Longest wait for a service to exit after SIGTERM before it is killed.
+const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The services, stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug, Default)]
+pub struct Services {
+    children: Vec<(String, Child)>,
+}
+
+impl Services {
+    /// Starts `wangge <args>` against `url`; its output goes to `<logs>/<name>.log`, or only
+    /// its warnings to this process's stderr when `logs` is `None`.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        args: &[String],
+        url: &str,
+        logs: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let mut command = Command::new(std::env::current_exe().context("find the wangge binary")?);
+        command
+            .args(args)
+            .env_remove("WANGGE_CONFIG")
+            .env("WANGGE_NATS__URL", url)
+            .stdin(Stdio::null());
+        match logs {
+            Some(logs) => {
+                let log_path = logs.join(format!("{name}.log"));
+                let log = std::fs::File::create(&log_path)
+                    .with_context(|| format!("create {}", log_path.display()))?;
+                command
+                    .env("WANGGE_LOG__FORMAT", "json")
+                    .stdout(log.try_clone().context("log file")?)
+                    .stderr(log);
+            }
+            None => {
+                command
+                    .env("WANGGE_LOG__FILTER", "warn,async_nats=error")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
+            }
+        }
+        let child = command.spawn().with_context(|| format!("start {name}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait().context("poll a service")? {
+                anyhow::bail!("service {name} exited early ({status}); see its log");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        for (_, child) in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + SERVICE_STOP_TIMEOUT;
+        for (name, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    _ => {
+                        tracing::warn!(service = %name, "did not stop in time; killed");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
