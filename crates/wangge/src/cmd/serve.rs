@@ -147,8 +147,19 @@ pub fn server_addresses(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr
 /// Connects with the settings' servers, credentials and client name.
 pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_nats::Client> {
     let addresses = server_addresses(&settings.nats.url)?;
-    let mut options =
-        async_nats::ConnectOptions::new().name(format!("{}-{role}", settings.nats.client_name));
+    let nats = &settings.nats;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("{}-{role}", nats.client_name))
+        .custom_inbox_prefix(nats.inbox_prefix.clone());
+    if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(ca) = &nats.tls_ca_file {
+        options = options.require_tls(true).add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert_file, &nats.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
     if let Some(path) = &settings.nats.credentials {
         options = options
             .credentials_file(path)
@@ -249,9 +260,19 @@ fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()>
         )
         .await
         .context("open the GRIDS stream")?;
+        let observer = observe_service(
+            settings,
+            "registry",
+            &args.instance,
+            &client,
+            &[&store.spec().stream_name],
+            &stopped,
+        )
+        .await?;
         let mut config = ServiceConfig::new(profile);
         config.instance = args.instance;
         config.queue_group = args.queue_group;
+        config.observer = observer;
         let service = tokio::select! {
             started = RegistryService::start(client, store, config) => started.context("start the registry")?,
             _ = wait_stopped(stopped.clone()) => {
@@ -263,6 +284,34 @@ fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()>
         signals.abort();
         Ok(())
     })
+}
+
+/// The service's [`observe::Observer`]: the metrics and health endpoint (when
+/// `observe.metrics_address` is set) and the lag poller over `streams`, both until `stopped`.
+async fn observe_service(
+    settings: &Settings,
+    service: &str,
+    instance: &str,
+    client: &async_nats::Client,
+    streams: &[&str],
+    stopped: &watch::Receiver<bool>,
+) -> anyhow::Result<observe::Observer> {
+    let observer = observe::Observer::new(service, instance);
+    observer.watch_connection(client);
+    let address = settings.observe.metrics_address.trim();
+    if !address.is_empty() {
+        observe::serve_http(address, observer.clone(), stopped.clone())
+            .await
+            .context("start the metrics and health endpoint (observe.metrics_address)")?;
+    }
+    observe::spawn_lag_refresh(
+        async_nats::jetstream::new(client.clone()),
+        streams.iter().map(|stream| (*stream).to_owned()).collect(),
+        Duration::from_secs(settings.observe.lag_refresh_seconds),
+        observer.clone(),
+        stopped.clone(),
+    );
+    Ok(observer)
 }
 
 async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
@@ -303,7 +352,17 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
         )
         .await
         .context("open the INCIDENTS stream")?;
+        let observer = observe_service(
+            settings,
+            "dispatch",
+            &args.instance,
+            &client,
+            &[&store.spec().stream_name],
+            &stopped,
+        )
+        .await?;
         let mut config = dispatch::DispatchConfig::new(policy);
+        config.observer = observer;
         config.instance = args.instance;
         config.queue_group = args.queue_group;
         config.replicas = settings.store.replicas;
@@ -357,13 +416,24 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
         let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
         let jetstream = async_nats::jetstream::new(client.clone());
-        let grids = EventStore::open(
+        // Intake only reads GRIDS: open it as it is (the deploy credentials of intake may not
+        // manage it), creating it only when it does not exist yet.
+        let grids = match EventStore::open_existing(
             jetstream.clone(),
             spec(settings, BoundedContext::Grids),
             RegistryCodec,
         )
         .await
-        .context("open the GRIDS stream")?;
+        {
+            Ok(grids) => grids,
+            Err(_) => EventStore::open(
+                jetstream.clone(),
+                spec(settings, BoundedContext::Grids),
+                RegistryCodec,
+            )
+            .await
+            .context("open the GRIDS stream")?,
+        };
         let incidents = EventStore::open(
             jetstream.clone(),
             spec(settings, BoundedContext::Incidents),
@@ -382,7 +452,17 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
         let mut registry_config = ServiceConfig::new(profile);
         registry_config.instance = format!("{}-grids", args.instance);
         registry_config.serve_requests = false;
+        let observer = observe_service(
+            settings,
+            "intake",
+            &args.instance,
+            &client,
+            &[&incidents.spec().stream_name],
+            &stopped,
+        )
+        .await?;
         let config = intake::ServiceConfig {
+            observer,
             instance: args.instance,
             queue_group: args.queue_group,
             replicas: settings.store.replicas,
