@@ -61,6 +61,12 @@ def inbox(user):
     return f"_INBOX_{user}.>"
 
 
+def own_inbox(user):
+    """Services publish to their own inbox once at start: a request nobody answers is the
+    round trip that proves their subscriptions are registered (eventstore::bus)."""
+    return [inbox(user)]
+
+
 def block(name, publish, subscribe, deny_publish=(), deny_subscribe=(), responses=False):
     def lst(items):
         return "[\n" + "".join(f'        "{item}"\n' for item in items) + "      ]"
@@ -92,7 +98,7 @@ def main():
     # Services: their own subjects and streams, nothing else.
     roles.append(block(
         "REGISTRY",
-        ["grids.ev.>", "$JS.API.INFO"] + stream_own("GRIDS"),
+        ["grids.ev.>", "$JS.API.INFO"] + own_inbox("registry") + stream_own("GRIDS"),
         ["grids.locate", "grids.cmd.*", "grids.query.>", inbox("registry")] + srv,
         responses=True,
     ))
@@ -100,7 +106,7 @@ def main():
     roles.append(block(
         "INTAKE",
         ["incidents.ev.>", "intake.ev.>", "intake.receipts.>", "incidents.status.>", "$JS.API.INFO"]
-        + stream_read("GRIDS") + stream_own("INCIDENTS") + stream_own("INTAKE")
+        + own_inbox("intake") + stream_read("GRIDS") + stream_own("INCIDENTS") + stream_own("INTAKE")
         + stream_own("SUBMISSIONS") + kv_own("INTAKE_CONTACTS"),
         ["intake.request", "intake.query.>", "incidents.query.>", "intake.contact.erase",
          inbox("intake")] + srv,
@@ -109,7 +115,7 @@ def main():
     user("intake", "INTAKE")
     roles.append(block(
         "DISPATCH",
-        ["incidents.ev.>", "dispatch.notify.>", "$JS.API.INFO"]
+        ["incidents.ev.>", "dispatch.notify.>", "$JS.API.INFO"] + own_inbox("dispatch")
         + stream_own("INCIDENTS") + stream_own("NOTIFICATIONS") + kv_own("DISPATCH_SNAPSHOTS"),
         ["dispatch.cmd.>", inbox("dispatch")] + srv,
         responses=True,
@@ -124,7 +130,7 @@ def main():
             protect.append(f"$JS.API.STREAM.{op}.{stream}")
     roles.append(block(
         "PROJECTION",
-        ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"],
+        ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"] + own_inbox("projection"),
         ["projection.>", "$KV.>", inbox("projection")] + srv,
         deny_publish=protect,
         responses=True,
@@ -163,7 +169,10 @@ def main():
         user(f"console-{dept}", f"CONSOLE_{dept.upper()}")
 
     # Auditors: read every stream through ephemeral consumers and direct gets; no writes, no
-    # stream or durable changes, and no pulls from the services' shared work consumers.
+    # stream changes, no durable consumers, and no pulls from (or deletes of) the services'
+    # shared work consumers. They may delete a consumer by name (their replays remove their
+    # ephemeral consumers); the services' private consumers have unguessable names
+    # (<instance>-<UUIDv7>) and auditors may not list consumers.
     auditor_publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"]
     for stream in EVENT_STREAMS:
         auditor_publish += [
@@ -187,9 +196,6 @@ def main():
             "$JS.API.CONSUMER.DELETE.NOTIFICATIONS.dispatch-notifier",
             "$JS.API.CONSUMER.MSG.NEXT.SUBMISSIONS.*",
             "$JS.API.CONSUMER.DELETE.SUBMISSIONS.*",
-            "$JS.API.CONSUMER.DELETE.GRIDS.*",
-            "$JS.API.CONSUMER.DELETE.INCIDENTS.*",
-            "$JS.API.CONSUMER.DELETE.INTAKE.*",
         ],
     ))
     user("auditor", "AUDITOR")
