@@ -19,6 +19,9 @@ pub const STREETS_MAX: usize = 99;
 pub const COMMUNITIES_PER_STREET_MAX: usize = 99;
 /// Side of one community's square cell, in metres.
 const COMMUNITY_SIDE_M: f64 = 900.0;
+/// Distance between the cells' corners: the jittered boundaries never overlap (a point is in
+/// at most one community, as in a real city).
+const COMMUNITY_PITCH_M: f64 = 1_000.0;
 /// Where the synthetic generator puts its city, and where the demo city should be (Sanming).
 const GENERATOR_ORIGIN: Coord<f64> = Coord {
     x: 111.99,
@@ -106,8 +109,8 @@ pub fn plan_city(plan: CityPlan) -> Vec<PlannedCommunity> {
         for number in 0..plan.communities_per_street {
             let index = street * plan.communities_per_street + number;
             let corner = Coord {
-                x: number as f64 * COMMUNITY_SIDE_M,
-                y: street as f64 * COMMUNITY_SIDE_M,
+                x: number as f64 * COMMUNITY_PITCH_M,
+                y: street as f64 * COMMUNITY_PITCH_M,
             };
             let mut input = community(
                 &mut rng,

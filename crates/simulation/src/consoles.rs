@@ -106,6 +106,9 @@ pub struct ConsoleStats {
 #[derive(Debug, Clone)]
 pub struct Consoles {
     stats: Arc<Mutex<ConsoleStats>>,
+    /// Answers being waited for or sent.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    consumer: consumer::PullConsumer,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,6 +130,21 @@ struct Step {
 impl Consoles {
     pub fn stats(&self) -> ConsoleStats {
         lock(&self.stats).clone()
+    }
+
+    /// Work not done yet: answers in flight plus notifications not yet read or acknowledged.
+    /// Zero means the consoles have nothing left to do (until dispatch notifies again).
+    pub async fn backlog(&self) -> Result<u64, SimulationError> {
+        let mut consumer = self.consumer.clone();
+        let info = consumer
+            .info()
+            .await
+            .map_err(|error| SimulationError::Bus {
+                context: "read the consoles' consumer".to_owned(),
+                reason: error.to_string(),
+            })?;
+        let in_flight = self.in_flight.load(std::sync::atomic::Ordering::SeqCst) as u64;
+        Ok(in_flight + info.num_pending + info.num_ack_pending as u64)
     }
 
     /// Starts reading notifications (from the beginning of the stream: a console that was
@@ -161,11 +179,13 @@ impl Consoles {
             .map_err(|error| bus("create the consoles' consumer", error.to_string()))?;
         let consoles = Consoles {
             stats: Arc::new(Mutex::new(ConsoleStats::default())),
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            consumer,
         };
         let this = consoles.clone();
         let client = client.clone();
         let task = tokio::spawn(async move {
-            if let Err(error) = this.serve(client, consumer, plan, residents, stop).await {
+            if let Err(error) = this.serve(client, plan, residents, stop).await {
                 tracing::error!(error = %error, "simulated consoles stopped");
             }
         });
@@ -175,7 +195,6 @@ impl Consoles {
     async fn serve(
         &self,
         client: async_nats::Client,
-        consumer: consumer::PullConsumer,
         plan: ConsolePlan,
         residents: Residents,
         mut stop: watch::Receiver<bool>,
@@ -183,7 +202,8 @@ impl Consoles {
         let permits = Arc::new(Semaphore::new(ACTIONS_IN_FLIGHT_MAX));
         let plan = Arc::new(plan);
         loop {
-            let mut messages = consumer
+            let mut messages = self
+                .consumer
                 .stream()
                 .max_messages_per_batch(NOTIFICATIONS_BATCH_MAX)
                 .messages()
@@ -227,11 +247,16 @@ impl Consoles {
                     .expect("the semaphore is never closed");
                 let this = self.clone();
                 let client = client.clone();
+                self.in_flight
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Acknowledged once the answer is scheduled: the backlog counts it from here.
+                let _ = message.ack().await;
                 tokio::spawn(async move {
                     this.perform(&client, &notification, steps).await;
+                    this.in_flight
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     drop(permit);
                 });
-                let _ = message.ack().await;
             }
         }
     }
