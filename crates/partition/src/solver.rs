@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use geo::{
-    BooleanOps, BoundingRect, Coord, Intersects, Line, LineString, MultiPolygon, Polygon, Rect,
+    BooleanOps, BoundingRect, Coord, Distance, Euclidean, Intersects, Line, LineString,
+    MultiPolygon, Polygon, Rect,
 };
 use rstar::primitives::{GeomWithData, Rectangle};
 use rstar::{AABB, RTree};
@@ -28,8 +29,15 @@ const LOCAL_PASSES_MAX: usize = 20;
 const TERRITORY_SPACING_MIN_METRES: f64 = 8.0;
 /// Nor above this: keeps cells near the boundary from reaching across notches.
 const TERRITORY_SPACING_MAX_METRES: f64 = 60.0;
+/// How far (degrees, ~10 m) from a site `repartition` looks for the previous grid holding it.
+const TERRITORY_PROBE_DEGREES: f64 = 1e-4;
+/// Ratio between successive allowed territory spacings.
+const TERRITORY_SPACING_STEP: f64 = 1.25;
 /// Spacing (metres) between the sites of a building's units along its long axis.
 const UNIT_SPACING_METRES: f64 = 3.0;
+/// Largest number of household-free sites (territory, empty buildings) carried along with a
+/// site moving to another grid because they would be cut off from their grid without it.
+const CARRY_SITES_MAX: usize = 64;
 /// Rounds of the balanced power-diagram first cut.
 const POWER_ITERATIONS: usize = 30;
 /// Grids (nearest centres) each site considers in one round.
@@ -260,8 +268,13 @@ impl<'a> Community<'a> {
         }
 
         // Territory: the boundary, sampled about one building spacing apart.
-        let spacing = (area / position.len().max(1) as f64)
-            .sqrt()
+        // Quantised to steps of 25%, so that adding or removing a few buildings leaves the
+        // territory sites (and so the graph near the boundary) exactly as they were.
+        let raw_spacing = (area / position.len().max(1) as f64).sqrt();
+        let steps = (raw_spacing.max(TERRITORY_SPACING_MIN_METRES) / TERRITORY_SPACING_MIN_METRES)
+            .log(TERRITORY_SPACING_STEP)
+            .round();
+        let spacing = (TERRITORY_SPACING_MIN_METRES * TERRITORY_SPACING_STEP.powf(steps))
             .clamp(TERRITORY_SPACING_MIN_METRES, TERRITORY_SPACING_MAX_METRES);
         let mut territory = Vec::new();
         for polygon in boundary.iter() {
@@ -400,15 +413,13 @@ fn triangulate(
         let c = face.circumcenter();
         circumcenter[face.fix().index()] = Coord { x: c.x, y: c.y };
     }
-    let crosses_outside = |a: Coord<f64>, b: Coord<f64>| -> bool {
+    // Does the open segment a–b leave the community? (A crossing within a millimetre of an
+    // end is a boundary site touching its own segment — floating-point noise, not a crossing.)
+    let segment_leaves = |a: Coord<f64>, b: Coord<f64>| -> bool {
         let envelope =
             AABB::from_corners([a.x.min(b.x), a.y.min(b.y)], [a.x.max(b.x), a.y.max(b.y)]);
         let edge = Line::new(a, b);
-        let mut near = false;
         for segment in boundary_segments.locate_in_envelope_intersecting(&envelope) {
-            near = true;
-            // A crossing within a millimetre of an end is a boundary site touching its own
-            // segment (floating-point noise), not a crossing.
             if let Some(geo::LineIntersection::SinglePoint {
                 is_proper: true,
                 intersection,
@@ -418,36 +429,85 @@ fn triangulate(
                 return true;
             }
         }
-        if !near {
+        false
+    };
+    // Two sites are neighbours when their clipped cells share a border of positive length
+    // *and* that border is reachable from both sites inside the community: some point p of
+    // their Voronoi border lies inside, and the segments from each site to p do not leave the
+    // community (cells are convex, so those segments stay in the sites' own cell pieces).
+    // Then graph-connected grids are geometrically connected after clipping, whatever notches
+    // the boundary has; a cell piece cut off from its own site holds no site at all.
+    let extent = boundary.bounding_rect().unwrap_or(Rect::new(
+        Coord { x: 0.0, y: 0.0 },
+        Coord { x: 0.0, y: 0.0 },
+    ));
+    let shares_inner_border = |a: Coord<f64>, b: Coord<f64>, c: Coord<f64>, d: Coord<f64>| {
+        const SAMPLES: [f64; 5] = [0.5, 0.25, 0.75, 0.1, 0.9];
+        let scale = dist2(a, b).max(1e-6);
+        if dist2(c, d) <= 1e-12 * scale {
+            // A zero-length border: the cells touch at a point only.
             return false;
         }
-        let middle = Coord {
-            x: (a.x + b.x) / 2.0,
-            y: (a.y + b.y) / 2.0,
+        // Cells on the hull reach far out: only the part of the border within the
+        // community's extent can be inside it.
+        let Some((c, d)) = clip_to_rect(c, d, extent) else {
+            return false;
         };
-        !boundary.intersects(&middle)
-    };
-    let border_reaches_inside = |a: Coord<f64>, b: Coord<f64>| -> bool {
-        const SAMPLES: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
-        // A cell cannot reach further than about one territory spacing past the boundary,
-        // so a border with no boundary segment within that distance is wholly inside.
-        let margin = TERRITORY_SPACING_MAX_METRES * 2.0;
         let envelope = AABB::from_corners(
-            [a.x.min(b.x) - margin, a.y.min(b.y) - margin],
-            [a.x.max(b.x) + margin, a.y.max(b.y) + margin],
+            [
+                a.x.min(b.x).min(c.x).min(d.x),
+                a.y.min(b.y).min(c.y).min(d.y),
+            ],
+            [
+                a.x.max(b.x).max(c.x).max(d.x),
+                a.y.max(b.y).max(c.y).max(d.y),
+            ],
         );
-        let near = boundary_segments
+        if boundary_segments
             .locate_in_envelope_intersecting(&envelope)
             .next()
-            .is_some();
-        let at = |t: f64| Coord {
-            x: a.x + (b.x - a.x) * t,
-            y: a.y + (b.y - a.y) * t,
-        };
-        if !near {
+            .is_none()
+        {
+            // Nothing of the boundary near: the sites are inside, so all of it is.
             return true;
         }
-        SAMPLES.iter().any(|&t| boundary.intersects(&at(t)))
+        // Cut the border where it crosses the boundary; each piece is wholly inside or
+        // wholly outside, so its middle tells which.
+        let mut cuts = vec![0.0f64, 1.0];
+        let border = Line::new(c, d);
+        let length2 = dist2(c, d);
+        let param =
+            |p: Coord<f64>| ((p.x - c.x) * (d.x - c.x) + (p.y - c.y) * (d.y - c.y)) / length2;
+        for segment in boundary_segments.locate_in_envelope_intersecting(&AABB::from_corners(
+            [c.x.min(d.x), c.y.min(d.y)],
+            [c.x.max(d.x), c.y.max(d.y)],
+        )) {
+            match geo::line_intersection::line_intersection(border, segment.data) {
+                Some(geo::LineIntersection::SinglePoint { intersection, .. }) => {
+                    cuts.push(param(intersection));
+                }
+                Some(geo::LineIntersection::Collinear { intersection }) => {
+                    cuts.push(param(intersection.start));
+                    cuts.push(param(intersection.end));
+                }
+                None => {}
+            }
+        }
+        cuts.sort_by(f64::total_cmp);
+        cuts.windows(2).any(|piece| {
+            let (from, to) = (piece[0].max(0.0), piece[1].min(1.0));
+            if to - from <= 1e-9 {
+                return false;
+            }
+            SAMPLES.iter().any(|&t| {
+                let t = from + (to - from) * t;
+                let p = Coord {
+                    x: c.x + (d.x - c.x) * t,
+                    y: c.y + (d.y - c.y) * t,
+                };
+                boundary.intersects(&p) && !segment_leaves(a, p) && !segment_leaves(b, p)
+            })
+        })
     };
     let mut adjacency_start = Vec::with_capacity(real + 1);
     let mut adjacency = Vec::with_capacity(real * 6);
@@ -463,12 +523,12 @@ fn triangulate(
             let right_face = edge.rev().face().fix().index();
             if to < real {
                 cell.push((to as u32, face));
-                // Neighbours must be joined inside the community twice over: the Delaunay
-                // edge stays inside, and their shared Voronoi border reaches inside (else
-                // their clipped cells would only touch outside the boundary).
-                if !crosses_outside(position[from], position[to])
-                    && border_reaches_inside(circumcenter[right_face], circumcenter[face as usize])
-                {
+                if shares_inner_border(
+                    position[from],
+                    position[to],
+                    circumcenter[right_face],
+                    circumcenter[face as usize],
+                ) {
                     adjacency.push(to as u32);
                 }
             } else {
@@ -489,6 +549,39 @@ fn triangulate(
         cell,
         circumcenter,
     })
+}
+
+/// The part of segment c–d inside `rect` (Liang–Barsky), if any.
+fn clip_to_rect(c: Coord<f64>, d: Coord<f64>, rect: Rect<f64>) -> Option<(Coord<f64>, Coord<f64>)> {
+    let (dx, dy) = (d.x - c.x, d.y - c.y);
+    let (mut t0, mut t1) = (0.0f64, 1.0f64);
+    for (p, q) in [
+        (-dx, c.x - rect.min().x),
+        (dx, rect.max().x - c.x),
+        (-dy, c.y - rect.min().y),
+        (dy, rect.max().y - c.y),
+    ] {
+        if p == 0.0 {
+            if q < 0.0 {
+                return None;
+            }
+        } else {
+            let r = q / p;
+            if p < 0.0 {
+                t0 = t0.max(r);
+            } else {
+                t1 = t1.min(r);
+            }
+        }
+    }
+    if t0 > t1 {
+        return None;
+    }
+    let at = |t: f64| Coord {
+        x: c.x + dx * t,
+        y: c.y + dy * t,
+    };
+    Some((at(t0), at(t1)))
 }
 
 /// Mutable assignment of sites to grids, with per-grid sums kept up to date.
@@ -572,8 +665,17 @@ impl State {
         self.generation
     }
 
-    /// Is `grid` still connected once `removed` leaves it?
-    fn stays_connected(&mut self, s: &Sites, grid: u32, removed: usize) -> bool {
+    /// Can `removed` leave `grid` without splitting it? It can when the rest stays connected,
+    /// or when the only pieces cut off hold no households (territory sites, empty buildings
+    /// behind it at the boundary): those are returned in `carry` to move along with it.
+    fn removal_carry(
+        &mut self,
+        s: &Sites,
+        grid: u32,
+        removed: usize,
+        carry: &mut Vec<u32>,
+    ) -> bool {
+        carry.clear();
         let targets: Vec<u32> = s
             .neighbours(removed)
             .iter()
@@ -585,29 +687,57 @@ impl State {
         }
         let generation = self.next_generation();
         self.stamp[removed] = generation;
+        // Pieces as (start, end) ranges of `queue`, with their items and households.
+        let mut pieces: Vec<(usize, usize, u32, u64)> = Vec::new();
         self.queue.clear();
-        self.queue.push(targets[0]);
-        self.stamp[targets[0] as usize] = generation;
-        let mut remaining = targets.len() - 1;
-        let mut head = 0;
-        while head < self.queue.len() {
-            let at = self.queue[head] as usize;
-            head += 1;
-            for &n in s.neighbours(at) {
-                let n = n as usize;
-                if self.stamp[n] != generation && self.grid_of[n] == grid {
-                    self.stamp[n] = generation;
-                    if targets.contains(&(n as u32)) {
-                        remaining -= 1;
-                        if remaining == 0 {
-                            return true;
-                        }
+        for &target in &targets {
+            if self.stamp[target as usize] == generation {
+                continue;
+            }
+            let start = self.queue.len();
+            self.queue.push(target);
+            self.stamp[target as usize] = generation;
+            let mut head = start;
+            let (mut items, mut households) = (0u32, 0u64);
+            while head < self.queue.len() {
+                let at = self.queue[head] as usize;
+                head += 1;
+                items += u32::from(s.item[at].is_some());
+                households += u64::from(s.weight[at]);
+                for &n in s.neighbours(at) {
+                    let n = n as usize;
+                    if self.stamp[n] != generation && self.grid_of[n] == grid {
+                        self.stamp[n] = generation;
+                        self.queue.push(n as u32);
                     }
-                    self.queue.push(n as u32);
                 }
             }
+            pieces.push((start, self.queue.len(), items, households));
+            if pieces.len() == 1
+                && targets
+                    .iter()
+                    .all(|&t| self.stamp[t as usize] == generation)
+            {
+                return true;
+            }
         }
-        false
+        if pieces.len() <= 1 {
+            return true;
+        }
+        let main = (0..pieces.len())
+            .max_by_key(|&i| (pieces[i].3, pieces[i].2, pieces[i].1 - pieces[i].0))
+            .unwrap_or(0);
+        for (i, &(start, end, _, households)) in pieces.iter().enumerate() {
+            if i == main {
+                continue;
+            }
+            if households > 0 || carry.len() + (end - start) > CARRY_SITES_MAX {
+                carry.clear();
+                return false;
+            }
+            carry.extend_from_slice(&self.queue[start..end]);
+        }
+        true
     }
 
     /// First cut: `region` sites in Hilbert order; indivisible items over the maximum get a
@@ -702,47 +832,66 @@ impl State {
         }
         let radius2 = ((max.x - min.x) * (max.y - min.y)).max(1.0) / runs.len() as f64;
         let mut bias = vec![0.0f64; runs.len()];
-        let mut choice = vec![0usize; movable.len()];
+        // Each site starts in the run the Hilbert cut gave it.
+        let mut run_of_grid: HashMap<u32, usize> = HashMap::with_capacity(runs.len());
+        for (index, &g) in runs.iter().enumerate() {
+            run_of_grid.insert(g, index);
+        }
+        let mut choice: Vec<usize> = movable
+            .iter()
+            .map(|&site| {
+                run_of_grid
+                    .get(&self.grid_of[site as usize])
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        // A site's best centre is almost always its current centre or one of that centre's
+        // nearest centres, so each site only weighs the centres near its current one
+        // (power cells are convex and move little between rounds).
         let candidates = POWER_CANDIDATES.min(runs.len());
-        let mut nearest: Vec<(f64, usize)> = Vec::with_capacity(runs.len());
-        let mut candidate_of: Vec<u32> = vec![0; movable.len() * candidates];
+        let mut near_centres: Vec<u32> = vec![0; runs.len() * candidates];
+        let mut by_distance: Vec<(f64, u32)> = Vec::with_capacity(runs.len());
+        let mut weight = vec![0u64; runs.len()];
+        let mut sum = vec![Coord { x: 0.0, y: 0.0 }; runs.len()];
+        let mut count = vec![0usize; runs.len()];
         for iteration in 0..POWER_ITERATIONS {
-            // Centres move slowly: refresh each site's nearest centres every few rounds.
             if iteration % POWER_REFRESH_ROUNDS == 0 {
-                let tree = RTree::bulk_load(
-                    centre
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| GeomWithData::new([c.x, c.y], i))
-                        .collect::<Vec<_>>(),
-                );
-                for (i, &site) in movable.iter().enumerate() {
-                    let at = s.position[site as usize];
-                    for (slot, c) in tree
-                        .nearest_neighbor_iter(&[at.x, at.y])
-                        .take(candidates)
-                        .enumerate()
-                    {
-                        candidate_of[i * candidates + slot] = c.data as u32;
+                for (g, &c) in centre.iter().enumerate() {
+                    by_distance.clear();
+                    by_distance.extend(
+                        centre
+                            .iter()
+                            .enumerate()
+                            .map(|(h, &other)| (dist2(c, other), h as u32)),
+                    );
+                    let nearest = &mut by_distance[..];
+                    if nearest.len() > candidates {
+                        nearest.select_nth_unstable_by(candidates - 1, |a, b| {
+                            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+                        });
+                    }
+                    for (slot, &(_, h)) in nearest[..candidates].iter().enumerate() {
+                        near_centres[g * candidates + slot] = h;
                     }
                 }
             }
-            let mut weight = vec![0u64; runs.len()];
-            let mut sum = vec![Coord { x: 0.0, y: 0.0 }; runs.len()];
-            let mut count = vec![0usize; runs.len()];
+            weight.iter_mut().for_each(|w| *w = 0);
+            sum.iter_mut().for_each(|c| *c = Coord { x: 0.0, y: 0.0 });
+            count.iter_mut().for_each(|n| *n = 0);
             for (i, &site) in movable.iter().enumerate() {
                 let at = s.position[site as usize];
-                nearest.clear();
-                nearest.extend(
-                    candidate_of[i * candidates..(i + 1) * candidates]
-                        .iter()
-                        .map(|&g| (dist2(at, centre[g as usize]) - bias[g as usize], g as usize)),
-                );
-                let best = nearest
-                    .iter()
-                    .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-                    .map(|&(_, g)| g)
-                    .unwrap_or(0);
+                let current = choice[i];
+                let mut best = current;
+                let mut best_cost = dist2(at, centre[current]) - bias[current];
+                for &g in &near_centres[current * candidates..(current + 1) * candidates] {
+                    let g = g as usize;
+                    let cost = dist2(at, centre[g]) - bias[g];
+                    if cost < best_cost || (cost == best_cost && g < best) {
+                        best = g;
+                        best_cost = cost;
+                    }
+                }
                 choice[i] = best;
                 weight[best] += u64::from(s.weight[site as usize]);
                 sum[best].x += at.x;
@@ -885,6 +1034,7 @@ impl State {
     ) {
         let mut order = region.to_vec();
         order.sort_by_key(|&site| s.hilbert[site as usize]);
+        let mut carry = Vec::new();
         for _ in 0..passes {
             let mut moved = 0usize;
             for &site in &order {
@@ -933,9 +1083,22 @@ impl State {
                     }
                 }
                 if let Some((_, _, to)) = best
-                    && self.stays_connected(s, from, site)
+                    && self.removal_carry(s, from, site, &mut carry)
                 {
+                    let carried_items = carry
+                        .iter()
+                        .filter(|&&c| s.item[c as usize].is_some())
+                        .count() as u32;
+                    if is_item && self.items[from as usize] <= 1 + carried_items {
+                        continue;
+                    }
+                    if self.sites[from as usize] <= 1 + carry.len() as u32 {
+                        continue;
+                    }
                     self.assign(s, site, to);
+                    for &c in &carry {
+                        self.assign(s, c as usize, to);
+                    }
                     moved += 1;
                 }
             }
@@ -1041,10 +1204,53 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
             previous_grid_of.insert(member.as_str(), id);
         }
     }
+    // Sites without a previous grid — territory sites (no member key) and new buildings — go
+    // to the previous grid whose land holds them (the nearest polygon: territory sites sit on
+    // its edge). Regrowing them instead would reshuffle grids along the whole boundary, and a
+    // new building belongs to the grid it stands in.
+    let previous_boxes: RTree<GeomWithData<Rectangle<[f64; 2]>, u32>> = RTree::bulk_load(
+        previous
+            .iter()
+            .enumerate()
+            .filter_map(|(id, grid)| {
+                let rect = grid.polygon.bounding_rect()?;
+                Some(GeomWithData::new(
+                    Rectangle::from_corners(
+                        [rect.min().x, rect.min().y],
+                        [rect.max().x, rect.max().y],
+                    ),
+                    id as u32,
+                ))
+            })
+            .collect(),
+    );
     for site in 0..s.len() {
-        if let Some(item) = s.item[site]
-            && let Some(&grid) = previous_grid_of.get(community.member_key(item).as_str())
-        {
+        let known = s.item[site]
+            .and_then(|item| previous_grid_of.get(community.member_key(item).as_str()))
+            .copied();
+        if let Some(grid) = known {
+            state.assign(s, site, grid);
+            continue;
+        }
+        let at = community.projection.inverse(s.position[site]);
+        let probe = AABB::from_corners(
+            [
+                at.x - TERRITORY_PROBE_DEGREES,
+                at.y - TERRITORY_PROBE_DEGREES,
+            ],
+            [
+                at.x + TERRITORY_PROBE_DEGREES,
+                at.y + TERRITORY_PROBE_DEGREES,
+            ],
+        );
+        let nearest = previous_boxes
+            .locate_in_envelope_intersecting(&probe)
+            .map(|candidate| {
+                let polygon = &previous[candidate.data as usize].polygon;
+                (Euclidean.distance(&geo::Point(at), polygon), candidate.data)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        if let Some((_, grid)) = nearest {
             state.assign(s, site, grid);
         }
     }
