@@ -29,6 +29,10 @@ const LOCAL_PASSES_MAX: usize = 20;
 const TERRITORY_SPACING_MIN_METRES: f64 = 8.0;
 /// Nor above this: keeps cells near the boundary from reaching across notches.
 const TERRITORY_SPACING_MAX_METRES: f64 = 60.0;
+/// Cells along the longer side of the boundary raster (cells are never under 8 m).
+const RASTER_SIDE_CELLS: usize = 128;
+/// Bound on the boundary raster's cells.
+const RASTER_CELLS_MAX: usize = 1 << 20;
 /// How far (degrees, ~10 m) from a site `repartition` looks for the previous grid holding it.
 const TERRITORY_PROBE_DEGREES: f64 = 1e-4;
 /// Ratio between successive allowed territory spacings.
@@ -437,6 +441,8 @@ fn triangulate(
     // community (cells are convex, so those segments stay in the sites' own cell pieces).
     // Then graph-connected grids are geometrically connected after clipping, whatever notches
     // the boundary has; a cell piece cut off from its own site holds no site at all.
+    let raster = BoundaryRaster::new(boundary);
+    let rings = FlatRings::new(boundary);
     let extent = boundary.bounding_rect().unwrap_or(Rect::new(
         Coord { x: 0.0, y: 0.0 },
         Coord { x: 0.0, y: 0.0 },
@@ -463,11 +469,7 @@ fn triangulate(
                 a.y.max(b.y).max(c.y).max(d.y),
             ],
         );
-        if boundary_segments
-            .locate_in_envelope_intersecting(&envelope)
-            .next()
-            .is_none()
-        {
+        if !raster.any_marked(&envelope) {
             // Nothing of the boundary near: the sites are inside, so all of it is.
             return true;
         }
@@ -505,7 +507,7 @@ fn triangulate(
                     x: c.x + (d.x - c.x) * t,
                     y: c.y + (d.y - c.y) * t,
                 };
-                boundary.intersects(&p) && !segment_leaves(a, p) && !segment_leaves(b, p)
+                rings.contains(p) && !segment_leaves(a, p) && !segment_leaves(b, p)
             })
         })
     };
@@ -513,6 +515,8 @@ fn triangulate(
     let mut adjacency = Vec::with_capacity(real * 6);
     let mut cell_start = Vec::with_capacity(real + 1);
     let mut cell = Vec::with_capacity(real * 6);
+    // Decided once per undirected edge, so adjacency is symmetric and costs half.
+    let mut decided: Vec<Option<bool>> = vec![None; triangulation.num_undirected_edges()];
     for vertex in triangulation.vertices().take(real) {
         let from = vertex.fix().index();
         adjacency_start.push(adjacency.len() as u32);
@@ -523,12 +527,16 @@ fn triangulate(
             let right_face = edge.rev().face().fix().index();
             if to < real {
                 cell.push((to as u32, face));
-                if shares_inner_border(
-                    position[from],
-                    position[to],
-                    circumcenter[right_face],
-                    circumcenter[face as usize],
-                ) {
+                let undirected = edge.fix().as_undirected().index();
+                let adjacent = *decided[undirected].get_or_insert_with(|| {
+                    shares_inner_border(
+                        position[from],
+                        position[to],
+                        circumcenter[right_face],
+                        circumcenter[face as usize],
+                    )
+                });
+                if adjacent {
                     adjacency.push(to as u32);
                 }
             } else {
@@ -549,6 +557,150 @@ fn triangulate(
         cell,
         circumcenter,
     })
+}
+
+/// Which cells of a uniform raster over the community a boundary segment passes through
+/// (conservatively: every cell of the segment's box): a fast "is the boundary anywhere near
+/// this box?" for the many Delaunay edges far from it.
+struct BoundaryRaster {
+    origin: Coord<f64>,
+    cell_inverse: f64,
+    columns: usize,
+    rows: usize,
+    marked: Vec<bool>,
+}
+
+impl BoundaryRaster {
+    fn new(boundary: &MultiPolygon<f64>) -> BoundaryRaster {
+        let rect = boundary.bounding_rect().unwrap_or(Rect::new(
+            Coord { x: 0.0, y: 0.0 },
+            Coord { x: 1.0, y: 1.0 },
+        ));
+        let span = rect.width().max(rect.height()).max(1.0);
+        let mut cell = (span / RASTER_SIDE_CELLS as f64).max(TERRITORY_SPACING_MIN_METRES);
+        let side = |cell: f64| (span / cell).floor() as usize + 1;
+        while side(cell) * side(cell) > RASTER_CELLS_MAX {
+            cell *= 1.5;
+        }
+        let (columns, rows) = (
+            (rect.width() / cell).floor() as usize + 1,
+            (rect.height() / cell).floor() as usize + 1,
+        );
+        let mut raster = BoundaryRaster {
+            origin: rect.min(),
+            cell_inverse: 1.0 / cell,
+            columns,
+            rows,
+            marked: vec![false; columns * rows],
+        };
+        for ring in boundary
+            .iter()
+            .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
+        {
+            for line in ring.lines() {
+                let (c0, r0, c1, r1) = raster.cells(
+                    line.start.x.min(line.end.x),
+                    line.start.y.min(line.end.y),
+                    line.start.x.max(line.end.x),
+                    line.start.y.max(line.end.y),
+                );
+                // Long segments: mark only the cells the segment passes near.
+                for row in r0..=r1 {
+                    for column in c0..=c1 {
+                        if raster.cell_near_line(column, row, line) {
+                            raster.marked[row * columns + column] = true;
+                        }
+                    }
+                }
+            }
+        }
+        raster
+    }
+
+    /// Column and row ranges covering a box (clamped to the raster).
+    fn cells(
+        &self,
+        min_x: f64,
+        min_y: f64,
+        max_x: f64,
+        max_y: f64,
+    ) -> (usize, usize, usize, usize) {
+        let column = |x: f64| {
+            (((x - self.origin.x) * self.cell_inverse).max(0.0) as usize).min(self.columns - 1)
+        };
+        let row = |y: f64| {
+            (((y - self.origin.y) * self.cell_inverse).max(0.0) as usize).min(self.rows - 1)
+        };
+        (column(min_x), row(min_y), column(max_x), row(max_y))
+    }
+
+    /// Does `line` come within one cell diagonal of this cell's centre? (Conservative.)
+    fn cell_near_line(&self, column: usize, row: usize, line: Line<f64>) -> bool {
+        let cell = 1.0 / self.cell_inverse;
+        let centre = Coord {
+            x: self.origin.x + (column as f64 + 0.5) * cell,
+            y: self.origin.y + (row as f64 + 0.5) * cell,
+        };
+        let (dx, dy) = (line.end.x - line.start.x, line.end.y - line.start.y);
+        let length2 = dx * dx + dy * dy;
+        let t = if length2 > 0.0 {
+            (((centre.x - line.start.x) * dx + (centre.y - line.start.y) * dy) / length2)
+                .clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let nearest = Coord {
+            x: line.start.x + dx * t,
+            y: line.start.y + dy * t,
+        };
+        dist2(nearest, centre) <= cell * cell
+    }
+
+    /// Is any boundary segment possibly inside this envelope?
+    fn any_marked(&self, envelope: &AABB<[f64; 2]>) -> bool {
+        let (lower, upper) = (envelope.lower(), envelope.upper());
+        let outside = upper[0] < self.origin.x
+            || upper[1] < self.origin.y
+            || lower[0] > self.origin.x + self.columns as f64 / self.cell_inverse
+            || lower[1] > self.origin.y + self.rows as f64 / self.cell_inverse;
+        if outside {
+            return true;
+        }
+        let (c0, r0, c1, r1) = self.cells(lower[0], lower[1], upper[0], upper[1]);
+        (r0..=r1).any(|row| (c0..=c1).any(|column| self.marked[row * self.columns + column]))
+    }
+}
+
+/// The boundary's rings as flat vertex lists, for a fast even-odd inside test.
+struct FlatRings {
+    rings: Vec<Vec<Coord<f64>>>,
+}
+
+impl FlatRings {
+    fn new(boundary: &MultiPolygon<f64>) -> FlatRings {
+        FlatRings {
+            rings: boundary
+                .iter()
+                .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
+                .map(|ring| ring.0.clone())
+                .collect(),
+        }
+    }
+
+    /// Even-odd over every ring (points exactly on the boundary may go either way).
+    fn contains(&self, c: Coord<f64>) -> bool {
+        let mut inside = false;
+        for ring in &self.rings {
+            for pair in ring.windows(2) {
+                let (a, b) = (pair[0], pair[1]);
+                if (a.y > c.y) != (b.y > c.y) && c.x < (b.x - a.x) * (c.y - a.y) / (b.y - a.y) + a.x
+                {
+                    inside = !inside;
+                }
+            }
+        }
+        inside
+    }
 }
 
 /// The part of segment c–d inside `rect` (Liang–Barsky), if any.
@@ -582,6 +734,18 @@ fn clip_to_rect(c: Coord<f64>, d: Coord<f64>, rect: Rect<f64>) -> Option<(Coord<
         y: c.y + dy * t,
     };
     Some((at(t0), at(t1)))
+}
+
+/// Which boundary moves `State::refine` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moves {
+    /// Moves that lower the total out-of-range penalty.
+    Penalty,
+    /// Those, then moves that shrink the spread around centroids at equal penalty.
+    Compact,
+    /// Penalty moves that never push an in-range grid out of range (local repair: a change
+    /// must not ripple past the neighbours of the grid it hits).
+    KeepInRange,
 }
 
 /// Mutable assignment of sites to grids, with per-grid sums kept up to date.
@@ -851,27 +1015,31 @@ impl State {
         // (power cells are convex and move little between rounds).
         let candidates = POWER_CANDIDATES.min(runs.len());
         let mut near_centres: Vec<u32> = vec![0; runs.len() * candidates];
-        let mut by_distance: Vec<(f64, u32)> = Vec::with_capacity(runs.len());
+        let mut nearest: Vec<(f64, u32)> = Vec::with_capacity(candidates + 1);
         let mut weight = vec![0u64; runs.len()];
         let mut sum = vec![Coord { x: 0.0, y: 0.0 }; runs.len()];
         let mut count = vec![0usize; runs.len()];
         for iteration in 0..POWER_ITERATIONS {
             if iteration % POWER_REFRESH_ROUNDS == 0 {
                 for (g, &c) in centre.iter().enumerate() {
-                    by_distance.clear();
-                    by_distance.extend(
-                        centre
-                            .iter()
-                            .enumerate()
-                            .map(|(h, &other)| (dist2(c, other), h as u32)),
-                    );
-                    let nearest = &mut by_distance[..];
-                    if nearest.len() > candidates {
-                        nearest.select_nth_unstable_by(candidates - 1, |a, b| {
-                            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+                    // The `candidates` nearest centres, kept sorted by insertion: most
+                    // centres are farther than the current last and cost one comparison.
+                    nearest.clear();
+                    for (h, &other) in centre.iter().enumerate() {
+                        let key = (dist2(c, other), h as u32);
+                        if nearest.len() == candidates {
+                            let last = nearest[candidates - 1];
+                            if key.0.total_cmp(&last.0).then(key.1.cmp(&last.1)).is_ge() {
+                                continue;
+                            }
+                            nearest.pop();
+                        }
+                        let at = nearest.partition_point(|probe: &(f64, u32)| {
+                            probe.0.total_cmp(&key.0).then(probe.1.cmp(&key.1)).is_lt()
                         });
+                        nearest.insert(at, key);
                     }
-                    for (slot, &(_, h)) in nearest[..candidates].iter().enumerate() {
+                    for (slot, &(_, h)) in nearest.iter().enumerate() {
                         near_centres[g * candidates + slot] = h;
                     }
                 }
@@ -1029,9 +1197,11 @@ impl State {
         s: &Sites,
         region: &[u32],
         active: &dyn Fn(u32) -> bool,
-        compact: bool,
+        moves: Moves,
         passes: usize,
     ) {
+        let compact = moves == Moves::Compact;
+        let keep_in_range = moves == Moves::KeepInRange;
         let mut order = region.to_vec();
         order.sort_by_key(|&site| s.hilbert[site as usize]);
         let mut carry = Vec::new();
@@ -1062,6 +1232,13 @@ impl State {
                     let to_households = self.households[to as usize];
                     let before = penalty(from_households) + penalty(to_households);
                     let after = penalty(from_households - weight) + penalty(to_households + weight);
+                    if keep_in_range
+                        && ((penalty(from_households) == 0
+                            && penalty(from_households - weight) > 0)
+                            || (penalty(to_households) == 0 && penalty(to_households + weight) > 0))
+                    {
+                        continue;
+                    }
                     let to_n = f64::from(self.sites[to as usize]);
                     let spread_gain =
                         from_spread - dist2(at, self.centroid(to)) * to_n / (to_n + 1.0);
@@ -1181,7 +1358,12 @@ fn solve_variant(state: &mut State, s: &Sites, region: &[u32], power: bool) -> V
     let first = created.first().copied().unwrap_or(state.grids() as u32);
     let extra = state.grow(s, region, &|g| g >= first);
     created.extend(extra);
-    state.refine(s, region, &|g| g >= first, !power, REFINE_PASSES_MAX);
+    let moves = if power {
+        Moves::Penalty
+    } else {
+        Moves::Compact
+    };
+    state.refine(s, region, &|g| g >= first, moves, REFINE_PASSES_MAX);
     created
 }
 
@@ -1296,7 +1478,7 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 s,
                 &region,
                 &|g| neighbourhood.contains(&g),
-                false,
+                Moves::KeepInRange,
                 LOCAL_PASSES_MAX,
             );
             let households = state.households[grid as usize];
@@ -1304,22 +1486,60 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 continue;
             }
             // Balancing was not enough: re-cut this grid alone (too big) or merged with its
-            // lightest neighbour (too small).
-            let mut merged = vec![grid];
+            // lightest neighbour (too small); if that still leaves a grid out of range,
+            // re-cut it with all its neighbours. Either way only this grid and its
+            // neighbours change, and only when the re-cut lowers their penalty.
+            let unlocked: Vec<u32> = adjacency
+                .get(&grid)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&g| !retired.contains(&g) && !locked(&state, s, g))
+                .collect();
+            let mut first = vec![grid];
             if households < u64::from(HOUSEHOLDS_MIN)
-                && let Some(&partner) = adjacency
-                    .get(&grid)
-                    .into_iter()
-                    .flatten()
-                    .filter(|g| !retired.contains(g) && !locked(&state, s, **g))
+                && let Some(&partner) = unlocked
+                    .iter()
                     .min_by_key(|&&g| (state.households[g as usize], g))
             {
-                merged.push(partner);
+                first.push(partner);
             }
-            let total: u64 = merged.iter().map(|&g| state.households[g as usize]).sum();
-            if merged.len() == 1 && grid_count_for(total) <= 1 {
+            let mut all = vec![grid];
+            all.extend_from_slice(&unlocked);
+            let mut best: Option<(u64, State, Vec<u32>, Vec<u32>)> = None;
+            for merged in [first, all] {
+                let total: u64 = merged.iter().map(|&g| state.households[g as usize]).sum();
+                if merged.len() == 1 && grid_count_for(total) <= 1 {
+                    continue;
+                }
+                if best.as_ref().is_some_and(|b| b.0 == 0) {
+                    break;
+                }
+                let penalty_before: u64 = merged
+                    .iter()
+                    .map(|&g| penalty(state.households[g as usize]))
+                    .sum();
+                let mut trial = state.clone();
+                let region: Vec<u32> = (0..s.len() as u32)
+                    .filter(|&site| merged.contains(&trial.grid_of[site as usize]))
+                    .collect();
+                for &site in &region {
+                    trial.assign(s, site as usize, NONE);
+                }
+                let created = solve_region(&mut trial, s, &region);
+                let penalty_after: u64 = created
+                    .iter()
+                    .map(|&g| penalty(trial.households[g as usize]))
+                    .sum();
+                if penalty_after < penalty_before
+                    && best.as_ref().is_none_or(|b| penalty_after < b.0)
+                {
+                    best = Some((penalty_after, trial, created, merged));
+                }
+            }
+            let Some((_, trial, created, merged)) = best else {
                 continue;
-            }
+            };
             let region: Vec<u32> = (0..s.len() as u32)
                 .filter(|&site| merged.contains(&state.grid_of[site as usize]))
                 .collect();
@@ -1327,10 +1547,7 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 .iter()
                 .map(|&site| state.grid_of[site as usize])
                 .collect();
-            for &site in &region {
-                state.assign(s, site as usize, NONE);
-            }
-            let created = solve_region(&mut state, s, &region);
+            state = trial;
             for &g in &merged {
                 retired.insert(g);
             }
@@ -1488,16 +1705,19 @@ fn finish(
         .bounding_rect()
         .map(|r| r.max().y)
         .unwrap_or(0.0);
+    let reading_key: Vec<(i64, f64)> = built
+        .iter()
+        .map(|(_, main, _, fallback)| {
+            let c = geo::Centroid::centroid(main)
+                .map(|p| p.0)
+                .unwrap_or(*fallback);
+            (((top - c.y) / row_height).floor() as i64, c.x)
+        })
+        .collect();
     let mut order: Vec<usize> = (0..built.len()).collect();
-    let reading_key = |i: usize| {
-        let c = geo::Centroid::centroid(&built[i].1)
-            .map(|p| p.0)
-            .unwrap_or(built[i].3);
-        (((top - c.y) / row_height).floor() as i64, c.x)
-    };
     order.sort_by(|&a, &b| {
-        let (ra, xa) = reading_key(a);
-        let (rb, xb) = reading_key(b);
+        let (ra, xa) = reading_key[a];
+        let (rb, xb) = reading_key[b];
         ra.cmp(&rb).then(xa.total_cmp(&xb))
     });
     let mut next_sequence = sequence_max;
