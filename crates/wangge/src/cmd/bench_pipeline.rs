@@ -42,6 +42,8 @@ pub struct BenchPipelineArgs {
 #[derive(Debug, Serialize)]
 struct PipelineFigures {
     reports: u64,
+    /// Reports that became incidents (the rest were refused, e.g. outside every community).
+    incidents: u64,
     payload_bytes: usize,
     incidents_per_s: f64,
     raw_publish_per_s: f64,
@@ -144,7 +146,11 @@ async fn publish_all(
     Ok(())
 }
 
-fn payloads(
+/// `count` reports of the seeded residents whose point the registry serves (a point jittered
+/// off a community's edge would be refused as outside every community, and the benchmark
+/// measures filing, not refusing).
+async fn payloads(
+    client: &async_nats::Client,
     city: &[simulation::PlannedCommunity],
     policy: &domain::Policy,
     seed: u64,
@@ -152,21 +158,42 @@ fn payloads(
 ) -> anyhow::Result<Vec<(String, bytes::Bytes)>> {
     let plan = ResidentPlan {
         seed,
-        submissions: count,
+        submissions: count + count / 4 + 16,
         residents: u64::MAX,
         repeat_share: 0.0,
         invalid_share: 0.0,
         ..ResidentPlan::default()
     };
-    simulation::residents::submissions(city, policy, plan)
-        .into_iter()
-        .map(|submission| {
-            Ok((
+    let mut kept = Vec::with_capacity(count as usize);
+    for submission in simulation::residents::submissions(city, policy, plan) {
+        if kept.len() as u64 == count {
+            break;
+        }
+        let intake::wire::Location::Point(point) = submission.location else {
+            continue;
+        };
+        let answer = client
+            .request(
+                "grids.locate",
+                serde_json::to_vec(&serde_json::json!({"lon": point.lon, "lat": point.lat}))?
+                    .into(),
+            )
+            .await
+            .context("grids.locate")?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+        if answer["status"] == "served" {
+            kept.push((
                 submission.submission_id.clone(),
                 serde_json::to_vec(&submission)?.into(),
-            ))
-        })
-        .collect()
+            ));
+        }
+    }
+    anyhow::ensure!(
+        kept.len() as u64 == count,
+        "only {} of {count} seeded reports fall inside a community",
+        kept.len()
+    );
+    Ok(kept)
 }
 
 async fn bench(
@@ -206,7 +233,7 @@ async fn bench(
     // Let intake's in-process registry catch up with the grids.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let throughput = payloads(&city, &policy, 1, args.reports)?;
+    let throughput = payloads(&client, &city, &policy, 1, args.reports).await?;
     let payload_bytes = throughput.first().map_or(0, |(_, payload)| payload.len());
     eprintln!(
         "bench pipeline: {} reports of {payload_bytes} bytes through 4 service processes, nats-server at {url}",
@@ -236,29 +263,82 @@ async fn bench(
         tokio::time::sleep(POLL_EVERY).await;
     };
     let before = models.totals().await?.incidents;
+    // Receipts say how many reports became incidents (a point jittered off a community's
+    // edge is rightly refused as outside every community).
+    let mut receipts = client
+        .subscribe(format!("{}>", intake::wire::SUBJECT_RECEIPTS_PREFIX))
+        .await
+        .context("subscribe receipts")?;
+    client.flush().await?;
+    let reports = args.reports;
+    let receipt_counter = tokio::spawn(async move {
+        let (mut filed, mut other) = (0u64, 0u64);
+        while let Ok(Some(message)) = tokio::time::timeout(PIPELINE_TIMEOUT, receipts.next()).await
+        {
+            let receipt: serde_json::Value =
+                serde_json::from_slice(&message.payload).unwrap_or_default();
+            if receipt["status"] == "filed" {
+                filed += 1;
+            } else {
+                other += 1;
+            }
+            if filed + other >= reports {
+                break;
+            }
+        }
+        (filed, other, Instant::now())
+    });
     let started = Instant::now();
     publish_all(&context, "intake.submit.app", &throughput).await?;
     let published = started.elapsed();
     let deadline = started + PIPELINE_TIMEOUT;
+    let mut last_progress = Instant::now();
+    let mut receipt_counter = Some(receipt_counter);
+    let mut filed: Option<u64> = None;
     let elapsed = loop {
         let totals = models.totals().await?;
         let waiting: u64 = ["reported", "filed"]
             .iter()
             .filter_map(|status| totals.by_status.get(*status))
             .sum();
-        if totals.incidents >= before + args.reports && waiting == 0 {
+        if let Some(counter) = &receipt_counter
+            && counter.is_finished()
+        {
+            let (count, other, at) = receipt_counter
+                .take()
+                .expect("checked above")
+                .await
+                .context("receipt counter")?;
+            eprintln!(
+                "  intake: {count} filed, {other} refused; receipts took {:.2} s",
+                (at - started).as_secs_f64()
+            );
+            filed = Some(count);
+        }
+        if let Some(filed) = filed
+            && totals.incidents >= before + filed
+            && waiting == 0
+        {
             break started.elapsed();
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            last_progress = Instant::now();
+            eprintln!(
+                "  {:>5.1} s: read models {} incidents, {waiting} not yet dispatched",
+                started.elapsed().as_secs_f64(),
+                totals.incidents - before
+            );
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the pipeline did not drain within {PIPELINE_TIMEOUT:?}: {} of {} incidents, {waiting} undispatched",
+            "the pipeline did not drain within {PIPELINE_TIMEOUT:?}: {} incidents in the read models, {waiting} undispatched, receipts {filed:?}",
             totals.incidents - before,
-            args.reports
         );
         services.check_alive()?;
         tokio::time::sleep(POLL_EVERY).await;
     };
-    let incidents_per_s = args.reports as f64 / elapsed.as_secs_f64();
+    let filed = filed.unwrap_or(0);
+    let incidents_per_s = filed as f64 / elapsed.as_secs_f64();
     eprintln!(
         "  pipeline: {incidents_per_s:.0} incidents/s dispatched and projected (publishing took {:.2} s)",
         published.as_secs_f64()
@@ -266,7 +346,7 @@ async fn bench(
 
     // Latency at a fixed rate: publish → the handler's `assigned` notification.
     let count = (args.latency_rate * args.latency_seconds as f64).round() as u64;
-    let latency = payloads(&city, &policy, 2, count)?;
+    let latency = payloads(&client, &city, &policy, 2, count).await?;
     let mut notifications = client
         .subscribe(format!("{}.>", dispatch::notify::NOTIFY_SUBJECT_PREFIX))
         .await
@@ -348,6 +428,7 @@ async fn bench(
     };
     Ok(PipelineFigures {
         reports: args.reports,
+        incidents: filed,
         payload_bytes,
         incidents_per_s,
         raw_publish_per_s,
