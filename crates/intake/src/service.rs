@@ -107,6 +107,31 @@ pub enum ServiceError {
     Subscribe { subject: String, reason: String },
 }
 
+/// Creates (or opens) the KV bucket of reporters' contact details (also run by `wangge up`,
+/// so that intake's restricted credentials never have to create it under load).
+pub async fn ensure_contacts_bucket(
+    jetstream: &jetstream::Context,
+    config: &ServiceConfig,
+) -> Result<kv::Store, ServiceError> {
+    if let Ok(store) = jetstream.get_key_value(&config.contacts_bucket).await {
+        return Ok(store);
+    }
+    jetstream
+        .create_key_value(kv::Config {
+            bucket: config.contacts_bucket.clone(),
+            description: "wangge: reporters' contact details (erasable)".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| ServiceError::Bucket {
+            bucket: config.contacts_bucket.clone(),
+            reason: error.to_string(),
+        })
+}
+
 /// Creates (or updates) the SUBMISSIONS stream: work-queue retention, so a submission (which
 /// may hold contact details) is removed once intake acknowledged it.
 pub async fn ensure_submissions_stream(
@@ -260,20 +285,8 @@ impl IntakeService {
     ) -> Result<IntakeService, ServiceError> {
         let jetstream = incidents.jetstream().clone();
         let submissions_stream = ensure_submissions_stream(&jetstream, &config).await?;
-        let contacts = jetstream
-            .create_key_value(kv::Config {
-                bucket: config.contacts_bucket.clone(),
-                description: "wangge: reporters' contact details (erasable)".to_owned(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| ServiceError::Bucket {
-                bucket: config.contacts_bucket.clone(),
-                reason: error.to_string(),
-            })?;
+        let contacts = ensure_contacts_bucket(&jetstream, &config).await?;
+
         let started = std::time::Instant::now();
         let mut core = Core::new(config.core);
         let mut receipts = 0u64;

@@ -26,8 +26,9 @@ sharing and failover: request subjects use a NATS queue group. Example:
     wangge --config /etc/wangge.toml serve registry --instance registry-2";
 
 const UP_HELP: &str = "\
-Streams: GRIDS (grids.ev.>), INCIDENTS (incidents.ev.>), INTAKE (intake.ev.>), each with
-`store.replicas` replicas (1 on a single server, 3 on a cluster) and a
+Streams: GRIDS (grids.ev.>), INCIDENTS (incidents.ev.>), INTAKE (intake.ev.>), SUBMISSIONS
+(intake.submit.*), NOTIFICATIONS (dispatch.notify.>); buckets INTAKE_CONTACTS,
+DISPATCH_SNAPSHOTS and the projection's; each with `store.replicas` replicas (1 on a single server, 3 on a cluster) and a
 `store.duplicate_window_seconds` window for idempotent appends. Safe to run again at any time:
 existing messages are kept. Prints one line per stream. Example:
 
@@ -214,6 +215,40 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
             )
             .context("write to stdout")?;
         }
+        // The services' own streams and buckets, so that their restricted credentials only
+        // ever open them (creating R3 streams while six services start can time out).
+        let window = Duration::from_secs(settings.store.duplicate_window_seconds);
+        let replicas = settings.store.replicas;
+        let intake_config = intake::ServiceConfig {
+            replicas,
+            duplicate_window: window,
+            ..intake::ServiceConfig::default()
+        };
+        intake::ensure_submissions_stream(&jetstream, &intake_config)
+            .await
+            .context("create stream SUBMISSIONS")?;
+        intake::service::ensure_contacts_bucket(&jetstream, &intake_config)
+            .await
+            .context("create bucket INTAKE_CONTACTS")?;
+        dispatch::notify::open_stream(&jetstream, replicas, window)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("create stream NOTIFICATIONS")?;
+        let snapshots = dispatch::DispatchConfig::new(
+            domain::Policy::embedded(&settings.city)
+                .with_context(|| format!("load the policy of city {:?}", settings.city))?,
+        )
+        .snapshot_bucket
+        .unwrap_or_default();
+        eventstore::SnapshotStore::open(&jetstream, &snapshots, replicas)
+            .await
+            .with_context(|| format!("create bucket {snapshots}"))?;
+        writeln!(
+            std::io::stdout(),
+            "stream SUBMISSIONS, stream NOTIFICATIONS, buckets {} and {snapshots}: ready",
+            intake_config.contacts_bucket
+        )
+        .context("write to stdout")?;
         super::projection::up(settings, &client)
             .await
             .context("create the projection's buckets")?;
