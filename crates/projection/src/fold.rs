@@ -206,6 +206,9 @@ pub struct Held {
     pub reported_at_ms: Option<i64>,
     pub updated_at_ms: i64,
     pub commits: u64,
+    /// Not stored in the fold part of the KV value: the view carries it
+    /// ([`StoredIncident::into_held`] restores it).
+    #[serde(skip)]
     pub history: VecDeque<HeldCommit>,
 }
 
@@ -492,6 +495,7 @@ impl Held {
                     sequence: c.sequence,
                     version: c.version,
                     at: rfc3339(c.at_ms),
+                    at_ms: c.at_ms,
                     actor: c.actor.clone(),
                     events: c.events.split(',').map(str::to_owned).collect(),
                 })
@@ -500,11 +504,32 @@ impl Held {
     }
 }
 
-/// What one incident value in KV holds: the public view and the fold state behind it.
+/// What one incident value in KV holds: the public view and the fold state behind it
+/// (less the history, which the view carries).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredIncident {
     pub view: IncidentView,
     pub fold: Held,
+}
+
+impl StoredIncident {
+    /// The fold state with its history restored from the view.
+    pub fn into_held(self) -> Held {
+        let mut held = self.fold;
+        held.history = self
+            .view
+            .history
+            .into_iter()
+            .map(|entry| HeldCommit {
+                sequence: entry.sequence,
+                version: entry.version,
+                at_ms: entry.at_ms,
+                actor: entry.actor,
+                events: entry.events.join(","),
+            })
+            .collect();
+        held
+    }
 }
 
 macro_rules! tally_fields {

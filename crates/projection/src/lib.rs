@@ -21,6 +21,7 @@
 //! See docs/PROJECTION.md.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod fold;
 pub mod keys;
 pub mod reader;

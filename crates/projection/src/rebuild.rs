@@ -19,7 +19,9 @@ use crate::wire::ScoreWeights;
 
 /// INCIDENTS sequences replayed per chunk; the incident values of a chunk are written while
 /// the next chunk is read.
-pub const REBUILD_CHUNK_SEQUENCES: u64 = 250_000;
+pub const REBUILD_CHUNK_SEQUENCES: u64 = 50_000;
+/// Chunks read concurrently (each by its own ephemeral range consumer).
+pub const REPLAY_CHUNKS_IN_FLIGHT: usize = 2;
 /// Messages per pull request while replaying.
 pub const REPLAY_BATCH_MAX: usize = 1_000;
 
@@ -53,6 +55,8 @@ pub struct RebuildOptions {
     pub weights: ScoreWeights,
     pub profile: Option<standards::Profile>,
     pub chunk_sequences: u64,
+    /// Chunks read concurrently (at least 1).
+    pub chunks_in_flight: usize,
 }
 
 impl RebuildOptions {
@@ -64,6 +68,7 @@ impl RebuildOptions {
             weights: ScoreWeights::default(),
             profile: None,
             chunk_sequences: REBUILD_CHUNK_SEQUENCES,
+            chunks_in_flight: REPLAY_CHUNKS_IN_FLIGHT,
         }
     }
 }
@@ -82,6 +87,9 @@ pub struct RebuildReport {
     pub incidents: u64,
     pub keys_written: u64,
     pub elapsed_ms: u64,
+    /// Time spent folding (inside the replay), and when the last chunk's values were stored.
+    pub fold_ms: u64,
+    pub chunks_written_ms: u64,
 }
 
 /// Progress of a replay: INCIDENTS sequence reached of the target.
@@ -173,37 +181,56 @@ pub async fn build_into(
     let mut commits = 0u64;
     let mut events = 0u64;
     let mut keys_written = 0u64;
-    let mut after = 0u64;
+    let mut fold_time = std::time::Duration::ZERO;
     let mut writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
     let chunk = options.chunk_sequences.max(1);
-    while after < incidents_target {
-        let until_sequence = (after + chunk).min(incidents_target);
-        let mut past_cut = false;
-        incident_store
-            .replay(
-                ReplayRange {
-                    after_sequence: after,
-                    until_sequence: Some(until_sequence),
-                    batch_max: REPLAY_BATCH_MAX,
-                },
-                |commit| {
-                    if past_cut || time_cut.is_some_and(|cut| commit.stored_at_ms > cut) {
-                        past_cut = true;
-                        return;
-                    }
-                    commits += 1;
-                    events += commit.events.len() as u64;
-                    projector.apply_incident_commit(&commit);
-                    if commit.sequence % 4_096 == 0 {
-                        progress.reached(commit.sequence);
-                    }
-                },
-            )
+    // Chunks are read (and decoded) by concurrent range consumers, folded strictly in stream
+    // order, and each chunk's incident values are written while the next ones are read.
+    let mut reads = std::collections::VecDeque::new();
+    let mut next_after = 0u64;
+    let mut past_cut = false;
+    loop {
+        while reads.len() < options.chunks_in_flight.max(1) && next_after < incidents_target {
+            let until_sequence = (next_after + chunk).min(incidents_target);
+            let reader = incident_store.clone();
+            let after = next_after;
+            reads.push_back(tokio::spawn(async move {
+                let mut commits = Vec::new();
+                reader
+                    .replay(
+                        ReplayRange {
+                            after_sequence: after,
+                            until_sequence: Some(until_sequence),
+                            batch_max: REPLAY_BATCH_MAX,
+                        },
+                        |commit| commits.push(commit),
+                    )
+                    .await
+                    .map(|_| commits)
+            }));
+            next_after = until_sequence;
+        }
+        let Some(read) = reads.pop_front() else {
+            break;
+        };
+        let chunk_commits = read
             .await
+            .expect("replay task")
             .map_err(replay_error(&options.incidents.stream_name))?;
-        after = until_sequence;
-        progress.reached(after);
-        // Write this chunk's incident values while the next chunk is read.
+        let folding = Instant::now();
+        for commit in &chunk_commits {
+            if time_cut.is_some_and(|cut| commit.stored_at_ms > cut) {
+                past_cut = true;
+                break;
+            }
+            commits += 1;
+            events += commit.events.len() as u64;
+            projector.apply_incident_commit(commit);
+        }
+        fold_time += folding.elapsed();
+        let reached = chunk_commits.last().map_or(0, |c| c.sequence);
+        drop(chunk_commits);
+        progress.reached(reached);
         let rendered = projector.take_dirty(true);
         keys_written += rendered.len() as u64;
         if let Some(previous) = writing.take() {
@@ -215,20 +242,33 @@ pub async fn build_into(
         }));
         info!(
             bucket,
-            reached = after,
+            reached,
             target = incidents_target,
             commits,
+            fold_ms = fold_time.as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "rebuild progress"
         );
         if past_cut {
+            for read in reads.drain(..) {
+                read.abort();
+            }
             break;
         }
     }
     if let Some(previous) = writing.take() {
         previous.await.expect("write task")?;
     }
+    let written_at = started.elapsed().as_millis() as u64;
     projector.recompute_aggregates();
     let rendered = projector.take_dirty(false);
+    info!(
+        bucket,
+        models = rendered.models.len(),
+        chunks_written_ms = written_at,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "aggregates summed"
+    );
     keys_written += rendered.len() as u64 + 1;
     let checkpoint = crate::wire::Checkpoint {
         generation,
@@ -255,6 +295,8 @@ pub async fn build_into(
         incidents: projector.incident_count() as u64,
         keys_written,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        fold_ms: fold_time.as_millis() as u64,
+        chunks_written_ms: written_at,
     })
 }
 

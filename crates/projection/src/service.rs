@@ -269,7 +269,7 @@ impl ProjectionService {
                     key,
                     reason: error.to_string(),
                 })?;
-            projector.load_incident(stored.fold);
+            projector.load_incident(stored.into_held());
         }
         // Aggregates are never read back: they are recomputed from the incident states, so
         // a flush torn by a crash cannot make anything count twice.

@@ -183,6 +183,7 @@ fn one_incident_view() {
               "sequence": 1,
               "version": 1,
               "at": "2026-05-06T02:26:00Z",
+              "at_ms": 1778034360000,
               "actor": "resident/00000000-0000-0000-0000-000100000000",
               "events": [
                 "reported"
@@ -192,6 +193,7 @@ fn one_incident_view() {
               "sequence": 6,
               "version": 2,
               "at": "2026-05-06T03:49:00Z",
+              "at_ms": 1778039340000,
               "actor": "system:synthetic",
               "events": [
                 "filed"
@@ -201,6 +203,7 @@ fn one_incident_view() {
               "sequence": 11,
               "version": 3,
               "at": "2026-05-06T04:45:00Z",
+              "at_ms": 1778042700000,
               "actor": "system:synthetic",
               "events": [
                 "dispatched"
@@ -210,6 +213,7 @@ fn one_incident_view() {
               "sequence": 16,
               "version": 4,
               "at": "2026-05-06T06:06:00Z",
+              "at_ms": 1778047560000,
               "actor": "department:zhujian/00000000-0000-0000-0000-000000000037",
               "events": [
                 "acknowledged"
@@ -265,7 +269,7 @@ fn restart_from_stored_incidents_equals_uninterrupted_fold() {
     // A new builder loads the incident values (JSON round trip), recomputes, follows on.
     let mut restarted = Projector::new(ScoreWeights::default(), None, true);
     for (_, incident) in stored {
-        restarted.load_incident(incident.fold);
+        restarted.load_incident(incident.into_held());
     }
     restarted.recompute_aggregates();
     for commit in &commits {
