@@ -1,27 +1,357 @@
-//! `wangge serve projection` and `wangge projection ...` (being written: issue #6).
+//! `wangge serve projection` and `wangge projection rebuild | as-of | status`.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use eventstore::{BoundedContext, StreamSpec};
+use projection::{ProjectionConfig, ProjectionService, RebuildOptions, ScoreWeights, Until};
+use tokio::sync::watch;
 
 use crate::config::Settings;
 
+/// Worker threads of the projection's runtime.
+const RUNTIME_WORKER_THREADS: usize = 2;
+
+const SERVE_HELP: &str = "\
+Folds the INCIDENTS and GRIDS streams into read models in NATS KV (bucket PROJ_G<n>, the
+current generation named by key `current` of bucket PROJECTION) and answers queries (queue
+group `projection`):
+
+  projection.query.incident     {\"incident_id\"}            -> the incident's view
+  projection.query.board        {\"department\"}             -> open cases by urgency
+  projection.query.area         {\"level\":\"grid|community|street\",\"code\"?}
+  projection.query.scorecards   {\"kind\":\"department|street\",\"id\"?}
+  projection.query.totals       {}  -> incidents by status, whistles, deadline compliance
+  projection.query.compliance   {\"community_id\"?}          -> standards compliance
+  projection.query.checkpoint   {}
+
+Replies: {\"status\":\"found\",\"generation\",\"checkpoint\",\"value\"} | {\"status\":\"not_found\",..} |
+{\"status\":\"error\",\"reason_code\",\"message\"}. Run ONE builder per deployment (more instances
+with --queries-only for load sharing). On SIGINT/SIGTERM it flushes, acknowledges and exits 0.
+Scorecard weights: no seed policy document gives figures, so they default to equal weights.
+See docs/PROJECTION.md.";
+
 /// Runs the projection builder until SIGINT/SIGTERM.
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
+#[command(after_long_help = SERVE_HELP)]
+pub struct ServeArgs {
+    /// Name of this instance (in its private GRIDS consumer's name and in logs).
+    #[arg(long, default_value = "projection")]
+    pub instance: String,
+    /// NATS queue group shared by all projection instances for queries.
+    #[arg(long, default_value = projection::wire::QUEUE_GROUP)]
+    pub queue_group: String,
+    /// Answer queries only; do not build (for extra query instances beside the one builder).
+    #[arg(long)]
+    pub queries_only: bool,
+    #[command(flatten)]
+    pub weights: WeightArgs,
+}
 
-pub fn serve(_settings: &Settings, _args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge serve projection` is not yet written (issue #6)")
+/// Weights of the three rates in the scorecards' score.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct WeightArgs {
+    /// Weight of the response rate (响应率).
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_response: f64,
+    /// Weight of the resolution rate (解决率).
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_resolution: f64,
+    /// Weight of the satisfaction rate (满意率).
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_satisfaction: f64,
+}
+
+impl WeightArgs {
+    fn weights(self) -> anyhow::Result<ScoreWeights> {
+        for (name, weight) in [
+            ("--weight-response", self.weight_response),
+            ("--weight-resolution", self.weight_resolution),
+            ("--weight-satisfaction", self.weight_satisfaction),
+        ] {
+            anyhow::ensure!(
+                weight.is_finite() && weight >= 0.0,
+                "{name} must be a finite number >= 0, not {weight}"
+            );
+        }
+        anyhow::ensure!(
+            self.weight_response + self.weight_resolution + self.weight_satisfaction > 0.0,
+            "at least one scorecard weight must be positive"
+        );
+        Ok(ScoreWeights {
+            response: self.weight_response,
+            resolution: self.weight_resolution,
+            satisfaction: self.weight_satisfaction,
+        })
+    }
 }
 
 /// Read-model maintenance: rebuild, replay as of a time or sequence.
 #[derive(Debug, clap::Subcommand)]
 pub enum ProjectionCommand {
-    /// Rebuild every read model from stream sequence 0 into fresh buckets, then swap.
-    Rebuild,
+    /// Rebuild every read model from stream sequence 0 into a fresh generation, then swap.
+    ///
+    /// A running builder follows the swap. The generation replaced is kept (readers may be
+    /// mid-read); older ones are deleted.
+    Rebuild(RebuildArgs),
+    /// Replay the streams up to a time or an INCIDENTS sequence into a separate bucket
+    /// (PROJ_ASOF_<label>) for audits; the current generation is untouched.
+    AsOf(AsOfArgs),
+    /// Print the current generation and its checkpoint.
+    Status,
 }
 
-pub fn run(_settings: &Settings, _command: ProjectionCommand) -> anyhow::Result<()> {
-    anyhow::bail!("`wangge projection` is not yet written (issue #6)")
+#[derive(Debug, clap::Args)]
+pub struct RebuildArgs {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub weights: WeightArgs,
 }
 
-/// Creates the projection's buckets (called by `wangge up`).
-pub async fn up(_settings: &Settings, _client: &async_nats::Client) -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false, id = "point")]
+pub struct AsOfArgs {
+    /// Everything stored at or before this time, e.g. 2026-05-06T10:00:00Z.
+    #[arg(long, group = "point")]
+    pub time: Option<String>,
+    /// INCIDENTS up to this stream sequence (GRIDS up to the time it was stored).
+    #[arg(long, group = "point")]
+    pub sequence: Option<u64>,
+    /// Print the report and the totals as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKER_THREADS)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
+    StreamSpec::for_context(
+        context,
+        settings.store.replicas,
+        Duration::from_secs(settings.store.duplicate_window_seconds),
+    )
+}
+
+fn profile(settings: &Settings) -> Option<standards::Profile> {
+    match standards::builtin(&settings.city) {
+        Ok(profile) => Some(profile),
+        Err(error) => {
+            tracing::warn!(city = %settings.city, %error, "no standards profile: compliance is not evaluated");
+            None
+        }
+    }
+}
+
+fn rebuild_options(settings: &Settings, weights: ScoreWeights) -> RebuildOptions {
+    let mut options = RebuildOptions::new(
+        spec(settings, BoundedContext::Incidents),
+        spec(settings, BoundedContext::Grids),
+    );
+    options.replicas = settings.store.replicas;
+    options.weights = weights;
+    options.profile = profile(settings);
+    options
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn termination() -> anyhow::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            result.context("listen for SIGINT")?;
+            Ok("SIGINT")
+        }
+        _ = terminate.recv() => Ok("SIGTERM"),
+    }
+}
+
+fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
+    let (stop, stopped) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        match termination().await {
+            Ok(signal) => tracing::info!(signal, "shutting down"),
+            Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
+        }
+        let _ = stop.send(true);
+    });
+    (signals, stopped)
+}
+
+async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
+    while !*stopped.borrow() {
+        if stopped.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
+    let weights = args.weights.weights()?;
+    runtime()?.block_on(async {
+        // Listen before the (possibly long) load so a signal during it is not lost.
+        let (signals, stopped) = stop_on_signal();
+        let client = super::serve::connect(settings, &args.instance).await?;
+        let mut config = ProjectionConfig::new(
+            spec(settings, BoundedContext::Incidents),
+            spec(settings, BoundedContext::Grids),
+        );
+        config.instance = args.instance;
+        config.queue_group = args.queue_group;
+        config.replicas = settings.store.replicas;
+        config.weights = weights;
+        config.profile = profile(settings);
+        config.build = !args.queries_only;
+        let service = tokio::select! {
+            started = ProjectionService::start(client, config) => started.context("start the projection")?,
+            _ = wait_stopped(stopped.clone()) => {
+                tracing::info!("stopped during start");
+                return Ok(());
+            }
+        };
+        service.run(stopped).await.context("projection")?;
+        signals.abort();
+        Ok(())
+    })
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl projection::ProgressSink for Bar {
+    fn target(&self, incidents_target: u64) {
+        self.0.set_length(incidents_target);
+    }
+
+    fn reached(&self, incidents_sequence: u64) {
+        self.0.set_position(incidents_sequence);
+    }
+}
+
+fn bar(message: &'static str) -> Bar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} INCIDENTS sequences ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(message);
+    Bar(bar)
+}
+
+pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let client = super::serve::connect(settings, "projection-cli").await?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let mut out = std::io::stdout().lock();
+        match command {
+            ProjectionCommand::Rebuild(args) => {
+                let options = rebuild_options(settings, args.weights.weights()?);
+                let progress = bar("rebuild");
+                let report = projection::rebuild(&jetstream, &options, &progress)
+                    .await
+                    .context("rebuild the read models")?;
+                progress.0.finish_and_clear();
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "generation {} is current (was {}): {} commits, {} events, {} incidents \
+                         up to INCIDENTS sequence {} and GRIDS sequence {}; {} keys written in {:.1} s",
+                        report.generation,
+                        report
+                            .previous_generation
+                            .map_or("none".to_owned(), |g| g.to_string()),
+                        report.commits,
+                        report.events,
+                        report.incidents,
+                        report.incidents_sequence,
+                        report.grids_sequence,
+                        report.keys_written,
+                        report.elapsed_ms as f64 / 1000.0
+                    )?;
+                }
+            }
+            ProjectionCommand::AsOf(args) => {
+                let until = match (&args.time, args.sequence) {
+                    (Some(time), _) => {
+                        let at = humantime::parse_rfc3339_weak(time)
+                            .with_context(|| format!("--time {time:?} is not an RFC 3339 time"))?;
+                        let ms = at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .context("--time is before 1970")?
+                            .as_millis();
+                        Until::Time(i64::try_from(ms).context("--time is too far ahead")?)
+                    }
+                    (None, Some(sequence)) => Until::Sequence(sequence),
+                    (None, None) => anyhow::bail!("give --time or --sequence"),
+                };
+                let options = rebuild_options(settings, ScoreWeights::default());
+                let progress = bar("as-of");
+                let report = projection::as_of(&jetstream, &options, until, &progress)
+                    .await
+                    .context("replay as of")?;
+                progress.0.finish_and_clear();
+                let models = projection::ReadModels::open_bucket(&jetstream, 0, &report.bucket)
+                    .await?;
+                let totals = models.totals().await?;
+                if args.json {
+                    let value = serde_json::json!({ "report": report, "totals": totals });
+                    writeln!(out, "{}", serde_json::to_string(&value)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "bucket {}: {} commits up to INCIDENTS sequence {} (GRIDS {}); {} incidents, {} open",
+                        report.bucket,
+                        report.commits,
+                        report.incidents_sequence,
+                        report.grids_sequence,
+                        totals.incidents,
+                        totals.open
+                    )?;
+                    for (status, count) in &totals.by_status {
+                        writeln!(out, "  {status:<13} {count}")?;
+                    }
+                }
+            }
+            ProjectionCommand::Status => match projection::ReadModels::current(&jetstream).await? {
+                Some(models) => {
+                    let checkpoint = models.checkpoint().await?;
+                    writeln!(out, "{}", serde_json::to_string(&checkpoint)?)?;
+                }
+                None => writeln!(out, "no generation yet (run `wangge serve projection`)")?,
+            },
+        }
+        client.flush().await.context("flush")?;
+        Ok(())
+    })
+}
+
+/// Creates the projection's buckets (called by `wangge up`): the meta bucket and the current
+/// generation's bucket (generation 1 when there is none).
+pub async fn up(settings: &Settings, client: &async_nats::Client) -> anyhow::Result<()> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let replicas = settings.store.replicas;
+    let meta =
+        projection::store::open_bucket(&jetstream, projection::keys::META_BUCKET, replicas).await?;
+    let generation = projection::service::current_generation(&meta, &jetstream, replicas).await?;
+    writeln!(
+        std::io::stdout(),
+        "bucket {} ready, current generation {generation} (bucket {})",
+        projection::keys::META_BUCKET,
+        projection::keys::generation_bucket(generation)
+    )
+    .context("write to stdout")?;
     Ok(())
 }
