@@ -555,3 +555,67 @@ fn locate_finds_each_building_grid_and_says_unserved_outside() {
         index.len()
     ));
 }
+
+#[test]
+fn locate_honours_holes_edges_and_bad_coordinates() {
+    // Grid "a": a 100 m square with a 40 m hole; grid "b": the square east of it; grid "c":
+    // the hole itself (a grid inside another's hole, as an enclave).
+    let square = |x0: f64, y0: f64, side: f64| {
+        LineString::new(vec![
+            lonlat(x0, y0),
+            lonlat(x0 + side, y0),
+            lonlat(x0 + side, y0 + side),
+            lonlat(x0, y0 + side),
+            lonlat(x0, y0),
+        ])
+    };
+    let index = LocateIndex::build([
+        (
+            "a".to_string(),
+            "sq".to_string(),
+            Polygon::new(square(0.0, 0.0, 100.0), vec![square(30.0, 30.0, 40.0)]),
+        ),
+        (
+            "b".to_string(),
+            "sq".to_string(),
+            Polygon::new(square(100.0, 0.0, 100.0), vec![]),
+        ),
+        (
+            "c".to_string(),
+            "sq".to_string(),
+            Polygon::new(square(30.0, 30.0, 40.0), vec![]),
+        ),
+    ])
+    .expect("index");
+    let name = |x_m: f64, y_m: f64| {
+        let c = lonlat(x_m, y_m);
+        match index.locate(c.x, c.y) {
+            Located::Grid { grid_code, .. } => grid_code.to_string(),
+            Located::Unserved => "unserved".to_string(),
+        }
+    };
+    let answers = [
+        ("in a", name(10.0, 10.0)),
+        ("in a's hole", name(50.0, 50.0)),
+        ("in b", name(150.0, 90.0)),
+        ("east of b", name(250.0, 50.0)),
+        ("south of a", name(50.0, -10.0)),
+        (
+            "NaN",
+            match index.locate(f64::NAN, 27.7) {
+                Located::Grid { grid_code, .. } => grid_code.to_string(),
+                Located::Unserved => "unserved".to_string(),
+            },
+        ),
+    ]
+    .map(|(what, answer)| format!("{what}: {answer}"))
+    .join("\n");
+    expect![[r#"
+        in a: a
+        in a's hole: c
+        in b: b
+        east of b: unserved
+        south of a: unserved
+        NaN: unserved"#]]
+    .assert_eq(&answers);
+}
