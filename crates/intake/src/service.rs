@@ -555,8 +555,14 @@ impl IntakeService {
     /// commits of one aggregate in order), then the receipts, then acks or answers.
     async fn decide_and_store(&mut self, inputs: Vec<Input>) {
         let mut plans: Vec<Plan> = Vec::with_capacity(inputs.len());
+        // A retry of a submission can land in the same batch as the first attempt (a client
+        // that timed out while this instance waited on the store). The later input is then
+        // answered from the receipt the earlier one planned; if the earlier one's writes fail,
+        // the later one must not be told "filed" either. (later input, earlier input)
+        let mut planned_here: HashMap<String, usize> = HashMap::new();
+        let mut answered_from: Vec<(usize, usize)> = Vec::new();
         let mut contacts = Vec::new();
-        for input in &inputs {
+        for (index, input) in inputs.iter().enumerate() {
             let decoded = decode_submission(
                 &input.payload,
                 input.fallback_id.as_deref(),
@@ -565,6 +571,10 @@ impl IntakeService {
             );
             let plan = match decoded {
                 Ok(valid) => {
+                    if let Some(earlier) = planned_here.get(&valid.submission_id) {
+                        answered_from.push((index, *earlier));
+                    }
+                    let submission_id = valid.submission_id.clone();
                     if self.core.receipt(&valid.submission_id).is_none()
                         && self.core.receipts_evicted()
                     {
@@ -575,15 +585,26 @@ impl IntakeService {
                     {
                         contacts.push((valid.reporter_id, contact.clone()));
                     }
-                    self.core.plan(
+                    let plan = self.core.plan(
                         valid,
                         &input.payload,
                         input.now,
                         self.locator.as_ref(),
                         &self.policy,
-                    )
+                    );
+                    if plan.record.is_some() {
+                        planned_here.insert(submission_id, index);
+                    }
+                    plan
                 }
                 Err(refusal) => {
+                    if let Some(earlier) = refusal
+                        .submission_id
+                        .as_ref()
+                        .and_then(|id| planned_here.get(id))
+                    {
+                        answered_from.push((index, *earlier));
+                    }
                     let known = refusal
                         .submission_id
                         .as_deref()
@@ -599,6 +620,7 @@ impl IntakeService {
                             let receipt = event.receipt();
                             if let Some(id) = &refusal.submission_id {
                                 self.core.remember(id, receipt.clone());
+                                planned_here.insert(id.clone(), index);
                             }
                             let aggregate = intake_aggregate(
                                 refusal.submission_id.as_deref(),
@@ -775,6 +797,12 @@ impl IntakeService {
         }
         for incident in reload {
             self.reload(incident).await;
+        }
+        // An input answered from an earlier input's plan fails with it (see `answered_from`).
+        for (later, earlier) in answered_from {
+            if failed[earlier] {
+                failed[later] = true;
+            }
         }
         // Phase 3: acknowledge or answer.
         for ((input, plan), failed) in inputs.into_iter().zip(plans).zip(failed) {
