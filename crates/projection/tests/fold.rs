@@ -281,3 +281,163 @@ fn restart_from_stored_incidents_equals_uninterrupted_fold() {
         "totals are rendered"
     );
 }
+
+/// One GRIDS commit per registry command, decided by the registry's own core.
+fn grids_commits(community_id: &str) -> Vec<RecordedCommit<registry::domain::Event>> {
+    use geo::{LineString, MultiPolygon, Point, Polygon};
+    use registry::domain::{Building, Command, Community, CommunityProfile, GridWorker};
+    const STEP: f64 = 0.001;
+    let (x, y) = (117.63, 26.26);
+    let side = 4.0 * STEP;
+    let profile = CommunityProfile {
+        code: "350402001001".to_owned(),
+        name: "列东社区".to_owned(),
+        street: "列东街道".to_owned(),
+        district: "三元区".to_owned(),
+        boundary: MultiPolygon::new(vec![Polygon::new(
+            LineString::from(vec![
+                (x, y),
+                (x + side, y),
+                (x + side, y + side),
+                (x, y + side),
+                (x, y),
+            ]),
+            vec![],
+        )]),
+    };
+    let buildings = (0..9)
+        .map(|n| Building {
+            id: format!("b{n}"),
+            position: Point::new(
+                x + (0.8 + f64::from(n % 3) * 1.2) * STEP,
+                y + (0.8 + f64::from(n / 3) * 1.2) * STEP,
+            ),
+            households: 60,
+            population: Some(180),
+        })
+        .collect();
+    let mut community = Community::new(community_id);
+    let mut commits = Vec::new();
+    let mut commands = vec![
+        Command::RegisterCommunity(profile),
+        Command::ImportBuildings { buildings },
+        Command::Partition,
+    ];
+    let mut version = 0;
+    while !commands.is_empty() {
+        let command = commands.remove(0);
+        let events = registry::domain::decide(&community, "c", &command, 1_767_225_600_000)
+            .expect("registry accepts the command");
+        if matches!(command, Command::Partition) {
+            let grid_code = community_grid(&community, &events);
+            commands.push(Command::AssignGridWorker {
+                grid_code,
+                worker: GridWorker {
+                    worker_id: "w1".to_owned(),
+                    name: "网格员一".to_owned(),
+                },
+            });
+        }
+        for event in &events {
+            registry::domain::evolve(&mut community, event);
+        }
+        let first_version = version + 1;
+        version += events.len() as u64;
+        commits.push(RecordedCommit {
+            aggregate: AggregateId::new(community_id.to_owned()).unwrap(),
+            command_id: format!("c{version}"),
+            sequence: commits.len() as u64 + 1,
+            first_version,
+            version,
+            events: events
+                .into_iter()
+                .enumerate()
+                .map(|(i, event)| RecordedEvent {
+                    event_id: uuid::Uuid::nil(),
+                    version: first_version + i as u64,
+                    event_type: event.kind().to_owned(),
+                    event,
+                })
+                .collect(),
+            meta: CommitMeta {
+                correlation_id: uuid::Uuid::nil(),
+                causation_id: uuid::Uuid::nil(),
+                actor: "street/1".to_owned(),
+                occurred_at_ms: 1_767_225_600_000,
+                traceparent: None,
+            },
+            previous_hash: [0; 32],
+            hash: [0; 32],
+            stored_at_ms: 1_767_225_600_000,
+        });
+    }
+    commits
+}
+
+/// The first grid code a partition commit draws.
+fn community_grid(
+    _community: &registry::domain::Community,
+    events: &[registry::domain::Event],
+) -> String {
+    events
+        .iter()
+        .find_map(|event| match event {
+            registry::domain::Event::GridsDrawn { drawn, .. } => {
+                drawn.first().map(|grid| grid.grid_code.clone())
+            }
+            _ => None,
+        })
+        .expect("the partition draws grids")
+}
+
+#[test]
+fn community_compliance_from_grids() {
+    // Loudi's profile has grid and grid-worker rules (one worker per 200 households).
+    let profile = standards::builtin("loudi").unwrap();
+    let mut projector = Projector::new(ScoreWeights::default(), Some(profile), true);
+    for commit in grids_commits("liedong") {
+        projector.apply_grids_commit(&commit);
+    }
+    let rendered = projector.take_dirty(false);
+    let (_, value) = rendered
+        .models
+        .iter()
+        .find(|(key, _)| key == "compliance.liedong")
+        .expect("a compliance value");
+    let compliance: projection::CommunityCompliance = serde_json::from_slice(value).unwrap();
+    let mut out = format!(
+        "{} {} households={} grids={} workers={} met={} not_met={} unknown={} n/a={} seq={}\n",
+        compliance.community_id,
+        compliance.code,
+        compliance.households,
+        compliance.grids,
+        compliance.grid_workers,
+        compliance.met,
+        compliance.not_met,
+        compliance.unknown,
+        compliance.not_applicable,
+        compliance.sequence
+    );
+    for finding in &compliance.findings {
+        out.push_str(&format!(
+            "  {} {} actual={:?} ({})\n",
+            finding.rule_id, finding.status, finding.actual, finding.source
+        ));
+    }
+    expect![[r#"
+        liedong 350402001001 households=540 grids=3 workers=1 met=1 not_met=0 unknown=11 n/a=0 seq=4
+          grid_size met actual=Some(3.0) (002_5ec5a89cad8c6552.txt)
+          committee_members unknown actual=None (002_5ec5a89cad8c6552.txt)
+          staff_per_households unknown actual=None (002_5ec5a89cad8c6552.txt)
+          public_service_space unknown actual=None (002_5ec5a89cad8c6552.txt)
+          public_service_space_new unknown actual=None (002_5ec5a89cad8c6552.txt)
+          service_centre unknown actual=None (002_5ec5a89cad8c6552.txt)
+          operating_funds_central unknown actual=None (002_5ec5a89cad8c6552.txt)
+          project_funds_central unknown actual=None (002_5ec5a89cad8c6552.txt)
+          operating_funds_county_town unknown actual=None (002_5ec5a89cad8c6552.txt)
+          project_funds_county_town unknown actual=None (002_5ec5a89cad8c6552.txt)
+          operating_funds_township unknown actual=None (002_5ec5a89cad8c6552.txt)
+          volunteers unknown actual=None (002_5ec5a89cad8c6552.txt)
+    "#]]
+    .assert_eq(&out);
+}
