@@ -1,0 +1,559 @@
+//! Scale-out and failover on a 3-node JetStream cluster (R3 streams) with the deploy accounts:
+//! two `wangge serve` instances of each service (registry, intake, dispatch), each service as
+//! its own restricted user, a resident app submitting reports on both paths (durable
+//! `intake.submit.app` and request/reply `intake.request`).
+//!
+//! Phase 1 runs undisturbed; in phase 2 the node leading the INCIDENTS stream is killed
+//! (`kill -9`) while reports keep coming, and restarted afterwards. Nothing is lost and
+//! nothing is processed twice:
+//!
+//! - every submission has exactly one receipt in INTAKE;
+//! - every filed incident has exactly one intake commit and exactly one dispatch commit in
+//!   INCIDENTS (no command id twice), and no other instance wrote it again;
+//! - both intake instances and both registry instances answered requests (queue groups), as
+//!   their `$SRV.STATS` show.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use serde_json::{Value, json};
+use testkit::{DeployAccounts, NatsCluster};
+
+const SERVICES: [&str; 3] = ["registry", "intake", "dispatch"];
+const INSTANCES_PER_SERVICE: usize = 2;
+/// Submissions per phase, half on each path.
+const SUBMISSIONS_PER_PHASE: usize = 60;
+const REPLICAS: usize = 3;
+/// Longest wait for the pipeline to finish a phase.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a single submission may be retried (covers a leader election).
+const SUBMIT_RETRY_MAX: Duration = Duration::from_secs(30);
+const ORIGIN: (f64, f64) = (117.6300, 26.2600);
+const STEP: f64 = 0.001;
+
+/// `wangge serve` children, killed when dropped.
+struct Services(Vec<Child>);
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn serve(urls: &str, accounts: &DeployAccounts, name: &str, instance: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_wangge"))
+        .args(["serve", name, "--instance", instance])
+        .env_remove("WANGGE_CONFIG")
+        .env("WANGGE_NATS__URL", urls)
+        .env("WANGGE_NATS__USER", name)
+        .env(
+            "WANGGE_NATS__PASSWORD",
+            accounts.password(name).expect("service user"),
+        )
+        .env("WANGGE_NATS__INBOX_PREFIX", format!("_INBOX_{name}"))
+        .env("WANGGE_STORE__REPLICAS", REPLICAS.to_string())
+        .env("WANGGE_LOG__FILTER", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wangge serve")
+}
+
+async fn connect(
+    urls: &str,
+    accounts: &DeployAccounts,
+    user: &str,
+    inbox: &str,
+) -> async_nats::Client {
+    let addresses: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(|url| url.parse().expect("server address"))
+        .collect();
+    async_nats::ConnectOptions::new()
+        .user_and_password(
+            user.to_owned(),
+            accounts.password(user).expect("user").to_owned(),
+        )
+        .custom_inbox_prefix(format!("_INBOX_{inbox}"))
+        .connect(addresses)
+        .await
+        .expect("connect")
+}
+
+/// Every answer to a `$SRV` request within a short window (one per instance).
+async fn gather(client: &async_nats::Client, subject: &str) -> Vec<Value> {
+    use futures::StreamExt as _;
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply(subject.to_owned(), inbox, bytes::Bytes::new())
+        .await
+        .expect("publish");
+    let mut out = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(700), answers.next()).await
+    {
+        // A status message ("no responders") has no payload.
+        if let Ok(value) = serde_json::from_slice(&message.payload) {
+            out.push(value);
+        }
+    }
+    out
+}
+
+async fn wait_instances(admin: &async_nats::Client, service: &str, instances: usize) {
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    while gather(admin, &format!("$SRV.PING.wangge-{service}"))
+        .await
+        .len()
+        < instances
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service}: not every instance answered PING"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Requests `subject` until answered (a leader election can make a request time out).
+async fn request_retrying(client: &async_nats::Client, subject: &str, body: &Value) -> Value {
+    let deadline = tokio::time::Instant::now() + SUBMIT_RETRY_MAX;
+    loop {
+        let request = async_nats::Request::new()
+            .payload(body.to_string().into())
+            .timeout(Some(Duration::from_secs(2)));
+        match client.send_request(subject.to_owned(), request).await {
+            Ok(reply) => {
+                let value: Value = serde_json::from_slice(&reply.payload).expect("json");
+                if value["status"] != "unavailable" {
+                    return value;
+                }
+            }
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{subject} never answered: {error}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn publish_retrying(jetstream: &jetstream::Context, id: &str, body: &Value) {
+    let deadline = tokio::time::Instant::now() + SUBMIT_RETRY_MAX;
+    loop {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(body.to_string().into())
+            .message_id(id);
+        let stored = match jetstream.send_publish("intake.submit.app", message).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match stored {
+            Ok(()) => return,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "submission {id} never stored: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn position(column: f64, row: f64) -> (f64, f64) {
+    (ORIGIN.0 + column * STEP, ORIGIN.1 + row * STEP)
+}
+
+fn submission(index: usize) -> (String, Value) {
+    let id = format!("cluster-{index:05}");
+    // Spread over the 9 buildings and 3 categories (reports of one category near one building
+    // are merged by intake: duplicate merges are part of the pipeline under test).
+    let (lon, lat) = position(
+        0.8 + (index % 3) as f64 * 1.2,
+        0.8 + (index / 3 % 3) as f64 * 1.2,
+    );
+    let category = ["0101", "0201", "0301"][index / 9 % 3];
+    let body = json!({
+        "submission_id": id,
+        "kind": "problem_report",
+        "category": category,
+        "location": {"point": {"lon": lon + (index / 27) as f64 * 0.00002, "lat": lat}},
+        "description": "cluster test",
+        "channel": "app",
+        "reporter_id": uuid::Uuid::from_u128(0x5000 + index as u128),
+        "occurred_at": "2026-11-20T08:30:00+08:00",
+    });
+    (id, body)
+}
+
+async fn submit_phase(resident: &async_nats::Client, range: std::ops::Range<usize>) {
+    let jetstream = jetstream::new(resident.clone());
+    let mut sends = Vec::new();
+    for index in range {
+        let (id, body) = submission(index);
+        let jetstream = jetstream.clone();
+        let resident = resident.clone();
+        sends.push(tokio::spawn(async move {
+            if index % 2 == 0 {
+                publish_retrying(&jetstream, &id, &body).await;
+            } else {
+                let receipt = request_retrying(&resident, "intake.request", &body).await;
+                assert!(
+                    receipt["status"] == "filed" || receipt["status"] == "merged",
+                    "{receipt}"
+                );
+            }
+        }));
+    }
+    for send in sends {
+        send.await.expect("submission task");
+    }
+}
+
+/// What the log holds: receipts per submission, and per incident its commits' command ids.
+#[derive(Debug, Default)]
+struct Ledger {
+    receipts: BTreeMap<String, usize>,
+    incidents: BTreeMap<String, Vec<String>>,
+    dispatchers: BTreeMap<String, usize>,
+}
+
+/// Reads the ledger, retrying while the cluster elects leaders (reads may then fail).
+async fn ledger(admin: &async_nats::Client) -> Ledger {
+    let deadline = tokio::time::Instant::now() + SUBMIT_RETRY_MAX;
+    loop {
+        match read_ledger(admin).await {
+            Ok(ledger) => return ledger,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "read the log: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_ledger(admin: &async_nats::Client) -> Result<Ledger, String> {
+    let jetstream = jetstream::new(admin.clone());
+    let spec = |context| StreamSpec::for_context(context, REPLICAS, Duration::from_secs(120));
+    let mut ledger = Ledger::default();
+    let intake = EventStore::open_existing(
+        jetstream.clone(),
+        spec(BoundedContext::Intake),
+        intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+    )
+    .await
+    .map_err(|error| error.to_string())?;
+    intake
+        .replay(ReplayRange::default(), |commit| {
+            *ledger
+                .receipts
+                .entry(commit.aggregate.to_string())
+                .or_default() += 1;
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    let incidents = EventStore::open_existing(
+        jetstream,
+        spec(BoundedContext::Incidents),
+        dispatch::IncidentCodec,
+    )
+    .await
+    .map_err(|error| error.to_string())?;
+    incidents
+        .replay(ReplayRange::default(), |commit| {
+            if commit.command_id.starts_with("dispatch:") {
+                *ledger
+                    .dispatchers
+                    .entry(commit.meta.actor.clone())
+                    .or_default() += 1;
+            }
+            ledger
+                .incidents
+                .entry(commit.aggregate.to_string())
+                .or_default()
+                .push(commit.command_id);
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(ledger)
+}
+
+impl Ledger {
+    fn dispatched(&self) -> usize {
+        self.incidents
+            .values()
+            .filter(|ids| ids.iter().any(|id| id.starts_with("dispatch:")))
+            .count()
+    }
+
+    /// Problems: a submission with other than one receipt, an incident without exactly one
+    /// intake commit and one dispatch commit, a command id twice.
+    fn problems(&self, submissions: usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.receipts.len() != submissions {
+            problems.push(format!(
+                "{} receipts for {submissions} submissions",
+                self.receipts.len()
+            ));
+        }
+        for (submission, count) in &self.receipts {
+            if *count != 1 {
+                problems.push(format!("{submission}: {count} receipts"));
+            }
+        }
+        for (incident, ids) in &self.incidents {
+            let dispatches = ids.iter().filter(|id| id.starts_with("dispatch:")).count();
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            if dispatches != 1 || unique.len() != ids.len() {
+                problems.push(format!("{incident}: {ids:?}"));
+            }
+        }
+        problems
+    }
+}
+
+async fn settle(admin: &async_nats::Client, submissions: usize) -> Ledger {
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let ledger = ledger(admin).await;
+        if ledger.receipts.len() >= submissions && ledger.dispatched() == ledger.incidents.len() {
+            return ledger;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let missing: Vec<String> = (0..submissions)
+                .map(|index| submission(index).0)
+                .filter(|id| !ledger.receipts.contains_key(id))
+                .collect();
+            let queue = match jetstream::new(admin.clone())
+                .get_stream("SUBMISSIONS")
+                .await
+            {
+                Ok(stream) => match stream.consumer_info("intake").await {
+                    Ok(info) => format!(
+                        "pending {}, ack pending {}, redelivered {}, waiting {}",
+                        info.num_pending,
+                        info.num_ack_pending,
+                        info.num_redelivered,
+                        info.num_waiting
+                    ),
+                    Err(error) => error.to_string(),
+                },
+                Err(error) => error.to_string(),
+            };
+            let intake = EventStore::open_existing(
+                jetstream::new(admin.clone()),
+                StreamSpec::for_context(BoundedContext::Intake, REPLICAS, Duration::from_secs(120)),
+                intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+            )
+            .await
+            .expect("INTAKE");
+            let mut direct = Vec::new();
+            for id in &missing {
+                let aggregate = eventstore::AggregateId::new(id.clone()).expect("aggregate");
+                direct.push(match intake.load(&aggregate).await {
+                    Ok(loaded) => format!("{id}: version {} in INTAKE", loaded.position.version),
+                    Err(error) => format!("{id}: {error}"),
+                });
+            }
+            panic!(
+                "pipeline did not settle: {} receipts of {submissions} (missing {missing:?}, \
+                 read directly: {direct:?}; SUBMISSIONS consumer: {queue}), {} of {} incidents \
+                 dispatched",
+                ledger.receipts.len(),
+                ledger.dispatched(),
+                ledger.incidents.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `num_requests` of `endpoint` per instance of `service`, sorted.
+async fn requests_per_instance(
+    admin: &async_nats::Client,
+    service: &str,
+    endpoint: &str,
+) -> Vec<u64> {
+    let mut counts: Vec<u64> = gather(admin, &format!("$SRV.STATS.wangge-{service}"))
+        .await
+        .iter()
+        .map(|stats| {
+            stats["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["name"] == endpoint)
+                .map(|e| e["num_requests"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .collect();
+    counts.sort_unstable();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leader_kill() {
+    let accounts = DeployAccounts::load().expect("accounts.conf");
+    let mut cluster = NatsCluster::start_with(accounts.options()).expect("cluster");
+    let urls = cluster.urls();
+    let admin = connect(&urls, &accounts, "admin", "admin").await;
+    let admin_js = jetstream::new(admin.clone());
+    // The operator's first step: `wangge up` as admin creates every stream and bucket (R3).
+    let up = Command::new(env!("CARGO_BIN_EXE_wangge"))
+        .arg("up")
+        .env_remove("WANGGE_CONFIG")
+        .env("WANGGE_NATS__URL", &urls)
+        .env("WANGGE_NATS__USER", "admin")
+        .env(
+            "WANGGE_NATS__PASSWORD",
+            accounts.password("admin").expect("admin"),
+        )
+        .env("WANGGE_NATS__INBOX_PREFIX", "_INBOX_admin")
+        .env("WANGGE_STORE__REPLICAS", REPLICAS.to_string())
+        .env("WANGGE_LOG__FILTER", "error")
+        .output()
+        .expect("run wangge up");
+    assert!(
+        up.status.success(),
+        "wangge up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut children = Vec::new();
+    // One instance after the other: the first creates the shared durable consumers (creating
+    // the same R3 consumer from two processes at once can outlast the JetStream API timeout).
+    for service in SERVICES {
+        for n in 1..=INSTANCES_PER_SERVICE {
+            children.push(serve(&urls, &accounts, service, &format!("{service}-{n}")));
+            wait_instances(&admin, service, n).await;
+        }
+    }
+    let _services = Services(children);
+
+    // A community with 9 buildings, partitioned, through either registry instance.
+    let (x, y) = ORIGIN;
+    let side = 4.0 * STEP;
+    let mut buildings = Vec::new();
+    for row in 0..3 {
+        for column in 0..3 {
+            let (lon, lat) = position(0.8 + column as f64 * 1.2, 0.8 + row as f64 * 1.2);
+            buildings.push(json!({"id": format!("b{}", row * 3 + column + 1),
+                "lon": lon, "lat": lat, "households": 60}));
+        }
+    }
+    for (subject, body) in [
+        (
+            "grids.cmd.register_community",
+            json!({
+            "command_id": "c-register", "community_id": "liedong", "code": "350402001001",
+            "name": "列东社区", "street": "列东街道", "district": "三元区",
+            "boundary": [[[[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]]}),
+        ),
+        (
+            "grids.cmd.import_buildings",
+            json!({
+            "command_id": "c-import", "community_id": "liedong", "buildings": buildings}),
+        ),
+        (
+            "grids.cmd.partition",
+            json!({"command_id": "c-partition", "community_id": "liedong"}),
+        ),
+    ] {
+        let reply = request_retrying(&admin, subject, &body).await;
+        assert_eq!(reply["status"], "accepted", "{subject}: {reply}");
+    }
+    // Both registry instances (and intake's in-process followers) see the grids.
+    let point = {
+        let (lon, lat) = position(0.8, 0.8);
+        json!({"lon": lon, "lat": lat})
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    let mut served = 0;
+    while served < 40 {
+        let reply = request_retrying(&admin, "grids.locate", &point).await;
+        if reply["status"] == "served" {
+            served += 1;
+        } else {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never located: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let resident = connect(&urls, &accounts, "resident-app", "resident").await;
+    // Phase 1: undisturbed.
+    submit_phase(&resident, 0..SUBMISSIONS_PER_PHASE).await;
+    let first = settle(&admin, SUBMISSIONS_PER_PHASE).await;
+    assert_eq!(first.problems(SUBMISSIONS_PER_PHASE), Vec::<String>::new());
+
+    // Phase 2: the INCIDENTS leader dies mid-run.
+    let mut incidents_stream = admin_js.get_stream("INCIDENTS").await.expect("INCIDENTS");
+    let leader = incidents_stream
+        .info()
+        .await
+        .expect("info")
+        .cluster
+        .clone()
+        .and_then(|cluster| cluster.leader)
+        .expect("a leader");
+    let index = cluster.index_of(&leader).expect("leader is a node");
+    let half = SUBMISSIONS_PER_PHASE / 2;
+    let phase_two = SUBMISSIONS_PER_PHASE..SUBMISSIONS_PER_PHASE + half;
+    let submitting = {
+        let resident = resident.clone();
+        tokio::spawn(async move { submit_phase(&resident, phase_two).await })
+    };
+    cluster.node_mut(index).kill();
+    submit_phase(
+        &resident,
+        SUBMISSIONS_PER_PHASE + half..2 * SUBMISSIONS_PER_PHASE,
+    )
+    .await;
+    submitting.await.expect("phase two submissions");
+    let total = 2 * SUBMISSIONS_PER_PHASE;
+    let after_kill = settle(&admin, total).await;
+    assert_eq!(after_kill.problems(total), Vec::<String>::new());
+    cluster
+        .node_mut(index)
+        .restart()
+        .expect("restart the killed node");
+    cluster.wait_healthy().expect("cluster healthy again");
+    let after_restart = ledger(&admin).await;
+    assert_eq!(after_restart.problems(total), Vec::<String>::new());
+    assert_eq!(after_restart.incidents.len(), after_kill.incidents.len());
+
+    // The work was shared: every instance answered requests of its queue group.
+    let intake = requests_per_instance(&admin, "intake", "submit").await;
+    let registry = requests_per_instance(&admin, "registry", "locate").await;
+    assert_eq!(intake.len(), INSTANCES_PER_SERVICE, "{intake:?}");
+    assert!(intake.iter().all(|count| *count > 0), "intake: {intake:?}");
+    // At least one request per request-path submission (more: retries while the leader
+    // was being elected, answered by the receipt stored the first time).
+    assert!(
+        intake.iter().sum::<u64>() as usize >= total / 2,
+        "{intake:?}"
+    );
+    assert_eq!(registry.len(), INSTANCES_PER_SERVICE, "{registry:?}");
+    assert!(
+        registry.iter().all(|count| *count > 0),
+        "registry: {registry:?}"
+    );
+    eprintln!(
+        "killed {leader}; {} incidents from {total} submissions; dispatch commits by instance: {:?}; \
+         intake submit requests per instance: {intake:?}; registry locates per instance: {registry:?}",
+        after_restart.incidents.len(),
+        after_restart.dispatchers
+    );
+}
