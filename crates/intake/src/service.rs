@@ -720,7 +720,11 @@ impl IntakeService {
                     }
                 }
                 Err((done, error)) => {
-                    warn!(%incident, %error, "store incident commit");
+                    let trace_id = indices
+                        .get(done)
+                        .and_then(|index| observe::trace_id(&inputs[*index].traceparent))
+                        .unwrap_or("");
+                    warn!(%incident, trace_id, %error, "store incident commit");
                     for index in &indices[done..] {
                         failed[*index] = true;
                     }
