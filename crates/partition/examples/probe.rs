@@ -1,6 +1,6 @@
 //! Profiling and debugging harness: partition the communities of the seeded synthetic city
 //! (the one `wangge bench partition` measures) one by one on this thread and print a line per
-//! community with a disconnected grid, then totals. Run under callgrind for instruction counts:
+//! flagged grid (disconnected, out of range, ...), then totals. Run under callgrind for instruction counts:
 //! `valgrind --tool=callgrind target/release/examples/probe 2000 1`.
 //!
 //! Arguments: buildings (default 2000), repetitions (1), seed (42), only this community id.
@@ -19,7 +19,11 @@ fn main() {
     for _ in 0..repeat {
         for community in &city {
             let p = partition::partition(community).expect("partition");
-            for grid in p.grids.iter().filter(|g| !g.detached.is_empty()) {
+            for grid in p
+                .grids
+                .iter()
+                .filter(|g| !g.detached.is_empty() || !g.flags.is_empty())
+            {
                 println!(
                     "{} {} households {} members {} detached {} flags {:?}",
                     community.id,

@@ -1307,7 +1307,10 @@ pub fn partition(input: &CommunityInput) -> Result<Partition, PartitionError> {
     let mut state = State::new(s.len());
     let all: Vec<u32> = (0..s.len() as u32).collect();
     solve_region(&mut state, s, &all);
-    finish(&community, state, &HashMap::new(), 0)
+    // Grids the refinement left out of range get the local repair `repartition` uses.
+    let mut codes = HashMap::new();
+    repair_out_of_range(&mut state, s, &mut codes);
+    finish(&community, state, &codes, 0)
 }
 
 /// Cut `region` (all unassigned afterwards) into fresh grids and refine them among themselves.
@@ -1440,23 +1443,30 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
     let members = state.members(state.grids());
     let grids: Vec<u32> = (0..state.grids() as u32).collect();
     state.keep_heaviest_components(s, &grids, &members);
-    let created = state.grow(s, &all, &|_| true);
-    let mut retired: HashSet<u32> = HashSet::new();
-    let _ = created;
+    state.grow(s, &all, &|_| true);
+    repair_out_of_range(&mut state, s, &mut codes);
+    finish(&community, state, &codes, sequence_max)
+}
 
-    // Repair grids that are out of range, lightest penalty first is irrelevant: go by id.
+/// Grids out of range (and not locked by an oversize item) are balanced with their
+/// neighbours by moves that never push an in-range grid out of range, else re-cut alone, with
+/// their lightest neighbour, or with all their neighbours, whichever lowers the penalty most.
+/// Only a bad grid and its neighbours change; `codes` follow the new grids that keep most of
+/// an old grid's members.
+fn repair_out_of_range(state: &mut State, s: &Sites, codes: &mut HashMap<u32, String>) {
+    let mut retired: HashSet<u32> = HashSet::new();
     let mut pass = 0;
     loop {
         pass += 1;
         let bad: Vec<u32> = (0..state.grids() as u32)
             .filter(|&g| !retired.contains(&g) && state.sites[g as usize] > 0)
-            .filter(|&g| penalty(state.households[g as usize]) > 0 && !locked(&state, s, g))
+            .filter(|&g| penalty(state.households[g as usize]) > 0 && !locked(state, s, g))
             .collect();
         if bad.is_empty() || pass > 8 {
             break;
         }
         let members = state.members(state.grids());
-        let adjacency = grid_adjacency(&state, s);
+        let adjacency = grid_adjacency(state, s);
         for grid in bad {
             if penalty(state.households[grid as usize]) == 0 || retired.contains(&grid) {
                 continue;
@@ -1494,7 +1504,7 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 .into_iter()
                 .flatten()
                 .copied()
-                .filter(|&g| !retired.contains(&g) && !locked(&state, s, g))
+                .filter(|&g| !retired.contains(&g) && !locked(state, s, g))
                 .collect();
             let mut first = vec![grid];
             if households < u64::from(HOUSEHOLDS_MIN)
@@ -1547,7 +1557,7 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
                 .iter()
                 .map(|&site| state.grid_of[site as usize])
                 .collect();
-            state = trial;
+            *state = trial;
             for &g in &merged {
                 retired.insert(g);
             }
@@ -1575,7 +1585,6 @@ pub fn repartition(input: &CommunityInput, previous: &[Grid]) -> Result<Partitio
             break;
         }
     }
-    finish(&community, state, &codes, sequence_max)
 }
 
 /// A grid whose only problem is an indivisible item or a community too small: nothing to fix.
