@@ -173,7 +173,10 @@ def main():
     # shared work consumers. They may delete a consumer by name (their replays remove their
     # ephemeral consumers); the services' private consumers have unguessable names
     # (<instance>-<UUIDv7>) and auditors may not list consumers.
-    auditor_publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"]
+    # ... and they may query the read models (`projection.query.*`, request/reply).
+    auditor_publish = [
+        "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "projection.query.*",
+    ]
     for stream in EVENT_STREAMS:
         auditor_publish += [
             f"$JS.API.STREAM.INFO.{stream}",
