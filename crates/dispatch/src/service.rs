@@ -47,6 +47,10 @@ pub type IncidentStore = EventStore<codecs::IncidentCodec>;
 pub const DUE_BATCH_MAX: usize = 256;
 /// Filed incidents dispatched per loop turn.
 pub const DISPATCH_BATCH_MAX: usize = 256;
+/// Commits the notifier handles at once: their notifications are published together and their
+/// acks awaited together, then the commits are acknowledged (one round trip per batch, not
+/// one per notification — the service's loop is not held up by the notifier).
+pub const NOTIFY_BATCH_MAX: usize = 256;
 /// Decide-append rounds for one console command when other writers keep winning the race.
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
@@ -415,7 +419,7 @@ impl DispatchService {
                     }
                 }
                 delivery = next_notification(&mut notifier) => {
-                    self.on_notification(delivery).await;
+                    self.on_notification(delivery, &mut notifier).await;
                 }
                 Some(request) = next_request(&mut requests) => {
                     self.on_request(request).await;
@@ -884,51 +888,92 @@ impl DispatchService {
 
     async fn on_notification(
         &mut self,
-        delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+        first: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+        notifier: &mut Option<Subscription<codecs::IncidentCodec>>,
     ) {
-        let delivery = match delivery {
-            Ok(delivery) => delivery,
+        let mut deliveries = match first {
+            Ok(delivery) => vec![delivery],
             Err(error) => {
                 warn!(%error, "notifier delivery");
                 return;
             }
         };
-        let commit = &delivery.commit;
-        let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
-            let _ = delivery.ack().await;
-            return;
-        };
-        let span = incident_span(incident, commit.meta.traceparent.as_deref());
-        self.notify_commit(incident, delivery)
-            .instrument(span)
-            .await;
+        // Take what is already here, without waiting, up to the batch bound.
+        if let Some(notifier) = notifier.as_mut() {
+            while deliveries.len() < NOTIFY_BATCH_MAX {
+                match futures::FutureExt::now_or_never(notifier.next()) {
+                    Some(Ok(delivery)) => deliveries.push(delivery),
+                    Some(Err(error)) => {
+                        warn!(%error, "notifier delivery");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.notify_batch(deliveries).await;
     }
 
-    async fn notify_commit(
-        &mut self,
-        incident: IncidentId,
-        delivery: eventstore::Delivery<IncidentEvent>,
-    ) {
-        let commit = &delivery.commit;
-        let events: Vec<&IncidentEvent> = commit.events.iter().map(|e| &e.event).collect();
-        let state = self.book.get(incident).map(|h: &Held| &h.state);
-        let notes =
-            notify::notifications(incident, &events, state, commit.sequence, commit.version);
-        let jetstream = self.store.jetstream();
-        let mut all_stored = true;
-        for (recipient, note) in &notes {
-            if let Err(error) =
-                publish_notification(jetstream, commit.sequence, *recipient, note).await
-            {
-                warn!(%error, "notification not stored; the commit will be redelivered");
-                all_stored = false;
-                break;
+    /// Publishes the notifications of every commit in `deliveries` at once, awaits their acks
+    /// together, then acknowledges each commit whose notifications were all stored. A commit
+    /// with a failed publish is not acknowledged: it comes back, and the server drops the
+    /// notifications it already stored (Msg-Id).
+    async fn notify_batch(&mut self, deliveries: Vec<eventstore::Delivery<IncidentEvent>>) {
+        let jetstream = self.store.jetstream().clone();
+        let mut stored = vec![true; deliveries.len()];
+        let mut acks = Vec::new();
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let commit = &delivery.commit;
+            let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
+                continue;
+            };
+            let events: Vec<&IncidentEvent> = commit.events.iter().map(|e| &e.event).collect();
+            let state = self.book.get(incident).map(|h: &Held| &h.state);
+            let notes =
+                notify::notifications(incident, &events, state, commit.sequence, commit.version);
+            for (recipient, note) in &notes {
+                match send_notification(&jetstream, commit.sequence, *recipient, note).await {
+                    Ok(ack) => acks.push((index, incident, ack)),
+                    Err(error) => {
+                        let span = incident_span(incident, commit.meta.traceparent.as_deref());
+                        span.in_scope(|| {
+                            warn!(%error, "notification not sent; the commit will be redelivered");
+                        });
+                        stored[index] = false;
+                    }
+                }
             }
-            self.progress.notifications += 1;
-            self.config.observer.metrics().notifications.inc();
         }
-        if all_stored && let Err(error) = delivery.ack().await {
-            debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
+        let (owners, futures): (Vec<_>, Vec<_>) = acks
+            .into_iter()
+            .map(|(index, incident, ack)| ((index, incident), ack))
+            .unzip();
+        for ((index, incident), result) in owners.into_iter().zip(
+            futures::future::join_all(
+                futures
+                    .into_iter()
+                    .map(std::future::IntoFuture::into_future),
+            )
+            .await,
+        ) {
+            match result {
+                Ok(_) => {
+                    self.progress.notifications += 1;
+                    self.config.observer.metrics().notifications.inc();
+                }
+                Err(error) => {
+                    let span = incident_span(incident, None);
+                    span.in_scope(|| {
+                        warn!(%error, "notification not stored; the commit will be redelivered");
+                    });
+                    stored[index] = false;
+                }
+            }
+        }
+        for (delivery, stored) in deliveries.iter().zip(stored) {
+            if stored && let Err(error) = delivery.ack().await {
+                debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
+            }
         }
     }
 
@@ -988,22 +1033,21 @@ async fn next_notification(
     }
 }
 
-async fn publish_notification(
+/// Sends one notification; the returned future resolves when JetStream stored it.
+async fn send_notification(
     jetstream: &jetstream::Context,
     stream_sequence: u64,
     recipient: Recipient,
     note: &Notification,
-) -> Result<(), String> {
+) -> Result<jetstream::context::PublishAckFuture, String> {
     let subject = recipient.subject();
     let message = jetstream::message::PublishMessage::build()
         .payload(to_json(note))
         .message_id(format!("{stream_sequence}:{subject}:{}", note.kind));
-    let ack = jetstream
+    jetstream
         .send_publish(subject, message)
         .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
 }
 
 /// Reads an incident's commits after `held` and folds them in.
