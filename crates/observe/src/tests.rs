@@ -24,12 +24,15 @@ fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// The metric lines (no comments) containing `needle`, with the histogram buckets left out.
+/// The metric lines (no comments) containing `needle`, with the histogram buckets left out,
+/// sorted (a family's series come in hash order).
 fn lines_with(text: &str, needle: &str) -> String {
-    text.lines()
+    let mut lines: Vec<&str> = text
+        .lines()
         .filter(|line| !line.starts_with('#') && line.contains(needle) && !line.contains("_bucket"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    lines.sort_unstable();
+    lines.join("\n")
 }
 
 fn check(given: &Observer, needle: &str, expect: Expect) {
