@@ -107,6 +107,30 @@ pub enum ServiceError {
     Subscribe { subject: String, reason: String },
 }
 
+/// Creates (or opens) the durable pull consumer on SUBMISSIONS shared by every intake instance
+/// (also run by `wangge up`, so that instances starting together never race to create it).
+pub async fn ensure_submissions_consumer(
+    submissions_stream: &stream::Stream,
+    config: &ServiceConfig,
+) -> Result<consumer::PullConsumer, ServiceError> {
+    submissions_stream
+        .get_or_create_consumer(
+            &config.submissions_durable,
+            consumer::pull::Config {
+                durable_name: Some(config.submissions_durable.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: SUBMISSION_ACK_WAIT,
+                max_ack_pending: SUBMISSIONS_ACK_PENDING_MAX,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|error| ServiceError::Consumer {
+            durable: config.submissions_durable.clone(),
+            reason: error.to_string(),
+        })
+}
+
 /// Creates (or opens) the KV bucket of reporters' contact details (also run by `wangge up`,
 /// so that intake's restricted credentials never have to create it under load).
 pub async fn ensure_contacts_bucket(
@@ -324,22 +348,8 @@ impl IntakeService {
         follower_config.start_after_sequence = reached;
         follower_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
         let follower = incidents.subscribe(follower_config).await?;
-        let submissions_consumer = submissions_stream
-            .get_or_create_consumer(
-                &config.submissions_durable,
-                consumer::pull::Config {
-                    durable_name: Some(config.submissions_durable.clone()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: SUBMISSION_ACK_WAIT,
-                    max_ack_pending: SUBMISSIONS_ACK_PENDING_MAX,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|error| ServiceError::Consumer {
-                durable: config.submissions_durable.clone(),
-                reason: error.to_string(),
-            })?;
+        let submissions_consumer =
+            ensure_submissions_consumer(&submissions_stream, &config).await?;
         let subscribe_error = |subject: &str, reason: String| ServiceError::Subscribe {
             subject: subject.to_owned(),
             reason,

@@ -430,8 +430,9 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
         String::from_utf8_lossy(&up.stderr)
     );
     let mut children = Vec::new();
-    // One instance after the other: the first creates the shared durable consumers (creating
-    // the same R3 consumer from two processes at once can outlast the JetStream API timeout).
+    // One instance after the other: the first dispatch creates the shared notifier consumer
+    // (creating the same R3 consumer from two processes at once can outlast the JetStream API
+    // timeout; `wangge up` created intake's shared consumer already).
     for service in SERVICES {
         for n in 1..=INSTANCES_PER_SERVICE {
             children.push(serve(&urls, &accounts, service, &format!("{service}-{n}")));

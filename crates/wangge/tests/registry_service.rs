@@ -41,7 +41,7 @@ fn up_creates_streams_and_serve_registry_answers_then_stops_on_sigterm() {
         stream GRIDS (grids.ev.>): replicas 1, duplicate window 120s, 0 messages, ready
         stream INCIDENTS (incidents.ev.>): replicas 1, duplicate window 120s, 0 messages, ready
         stream INTAKE (intake.ev.>): replicas 1, duplicate window 120s, 0 messages, ready
-        stream SUBMISSIONS, stream NOTIFICATIONS, buckets INTAKE_CONTACTS and DISPATCH_SNAPSHOTS: ready
+        stream SUBMISSIONS (consumer intake), stream NOTIFICATIONS, buckets INTAKE_CONTACTS and DISPATCH_SNAPSHOTS: ready
         bucket PROJECTION ready, current generation 1 (bucket PROJ_G1)
     "#]]
     .assert_eq(&String::from_utf8_lossy(&up.stdout));

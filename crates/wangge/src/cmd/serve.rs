@@ -224,9 +224,12 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
             duplicate_window: window,
             ..intake::ServiceConfig::default()
         };
-        intake::ensure_submissions_stream(&jetstream, &intake_config)
+        let submissions = intake::ensure_submissions_stream(&jetstream, &intake_config)
             .await
             .context("create stream SUBMISSIONS")?;
+        intake::service::ensure_submissions_consumer(&submissions, &intake_config)
+            .await
+            .context("create the SUBMISSIONS consumer of intake")?;
         intake::service::ensure_contacts_bucket(&jetstream, &intake_config)
             .await
             .context("create bucket INTAKE_CONTACTS")?;
@@ -245,7 +248,8 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("create bucket {snapshots}"))?;
         writeln!(
             std::io::stdout(),
-            "stream SUBMISSIONS, stream NOTIFICATIONS, buckets {} and {snapshots}: ready",
+            "stream SUBMISSIONS (consumer {}), stream NOTIFICATIONS, buckets {} and {snapshots}: ready",
+            intake_config.submissions_durable,
             intake_config.contacts_bucket
         )
         .context("write to stdout")?;
