@@ -440,9 +440,18 @@ impl ProjectionService {
                 break Ok(());
             }
             let Some(attached) = self.attached.as_mut() else {
-                // Query-only instance.
-                if stopped.changed().await.is_err() {
-                    break Ok(());
+                // Query-only instance: follow the pointer for the query task.
+                tokio::select! {
+                    changed = stopped.changed() => {
+                        if changed.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    entry = next_pointer(&mut pointer_watch) => {
+                        if let Some(pointer) = entry.and_then(|value| serde_json::from_slice::<Pointer>(&value).ok()) {
+                            self.generation_tx.send_replace(pointer.generation);
+                        }
+                    }
                 }
                 continue;
             };

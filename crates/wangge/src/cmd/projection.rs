@@ -112,13 +112,13 @@ pub struct RebuildArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = false, id = "point")]
+#[command(group(clap::ArgGroup::new("point").required(true).args(["time", "sequence"])))]
 pub struct AsOfArgs {
     /// Everything stored at or before this time, e.g. 2026-05-06T10:00:00Z.
-    #[arg(long, group = "point")]
+    #[arg(long)]
     pub time: Option<String>,
     /// INCIDENTS up to this stream sequence (GRIDS up to the time it was stored).
-    #[arg(long, group = "point")]
+    #[arg(long)]
     pub sequence: Option<u64>,
     /// Print the report and the totals as one JSON object.
     #[arg(long)]
