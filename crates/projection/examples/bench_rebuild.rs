@@ -12,7 +12,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             arg.parse()
         })?;
     let rounds = std::env::args().nth(3).map_or(Ok(1), |arg| arg.parse())?;
-    let figures = projection::bench::run(events, rounds, chunks_in_flight).await?;
+    let write_during_replay = std::env::args().nth(4).is_none_or(|arg| arg != "at-end");
+    let figures =
+        projection::bench::run(events, rounds, chunks_in_flight, write_during_replay).await?;
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
 }

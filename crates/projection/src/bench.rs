@@ -129,6 +129,7 @@ pub async fn run(
     events: u64,
     rounds: usize,
     chunks_in_flight: usize,
+    write_during_replay: bool,
 ) -> Result<RebuildFigures, BenchError> {
     let args = Args {
         events,
@@ -189,6 +190,7 @@ pub async fn run(
 
     let mut options = crate::RebuildOptions::new(incidents_spec.clone(), grids_spec);
     options.chunks_in_flight = chunks_in_flight;
+    options.write_during_replay = write_during_replay;
     let mut raw_s = Vec::new();
     let mut rebuild_s = Vec::new();
     let mut raw_events = 0;

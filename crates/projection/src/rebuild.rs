@@ -57,6 +57,9 @@ pub struct RebuildOptions {
     pub chunk_sequences: u64,
     /// Chunks read concurrently (at least 1).
     pub chunks_in_flight: usize,
+    /// Write each chunk's incident values while the next chunks are read (true), or all of
+    /// them after the replay (false).
+    pub write_during_replay: bool,
 }
 
 impl RebuildOptions {
@@ -69,6 +72,7 @@ impl RebuildOptions {
             profile: None,
             chunk_sequences: REBUILD_CHUNK_SEQUENCES,
             chunks_in_flight: REPLAY_CHUNKS_IN_FLIGHT,
+            write_during_replay: true,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct RebuildReport {
     pub elapsed_ms: u64,
     /// Time spent folding (inside the replay), and when the last chunk's values were stored.
     pub fold_ms: u64,
+    /// Time the fold waited for chunks to be read and decoded.
+    pub read_wait_ms: u64,
     pub chunks_written_ms: u64,
 }
 
@@ -182,6 +188,7 @@ pub async fn build_into(
     let mut events = 0u64;
     let mut keys_written = 0u64;
     let mut fold_time = std::time::Duration::ZERO;
+    let mut wait_time = std::time::Duration::ZERO;
     let mut writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
     let chunk = options.chunk_sequences.max(1);
     // Chunks are read (and decoded) by concurrent range consumers, folded strictly in stream
@@ -213,10 +220,12 @@ pub async fn build_into(
         let Some(read) = reads.pop_front() else {
             break;
         };
+        let waiting = Instant::now();
         let chunk_commits = read
             .await
             .expect("replay task")
             .map_err(replay_error(&options.incidents.stream_name))?;
+        wait_time += waiting.elapsed();
         let folding = Instant::now();
         for commit in &chunk_commits {
             if time_cut.is_some_and(|cut| commit.stored_at_ms > cut) {
@@ -231,21 +240,24 @@ pub async fn build_into(
         let reached = chunk_commits.last().map_or(0, |c| c.sequence);
         drop(chunk_commits);
         progress.reached(reached);
-        let rendered = projector.take_dirty(true);
-        keys_written += rendered.len() as u64;
-        if let Some(previous) = writing.take() {
-            previous.await.expect("write task")?;
+        if options.write_during_replay {
+            let rendered = projector.take_dirty(true);
+            keys_written += rendered.len() as u64;
+            if let Some(previous) = writing.take() {
+                previous.await.expect("write task")?;
+            }
+            let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
+            writing = Some(tokio::spawn(async move {
+                store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
+            }));
         }
-        let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
-        writing = Some(tokio::spawn(async move {
-            store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
-        }));
         info!(
             bucket,
             reached,
             target = incidents_target,
             commits,
             fold_ms = fold_time.as_millis() as u64,
+            wait_ms = wait_time.as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "rebuild progress"
         );
@@ -296,6 +308,7 @@ pub async fn build_into(
         keys_written,
         elapsed_ms: started.elapsed().as_millis() as u64,
         fold_ms: fold_time.as_millis() as u64,
+        read_wait_ms: wait_time.as_millis() as u64,
         chunks_written_ms: written_at,
     })
 }

@@ -27,6 +27,7 @@ pub fn run(args: BenchRebuildArgs) -> anyhow::Result<()> {
         args.events,
         args.rounds,
         projection::rebuild::REPLAY_CHUNKS_IN_FLIGHT,
+        true,
     ))?;
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
