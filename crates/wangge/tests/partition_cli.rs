@@ -252,7 +252,7 @@ fn osm_extract_meets_the_quality_targets() {
         report["rejected"].as_array().map_or(0, Vec::len),
     );
     expect![[r#"
-        buildings 2171 grids 24 in_range_share 1.000 disconnected 0 pp_median 0.541 (>= 0.45: true) pp_p10 0.365 (>= 0.30: true) rejected 0
+        buildings 2171 grids 24 in_range_share 1.000 disconnected 0 pp_median 0.520 (>= 0.45: true) pp_p10 0.339 (>= 0.30: true) rejected 0
     "#]].assert_eq(&verdict);
     let svg_text = std::fs::read_to_string(&svg).expect("svg");
     assert!(svg_text.starts_with("<svg") && svg_text.contains("<circle"));
