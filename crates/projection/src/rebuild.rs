@@ -21,7 +21,7 @@ use crate::wire::ScoreWeights;
 /// the next chunk is read.
 pub const REBUILD_CHUNK_SEQUENCES: u64 = 50_000;
 /// Chunks read concurrently (each by its own ephemeral range consumer).
-pub const REPLAY_CHUNKS_IN_FLIGHT: usize = 2;
+pub const REPLAY_CHUNKS_IN_FLIGHT: usize = 1;
 /// Messages per pull request while replaying.
 pub const REPLAY_BATCH_MAX: usize = 1_000;
 
@@ -196,6 +196,48 @@ pub async fn build_into(
     let mut reads = std::collections::VecDeque::new();
     let mut next_after = 0u64;
     let mut past_cut = false;
+    // One chunk at a time: fold inside the replay callback (no hand-over of decoded chunks).
+    while options.chunks_in_flight <= 1 && next_after < incidents_target && !past_cut {
+        let until_sequence = (next_after + chunk).min(incidents_target);
+        let folding_started = Instant::now();
+        let mut folding = std::time::Duration::ZERO;
+        incident_store
+            .replay(
+                ReplayRange {
+                    after_sequence: next_after,
+                    until_sequence: Some(until_sequence),
+                    batch_max: REPLAY_BATCH_MAX,
+                },
+                |commit| {
+                    if past_cut || time_cut.is_some_and(|cut| commit.stored_at_ms > cut) {
+                        past_cut = true;
+                        return;
+                    }
+                    let started = Instant::now();
+                    commits += 1;
+                    events += commit.events.len() as u64;
+                    projector.apply_incident_commit(&commit);
+                    folding += started.elapsed();
+                },
+            )
+            .await
+            .map_err(replay_error(&options.incidents.stream_name))?;
+        fold_time += folding;
+        wait_time += folding_started.elapsed().saturating_sub(folding);
+        next_after = until_sequence;
+        progress.reached(next_after);
+        if options.write_during_replay {
+            let rendered = projector.take_dirty(true);
+            keys_written += rendered.len() as u64;
+            if let Some(previous) = writing.take() {
+                previous.await.expect("write task")?;
+            }
+            let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
+            writing = Some(tokio::spawn(async move {
+                store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
+            }));
+        }
+    }
     loop {
         while reads.len() < options.chunks_in_flight.max(1) && next_after < incidents_target {
             let until_sequence = (next_after + chunk).min(incidents_target);
