@@ -21,7 +21,7 @@ use crate::wire::ScoreWeights;
 /// the next chunk is read.
 pub const REBUILD_CHUNK_SEQUENCES: u64 = 50_000;
 /// Chunks read concurrently (each by its own ephemeral range consumer).
-pub const REPLAY_CHUNKS_IN_FLIGHT: usize = 1;
+pub const REPLAY_CHUNKS_IN_FLIGHT: usize = 2;
 /// Messages per pull request while replaying.
 pub const REPLAY_BATCH_MAX: usize = 1_000;
 
