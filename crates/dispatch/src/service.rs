@@ -825,7 +825,16 @@ impl DispatchService {
                 &self.config.policy,
             ) {
                 Ok(events) => events,
-                Err(rejection) => return CommandReply::from_rejection(&rejection),
+                Err(rejection) => {
+                    // A resent command (its first answer lost in a crash) meets the state it
+                    // already changed and would be refused; answer it as the duplicate it is.
+                    if command.command_id.is_some()
+                        && let Some(reply) = self.already_applied(&aggregate, &command_id).await
+                    {
+                        return reply;
+                    }
+                    return CommandReply::from_rejection(&rejection);
+                }
             };
             let position = held.position;
             let commit = Commit::new(
@@ -884,6 +893,35 @@ impl DispatchService {
             "conflict",
             format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
         )
+    }
+
+    /// The answer to a command whose id is already in the incident's history: accepted, as a
+    /// duplicate. Read only when the decider refused a command that carries an id, so the
+    /// per-instance duplicate cache is not the only guard across restarts and instances.
+    async fn already_applied(
+        &mut self,
+        aggregate: &eventstore::AggregateId,
+        command_id: &str,
+    ) -> Option<CommandReply> {
+        let loaded = match self.store.load(aggregate).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                warn!(%error, "read the incident to look for a resent command");
+                return None;
+            }
+        };
+        let commit = loaded
+            .commits
+            .iter()
+            .find(|commit| commit.command_id == command_id)?;
+        let incident = uuid::Uuid::parse_str(aggregate.as_str().rsplit('.').next()?).ok()?;
+        Some(CommandReply::Accepted {
+            incident,
+            version: commit.version,
+            sequence: commit.sequence,
+            duplicate: true,
+            events: Vec::new(),
+        })
     }
 
     async fn on_notification(

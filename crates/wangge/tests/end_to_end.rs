@@ -259,6 +259,15 @@ async fn run(crash: bool) -> Outcome {
     let _ = consoles_task.await;
     let console_stats = consoles.stats();
     assert_eq!(console_stats.failed, 0, "{console_stats:?}");
+    // A console command resent after a crash is answered as a duplicate, never refused.
+    assert!(
+        !console_stats
+            .rejected
+            .keys()
+            .any(|key| key.ends_with(":invalid_transition")),
+        "console commands refused (crash: {crash}): {:?}",
+        console_stats.rejected
+    );
 
     // The log, incident by incident.
     let mut by_incident: BTreeMap<String, Vec<String>> = BTreeMap::new();
