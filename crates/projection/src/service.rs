@@ -155,25 +155,39 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Opens both streams (creating them if needed, as every service does).
+/// Opens both streams as they are; creates one only when it does not exist yet (a fresh
+/// single server without `wangge up`). Under the deploy accounts the `projection` user may not
+/// create or change event streams, so it must never ask to when they exist.
 pub async fn open_stores(
     jetstream: &jetstream::Context,
     incidents: &StreamSpec,
     grids: &StreamSpec,
 ) -> Result<(IncidentStore, GridsStore), ServiceError> {
-    let incident_store =
-        EventStore::open(jetstream.clone(), incidents.clone(), codecs::IncidentCodec)
+    let stream_error = |spec: &StreamSpec, error: eventstore::OpenError| ServiceError::Stream {
+        stream: spec.stream_name.clone(),
+        reason: error.to_string(),
+    };
+    let incident_store = match EventStore::open_existing(
+        jetstream.clone(),
+        incidents.clone(),
+        codecs::IncidentCodec,
+    )
+    .await
+    {
+        Ok(store) => store,
+        Err(_) => EventStore::open(jetstream.clone(), incidents.clone(), codecs::IncidentCodec)
             .await
-            .map_err(|error| ServiceError::Stream {
-                stream: incidents.stream_name.clone(),
-                reason: error.to_string(),
-            })?;
-    let grids_store = EventStore::open(jetstream.clone(), grids.clone(), registry::RegistryCodec)
-        .await
-        .map_err(|error| ServiceError::Stream {
-            stream: grids.stream_name.clone(),
-            reason: error.to_string(),
-        })?;
+            .map_err(|error| stream_error(incidents, error))?,
+    };
+    let grids_store =
+        match EventStore::open_existing(jetstream.clone(), grids.clone(), registry::RegistryCodec)
+            .await
+        {
+            Ok(store) => store,
+            Err(_) => EventStore::open(jetstream.clone(), grids.clone(), registry::RegistryCodec)
+                .await
+                .map_err(|error| stream_error(grids, error))?,
+        };
     Ok((incident_store, grids_store))
 }
 

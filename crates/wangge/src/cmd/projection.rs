@@ -201,6 +201,17 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         // Listen before the (possibly long) load so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
         let client = super::serve::connect(settings, &args.instance).await?;
+        // Health, metrics (when `observe.metrics_address` is set) and the lag of both streams
+        // behind what the builder has folded.
+        let observer = super::serve::observe_service(
+            settings,
+            "projection",
+            &args.instance,
+            &client,
+            &["INCIDENTS", "GRIDS"],
+            &stopped,
+        )
+        .await?;
         let mut config = ProjectionConfig::new(
             spec(settings, BoundedContext::Incidents),
             spec(settings, BoundedContext::Grids),
@@ -218,9 +229,19 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
         };
-        service.run(stopped).await.context("projection")?;
+        observer.set_started();
+        let mut progress = service.progress();
+        let reporter = tokio::spawn(async move {
+            while progress.changed().await.is_ok() {
+                let reached = *progress.borrow();
+                observer.metrics().reached("INCIDENTS", reached.incidents_sequence);
+                observer.metrics().reached("GRIDS", reached.grids_sequence);
+            }
+        });
+        let result = service.run(stopped).await.context("projection");
+        reporter.abort();
         signals.abort();
-        Ok(())
+        result
     })
 }
 

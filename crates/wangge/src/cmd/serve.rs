@@ -327,7 +327,7 @@ fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()>
 
 /// The service's [`observe::Observer`]: the metrics and health endpoint (when
 /// `observe.metrics_address` is set) and the lag poller over `streams`, both until `stopped`.
-async fn observe_service(
+pub(crate) async fn observe_service(
     settings: &Settings,
     service: &str,
     instance: &str,
