@@ -164,7 +164,7 @@ async fn start_registry(
 }
 
 /// Publishes every payload with acks awaited, `PUBLISHES_IN_FLIGHT_MAX` outstanding.
-async fn publish_all(
+pub(crate) async fn publish_all(
     context: &jetstream::Context,
     subject: &str,
     payloads: &[(String, bytes::Bytes)],

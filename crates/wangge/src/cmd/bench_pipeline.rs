@@ -14,8 +14,6 @@ use simulation::{CityPlan, ResidentPlan};
 
 use super::children::Services;
 
-/// Publishes awaiting acks at once, on both sides.
-const PUBLISHES_IN_FLIGHT_MAX: usize = 1_000;
 /// Longest wait for the read models to show every incident dispatched.
 const PIPELINE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest wait for the last notification of the latency phase.
@@ -101,51 +99,6 @@ pub fn run(args: BenchPipelineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(
-    client: &async_nats::Client,
-    services: &mut Services,
-    subject: &str,
-    body: &'static str,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        services.check_alive()?;
-        let request = client.request(subject.to_owned(), body.into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), request).await {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{subject} never answered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Publishes every payload with acks awaited, `PUBLISHES_IN_FLIGHT_MAX` outstanding.
-async fn publish_all(
-    context: &jetstream::Context,
-    subject: &str,
-    payloads: &[(String, bytes::Bytes)],
-) -> anyhow::Result<()> {
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for (id, payload) in payloads {
-        if pending.len() >= PUBLISHES_IN_FLIGHT_MAX
-            && let Some(ack) = pending.next().await
-        {
-            let _: jetstream::publish::PublishAck = ack?;
-        }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        let future = context
-            .publish_with_headers(subject.to_owned(), headers, payload.clone())
-            .await
-            .context("publish")?;
-        pending.push(async move { future.await.map_err(anyhow::Error::from) });
-    }
-    while let Some(ack) = pending.next().await {
-        ack?;
-    }
-    Ok(())
-}
-
 /// `count` reports of the seeded residents whose point the registry serves (a point jittered
 /// off a community's edge would be refused as outside every community, and the benchmark
 /// measures filing, not refusing).
@@ -204,22 +157,7 @@ async fn bench(
 ) -> anyhow::Result<PipelineFigures> {
     let client = async_nats::connect(url).await.context("connect")?;
     let context = jetstream::new(client.clone());
-    wait_ready(
-        &client,
-        services,
-        "grids.query.community",
-        r#"{"community_id":"probe"}"#,
-    )
-    .await?;
-    wait_ready(
-        &client,
-        services,
-        "intake.query.receipt",
-        r#"{"submission_id":"probe-0000"}"#,
-    )
-    .await?;
-    wait_ready(&client, services, "dispatch.cmd.city.verify", "{}").await?;
-    wait_ready(&client, services, "projection.query.totals", "{}").await?;
+    services.wait_ready(&client, |_, _| {}).await?;
     let policy = domain::Policy::embedded("sanming").context("policy")?;
     let city = simulation::plan_city(CityPlan {
         seed: 1,
@@ -251,7 +189,7 @@ async fn bench(
         .await
         .context("create raw stream")?;
     let started = Instant::now();
-    publish_all(&context, "raw.submit.app", &throughput).await?;
+    super::bench_intake::publish_all(&context, "raw.submit.app", &throughput).await?;
     let raw_publish_per_s = args.reports as f64 / started.elapsed().as_secs_f64();
     eprintln!("  raw acked publishes: {raw_publish_per_s:.0}/s");
 
@@ -289,7 +227,7 @@ async fn bench(
         (filed, other, Instant::now())
     });
     let started = Instant::now();
-    publish_all(&context, "intake.submit.app", &throughput).await?;
+    super::bench_intake::publish_all(&context, "intake.submit.app", &throughput).await?;
     let published = started.elapsed();
     let deadline = started + PIPELINE_TIMEOUT;
     let mut last_progress = Instant::now();

@@ -9,6 +9,25 @@ use anyhow::Context as _;
 
 /// Longest wait for a service to exit after SIGTERM before it is killed.
 const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a service to answer its first request.
+const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request each service answers once it has started (any answer will do): service, subject,
+/// body.
+pub const READINESS_PROBES: [(&str, &str, &str); 4] = [
+    (
+        "registry",
+        "grids.query.community",
+        r#"{"community_id":"probe"}"#,
+    ),
+    (
+        "intake",
+        "intake.query.receipt",
+        r#"{"submission_id":"probe-0000"}"#,
+    ),
+    ("dispatch", "dispatch.cmd.city.verify", "{}"),
+    ("projection", "projection.query.totals", "{}"),
+];
 
 /// The services, stopped (SIGTERM, then SIGKILL) when dropped.
 #[derive(Debug, Default)]
@@ -51,6 +70,32 @@ impl Services {
         }
         let child = command.spawn().with_context(|| format!("start {name}"))?;
         self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Waits until every service of [`READINESS_PROBES`] answers; `on_ready(service, subject)`
+    /// after each. Fails when a service exits or does not answer within a minute.
+    pub async fn wait_ready(
+        &mut self,
+        client: &async_nats::Client,
+        mut on_ready: impl FnMut(&str, &str),
+    ) -> anyhow::Result<()> {
+        for (name, subject, body) in READINESS_PROBES {
+            let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
+            loop {
+                self.check_alive()?;
+                let request = client.request(subject.to_owned(), body.to_owned().into());
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+                    on_ready(name, subject);
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{name} did not answer on {subject} within {SERVICE_READY_TIMEOUT:?}; see its log"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         Ok(())
     }
 

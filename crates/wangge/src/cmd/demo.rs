@@ -19,8 +19,6 @@ use tokio::sync::watch;
 use super::children::Services;
 use crate::config::Settings;
 
-/// Longest wait for a service to answer its first request.
-const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for the read models to reflect the end of the streams.
 const READ_MODELS_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for receipts of stored submissions after the last one was published.
@@ -141,29 +139,6 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "[demo] {line}");
 }
 
-async fn wait_ready(
-    client: &async_nats::Client,
-    services: &mut Services,
-    name: &str,
-    subject: &str,
-    body: &str,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
-    loop {
-        services.check_alive()?;
-        let request = client.request(subject.to_owned(), body.to_owned().into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), request).await {
-            say(&format!("{name} is answering on {subject}"));
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{name} did not answer on {subject} within {SERVICE_READY_TIMEOUT:?}; see its log"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn simulate(
     settings: &Settings,
     args: &DemoArgs,
@@ -172,38 +147,11 @@ async fn simulate(
 ) -> anyhow::Result<Value> {
     let client = super::serve::connect(settings, "demo").await?;
     let jetstream = async_nats::jetstream::new(client.clone());
-    wait_ready(
-        &client,
-        services,
-        "registry",
-        "grids.query.community",
-        r#"{"community_id":"probe"}"#,
-    )
-    .await?;
-    wait_ready(
-        &client,
-        services,
-        "intake",
-        "intake.query.receipt",
-        r#"{"submission_id":"probe-0000"}"#,
-    )
-    .await?;
-    wait_ready(
-        &client,
-        services,
-        "dispatch",
-        "dispatch.cmd.city.verify",
-        "{}",
-    )
-    .await?;
-    wait_ready(
-        &client,
-        services,
-        "projection",
-        "projection.query.totals",
-        "{}",
-    )
-    .await?;
+    services
+        .wait_ready(&client, |name, subject| {
+            say(&format!("{name} is answering on {subject}"));
+        })
+        .await?;
 
     let policy = domain::Policy::embedded(&settings.city)
         .with_context(|| format!("load the policy of city {:?}", settings.city))?;
