@@ -137,7 +137,11 @@ pub struct ProjectionService {
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     generation_tx: watch::Sender<u64>,
-    queries: Option<Vec<async_nats::Subscriber>>,
+    /// The NATS micro service `wangge-projection` and its query endpoint.
+    queries: Option<(
+        async_nats::service::Service,
+        async_nats::service::endpoint::Endpoint,
+    )>,
 }
 
 impl std::fmt::Debug for ProjectionService {
@@ -246,16 +250,25 @@ impl ProjectionService {
             service.attach(generation).await?;
         }
         if service.config.serve_queries {
-            let subscribers = eventstore::bus::queue_subscribe_ready(
+            let queries_error = |reason: String| ServiceError::Queries { reason };
+            // Queries are the endpoint of a NATS micro service, so `$SRV.PING/INFO/STATS`
+            // find the projection and count its requests, as for every other service.
+            let micro = observe::micro_service(
                 &service.client,
-                &[wire::SUBJECT_QUERY_ALL],
+                "projection",
+                "wangge read models: incident views, boards, statistics, scorecards, compliance",
                 &service.config.queue_group,
+                &service.config.instance,
             )
             .await
-            .map_err(|error| ServiceError::Queries {
-                reason: error.to_string(),
-            })?;
-            service.queries = Some(subscribers);
+            .map_err(|error| queries_error(error.to_string()))?;
+            let endpoint = observe::endpoint(&micro, "query", wire::SUBJECT_QUERY_ALL)
+                .await
+                .map_err(|error| queries_error(error.to_string()))?;
+            eventstore::bus::server_barrier(&service.client)
+                .await
+                .map_err(|error| queries_error(error.to_string()))?;
+            service.queries = Some((micro, endpoint));
         }
         Ok(service)
     }
@@ -436,11 +449,11 @@ impl ProjectionService {
 
     /// Builds and serves until `stopped` turns true (or its sender is dropped).
     pub async fn run(mut self, mut stopped: watch::Receiver<bool>) -> Result<(), ServiceError> {
-        let query_task = self.queries.take().map(|subscribers| {
+        let query_task = self.queries.take().map(|(micro, endpoint)| {
             let jetstream = self.jetstream.clone();
             let generation = self.generation_tx.subscribe();
             let stop = stopped.clone();
-            tokio::spawn(serve_queries(jetstream, subscribers, generation, stop))
+            tokio::spawn(serve_queries(jetstream, micro, endpoint, generation, stop))
         });
         let mut pointer_watch = match self.meta.watch(keys::CURRENT).await {
             Ok(watch) => Some(watch),
@@ -586,23 +599,22 @@ async fn next_pointer(watch: &mut Option<kv::Watch>) -> Option<bytes::Bytes> {
 /// Answers queries until `stopped`; the generation follows the builder's (or the pointer).
 async fn serve_queries(
     jetstream: jetstream::Context,
-    subscribers: Vec<async_nats::Subscriber>,
+    micro: async_nats::service::Service,
+    mut requests: async_nats::service::endpoint::Endpoint,
     generation: watch::Receiver<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let client = jetstream.client();
-    let mut requests = futures::stream::select_all(subscribers);
     let mut models: Option<ReadModels> = None;
     loop {
-        let message = tokio::select! {
+        let request = tokio::select! {
             changed = stopped.changed() => {
                 if changed.is_err() || *stopped.borrow() {
                     break;
                 }
                 continue;
             }
-            message = requests.next() => match message {
-                Some(message) => message,
+            request = requests.next() => match request {
+                Some(request) => request,
                 None => break,
             },
         };
@@ -610,19 +622,21 @@ async fn serve_queries(
         if models.as_ref().map(ReadModels::generation) != Some(wanted) {
             models = ReadModels::open(&jetstream, wanted).await.ok();
         }
-        let Some(reply) = message.reply.clone() else {
-            continue;
-        };
         let answer = match &models {
-            Some(models) => answer(models, &message.subject, &message.payload).await,
+            Some(models) => {
+                answer(models, &request.message.subject, &request.message.payload).await
+            }
             None => error_reply("store", format!("generation {wanted} is not readable")),
         };
-        if let Err(error) = client.publish(reply, answer.into()).await {
+        if let Err(error) = request.respond(Ok(answer.into())).await {
             debug!(%error, "query reply not sent");
         }
     }
-    for subscriber in requests.iter_mut() {
-        let _ = subscriber.unsubscribe().await;
+    if let Err(error) = requests.stop().await {
+        debug!(%error, "stop the query endpoint");
+    }
+    if let Err(error) = micro.stop().await {
+        debug!(%error, "stop the micro service");
     }
 }
 

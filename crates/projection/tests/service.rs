@@ -168,6 +168,12 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
     let totals_reply = ask("projection.query.totals", "{}").await;
     assert_eq!(totals_reply["status"], "found");
     assert_eq!(totals_reply["value"]["incidents"], 400);
+    // The queries are a NATS micro service endpoint, discoverable through `$SRV` (several
+    // instances answer STATS here, so the first reply may be one that served no query).
+    let stats = ask("$SRV.STATS.wangge-projection", "").await;
+    assert_eq!(stats["name"], "wangge-projection");
+    assert_eq!(stats["endpoints"][0]["name"], "query");
+    assert_eq!(stats["endpoints"][0]["subject"], "projection.query.*");
     let incident_id = histories[0][0].incident.to_string();
     let incident_reply = client
         .request(
