@@ -187,6 +187,25 @@ pub enum Status {
     Merged,
 }
 
+impl Status {
+    /// The status's public name (snake_case), as in the read models and the intake status view.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Absent => "absent",
+            Status::Reported => "reported",
+            Status::Filed => "filed",
+            Status::Dispatched => "dispatched",
+            Status::Acknowledged => "acknowledged",
+            Status::Resolved => "resolved",
+            Status::Closed => "closed",
+            Status::Rejected => "rejected",
+            Status::Cancelled => "cancelled",
+            Status::Parked => "parked",
+            Status::Merged => "merged",
+        }
+    }
+}
+
 /// A resident's rating (好差评).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub enum Satisfaction {

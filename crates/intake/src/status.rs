@@ -2,26 +2,9 @@
 //! grid, category, handler and deadlines — never actor ids or contact details.
 
 use domain::IncidentId;
-use domain::incident::{IncidentState, Status};
+use domain::incident::IncidentState;
 
 use crate::wire::IncidentStatus;
-
-/// Public name of a status.
-pub fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::Absent => "absent",
-        Status::Reported => "reported",
-        Status::Filed => "filed",
-        Status::Dispatched => "dispatched",
-        Status::Acknowledged => "acknowledged",
-        Status::Resolved => "resolved",
-        Status::Closed => "closed",
-        Status::Rejected => "rejected",
-        Status::Cancelled => "cancelled",
-        Status::Parked => "parked",
-        Status::Merged => "merged",
-    }
-}
 
 /// The public view of `state` after the change that produced `events` at `version`.
 pub fn view(
@@ -33,7 +16,7 @@ pub fn view(
 ) -> IncidentStatus {
     IncidentStatus {
         incident_id: incident.0,
-        status: status_name(state.status).to_owned(),
+        status: state.status.as_str().to_owned(),
         version,
         events,
         grid_code: state.grid.map(|grid| grid.to_string()),

@@ -62,22 +62,6 @@ const LEVELS: [Level; 5] = [
     Level::City,
 ];
 
-pub fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::Absent => "absent",
-        Status::Reported => "reported",
-        Status::Filed => "filed",
-        Status::Dispatched => "dispatched",
-        Status::Acknowledged => "acknowledged",
-        Status::Resolved => "resolved",
-        Status::Closed => "closed",
-        Status::Rejected => "rejected",
-        Status::Cancelled => "cancelled",
-        Status::Parked => "parked",
-        Status::Merged => "merged",
-    }
-}
-
 fn status_index(status: Status) -> Option<usize> {
     STATUSES.iter().position(|s| *s == status)
 }
@@ -450,7 +434,7 @@ impl Held {
             incident_id: self.incident.to_string(),
             sequence: self.sequence,
             version: self.version,
-            status: status_name(state.status).to_owned(),
+            status: state.status.as_str().to_owned(),
             open: self.is_open(),
             grid: state.grid.map(|g| g.to_string()),
             community: state.grid.map(|g| format!("{:012}", g.community())),
@@ -658,7 +642,7 @@ impl Counts {
             .iter()
             .zip(self.by_status)
             .filter(|(_, count)| *count > 0)
-            .map(|(status, count)| (status_name(*status).to_owned(), count))
+            .map(|(status, count)| (status.as_str().to_owned(), count))
             .collect()
     }
 }
@@ -1108,7 +1092,7 @@ impl Projector {
             .take(BOARD_ENTRIES_MAX)
             .map(|held| BoardEntry {
                 incident_id: held.incident.to_string(),
-                status: status_name(held.state.status).to_owned(),
+                status: held.state.status.as_str().to_owned(),
                 role: held
                     .board_roles()
                     .into_iter()
