@@ -40,6 +40,9 @@ pub trait EventCodec: Clone + Send + Sync + 'static {
     ) -> Result<Self::Event, CodecError>;
 }
 
+/// First allocation for an encoded event, in bytes.
+const EVENT_BYTES_GUESS: usize = 256;
+
 /// A codec for event types whose postcard form is frozen as version 1 under one type name.
 /// Meant for tests and benchmarks; domain contexts write their own versioned codecs.
 #[derive(Debug)]
@@ -81,10 +84,14 @@ where
     type Event = E;
 
     fn encode(&self, event: &E) -> Result<EncodedEvent, CodecError> {
-        let payload = postcard::to_allocvec(event).map_err(|error| CodecError::Encode {
-            event_type: self.event_type.to_owned(),
-            reason: error.to_string(),
-        })?;
+        // Most events fit in the first allocation (to_allocvec would start empty and grow).
+        let payload =
+            postcard::to_extend(event, Vec::with_capacity(EVENT_BYTES_GUESS)).map_err(|error| {
+                CodecError::Encode {
+                    event_type: self.event_type.to_owned(),
+                    reason: error.to_string(),
+                }
+            })?;
         Ok(EncodedEvent {
             event_type: self.event_type.to_owned(),
             schema_version: Self::SCHEMA_VERSION,

@@ -179,24 +179,35 @@ pub(crate) struct ChainFields<'a> {
 /// (length-prefixed strings, little-endian integers) and the body, in one pass. Frozen:
 /// changing it breaks every stored chain.
 pub(crate) fn chain_hash(fields: &ChainFields<'_>) -> [u8; 32] {
-    fn string(hasher: &mut ring::digest::Context, value: &str) {
-        hasher.update(&(value.len() as u64).to_le_bytes());
-        hasher.update(value.as_bytes());
+    fn string(prefix: &mut Vec<u8>, value: &str) {
+        prefix.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        prefix.extend_from_slice(value.as_bytes());
     }
+    const DOMAIN: &str = "wangge-commit-v1";
+    // Everything before the body is gathered first and fed to the hasher in one call: the
+    // digest is the same as field-by-field updates, with a fraction of the per-call overhead.
+    let mut prefix = Vec::with_capacity(
+        DOMAIN.len()
+            + fields.aggregate.len()
+            + fields.command_id.len()
+            + fields.meta.actor.len()
+            + CHAIN_FIXED_BYTES,
+    );
+    string(&mut prefix, DOMAIN);
+    string(&mut prefix, fields.aggregate);
+    string(&mut prefix, fields.command_id);
+    prefix.extend_from_slice(&fields.first_version.to_le_bytes());
+    prefix.extend_from_slice(&fields.version.to_le_bytes());
+    prefix.extend_from_slice(&fields.previous_hash);
+    prefix.extend_from_slice(fields.meta.correlation_id.as_bytes());
+    prefix.extend_from_slice(fields.meta.causation_id.as_bytes());
+    string(&mut prefix, &fields.meta.actor);
+    prefix.extend_from_slice(&fields.meta.occurred_at_ms.to_le_bytes());
+    prefix.extend_from_slice(&(fields.body.len() as u64).to_le_bytes());
     // ring's SHA-256 uses the CPU's vector (and SHA) instructions; measured 2x fewer
     // instructions than a portable implementation on CPUs without SHA-NI.
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-    string(&mut hasher, "wangge-commit-v1");
-    string(&mut hasher, fields.aggregate);
-    string(&mut hasher, fields.command_id);
-    hasher.update(&fields.first_version.to_le_bytes());
-    hasher.update(&fields.version.to_le_bytes());
-    hasher.update(&fields.previous_hash);
-    hasher.update(fields.meta.correlation_id.as_bytes());
-    hasher.update(fields.meta.causation_id.as_bytes());
-    string(&mut hasher, &fields.meta.actor);
-    hasher.update(&fields.meta.occurred_at_ms.to_le_bytes());
-    hasher.update(&(fields.body.len() as u64).to_le_bytes());
+    hasher.update(&prefix);
     hasher.update(fields.body);
     hasher
         .finish()
@@ -204,6 +215,10 @@ pub(crate) fn chain_hash(fields: &ChainFields<'_>) -> [u8; 32] {
         .try_into()
         .expect("SHA-256 digests are 32 bytes")
 }
+
+/// Bytes of the chain hash input before the body that do not depend on string lengths: four
+/// length prefixes, two versions, the previous hash, two UUIDs, the time and the body length.
+const CHAIN_FIXED_BYTES: usize = 4 * 8 + 2 * 8 + 32 + 2 * 16 + 8 + 8;
 
 /// Digest of what the events say (types, schema versions, payloads), without ids or times:
 /// two commits under one command id are "the same" exactly when these match.
@@ -300,18 +315,23 @@ pub(crate) fn encode_commit<C: EventCodec>(
             });
         }
     }
-    let mut events_header = String::with_capacity(encoded.len() * 56);
+    let mut events_header = String::with_capacity(encoded.len() * 64);
+    let mut uuid_text = Uuid::encode_buffer();
     for (index, (event, id)) in encoded.iter().zip(&commit.event_ids).enumerate() {
-        use std::fmt::Write as _;
         if index > 0 {
             events_header.push(',');
         }
-        let _ = write!(
-            events_header,
-            "{}/{}/{}",
-            event.event_type, event.schema_version, id
-        );
+        events_header.push_str(&event.event_type);
+        events_header.push('/');
+        events_header.push_str(itoa::Buffer::new().format(event.schema_version));
+        events_header.push('/');
+        events_header.push_str(id.hyphenated().encode_lower(&mut uuid_text));
     }
+    let body_bytes_estimate = encoded
+        .iter()
+        .map(|event| event.payload.len() + event.event_type.len() + 32)
+        .sum::<usize>()
+        + 8;
     let body = CommitBodyV1 {
         events: encoded
             .into_iter()
@@ -324,12 +344,13 @@ pub(crate) fn encode_commit<C: EventCodec>(
             })
             .collect(),
     };
-    let body = postcard::to_allocvec(&body).map_err(|error| {
-        EncodeCommitError::Codec(CodecError::Encode {
-            event_type: "commit body".to_owned(),
-            reason: error.to_string(),
-        })
-    })?;
+    let body =
+        postcard::to_extend(&body, Vec::with_capacity(body_bytes_estimate)).map_err(|error| {
+            EncodeCommitError::Codec(CodecError::Encode {
+                event_type: "commit body".to_owned(),
+                reason: error.to_string(),
+            })
+        })?;
     if body.len() > COMMIT_BODY_BYTES_MAX {
         return Err(EncodeCommitError::TooLarge { bytes: body.len() });
     }
@@ -345,35 +366,68 @@ pub(crate) fn encode_commit<C: EventCodec>(
         body: &body,
     });
     let meta = &commit.meta;
-    let traceparent = meta.traceparent.clone().unwrap_or_else(|| {
-        let span = commit.event_ids[0].as_bytes();
-        format!(
-            "00-{}-{}-01",
-            meta.correlation_id.simple(),
-            hex::encode(&span[8..16])
-        )
-    });
+    let traceparent = match &meta.traceparent {
+        Some(traceparent) => traceparent.clone(),
+        None => {
+            let span = commit.event_ids[0].as_bytes();
+            let mut span_hex = [0u8; 16];
+            hex_into(&span[8..16], &mut span_hex);
+            let mut traceparent = String::with_capacity(55);
+            traceparent.push_str("00-");
+            traceparent.push_str(meta.correlation_id.simple().encode_lower(&mut uuid_text));
+            traceparent.push('-');
+            traceparent.push_str(std::str::from_utf8(&span_hex).unwrap_or_default());
+            traceparent.push_str("-01");
+            traceparent
+        }
+    };
     let names = &*HEADER_NAMES;
     let mut headers = HeaderMap::new();
     let mut put = |index: usize, value: String| headers.insert(names[index].clone(), value);
-    put(0, version.to_string());
+    put(0, itoa::Buffer::new().format(version).to_owned());
     put(1, events_header);
-    put(2, meta.correlation_id.to_string());
-    put(3, meta.causation_id.to_string());
+    put(
+        2,
+        meta.correlation_id
+            .hyphenated()
+            .encode_lower(&mut uuid_text)
+            .to_owned(),
+    );
+    put(
+        3,
+        meta.causation_id
+            .hyphenated()
+            .encode_lower(&mut uuid_text)
+            .to_owned(),
+    );
     put(4, meta.actor.clone());
-    put(5, meta.occurred_at_ms.to_string());
-    let mut chain = String::with_capacity(129);
-    chain.push_str(&hex::encode(expected.hash));
-    chain.push(':');
-    chain.push_str(&hex::encode(hash));
-    put(6, chain);
+    put(
+        5,
+        itoa::Buffer::new().format(meta.occurred_at_ms).to_owned(),
+    );
+    let mut chain_hex = [0u8; 129];
+    hex_into(&expected.hash, &mut chain_hex[..64]);
+    chain_hex[64] = b':';
+    hex_into(&hash, &mut chain_hex[65..]);
+    put(6, String::from_utf8_lossy(&chain_hex).into_owned());
     put(7, traceparent);
+    let mut msg_id = String::with_capacity(aggregate.as_str().len() + 1 + commit.command_id.len());
+    msg_id.push_str(aggregate.as_str());
+    msg_id.push('/');
+    msg_id.push_str(&commit.command_id);
     Ok(OutgoingCommit {
         headers,
         body: body.into(),
-        msg_id: [aggregate.as_str(), "/", commit.command_id.as_str()].concat(),
+        msg_id,
         position_after: (version, hash),
     })
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long), without allocating.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), bytes.len() * 2);
+    // `encode_to_slice` only fails on a length mismatch, which the callers rule out.
+    let _ = hex::encode_to_slice(bytes, out);
 }
 
 /// Why a stored message is not a well-formed commit.

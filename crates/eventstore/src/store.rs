@@ -90,7 +90,12 @@ impl StreamSpec {
     }
 
     pub fn subject(&self, aggregate: &AggregateId) -> String {
-        format!("{}.ev.{}", self.subject_prefix, aggregate)
+        let mut subject =
+            String::with_capacity(self.subject_prefix.len() + 4 + aggregate.as_str().len());
+        subject.push_str(&self.subject_prefix);
+        subject.push_str(".ev.");
+        subject.push_str(aggregate.as_str());
+        subject
     }
 
     /// The wildcard covering every aggregate of the context.
