@@ -5,6 +5,8 @@
 pub const META_BUCKET: &str = "PROJECTION";
 /// Key of the [`crate::store::Pointer`] in [`META_BUCKET`].
 pub const CURRENT: &str = "current";
+/// Key of the builder lease ([`crate::lease::LeaseValue`]) in [`META_BUCKET`].
+pub const BUILDER_LEASE: &str = "builder";
 /// Key of the [`crate::wire::Checkpoint`] in a generation bucket.
 pub const CHECKPOINT: &str = "checkpoint";
 /// Key of the city-wide [`crate::wire::Totals`].

@@ -17,6 +17,9 @@
 //!   swap. An as-of replay writes `PROJ_ASOF_<label>` for audits and swaps nothing.
 //! - **Queries** (`projection.query.<model>`, JSON, queue group `projection`) read KV, so any
 //!   instance answers, and an answer always names the generation and checkpoint it reflects.
+//! - **One builder, any number of standbys** ([`lease`]): instances compete for a lease key
+//!   in `PROJECTION`; the holder folds, the others answer queries and take over within a
+//!   bounded time when it dies, resuming from the KV checkpoint like any restart.
 //!
 //! See docs/PROJECTION.md.
 #![forbid(unsafe_code)]
@@ -24,6 +27,7 @@
 pub mod bench;
 pub mod fold;
 pub mod keys;
+pub mod lease;
 pub mod reader;
 pub mod rebuild;
 pub mod service;
@@ -32,6 +36,7 @@ pub mod synthetic;
 pub mod wire;
 
 pub use fold::{Applied, Held, Projector, StoredIncident};
+pub use lease::{BUILDER_LEASE_TTL, LeaseTiming, LeaseValue, Role};
 pub use reader::ReadModels;
 pub use rebuild::{
     NoProgress, ProgressSink, RebuildError, RebuildOptions, RebuildReport, Until, as_of, rebuild,

@@ -2,9 +2,15 @@
 //! and GRIDS into the current generation's bucket, and answers `projection.query.<model>`.
 //!
 //! One `tokio::select!` loop: the shutdown signal, INCIDENTS deliveries, GRIDS deliveries,
-//! a flush timer, and the generation pointer (a rebuild swaps it; the service then moves to
-//! the new generation). Queries are answered by a separate task reading KV, so they never
-//! wait for a flush and any instance (or a reader-only instance) can answer them.
+//! a flush timer, the generation pointer (a rebuild swaps it; the service then moves to
+//! the new generation) and the builder lease ([`crate::lease`]). Queries are answered by a
+//! separate task reading KV, so they never wait for a flush and any instance (builder,
+//! standby or `--queries-only`) can answer them.
+//!
+//! Only the lease holder folds. It checks its lease before every flush and writes the
+//! checkpoint with a revision check, so a builder that lost its lease stops at once and the
+//! standby that takes over resumes from the KV checkpoint like any restart (incident states
+//! loaded, aggregates recomputed, commits already reflected skipped): nothing counts twice.
 
 use std::time::Duration;
 
@@ -19,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::fold::{Applied, Projector, StoredIncident};
 use crate::keys;
+use crate::lease::{self, LeaseHandle, LeaseTiming, Role};
 use crate::reader::ReadModels;
 use crate::store::{self, Pointer, StoreError};
 use crate::wire::{self, QueryReply, ScoreWeights};
@@ -38,6 +45,9 @@ pub const QUERY_BYTES_MAX: usize = 4 * 1024;
 pub const LIST_ITEMS_MAX: usize = 5_000;
 /// A private GRIDS consumer left by a crashed instance is removed by the server after this.
 const GRIDS_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
+/// How often an instance that does not build reads the checkpoint its queries reflect (for
+/// its progress and lag metrics).
+const STANDBY_CHECKPOINT_POLL: Duration = Duration::from_secs(1);
 
 pub type IncidentStore = EventStore<codecs::IncidentCodec>;
 pub type GridsStore = EventStore<registry::RegistryCodec>;
@@ -54,6 +64,9 @@ pub enum ServiceError {
     Subscription(#[from] SubscribeError),
     #[error("subscribe to queries: {reason}")]
     Queries { reason: String },
+    /// Handled inside the service (it detaches and stands by); never returned by `run`.
+    #[error("this instance is no longer the builder: {reason}")]
+    NotBuilder { reason: String },
 }
 
 /// How one projection instance runs.
@@ -69,8 +82,10 @@ pub struct ProjectionConfig {
     pub weights: ScoreWeights,
     /// Standards profile for community compliance (`None`: not evaluated).
     pub profile: Option<standards::Profile>,
-    /// Fold and write the read models (false: answer queries only).
+    /// Compete for the builder lease and fold while holding it (false: answer queries only).
     pub build: bool,
+    /// The builder lease's intervals (TTL 10 s by default).
+    pub lease: LeaseTiming,
     pub serve_queries: bool,
     pub flush_commits_max: usize,
     pub flush_interval: Duration,
@@ -90,6 +105,7 @@ impl ProjectionConfig {
             weights: ScoreWeights::default(),
             profile: None,
             build: true,
+            lease: LeaseTiming::default(),
             serve_queries: true,
             flush_commits_max: FLUSH_COMMITS_MAX,
             flush_interval: FLUSH_INTERVAL,
@@ -101,6 +117,8 @@ impl ProjectionConfig {
 /// What the instance has done (published on a watch channel after every flush).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Progress {
+    /// Whether this instance holds the builder lease and folds.
+    pub builder: bool,
     pub generation: u64,
     pub incidents_sequence: u64,
     pub grids_sequence: u64,
@@ -113,6 +131,10 @@ pub struct Progress {
 
 /// The state of the generation being built.
 struct Attached {
+    /// The lease term this fold runs under.
+    term: u64,
+    /// The checkpoint key's revision as this builder last wrote (or found) it.
+    checkpoint_revision: Option<u64>,
     generation: u64,
     bucket: String,
     kv: kv::Store,
@@ -134,6 +156,8 @@ pub struct ProjectionService {
     grids_store: GridsStore,
     meta: kv::Store,
     attached: Option<Attached>,
+    /// The builder lease (`None` for a query-only instance).
+    lease: Option<LeaseHandle>,
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     generation_tx: watch::Sender<u64>,
@@ -241,13 +265,36 @@ impl ProjectionService {
             grids_store,
             meta,
             attached: None,
+            lease: None,
             progress: Progress::default(),
             progress_tx,
             generation_tx,
             queries: None,
         };
         if service.config.build {
-            service.attach(generation).await?;
+            let lease = lease::spawn(
+                service.meta.clone(),
+                &service.config.instance,
+                service.config.lease,
+            );
+            // The lease task's first round: create the key when nobody holds it. A standby
+            // returns as soon as it has read the holder (or after the wait), and `run`
+            // attaches when the lease comes its way.
+            let mut role = lease.role();
+            let first_round = service.config.lease.poll_every * 2 + Duration::from_secs(1);
+            let _ = tokio::time::timeout(first_round, role.changed()).await;
+            let current = role.borrow().clone();
+            service.lease = Some(lease);
+            if let Some(term) = current.valid_term(tokio::time::Instant::now()) {
+                service.attach(generation, term).await?;
+                service.flush_as_builder().await?;
+            } else {
+                info!(
+                    instance = %service.config.instance,
+                    holder = current.holder.as_deref().unwrap_or("unknown"),
+                    "standby: another instance holds the builder lease; answering queries"
+                );
+            }
         }
         if service.config.serve_queries {
             let queries_error = |reason: String| ServiceError::Queries { reason };
@@ -278,13 +325,27 @@ impl ProjectionService {
         self.progress_tx.subscribe()
     }
 
-    /// Loads generation `generation` and subscribes to both streams for it.
-    async fn attach(&mut self, generation: u64) -> Result<(), ServiceError> {
+    /// The lease as the lease task last published it.
+    fn role(&self) -> Option<Role> {
+        self.lease
+            .as_ref()
+            .map(|lease| lease.role().borrow().clone())
+    }
+
+    /// Whether this instance may write read models now (holding a valid term).
+    fn holds_lease(&self) -> bool {
+        self.role()
+            .and_then(|role| role.valid_term(tokio::time::Instant::now()))
+            .is_some()
+    }
+
+    /// Loads generation `generation` and subscribes to both streams for it, under lease term
+    /// `term`. The caller flushes next (writing the recomputed aggregates).
+    async fn attach(&mut self, generation: u64, term: u64) -> Result<(), ServiceError> {
         let started = std::time::Instant::now();
         let bucket = keys::generation_bucket(generation);
         let kv = store::open_bucket(&self.jetstream, &bucket, self.config.replicas).await?;
-        let checkpoint: Option<wire::Checkpoint> =
-            store::get_json(&kv, &bucket, keys::CHECKPOINT).await?;
+        let (checkpoint, checkpoint_revision) = store::checkpoint_entry(&kv, &bucket).await?;
         let checkpoint = checkpoint.unwrap_or_default();
         let mut projector = Projector::new(self.config.weights, self.config.profile.clone(), true);
         let loaded = store::load_prefix(&self.jetstream, &bucket, keys::INCIDENT_PREFIX).await?;
@@ -342,6 +403,7 @@ impl ProjectionService {
         let grids = self.grids_store.subscribe(grids_config).await?;
         info!(
             generation,
+            term,
             incidents = incidents_loaded,
             checkpoint = checkpoint.incidents_sequence,
             grids_reached,
@@ -349,8 +411,12 @@ impl ProjectionService {
             "projection attached to its generation"
         );
         self.progress.generation = generation;
+        self.progress.builder = true;
+        self.progress_tx.send_replace(self.progress);
         self.generation_tx.send_replace(generation);
         self.attached = Some(Attached {
+            term,
+            checkpoint_revision,
             generation,
             bucket,
             kv,
@@ -362,17 +428,117 @@ impl ProjectionService {
             unacked_grids: Vec::new(),
             first_unflushed: Some(tokio::time::Instant::now()),
         });
-        // Write the recomputed aggregates and compliance at once.
-        self.flush().await?;
         Ok(())
+    }
+
+    /// Attaches to the current generation under `term` and writes the recomputed aggregates.
+    async fn become_builder(&mut self, term: u64) -> Result<(), ServiceError> {
+        let generation =
+            current_generation(&self.meta, &self.jetstream, self.config.replicas).await?;
+        info!(
+            instance = %self.config.instance,
+            term,
+            generation,
+            "builder lease held: loading the read models and folding from the checkpoint"
+        );
+        self.attach(generation, term).await?;
+        self.flush_as_builder().await
+    }
+
+    /// Stops folding without writing anything more (the lease is gone or about to go), and
+    /// gives the lease back so that a builder starts afresh from the KV checkpoint.
+    async fn stand_by(&mut self, reason: &str) {
+        if let Some(attached) = self.attached.take() {
+            warn!(
+                instance = %self.config.instance,
+                term = attached.term,
+                reason,
+                unflushed = attached.unacked.len(),
+                "no longer the builder: stopped folding (unflushed commits are refolded by the next builder)"
+            );
+            if let Ok(stream) = self
+                .jetstream
+                .get_stream(&self.config.grids.stream_name)
+                .await
+            {
+                let _ = stream.delete_consumer(&attached.grids_durable).await;
+            }
+        }
+        if let Some(lease) = &self.lease {
+            lease.resign();
+        }
+        self.progress.builder = false;
+        self.progress_tx.send_replace(self.progress);
+    }
+
+    /// [`Self::flush`], standing by instead of failing when the lease is gone.
+    async fn flush_as_builder(&mut self) -> Result<(), ServiceError> {
+        match self.flush().await {
+            Err(ServiceError::NotBuilder { reason }) => {
+                self.stand_by(&reason).await;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Attaches or stands by as the lease says.
+    async fn follow_lease(&mut self) -> Result<(), ServiceError> {
+        let Some(role) = self.role() else {
+            return Ok(());
+        };
+        let term = role.valid_term(tokio::time::Instant::now());
+        let attached_term = self.attached.as_ref().map(|attached| attached.term);
+        match (attached_term, term) {
+            (Some(attached), Some(term)) if attached == term => Ok(()),
+            (Some(_), _) => {
+                self.stand_by("the builder lease was lost or renewed as a new term")
+                    .await;
+                Ok(())
+            }
+            (None, Some(term)) => self.become_builder(term).await,
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// A standby's (or query-only instance's) progress: the checkpoint its answers reflect.
+    async fn note_checkpoint(&mut self, models: &mut Option<ReadModels>) {
+        let generation = *self.generation_tx.borrow();
+        if models.as_ref().map(ReadModels::generation) != Some(generation) {
+            *models = ReadModels::open(&self.jetstream, generation).await.ok();
+        }
+        let Some(models) = models.as_ref() else {
+            return;
+        };
+        if let Ok(checkpoint) = models.checkpoint().await {
+            self.progress.generation = checkpoint.generation.max(generation);
+            self.progress.incidents_sequence = checkpoint.incidents_sequence;
+            self.progress.grids_sequence = checkpoint.grids_sequence;
+            self.progress_tx.send_if_modified(|progress| {
+                let changed = *progress != self.progress;
+                *progress = self.progress;
+                changed
+            });
+        }
     }
 
     /// Stores what changed (aggregates, then incidents, then the checkpoint), then acks the
     /// commits it covers.
     async fn flush(&mut self) -> Result<(), ServiceError> {
+        let role = self.role();
         let Some(attached) = self.attached.as_mut() else {
             return Ok(());
         };
+        let term = attached.term;
+        let lease_valid = || match &role {
+            Some(role) => role.valid_term(tokio::time::Instant::now()) == Some(term),
+            None => true,
+        };
+        if !lease_valid() {
+            return Err(ServiceError::NotBuilder {
+                reason: "builder lease expired or lost before a flush".to_owned(),
+            });
+        }
         attached.first_unflushed = None;
         let rendered = attached.projector.take_dirty(false);
         let written = rendered.len() as u64;
@@ -385,9 +551,31 @@ impl ProjectionService {
                 models: rendered.models.clone(),
                 incidents: rendered.incidents.clone(),
             };
-            match store::write_flush(&attached.kv, &attached.bucket, batch, Some(checkpoint)).await
+            match store::write_flush_fenced(
+                &attached.kv,
+                &attached.bucket,
+                batch,
+                checkpoint,
+                attached.checkpoint_revision,
+            )
+            .await
             {
-                Ok(()) => break,
+                Ok(revision) => {
+                    attached.checkpoint_revision = Some(revision);
+                    break;
+                }
+                // (A retry after a write whose answer was lost is refused too: the instance
+                // then stands by and the lease's next term reloads from KV. Safe, if slow.)
+                Err(StoreError::Fenced { .. }) => {
+                    return Err(ServiceError::NotBuilder {
+                        reason: "another builder stored a checkpoint".to_owned(),
+                    });
+                }
+                Err(error) if !lease_valid() => {
+                    return Err(ServiceError::NotBuilder {
+                        reason: format!("builder lease expired while a flush failed: {error}"),
+                    });
+                }
                 Err(error) if attempt < FLUSH_ATTEMPTS_MAX => {
                     warn!(%error, attempt, "flush not stored; retrying");
                     tokio::time::sleep(FLUSH_RETRY_PAUSE).await;
@@ -415,16 +603,19 @@ impl ProjectionService {
 
     /// Moves to `generation` after a rebuild swapped the pointer.
     async fn switch(&mut self, generation: u64) -> Result<(), ServiceError> {
-        self.flush().await?;
-        if let Some(old) = self.attached.take() {
-            info!(
-                from = old.generation,
-                to = generation,
-                "generation swapped; moving to it"
-            );
-            self.delete_consumers(&old).await;
-        }
-        self.attach(generation).await
+        self.flush_as_builder().await?;
+        let Some(old) = self.attached.take() else {
+            // The lease went during the flush: the next builder finds the new pointer.
+            return Ok(());
+        };
+        info!(
+            from = old.generation,
+            to = generation,
+            "generation swapped; moving to it"
+        );
+        self.delete_consumers(&old).await;
+        self.attach(generation, old.term).await?;
+        self.flush_as_builder().await
     }
 
     async fn delete_consumers(&self, attached: &Attached) {
@@ -462,12 +653,15 @@ impl ProjectionService {
                 None
             }
         };
+        let mut role = self.lease.as_ref().map(LeaseHandle::role);
+        let mut standby_models: Option<ReadModels> = None;
         let result = loop {
             if *stopped.borrow() {
                 break Ok(());
             }
             let Some(attached) = self.attached.as_mut() else {
-                // Query-only instance: follow the pointer for the query task.
+                // Standby or query-only instance: follow the pointer for the query task, the
+                // lease, and the checkpoint the answers reflect.
                 tokio::select! {
                     changed = stopped.changed() => {
                         if changed.is_err() {
@@ -478,6 +672,14 @@ impl ProjectionService {
                         if let Some(pointer) = entry.and_then(|value| serde_json::from_slice::<Pointer>(&value).ok()) {
                             self.generation_tx.send_replace(pointer.generation);
                         }
+                    }
+                    () = role_changed(&mut role) => {
+                        if let Err(error) = self.follow_lease().await {
+                            break Err(error);
+                        }
+                    }
+                    () = tokio::time::sleep(STANDBY_CHECKPOINT_POLL) => {
+                        self.note_checkpoint(&mut standby_models).await;
                     }
                 }
                 continue;
@@ -491,9 +693,19 @@ impl ProjectionService {
                         break Ok(());
                     }
                 }
+                () = role_changed(&mut role) => {
+                    if let Err(error) = self.follow_lease().await {
+                        break Err(error);
+                    }
+                }
                 delivery = attached.incidents.next() => {
                     let delivery = match delivery {
                         Ok(delivery) => delivery,
+                        // A builder whose lease ran out finds its consumer replaced.
+                        Err(error) if self.lease.is_some() && !self.holds_lease() => {
+                            self.stand_by(&format!("INCIDENTS consumer: {error}")).await;
+                            continue;
+                        }
                         Err(error) => break Err(error.into()),
                     };
                     match attached.projector.apply_incident_commit(&delivery.commit) {
@@ -506,7 +718,7 @@ impl ProjectionService {
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                     let full = attached.unacked.len() >= self.config.flush_commits_max;
                     if (caught_up || full)
-                        && let Err(error) = self.flush().await
+                        && let Err(error) = self.flush_as_builder().await
                     {
                         break Err(error);
                     }
@@ -520,12 +732,12 @@ impl ProjectionService {
                     let caught_up = delivery.pending == 0;
                     attached.unacked_grids.push(delivery);
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
-                    if caught_up && let Err(error) = self.flush().await {
+                    if caught_up && let Err(error) = self.flush_as_builder().await {
                         break Err(error);
                     }
                 }
                 _ = sleep_until(flush_at) => {
-                    if let Err(error) = self.flush().await {
+                    if let Err(error) = self.flush_as_builder().await {
                         break Err(error);
                     }
                 }
@@ -541,7 +753,7 @@ impl ProjectionService {
             }
         };
         let flushed = if result.is_ok() {
-            self.flush().await
+            self.flush_as_builder().await
         } else {
             Ok(())
         };
@@ -556,6 +768,10 @@ impl ProjectionService {
                 let _ = stream.delete_consumer(&attached.grids_durable).await;
             }
         }
+        // Give the lease back after the last flush: a standby takes over at its next poll.
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
         if let Some(task) = query_task {
             match task.await {
                 Ok(()) => {}
@@ -567,6 +783,19 @@ impl ProjectionService {
         }
         info!(progress = ?self.progress, "projection stopped");
         result.and(flushed)
+    }
+}
+
+/// Resolves when the lease's role changes (never for a query-only instance, nor after the
+/// lease task ended).
+async fn role_changed(role: &mut Option<watch::Receiver<Role>>) {
+    match role {
+        Some(receiver) => {
+            if receiver.changed().await.is_err() {
+                *role = None;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

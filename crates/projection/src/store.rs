@@ -41,6 +41,13 @@ pub enum StoreError {
         reason: String,
     },
     #[error(
+        "bucket {bucket}: the checkpoint is no longer at revision {expected:?}: another builder wrote it"
+    )]
+    Fenced {
+        bucket: String,
+        expected: Option<u64>,
+    },
+    #[error(
         "the current generation changed under us (expected revision {expected:?}); another rebuild swapped first"
     )]
     SwapConflict { expected: Option<u64> },
@@ -306,4 +313,74 @@ pub async fn write_flush(
         .await?;
     }
     Ok(())
+}
+
+/// The checkpoint's value and revision (`None`, `None`: never written).
+pub async fn checkpoint_entry(
+    store: &kv::Store,
+    bucket: &str,
+) -> Result<(Option<Checkpoint>, Option<u64>), StoreError> {
+    let entry = store
+        .entry(keys::CHECKPOINT)
+        .await
+        .map_err(|error| bucket_error(bucket, "get")(format!("{}: {error}", keys::CHECKPOINT)))?;
+    let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+        return Ok((None, None));
+    };
+    let checkpoint = serde_json::from_slice(&entry.value).map_err(|error| StoreError::Decode {
+        bucket: bucket.to_owned(),
+        key: keys::CHECKPOINT.to_owned(),
+        reason: error.to_string(),
+    })?;
+    Ok((Some(checkpoint), Some(entry.revision)))
+}
+
+/// [`write_flush`] for the builder: the checkpoint is written only if it is still at
+/// `expected` (`None`: absent), so a builder that lost its lease and still writes is refused
+/// ([`StoreError::Fenced`]) as soon as another builder has stored a checkpoint. Returns the
+/// checkpoint's new revision.
+pub async fn write_flush_fenced(
+    store: &kv::Store,
+    bucket: &str,
+    rendered: Rendered,
+    checkpoint: Checkpoint,
+    expected: Option<u64>,
+) -> Result<u64, StoreError> {
+    put_all(store, bucket, rendered.models).await?;
+    put_all(store, bucket, rendered.incidents).await?;
+    let value: bytes::Bytes = serde_json::to_vec(&checkpoint)
+        .expect("checkpoint serialises")
+        .into();
+    let written = match expected {
+        None => store
+            .create(keys::CHECKPOINT, value)
+            .await
+            .map_err(|error| {
+                (
+                    error.kind() == kv::CreateErrorKind::AlreadyExists,
+                    error.to_string(),
+                )
+            }),
+        Some(revision) => store
+            .update(keys::CHECKPOINT, value, revision)
+            .await
+            .map_err(|error| {
+                (
+                    error.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    error.to_string(),
+                )
+            }),
+    };
+    match written {
+        Ok(revision) => Ok(revision),
+        Err((true, _)) => Err(StoreError::Fenced {
+            bucket: bucket.to_owned(),
+            expected,
+        }),
+        Err((false, reason)) => Err(StoreError::Write {
+            bucket: bucket.to_owned(),
+            key: keys::CHECKPOINT.to_owned(),
+            reason,
+        }),
+    }
 }

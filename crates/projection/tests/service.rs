@@ -9,8 +9,8 @@ use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
 use expect_test::expect;
 use projection::synthetic::{self, Synthetic};
 use projection::{
-    NoProgress, ProjectionConfig, ProjectionService, Projector, ReadModels, RebuildOptions,
-    ScoreWeights, Until,
+    LeaseTiming, NoProgress, ProjectionConfig, ProjectionService, Projector, ReadModels,
+    RebuildOptions, ScoreWeights, Until,
 };
 use tokio::sync::watch;
 
@@ -35,6 +35,8 @@ async fn start(url: &str) -> Running {
     let mut config = ProjectionConfig::new(incidents, grids);
     config.flush_commits_max = 64;
     config.ack_wait = Duration::from_secs(1);
+    // The aborted builder's lease must run out before the restarted one builds: keep it short.
+    config.lease = LeaseTiming::from_ttl(Duration::from_secs(3));
     let service = ProjectionService::start(client, config).await.unwrap();
     let progress = service.progress();
     let (stop, stopped) = watch::channel(false);
