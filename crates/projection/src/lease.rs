@@ -374,6 +374,17 @@ pub fn observe(entry: Result<Option<kv::Entry>, String>) -> Observed {
     }
 }
 
+/// The lease as stored, for people and tools (`wangge projection status`); `None` when no
+/// instance holds it (or the meta bucket does not exist yet).
+pub async fn holder(
+    jetstream: &async_nats::jetstream::Context,
+) -> Result<Option<LeaseValue>, crate::StoreError> {
+    let Ok(meta) = jetstream.get_key_value(keys::META_BUCKET).await else {
+        return Ok(None);
+    };
+    crate::store::get_json(&meta, keys::META_BUCKET, keys::BUILDER_LEASE).await
+}
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,17 +1,21 @@
 //! Scale-out and failover on a 3-node JetStream cluster (R3 streams) with the deploy accounts:
-//! two `wangge serve` instances of each service (registry, intake, dispatch), each service as
-//! its own restricted user, a resident app submitting reports on both paths (durable
+//! two `wangge serve` instances of each service (registry, intake, dispatch, projection), each
+//! service as its own restricted user, a resident app submitting reports on both paths (durable
 //! `intake.submit.app` and request/reply `intake.request`).
 //!
 //! Phase 1 runs undisturbed; in phase 2 the node leading the INCIDENTS stream is killed
-//! (`kill -9`) while reports keep coming, and restarted afterwards. Nothing is lost and
-//! nothing is processed twice:
+//! (`kill -9`) while reports keep coming, and restarted afterwards; in phase 3 the projection
+//! instance holding the builder lease is killed (`kill -9`) while reports keep coming. Nothing
+//! is lost and nothing is processed twice:
 //!
 //! - every submission has exactly one receipt in INTAKE;
 //! - every filed incident has exactly one intake commit and exactly one dispatch commit in
 //!   INCIDENTS (no command id twice), and no other instance wrote it again;
-//! - both intake instances and both registry instances answered requests (queue groups), as
-//!   their `$SRV.STATS` show.
+//! - the read models equal a pure fold of INCIDENTS after each phase (no commit counted twice
+//!   by two builders, none lost), the standby projection took the lease over within its bound
+//!   and the totals stayed exact;
+//! - both intake instances, both registry instances and both projection instances answered
+//!   requests (queue groups), as their `$SRV.STATS` show.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -19,10 +23,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use projection::{LeaseValue, Projector, ReadModels, ScoreWeights};
 use serde_json::{Value, json};
 use testkit::{DeployAccounts, NatsCluster};
 
-const SERVICES: [&str; 3] = ["registry", "intake", "dispatch"];
+const SERVICES: [&str; 4] = ["registry", "intake", "dispatch", "projection"];
 const INSTANCES_PER_SERVICE: usize = 2;
 /// Submissions per phase, half on each path.
 const SUBMISSIONS_PER_PHASE: usize = 60;
@@ -34,12 +39,32 @@ const SUBMIT_RETRY_MAX: Duration = Duration::from_secs(30);
 const ORIGIN: (f64, f64) = (117.6300, 26.2600);
 const STEP: f64 = 0.001;
 
-/// `wangge serve` children, killed when dropped.
-struct Services(Vec<Child>);
+/// Submissions of phase 3 (the projection builder is killed meanwhile).
+const SUBMISSIONS_PHASE_THREE: usize = 20;
+/// Read-model queries sent to the two projection instances.
+const PROJECTION_QUERIES: usize = 20;
+/// Longest wait for the read models to reach the end of INCIDENTS (a builder takeover takes
+/// up to the lease's bound, 11 s, plus loading).
+const PROJECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `wangge serve` children by instance name, killed when dropped.
+struct Services(Vec<(String, Child)>);
+
+impl Services {
+    fn kill(&mut self, instance: &str) {
+        let (_, child) = self
+            .0
+            .iter_mut()
+            .find(|(name, _)| name == instance)
+            .expect("a running instance");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+}
 
 impl Drop for Services {
     fn drop(&mut self) {
-        for child in &mut self.0 {
+        for (_, child) in &mut self.0 {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -435,11 +460,15 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     // timeout; `wangge up` created intake's shared consumer already).
     for service in SERVICES {
         for n in 1..=INSTANCES_PER_SERVICE {
-            children.push(serve(&urls, &accounts, service, &format!("{service}-{n}")));
+            let instance = format!("{service}-{n}");
+            children.push((
+                instance.clone(),
+                serve(&urls, &accounts, service, &instance),
+            ));
             wait_instances(&admin, service, n).await;
         }
     }
-    let _services = Services(children);
+    let mut services = Services(children);
 
     // A community with 9 buildings, partitioned, through either registry instance.
     let (x, y) = ORIGIN;
@@ -498,6 +527,10 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     submit_phase(&resident, 0..SUBMISSIONS_PER_PHASE).await;
     let first = settle(&admin, SUBMISSIONS_PER_PHASE).await;
     assert_eq!(first.problems(SUBMISSIONS_PER_PHASE), Vec::<String>::new());
+    assert_eq!(
+        read_models_against_fold(&admin).await,
+        first.incidents.len() as u64
+    );
 
     // Phase 2: the INCIDENTS leader dies mid-run.
     let mut incidents_stream = admin_js.get_stream("INCIDENTS").await.expect("INCIDENTS");
@@ -534,6 +567,69 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     let after_restart = ledger(&admin).await;
     assert_eq!(after_restart.problems(total), Vec::<String>::new());
     assert_eq!(after_restart.incidents.len(), after_kill.incidents.len());
+    assert_eq!(
+        read_models_against_fold(&admin).await,
+        after_restart.incidents.len() as u64
+    );
+    // Both projection instances answer queries (queue group), the builder and the standby
+    // alike, with the same totals.
+    let auditor = connect(&urls, &accounts, "auditor", "auditor").await;
+    for _ in 0..PROJECTION_QUERIES {
+        let reply = request_retrying(&auditor, "projection.query.totals", &json!({})).await;
+        assert_eq!(
+            reply["value"]["incidents"].as_u64(),
+            Some(after_restart.incidents.len() as u64),
+            "{reply}"
+        );
+    }
+    let queries = requests_per_instance(&admin, "projection", "query").await;
+    assert_eq!(queries.len(), INSTANCES_PER_SERVICE, "{queries:?}");
+    assert!(
+        queries.iter().all(|count| *count > 0),
+        "projection: {queries:?}"
+    );
+
+    // Phase 3: the projection builder dies (kill -9: no flush, no release) while reports keep
+    // coming; the standby takes the lease over and folds on from the KV checkpoint.
+    let builder = lease_holder(&admin)
+        .await
+        .expect("a builder holds the lease");
+    let killed_at = tokio::time::Instant::now();
+    services.kill(&builder.instance);
+    let phase_three =
+        2 * SUBMISSIONS_PER_PHASE..2 * SUBMISSIONS_PER_PHASE + SUBMISSIONS_PHASE_THREE;
+    let submitting = {
+        let resident = resident.clone();
+        tokio::spawn(async move { submit_phase(&resident, phase_three).await })
+    };
+    let successor = loop {
+        match lease_holder(&admin).await {
+            Some(lease) if lease.holder != builder.holder => break lease,
+            _ => {
+                assert!(
+                    killed_at.elapsed() < PROJECTION_TIMEOUT,
+                    "no standby took the builder lease over"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let takeover = killed_at.elapsed();
+    submitting.await.expect("phase three submissions");
+    let total = 2 * SUBMISSIONS_PER_PHASE + SUBMISSIONS_PHASE_THREE;
+    let after_failover = settle(&admin, total).await;
+    assert_eq!(after_failover.problems(total), Vec::<String>::new());
+    let bound = projection::LeaseTiming::default().takeover_bound();
+    assert_ne!(successor.instance, builder.instance);
+    assert!(
+        takeover <= bound + Duration::from_secs(2),
+        "takeover after {takeover:?}, bound {bound:?}"
+    );
+    assert_eq!(
+        read_models_against_fold(&admin).await,
+        after_failover.incidents.len() as u64
+    );
+    let caught_up = killed_at.elapsed();
 
     // The work was shared: every instance answered requests of its queue group.
     let intake = requests_per_instance(&admin, "intake", "submit").await;
@@ -553,8 +649,105 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     );
     eprintln!(
         "killed {leader}; {} incidents from {total} submissions; dispatch commits by instance: {:?}; \
-         intake submit requests per instance: {intake:?}; registry locates per instance: {registry:?}",
-        after_restart.incidents.len(),
-        after_restart.dispatchers
+         intake submit requests per instance: {intake:?}; registry locates per instance: {registry:?}; \
+         projection builder {} killed, {} took the lease after {takeover:?} (bound {bound:?}), \
+         read models exact {caught_up:?} after the kill; projection queries per instance before: {queries:?}",
+        after_failover.incidents.len(),
+        after_failover.dispatchers,
+        builder.instance,
+        successor.instance,
     );
+}
+
+/// The builder lease as stored.
+async fn lease_holder(admin: &async_nats::Client) -> Option<LeaseValue> {
+    projection::lease::holder(&jetstream::new(admin.clone()))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits until the read models have folded INCIDENTS to its end, asserts they equal a pure
+/// fold of the stream (aggregates' `sequence` and GRIDS-derived compliance left out), and
+/// returns the incidents they count.
+async fn read_models_against_fold(admin: &async_nats::Client) -> u64 {
+    let jetstream = jetstream::new(admin.clone());
+    let store = EventStore::open_existing(
+        jetstream.clone(),
+        StreamSpec::for_context(
+            BoundedContext::Incidents,
+            REPLICAS,
+            Duration::from_secs(120),
+        ),
+        codecs::IncidentCodec,
+    )
+    .await
+    .expect("INCIDENTS");
+    let deadline = tokio::time::Instant::now() + PROJECTION_TIMEOUT;
+    loop {
+        let attempt = async {
+            let last = store.last_sequence().await.map_err(|e| e.to_string())?;
+            let models = ReadModels::current(&jetstream)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no generation")?;
+            let checkpoint = models.checkpoint().await.map_err(|e| e.to_string())?;
+            if checkpoint.incidents_sequence < last {
+                return Err(format!(
+                    "checkpoint {} behind INCIDENTS {last}",
+                    checkpoint.incidents_sequence
+                ));
+            }
+            let mut projector = Projector::new(ScoreWeights::default(), None, false);
+            store
+                .replay(
+                    ReplayRange {
+                        until_sequence: Some(checkpoint.incidents_sequence),
+                        ..ReplayRange::default()
+                    },
+                    |commit| {
+                        projector.apply_incident_commit(&commit);
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            projector.recompute_aggregates();
+            let expected = comparable(projector.render_all());
+            let stored = comparable(models.dump().await.map_err(|e| e.to_string())?);
+            let differing: Vec<&String> = stored
+                .keys()
+                .chain(expected.keys())
+                .filter(|key| stored.get(*key) != expected.get(*key))
+                .collect();
+            if !differing.is_empty() {
+                return Err(format!("read models differ from the fold: {differing:?}"));
+            }
+            Ok(models.totals().await.map_err(|e| e.to_string())?.incidents)
+        };
+        match attempt.await {
+            Ok(incidents) => return incidents,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "read models: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Values as compared with a fold: GRIDS-derived compliance out, aggregates' `sequence` (when
+/// it was last written) out.
+fn comparable(models: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    models
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with("compliance."))
+        .map(|(key, mut value)| {
+            if !key.starts_with("incident.")
+                && let Some(object) = value.as_object_mut()
+            {
+                object.remove("sequence");
+            }
+            (key, value)
+        })
+        .collect()
 }

@@ -27,8 +27,11 @@ group `projection`):
   projection.query.checkpoint   {}
 
 Replies: {\"status\":\"found\",\"generation\",\"checkpoint\",\"value\"} | {\"status\":\"not_found\",..} |
-{\"status\":\"error\",\"reason_code\",\"message\"}. Run ONE builder per deployment (more instances
-with --queries-only for load sharing). On SIGINT/SIGTERM it flushes, acknowledges and exits 0.
+{\"status\":\"error\",\"reason_code\",\"message\"}. Run as many instances as you like, each with its own
+--instance: they compete for the builder lease (key `builder` of bucket PROJECTION); the holder
+folds, the others stand by and answer queries, and one takes over within TTL + TTL/10 (11 s by
+default) when the builder dies, resuming from the KV checkpoint. `wangge projection status` names
+the holder. On SIGINT/SIGTERM it flushes, acknowledges, gives the lease back and exits 0.
 Scorecard weights: no seed policy document gives figures, so they default to equal weights.
 See docs/PROJECTION.md.";
 
@@ -42,9 +45,13 @@ pub struct ServeArgs {
     /// NATS queue group shared by all projection instances for queries.
     #[arg(long, default_value = projection::wire::QUEUE_GROUP)]
     pub queue_group: String,
-    /// Answer queries only; do not build (for extra query instances beside the one builder).
+    /// Answer queries only; never compete for the builder lease.
     #[arg(long)]
     pub queries_only: bool,
+    /// Builder lease TTL: a standby takes over this long after the builder's last renewal
+    /// (the builder renews every TTL/5 and stops folding after 7/10 of it without one).
+    #[arg(long, default_value_t = projection::BUILDER_LEASE_TTL.as_secs())]
+    pub builder_lease_ttl_seconds: u64,
     #[command(flatten)]
     pub weights: WeightArgs,
 }
@@ -222,6 +229,8 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         config.weights = weights;
         config.profile = profile(settings);
         config.build = !args.queries_only;
+        config.lease =
+            projection::LeaseTiming::from_ttl(Duration::from_secs(args.builder_lease_ttl_seconds));
         let service = tokio::select! {
             started = ProjectionService::start(client, config) => started.context("start the projection")?,
             _ = wait_stopped(stopped.clone()) => {
@@ -232,10 +241,18 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         observer.set_started();
         let mut progress = service.progress();
         let reporter = tokio::spawn(async move {
+            // Only the builder folds: `wangge_commits_folded_total` grows on it alone.
+            let mut folded = 0;
             while progress.changed().await.is_ok() {
                 let reached = *progress.borrow();
                 observer.metrics().reached("INCIDENTS", reached.incidents_sequence);
                 observer.metrics().reached("GRIDS", reached.grids_sequence);
+                let now_folded = reached.applied + reached.skipped;
+                observer
+                    .metrics()
+                    .commits_folded
+                    .inc_by(now_folded.saturating_sub(folded));
+                folded = now_folded;
             }
         });
         let result = service.run(stopped).await.context("projection");
@@ -350,6 +367,12 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                 Some(models) => {
                     let checkpoint = models.checkpoint().await?;
                     writeln!(out, "{}", serde_json::to_string(&checkpoint)?)?;
+                    let lease = projection::lease::holder(&jetstream).await?;
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "builder_lease": lease })
+                    )?;
                 }
                 None => writeln!(out, "no generation yet (run `wangge serve projection`)")?,
             },
