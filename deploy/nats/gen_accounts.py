@@ -123,16 +123,41 @@ def main():
     user("dispatch", "DISPATCH")
     # The projection builder owns its read-model buckets, whose names it chooses (rebuilds
     # create fresh buckets and swap): broad JetStream rights, but it may not write, change or
-    # remove an event stream.
+    # remove an event stream. Its builder lease is the key `builder` of its own meta bucket
+    # PROJECTION (create / revision-checked update / delete through $KV.PROJECTION.builder,
+    # reads through the bucket's direct get): nothing beyond these rights.
     protect = []
     for stream in EVENT_STREAMS:
         for op in ["CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE"]:
             protect.append(f"$JS.API.STREAM.{op}.{stream}")
+    # Nor may it touch the other services' state: intake's contact bucket (residents' personal
+    # data) and dispatch's snapshots, nor pull from, ack on or delete the shared work
+    # consumers of SUBMISSIONS (intake) and NOTIFICATIONS (dispatch-notifier).
+    foreign_buckets = ["INTAKE_CONTACTS", "DISPATCH_SNAPSHOTS"]
+    for bucket in foreign_buckets:
+        stream = f"KV_{bucket}"
+        protect += [
+            f"$JS.API.STREAM.*.{stream}",
+            f"$JS.API.STREAM.MSG.*.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.API.CONSUMER.*.{stream}",
+            f"$JS.API.CONSUMER.*.{stream}.>",
+            f"$JS.API.CONSUMER.*.*.{stream}.>",
+            f"$KV.{bucket}.>",
+        ]
+    for stream in ["SUBMISSIONS", "NOTIFICATIONS"]:
+        protect += [
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.ACK.{stream}.>",
+        ]
     roles.append(block(
         "PROJECTION",
         ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"] + own_inbox("projection"),
         ["projection.>", "$KV.>", inbox("projection")] + srv,
         deny_publish=protect,
+        deny_subscribe=[f"$KV.{bucket}.>" for bucket in foreign_buckets],
         responses=True,
     ))
     user("projection", "PROJECTION")

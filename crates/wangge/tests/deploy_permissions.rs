@@ -1,20 +1,23 @@
 //! The deploy configuration on a real nats-server: `deploy/nats/*.conf` pass the server's own
-//! config check, and with `deploy/nats/accounts.conf` loaded, the three services run as the
-//! `wangge serve` binary under their own restricted users while each kind of client is allowed
-//! exactly its subjects. The server refuses, and the test sees the refusal (a permissions
+//! config check, and with `deploy/nats/accounts.conf` loaded, the four services (registry,
+//! intake, dispatch, projection) run as the `wangge serve` binary under their own restricted
+//! users while each kind of client is allowed exactly its subjects. The server refuses, and the test sees the refusal (a permissions
 //! violation reported to the client) and that nothing was written:
 //!
 //! - a resident app publishing a department command, reading a department's notifications
 //!   (core subscription or a JetStream consumer), or listening to everyone's receipts;
 //! - a department console publishing another department's command, or creating a consumer on
 //!   another department's notifications;
-//! - an auditor writing to a stream or deleting it.
+//! - an auditor writing to a stream or deleting it;
+//! - the projection reading intake's contact bucket (personal data), writing dispatch's
+//!   snapshots or pulling intake's submissions.
 //!
 //! And what is allowed works: a resident submits and reads its receipt, a department reads its
 //! notifications and acknowledges its case, and a department acting on another department's
 //! case through its own subject is refused by the domain (`not_assigned`); the auditor replays
-//! the log. The dispatch service's micro-service stats and Prometheus metrics count the
-//! commands.
+//! the log. The projection, as its own user, creates its buckets, takes the builder lease,
+//! folds the case and answers the auditor's read-model query. The dispatch service's
+//! micro-service stats and Prometheus metrics count the commands.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -35,7 +38,7 @@ use testkit::{DeployAccounts, NatsServer};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused request is given before it counts as unanswered.
 const REFUSED_WAIT: Duration = Duration::from_millis(800);
-const SERVICES: [&str; 3] = ["registry", "intake", "dispatch"];
+const SERVICES: [&str; 4] = ["registry", "intake", "dispatch", "projection"];
 
 fn workspace_file(path: &str) -> std::path::PathBuf {
     testkit::workspace_root().join(path)
@@ -303,6 +306,24 @@ async fn wait_ready(admin: &async_nats::Client, service: &str) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{service} never answered PING"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The current generation once it has folded INCIDENTS up to `last`.
+async fn wait_read_models(jetstream: &jetstream::Context, last: u64) -> projection::ReadModels {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(models)) = projection::ReadModels::current(jetstream).await
+            && let Ok(checkpoint) = models.checkpoint().await
+            && checkpoint.incidents_sequence >= last
+        {
+            return models;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the projection never folded INCIDENTS to {last}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -591,6 +612,73 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &auditor.refusals().await,
     ));
 
+    // Projection: built the case under its own user and holds the builder lease; the auditor
+    // reads the result; the projection may not touch the other services' state.
+    let last = incidents.last_sequence().await.expect("last sequence");
+    let models = wait_read_models(&admin_js, last).await;
+    let lease = projection::lease::holder(&admin_js)
+        .await
+        .expect("read the lease")
+        .expect("a builder holds the lease");
+    lines.push(format!(
+        "projection folds INCIDENTS to its end: checkpoint {} of {last}, lease held by {}",
+        models
+            .checkpoint()
+            .await
+            .expect("checkpoint")
+            .incidents_sequence,
+        lease.instance
+    ));
+    let answer = auditor
+        .request(
+            "projection.query.incident",
+            serde_json::json!({"incident_id": case.0.hyphenated().to_string()}),
+        )
+        .await;
+    let status = answer
+        .as_ref()
+        .and_then(|reply| reply["value"]["status"].as_str())
+        .unwrap_or("?")
+        .to_owned();
+    lines.push(verdict(
+        &format!("auditor queries the case's read model ({status})"),
+        answer,
+        &auditor.refusals().await,
+    ));
+    let projection_user = Connection::open(&url, &accounts, "projection", "projection").await;
+    let answer = projection_user
+        .request(
+            "$JS.API.DIRECT.GET.KV_INTAKE_CONTACTS",
+            serde_json::json!({"last_by_subj": "$KV.INTAKE_CONTACTS.x"}),
+        )
+        .await;
+    lines.push(verdict(
+        "projection reads intake's contacts",
+        answer,
+        &projection_user.refusals().await,
+    ));
+    projection_user
+        .client
+        .publish("$KV.DISPATCH_SNAPSHOTS.x", bytes::Bytes::from_static(b"{}"))
+        .await
+        .expect("publish call");
+    lines.push(verdict(
+        "projection writes dispatch's snapshots",
+        None,
+        &projection_user.refusals().await,
+    ));
+    let answer = projection_user
+        .request(
+            "$JS.API.CONSUMER.MSG.NEXT.SUBMISSIONS.intake",
+            serde_json::json!({"batch": 1}),
+        )
+        .await;
+    lines.push(verdict(
+        "projection pulls intake's submissions",
+        answer,
+        &projection_user.refusals().await,
+    ));
+
     expect![[r#"
         resident publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
         resident subscribes to xiaofang's notifications: no answer | server: permissions violation for subscription to "dispatch.notify.department.xiaofang"
@@ -606,7 +694,12 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         xiaofang acknowledges its case: accepted | server: none
         auditor replays INCIDENTS: 3 commits | server: none
         auditor writes to INCIDENTS: no answer | server: permissions violation for publish to "incidents.ev.forged"
-        auditor deletes INCIDENTS: no answer | server: permissions violation for publish to "$js.api.stream.delete.incidents""#]]
+        auditor deletes INCIDENTS: no answer | server: permissions violation for publish to "$js.api.stream.delete.incidents"
+        projection folds INCIDENTS to its end: checkpoint 3 of 3, lease held by projection
+        auditor queries the case's read model (acknowledged): found | server: none
+        projection reads intake's contacts: no answer | server: permissions violation for publish to "$js.api.direct.get.kv_intake_contacts"
+        projection writes dispatch's snapshots: no answer | server: permissions violation for publish to "$kv.dispatch_snapshots.x"
+        projection pulls intake's submissions: no answer | server: permissions violation for publish to "$js.api.consumer.msg.next.submissions.intake""#]]
     .assert_eq(&lines.join("\n"));
     assert_eq!(
         version_of(&incidents, case).await,
