@@ -222,6 +222,8 @@ pub struct IntakeService {
     /// `receipt`, `incident` and `erase` endpoints.
     queries: SelectAll<Endpoint>,
     micro: Option<async_nats::service::Service>,
+    /// Batches storing their receipts and answering (at most [`BATCHES_FINISHING_MAX`]).
+    finishing: tokio::task::JoinSet<Vec<ReceiptFix>>,
 }
 
 impl std::fmt::Debug for IntakeService {
@@ -396,6 +398,7 @@ impl IntakeService {
             requests,
             queries,
             micro: Some(micro),
+            finishing: tokio::task::JoinSet::new(),
         };
         for id in gaps {
             service.reload(id).await;
@@ -466,6 +469,7 @@ impl IntakeService {
                     self.decide_and_store(inputs).await;
                 }
                 Some(message) = self.queries.next() => self.on_query(message).await,
+                Some(done) = self.finishing.join_next() => self.on_finished(done),
                 delivery = self.follower.next() => {
                     if let Err(error) = self.on_follow(delivery).await {
                         break Err(error);
@@ -494,6 +498,9 @@ impl IntakeService {
             answered += batch.len();
             let inputs = batch.into_iter().map(request_input).collect();
             self.decide_and_store(inputs).await;
+        }
+        while let Some(done) = self.finishing.join_next().await {
+            self.on_finished(done);
         }
         if let Some(micro) = self.micro.take()
             && let Err(error) = micro.stop().await
@@ -564,6 +571,7 @@ impl IntakeService {
     /// Decides every input in order, stores the incident commits (all aggregates in flight,
     /// commits of one aggregate in order), then the receipts, then acks or answers.
     async fn decide_and_store(&mut self, inputs: Vec<Input>) {
+        let batch_started = std::time::Instant::now();
         let mut plans: Vec<Plan> = Vec::with_capacity(inputs.len());
         // A retry of a submission can land in the same batch as the first attempt (a client
         // that timed out while this instance waited on the store). The later input is then
@@ -647,6 +655,7 @@ impl IntakeService {
             };
             plans.push(plan);
         }
+        let decided = batch_started.elapsed();
         let mut failed = vec![false; plans.len()];
         // Phase 1: incident commits, one chain per aggregate.
         let mut chains: Vec<(IncidentId, Vec<usize>)> = Vec::new();
@@ -737,147 +746,61 @@ impl IntakeService {
                     warn!(%incident, trace_id, %error, "store incident commit");
                     for index in &indices[done..] {
                         failed[*index] = true;
+                        // Not stored: no later batch may be answered from this receipt.
+                        if let Some(id) = receipt_id(&plans[*index].receipt) {
+                            self.core.forget_receipt(&id);
+                        }
                     }
                     reload.push(*incident);
                 }
             }
         }
-        // Phase 2: receipts (each submission's own aggregate, created once).
-        let records = plans.iter().enumerate().filter_map(|(index, plan)| {
-            let (aggregate, event) = plan.record.as_ref()?;
-            if failed[index] {
-                return None;
-            }
-            let store = &self.intake;
-            let now = inputs[index].now;
-            let traceparent = inputs[index].traceparent.as_str();
-            Some(async move {
-                let aggregate = AggregateId::new(aggregate.clone()).map_err(|error| {
-                    warn!(%error, "receipt aggregate id");
-                    Err(index)
-                })?;
-                let command_id = format!("receipt-{aggregate}");
-                let commit = Commit {
-                    event_ids: crate::core::event_ids_for(&command_id, 1),
-                    meta: meta(&command_id, now, traceparent),
-                    command_id,
-                    events: vec![event.clone()],
-                };
-                match store.append(&aggregate, &Position::NEW, &commit).await {
-                    Ok(_) => Ok(index),
-                    Err(AppendError::Conflict { .. }) => {
-                        // Another instance decided this submission first: its receipt wins.
-                        match store.load(&aggregate).await {
-                            Ok(loaded) => Err(loaded.events().next().map(|e| (index, e.receipt()))),
-                            Err(error) => {
-                                warn!(%error, "read the stored receipt");
-                                Err(None)
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        warn!(%error, "store receipt");
-                        Err(None)
-                    }
-                }
-                .map_err(|stored| stored.ok_or(index))
-            })
-        });
-        let contact_writes = contacts.iter().map(|(reporter, contact)| {
-            let contacts = &self.contacts;
-            async move {
-                let value = serde_json::to_vec(contact).unwrap_or_default();
-                if let Err(error) = contacts.put(reporter.to_string(), value.into()).await {
-                    warn!(%error, "store contact details");
-                }
-            }
-        });
-        let (stored, _) = futures::future::join(
-            futures::future::join_all(records),
-            futures::future::join_all(contact_writes),
-        )
-        .await;
-        for result in stored {
-            match result {
-                Ok(_) => {}
-                Err(Ok((index, receipt))) => {
-                    if let Some(id) = receipt_id(&receipt) {
-                        self.core.remember(&id, receipt.clone());
-                    }
-                    plans[index].receipt = receipt;
-                }
-                Err(Err(index)) => failed[index] = true,
-            }
-        }
         for incident in reload {
             self.reload(incident).await;
         }
-        // An input answered from an earlier input's plan fails with it (see `answered_from`).
-        for (later, earlier) in answered_from {
-            if failed[earlier] {
-                failed[later] = true;
+        let incidents_stored = batch_started.elapsed();
+        debug!(
+            target: "intake::batch",
+            batch_size = inputs.len(),
+            decided_us = decided.as_micros() as u64,
+            incidents_stored_us = incidents_stored.as_micros() as u64,
+            "incident commits of a batch stored"
+        );
+        // Phases 2 and 3 (receipts, then acknowledgements and answers) run beside the next
+        // batch: every "filed" or "merged" answer is already backed by its stored incident
+        // commit, so the next batch may decide on the state this one left.
+        while self.finishing.len() >= BATCHES_FINISHING_MAX {
+            if let Some(done) = self.finishing.join_next().await {
+                self.on_finished(done);
             }
         }
-        // Phase 3: acknowledge or answer.
-        for ((input, plan), failed) in inputs.into_iter().zip(plans).zip(failed) {
-            let receipt = if failed {
-                if let Some(id) = receipt_id(&plan.receipt) {
-                    self.core.forget_receipt(&id);
-                }
-                Receipt::Unavailable {
-                    message:
-                        "the decision could not be stored; send again with the same submission_id"
-                            .to_owned(),
-                }
-            } else {
-                plan.receipt
-            };
-            let trace_id = observe::trace_id(&input.traceparent).unwrap_or("");
-            let incident = receipt
-                .incident_id()
-                .map(|id| id.to_string())
-                .unwrap_or_default();
-            let span = info_span!("submission", incident = %incident, trace_id);
-            let entered = span.enter();
-            let kind = receipt_outcome(&receipt);
-            self.config
-                .observer
-                .metrics()
-                .submission(receipt_kind(&receipt));
-            debug!(kind, receipt = receipt_kind(&receipt), "submission decided");
-            drop(entered);
-            match input.origin {
-                Origin::Durable(message) => {
-                    let ack = if failed {
-                        message.ack_with(AckKind::Nak(Some(NAK_DELAY))).await
-                    } else {
-                        message.ack().await
-                    };
-                    if let Err(error) = ack {
-                        warn!(%error, "acknowledge submission");
-                    }
-                    if !failed && let Some(id) = receipt_id(&receipt) {
-                        let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
-                        if let Err(error) = self.client.publish(subject, to_json(&receipt)).await {
-                            warn!(%error, "announce receipt");
-                        }
-                    }
-                }
-                Origin::Request(request) => {
-                    self.config.observer.metrics().request(
-                        "submit",
-                        receipt_outcome(&receipt),
-                        Duration::from_millis(
-                            u64::try_from(now_ms().saturating_sub(input.now.0)).unwrap_or(0),
-                        ),
-                    );
-                    if request.message.reply.is_some()
-                        && let Err(error) = request.respond(Ok(to_json(&receipt))).await
-                    {
-                        warn!(%error, "answer submission request");
+        let finish = Finish {
+            intake: self.intake.clone(),
+            contacts_bucket: self.contacts.clone(),
+            client: self.client.clone(),
+            observer: self.config.observer.clone(),
+            inputs,
+            plans,
+            failed,
+            answered_from,
+            contacts,
+            started: batch_started,
+        };
+        self.finishing.spawn(finish.run());
+    }
+
+    /// Applies what a finished batch learned about receipts to the in-memory state.
+    fn on_finished(&mut self, done: Result<Vec<ReceiptFix>, tokio::task::JoinError>) {
+        match done {
+            Ok(fixes) => {
+                for fix in fixes {
+                    match fix {
+                        ReceiptFix::StoredEarlier(id, receipt) => self.core.remember(&id, receipt),
+                        ReceiptFix::NotStored(id) => self.core.forget_receipt(&id),
                     }
                 }
             }
+            Err(error) => warn!(%error, "a batch's receipts task failed"),
         }
     }
 
@@ -1134,5 +1057,194 @@ fn receipt_id(receipt: &Receipt) -> Option<String> {
         }
         Receipt::Rejected { submission_id, .. } => submission_id.clone(),
         Receipt::Unavailable { .. } => None,
+    }
+}
+
+/// At most this many batches are storing receipts and answering while the next is decided.
+const BATCHES_FINISHING_MAX: usize = 2;
+
+/// What the loop must learn from a finished batch.
+enum ReceiptFix {
+    /// Another instance (or an earlier attempt) stored this submission's receipt first.
+    StoredEarlier(String, Receipt),
+    /// The receipt could not be stored: the submission will be decided again.
+    NotStored(String),
+}
+
+/// The second half of a batch, owned so that it runs beside the next batch: store receipts
+/// (each submission's own aggregate, created once) and contact details, then acknowledge or
+/// answer every input.
+struct Finish {
+    intake: EventStore<IntakeCodec>,
+    contacts_bucket: kv::Store,
+    client: async_nats::Client,
+    observer: observe::Observer,
+    inputs: Vec<Input>,
+    plans: Vec<Plan>,
+    failed: Vec<bool>,
+    /// (later input, earlier input): the later one was answered from the earlier one's plan.
+    answered_from: Vec<(usize, usize)>,
+    contacts: Vec<(uuid::Uuid, wire::Contact)>,
+    started: std::time::Instant,
+}
+
+impl Finish {
+    async fn run(self) -> Vec<ReceiptFix> {
+        let Finish {
+            intake,
+            contacts_bucket,
+            client,
+            observer,
+            inputs,
+            mut plans,
+            mut failed,
+            answered_from,
+            contacts,
+            started,
+        } = self;
+        let mut fixes = Vec::new();
+        let records = plans.iter().enumerate().filter_map(|(index, plan)| {
+            let (aggregate, event) = plan.record.as_ref()?;
+            if failed[index] {
+                return None;
+            }
+            let store = &intake;
+            let now = inputs[index].now;
+            let traceparent = inputs[index].traceparent.as_str();
+            Some(async move {
+                let aggregate = AggregateId::new(aggregate.clone()).map_err(|error| {
+                    warn!(%error, "receipt aggregate id");
+                    Err(index)
+                })?;
+                let command_id = format!("receipt-{aggregate}");
+                let commit = Commit {
+                    event_ids: crate::core::event_ids_for(&command_id, 1),
+                    meta: meta(&command_id, now, traceparent),
+                    command_id,
+                    events: vec![event.clone()],
+                };
+                match store.append(&aggregate, &Position::NEW, &commit).await {
+                    Ok(_) => Ok(index),
+                    Err(AppendError::Conflict { .. }) => {
+                        // Another instance decided this submission first: its receipt wins.
+                        match store.load(&aggregate).await {
+                            Ok(loaded) => Err(loaded.events().next().map(|e| (index, e.receipt()))),
+                            Err(error) => {
+                                warn!(%error, "read the stored receipt");
+                                Err(None)
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, "store receipt");
+                        Err(None)
+                    }
+                }
+                .map_err(|stored| stored.ok_or(index))
+            })
+        });
+        let contact_writes = contacts.iter().map(|(reporter, contact)| {
+            let contacts_bucket = &contacts_bucket;
+            async move {
+                let value = serde_json::to_vec(contact).unwrap_or_default();
+                if let Err(error) = contacts_bucket
+                    .put(reporter.to_string(), value.into())
+                    .await
+                {
+                    warn!(%error, "store contact details");
+                }
+            }
+        });
+        let (stored, _) = futures::future::join(
+            futures::future::join_all(records),
+            futures::future::join_all(contact_writes),
+        )
+        .await;
+        for result in stored {
+            match result {
+                Ok(_) => {}
+                Err(Ok((index, receipt))) => {
+                    if let Some(id) = receipt_id(&receipt) {
+                        fixes.push(ReceiptFix::StoredEarlier(id, receipt.clone()));
+                    }
+                    plans[index].receipt = receipt;
+                }
+                Err(Err(index)) => failed[index] = true,
+            }
+        }
+        let receipts_stored = started.elapsed();
+        let batch_size = inputs.len();
+        // An input answered from an earlier input's plan fails with it (see `answered_from`).
+        for (later, earlier) in answered_from {
+            if failed[earlier] {
+                failed[later] = true;
+            }
+        }
+        // Phase 3: acknowledge or answer.
+        for ((input, plan), failed) in inputs.into_iter().zip(plans).zip(failed) {
+            let receipt = if failed {
+                if let Some(id) = receipt_id(&plan.receipt) {
+                    fixes.push(ReceiptFix::NotStored(id));
+                }
+                Receipt::Unavailable {
+                    message:
+                        "the decision could not be stored; send again with the same submission_id"
+                            .to_owned(),
+                }
+            } else {
+                plan.receipt
+            };
+            let trace_id = observe::trace_id(&input.traceparent).unwrap_or("");
+            let incident = receipt
+                .incident_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            let span = info_span!("submission", incident = %incident, trace_id);
+            let entered = span.enter();
+            let kind = receipt_outcome(&receipt);
+            observer.metrics().submission(receipt_kind(&receipt));
+            debug!(kind, receipt = receipt_kind(&receipt), "submission decided");
+            drop(entered);
+            match input.origin {
+                Origin::Durable(message) => {
+                    let ack = if failed {
+                        message.ack_with(AckKind::Nak(Some(NAK_DELAY))).await
+                    } else {
+                        message.ack().await
+                    };
+                    if let Err(error) = ack {
+                        warn!(%error, "acknowledge submission");
+                    }
+                    if !failed && let Some(id) = receipt_id(&receipt) {
+                        let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
+                        if let Err(error) = client.publish(subject, to_json(&receipt)).await {
+                            warn!(%error, "announce receipt");
+                        }
+                    }
+                }
+                Origin::Request(request) => {
+                    observer.metrics().request(
+                        "submit",
+                        receipt_outcome(&receipt),
+                        Duration::from_millis(
+                            u64::try_from(now_ms().saturating_sub(input.now.0)).unwrap_or(0),
+                        ),
+                    );
+                    if request.message.reply.is_some()
+                        && let Err(error) = request.respond(Ok(to_json(&receipt))).await
+                    {
+                        warn!(%error, "answer submission request");
+                    }
+                }
+            }
+        }
+        debug!(
+            target: "intake::batch",
+            batch_size,
+            receipts_stored_us = receipts_stored.as_micros() as u64,
+            answered_us = started.elapsed().as_micros() as u64,
+            "batch answered"
+        );
+        fixes
     }
 }
