@@ -41,6 +41,8 @@ const STEP: f64 = 0.001;
 
 /// Submissions of phase 3 (the projection builder is killed meanwhile).
 const SUBMISSIONS_PHASE_THREE: usize = 20;
+/// Time allowed beyond the lease's takeover bound before the test calls it late.
+const TAKEOVER_SLACK: Duration = Duration::from_secs(5);
 /// Read-model queries sent to the two projection instances.
 const PROJECTION_QUERIES: usize = 20;
 /// Longest wait for the read models to reach the end of INCIDENTS (a builder takeover takes
@@ -621,8 +623,9 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     assert_eq!(after_failover.problems(total), Vec::<String>::new());
     let bound = projection::LeaseTiming::default().takeover_bound();
     assert_ne!(successor.instance, builder.instance);
+    // (Slack for a loaded machine: the standby's polls and the check's own polls.)
     assert!(
-        takeover <= bound + Duration::from_secs(2),
+        takeover <= bound + TAKEOVER_SLACK,
         "takeover after {takeover:?}, bound {bound:?}"
     );
     assert_eq!(
