@@ -297,14 +297,12 @@ impl DispatchService {
             reload_into(&store, &mut book, &aggregate, incident, held).await?;
         }
         book.rebuild_deadlines();
-        let durable = format!(
-            "{}-{}",
-            eventstore::consumer_name_fragment(&config.instance),
-            Uuid::now_v7().simple()
+        let subscription_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
         );
-        let mut subscription_config = SubscriptionConfig::durable(durable.clone());
-        subscription_config.start_after_sequence = reached;
-        subscription_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
+        let durable = subscription_config.durable_name.clone();
         let subscription = store.subscribe(subscription_config).await?;
         let notifier = if config.notify {
             notify::open_stream(&jetstream, config.replicas, config.duplicate_window)
@@ -318,26 +316,21 @@ impl DispatchService {
             None
         };
         let (micro, requests) = if config.serve_requests {
-            let subscribe_error = |reason: String| ServiceError::Subscribe {
-                subject: wire::SUBJECT_COMMANDS.to_owned(),
-                reason,
-            };
-            let micro = observe::micro_service(
+            let (micro, mut endpoints) = observe::start_micro(
                 &client,
                 "dispatch",
                 "wangge whistle-and-report dispatch: console commands",
                 &config.queue_group,
                 &config.instance,
+                &[("commands", wire::SUBJECT_COMMANDS)],
             )
             .await
-            .map_err(|error| subscribe_error(error.to_string()))?;
-            let commands = observe::endpoint(&micro, "commands", wire::SUBJECT_COMMANDS)
-                .await
-                .map_err(|error| subscribe_error(error.to_string()))?;
-            eventstore::bus::server_barrier(&client)
-                .await
-                .map_err(|error| subscribe_error(error.to_string()))?;
-            (Some(micro), Some(commands))
+            .map_err(|error| ServiceError::Subscribe {
+                subject: wire::SUBJECT_COMMANDS.to_owned(),
+                reason: error.to_string(),
+            })?;
+            let commands = endpoints.pop();
+            (Some(micro), commands)
         } else {
             (None, None)
         };
@@ -461,18 +454,8 @@ impl DispatchService {
         if self.commits_since_snapshot > 0 {
             self.write_snapshot().await;
         }
-        match self
-            .store
-            .jetstream()
-            .get_stream(&self.store.spec().stream_name)
-            .await
-        {
-            Ok(stream) => {
-                if let Err(error) = stream.delete_consumer(&self.durable).await {
-                    warn!(durable = %self.durable, %error, "delete private consumer");
-                }
-            }
-            Err(error) => warn!(%error, "open stream to delete private consumer"),
+        if let Err(error) = self.store.delete_consumer(&self.durable).await {
+            warn!(%error, "delete private consumer");
         }
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");

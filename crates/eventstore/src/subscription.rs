@@ -54,6 +54,27 @@ pub fn consumer_name_fragment(name: &str) -> String {
 }
 
 impl SubscriptionConfig {
+    /// A follower private to one service instance: a durable consumer named after the
+    /// instance plus a fresh UUID, starting after `start_after_sequence` (where the instance's
+    /// start-up replay ended). The server removes it `inactive_threshold` after the instance
+    /// stopped pulling, so a crashed instance leaves nothing behind; a clean stop deletes it
+    /// with [`EventStore::delete_consumer`].
+    pub fn private_follower(
+        instance: &str,
+        start_after_sequence: u64,
+        inactive_threshold: Duration,
+    ) -> SubscriptionConfig {
+        let name = format!(
+            "{}-{}",
+            consumer_name_fragment(instance),
+            uuid::Uuid::now_v7().simple()
+        );
+        let mut config = SubscriptionConfig::durable(name);
+        config.start_after_sequence = start_after_sequence;
+        config.inactive_threshold = Some(inactive_threshold);
+        config
+    }
+
     pub fn durable(name: impl Into<String>) -> SubscriptionConfig {
         SubscriptionConfig {
             durable_name: name.into(),
@@ -64,6 +85,36 @@ impl SubscriptionConfig {
             ack_wait: Duration::from_secs(30),
             inactive_threshold: None,
         }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("delete consumer {consumer} of stream {stream}: {reason}")]
+pub struct DeleteConsumerError {
+    pub stream: String,
+    pub consumer: String,
+    pub reason: String,
+}
+
+impl<C: EventCodec> EventStore<C> {
+    /// Deletes a consumer of this store's stream (a private follower, at a clean stop).
+    pub async fn delete_consumer(&self, consumer: &str) -> Result<(), DeleteConsumerError> {
+        let stream_name = &self.spec().stream_name;
+        let error = |reason: String| DeleteConsumerError {
+            stream: stream_name.clone(),
+            consumer: consumer.to_owned(),
+            reason,
+        };
+        let stream = self
+            .jetstream()
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        stream
+            .delete_consumer(consumer)
+            .await
+            .map(|_| ())
+            .map_err(|e| error(e.to_string()))
     }
 }
 

@@ -345,10 +345,12 @@ impl IntakeService {
                 reason: error.to_string(),
             })?;
         // A private follower of INCIDENTS from where the replay ended.
-        let follower_durable = format!("{}-{}", config.instance, uuid::Uuid::now_v7().simple());
-        let mut follower_config = SubscriptionConfig::durable(follower_durable.clone());
-        follower_config.start_after_sequence = reached;
-        follower_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
+        let follower_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
+        );
+        let follower_durable = follower_config.durable_name.clone();
         let follower = incidents.subscribe(follower_config).await?;
         let submissions_consumer =
             ensure_submissions_consumer(&submissions_stream, &config).await?;
@@ -356,26 +358,16 @@ impl IntakeService {
             subject: subject.to_owned(),
             reason,
         };
-        let micro = observe::micro_service(
+        let (micro, mut endpoints) = observe::start_micro(
             &client,
             "intake",
             "wangge incident intake: submissions, receipts, incident status",
             &config.queue_group,
             &config.instance,
+            &ENDPOINTS,
         )
         .await
         .map_err(|error| subscribe_error("$SRV", error.to_string()))?;
-        let mut endpoints = Vec::with_capacity(ENDPOINTS.len());
-        for (name, subject) in ENDPOINTS {
-            endpoints.push(
-                observe::endpoint(&micro, name, subject)
-                    .await
-                    .map_err(|error| subscribe_error(subject, error.to_string()))?,
-            );
-        }
-        eventstore::bus::server_barrier(&client)
-            .await
-            .map_err(|error| subscribe_error("server barrier", error.to_string()))?;
         let queries = futures::stream::select_all(endpoints.split_off(1));
         let requests = Box::pin(endpoints.remove(0).ready_chunks(SUBMISSION_BATCH_MAX));
         config
@@ -510,18 +502,8 @@ impl IntakeService {
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
         }
-        match self
-            .incidents
-            .jetstream()
-            .get_stream(&self.incidents.spec().stream_name)
-            .await
-        {
-            Ok(stream) => {
-                if let Err(error) = stream.delete_consumer(&self.follower_durable).await {
-                    warn!(durable = %self.follower_durable, %error, "delete private consumer");
-                }
-            }
-            Err(error) => warn!(%error, "open INCIDENTS to delete the private consumer"),
+        if let Err(error) = self.incidents.delete_consumer(&self.follower_durable).await {
+            warn!(%error, "delete private consumer");
         }
         info!(answered_while_draining = answered, "intake stopped");
     }

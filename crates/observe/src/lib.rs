@@ -61,6 +61,8 @@ pub enum ObserveError {
     Micro { name: String, reason: String },
     #[error("add NATS micro endpoint {subject}: {reason}")]
     Endpoint { subject: String, reason: String },
+    #[error("wait for the server to register the endpoints of {name}: {reason}")]
+    Barrier { name: String, reason: String },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -580,6 +582,37 @@ pub async fn endpoint(
             subject: subject.to_owned(),
             reason: error.to_string(),
         })
+}
+
+/// Registers the micro service `wangge-<service>` with one endpoint per `(name, subject)`
+/// and returns once the server has processed every subscription, so that a request sent after
+/// this returns reaches this instance (or another member of its queue group).
+pub async fn start_micro(
+    client: &async_nats::Client,
+    service: &str,
+    description: &str,
+    queue_group: &str,
+    instance: &str,
+    endpoints: &[(&str, &str)],
+) -> Result<
+    (
+        async_nats::service::Service,
+        Vec<async_nats::service::endpoint::Endpoint>,
+    ),
+    ObserveError,
+> {
+    let micro = micro_service(client, service, description, queue_group, instance).await?;
+    let mut added = Vec::with_capacity(endpoints.len());
+    for (name, subject) in endpoints {
+        added.push(endpoint(&micro, name, subject).await?);
+    }
+    eventstore::bus::server_barrier(client)
+        .await
+        .map_err(|error| ObserveError::Barrier {
+            name: format!("{SERVICE_NAME_PREFIX}{service}"),
+            reason: error.to_string(),
+        })?;
+    Ok((micro, added))
 }
 
 /// The trace id (32 hex digits) of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).

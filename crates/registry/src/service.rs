@@ -186,14 +186,12 @@ impl RegistryService {
         // 2. A private durable consumer from there on, for commits written after the replay.
         // Created here so the server removes it if this instance dies without cleaning up; the
         // store's subscription then finds and uses it.
-        let durable = format!(
-            "{}-{}",
-            eventstore::consumer_name_fragment(&config.instance),
-            Uuid::now_v7().simple()
+        let subscription_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
         );
-        let mut subscription_config = SubscriptionConfig::durable(durable.clone());
-        subscription_config.start_after_sequence = reached;
-        subscription_config.inactive_threshold = Some(CONSUMER_INACTIVE_THRESHOLD);
+        let durable = subscription_config.durable_name.clone();
         let subscription = store.subscribe(subscription_config).await?;
         let grids = directory.publish_all()?;
         info!(
@@ -208,30 +206,19 @@ impl RegistryService {
             .metrics()
             .reached(&store.spec().stream_name, reached);
         let (micro, endpoints) = if config.serve_requests {
-            let subscribe_error = |subject: &str, reason: String| ServiceError::Subscribe {
-                subject: subject.to_owned(),
-                reason,
-            };
-            let micro = observe::micro_service(
+            let (micro, endpoints) = observe::start_micro(
                 &client,
                 "registry",
                 "wangge grid registry: locate, community commands and queries",
                 &config.queue_group,
                 &config.instance,
+                &ENDPOINTS,
             )
             .await
-            .map_err(|error| subscribe_error("$SRV", error.to_string()))?;
-            let mut endpoints = Vec::with_capacity(ENDPOINTS.len());
-            for (name, subject) in ENDPOINTS {
-                endpoints.push(
-                    observe::endpoint(&micro, name, subject)
-                        .await
-                        .map_err(|error| subscribe_error(subject, error.to_string()))?,
-                );
-            }
-            eventstore::bus::server_barrier(&client)
-                .await
-                .map_err(|error| subscribe_error("server barrier", error.to_string()))?;
+            .map_err(|error| ServiceError::Subscribe {
+                subject: "$SRV".to_owned(),
+                reason: error.to_string(),
+            })?;
             (Some(micro), endpoints)
         } else {
             (None, Vec::new())
@@ -303,14 +290,8 @@ impl RegistryService {
         {
             warn!(%error, "stop the micro service");
         }
-        let stream_name = self.store.spec().stream_name.clone();
-        match self.store.jetstream().get_stream(&stream_name).await {
-            Ok(stream) => {
-                if let Err(error) = stream.delete_consumer(&self.durable).await {
-                    warn!(durable = %self.durable, %error, "delete private consumer");
-                }
-            }
-            Err(error) => warn!(%error, "open stream to delete private consumer"),
+        if let Err(error) = self.store.delete_consumer(&self.durable).await {
+            warn!(%error, "delete private consumer");
         }
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
