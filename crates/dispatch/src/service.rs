@@ -51,6 +51,8 @@ pub const DISPATCH_BATCH_MAX: usize = 256;
 /// acks awaited together, then the commits are acknowledged (one round trip per batch, not
 /// one per notification — the service's loop is not held up by the notifier).
 pub const NOTIFY_BATCH_MAX: usize = 256;
+/// INCIDENTS deliveries folded in one turn of the loop (the ones already buffered).
+pub const DELIVERIES_PER_TURN_MAX: usize = 256;
 /// Decide-append rounds for one console command when other writers keep winning the race.
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
@@ -174,6 +176,8 @@ pub struct DispatchService {
     /// Stream sequence the loaded snapshot reached (0: the book was replayed from the start).
     from_snapshot: u64,
     commits_since_snapshot: u64,
+    /// The snapshot being written beside the loop (one at a time).
+    snapshot_task: Option<tokio::task::JoinHandle<Result<usize, String>>>,
     /// Replies to recent console command ids, so a console's retry gets the first answer.
     recent: RecentReplies,
 }
@@ -359,6 +363,7 @@ impl DispatchService {
             progress,
             progress_tx,
             snapshots,
+            snapshot_task: None,
             from_snapshot,
             commits_since_snapshot: reached.saturating_sub(from_snapshot),
             recent: RecentReplies::default(),
@@ -407,8 +412,12 @@ impl DispatchService {
                     }
                 }
                 delivery = self.subscription.next() => {
-                    if let Err(error) = self.on_delivery(delivery).await {
+                    if let Err(error) = self.on_deliveries(delivery).await {
                         break Err(error);
+                    }
+                    // Dispatch what was just filed in this turn, not after another wake-up.
+                    if self.book.has_undispatched() {
+                        self.dispatch_filed().await;
                     }
                 }
                 delivery = next_notification(&mut notifier) => {
@@ -451,8 +460,14 @@ impl DispatchService {
         {
             warn!(%error, "stop the micro service");
         }
+        if let Some(task) = self.snapshot_task.take() {
+            report_snapshot(task.await);
+        }
         if self.commits_since_snapshot > 0 {
             self.write_snapshot().await;
+            if let Some(task) = self.snapshot_task.take() {
+                report_snapshot(task.await);
+            }
         }
         if let Err(error) = self.store.delete_consumer(&self.durable).await {
             warn!(%error, "delete private consumer");
@@ -480,6 +495,22 @@ impl DispatchService {
                 Duration::from_millis(wall).min(poll)
             }
         }
+    }
+
+    /// Folds a delivery and every one already buffered behind it (at most
+    /// [`DELIVERIES_PER_TURN_MAX`]).
+    async fn on_deliveries(
+        &mut self,
+        first: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
+    ) -> Result<(), ServiceError> {
+        self.on_delivery(first).await?;
+        for _ in 1..DELIVERIES_PER_TURN_MAX {
+            match self.subscription.next_ready() {
+                Some(delivery) => self.on_delivery(delivery).await?,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     async fn on_delivery(
@@ -998,15 +1029,32 @@ impl DispatchService {
         }
     }
 
+    /// Starts writing a snapshot of the book beside the loop: the book is copied here (the
+    /// copy is what the snapshot holds, as of `reached_sequence`), the shards are written by a
+    /// task, so commands and notifications are not held up by the KV round trips. If the
+    /// previous snapshot is still being written, this waits for a later turn.
     async fn write_snapshot(&mut self) {
         let Some(snapshots) = self.snapshots.clone() else {
             self.commits_since_snapshot = 0;
             return;
         };
-        match write_snapshot(&snapshots, &self.book).await {
-            Ok(shards) => debug!(shards, "snapshot written"),
-            Err(error) => warn!(%error, "snapshot not written"),
+        if let Some(task) = &self.snapshot_task {
+            if !task.is_finished() {
+                return;
+            }
+            if let Some(task) = self.snapshot_task.take() {
+                report_snapshot(task.await);
+            }
         }
+        let (templates, incidents) = self.book.parts();
+        let copy = BookCopy {
+            templates: templates.to_vec(),
+            incidents: incidents.map(|(id, held)| (*id, held.clone())).collect(),
+            reached_sequence: self.book.reached_sequence(),
+        };
+        self.snapshot_task = Some(tokio::spawn(async move {
+            write_snapshot(&snapshots, copy).await
+        }));
         self.commits_since_snapshot = 0;
     }
 }
@@ -1103,7 +1151,22 @@ fn shard_key(generation: u64, shard: usize) -> String {
 
 /// Writes the book as shards of a new generation, then the manifest pointing at them (CAS on
 /// the manifest: two instances never interleave generations).
-async fn write_snapshot(snapshots: &SnapshotStore, book: &Book) -> Result<usize, String> {
+fn report_snapshot(done: Result<Result<usize, String>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(shards)) => debug!(shards, "snapshot written"),
+        Ok(Err(error)) => warn!(%error, "snapshot not written"),
+        Err(error) => warn!(%error, "snapshot task failed"),
+    }
+}
+
+/// What a snapshot holds: the book as of `reached_sequence`.
+struct BookCopy {
+    templates: Vec<AggregateTemplate>,
+    incidents: Vec<(IncidentId, Held)>,
+    reached_sequence: u64,
+}
+
+async fn write_snapshot(snapshots: &SnapshotStore, book: BookCopy) -> Result<usize, String> {
     let current = snapshots
         .read::<SnapshotManifest>(SNAPSHOT_MANIFEST_KEY, SNAPSHOT_FORMAT)
         .await
@@ -1112,34 +1175,38 @@ async fn write_snapshot(snapshots: &SnapshotStore, book: &Book) -> Result<usize,
         .snapshot
         .as_ref()
         .map_or(1, |(m, _)| m.generation + 1);
-    let (templates, incidents) = book.parts();
-    let entries: Vec<(&IncidentId, &Held)> = incidents.collect();
+    let entries = &book.incidents;
     let shards = entries.len().div_ceil(SNAPSHOT_INCIDENTS_PER_SHARD);
     if shards > SNAPSHOT_SHARDS_MAX {
         return Err(format!("{shards} shards, more than {SNAPSHOT_SHARDS_MAX}"));
     }
     let position = Position {
         version: generation,
-        sequence: book.reached_sequence(),
+        sequence: book.reached_sequence,
         hash: [0; 32],
     };
-    for (shard, chunk) in entries.chunks(SNAPSHOT_INCIDENTS_PER_SHARD).enumerate() {
-        let key = shard_key(generation, shard);
-        let existing = snapshots
-            .read::<Vec<(IncidentId, Held)>>(&key, SNAPSHOT_FORMAT)
-            .await
-            .map_err(|e| e.to_string())?
-            .revision;
-        snapshots
-            .write(&key, SNAPSHOT_FORMAT, &chunk.to_vec(), position, existing)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    // Shards are distinct keys: write them all at once.
+    let writes = entries
+        .chunks(SNAPSHOT_INCIDENTS_PER_SHARD)
+        .enumerate()
+        .map(|(shard, chunk)| async move {
+            let key = shard_key(generation, shard);
+            let existing = snapshots
+                .read::<Vec<(IncidentId, Held)>>(&key, SNAPSHOT_FORMAT)
+                .await
+                .map_err(|e| e.to_string())?
+                .revision;
+            snapshots
+                .write(&key, SNAPSHOT_FORMAT, &chunk.to_vec(), position, existing)
+                .await
+                .map_err(|e| e.to_string())
+        });
+    futures::future::try_join_all(writes).await?;
     let manifest = SnapshotManifest {
         generation,
         shards: shards as u32,
-        reached_sequence: book.reached_sequence(),
-        templates: templates.to_vec(),
+        reached_sequence: book.reached_sequence,
+        templates: book.templates,
     };
     snapshots
         .write(

@@ -270,6 +270,13 @@ impl<C: EventCodec> Subscription<C> {
         }
     }
 
+    /// The next commit if one is already here (delivered and buffered), without waiting:
+    /// lets a service fold a run of deliveries in one turn of its loop.
+    pub fn next_ready(&mut self) -> Option<Result<Delivery<C::Event>, SubscribeError>> {
+        use futures::FutureExt as _;
+        self.next().now_or_never()
+    }
+
     async fn open_messages(&mut self) -> Result<consumer::pull::Stream, String> {
         let consumer = self
             .ensure_consumer()

@@ -18,6 +18,48 @@ use super::children::Services;
 const PIPELINE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest wait for the last notification of the latency phase.
 const NOTIFICATIONS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for every consumer to catch up between the two phases.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Streams whose consumers must have caught up before the latency phase.
+const SETTLE_STREAMS: [&str; 3] = [
+    "SUBMISSIONS",
+    "INCIDENTS",
+    dispatch::notify::NOTIFICATIONS_STREAM,
+];
+
+/// Waits until no consumer of [`SETTLE_STREAMS`] has messages pending or unacknowledged.
+async fn settle(context: &jetstream::Context) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let mut behind = Vec::new();
+        for name in SETTLE_STREAMS {
+            let stream = context
+                .get_stream(name)
+                .await
+                .with_context(|| format!("open stream {name}"))?;
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                let info = info.with_context(|| format!("list consumers of {name}"))?;
+                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                    behind.push(format!(
+                        "{name}/{}: {} pending, {} unacknowledged",
+                        info.name, info.num_pending, info.num_ack_pending
+                    ));
+                }
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "consumers still behind after {SETTLE_TIMEOUT:?}: {}",
+            behind.join("; ")
+        );
+        tokio::time::sleep(POLL_EVERY * 5).await;
+    }
+}
+
 /// Poll interval of the read models while the pipeline drains.
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
@@ -280,6 +322,15 @@ async fn bench(
     eprintln!(
         "  pipeline: {incidents_per_s:.0} incidents/s dispatched and projected (publishing took {:.2} s)",
         published.as_secs_f64()
+    );
+
+    // The latency phase measures the steady state, not the tail of the burst above: wait
+    // until every consumer of the pipeline's streams has caught up.
+    let settle_started = Instant::now();
+    settle(&context).await?;
+    eprintln!(
+        "  settled: every consumer caught up {:.1} s after the drain",
+        settle_started.elapsed().as_secs_f64()
     );
 
     // Latency at a fixed rate: publish → the handler's `assigned` notification.
