@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod compare;
 pub mod fold;
 pub mod keys;
 pub mod lease;

@@ -72,31 +72,6 @@ async fn pure_fold(
     projector.render_all()
 }
 
-/// Keys whose values differ (an aggregate's `sequence` only says when it was last written).
-fn differing(
-    left: &BTreeMap<String, serde_json::Value>,
-    right: &BTreeMap<String, serde_json::Value>,
-) -> Vec<String> {
-    let comparable = |key: &str, value: &serde_json::Value| {
-        let mut value = value.clone();
-        if !key.starts_with("incident.")
-            && let Some(object) = value.as_object_mut()
-        {
-            object.remove("sequence");
-        }
-        value
-    };
-    let mut keys: Vec<String> = left
-        .iter()
-        .filter(|(key, value)| {
-            right.get(*key).map(|other| comparable(key, other)) != Some(comparable(key, value))
-        })
-        .map(|(key, _)| key.clone())
-        .collect();
-    keys.extend(right.keys().filter(|key| !left.contains_key(*key)).cloned());
-    keys
-}
-
 async fn lease_holder(jetstream: &async_nats::jetstream::Context) -> Option<String> {
     let meta = jetstream
         .get_key_value(projection::keys::META_BUCKET)
@@ -191,7 +166,7 @@ async fn one_builder_standbys_answer_a_standby_takes_over_without_double_countin
     models.wait_for(last, 0, WAIT_MAX).await.unwrap();
     let expected = pure_fold(&store).await;
     assert_eq!(
-        differing(&models.dump().await.unwrap(), &expected),
+        projection::compare::differing_keys(&models.dump().await.unwrap(), &expected),
         Vec::<String>::new(),
         "KV differs from the pure fold after the takeover"
     );
@@ -223,7 +198,10 @@ async fn one_builder_standbys_answer_a_standby_takes_over_without_double_countin
     let last = store.last_sequence().await.unwrap();
     models.wait_for(last, 0, WAIT_MAX).await.unwrap();
     assert_eq!(
-        differing(&models.dump().await.unwrap(), &pure_fold(&store).await),
+        projection::compare::differing_keys(
+            &models.dump().await.unwrap(),
+            &pure_fold(&store).await
+        ),
         Vec::<String>::new()
     );
     assert_eq!(models.totals().await.unwrap().incidents, 320);

@@ -78,33 +78,6 @@ async fn wait_checkpoint(models: &ReadModels, sequence: u64) {
     );
 }
 
-/// Keys whose values differ. An aggregate's `sequence` says how far the stream was folded
-/// when it was last written (an aggregate no later commit touched keeps an older one), so it
-/// is left out of the comparison; incident views must match exactly.
-fn differing(
-    left: &std::collections::BTreeMap<String, serde_json::Value>,
-    right: &std::collections::BTreeMap<String, serde_json::Value>,
-) -> Vec<String> {
-    let comparable = |key: &str, value: &serde_json::Value| {
-        let mut value = value.clone();
-        if !key.starts_with("incident.")
-            && let Some(object) = value.as_object_mut()
-        {
-            object.remove("sequence");
-        }
-        value
-    };
-    let mut keys: Vec<String> = left
-        .iter()
-        .filter(|(key, value)| {
-            right.get(*key).map(|other| comparable(key, other)) != Some(comparable(key, value))
-        })
-        .map(|(key, _)| key.clone())
-        .collect();
-    keys.extend(right.keys().filter(|key| !left.contains_key(*key)).cloned());
-    keys
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
     let server = testkit::NatsServer::start().unwrap();
@@ -152,7 +125,7 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
     let stored = models.dump().await.unwrap();
     let expected = pure_fold(&store, None).await;
     assert_eq!(
-        differing(&stored, &expected),
+        projection::compare::differing_keys(&stored, &expected),
         Vec::<String>::new(),
         "KV differs from the pure fold"
     );
@@ -245,7 +218,10 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
     wait_checkpoint(&models, last).await;
     let stored = models.dump().await.unwrap();
     let expected = pure_fold(&store, None).await;
-    assert_eq!(differing(&stored, &expected), Vec::<String>::new());
+    assert_eq!(
+        projection::compare::differing_keys(&stored, &expected),
+        Vec::<String>::new()
+    );
 
     // 4. As of a sequence: exactly the commits up to it.
     let cut = last / 2;
@@ -258,7 +234,10 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         .unwrap();
     let stored = as_of.dump().await.unwrap();
     let expected = pure_fold(&store, Some(cut)).await;
-    assert_eq!(differing(&stored, &expected), Vec::<String>::new());
+    assert_eq!(
+        projection::compare::differing_keys(&stored, &expected),
+        Vec::<String>::new()
+    );
     assert_eq!(
         ReadModels::current(&jetstream)
             .await

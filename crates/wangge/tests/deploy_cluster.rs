@@ -741,16 +741,8 @@ async fn read_models_against_fold(admin: &async_nats::Client) -> u64 {
 /// Values as compared with a fold: GRIDS-derived compliance out, aggregates' `sequence` (when
 /// it was last written) out.
 fn comparable(models: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
-    models
+    projection::compare::comparable(models)
         .into_iter()
         .filter(|(key, _)| !key.starts_with("compliance."))
-        .map(|(key, mut value)| {
-            if !key.starts_with("incident.")
-                && let Some(object) = value.as_object_mut()
-            {
-                object.remove("sequence");
-            }
-            (key, value)
-        })
         .collect()
 }

@@ -65,20 +65,13 @@ async fn models_of_fold(
     comparable(projector.render_all())
 }
 
+/// Values as compared with a fold: GRIDS-derived compliance out (see `projection::compare`).
 fn comparable(
     models: std::collections::BTreeMap<String, serde_json::Value>,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    models
+    projection::compare::comparable(models)
         .into_iter()
         .filter(|(key, _)| !key.starts_with("compliance."))
-        .map(|(key, mut value)| {
-            if !key.starts_with("incident.")
-                && let Some(object) = value.as_object_mut()
-            {
-                object.remove("sequence");
-            }
-            (key, value)
-        })
         .collect()
 }
 
