@@ -5,7 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use eventstore::{EventStore, LoadError, ReplayRange};
 use serde_json::Value;
+
+use crate::fold::Projector;
+use crate::wire::ScoreWeights;
 
 /// Key prefix of the per-incident views, compared whole.
 const INCIDENT_PREFIX: &str = "incident.";
@@ -48,6 +52,28 @@ pub fn differing_keys(
         .collect();
     keys.extend(right.keys().filter(|key| !left.contains_key(*key)).cloned());
     keys
+}
+
+/// The models a pure fold of INCIDENTS gives (default weights, no GRIDS), up to
+/// `until_sequence` or to the end: what a builder's KV must equal.
+pub async fn fold_of_incidents(
+    store: &EventStore<codecs::IncidentCodec>,
+    until_sequence: Option<u64>,
+) -> Result<BTreeMap<String, Value>, LoadError> {
+    let mut projector = Projector::new(ScoreWeights::default(), None, false);
+    store
+        .replay(
+            ReplayRange {
+                until_sequence,
+                ..ReplayRange::default()
+            },
+            |commit| {
+                projector.apply_incident_commit(&commit);
+            },
+        )
+        .await?;
+    projector.recompute_aggregates();
+    Ok(projector.render_all())
 }
 
 #[cfg(test)]

@@ -8,11 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use eventstore::{BoundedContext, EventStore, StreamSpec};
 use projection::synthetic::{self, Synthetic};
 use projection::{
-    LeaseTiming, LeaseValue, Progress, ProjectionConfig, ProjectionService, Projector, ReadModels,
-    ScoreWeights,
+    LeaseTiming, LeaseValue, Progress, ProjectionConfig, ProjectionService, ReadModels,
 };
 use tokio::sync::watch;
 
@@ -61,15 +60,9 @@ async fn wait_until(progress: &mut watch::Receiver<Progress>, what: impl Fn(&Pro
 async fn pure_fold(
     store: &EventStore<codecs::IncidentCodec>,
 ) -> BTreeMap<String, serde_json::Value> {
-    let mut projector = Projector::new(ScoreWeights::default(), None, false);
-    store
-        .replay(ReplayRange::default(), |commit| {
-            projector.apply_incident_commit(&commit);
-        })
+    projection::compare::fold_of_incidents(store, None)
         .await
-        .unwrap();
-    projector.recompute_aggregates();
-    projector.render_all()
+        .unwrap()
 }
 
 async fn lease_holder(jetstream: &async_nats::jetstream::Context) -> Option<String> {

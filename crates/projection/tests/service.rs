@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use eventstore::{BoundedContext, EventStore, StreamSpec};
 use expect_test::expect;
 use projection::synthetic::{self, Synthetic};
 use projection::{
-    LeaseTiming, NoProgress, ProjectionConfig, ProjectionService, Projector, ReadModels,
-    RebuildOptions, ScoreWeights, Until,
+    LeaseTiming, NoProgress, ProjectionConfig, ProjectionService, ReadModels, RebuildOptions, Until,
 };
 use tokio::sync::watch;
 
@@ -48,26 +47,14 @@ async fn start(url: &str) -> Running {
     }
 }
 
-/// The models a pure fold of the whole stream gives.
+/// The models a pure fold of the stream gives (to `until`, or to its end).
 async fn pure_fold(
     store: &EventStore<codecs::IncidentCodec>,
     until: Option<u64>,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut projector = Projector::new(ScoreWeights::default(), None, false);
-    store
-        .replay(
-            ReplayRange {
-                until_sequence: until,
-                ..ReplayRange::default()
-            },
-            |commit| {
-                projector.apply_incident_commit(&commit);
-            },
-        )
+    projection::compare::fold_of_incidents(store, until)
         .await
-        .unwrap();
-    projector.recompute_aggregates();
-    projector.render_all()
+        .unwrap()
 }
 
 async fn wait_checkpoint(models: &ReadModels, sequence: u64) {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
-use projection::{LeaseValue, Projector, ReadModels, ScoreWeights};
+use projection::{LeaseValue, ReadModels};
 use serde_json::{Value, json};
 use testkit::{DeployAccounts, NatsCluster};
 
@@ -701,21 +701,11 @@ async fn read_models_against_fold(admin: &async_nats::Client) -> u64 {
                     checkpoint.incidents_sequence
                 ));
             }
-            let mut projector = Projector::new(ScoreWeights::default(), None, false);
-            store
-                .replay(
-                    ReplayRange {
-                        until_sequence: Some(checkpoint.incidents_sequence),
-                        ..ReplayRange::default()
-                    },
-                    |commit| {
-                        projector.apply_incident_commit(&commit);
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            projector.recompute_aggregates();
-            let expected = comparable(projector.render_all());
+            let expected = comparable(
+                projection::compare::fold_of_incidents(&store, Some(checkpoint.incidents_sequence))
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
             let stored = comparable(models.dump().await.map_err(|e| e.to_string())?);
             let differing: Vec<&String> = stored
                 .keys()

@@ -6,9 +6,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use eventstore::{BoundedContext, EventStore, ReplayRange, StreamSpec};
+use eventstore::{BoundedContext, EventStore, StreamSpec};
+use projection::ReadModels;
 use projection::synthetic::{self, Synthetic};
-use projection::{Projector, ReadModels, ScoreWeights};
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
@@ -42,27 +42,16 @@ fn run_json(url: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("one JSON line")
 }
 
-/// The models a pure fold gives, with aggregates' `sequence` left out (see
-/// `crates/projection/tests/service.rs`).
+/// The models a pure fold gives, as compared (see `projection::compare`).
 async fn models_of_fold(
     store: &EventStore<codecs::IncidentCodec>,
     until: Option<u64>,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut projector = Projector::new(ScoreWeights::default(), None, false);
-    store
-        .replay(
-            ReplayRange {
-                until_sequence: until,
-                ..ReplayRange::default()
-            },
-            |commit| {
-                projector.apply_incident_commit(&commit);
-            },
-        )
-        .await
-        .unwrap();
-    projector.recompute_aggregates();
-    comparable(projector.render_all())
+    comparable(
+        projection::compare::fold_of_incidents(store, until)
+            .await
+            .unwrap(),
+    )
 }
 
 /// Values as compared with a fold: GRIDS-derived compliance out (see `projection::compare`).
