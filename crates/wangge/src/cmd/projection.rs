@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use eventstore::{BoundedContext, StreamSpec};
 use projection::{ProjectionConfig, ProjectionService, RebuildOptions, ScoreWeights, Until};
-use tokio::sync::watch;
 
+use super::serve::{stop_on_signal, wait_stopped};
 use crate::config::Settings;
 
 /// Worker threads of the projection's runtime.
@@ -167,39 +167,6 @@ fn rebuild_options(settings: &Settings, weights: ScoreWeights) -> RebuildOptions
     options.weights = weights;
     options.profile = profile(settings);
     options
-}
-
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn termination() -> anyhow::Result<&'static str> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => {
-            result.context("listen for SIGINT")?;
-            Ok("SIGINT")
-        }
-        _ = terminate.recv() => Ok("SIGTERM"),
-    }
-}
-
-fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
-    let (stop, stopped) = watch::channel(false);
-    let signals = tokio::spawn(async move {
-        match termination().await {
-            Ok(signal) => tracing::info!(signal, "shutting down"),
-            Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
-        }
-        let _ = stop.send(true);
-    });
-    (signals, stopped)
-}
-
-async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
-    while !*stopped.borrow() {
-        if stopped.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {

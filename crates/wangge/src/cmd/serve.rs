@@ -353,7 +353,8 @@ pub(crate) async fn observe_service(
     Ok(observer)
 }
 
-async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
+/// Resolves when `stopped` turns true (or its sender is gone).
+pub(crate) async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
     while !*stopped.borrow() {
         if stopped.changed().await.is_err() {
             return;
@@ -552,7 +553,7 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
 
 /// Starts listening for SIGINT/SIGTERM; the receiver turns `true` when one arrives. The
 /// returned task ends then; abort it when the service stopped for another reason.
-fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
+pub(crate) fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
     let (stop, stopped) = watch::channel(false);
     let signals = tokio::spawn(async move {
         match termination().await {
