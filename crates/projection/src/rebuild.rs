@@ -144,6 +144,27 @@ async fn stored_at(store: &IncidentStore, sequence: u64) -> Result<Option<i64>, 
 }
 
 /// Folds both streams up to `until` into `bucket` (emptied first) and writes the checkpoint.
+/// Hands the models folded since the last call to a write task, once the previous write has
+/// finished (one write in flight keeps memory bounded while the fold goes on). Returns how
+/// many keys were handed over.
+async fn write_behind(
+    projector: &mut Projector,
+    writing: &mut Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    kv: &async_nats::jetstream::kv::Store,
+    bucket: &str,
+) -> Result<u64, RebuildError> {
+    let rendered = projector.take_dirty(true);
+    let keys = rendered.len() as u64;
+    if let Some(previous) = writing.take() {
+        previous.await.expect("write task")?;
+    }
+    let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
+    *writing = Some(tokio::spawn(async move {
+        store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
+    }));
+    Ok(keys)
+}
+
 pub async fn build_into(
     jetstream: &jetstream::Context,
     options: &RebuildOptions,
@@ -227,15 +248,7 @@ pub async fn build_into(
         next_after = until_sequence;
         progress.reached(next_after);
         if options.write_during_replay {
-            let rendered = projector.take_dirty(true);
-            keys_written += rendered.len() as u64;
-            if let Some(previous) = writing.take() {
-                previous.await.expect("write task")?;
-            }
-            let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
-            writing = Some(tokio::spawn(async move {
-                store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
-            }));
+            keys_written += write_behind(&mut projector, &mut writing, &kv, bucket).await?;
         }
     }
     loop {
@@ -283,15 +296,7 @@ pub async fn build_into(
         drop(chunk_commits);
         progress.reached(reached);
         if options.write_during_replay {
-            let rendered = projector.take_dirty(true);
-            keys_written += rendered.len() as u64;
-            if let Some(previous) = writing.take() {
-                previous.await.expect("write task")?;
-            }
-            let (kv_chunk, bucket_chunk) = (kv.clone(), bucket.to_owned());
-            writing = Some(tokio::spawn(async move {
-                store::write_flush(&kv_chunk, &bucket_chunk, rendered, None).await
-            }));
+            keys_written += write_behind(&mut projector, &mut writing, &kv, bucket).await?;
         }
         info!(
             bucket,
