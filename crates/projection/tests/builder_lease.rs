@@ -8,47 +8,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use eventstore::{BoundedContext, EventStore, StreamSpec};
+use eventstore::EventStore;
 use projection::synthetic::{self, Synthetic};
-use projection::{
-    LeaseTiming, LeaseValue, Progress, ProjectionConfig, ProjectionService, ReadModels,
-};
+use projection::{LeaseTiming, LeaseValue, Progress, ReadModels};
 use tokio::sync::watch;
 
-const WAIT_MAX: Duration = Duration::from_secs(30);
-const LEASE_TTL: Duration = Duration::from_secs(3);
+mod common;
 
-fn specs() -> (StreamSpec, StreamSpec) {
-    (
-        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
-        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
-    )
-}
-
-struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), projection::ServiceError>>,
-    progress: watch::Receiver<Progress>,
-}
-
-async fn start(url: &str, instance: &str) -> Running {
-    let client = async_nats::connect(url).await.unwrap();
-    let (incidents, grids) = specs();
-    let mut config = ProjectionConfig::new(incidents, grids);
-    config.instance = instance.to_owned();
-    config.flush_commits_max = 64;
-    config.ack_wait = Duration::from_secs(1);
-    config.lease = LeaseTiming::from_ttl(LEASE_TTL);
-    let service = ProjectionService::start(client, config).await.unwrap();
-    let progress = service.progress();
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(service.run(stopped));
-    Running {
-        stop,
-        task,
-        progress,
-    }
-}
+use common::{LEASE_TTL, WAIT_MAX, specs, start};
 
 async fn wait_until(progress: &mut watch::Receiver<Progress>, what: impl Fn(&Progress) -> bool) {
     tokio::time::timeout(WAIT_MAX, progress.wait_for(|p| what(p)))

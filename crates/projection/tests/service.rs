@@ -3,49 +3,14 @@
 //! generations and the running builder follows; an as-of replay stops at its point; queries
 //! answer over request/reply.
 
-use std::time::Duration;
-
-use eventstore::{BoundedContext, EventStore, StreamSpec};
+use eventstore::EventStore;
 use expect_test::expect;
 use projection::synthetic::{self, Synthetic};
-use projection::{
-    LeaseTiming, NoProgress, ProjectionConfig, ProjectionService, ReadModels, RebuildOptions, Until,
-};
-use tokio::sync::watch;
+use projection::{NoProgress, ReadModels, RebuildOptions, Until};
 
-const WAIT_MAX: Duration = Duration::from_secs(30);
+mod common;
 
-fn specs() -> (StreamSpec, StreamSpec) {
-    (
-        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
-        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
-    )
-}
-
-struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), projection::ServiceError>>,
-    progress: watch::Receiver<projection::Progress>,
-}
-
-async fn start(url: &str) -> Running {
-    let client = async_nats::connect(url).await.unwrap();
-    let (incidents, grids) = specs();
-    let mut config = ProjectionConfig::new(incidents, grids);
-    config.flush_commits_max = 64;
-    config.ack_wait = Duration::from_secs(1);
-    // The aborted builder's lease must run out before the restarted one builds: keep it short.
-    config.lease = LeaseTiming::from_ttl(Duration::from_secs(3));
-    let service = ProjectionService::start(client, config).await.unwrap();
-    let progress = service.progress();
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(service.run(stopped));
-    Running {
-        stop,
-        task,
-        progress,
-    }
-}
+use common::{WAIT_MAX, specs};
 
 /// The models a pure fold of the stream gives (to `until`, or to its end).
 async fn pure_fold(
@@ -84,7 +49,7 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
 
     // 1. A builder folds the first half; it is aborted (no shutdown, no final flush) while
     //    the second half is being appended, then a new one takes over the same generation.
-    let running = start(&server.url()).await;
+    let running = common::start(&server.url(), "projection").await;
     synthetic::append_histories(&store, first, 50)
         .await
         .unwrap();
@@ -105,7 +70,7 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
     let _ = running.task.await;
     appending.await.unwrap().unwrap();
     let last = store.last_sequence().await.unwrap();
-    let restarted = start(&server.url()).await;
+    let restarted = common::start(&server.url(), "projection").await;
     let models = ReadModels::current(&jetstream).await.unwrap().unwrap();
     assert_eq!(models.generation(), 1);
     wait_checkpoint(&models, last).await;
