@@ -7,11 +7,8 @@ use anyhow::Context as _;
 use eventstore::{BoundedContext, StreamSpec};
 use projection::{ProjectionConfig, ProjectionService, RebuildOptions, ScoreWeights, Until};
 
-use super::serve::{stop_on_signal, wait_stopped};
+use super::serve::{runtime, stop_on_signal, wait_stopped};
 use crate::config::Settings;
-
-/// Worker threads of the projection's runtime.
-const RUNTIME_WORKER_THREADS: usize = 2;
 
 const SERVE_HELP: &str = "\
 Folds the INCIDENTS and GRIDS streams into read models in NATS KV (bucket PROJ_G<n>, the
@@ -130,14 +127,6 @@ pub struct AsOfArgs {
     /// Print the report and the totals as one JSON object.
     #[arg(long)]
     pub json: bool,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(RUNTIME_WORKER_THREADS)
-        .enable_all()
-        .build()
-        .context("start the async runtime")
 }
 
 fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
