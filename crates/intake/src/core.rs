@@ -94,7 +94,8 @@ pub enum Located {
     },
     /// Inside no community with grids.
     Outside,
-    UnknownBuilding,
+    /// No grid holds a building of that id, or the id is ambiguous (the message says which).
+    UnknownBuilding(String),
     Invalid(String),
 }
 
@@ -105,20 +106,33 @@ pub trait Locate {
 
 impl Locate for registry::Locator {
     fn locate(&self, place: &Place) -> Located {
-        match place {
-            Place::Point { lon, lat } => match registry::Locator::locate(self, *lon, *lat) {
-                registry::LocateAnswer::Served { grid_code, .. } => match grid_code.parse() {
-                    Ok(grid) => Located::Grid {
-                        grid,
-                        point: Some((*lon, *lat)),
-                    },
-                    Err(error) => Located::Invalid(format!("registry grid code: {error}")),
-                },
-                registry::LocateAnswer::Unserved => Located::Outside,
-                registry::LocateAnswer::Rejected { message, .. } => Located::Invalid(message),
+        let (answer, point) = match place {
+            Place::Point { lon, lat } => (
+                registry::Locator::locate(self, *lon, *lat),
+                Some((*lon, *lat)),
+            ),
+            Place::Building(building_id) => match self.locate_building(building_id) {
+                None => {
+                    return Located::UnknownBuilding(format!(
+                        "building {building_id:?} is in no grid of the grid registry"
+                    ));
+                }
+                Some(registry::BuildingAnswer {
+                    answer: registry::LocateAnswer::Rejected { message, .. },
+                    ..
+                }) => return Located::UnknownBuilding(message),
+                Some(registry::BuildingAnswer { answer, position }) => {
+                    (answer, position.map(|[lon, lat]| (lon, lat)))
+                }
             },
-            // The registry's Locator answers points only (see docs/INTAKE.md).
-            Place::Building(_) => Located::UnknownBuilding,
+        };
+        match answer {
+            registry::LocateAnswer::Served { grid_code, .. } => match grid_code.parse() {
+                Ok(grid) => Located::Grid { grid, point },
+                Err(error) => Located::Invalid(format!("registry grid code: {error}")),
+            },
+            registry::LocateAnswer::Unserved => Located::Outside,
+            registry::LocateAnswer::Rejected { message, .. } => Located::Invalid(message),
         }
     }
 }
@@ -609,12 +623,8 @@ impl Core {
                     "the location is outside every community with grids".to_owned(),
                 );
             }
-            Located::UnknownBuilding => {
-                return reject(
-                    self,
-                    ReasonCode::UnknownBuilding,
-                    "the building id is not known to the grid registry".to_owned(),
-                );
+            Located::UnknownBuilding(message) => {
+                return reject(self, ReasonCode::UnknownBuilding, message);
             }
             Located::Invalid(message) => {
                 return reject(self, ReasonCode::SchemaViolation, message);

@@ -131,7 +131,7 @@ pub enum ReasonCode {
     UnknownCategory,
     /// The location is outside every community with grids.
     OutsideCommunities,
-    /// The building id is not known to the grid registry.
+    /// No grid of the grid registry holds the building id, or two communities hold it.
     UnknownBuilding,
     DescriptionTooLong,
     TooManyMedia,

@@ -26,7 +26,7 @@ impl Locate for BoxLocator {
                 }
             }
             Place::Point { .. } => Located::Outside,
-            Place::Building(_) => Located::UnknownBuilding,
+            Place::Building(id) => Located::UnknownBuilding(format!("building {id:?} is unknown")),
         }
     }
 }

@@ -20,6 +20,7 @@ const STEP: f64 = 0.001;
 const REPORTER: &str = "0193a1b2-0000-7000-8000-000000000001";
 const OTHER_REPORTER: &str = "0193a1b2-0000-7000-8000-000000000002";
 const THIRD_REPORTER: &str = "0193a1b2-0000-7000-8000-000000000003";
+const FOURTH_REPORTER: &str = "0193a1b2-0000-7000-8000-000000000004";
 
 async fn connect(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
@@ -360,6 +361,35 @@ async fn rejections_merges_status_queries_and_erasure() {
         .assert_eq(&reject(body.to_string().into_bytes()).await);
     expect![[r#""payload_too_large" "payload is 70000 bytes, more than 65536""#]]
         .assert_eq(&reject(vec![b' '; 70_000]).await);
+    let mut body = submission("reject-00007", FOURTH_REPORTER, "0101", b1);
+    body["location"] = json!({"building_id": "b99"});
+    expect![[r#""unknown_building" "building \"b99\" is in no grid of the grid registry""#]]
+        .assert_eq(&reject(body.to_string().into_bytes()).await);
+
+    // A building id locates like the building's own point: same grid, same position.
+    let mut body = submission("building-00001", FOURTH_REPORTER, "0105", (0.0, 0.0));
+    body["location"] = json!({"building_id": "b5"});
+    let by_building = send(&client, "intake.request", body).await;
+    check(
+        &by_building,
+        expect![[
+            r#"{"grid_code":"350402001001002","incident_id":"66d887af-378b-8e1a-a942-746a74057670","respond_by":"<time>","respond_by_ms":"<time>","status":"filed","submission_id":"building-00001"}"#
+        ]],
+    );
+    let by_point = send(
+        &client,
+        "intake.request",
+        submission("building-00002", FOURTH_REPORTER, "0106", near_building(4)),
+    )
+    .await;
+    assert_eq!(by_building["grid_code"], by_point["grid_code"]);
+    let found = send(
+        &client,
+        "incidents.query.get",
+        json!({"incident_id": by_building["incident_id"]}),
+    )
+    .await;
+    assert_eq!(found["incident"]["status"], "filed", "{found}");
     // Rejected submissions are recorded (one INTAKE record per refusal).
     check(
         &send(

@@ -3,7 +3,7 @@
 //! readers never wait for the writer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use eventstore::{Position, RecordedCommit};
 use geo::BoundingRect as _;
@@ -27,6 +27,10 @@ struct CommunityView {
     index: LocateIndex,
     workers: HashMap<String, GridWorker>,
     grids: usize,
+    /// The community's grid codes, in `buildings`' grid index order.
+    grid_codes: Vec<String>,
+    /// Every building that is a member of a grid: (id, index into `grid_codes`, lon/lat).
+    buildings: Vec<(Arc<str>, u32, [f64; 2])>,
 }
 
 impl CommunityView {
@@ -36,9 +40,24 @@ impl CommunityView {
             return Ok(None);
         };
         let mut polygons = Vec::new();
+        let mut grid_codes = Vec::with_capacity(community.grids.len());
+        let mut buildings = Vec::with_capacity(community.buildings.len());
         for (code, grid) in &community.grids {
             for polygon in std::iter::once(&grid.polygon).chain(&grid.detached) {
                 polygons.push((code.clone(), community.id.clone(), polygon.clone()));
+            }
+            let grid_index = grid_codes.len() as u32;
+            grid_codes.push(code.clone());
+            for member in &grid.members {
+                // A member without a building record (never expected: grids are drawn from
+                // the community's buildings) cannot be placed, so it is not indexed.
+                if let Some(building) = community.buildings.get(member) {
+                    buildings.push((
+                        Arc::from(member.as_str()),
+                        grid_index,
+                        [building.position.x(), building.position.y()],
+                    ));
+                }
             }
         }
         Ok(Some(CommunityView {
@@ -54,7 +73,21 @@ impl CommunityView {
                 .map(|(code, worker)| (code.clone(), worker.clone()))
                 .collect(),
             grids: community.grids.len(),
+            grid_codes,
+            buildings,
         }))
+    }
+
+    fn served(&self, grid_code: &str) -> LocateAnswer {
+        LocateAnswer::Served {
+            community: self.community_id.clone(),
+            community_code: self.community_code.clone(),
+            community_name: self.community_name.clone(),
+            grid_code: grid_code.to_owned(),
+            grid_worker: self.workers.get(grid_code).cloned(),
+            street: self.street.clone(),
+            district: self.district.clone(),
+        }
     }
 
     /// The community's extent: the bounding box of its grids.
@@ -83,13 +116,24 @@ impl CommunityView {
     }
 }
 
+/// Where a building id leads: (community index in the view, building index in it), or
+/// `AMBIGUOUS` when two communities hold a building of that id.
+type BuildingIndex = HashMap<Arc<str>, (u32, u32)>;
+const AMBIGUOUS: u32 = u32::MAX;
+
 /// An immutable view for locating points: an R-tree of community extents over one grid index
 /// per community, so a change rebuilds one community's index and the (small) top tree.
+///
+/// Building ids are looked up in one map over every community, built on the first building
+/// lookup after a change rather than at publish: publishing stays proportional to the number
+/// of communities (an import of a million buildings publishes hundreds of times), and a
+/// process that never locates buildings never pays for the map.
 #[derive(Debug)]
 pub struct LocateView {
     communities: Vec<Arc<CommunityView>>,
     tree: RTree<GeomWithData<Rectangle<[f64; 2]>, usize>>,
     grids: usize,
+    buildings: OnceLock<BuildingIndex>,
 }
 
 impl LocateView {
@@ -98,6 +142,7 @@ impl LocateView {
             communities: Vec::new(),
             tree: RTree::new(),
             grids: 0,
+            buildings: OnceLock::new(),
         }
     }
 
@@ -121,19 +166,61 @@ impl LocateView {
         {
             let view = &self.communities[candidate.data];
             if let Located::Grid { grid_code, .. } = view.index.locate(lon, lat) {
-                return LocateAnswer::Served {
-                    community: view.community_id.clone(),
-                    community_code: view.community_code.clone(),
-                    community_name: view.community_name.clone(),
-                    grid_code: grid_code.to_owned(),
-                    grid_worker: view.workers.get(grid_code).cloned(),
-                    street: view.street.clone(),
-                    district: view.district.clone(),
-                };
+                return view.served(grid_code);
             }
         }
         LocateAnswer::Unserved
     }
+
+    /// Which grid holds the building `building_id` (a member of one of its grids), and where
+    /// the building stands. `None`: no grid holds a building of that id. A building id held
+    /// by two communities is answered `Rejected` with `ambiguous_building`.
+    pub fn locate_building(&self, building_id: &str) -> Option<BuildingAnswer> {
+        let index = self.buildings.get_or_init(|| self.building_index());
+        let &(community, building) = index.get(building_id)?;
+        if community == AMBIGUOUS {
+            return Some(BuildingAnswer {
+                answer: LocateAnswer::rejected(
+                    "ambiguous_building",
+                    format!("building id {building_id:?} is held by more than one community"),
+                ),
+                position: None,
+            });
+        }
+        let view = &self.communities[community as usize];
+        let (_, grid, position) = &view.buildings[building as usize];
+        Some(BuildingAnswer {
+            answer: view.served(&view.grid_codes[*grid as usize]),
+            position: Some(*position),
+        })
+    }
+
+    fn building_index(&self) -> BuildingIndex {
+        let total = self.communities.iter().map(|c| c.buildings.len()).sum();
+        let mut index = BuildingIndex::with_capacity(total);
+        for (community, view) in self.communities.iter().enumerate() {
+            for (building, (id, _, _)) in view.buildings.iter().enumerate() {
+                let place = (community as u32, building as u32);
+                index
+                    .entry(Arc::clone(id))
+                    .and_modify(|held| {
+                        if held.0 != place.0 {
+                            *held = (AMBIGUOUS, 0);
+                        }
+                    })
+                    .or_insert(place);
+            }
+        }
+        index
+    }
+}
+
+/// The answer to a building lookup: the grid as for a point, and the building's position
+/// (WGS84 lon/lat) when the id is known and unambiguous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildingAnswer {
+    pub answer: LocateAnswer,
+    pub position: Option<[f64; 2]>,
 }
 
 /// In-process locate handle: cheap to clone, never blocks on the registry's writer, always
@@ -148,6 +235,12 @@ impl Locator {
     pub fn locate(&self, lon: f64, lat: f64) -> LocateAnswer {
         let view = Arc::clone(&self.view.borrow());
         view.locate(lon, lat)
+    }
+
+    /// Which grid holds the building `building_id`? See [`LocateView::locate_building`].
+    pub fn locate_building(&self, building_id: &str) -> Option<BuildingAnswer> {
+        let view = Arc::clone(&self.view.borrow());
+        view.locate_building(building_id)
     }
 
     /// Grids currently indexed.
@@ -333,7 +426,126 @@ impl Directory {
             communities,
             tree: RTree::bulk_load(boxes),
             grids,
+            buildings: OnceLock::new(),
         }));
         grids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{Expect, expect};
+    use geo::{LineString, MultiPolygon, Point, Polygon};
+
+    use super::*;
+    use crate::domain::{Building, Command, CommunityProfile, decide};
+
+    fn square(x: f64, y: f64, side: f64) -> Polygon<f64> {
+        Polygon::new(
+            LineString::from(vec![
+                (x, y),
+                (x + side, y),
+                (x + side, y + side),
+                (x, y + side),
+                (x, y),
+            ]),
+            vec![],
+        )
+    }
+
+    /// A community `id` of `rows` × 4 buildings of 60 households in a square at (x, 26.26);
+    /// building ids are `<prefix>-<row>-<column>`.
+    fn community(directory: &mut Directory, id: &str, code: &str, x: f64, prefix: &str) {
+        let profile = CommunityProfile {
+            code: code.to_owned(),
+            name: format!("{id} 社区"),
+            street: "列东街道".to_owned(),
+            district: "三元区".to_owned(),
+            boundary: MultiPolygon::new(vec![square(x, 26.26, 0.004)]),
+        };
+        let buildings = (0..8)
+            .flat_map(|row| (0..4).map(move |column| (row, column)))
+            .map(|(row, column)| Building {
+                id: format!("{prefix}-{row}-{column}"),
+                position: Point::new(
+                    x + 0.0005 + 0.001 * f64::from(column),
+                    26.2605 + 0.0004 * f64::from(row),
+                ),
+                households: 60,
+                population: None,
+            })
+            .collect();
+        for (command_id, command) in [
+            ("register", Command::RegisterCommunity(profile)),
+            ("import", Command::ImportBuildings { buildings }),
+            ("partition", Command::Partition),
+        ] {
+            let entry = directory.community_or_new(id);
+            let events = decide(&entry.community, command_id, &command, 0).expect("decide");
+            let position = Position {
+                sequence: entry.position.sequence + 1,
+                version: entry.position.version + 1,
+                hash: [0; 32],
+            };
+            directory.apply_own(id, command_id, &events, position);
+        }
+    }
+
+    fn check(building_id: &str, expect: Expect) {
+        let mut directory = Directory::new();
+        community(&mut directory, "liedong", "350402001001", 117.63, "b");
+        community(&mut directory, "xiyang", "350402001002", 117.64, "x");
+        // One building id held by both communities.
+        community(&mut directory, "fuxing", "350402001003", 117.65, "shared");
+        community(&mut directory, "fuxing-2", "350402001004", 117.66, "shared");
+        directory.publish_all().expect("publish");
+        let locator = directory.locator();
+        let actual = match locator.locate_building(building_id) {
+            None => "unknown".to_owned(),
+            Some(BuildingAnswer {
+                answer: LocateAnswer::Served { grid_code, .. },
+                position: Some([lon, lat]),
+            }) => {
+                // The grid from membership is the one the building's own point lies in.
+                let by_point = match locator.locate(lon, lat) {
+                    LocateAnswer::Served { grid_code, .. } => grid_code,
+                    other => format!("{other:?}"),
+                };
+                format!("grid {grid_code} at ({lon:.4}, {lat:.4}); by point: {by_point}")
+            }
+            Some(other) => format!("{other:?}"),
+        };
+        expect.assert_eq(&actual);
+    }
+
+    #[test]
+    fn building_in_first_community() {
+        check(
+            "b-0-0",
+            expect!["grid 350402001001007 at (117.6305, 26.2605); by point: 350402001001007"],
+        );
+    }
+
+    #[test]
+    fn building_in_second_community() {
+        check(
+            "x-7-3",
+            expect!["grid 350402001002002 at (117.6435, 26.2633); by point: 350402001002002"],
+        );
+    }
+
+    #[test]
+    fn unknown_building() {
+        check("b-9-9", expect!["unknown"]);
+    }
+
+    #[test]
+    fn building_id_in_two_communities() {
+        check(
+            "shared-1-1",
+            expect![[
+                r#"BuildingAnswer { answer: Rejected { reason_code: "ambiguous_building", message: "building id \"shared-1-1\" is held by more than one community" }, position: None }"#
+            ]],
+        );
     }
 }

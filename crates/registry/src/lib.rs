@@ -20,6 +20,6 @@ pub mod service;
 pub mod wire;
 
 pub use api::LocateAnswer;
-pub use directory::Locator;
+pub use directory::{BuildingAnswer, Locator};
 pub use service::{RegistryService, ServiceConfig, ServiceError};
 pub use wire::RegistryCodec;
