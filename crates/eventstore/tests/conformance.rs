@@ -602,6 +602,78 @@ async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_follower_needs_no_acks_survives_a_server_restart_and_closes_clean() {
+    let mut server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("followed");
+    let mut position = Position::NEW;
+    for n in 0..10 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("f{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    // Where a start-up replay ended.
+    let mut follower = store
+        .subscribe(SubscriptionConfig::private_follower("intake-1", 4))
+        .await
+        .expect("subscribe");
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), follower.next())
+            .await
+            .expect("in time")
+            .expect("delivery");
+        seen.push(delivery.commit.sequence);
+        // No ack is sent (nor needed): the consumer does not take acks.
+        delivery.ack().await.expect("ack is a no-op");
+    }
+    assert_eq!(seen, vec![5, 6, 7, 8, 9, 10]);
+
+    // The in-memory consumer dies with the server; the subscription notices the broken pull
+    // stream and replaces the consumer with one starting after the last commit it handed out.
+    server.kill();
+    server.restart().expect("restart");
+    let writer = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let position = writer.load(&id).await.expect("reload").position;
+    writer
+        .append(
+            &id,
+            &position,
+            &commit("after-restart", vec![Ledger::Deposited { amount: 99 }]),
+        )
+        .await
+        .expect("append");
+    let delivery = tokio::time::timeout(Duration::from_secs(30), follower.next())
+        .await
+        .expect("in time")
+        .expect("delivery");
+    assert_eq!(
+        delivery.commit.sequence, 11,
+        "exactly the next commit, no repeat"
+    );
+
+    follower.close().await.expect("close");
+    let stream = writer
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names())
+        .await
+        .expect("consumer names");
+    assert!(
+        !names.iter().any(|name| name.starts_with("intake-1-")),
+        "a clean stop leaves no private consumer behind: {names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_killed_mid_stream_loses_and_doubles_nothing() {
     let mut cluster = NatsCluster::start().expect("cluster");
     let mut spec = StreamSpec::named("LEDGER", "ledger");
