@@ -23,6 +23,13 @@ pub struct LocateRequest {
     pub lat: f64,
 }
 
+/// `{"building_id": ".."}`: which grid holds this building (by grid membership)?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocateBuildingRequest {
+    pub building_id: String,
+}
+
 /// The answer to a locate request, in process ([`crate::Locator`]) and on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]

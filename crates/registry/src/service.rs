@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::api::{
     self, CommunityAnswer, CommunityQuery, GridSummary, ItemRejectionJson, LocateAnswer,
-    LocateRequest, Receipt, RejectedReply,
+    LocateBuildingRequest, LocateRequest, Receipt, RejectedReply,
 };
 use crate::directory::{Applied, Directory, Locator};
 use crate::domain::{self, Community, Event, Rejection};
@@ -569,10 +569,33 @@ pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
             ),
         );
     }
-    match serde_json::from_slice::<LocateRequest>(payload) {
-        Ok(request) => locator.locate(request.lon, request.lat),
-        Err(error) => LocateAnswer::rejected("malformed_json", error.to_string()),
+    let point_error = match serde_json::from_slice::<LocateRequest>(payload) {
+        Ok(request) => return locator.locate(request.lon, request.lat),
+        Err(error) => error,
+    };
+    match serde_json::from_slice::<LocateBuildingRequest>(payload) {
+        Ok(request) => match locator.locate_building(&request.building_id) {
+            Some(found) => found.answer,
+            None => LocateAnswer::rejected(
+                "unknown_building",
+                format!(
+                    "building {:?} is in no grid of the registry",
+                    request.building_id
+                ),
+            ),
+        },
+        // Report the error of the form the request meant.
+        Err(error) if mentions_building_id(payload) => {
+            LocateAnswer::rejected("malformed_json", error.to_string())
+        }
+        Err(_) => LocateAnswer::rejected("malformed_json", point_error.to_string()),
     }
+}
+
+fn mentions_building_id(payload: &[u8]) -> bool {
+    payload
+        .windows(b"\"building_id\"".len())
+        .any(|window| window == b"\"building_id\"")
 }
 
 fn grid_summaries<'a>(

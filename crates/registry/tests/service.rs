@@ -186,6 +186,23 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
             r#"{"community":"liedong","community_code":"350402001001","community_name":"列东社区","district":"三元区","grid_code":"350402001001003","grid_worker":{"name":"王芳","worker_id":"w-001"},"status":"served","street":"列东街道"}"#
         ]],
     );
+    // A building id locates by grid membership, to the grid its own point lies in.
+    assert_eq!(
+        send(&client, "grids.locate", json!({"building_id": "b1"})).await,
+        locate(&client, b1).await
+    );
+    check(
+        &send(&client, "grids.locate", json!({"building_id": "b99"})).await,
+        expect![[
+            r#"{"message":"building \"b99\" is in no grid of the registry","reason_code":"unknown_building","status":"rejected"}"#
+        ]],
+    );
+    check(
+        &send(&client, "grids.locate", json!({"building_id": 7})).await,
+        expect![[
+            r#"{"message":"invalid type: integer `7`, expected a string at line 1 column 16","reason_code":"malformed_json","status":"rejected"}"#
+        ]],
+    );
     check(
         &locate(&client, position(9.0, 9.0)).await,
         expect![[r#"{"status":"unserved"}"#]],
