@@ -234,13 +234,7 @@ impl<C: EventCodec> Subscription<C> {
             return self.create_private().await;
         }
         let config = &self.config;
-        let deliver_policy = if config.start_after_sequence == 0 {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: config.start_after_sequence + 1,
-            }
-        };
+        let deliver_policy = deliver_after(config.start_after_sequence);
         let consumer = self
             .store
             .stream
@@ -273,13 +267,7 @@ impl<C: EventCodec> Subscription<C> {
     async fn create_private(&mut self) -> Result<consumer::PullConsumer, SubscribeError> {
         let name = format!("{}-{}", self.config.durable_name, self.private_opened);
         self.private_opened += 1;
-        let deliver_policy = if self.last_sequence == 0 {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: self.last_sequence + 1,
-            }
-        };
+        let deliver_policy = deliver_after(self.last_sequence);
         let consumer = self
             .store
             .stream
@@ -487,6 +475,17 @@ impl<C: EventCodec> Subscription<C> {
                 source,
                 message: Box::new(message),
             }),
+        }
+    }
+}
+
+/// Delivery from the message after stream sequence `sequence` (0: from the first).
+fn deliver_after(sequence: u64) -> consumer::DeliverPolicy {
+    if sequence == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: sequence + 1,
         }
     }
 }

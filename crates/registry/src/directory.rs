@@ -435,22 +435,13 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use expect_test::{Expect, expect};
-    use geo::{LineString, MultiPolygon, Point, Polygon};
+    use geo::{MultiPolygon, Point, Polygon};
 
     use super::*;
     use crate::domain::{Building, Command, CommunityProfile, decide};
 
     fn square(x: f64, y: f64, side: f64) -> Polygon<f64> {
-        Polygon::new(
-            LineString::from(vec![
-                (x, y),
-                (x + side, y),
-                (x + side, y + side),
-                (x, y + side),
-                (x, y),
-            ]),
-            vec![],
-        )
+        geo::Rect::new((x, y), (x + side, y + side)).to_polygon()
     }
 
     /// A community `id` of `rows` × 4 buildings of 60 households in a square at (x, 26.26);
