@@ -124,6 +124,17 @@ pub fn decode_submission(
             ),
         ));
     }
+    // Fast path: a well-formed submission parses straight into its type. Anything else is
+    // parsed again through `Value`, to tell malformed JSON from a schema violation and to
+    // find the submission id for the refusal record (same outcome and message as before).
+    if let Ok(submission) = serde_json::from_slice::<Submission>(bytes) {
+        let known_id = if is_valid_submission_id(&submission.submission_id) {
+            Some(submission.submission_id.clone())
+        } else {
+            fallback
+        };
+        return validate(submission, known_id, limits, taxonomy);
+    }
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
         Err(error) => {
