@@ -265,8 +265,10 @@ impl<C: EventCodec> Subscription<C> {
 
     /// Creates a private consumer starting after the last commit handed out.
     async fn create_private(&mut self) -> Result<consumer::PullConsumer, SubscribeError> {
+        // Counted only once created: a creation cancelled half-way (this runs inside the
+        // callers' `select!`) is retried under the same name, which the server treats as the
+        // same consumer, instead of leaving one behind per try.
         let name = format!("{}-{}", self.config.durable_name, self.private_opened);
-        self.private_opened += 1;
         let deliver_policy = deliver_after(self.last_sequence);
         let consumer = self
             .store
@@ -290,6 +292,7 @@ impl<C: EventCodec> Subscription<C> {
                 durable: name,
                 reason: error.to_string(),
             })?;
+        self.private_opened += 1;
         self.last_consumer_sequence = 0;
         self.consumer = Some(consumer.clone());
         Ok(consumer)
@@ -324,7 +327,6 @@ impl<C: EventCodec> Subscription<C> {
             let messages = self.messages.as_mut().expect("opened above");
             match messages.next().await {
                 Some(Ok(message)) => {
-                    self.backoff = RESUBSCRIBE_BACKOFF_MIN;
                     if !self.config.acknowledged {
                         match self.private_order(&message) {
                             PrivateOrder::Next => {}
@@ -332,10 +334,12 @@ impl<C: EventCodec> Subscription<C> {
                             PrivateOrder::Gap => {
                                 warn!(durable = %self.config.durable_name, after = self.last_sequence, "private consumer missed a delivery; replacing it");
                                 self.replace_private().await;
+                                self.pause().await;
                                 continue;
                             }
                         }
                     }
+                    self.backoff = RESUBSCRIBE_BACKOFF_MIN;
                     return self.decode(message);
                 }
                 Some(Err(error)) => {

@@ -127,7 +127,10 @@ pub fn decode_submission(
     // Fast path: a well-formed submission parses straight into its type. Anything else is
     // parsed again through `Value`, to tell malformed JSON from a schema violation and to
     // find the submission id for the refusal record (same outcome and message as before).
-    if let Ok(submission) = serde_json::from_slice::<Submission>(bytes) {
+    // Objects only: serde would also take a positional array, whose id the refusal record
+    // must not trust.
+    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if is_object && let Ok(submission) = serde_json::from_slice::<Submission>(bytes) {
         let known_id = if is_valid_submission_id(&submission.submission_id) {
             Some(submission.submission_id.clone())
         } else {
@@ -367,6 +370,26 @@ mod tests {
         check(
             |b| b["location"] = json!({"building_id": "b-17"}),
             expect![[r#"ok sub-00000001 0101 Building("b-17") at 1795134600000"#]],
+        );
+        // A positional array (which serde would take for the struct) is decided as before the
+        // fast path: its id is not trusted for the refusal record.
+        check(
+            |b| {
+                let o = b.as_object().expect("object").clone();
+                let field = |name: &str| o[name].clone();
+                *b = json!([
+                    field("submission_id"),
+                    field("kind"),
+                    field("category"),
+                    field("location"),
+                    "字".repeat(4_001),
+                    field("media"),
+                    field("channel"),
+                    field("reporter_id"),
+                    field("occurred_at")
+                ]);
+            },
+            expect!["description_too_long (None): description is 4001 characters, more than 4000"],
         );
         check(
             |b| b["submission_id"] = json!("short"),

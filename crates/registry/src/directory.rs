@@ -3,7 +3,7 @@
 //! readers never wait for the writer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use eventstore::{Position, RecordedCommit};
 use geo::BoundingRect as _;
@@ -29,8 +29,9 @@ struct CommunityView {
     grids: usize,
     /// The community's grid codes, in `buildings`' grid index order.
     grid_codes: Vec<String>,
-    /// Every building that is a member of a grid: (id, index into `grid_codes`, lon/lat).
-    buildings: Vec<(Arc<str>, u32, [f64; 2])>,
+    /// Every building that is a member of a grid: id → (index into `grid_codes`, lon/lat).
+    /// Built with the community's grid index, so a change costs what that community holds.
+    buildings: HashMap<String, (u32, [f64; 2])>,
 }
 
 impl CommunityView {
@@ -41,7 +42,7 @@ impl CommunityView {
         };
         let mut polygons = Vec::new();
         let mut grid_codes = Vec::with_capacity(community.grids.len());
-        let mut buildings = Vec::with_capacity(community.buildings.len());
+        let mut buildings = HashMap::with_capacity(community.buildings.len());
         for (code, grid) in &community.grids {
             for polygon in std::iter::once(&grid.polygon).chain(&grid.detached) {
                 polygons.push((code.clone(), community.id.clone(), polygon.clone()));
@@ -52,11 +53,10 @@ impl CommunityView {
                 // A member without a building record (never expected: grids are drawn from
                 // the community's buildings) cannot be placed, so it is not indexed.
                 if let Some(building) = community.buildings.get(member) {
-                    buildings.push((
-                        Arc::from(member.as_str()),
-                        grid_index,
-                        [building.position.x(), building.position.y()],
-                    ));
+                    buildings.insert(
+                        member.clone(),
+                        (grid_index, [building.position.x(), building.position.y()]),
+                    );
                 }
             }
         }
@@ -116,24 +116,18 @@ impl CommunityView {
     }
 }
 
-/// Where a building id leads: (community index in the view, building index in it), or
-/// `AMBIGUOUS` when two communities hold a building of that id.
-type BuildingIndex = HashMap<Arc<str>, (u32, u32)>;
-const AMBIGUOUS: u32 = u32::MAX;
-
 /// An immutable view for locating points: an R-tree of community extents over one grid index
 /// per community, so a change rebuilds one community's index and the (small) top tree.
 ///
-/// Building ids are looked up in one map over every community, built on the first building
-/// lookup after a change rather than at publish: publishing stays proportional to the number
-/// of communities (an import of a million buildings publishes hundreds of times), and a
-/// process that never locates buildings never pays for the map.
+/// Building ids are looked up in each community's own map in turn (one hash lookup per
+/// community) rather than in one map over the whole city: such a map would have to be
+/// rebuilt over every building after any change, and an import of a million buildings
+/// publishes hundreds of times.
 #[derive(Debug)]
 pub struct LocateView {
     communities: Vec<Arc<CommunityView>>,
     tree: RTree<GeomWithData<Rectangle<[f64; 2]>, usize>>,
     grids: usize,
-    buildings: OnceLock<BuildingIndex>,
 }
 
 impl LocateView {
@@ -142,7 +136,6 @@ impl LocateView {
             communities: Vec::new(),
             tree: RTree::new(),
             grids: 0,
-            buildings: OnceLock::new(),
         }
     }
 
@@ -176,9 +169,12 @@ impl LocateView {
     /// the building stands. `None`: no grid holds a building of that id. A building id held
     /// by two communities is answered `Rejected` with `ambiguous_building`.
     pub fn locate_building(&self, building_id: &str) -> Option<BuildingAnswer> {
-        let index = self.buildings.get_or_init(|| self.building_index());
-        let &(community, building) = index.get(building_id)?;
-        if community == AMBIGUOUS {
+        let mut holders = self
+            .communities
+            .iter()
+            .filter_map(|view| Some((view, view.buildings.get(building_id)?)));
+        let (view, (grid, position)) = holders.next()?;
+        if holders.next().is_some() {
             return Some(BuildingAnswer {
                 answer: LocateAnswer::rejected(
                     "ambiguous_building",
@@ -187,31 +183,10 @@ impl LocateView {
                 position: None,
             });
         }
-        let view = &self.communities[community as usize];
-        let (_, grid, position) = &view.buildings[building as usize];
         Some(BuildingAnswer {
             answer: view.served(&view.grid_codes[*grid as usize]),
             position: Some(*position),
         })
-    }
-
-    fn building_index(&self) -> BuildingIndex {
-        let total = self.communities.iter().map(|c| c.buildings.len()).sum();
-        let mut index = BuildingIndex::with_capacity(total);
-        for (community, view) in self.communities.iter().enumerate() {
-            for (building, (id, _, _)) in view.buildings.iter().enumerate() {
-                let place = (community as u32, building as u32);
-                index
-                    .entry(Arc::clone(id))
-                    .and_modify(|held| {
-                        if held.0 != place.0 {
-                            *held = (AMBIGUOUS, 0);
-                        }
-                    })
-                    .or_insert(place);
-            }
-        }
-        index
     }
 }
 
@@ -426,7 +401,6 @@ impl Directory {
             communities,
             tree: RTree::bulk_load(boxes),
             grids,
-            buildings: OnceLock::new(),
         }));
         grids
     }
