@@ -59,6 +59,8 @@ pub const DELIVERIES_PER_TURN_MAX: usize = 256;
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A private consumer left behind by a crashed instance is removed by the server after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// Durable name of the notifier consumer shared by all dispatch instances.
 pub const NOTIFIER_DURABLE: &str = "dispatch-notifier";
 /// Incidents per snapshot shard (a worst-case state encodes in under 800 bytes, so a shard
@@ -166,6 +168,7 @@ pub struct DispatchService {
     book: Book,
     subscription: Subscription<codecs::IncidentCodec>,
     notifier: Option<Subscription<codecs::IncidentCodec>>,
+    durable: String,
     /// Console commands: the `commands` endpoint of the `wangge-dispatch` micro service.
     requests: Option<async_nats::service::endpoint::Endpoint>,
     micro: Option<async_nats::service::Service>,
@@ -300,7 +303,12 @@ impl DispatchService {
             reload_into(&store, &mut book, &aggregate, incident, held).await?;
         }
         book.rebuild_deadlines();
-        let subscription_config = SubscriptionConfig::private_follower(&config.instance, reached);
+        let subscription_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
+        );
+        let durable = subscription_config.durable_name.clone();
         let subscription = store.subscribe(subscription_config).await?;
         let notifier = if config.notify {
             notify::open_stream(&jetstream, config.replicas, config.duplicate_window)
@@ -351,6 +359,7 @@ impl DispatchService {
             book,
             subscription,
             notifier,
+            durable,
             requests,
             micro,
             progress,
@@ -463,7 +472,7 @@ impl DispatchService {
                 report_snapshot(task.await);
             }
         }
-        if let Err(error) = self.subscription.close().await {
+        if let Err(error) = self.store.delete_consumer(&self.durable).await {
             warn!(%error, "delete private consumer");
         }
         if let Err(error) = self.client.flush().await {

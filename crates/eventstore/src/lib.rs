@@ -41,8 +41,8 @@ pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};
 pub use store::{Appended, BoundedContext, EventStore, Loaded, StreamSpec};
 pub use subscription::{
-    DeleteConsumerError, Delivery, PRIVATE_INACTIVE, SubscribeError, Subscription,
-    SubscriptionConfig, consumer_name_fragment,
+    DeleteConsumerError, Delivery, SubscribeError, Subscription, SubscriptionConfig,
+    consumer_name_fragment,
 };
 pub use verify::{Finding, VerifyReport};
 

@@ -1,16 +1,6 @@
 //! Catch-up subscriptions: a durable pull consumer with explicit acks, read in bounded
 //! batches, that survives the pull stream ending (`RequestLimitExceeded`, missed heartbeats)
 //! and server restarts by re-creating the stream or the consumer.
-//!
-//! A follower private to one service instance (whose state is rebuilt from the stream at
-//! start, so a redelivery buys it nothing) reads through an unacknowledged consumer instead:
-//! in memory, one replica, no acks; a gap in its consumer sequence or a broken pull stream
-//! makes the subscription replace it with one starting after the last commit it handed out.
-//! That halves what the server does per followed commit (no ack to take, no consumer state
-//! to write). It is what NATS calls an ordered consumer, kept here rather than the client
-//! library's: async-nats 0.51 recreates an ordered consumer that has delivered nothing yet
-//! from the stream's first message, which would re-send a whole stream to a follower that
-//! started at its end, and its consumer names after a recreation are not ours to delete.
 
 use std::time::Duration;
 
@@ -45,18 +35,7 @@ pub struct SubscriptionConfig {
     /// Remove the consumer when no one has pulled from it for this long (a private consumer
     /// of a service instance that crashed). `None`: the consumer lives until deleted.
     pub inactive_threshold: Option<Duration>,
-    /// `false`: a private, unacknowledged consumer (see the module docs); `durable_name`
-    /// then prefixes its names, `ack_*` and `inactive_threshold` do not apply (the server
-    /// removes it [`PRIVATE_INACTIVE`] after the last pull).
-    pub acknowledged: bool,
 }
-
-/// How long a private (unacknowledged) consumer outlives its last pull.
-pub const PRIVATE_INACTIVE: Duration = Duration::from_secs(30);
-/// The longest pull request of a private consumer; its idle heartbeat is a quarter of this.
-/// A missed heartbeat breaks the pull stream and the consumer is replaced: after the server
-/// (or the cluster node) holding it died, the follower resumes within about this long.
-const PRIVATE_PULL_EXPIRES: Duration = Duration::from_secs(4);
 
 /// Turns free text (an instance name) into a valid consumer-name fragment: `[A-Za-z0-9_-]`,
 /// other characters replaced by `_`, at most 64 characters.
@@ -75,11 +54,16 @@ pub fn consumer_name_fragment(name: &str) -> String {
 }
 
 impl SubscriptionConfig {
-    /// A follower private to one service instance: an unacknowledged consumer named after
-    /// the instance plus a fresh UUID, starting after `start_after_sequence` (where the
-    /// instance's start-up replay ended). The server removes it [`PRIVATE_INACTIVE`] after the
-    /// instance stopped pulling, so a crashed instance leaves nothing behind.
-    pub fn private_follower(instance: &str, start_after_sequence: u64) -> SubscriptionConfig {
+    /// A follower private to one service instance: a durable consumer named after the
+    /// instance plus a fresh UUID, starting after `start_after_sequence` (where the instance's
+    /// start-up replay ended). The server removes it `inactive_threshold` after the instance
+    /// stopped pulling, so a crashed instance leaves nothing behind; a clean stop deletes it
+    /// with [`EventStore::delete_consumer`].
+    pub fn private_follower(
+        instance: &str,
+        start_after_sequence: u64,
+        inactive_threshold: Duration,
+    ) -> SubscriptionConfig {
         let name = format!(
             "{}-{}",
             consumer_name_fragment(instance),
@@ -87,7 +71,7 @@ impl SubscriptionConfig {
         );
         let mut config = SubscriptionConfig::durable(name);
         config.start_after_sequence = start_after_sequence;
-        config.acknowledged = false;
+        config.inactive_threshold = Some(inactive_threshold);
         config
     }
 
@@ -100,7 +84,6 @@ impl SubscriptionConfig {
             ack_pending_max: 10_000,
             ack_wait: Duration::from_secs(30),
             inactive_threshold: None,
-            acknowledged: true,
         }
     }
 }
@@ -157,24 +140,17 @@ pub struct Delivery<E> {
     /// Messages the server still holds for this consumer after this one.
     pub pending: u64,
     message: jetstream::Message,
-    acknowledged: bool,
 }
 
 impl<E> Delivery<E> {
     /// Acknowledge: the server will not deliver this commit again.
     pub async fn ack(&self) -> Result<(), async_nats::Error> {
-        if !self.acknowledged {
-            return Ok(());
-        }
         self.message.ack().await
     }
 
     /// Acknowledge and wait for the server to confirm; use where a lost ack would cost a
     /// redelivery that the caller cannot detect as already applied.
     pub async fn ack_confirmed(&self) -> Result<(), async_nats::Error> {
-        if !self.acknowledged {
-            return Ok(());
-        }
         self.message.double_ack().await
     }
 }
@@ -186,13 +162,6 @@ pub struct Subscription<C: EventCodec> {
     consumer: Option<consumer::PullConsumer>,
     messages: Option<consumer::pull::Stream>,
     backoff: Duration,
-    /// Private consumers only: the stream sequence of the last commit handed out (a
-    /// replacement consumer starts after it; anything at or below it is a repeat) and the
-    /// consumer sequence of the last message (the next must follow it, or one was missed).
-    last_sequence: u64,
-    last_consumer_sequence: u64,
-    /// Private consumers created so far (each gets its own name).
-    private_opened: u64,
 }
 
 impl<C: EventCodec> std::fmt::Debug for Subscription<C> {
@@ -212,13 +181,10 @@ impl<C: EventCodec> EventStore<C> {
     ) -> Result<Subscription<C>, SubscribeError> {
         let mut subscription = Subscription {
             store: self.clone(),
-            last_sequence: config.start_after_sequence,
             config,
             consumer: None,
             messages: None,
             backoff: RESUBSCRIBE_BACKOFF_MIN,
-            last_consumer_sequence: 0,
-            private_opened: 0,
         };
         subscription.ensure_consumer().await?;
         Ok(subscription)
@@ -230,11 +196,14 @@ impl<C: EventCodec> Subscription<C> {
         if let Some(consumer) = &self.consumer {
             return Ok(consumer.clone());
         }
-        if !self.config.acknowledged {
-            return self.create_private().await;
-        }
         let config = &self.config;
-        let deliver_policy = deliver_after(config.start_after_sequence);
+        let deliver_policy = if config.start_after_sequence == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: config.start_after_sequence + 1,
+            }
+        };
         let consumer = self
             .store
             .stream
@@ -263,52 +232,6 @@ impl<C: EventCodec> Subscription<C> {
         Ok(consumer)
     }
 
-    /// Creates a private consumer starting after the last commit handed out.
-    async fn create_private(&mut self) -> Result<consumer::PullConsumer, SubscribeError> {
-        // Counted only once created: a creation cancelled half-way (this runs inside the
-        // callers' `select!`) is retried under the same name, which the server treats as the
-        // same consumer, instead of leaving one behind per try.
-        let name = format!("{}-{}", self.config.durable_name, self.private_opened);
-        let deliver_policy = deliver_after(self.last_sequence);
-        let consumer = self
-            .store
-            .stream
-            .create_consumer(consumer::pull::Config {
-                name: Some(name.clone()),
-                filter_subject: self
-                    .config
-                    .filter_subject
-                    .clone()
-                    .unwrap_or_else(|| self.store.spec.all_subjects()),
-                ack_policy: consumer::AckPolicy::None,
-                deliver_policy,
-                inactive_threshold: PRIVATE_INACTIVE,
-                memory_storage: true,
-                num_replicas: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| SubscribeError::Consumer {
-                durable: name,
-                reason: error.to_string(),
-            })?;
-        self.private_opened += 1;
-        self.last_consumer_sequence = 0;
-        self.consumer = Some(consumer.clone());
-        Ok(consumer)
-    }
-
-    /// Drops a private consumer that missed a delivery or lost its pull stream (best effort:
-    /// the server removes it after [`PRIVATE_INACTIVE`] anyway); the next pull creates a
-    /// replacement after the last commit handed out.
-    async fn replace_private(&mut self) {
-        self.messages = None;
-        if let Some(consumer) = self.consumer.take() {
-            let name = consumer.cached_info().name.clone();
-            let _ = self.store.stream.delete_consumer(&name).await;
-        }
-    }
-
     /// The next commit. Waits for new commits when caught up; re-establishes the pull stream
     /// (and the consumer, if the server lost it) after errors, with bounded backoff, forever:
     /// wrap the call in a `select!` with the shutdown signal.
@@ -327,31 +250,15 @@ impl<C: EventCodec> Subscription<C> {
             let messages = self.messages.as_mut().expect("opened above");
             match messages.next().await {
                 Some(Ok(message)) => {
-                    if !self.config.acknowledged {
-                        match self.private_order(&message) {
-                            PrivateOrder::Next => {}
-                            PrivateOrder::Repeat => continue,
-                            PrivateOrder::Gap => {
-                                warn!(durable = %self.config.durable_name, after = self.last_sequence, "private consumer missed a delivery; replacing it");
-                                self.replace_private().await;
-                                self.pause().await;
-                                continue;
-                            }
-                        }
-                    }
                     self.backoff = RESUBSCRIBE_BACKOFF_MIN;
                     return self.decode(message);
                 }
                 Some(Err(error)) => {
-                    warn!(durable = %self.config.durable_name, %error, "pull stream ended; re-creating it");
-                    if !self.config.acknowledged {
-                        self.replace_private().await;
-                    } else if matches!(
-                        error.kind(),
-                        consumer::pull::MessagesErrorKind::ConsumerDeleted
-                    ) {
+                    let kind = error.kind();
+                    if matches!(kind, consumer::pull::MessagesErrorKind::ConsumerDeleted) {
                         self.consumer = None;
                     }
+                    warn!(durable = %self.config.durable_name, %error, "pull stream ended; re-creating it");
                     self.messages = None;
                     self.pause().await;
                 }
@@ -370,36 +277,17 @@ impl<C: EventCodec> Subscription<C> {
         self.next().now_or_never()
     }
 
-    /// Where a private consumer's message stands against the last one handed out.
-    fn private_order(&mut self, message: &jetstream::Message) -> PrivateOrder {
-        let Ok(info) = message.info() else {
-            // `decode` reports it.
-            return PrivateOrder::Next;
-        };
-        if info.consumer_sequence != self.last_consumer_sequence + 1 {
-            return PrivateOrder::Gap;
-        }
-        self.last_consumer_sequence = info.consumer_sequence;
-        if info.stream_sequence <= self.last_sequence {
-            return PrivateOrder::Repeat;
-        }
-        PrivateOrder::Next
-    }
-
     async fn open_messages(&mut self) -> Result<consumer::pull::Stream, String> {
         let consumer = self
             .ensure_consumer()
             .await
             .map_err(|error| error.to_string())?;
-        let mut pull = consumer
+        match consumer
             .stream()
-            .max_messages_per_batch(self.config.batch_max);
-        if !self.config.acknowledged {
-            pull = pull
-                .expires(PRIVATE_PULL_EXPIRES)
-                .heartbeat(PRIVATE_PULL_EXPIRES / 4);
-        }
-        match pull.messages().await {
+            .max_messages_per_batch(self.config.batch_max)
+            .messages()
+            .await
+        {
             Ok(messages) => Ok(messages),
             Err(error) => {
                 // The consumer may be gone (server restarted without it): make it again next time.
@@ -409,39 +297,12 @@ impl<C: EventCodec> Subscription<C> {
         }
     }
 
-    /// Stops pulling. A private subscription also deletes its consumer, so a clean stop
-    /// leaves nothing behind at once rather than after [`PRIVATE_INACTIVE`]; a shared durable
-    /// consumer is kept (its position is the service's progress).
-    pub async fn close(&mut self) -> Result<(), DeleteConsumerError> {
-        self.messages = None;
-        if self.config.acknowledged {
-            return Ok(());
-        }
-        let Some(consumer) = self.consumer.take() else {
-            return Ok(());
-        };
-        let name = consumer.cached_info().name.clone();
-        self.store
-            .stream
-            .delete_consumer(&name)
-            .await
-            .map(|_| ())
-            .map_err(|error| DeleteConsumerError {
-                stream: self.store.spec.stream_name.clone(),
-                consumer: name,
-                reason: error.to_string(),
-            })
-    }
-
     async fn pause(&mut self) {
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(RESUBSCRIBE_BACKOFF_MAX);
     }
 
-    fn decode(
-        &mut self,
-        message: jetstream::Message,
-    ) -> Result<Delivery<C::Event>, SubscribeError> {
+    fn decode(&self, message: jetstream::Message) -> Result<Delivery<C::Event>, SubscribeError> {
         let durable = || self.config.durable_name.clone();
         let (sequence, pending, stored_at_ms) = {
             let info = message.info().map_err(|error| SubscribeError::Metadata {
@@ -454,9 +315,6 @@ impl<C: EventCodec> Subscription<C> {
                 datetime_to_ms(info.published),
             )
         };
-        if !self.config.acknowledged {
-            self.last_sequence = sequence;
-        }
         let no_headers = async_nats::HeaderMap::new();
         let headers = message.headers.as_ref().unwrap_or(&no_headers);
         match decode_commit(
@@ -471,7 +329,6 @@ impl<C: EventCodec> Subscription<C> {
                 commit,
                 pending,
                 message,
-                acknowledged: self.config.acknowledged,
             }),
             Err(source) => Err(SubscribeError::Decode {
                 durable: durable(),
@@ -481,22 +338,4 @@ impl<C: EventCodec> Subscription<C> {
             }),
         }
     }
-}
-
-/// Delivery from the message after stream sequence `sequence` (0: from the first).
-fn deliver_after(sequence: u64) -> consumer::DeliverPolicy {
-    if sequence == 0 {
-        consumer::DeliverPolicy::All
-    } else {
-        consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: sequence + 1,
-        }
-    }
-}
-
-/// See [`Subscription::private_order`].
-enum PrivateOrder {
-    Next,
-    Repeat,
-    Gap,
 }

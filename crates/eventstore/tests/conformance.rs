@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use eventstore::{
     AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, Finding, Position,
-    PostcardCodec, SnapshotStore, StreamSpec, Subscription, SubscriptionConfig,
+    PostcardCodec, SnapshotStore, StreamSpec, SubscriptionConfig,
 };
 use serde::{Deserialize, Serialize};
 use testkit::{NatsCluster, NatsServer};
@@ -528,14 +528,16 @@ async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
     assert_eq!(replayed, 45);
 }
 
-/// Ten commits on one aggregate (stream sequences 1..=10) of a fresh LEDGER store.
-async fn ledger_of_ten(server: &NatsServer, id: &AggregateId) -> EventStore<Codec> {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_restart() {
+    let mut server = NatsServer::start().expect("nats-server");
     let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("subscribed");
     let mut position = Position::NEW;
     for n in 0..10 {
         position = store
             .append(
-                id,
+                &id,
                 &position,
                 &commit(&format!("p{n}"), vec![Ledger::Deposited { amount: n }]),
             )
@@ -543,13 +545,12 @@ async fn ledger_of_ten(server: &NatsServer, id: &AggregateId) -> EventStore<Code
             .expect("append")
             .position;
     }
-    store
-}
-
-/// The next `count` deliveries' stream sequences, each acknowledged (confirmed).
-async fn take_sequences(subscription: &mut Subscription<Codec>, count: usize) -> Vec<u64> {
+    let mut config = SubscriptionConfig::durable("projection-test");
+    config.start_after_sequence = 4; // a checkpoint kept with a read model
+    config.batch_max = 3;
+    let mut subscription = store.subscribe(config).await.expect("subscribe");
     let mut seen = Vec::new();
-    for _ in 0..count {
+    for _ in 0..6 {
         let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
             .await
             .expect("in time")
@@ -557,42 +558,20 @@ async fn take_sequences(subscription: &mut Subscription<Codec>, count: usize) ->
         seen.push(delivery.commit.sequence);
         delivery.ack_confirmed().await.expect("ack");
     }
-    seen
-}
+    assert_eq!(seen, vec![5, 6, 7, 8, 9, 10]);
 
-/// kill -9 and restart the server, then append commit 11 (`Deposited 99`) through a new
-/// connection; returns that connection's store.
-async fn restart_and_append_one(server: &mut NatsServer, id: &AggregateId) -> EventStore<Codec> {
     server.kill();
     server.restart().expect("restart");
     let writer = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
-    let position = writer.load(id).await.expect("reload").position;
+    let position = writer.load(&id).await.expect("reload").position;
     writer
         .append(
-            id,
+            &id,
             &position,
             &commit("after-restart", vec![Ledger::Deposited { amount: 99 }]),
         )
         .await
         .expect("append");
-    writer
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_restart() {
-    let mut server = NatsServer::start().expect("nats-server");
-    let id = aggregate("subscribed");
-    let store = ledger_of_ten(&server, &id).await;
-    let mut config = SubscriptionConfig::durable("projection-test");
-    config.start_after_sequence = 4; // a checkpoint kept with a read model
-    config.batch_max = 3;
-    let mut subscription = store.subscribe(config).await.expect("subscribe");
-    assert_eq!(
-        take_sequences(&mut subscription, 6).await,
-        vec![5, 6, 7, 8, 9, 10]
-    );
-
-    restart_and_append_one(&mut server, &id).await;
     // kill -9 may lose the consumer's most recent acks (they are not fsynced), so delivery is
     // at-least-once: commits at or below a reader's checkpoint can come again and readers skip
     // them by sequence. Nothing may be skipped, and order holds.
@@ -619,48 +598,6 @@ async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_res
     assert!(
         after_restart[0] >= 5,
         "nothing before the checkpoint: {after_restart:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_follower_needs_no_acks_survives_a_server_restart_and_closes_clean() {
-    let mut server = NatsServer::start().expect("nats-server");
-    let id = aggregate("followed");
-    let store = ledger_of_ten(&server, &id).await;
-    // Where a start-up replay ended. No ack is sent (nor needed): `ack_confirmed` is a no-op.
-    let mut follower = store
-        .subscribe(SubscriptionConfig::private_follower("intake-1", 4))
-        .await
-        .expect("subscribe");
-    assert_eq!(
-        take_sequences(&mut follower, 6).await,
-        vec![5, 6, 7, 8, 9, 10]
-    );
-
-    // The in-memory consumer dies with the server; the subscription notices the broken pull
-    // stream and replaces the consumer with one starting after the last commit it handed out.
-    let writer = restart_and_append_one(&mut server, &id).await;
-    let delivery = tokio::time::timeout(Duration::from_secs(30), follower.next())
-        .await
-        .expect("in time")
-        .expect("delivery");
-    assert_eq!(
-        delivery.commit.sequence, 11,
-        "exactly the next commit, no repeat"
-    );
-
-    follower.close().await.expect("close");
-    let stream = writer
-        .jetstream()
-        .get_stream("LEDGER")
-        .await
-        .expect("stream");
-    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names())
-        .await
-        .expect("consumer names");
-    assert!(
-        !names.iter().any(|name| name.starts_with("intake-1-")),
-        "a clean stop leaves no private consumer behind: {names:?}"
     );
 }
 

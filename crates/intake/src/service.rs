@@ -44,6 +44,8 @@ pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(30);
 const NAK_DELAY: Duration = Duration::from_secs(1);
 /// How long unprocessed submissions are kept (work-queue retention removes them on ack).
 pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The server drops the private follower consumer of a crashed instance after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// Longest wait for already-delivered requests at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest query request body.
@@ -214,6 +216,7 @@ pub struct IntakeService {
     submissions_consumer: consumer::PullConsumer,
     submissions: Option<Chunks<consumer::pull::Stream>>,
     follower: Subscription<IncidentCodec>,
+    follower_durable: String,
     /// `submit` endpoint of the `wangge-intake` micro service, in batches.
     requests: Chunks<Endpoint>,
     /// `receipt`, `incident` and `erase` endpoints.
@@ -342,7 +345,12 @@ impl IntakeService {
                 reason: error.to_string(),
             })?;
         // A private follower of INCIDENTS from where the replay ended.
-        let follower_config = SubscriptionConfig::private_follower(&config.instance, reached);
+        let follower_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
+        );
+        let follower_durable = follower_config.durable_name.clone();
         let follower = incidents.subscribe(follower_config).await?;
         let submissions_consumer =
             ensure_submissions_consumer(&submissions_stream, &config).await?;
@@ -378,6 +386,7 @@ impl IntakeService {
             submissions_consumer,
             submissions: None,
             follower,
+            follower_durable,
             requests,
             queries,
             micro: Some(micro),
@@ -493,7 +502,7 @@ impl IntakeService {
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
         }
-        if let Err(error) = self.follower.close().await {
+        if let Err(error) = self.incidents.delete_consumer(&self.follower_durable).await {
             warn!(%error, "delete private consumer");
         }
         info!(answered_while_draining = answered, "intake stopped");

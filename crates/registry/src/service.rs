@@ -36,6 +36,8 @@ use crate::wire::RegistryCodec;
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A private consumer left behind by a crashed instance is removed by the server after this.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// Longest locate request body (a point needs a few dozen bytes).
 const LOCATE_REQUEST_BYTES_MAX: usize = 1024;
 /// Longest actor string written to the commit envelope.
@@ -94,6 +96,7 @@ pub struct RegistryService {
     config: ServiceConfig,
     directory: Directory,
     subscription: Subscription<RegistryCodec>,
+    durable: String,
     /// Request endpoints of the `wangge-registry` micro service (queue group), open from the
     /// end of `start`.
     requests: futures::stream::SelectAll<Endpoint>,
@@ -112,6 +115,7 @@ impl std::fmt::Debug for RegistryService {
         f.debug_struct("RegistryService")
             .field("config", &self.config)
             .field("communities", &self.directory.communities())
+            .field("durable", &self.durable)
             .finish_non_exhaustive()
     }
 }
@@ -182,7 +186,12 @@ impl RegistryService {
         // 2. A private durable consumer from there on, for commits written after the replay.
         // Created here so the server removes it if this instance dies without cleaning up; the
         // store's subscription then finds and uses it.
-        let subscription_config = SubscriptionConfig::private_follower(&config.instance, reached);
+        let subscription_config = SubscriptionConfig::private_follower(
+            &config.instance,
+            reached,
+            CONSUMER_INACTIVE_THRESHOLD,
+        );
+        let durable = subscription_config.durable_name.clone();
         let subscription = store.subscribe(subscription_config).await?;
         let grids = directory.publish_all()?;
         info!(
@@ -220,6 +229,7 @@ impl RegistryService {
             config,
             directory,
             subscription,
+            durable,
             requests: futures::stream::select_all(endpoints),
             micro,
         })
@@ -280,7 +290,7 @@ impl RegistryService {
         {
             warn!(%error, "stop the micro service");
         }
-        if let Err(error) = self.subscription.close().await {
+        if let Err(error) = self.store.delete_consumer(&self.durable).await {
             warn!(%error, "delete private consumer");
         }
         if let Err(error) = self.client.flush().await {
