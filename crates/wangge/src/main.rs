@@ -9,6 +9,12 @@ mod logging;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: with many small, short-lived buffers on several threads
+/// (messages, headers, envelopes), glibc's allocator was about a quarter of the services' CPU
+/// (perf, docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// wangge (网格): event-sourced backend for urban grid management on NATS JetStream.
 ///
 /// Configuration comes from a TOML file (`--config`, or `$WANGGE_CONFIG`) and is overridden by
