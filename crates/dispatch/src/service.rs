@@ -548,7 +548,7 @@ impl DispatchService {
             }
             Applied::Foreign(reason) => warn!(%reason, "commit skipped"),
         }
-        if let Err(error) = delivery.ack().await {
+        if let Err(error) = self.subscription.settle(&delivery).await {
             debug!(%error, "ack failed; the commit may be redelivered (it is skipped then)");
         }
         Ok(())

@@ -16,6 +16,22 @@ use crate::store::EventStore;
 const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// First wait before re-establishing a broken subscription.
 const RESUBSCRIBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// With [`Acks::Cumulative`], at most this many settled deliveries go without an ack on the
+/// wire (one ack then covers them all; a caught-up subscription acks at once).
+pub const CUMULATIVE_ACK_EVERY_DELIVERIES: usize = 256;
+
+/// How a subscription acknowledges what it has applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// One ack per delivery (`AckPolicy::Explicit`): for consumers that may leave a delivery
+    /// unacknowledged on purpose while acking later ones.
+    EachMessage,
+    /// `AckPolicy::All`: an ack covers every earlier delivery, so [`Subscription::settle`]
+    /// sends one every [`CUMULATIVE_ACK_EVERY_DELIVERIES`] and whenever it is caught up. For
+    /// subscribers whose fold skips what it already holds: a lost or skipped ack only costs a
+    /// redelivery after `ack_wait`. Saves the server an ack per commit per follower.
+    Cumulative,
+}
 
 #[derive(Debug, Clone)]
 pub struct SubscriptionConfig {
@@ -35,6 +51,8 @@ pub struct SubscriptionConfig {
     /// Remove the consumer when no one has pulled from it for this long (a private consumer
     /// of a service instance that crashed). `None`: the consumer lives until deleted.
     pub inactive_threshold: Option<Duration>,
+    /// One ack per delivery, or cumulative acks (see [`Acks`]).
+    pub acks: Acks,
 }
 
 /// Turns free text (an instance name) into a valid consumer-name fragment: `[A-Za-z0-9_-]`,
@@ -72,6 +90,8 @@ impl SubscriptionConfig {
         let mut config = SubscriptionConfig::durable(name);
         config.start_after_sequence = start_after_sequence;
         config.inactive_threshold = Some(inactive_threshold);
+        // A private follower folds into memory and skips what it holds: cumulative acks.
+        config.acks = Acks::Cumulative;
         config
     }
 
@@ -84,6 +104,7 @@ impl SubscriptionConfig {
             ack_pending_max: 10_000,
             ack_wait: Duration::from_secs(30),
             inactive_threshold: None,
+            acks: Acks::EachMessage,
         }
     }
 }
@@ -143,7 +164,8 @@ pub struct Delivery<E> {
 }
 
 impl<E> Delivery<E> {
-    /// Acknowledge: the server will not deliver this commit again.
+    /// Acknowledge: the server will not deliver this commit again (with [`Acks::Cumulative`],
+    /// nor any delivered before it). A follower in a loop calls [`Subscription::settle`].
     pub async fn ack(&self) -> Result<(), async_nats::Error> {
         self.message.ack().await
     }
@@ -162,6 +184,8 @@ pub struct Subscription<C: EventCodec> {
     consumer: Option<consumer::PullConsumer>,
     messages: Option<consumer::pull::Stream>,
     backoff: Duration,
+    /// Deliveries settled since the last cumulative ack went out.
+    settled_unacked: usize,
 }
 
 impl<C: EventCodec> std::fmt::Debug for Subscription<C> {
@@ -185,6 +209,7 @@ impl<C: EventCodec> EventStore<C> {
             consumer: None,
             messages: None,
             backoff: RESUBSCRIBE_BACKOFF_MIN,
+            settled_unacked: 0,
         };
         subscription.ensure_consumer().await?;
         Ok(subscription)
@@ -215,7 +240,10 @@ impl<C: EventCodec> Subscription<C> {
                         .filter_subject
                         .clone()
                         .unwrap_or_else(|| self.store.spec.all_subjects()),
-                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_policy: match config.acks {
+                        Acks::EachMessage => consumer::AckPolicy::Explicit,
+                        Acks::Cumulative => consumer::AckPolicy::All,
+                    },
                     deliver_policy,
                     ack_wait: config.ack_wait,
                     max_ack_pending: config.ack_pending_max,
@@ -265,6 +293,26 @@ impl<C: EventCodec> Subscription<C> {
                 None => {
                     self.messages = None;
                     self.pause().await;
+                }
+            }
+        }
+    }
+
+    /// Marks a delivery applied. [`Acks::EachMessage`]: acks it. [`Acks::Cumulative`]: acks
+    /// it (and with it every earlier delivery) when the subscription is caught up or
+    /// [`CUMULATIVE_ACK_EVERY_DELIVERIES`] have been settled since the last ack; otherwise the
+    /// next ack covers it. Call it for every delivery, in order.
+    pub async fn settle(&mut self, delivery: &Delivery<C::Event>) -> Result<(), async_nats::Error> {
+        match self.config.acks {
+            Acks::EachMessage => delivery.ack().await,
+            Acks::Cumulative => {
+                self.settled_unacked += 1;
+                if delivery.pending == 0 || self.settled_unacked >= CUMULATIVE_ACK_EVERY_DELIVERIES
+                {
+                    self.settled_unacked = 0;
+                    delivery.ack().await
+                } else {
+                    Ok(())
                 }
             }
         }

@@ -602,6 +602,86 @@ async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_follower_acks_cumulatively_and_is_caught_up_after_settling_everything() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    // More commits than one cumulative ack covers, so both triggers (count, caught up) fire.
+    let commits = eventstore::CUMULATIVE_ACK_EVERY_DELIVERIES as u64 * 2 + 7;
+    let mut position = Position::NEW;
+    let id = aggregate("followed");
+    for n in 0..commits {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("f{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let config = SubscriptionConfig::private_follower("ledger-reader", 0, Duration::from_secs(60));
+    assert_eq!(config.acks, eventstore::Acks::Cumulative);
+    let durable = config.durable_name.clone();
+    let mut subscription = store.subscribe(config).await.expect("subscribe");
+    let consumer_info = || async {
+        store
+            .jetstream()
+            .get_stream("LEDGER")
+            .await
+            .expect("stream")
+            .consumer_info(&durable)
+            .await
+            .expect("consumer info")
+    };
+    let mut seen = Vec::new();
+    for index in 0..commits {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("in time")
+            .expect("delivery");
+        seen.push(delivery.commit.sequence);
+        subscription.settle(&delivery).await.expect("settle");
+        if index + 1 == eventstore::CUMULATIVE_ACK_EVERY_DELIVERIES as u64 {
+            // The 256th settle sent one ack for all 256.
+            let mut info = consumer_info().await;
+            for _ in 0..50 {
+                if info.ack_floor.stream_sequence >= index + 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                info = consumer_info().await;
+            }
+            assert_eq!(info.ack_floor.stream_sequence, index + 1);
+        }
+    }
+    assert_eq!(seen, (1..=commits).collect::<Vec<_>>());
+    // Caught up: the last settle acked everything, nothing is left pending or redelivered.
+    let mut info = consumer_info().await;
+    for _ in 0..50 {
+        if info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = consumer_info().await;
+    }
+    assert_eq!(
+        (
+            info.config.ack_policy,
+            info.ack_floor.stream_sequence,
+            info.num_ack_pending,
+            info.num_redelivered
+        ),
+        (
+            async_nats::jetstream::consumer::AckPolicy::All,
+            commits,
+            0,
+            0
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_killed_mid_stream_loses_and_doubles_nothing() {
     let mut cluster = NatsCluster::start().expect("cluster");
     let mut spec = StreamSpec::named("LEDGER", "ledger");

@@ -856,7 +856,7 @@ impl IntakeService {
             }
             _ => {}
         }
-        if let Err(error) = delivery.ack().await {
+        if let Err(error) = self.follower.settle(&delivery).await {
             warn!(%error, "ack INCIDENTS commit");
         }
         Ok(())

@@ -319,7 +319,7 @@ impl RegistryService {
                 self.reload(&delivery.commit.aggregate).await?;
             }
         }
-        if let Err(error) = delivery.ack().await {
+        if let Err(error) = self.subscription.settle(&delivery).await {
             debug!(%error, "ack failed; the commit may be redelivered (it is skipped then)");
         }
         Ok(())
