@@ -551,8 +551,35 @@ impl IntakeService {
     }
 
     /// Decides every input in order, stores the incident commits (all aggregates in flight,
-    /// commits of one aggregate in order), then the receipts, then acks or answers.
-    async fn decide_and_store(&mut self, inputs: Vec<Input>) {
+    /// commits of one aggregate in order), then the receipts, then acks or answers. Inputs
+    /// whose incident commit lost to a concurrent writer (dispatch, another intake instance)
+    /// are decided again at once on the re-read incident, at most [`CONFLICT_RETRIES_MAX`]
+    /// times; after that a request is answered `unavailable` and a durable submission is
+    /// redelivered later.
+    async fn decide_and_store(&mut self, mut inputs: Vec<Input>) {
+        for retry in 0..=CONFLICT_RETRIES_MAX {
+            let retry_allowed = retry < CONFLICT_RETRIES_MAX;
+            inputs = self.decide_and_store_once(inputs, retry_allowed).await;
+            if inputs.is_empty() {
+                return;
+            }
+            debug!(
+                inputs = inputs.len(),
+                retry = retry + 1,
+                "incident commits lost to a concurrent writer; deciding them again"
+            );
+        }
+        debug_assert!(inputs.is_empty(), "the last attempt answers every input");
+    }
+
+    /// One attempt of [`Self::decide_and_store`]. Returns the inputs to decide again (only
+    /// when `retry_allowed`): those whose incident commit met a concurrent write, with the
+    /// inputs answered from their plans.
+    async fn decide_and_store_once(
+        &mut self,
+        mut inputs: Vec<Input>,
+        retry_allowed: bool,
+    ) -> Vec<Input> {
         let batch_started = std::time::Instant::now();
         let mut plans: Vec<Plan> = Vec::with_capacity(inputs.len());
         // A retry of a submission can land in the same batch as the first attempt (a client
@@ -689,6 +716,7 @@ impl IntakeService {
         });
         let results = futures::future::join_all(appends).await;
         let mut reload = Vec::new();
+        let mut conflicted = vec![false; plans.len()];
         for ((incident, indices), result) in chains.iter().zip(results) {
             match result {
                 Ok(position) => {
@@ -725,9 +753,16 @@ impl IntakeService {
                         .get(done)
                         .and_then(|index| observe::trace_id(&inputs[*index].traceparent))
                         .unwrap_or("");
-                    warn!(%incident, trace_id, %error, "store incident commit");
+                    let conflict = matches!(error, AppendError::Conflict { .. });
+                    if conflict {
+                        self.config.observer.metrics().append_conflicts.inc();
+                        debug!(%incident, trace_id, %error, "incident commit met a concurrent write");
+                    } else {
+                        warn!(%incident, trace_id, %error, "store incident commit");
+                    }
                     for index in &indices[done..] {
                         failed[*index] = true;
+                        conflicted[*index] = conflict;
                         // Not stored: no later batch may be answered from this receipt.
                         if let Some(id) = receipt_id(&plans[*index].receipt) {
                             self.core.forget_receipt(&id);
@@ -739,6 +774,39 @@ impl IntakeService {
         }
         for incident in reload {
             self.reload(incident).await;
+        }
+        // Inputs to decide again: every conflicted one, and every input answered from one.
+        let mut again = Vec::new();
+        if retry_allowed && conflicted.contains(&true) {
+            for (later, earlier) in &answered_from {
+                if conflicted[*earlier] {
+                    conflicted[*later] = true;
+                }
+            }
+            let mut kept_index = vec![usize::MAX; plans.len()];
+            let mut kept_inputs = Vec::with_capacity(inputs.len());
+            let mut kept_plans = Vec::with_capacity(plans.len());
+            let mut kept_failed = Vec::with_capacity(plans.len());
+            for (index, ((input, plan), failed)) in
+                inputs.into_iter().zip(plans).zip(failed).enumerate()
+            {
+                if conflicted[index] {
+                    again.push(input);
+                } else {
+                    kept_index[index] = kept_inputs.len();
+                    kept_inputs.push(input);
+                    kept_plans.push(plan);
+                    kept_failed.push(failed);
+                }
+            }
+            answered_from = answered_from
+                .into_iter()
+                .filter(|(later, earlier)| !conflicted[*later] && !conflicted[*earlier])
+                .map(|(later, earlier)| (kept_index[later], kept_index[earlier]))
+                .collect();
+            inputs = kept_inputs;
+            plans = kept_plans;
+            failed = kept_failed;
         }
         let incidents_stored = batch_started.elapsed();
         debug!(
@@ -769,6 +837,7 @@ impl IntakeService {
             started: batch_started,
         };
         self.finishing.spawn(finish.run());
+        again
     }
 
     /// Applies what a finished batch learned about receipts to the in-memory state.
@@ -1041,6 +1110,10 @@ fn receipt_id(receipt: &Receipt) -> Option<String> {
         Receipt::Unavailable { .. } => None,
     }
 }
+
+/// A submission whose incident commit lost to a concurrent writer is decided again at most
+/// this many times within one batch (each time on the re-read incident).
+const CONFLICT_RETRIES_MAX: usize = 3;
 
 /// At most this many batches are storing receipts and answering while the next is decided.
 const BATCHES_FINISHING_MAX: usize = 2;

@@ -571,3 +571,120 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
+
+/// A duplicate report decided while another writer appends to the same incident: the merge
+/// commit meets the concurrent write, intake re-reads the incident and decides again, and the
+/// reporter is told `merged` (never `unavailable`). The other writer here is the test, merging
+/// a co-reporter as a second intake instance would, at the same moment as the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
+    /// Rounds tried until the race has gone intake's losing way at least once.
+    const ROUNDS_MAX: usize = 60;
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let observer = observe::Observer::new("intake", "conflict-test");
+    // Originals ~2 m apart must not merge into each other; each duplicate is at its original.
+    let config = ServiceConfig {
+        observer: observer.clone(),
+        core: intake::CoreConfig {
+            dedup_radius_m: 1.0,
+            rate_burst: 1_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let running = start_intake(&url, &stack.locator, config).await;
+    let writer = EventStore::open(
+        async_nats::jetstream::new(client.clone()),
+        spec(BoundedContext::Incidents),
+        IncidentCodec,
+    )
+    .await
+    .expect("open INCIDENTS");
+    let policy = domain::Policy::embedded("sanming").expect("sanming policy");
+    let conflicts = || observer.metrics().append_conflicts.get();
+    let mut rounds = 0;
+    let mut incidents = Vec::new();
+    while rounds < ROUNDS_MAX && conflicts() == 0 {
+        let at = near_building(rounds);
+        let original = send(
+            &client,
+            "intake.request",
+            submission(&format!("original-{rounds:03}"), REPORTER, "0101", at),
+        )
+        .await;
+        assert_eq!(original["status"], "filed", "{original}");
+        let incident_id = original["incident_id"].as_str().expect("id").to_owned();
+        let aggregate = eventstore::AggregateId::new(incident_id.clone()).expect("aggregate");
+        let loaded = writer.load(&aggregate).await.expect("load");
+        let mut state = domain::incident::IncidentState::default();
+        loaded.events().for_each(|event| state.apply(event));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        let events = domain::incident::decide(
+            &state,
+            domain::incident::IncidentCommand {
+                actor: domain::Actor {
+                    role: domain::Role::System,
+                    id: domain::ActorId(uuid::Uuid::nil()),
+                },
+                action: domain::incident::Action::MergeDuplicate {
+                    duplicate: domain::IncidentId(uuid::Uuid::now_v7()),
+                    reporter: domain::ActorId(uuid::Uuid::parse_str(THIRD_REPORTER).expect("uuid")),
+                },
+            },
+            domain::Timestamp(now),
+            &policy,
+        )
+        .expect("the test's merge is valid");
+        let command_id = format!("test-merge-{rounds}");
+        let commit = eventstore::Commit {
+            event_ids: vec![uuid::Uuid::now_v7(); events.len()],
+            events,
+            meta: eventstore::CommitMeta {
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+                actor: "system:test".to_owned(),
+                occurred_at_ms: now,
+                traceparent: None,
+            },
+            command_id,
+        };
+        let duplicate = submission(
+            &format!("duplicate-{rounds:03}"),
+            OTHER_REPORTER,
+            "0101",
+            at,
+        );
+        let (_, merged) = tokio::join!(
+            writer.append(&aggregate, &loaded.position, &commit),
+            send(&client, "intake.request", duplicate)
+        );
+        assert_eq!(
+            (merged["status"].as_str(), merged["incident_id"].as_str()),
+            (Some("merged"), Some(incident_id.as_str())),
+            "round {rounds}: {merged}"
+        );
+        incidents.push(aggregate);
+        rounds += 1;
+    }
+    assert!(
+        conflicts() > 0,
+        "intake never met the concurrent write in {ROUNDS_MAX} rounds"
+    );
+    // Whoever won each race, the incident holds intake's co-reporter exactly once.
+    let other = domain::ActorId(uuid::Uuid::parse_str(OTHER_REPORTER).expect("uuid"));
+    for aggregate in &incidents {
+        let loaded = writer.load(aggregate).await.expect("load");
+        let mut state = domain::incident::IncidentState::default();
+        loaded.events().for_each(|event| state.apply(event));
+        let held = state.co_reporters.iter().filter(|r| **r == other).count();
+        assert_eq!(held, 1, "{aggregate}: {:?}", state.co_reporters);
+    }
+    running.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}
