@@ -258,6 +258,10 @@ pub struct IncidentWrite {
     pub incident: IncidentId,
     pub command_id: String,
     pub events: Vec<IncidentEvent>,
+    /// The reporter whose rate-limit token this plan took: given back
+    /// ([`Core::refund_token`]) if the write is not stored, so a submission decided again is
+    /// charged once.
+    pub charged_reporter: Option<uuid::Uuid>,
 }
 
 /// An incident intake follows (not terminal), with where it stands in the stream.
@@ -501,6 +505,15 @@ impl Core {
         }
     }
 
+    /// Gives back the token a plan took when its write was not stored (the submission will be
+    /// decided again, or refused `unavailable` and sent again).
+    pub fn refund_token(&mut self, reporter: uuid::Uuid) {
+        let burst = f64::from(self.config.rate_burst);
+        if let Some(bucket) = self.buckets.get_mut(&reporter) {
+            bucket.tokens = (bucket.tokens + 1.0).min(burst);
+        }
+    }
+
     fn take_token(&mut self, reporter: uuid::Uuid, now_ms: i64) -> bool {
         let config = self.config;
         if self.buckets.len() >= config.reporters_tracked_max
@@ -704,6 +717,7 @@ impl Core {
                         incident: original,
                         command_id,
                         events,
+                        charged_reporter: already_filed.is_none().then_some(submission.reporter_id),
                     }));
                     self.remember(&submission.submission_id, plan.receipt.clone());
                     return plan;
@@ -790,6 +804,7 @@ impl Core {
                 incident: own,
                 command_id,
                 events,
+                charged_reporter: already_filed.is_none().then_some(submission.reporter_id),
             }),
         }
     }

@@ -763,6 +763,14 @@ impl IntakeService {
                     for index in &indices[done..] {
                         failed[*index] = true;
                         conflicted[*index] = conflict;
+                        // Not stored: the submission is not charged for this attempt.
+                        if let Some(reporter) = plans[*index]
+                            .incident
+                            .as_ref()
+                            .and_then(|write| write.charged_reporter)
+                        {
+                            self.core.refund_token(reporter);
+                        }
                         // Not stored: no later batch may be answered from this receipt.
                         if let Some(id) = receipt_id(&plans[*index].receipt) {
                             self.core.forget_receipt(&id);

@@ -586,15 +586,19 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
     let stack = registry(&url).await;
     let observer = observe::Observer::new("intake", "conflict-test");
     // Originals ~2 m apart must not merge into each other; each duplicate is at its original.
+    // Every reporter sends once and has one token: a merge decided again after the conflict
+    // must not be charged twice (it would be refused `rate_limited`).
     let config = ServiceConfig {
         observer: observer.clone(),
         core: intake::CoreConfig {
             dedup_radius_m: 1.0,
-            rate_burst: 1_000,
+            rate_burst: 1,
+            rate_refill_ms: 3_600_000,
             ..Default::default()
         },
         ..Default::default()
     };
+    let reporter = |kind: u64, round: usize| format!("0193a1b2-0000-7000-8{kind:03}-{round:012}");
     let running = start_intake(&url, &stack.locator, config).await;
     let writer = EventStore::open(
         async_nats::jetstream::new(client.clone()),
@@ -612,7 +616,12 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
         let original = send(
             &client,
             "intake.request",
-            submission(&format!("original-{rounds:03}"), REPORTER, "0101", at),
+            submission(
+                &format!("original-{rounds:03}"),
+                &reporter(1, rounds),
+                "0101",
+                at,
+            ),
         )
         .await;
         assert_eq!(original["status"], "filed", "{original}");
@@ -656,7 +665,7 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
         };
         let duplicate = submission(
             &format!("duplicate-{rounds:03}"),
-            OTHER_REPORTER,
+            &reporter(2, rounds),
             "0101",
             at,
         );
@@ -677,8 +686,8 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
         "intake never met the concurrent write in {ROUNDS_MAX} rounds"
     );
     // Whoever won each race, the incident holds intake's co-reporter exactly once.
-    let other = domain::ActorId(uuid::Uuid::parse_str(OTHER_REPORTER).expect("uuid"));
-    for aggregate in &incidents {
+    for (round, aggregate) in incidents.iter().enumerate() {
+        let other = domain::ActorId(uuid::Uuid::parse_str(&reporter(2, round)).expect("uuid"));
         let loaded = writer.load(aggregate).await.expect("load");
         let mut state = domain::incident::IncidentState::default();
         loaded.events().for_each(|event| state.apply(event));
