@@ -115,7 +115,7 @@ def main():
     user("intake", "INTAKE")
     roles.append(block(
         "DISPATCH",
-        ["incidents.ev.>", "dispatch.notify.>", "$JS.API.INFO"] + own_inbox("dispatch")
+        ["incidents.ev.>", "incidents.status.>", "dispatch.notify.>", "$JS.API.INFO"] + own_inbox("dispatch")
         + stream_own("INCIDENTS") + stream_own("NOTIFICATIONS") + kv_own("DISPATCH_SNAPSHOTS"),
         ["dispatch.cmd.>", inbox("dispatch")] + srv,
         responses=True,

@@ -6,6 +6,8 @@
 //! and write the INCIDENTS stream through the same codec.
 #![forbid(unsafe_code)]
 
+pub mod status;
+
 use eventstore::{CodecError, EncodedEvent, EventCodec};
 
 /// Incident events (INCIDENTS stream), through `domain::encoding`.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use domain::incident::{Action, IncidentCommand, IncidentEvent, Status};
+use domain::incident::{Action, IncidentCommand, IncidentEvent, IncidentState, Status};
 use domain::{Actor, ActorId, IncidentId, Policy, Rejection, Role, Timestamp, decide};
 use eventstore::{
     AggregateId, AppendError, Appended, Commit, CommitMeta, ConflictReason, EventStore, Position,
@@ -610,12 +610,14 @@ impl DispatchService {
             match decide(&held.state, command, now, &self.config.policy) {
                 Ok(events) if !events.is_empty() => {
                     let traceparent = observe::new_traceparent();
+                    let mut after = held.state.clone();
+                    events.iter().for_each(|event| after.apply(event));
                     let commit = Commit::new(
                         command_id(incident),
                         events,
                         self.meta(&actor, now, traceparent),
                     );
-                    planned.push((incident, aggregate, held.position, commit));
+                    planned.push((incident, aggregate, held.position, commit, after));
                 }
                 Ok(_) => untouched.push(incident),
                 Err(rejection) => {
@@ -625,17 +627,16 @@ impl DispatchService {
             }
         }
         let store = &self.store;
-        let results: Vec<Result<Appended, AppendError>> = futures::future::join_all(
-            planned
-                .iter()
-                .map(|(_, aggregate, position, commit)| store.append(aggregate, position, commit)),
-        )
-        .await;
+        let results: Vec<Result<Appended, AppendError>> =
+            futures::future::join_all(planned.iter().map(|(_, aggregate, position, commit, _)| {
+                store.append(aggregate, position, commit)
+            }))
+            .await;
         let mut stored = 0;
-        for ((incident, _, _, commit), result) in planned.into_iter().zip(results) {
+        for ((incident, _, _, commit, after), result) in planned.into_iter().zip(results) {
             let span = incident_span(incident, commit.meta.traceparent.as_deref());
             if self
-                .settle_system_append(incident, &commit, result)
+                .settle_system_append(incident, &commit, &after, result)
                 .instrument(span)
                 .await
             {
@@ -653,12 +654,15 @@ impl DispatchService {
         &mut self,
         incident: IncidentId,
         commit: &Commit<IncidentEvent>,
+        after: &IncidentState,
         result: Result<Appended, AppendError>,
     ) -> bool {
         match result {
             Ok(appended) if !appended.duplicate => {
                 self.count_appended(&commit.events);
                 debug!(command_id = %commit.command_id, sequence = appended.position.sequence, "system commit stored");
+                self.announce(incident, after, commit, appended.position.version)
+                    .await;
                 self.book
                     .apply_own(incident, commit.events.iter(), appended.position);
                 self.commits_since_snapshot += 1;
@@ -766,6 +770,40 @@ impl DispatchService {
     }
 
     /// Counts a commit this instance stored: appends, whistles blown.
+    /// Publishes the public view of an incident after a commit this instance stored, on
+    /// `incidents.status.<incident>` (core NATS, best effort: the reporter's app can always ask
+    /// `incidents.query.get`). The writer announces its own commits, so each stored commit is
+    /// announced once however many instances of each service run; intake announces its own.
+    async fn announce(
+        &self,
+        incident: IncidentId,
+        after: &IncidentState,
+        commit: &Commit<IncidentEvent>,
+        version: u64,
+    ) {
+        let public = codecs::status::view(
+            incident,
+            after,
+            version,
+            event_names(&commit.events),
+            commit.meta.occurred_at_ms,
+        );
+        let payload = match serde_json::to_vec(&public) {
+            Ok(payload) => payload,
+            Err(error) => {
+                warn!(%error, "encode incident status");
+                return;
+            }
+        };
+        if let Err(error) = self
+            .client
+            .publish(codecs::status::status_subject(incident), payload.into())
+            .await
+        {
+            warn!(%error, "publish incident status");
+        }
+    }
+
     fn count_appended(&self, events: &[IncidentEvent]) {
         let metrics = self.config.observer.metrics();
         metrics.commits_appended.inc();
@@ -854,6 +892,8 @@ impl DispatchService {
                 }
             };
             let position = held.position;
+            let mut after = held.state.clone();
+            events.iter().for_each(|event| after.apply(event));
             let commit = Commit::new(
                 command_id.clone(),
                 events,
@@ -863,6 +903,8 @@ impl DispatchService {
                 Ok(appended) if !appended.duplicate => {
                     self.count_appended(&commit.events);
                     info!(command_id = %commit.command_id, actor = %command.actor.role, events = ?event_names(&commit.events), "console command stored");
+                    self.announce(command.incident, &after, &commit, appended.position.version)
+                        .await;
                     self.book
                         .apply_own(command.incident, commit.events.iter(), appended.position);
                     self.commits_since_snapshot += 1;

@@ -183,6 +183,29 @@ async fn wait_version(store: &IncidentStore, incident: IncidentId, version: u64)
 }
 
 /// Lets both instances look at the clock a few times (no event must appear).
+/// The status updates received so far, one line each: version, status, events.
+async fn statuses(subscriber: &mut async_nats::Subscriber) -> String {
+    let mut lines = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await
+    {
+        let status: codecs::status::IncidentStatus =
+            serde_json::from_slice(&message.payload).expect("status JSON");
+        assert_eq!(
+            message.subject.as_str(),
+            codecs::status::status_subject(IncidentId(status.incident_id))
+        );
+        lines.push(format!(
+            "v{} {} {} handler={}",
+            status.version,
+            status.status,
+            status.events.join(" "),
+            status.handler.unwrap_or_default()
+        ));
+    }
+    lines.join("\n")
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
@@ -271,6 +294,8 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
     let time = ManualTime::new(START);
     let a = start_instance(&url, "dispatch-a", &time).await;
     let b = start_instance(&url, "dispatch-b", &time).await;
+    let mut status_updates = client.subscribe("incidents.status.>").await.unwrap();
+    client.flush().await.unwrap();
 
     // 0405 fire: emergency, handled by xiaofang (10 min to respond, 120 to resolve, wall
     // clock); the emergency whistle summons yingji (30 min to report).
@@ -323,6 +348,14 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
         v11 +121min deadline: WhistleReportMissed(yingji) DeadlineMissed(Resolution)
     "#]]
     .assert_eq(&history(&store, fire).await);
+    // Each of dispatch's commits is announced once, by the instance that stored it (the test
+    // wrote v2 itself, as intake would, so nobody announces that one).
+    expect![[r#"
+        v4 dispatched incident.dispatched incident.whistle_blown handler=department:xiaofang
+        v6 dispatched incident.deadline_missed incident.whistle_escalated handler=department:xiaofang
+        v8 dispatched incident.whistle_report_missed incident.whistle_escalated handler=department:xiaofang
+        v9 dispatched incident.whistle_report_missed handler=department:xiaofang
+        v11 dispatched incident.whistle_report_missed incident.deadline_missed handler=department:xiaofang"#]].assert_eq(&statuses(&mut status_updates).await);
 
     // yingji's console was never online: its durable consumer, made now, has it all.
     let jetstream = async_nats::jetstream::new(client.clone());
@@ -358,6 +391,8 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     let (client, store) = open_store(&url).await;
     let time = ManualTime::new(START);
     let a = start_instance(&url, "dispatch-a", &time).await;
+    let mut status_updates = client.subscribe("incidents.status.>").await.unwrap();
+    client.flush().await.unwrap();
     let fire = report_and_file(&store, 2, "0405", START).await;
     wait_version(&store, fire, 4).await;
     let xiaofang = serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
@@ -441,6 +476,16 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     wait_version(&store, fire, 12).await;
     let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
     assert_eq!(store.last_position(&aggregate).await.unwrap().version, 12);
+    expect![[r#"
+        v4 dispatched incident.dispatched incident.whistle_blown handler=department:xiaofang
+        v5 dispatched incident.whistle_reported handler=department:xiaofang
+        v6 acknowledged incident.acknowledged handler=department:xiaofang
+        v7 acknowledged incident.extension_requested handler=department:xiaofang
+        v8 acknowledged incident.extension_approved handler=department:xiaofang
+        v9 resolved incident.resolved handler=department:xiaofang
+        v11 closed incident.verified incident.closed handler=department:xiaofang
+        v12 closed incident.rated handler=department:xiaofang"#]]
+    .assert_eq(&statuses(&mut status_updates).await);
     a.stop.send(true).unwrap();
     a.task.await.unwrap();
 }

@@ -646,7 +646,7 @@ async fn a_private_follower_acks_cumulatively_and_is_caught_up_after_settling_ev
             // The 256th settle sent one ack for all 256.
             let mut info = consumer_info().await;
             for _ in 0..50 {
-                if info.ack_floor.stream_sequence >= index + 1 {
+                if info.ack_floor.stream_sequence > index {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

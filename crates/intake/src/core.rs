@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::decode::{Place, Refusal, ValidSubmission};
-use crate::status;
-use crate::wire::{Channel, IncidentStatus, ReasonCode, Receipt, SubmissionKind};
+use crate::wire::{Channel, ReasonCode, Receipt, SubmissionKind};
 
 /// Default radius within which a report of the same category duplicates an open incident.
 pub const DEDUP_RADIUS_M: f64 = 50.0;
@@ -430,14 +429,11 @@ impl Core {
         self.incidents.remove(&id);
     }
 
-    /// Folds a commit of the INCIDENTS stream (at start, or one another service wrote).
-    /// Returns the incident's public view after the commit when it was applied.
-    pub fn fold(
-        &mut self,
-        commit: &RecordedCommit<IncidentEvent>,
-    ) -> (Folded, Option<IncidentStatus>) {
+    /// Folds a commit of the INCIDENTS stream (at start, or one another service wrote). Its
+    /// status update is not intake's to publish: the writer of a commit announces it.
+    pub fn fold(&mut self, commit: &RecordedCommit<IncidentEvent>) -> Folded {
         let Ok(uuid) = uuid::Uuid::parse_str(commit.aggregate.as_str()) else {
-            return (Folded::AlreadyHeld, None);
+            return Folded::AlreadyHeld;
         };
         let id = IncidentId(uuid);
         let held = self
@@ -445,10 +441,10 @@ impl Core {
             .get(&id)
             .map_or(0, |tracked| tracked.position.version);
         if commit.version <= held {
-            return (Folded::AlreadyHeld, None);
+            return Folded::AlreadyHeld;
         }
         if commit.first_version != held + 1 {
-            return (Folded::Gap, None);
+            return Folded::Gap;
         }
         let tracked = self.incidents.entry(id).or_insert_with(|| Tracked {
             state: IncidentState::default(),
@@ -468,23 +464,12 @@ impl Core {
             tracked.state.apply(&recorded.event);
         }
         tracked.position = commit.position();
-        let public = status::view(
-            id,
-            &tracked.state,
-            commit.version,
-            commit
-                .events
-                .iter()
-                .map(|recorded| recorded.event_type.clone())
-                .collect(),
-            commit.meta.occurred_at_ms,
-        );
         if tracked.state.is_terminal() {
             self.forget(id);
         } else {
             self.index(id);
         }
-        (Folded::Applied, Some(public))
+        Folded::Applied
     }
 
     /// Replaces an incident's state with a freshly loaded history (after a gap or a failed

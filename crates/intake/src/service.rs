@@ -333,7 +333,7 @@ impl IntakeService {
         let mut gaps = Vec::new();
         let reached = incidents
             .replay(ReplayRange::default(), |commit| {
-                if core.fold(&commit).0 == Folded::Gap
+                if core.fold(&commit) == Folded::Gap
                     && let Ok(id) = uuid::Uuid::parse_str(commit.aggregate.as_str())
                 {
                     gaps.push(IncidentId(id));
@@ -689,6 +689,7 @@ impl IntakeService {
             let aggregate = incident_aggregate(*incident);
             async move {
                 let mut position = start;
+                let mut repeated = false;
                 for (done, index) in indices.iter().enumerate() {
                     let Some(write) = &plans[*index].incident else {
                         continue;
@@ -707,11 +708,14 @@ impl IntakeService {
                         ),
                     };
                     match store.append(&aggregate, &position, &commit).await {
-                        Ok(appended) => position = appended.position,
+                        Ok(appended) => {
+                            repeated |= appended.duplicate;
+                            position = appended.position;
+                        }
                         Err(error) => return Err((done, error)),
                     }
                 }
-                Ok(position)
+                Ok((position, repeated))
             }
         });
         let results = futures::future::join_all(appends).await;
@@ -719,7 +723,13 @@ impl IntakeService {
         let mut conflicted = vec![false; plans.len()];
         for ((incident, indices), result) in chains.iter().zip(results) {
             match result {
-                Ok(position) => {
+                Ok((_, true)) => {
+                    // Part of the chain was already stored (a redelivered or resent submission
+                    // whose first decision was stored before a crash or a lost reply): it was
+                    // announced then. Re-read the incident so memory matches the store.
+                    reload.push(*incident);
+                }
+                Ok((position, false)) => {
                     self.config
                         .observer
                         .metrics()
@@ -914,24 +924,12 @@ impl IntakeService {
         let metrics = self.config.observer.metrics();
         metrics.reached(&self.incidents.spec().stream_name, delivery.commit.sequence);
         metrics.commits_folded.inc();
-        match self.core.fold(&delivery.commit) {
-            (Folded::Applied, Some(public)) => self.publish_status(&public).await,
-            (Folded::Gap, _) => {
-                if let Ok(id) = uuid::Uuid::parse_str(delivery.commit.aggregate.as_str()) {
-                    self.reload(IncidentId(id)).await;
-                    if let Some(tracked) = self.core.tracked(&IncidentId(id)) {
-                        let public = status::view(
-                            IncidentId(id),
-                            &tracked.state,
-                            tracked.position.version,
-                            Vec::new(),
-                            delivery.commit.meta.occurred_at_ms,
-                        );
-                        self.publish_status(&public).await;
-                    }
-                }
-            }
-            _ => {}
+        // Other services' commits are announced by their writers (dispatch): intake only keeps
+        // its state current, for duplicate detection and queries.
+        if self.core.fold(&delivery.commit) == Folded::Gap
+            && let Ok(id) = uuid::Uuid::parse_str(delivery.commit.aggregate.as_str())
+        {
+            self.reload(IncidentId(id)).await;
         }
         if let Err(error) = self.follower.settle(&delivery).await {
             warn!(%error, "ack INCIDENTS commit");

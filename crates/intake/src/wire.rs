@@ -17,7 +17,7 @@ pub const SUBJECT_QUERY_RECEIPT: &str = "intake.query.receipt";
 /// Erase a reporter's contact details (personal-information law).
 pub const SUBJECT_CONTACT_ERASE: &str = "intake.contact.erase";
 /// Per-incident status updates: `incidents.status.<incident_id>`.
-pub const SUBJECT_STATUS_PREFIX: &str = "incidents.status.";
+pub use codecs::status::SUBJECT_STATUS_PREFIX;
 /// Query one incident by id.
 pub const SUBJECT_QUERY_INCIDENT: &str = "incidents.query.get";
 
@@ -233,30 +233,7 @@ pub enum EraseReply {
     },
 }
 
-/// An incident as the public sees it: no actor ids, no contact details. Published on
-/// `incidents.status.<incident_id>` after every change, and the answer of
-/// `incidents.query.get`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct IncidentStatus {
-    pub incident_id: uuid::Uuid,
-    /// `reported`, `filed`, `dispatched`, `acknowledged`, `resolved`, `closed`, `rejected`,
-    /// `cancelled`, `parked`, `merged`.
-    pub status: String,
-    /// Aggregate version after the change (gap-free, starts at 1).
-    pub version: u64,
-    /// Event types of the change, e.g. `["incident.dispatched"]`.
-    pub events: Vec<String>,
-    pub grid_code: Option<String>,
-    pub category: Option<String>,
-    /// `grid_worker`, `community`, `street` or `department:<id>`.
-    pub handler: Option<String>,
-    pub respond_by_ms: Option<i64>,
-    pub resolve_by_ms: Option<i64>,
-    /// Reporters merged in besides the first.
-    pub additional_reporters: u32,
-    /// When the change was decided, Unix milliseconds.
-    pub changed_at_ms: i64,
-}
+pub use codecs::status::IncidentStatus;
 
 /// `incidents.query.get` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -15,7 +15,9 @@
 //!   by two builders, none lost), the standby projection took the lease over within its bound
 //!   and the totals stayed exact;
 //! - both intake instances, both registry instances and both projection instances answered
-//!   requests (queue groups), as their `$SRV.STATS` show.
+//!   requests (queue groups), as their `$SRV.STATS` show;
+//! - no incident version was announced twice on `incidents.status.<id>` (each stored change
+//!   is announced by the one instance that stored it), and every incident was announced.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -456,6 +458,34 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
         "wangge up: {}",
         String::from_utf8_lossy(&up.stderr)
     );
+    // Every stored change is announced once on incidents.status.<id>, by the instance that
+    // stored it, however many instances run: count the announcements per (incident, version).
+    let announced: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, u64), Vec<String>>>> =
+        std::sync::Arc::default();
+    let mut status_updates = admin
+        .subscribe("incidents.status.>")
+        .await
+        .expect("subscribe status");
+    admin.flush().await.expect("flush");
+    let counting = {
+        let announced = announced.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(message) = status_updates.next().await {
+                let status: Value = serde_json::from_slice(&message.payload).expect("status JSON");
+                let key = (
+                    status["incident_id"].as_str().unwrap_or("").to_owned(),
+                    status["version"].as_u64().unwrap_or(0),
+                );
+                announced
+                    .lock()
+                    .expect("lock")
+                    .entry(key)
+                    .or_default()
+                    .push(String::from_utf8_lossy(&message.payload).into_owned());
+            }
+        })
+    };
     let mut children = Vec::new();
     // One instance after the other: the first dispatch creates the shared notifier consumer
     // (creating the same R3 consumer from two processes at once can outlast the JetStream API
@@ -633,6 +663,19 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
         after_failover.incidents.len() as u64
     );
     let caught_up = killed_at.elapsed();
+
+    counting.abort();
+    let announced = announced.lock().expect("lock").clone();
+    let repeated: Vec<_> = announced
+        .iter()
+        .filter(|(_, payloads)| payloads.len() > 1)
+        .collect();
+    assert!(
+        announced.len() >= after_failover.incidents.len() && repeated.is_empty(),
+        "{} status updates for {} incidents; announced more than once: {repeated:#?}",
+        announced.len(),
+        after_failover.incidents.len()
+    );
 
     // The work was shared: every instance answered requests of its queue group.
     let intake = requests_per_instance(&admin, "intake", "submit").await;

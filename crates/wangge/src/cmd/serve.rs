@@ -87,7 +87,9 @@ pub enum ServiceCommand {
     ///
     /// Notifications go to the NOTIFICATIONS stream, dispatch.notify.department.<id> (and
     /// .street.<code>, .community.<code>, .grid.<code>); a console reads its subject with its
-    /// own durable consumer and catches up after being offline. See docs/DISPATCH.md.
+    /// own durable consumer and catches up after being offline. Every commit dispatch stores
+    /// is announced on incidents.status.<incident_id> (the public view; see `serve intake`).
+    /// See docs/DISPATCH.md.
     #[command(verbatim_doc_comment)]
     Dispatch(DispatchArgs),
     /// Incident intake: turns submissions into filed incidents located in a grid, exactly once.
@@ -104,7 +106,8 @@ pub enum ServiceCommand {
     ///   incidents.query.get       {"incident_id"} -> the incident's public view
     ///   intake.contact.erase      {"reporter_id"} -> contact details purged
     ///
-    /// and publishes every change of an incident on incidents.status.<incident_id>.
+    /// and publishes the changes it stores (filing, merged reporters) on
+    /// incidents.status.<incident_id>; dispatch publishes the changes it stores there too.
     /// Schemas: schemas/*.schema.json and schemas/asyncapi.yaml. See docs/INTAKE.md.
     #[command(verbatim_doc_comment)]
     Intake(IntakeArgs),
