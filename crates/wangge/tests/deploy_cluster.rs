@@ -94,6 +94,9 @@ fn serve(urls: &str, accounts: &DeployAccounts, name: &str, instance: &str) -> C
         .expect("spawn wangge serve")
 }
 
+/// Status updates received, by (incident id, version): their payloads.
+type Announced = BTreeMap<(String, u64), Vec<String>>;
+
 async fn connect(
     urls: &str,
     accounts: &DeployAccounts,
@@ -460,8 +463,7 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     );
     // Every stored change is announced once on incidents.status.<id>, by the instance that
     // stored it, however many instances run: count the announcements per (incident, version).
-    let announced: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, u64), Vec<String>>>> =
-        std::sync::Arc::default();
+    let announced: std::sync::Arc<std::sync::Mutex<Announced>> = std::sync::Arc::default();
     let mut status_updates = admin
         .subscribe("incidents.status.>")
         .await
