@@ -250,7 +250,7 @@ fn to_json<T: Serialize>(value: &T) -> bytes::Bytes {
 fn event_names(events: &[IncidentEvent]) -> Vec<String> {
     events
         .iter()
-        .map(|e| domain::encoding::encode_event(e).event_type.to_owned())
+        .map(|e| domain::encoding::event_type(e).to_owned())
         .collect()
 }
 

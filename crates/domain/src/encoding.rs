@@ -434,6 +434,39 @@ fn postcard_bytes<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
 }
 
+/// The stored type name of an event (`incident.dispatched`), without encoding it: what
+/// status updates and logs name a change by. Always equal to `encode_event(event).event_type`.
+pub fn event_type(event: &IncidentEvent) -> &'static str {
+    use IncidentEvent as E;
+    match event {
+        E::Reported { .. } => "incident.reported",
+        E::Filed { .. } => "incident.filed",
+        E::ReportRejected { .. } => "incident.report_rejected",
+        E::Dispatched { .. } => "incident.dispatched",
+        E::Acknowledged { .. } => "incident.acknowledged",
+        E::Resolved { .. } => "incident.resolved",
+        E::VerificationFailed { .. } => "incident.verification_failed",
+        E::Verified { .. } => "incident.verified",
+        E::Closed { .. } => "incident.closed",
+        E::Rated { .. } => "incident.rated",
+        E::Reopened { .. } => "incident.reopened",
+        E::Returned { .. } => "incident.returned",
+        E::ExtensionRequested { .. } => "incident.extension_requested",
+        E::ExtensionApproved { .. } => "incident.extension_approved",
+        E::ExtensionDenied { .. } => "incident.extension_denied",
+        E::Parked { .. } => "incident.parked",
+        E::Unparked { .. } => "incident.unparked",
+        E::DuplicateMerged { .. } => "incident.duplicate_merged",
+        E::MergedInto { .. } => "incident.merged_into",
+        E::Cancelled { .. } => "incident.cancelled",
+        E::DeadlineMissed { .. } => "incident.deadline_missed",
+        E::WhistleBlown { .. } => "incident.whistle_blown",
+        E::WhistleReported { .. } => "incident.whistle_reported",
+        E::WhistleReportMissed { .. } => "incident.whistle_report_missed",
+        E::WhistleEscalated { .. } => "incident.whistle_escalated",
+    }
+}
+
 /// Encodes an event in today's schema version of its type.
 pub fn encode_event(event: &IncidentEvent) -> EncodedEvent {
     use IncidentEvent as E;

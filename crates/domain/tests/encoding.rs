@@ -195,6 +195,12 @@ fn every_event_type_has_a_sample_and_a_golden_file() {
         "samples() must cover every event type exactly once"
     );
     assert_eq!(samples().len(), EVENT_TYPES.len());
+    for event in samples() {
+        assert_eq!(
+            domain::encoding::event_type(&event),
+            encode_event(&event).event_type
+        );
+    }
 }
 
 #[test]

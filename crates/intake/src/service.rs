@@ -741,9 +741,7 @@ impl IntakeService {
                             .iter()
                             .filter_map(|index| plans[*index].incident.as_ref())
                             .flat_map(|write| write.events.iter())
-                            .map(|event| {
-                                domain::encoding::encode_event(event).event_type.to_owned()
-                            })
+                            .map(|event| domain::encoding::event_type(event).to_owned())
                             .collect();
                         let now = indices
                             .last()
