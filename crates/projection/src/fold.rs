@@ -102,36 +102,11 @@ fn satisfaction_name(satisfaction: Satisfaction) -> &'static str {
     }
 }
 
-/// The event type name of an incident event (snake case, as in history entries).
+/// The event type name of an incident event (snake case, as in history entries): the stored
+/// type name (`domain::encoding::event_type`) without its `incident.` prefix.
 pub fn event_name(event: &IncidentEvent) -> &'static str {
-    use IncidentEvent as E;
-    match event {
-        E::Reported { .. } => "reported",
-        E::Filed { .. } => "filed",
-        E::ReportRejected { .. } => "report_rejected",
-        E::Dispatched { .. } => "dispatched",
-        E::Acknowledged { .. } => "acknowledged",
-        E::Resolved { .. } => "resolved",
-        E::VerificationFailed { .. } => "verification_failed",
-        E::Verified { .. } => "verified",
-        E::Closed { .. } => "closed",
-        E::Rated { .. } => "rated",
-        E::Reopened { .. } => "reopened",
-        E::Returned { .. } => "returned",
-        E::ExtensionRequested { .. } => "extension_requested",
-        E::ExtensionApproved { .. } => "extension_approved",
-        E::ExtensionDenied { .. } => "extension_denied",
-        E::Parked { .. } => "parked",
-        E::Unparked { .. } => "unparked",
-        E::DuplicateMerged { .. } => "duplicate_merged",
-        E::MergedInto { .. } => "merged_into",
-        E::Cancelled { .. } => "cancelled",
-        E::DeadlineMissed { .. } => "deadline_missed",
-        E::WhistleBlown { .. } => "whistle_blown",
-        E::WhistleReported { .. } => "whistle_reported",
-        E::WhistleReportMissed { .. } => "whistle_report_missed",
-        E::WhistleEscalated { .. } => "whistle_escalated",
-    }
+    let stored = domain::encoding::event_type(event);
+    stored.strip_prefix("incident.").unwrap_or(stored)
 }
 
 fn rfc3339(ms: i64) -> String {
