@@ -933,6 +933,9 @@ impl DispatchService {
                     reason: ConflictReason::CommandIdReused { command_id, .. },
                     ..
                 }) => {
+                    if let Some(reply) = self.resent(command.incident, &aggregate, &commit).await {
+                        return reply;
+                    }
                     return CommandReply::rejected(
                         "command_id_reused",
                         format!("command id {command_id} was already used for another command"),
@@ -981,6 +984,48 @@ impl DispatchService {
             duplicate: true,
             events: Vec::new(),
         })
+    }
+
+    /// A command whose id is already stored, by the same actor with the same kinds of events,
+    /// is a resend decided again at another moment: its first append was stored although its
+    /// answer was lost (an ack that timed out, a crash), so the book had not seen it. Answered
+    /// as the duplicate it is, after re-reading the incident; `None` for a genuinely reused id.
+    async fn resent(
+        &mut self,
+        incident: IncidentId,
+        aggregate: &eventstore::AggregateId,
+        commit: &Commit<IncidentEvent>,
+    ) -> Option<CommandReply> {
+        let loaded = match self.store.load(aggregate).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                warn!(%error, "read the incident to look for a resent command");
+                return None;
+            }
+        };
+        let stored = loaded
+            .commits
+            .iter()
+            .find(|stored| stored.command_id == commit.command_id)?;
+        let same_kinds = stored
+            .events
+            .iter()
+            .map(|recorded| domain::encoding::event_type(&recorded.event))
+            .eq(commit.events.iter().map(domain::encoding::event_type));
+        if stored.meta.actor != commit.meta.actor || !same_kinds {
+            return None;
+        }
+        let reply = CommandReply::Accepted {
+            incident: incident.0,
+            version: stored.version,
+            sequence: stored.sequence,
+            duplicate: true,
+            events: Vec::new(),
+        };
+        if let Err(error) = self.reload(incident).await {
+            warn!(%error, "reload after a resent command");
+        }
+        Some(reply)
     }
 
     async fn on_notification(
