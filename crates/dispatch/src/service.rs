@@ -247,6 +247,20 @@ fn to_json<T: Serialize>(value: &T) -> bytes::Bytes {
         .into()
 }
 
+/// `accepted`, as a duplicate of the stored `commit`: nothing was written.
+fn duplicate_reply(
+    incident: uuid::Uuid,
+    commit: &eventstore::RecordedCommit<IncidentEvent>,
+) -> CommandReply {
+    CommandReply::Accepted {
+        incident,
+        version: commit.version,
+        sequence: commit.sequence,
+        duplicate: true,
+        events: Vec::new(),
+    }
+}
+
 fn event_names(events: &[IncidentEvent]) -> Vec<String> {
     events
         .iter()
@@ -957,6 +971,26 @@ impl DispatchService {
         )
     }
 
+    /// The stored commit of `aggregate` that carries `command_id`, read from the store (the
+    /// book may not have seen it).
+    async fn stored_commit(
+        &self,
+        aggregate: &eventstore::AggregateId,
+        command_id: &str,
+    ) -> Option<eventstore::RecordedCommit<IncidentEvent>> {
+        let loaded = match self.store.load(aggregate).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                warn!(%error, "read the incident to look for a resent command");
+                return None;
+            }
+        };
+        loaded
+            .commits
+            .into_iter()
+            .find(|commit| commit.command_id == command_id)
+    }
+
     /// The answer to a command whose id is already in the incident's history: accepted, as a
     /// duplicate. Read only when the decider refused a command that carries an id, so the
     /// per-instance duplicate cache is not the only guard across restarts and instances.
@@ -965,25 +999,9 @@ impl DispatchService {
         aggregate: &eventstore::AggregateId,
         command_id: &str,
     ) -> Option<CommandReply> {
-        let loaded = match self.store.load(aggregate).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                warn!(%error, "read the incident to look for a resent command");
-                return None;
-            }
-        };
-        let commit = loaded
-            .commits
-            .iter()
-            .find(|commit| commit.command_id == command_id)?;
+        let commit = self.stored_commit(aggregate, command_id).await?;
         let incident = uuid::Uuid::parse_str(aggregate.as_str().rsplit('.').next()?).ok()?;
-        Some(CommandReply::Accepted {
-            incident,
-            version: commit.version,
-            sequence: commit.sequence,
-            duplicate: true,
-            events: Vec::new(),
-        })
+        Some(duplicate_reply(incident, &commit))
     }
 
     /// A command whose id is already stored, by the same actor with the same kinds of events,
@@ -996,17 +1014,7 @@ impl DispatchService {
         aggregate: &eventstore::AggregateId,
         commit: &Commit<IncidentEvent>,
     ) -> Option<CommandReply> {
-        let loaded = match self.store.load(aggregate).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                warn!(%error, "read the incident to look for a resent command");
-                return None;
-            }
-        };
-        let stored = loaded
-            .commits
-            .iter()
-            .find(|stored| stored.command_id == commit.command_id)?;
+        let stored = self.stored_commit(aggregate, &commit.command_id).await?;
         let same_kinds = stored
             .events
             .iter()
@@ -1015,17 +1023,10 @@ impl DispatchService {
         if stored.meta.actor != commit.meta.actor || !same_kinds {
             return None;
         }
-        let reply = CommandReply::Accepted {
-            incident: incident.0,
-            version: stored.version,
-            sequence: stored.sequence,
-            duplicate: true,
-            events: Vec::new(),
-        };
         if let Err(error) = self.reload(incident).await {
             warn!(%error, "reload after a resent command");
         }
-        Some(reply)
+        Some(duplicate_reply(incident.0, &stored))
     }
 
     async fn on_notification(
