@@ -18,6 +18,12 @@ const APPEND_ATTEMPTS_MAX: usize = 8;
 const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// Longest wait for one message while reading an aggregate to its known end.
 const LOAD_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reads of an aggregate's history tried before a transport error (a timed-out request, a
+/// read that stalled while a cluster elected a stream leader) is returned. A read is
+/// side-effect free, so trying it again is always safe.
+const LOAD_ATTEMPTS_MAX: u32 = 4;
+/// Pause before the second attempt; doubled for each further one.
+const LOAD_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// The bounded contexts that own a stream each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,7 +431,31 @@ impl<C: EventCodec> EventStore<C> {
     }
 
     /// Reads the commits after `after` (e.g. a snapshot's position) up to the last one.
+    /// Transport errors are retried (at most [`LOAD_ATTEMPTS_MAX`] attempts); a corrupt
+    /// commit or a broken chain is returned at once.
     pub async fn load_after(
+        &self,
+        aggregate: &AggregateId,
+        after: Position,
+    ) -> Result<Loaded<C::Event>, LoadError> {
+        let mut pause = LOAD_RETRY_PAUSE;
+        let mut attempt = 1;
+        loop {
+            match self.load_after_once(aggregate, after).await {
+                Err(error @ (LoadError::LastCommit { .. } | LoadError::Read { .. }))
+                    if attempt < LOAD_ATTEMPTS_MAX =>
+                {
+                    warn!(%error, attempt, "load failed; reading again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn load_after_once(
         &self,
         aggregate: &AggregateId,
         after: Position,

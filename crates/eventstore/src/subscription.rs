@@ -20,6 +20,23 @@ const RESUBSCRIBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// wire (one ack then covers them all; a caught-up subscription acks at once).
 pub const CUMULATIVE_ACK_EVERY_DELIVERIES: usize = 256;
 
+/// Who reads a durable consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// Only this subscription: it then hands out commits in stream order with nothing
+    /// skipped. A delivery the server made but this process never received (lost with a
+    /// pull stream that broke, e.g. while a cluster elected a new leader) shows as a gap in
+    /// the consumer sequence; the subscription then *rewinds*: it deletes the consumer and
+    /// makes it again after the last stream sequence it handed out. Without this a lost
+    /// delivery would come back only after `ack_wait`, behind newer commits (a fold that
+    /// skips what its aggregate already reflects would drop it), or, with
+    /// [`Acks::Cumulative`], never: a later ack covers it.
+    One,
+    /// Several processes share the consumer (a work queue): each sees gaps by design, so
+    /// order is not checked; a lost delivery comes back after `ack_wait`.
+    Shared,
+}
+
 /// How a subscription acknowledges what it has applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acks {
@@ -53,6 +70,8 @@ pub struct SubscriptionConfig {
     pub inactive_threshold: Option<Duration>,
     /// One ack per delivery, or cumulative acks (see [`Acks`]).
     pub acks: Acks,
+    /// One reader (in order, rewinds on a lost delivery) or shared (see [`Readers`]).
+    pub readers: Readers,
 }
 
 /// Turns free text (an instance name) into a valid consumer-name fragment: `[A-Za-z0-9_-]`,
@@ -92,9 +111,12 @@ impl SubscriptionConfig {
         config.inactive_threshold = Some(inactive_threshold);
         // A private follower folds into memory and skips what it holds: cumulative acks.
         config.acks = Acks::Cumulative;
+        config.readers = Readers::One;
         config
     }
 
+    /// A durable consumer that may be shared ([`Readers::Shared`]) with explicit acks; set
+    /// `readers` to [`Readers::One`] when one process at a time reads it.
     pub fn durable(name: impl Into<String>) -> SubscriptionConfig {
         SubscriptionConfig {
             durable_name: name.into(),
@@ -105,6 +127,7 @@ impl SubscriptionConfig {
             ack_wait: Duration::from_secs(30),
             inactive_threshold: None,
             acks: Acks::EachMessage,
+            readers: Readers::Shared,
         }
     }
 }
@@ -160,6 +183,8 @@ pub struct Delivery<E> {
     pub commit: RecordedCommit<E>,
     /// Messages the server still holds for this consumer after this one.
     pub pending: u64,
+    /// The consumer's count of deliveries, this one included (redeliveries count).
+    pub consumer_sequence: u64,
     message: jetstream::Message,
 }
 
@@ -186,6 +211,15 @@ pub struct Subscription<C: EventCodec> {
     backoff: Duration,
     /// Deliveries settled since the last cumulative ack went out.
     settled_unacked: usize,
+    /// [`Readers::One`]: consumer sequence of the last delivery received from the current
+    /// consumer (`None` right after it was made).
+    last_consumer_sequence: Option<u64>,
+    /// [`Readers::One`]: highest stream sequence handed out (or the start position).
+    last_stream_sequence: u64,
+    /// [`Readers::One`]: a delivery was lost; remake the consumer after this stream sequence.
+    rewind_after: Option<u64>,
+    /// How many times the consumer was remade after a lost delivery.
+    rewinds: u64,
 }
 
 impl<C: EventCodec> std::fmt::Debug for Subscription<C> {
@@ -203,6 +237,7 @@ impl<C: EventCodec> EventStore<C> {
         &self,
         config: SubscriptionConfig,
     ) -> Result<Subscription<C>, SubscribeError> {
+        let config_start = config.start_after_sequence;
         let mut subscription = Subscription {
             store: self.clone(),
             config,
@@ -210,6 +245,10 @@ impl<C: EventCodec> EventStore<C> {
             messages: None,
             backoff: RESUBSCRIBE_BACKOFF_MIN,
             settled_unacked: 0,
+            last_consumer_sequence: None,
+            last_stream_sequence: config_start,
+            rewind_after: None,
+            rewinds: 0,
         };
         subscription.ensure_consumer().await?;
         Ok(subscription)
@@ -257,7 +296,56 @@ impl<C: EventCodec> Subscription<C> {
                 reason: error.to_string(),
             })?;
         self.consumer = Some(consumer.clone());
+        self.last_consumer_sequence = None;
         Ok(consumer)
+    }
+
+    /// Deletes the consumer (a missing one is fine) so that the next [`Self::ensure_consumer`]
+    /// makes it afresh after `after`.
+    async fn remake_after(&mut self, after: u64) -> Result<(), String> {
+        let name = &self.config.durable_name;
+        match self.store.stream.delete_consumer(name).await {
+            Ok(_) => {}
+            Err(error)
+                if matches!(error.kind(), jetstream::stream::ConsumerErrorKind::JetStream(ref inner)
+                    if inner.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
+            Err(error) => return Err(format!("delete consumer {name}: {error}")),
+        }
+        self.messages = None;
+        self.consumer = None;
+        self.settled_unacked = 0;
+        self.config.start_after_sequence = after;
+        self.last_stream_sequence = after;
+        self.rewinds += 1;
+        Ok(())
+    }
+
+    /// [`Readers::One`]: makes the consumer afresh after stream sequence `after`, so that
+    /// every later commit is delivered again in order (for a caller that found a commit
+    /// missing by its own check). Takes effect at the next [`Self::next`].
+    pub fn rewind(&mut self, after: u64) {
+        assert_eq!(
+            self.config.readers,
+            Readers::One,
+            "only a consumer with one reader may be rewound"
+        );
+        self.rewind_after = Some(
+            self.rewind_after
+                .map_or(after, |pending| pending.min(after)),
+        );
+    }
+
+    /// How many times the consumer was made afresh after a lost delivery or a [`Self::rewind`].
+    pub fn rewinds(&self) -> u64 {
+        self.rewinds
+    }
+
+    /// Drops the pull stream and opens a new one at the next [`Self::next`], as after a
+    /// transport error: deliveries the server already sent to the old one are lost (the
+    /// way a broken connection loses them). For tests of that recovery.
+    #[doc(hidden)]
+    pub fn break_pull_stream(&mut self) {
+        self.messages = None;
     }
 
     /// The next commit. Waits for new commits when caught up; re-establishes the pull stream
@@ -265,6 +353,19 @@ impl<C: EventCodec> Subscription<C> {
     /// wrap the call in a `select!` with the shutdown signal.
     pub async fn next(&mut self) -> Result<Delivery<C::Event>, SubscribeError> {
         loop {
+            if let Some(after) = self.rewind_after {
+                match self.remake_after(after).await {
+                    Ok(()) => {
+                        self.rewind_after = None;
+                        warn!(durable = %self.config.durable_name, after, "consumer made afresh: commits after this stream sequence come again, in order");
+                    }
+                    Err(reason) => {
+                        warn!(durable = %self.config.durable_name, %reason, "rewind failed; retrying");
+                        self.pause().await;
+                        continue;
+                    }
+                }
+            }
             if self.messages.is_none() {
                 match self.open_messages().await {
                     Ok(messages) => self.messages = Some(messages),
@@ -279,7 +380,13 @@ impl<C: EventCodec> Subscription<C> {
             match messages.next().await {
                 Some(Ok(message)) => {
                     self.backoff = RESUBSCRIBE_BACKOFF_MIN;
-                    return self.decode(message);
+                    let delivery = self.decode(message)?;
+                    if self.config.readers == Readers::One
+                        && !self.in_order(delivery.consumer_sequence, delivery.commit.sequence)
+                    {
+                        continue;
+                    }
+                    return Ok(delivery);
                 }
                 Some(Err(error)) => {
                     let kind = error.kind();
@@ -345,6 +452,30 @@ impl<C: EventCodec> Subscription<C> {
         }
     }
 
+    /// [`Readers::One`]: whether a delivery may be handed out. A consumer sequence that skips
+    /// ahead means deliveries were lost on the way: the delivery is dropped and a rewind to
+    /// the last stream sequence handed out is scheduled (a first delivery is never earlier
+    /// in the stream than one handed out before it, so nothing lost lies at or below it). A
+    /// consumer sequence that goes back (a new cluster leader with an older view of what was
+    /// delivered) only repeats deliveries, which the caller skips.
+    fn in_order(&mut self, consumer_sequence: u64, stream_sequence: u64) -> bool {
+        let expected = self.last_consumer_sequence.map_or(1, |last| last + 1);
+        if consumer_sequence > expected {
+            warn!(
+                durable = %self.config.durable_name,
+                expected_consumer_sequence = expected,
+                consumer_sequence,
+                after_stream_sequence = self.last_stream_sequence,
+                "deliveries lost on the way; making the consumer afresh"
+            );
+            self.rewind(self.last_stream_sequence);
+            return false;
+        }
+        self.last_consumer_sequence = Some(consumer_sequence);
+        self.last_stream_sequence = self.last_stream_sequence.max(stream_sequence);
+        true
+    }
+
     async fn pause(&mut self) {
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(RESUBSCRIBE_BACKOFF_MAX);
@@ -352,13 +483,14 @@ impl<C: EventCodec> Subscription<C> {
 
     fn decode(&self, message: jetstream::Message) -> Result<Delivery<C::Event>, SubscribeError> {
         let durable = || self.config.durable_name.clone();
-        let (sequence, pending, stored_at_ms) = {
+        let (sequence, consumer_sequence, pending, stored_at_ms) = {
             let info = message.info().map_err(|error| SubscribeError::Metadata {
                 durable: durable(),
                 reason: error.to_string(),
             })?;
             (
                 info.stream_sequence,
+                info.consumer_sequence,
                 info.pending,
                 datetime_to_ms(info.published),
             )
@@ -376,6 +508,7 @@ impl<C: EventCodec> Subscription<C> {
             Ok(commit) => Ok(Delivery {
                 commit,
                 pending,
+                consumer_sequence,
                 message,
             }),
             Err(source) => Err(SubscribeError::Decode {

@@ -681,6 +681,59 @@ async fn a_private_follower_acks_cumulatively_and_is_caught_up_after_settling_ev
     );
 }
 
+/// A single-reader subscription whose pull stream breaks with deliveries on the way (here:
+/// buffered in the dropped stream) hands out every commit once, in stream order: with either
+/// ack policy, without waiting for `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_reader_subscription_rewinds_over_deliveries_lost_with_its_pull_stream() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    const COMMITS: u64 = 120;
+    let mut position = Position::NEW;
+    let id = aggregate("lost-on-the-way");
+    for n in 0..COMMITS {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("l{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    for acks in [eventstore::Acks::Cumulative, eventstore::Acks::EachMessage] {
+        let mut config =
+            SubscriptionConfig::private_follower("lossy-reader", 0, Duration::from_secs(60));
+        config.acks = acks;
+        config.batch_max = 25;
+        // Redelivery after ack_wait would also bring lost commits back (out of order):
+        // make it too late to matter.
+        config.ack_wait = Duration::from_secs(120);
+        assert_eq!(config.readers, eventstore::Readers::One);
+        let mut subscription = store.subscribe(config).await.expect("subscribe");
+        let mut seen = Vec::new();
+        while seen.len() < COMMITS as usize {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("{acks:?}: in time, after {seen:?}"))
+                .expect("delivery");
+            seen.push(delivery.commit.sequence);
+            subscription.settle(&delivery).await.expect("settle");
+            // Twice: after the first delivery (the rest of its batch is buffered) and in the
+            // middle of a later batch.
+            if seen.len() == 1 || seen.len() == 60 {
+                subscription.break_pull_stream();
+            }
+        }
+        assert_eq!(
+            (seen, subscription.rewinds()),
+            ((1..=COMMITS).collect::<Vec<_>>(), 2),
+            "{acks:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_killed_mid_stream_loses_and_doubles_nothing() {
     let mut cluster = NatsCluster::start().expect("cluster");

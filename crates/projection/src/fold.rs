@@ -657,6 +657,13 @@ pub enum Applied {
     AlreadyReflected,
     /// The aggregate id names no incident: skipped.
     Foreign,
+    /// The commit does not follow the incident's last folded commit (`held_version`, 0 for
+    /// an incident not seen yet): a commit in between never arrived. Nothing was folded; the
+    /// caller reads the incident's history and hands it to [`Projector::replace_incident`].
+    Gap {
+        incident: IncidentId,
+        held_version: u64,
+    },
 }
 
 /// A registered community as the projection keeps it (GRIDS).
@@ -811,7 +818,21 @@ impl Projector {
                 self.incidents.insert(incident, held);
                 return Applied::AlreadyReflected;
             }
+            Some(held) if commit.first_version != held.version + 1 => {
+                let held_version = held.version;
+                self.incidents.insert(incident, held);
+                return Applied::Gap {
+                    incident,
+                    held_version,
+                };
+            }
             Some(held) => held,
+            None if commit.first_version != 1 => {
+                return Applied::Gap {
+                    incident,
+                    held_version: 0,
+                };
+            }
             None => Held::new(incident),
         };
         if self.incremental && held.sequence > 0 {
@@ -854,6 +875,35 @@ impl Projector {
         self.dirty_incidents.insert(incident);
         self.incidents.insert(incident, held);
         Applied::New
+    }
+
+    /// Folds an incident afresh from its whole stored history (after [`Applied::Gap`]),
+    /// replacing what was held for it. The history may run past the commits delivered so
+    /// far; those later commits are skipped when they arrive. The checkpoint does not move:
+    /// it says how far the *stream* was followed, and other incidents' commits before the
+    /// history's end may still be on their way.
+    pub fn replace_incident(
+        &mut self,
+        incident: IncidentId,
+        history: &[RecordedCommit<IncidentEvent>],
+    ) {
+        if let Some(held) = self.incidents.remove(&incident)
+            && self.incremental
+            && held.sequence > 0
+        {
+            self.contribute(&held, -1);
+        }
+        let followed = self.incidents_sequence;
+        for commit in history {
+            let applied = self.apply_incident_commit(commit);
+            assert!(
+                matches!(applied, Applied::New),
+                "a stored history folds without gaps: {applied:?} at sequence {}",
+                commit.sequence
+            );
+        }
+        self.incidents_sequence = followed;
+        self.dirty_incidents.insert(incident);
     }
 
     /// Inserts an incident state loaded from KV (before following the stream).

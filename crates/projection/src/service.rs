@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use eventstore::{
-    Delivery, EventStore, ReplayRange, StreamSpec, SubscribeError, Subscription, SubscriptionConfig,
+    Delivery, EventStore, Readers, ReplayRange, StreamSpec, SubscribeError, Subscription,
+    SubscriptionConfig,
 };
 use futures::StreamExt as _;
 use serde::Serialize;
@@ -64,6 +65,8 @@ pub enum ServiceError {
     Subscription(#[from] SubscribeError),
     #[error("subscribe to queries: {reason}")]
     Queries { reason: String },
+    #[error("read the history of {aggregate} after a missing commit: {reason}")]
+    Reload { aggregate: String, reason: String },
     /// Handled inside the service (it detaches and stands by); never returned by `run`.
     #[error("this instance is no longer the builder: {reason}")]
     NotBuilder { reason: String },
@@ -125,6 +128,8 @@ pub struct Progress {
     /// Commits folded in / skipped because the incident's stored view already reflected them.
     pub applied: u64,
     pub skipped: u64,
+    /// Incidents folded afresh from their stored history because a commit was missing.
+    pub reloaded: u64,
     pub flushes: u64,
     pub keys_written: u64,
 }
@@ -387,6 +392,8 @@ impl ProjectionService {
             let _ = stream.delete_consumer(&durable).await;
         }
         let mut incidents_config = SubscriptionConfig::durable(durable);
+        // One builder per generation reads it: in order, remade over any lost delivery.
+        incidents_config.readers = Readers::One;
         incidents_config.start_after_sequence = checkpoint.incidents_sequence;
         incidents_config.batch_max = self.config.flush_commits_max.max(1);
         incidents_config.ack_pending_max = (self.config.flush_commits_max as i64 * 2).max(1_000);
@@ -400,6 +407,7 @@ impl ProjectionService {
         let mut grids_config = SubscriptionConfig::durable(grids_durable.clone());
         grids_config.start_after_sequence = grids_reached;
         grids_config.inactive_threshold = Some(GRIDS_CONSUMER_INACTIVE);
+        grids_config.readers = Readers::One;
         let grids = self.grids_store.subscribe(grids_config).await?;
         info!(
             generation,
@@ -712,6 +720,26 @@ impl ProjectionService {
                         Applied::New => self.progress.applied += 1,
                         Applied::AlreadyReflected => self.progress.skipped += 1,
                         Applied::Foreign => warn!(aggregate = %delivery.commit.aggregate, "commit names no incident; skipped"),
+                        Applied::Gap { incident, held_version } => {
+                            warn!(
+                                aggregate = %delivery.commit.aggregate,
+                                held_version,
+                                first_version = delivery.commit.first_version,
+                                "commit does not follow the incident's view; folding its stored history afresh"
+                            );
+                            match self.incident_store.load(&delivery.commit.aggregate).await {
+                                Ok(history) => {
+                                    attached.projector.replace_incident(incident, &history.commits);
+                                    self.progress.reloaded += 1;
+                                }
+                                // Not acked: the flush does not cover it and a later builder
+                                // (or this one after a restart) folds it again.
+                                Err(error) => break Err(ServiceError::Reload {
+                                    aggregate: delivery.commit.aggregate.to_string(),
+                                    reason: error.to_string(),
+                                }),
+                            }
+                        }
                     }
                     let caught_up = delivery.pending == 0;
                     attached.unacked.push(delivery);

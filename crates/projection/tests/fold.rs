@@ -282,6 +282,50 @@ fn restart_from_stored_incidents_equals_uninterrupted_fold() {
     );
 }
 
+/// Deliveries lost on the way (every seventh commit), some coming back late, out of order: a
+/// commit that does not follow its incident's last one is never folded; the incident is
+/// folded afresh from its stored history instead, and the models end equal to the
+/// in-order fold, with the checkpoint no further than the stream was followed.
+#[test]
+fn a_missing_commit_is_never_skipped_over() {
+    let commits = recorded(&histories(13, 60));
+    let mut projector = Projector::new(ScoreWeights::default(), None, true);
+    let (lost, delivered): (Vec<_>, Vec<_>) = commits
+        .iter()
+        .enumerate()
+        .partition(|(index, _)| index % 7 == 3);
+    let history_of = |aggregate: &AggregateId, upto: usize| -> Vec<RecordedCommit<IncidentEvent>> {
+        // What the store holds for the incident once `upto` commits were stored.
+        commits[..upto]
+            .iter()
+            .filter(|c| &c.aggregate == aggregate)
+            .cloned()
+            .collect()
+    };
+    let mut gaps = 0;
+    let mut followed = 0;
+    for (index, commit) in delivered.iter().chain(lost.iter()) {
+        followed = commit.sequence.max(followed);
+        match projector.apply_incident_commit(commit) {
+            projection::Applied::Gap {
+                incident,
+                held_version,
+            } => {
+                gaps += 1;
+                assert!(held_version < commit.first_version - 1);
+                // The store is ahead of what was delivered: everything up to now.
+                let history = history_of(&commit.aggregate, commits.len().max(index + 1));
+                projector.replace_incident(incident, &history);
+                assert_eq!(projector.incidents_sequence(), followed);
+            }
+            projection::Applied::New | projection::Applied::AlreadyReflected => {}
+            projection::Applied::Foreign => panic!("foreign {commit:?}"),
+        }
+    }
+    assert!(gaps > 0, "the lost commits made gaps");
+    assert_eq!(projector.render_all(), fold(&commits, true).render_all());
+}
+
 /// One GRIDS commit per registry command, decided by the registry's own core.
 fn grids_commits(community_id: &str) -> Vec<RecordedCommit<registry::domain::Event>> {
     use geo::{LineString, MultiPolygon, Point, Polygon};

@@ -757,8 +757,17 @@ async fn read_models_against_fold(admin: &async_nats::Client) -> u64 {
                 .chain(expected.keys())
                 .filter(|key| stored.get(*key) != expected.get(*key))
                 .collect();
-            if !differing.is_empty() {
-                return Err(format!("read models differ from the fold: {differing:?}"));
+            if let Some(first) = differing.first() {
+                return Err(format!(
+                    "read models differ from the fold: {differing:?}; first, {first}: stored {} \
+                     but the fold gives {}",
+                    stored
+                        .get(*first)
+                        .map_or("nothing".to_owned(), Value::to_string),
+                    expected
+                        .get(*first)
+                        .map_or("nothing".to_owned(), Value::to_string),
+                ));
             }
             Ok(models.totals().await.map_err(|e| e.to_string())?.incidents)
         };
