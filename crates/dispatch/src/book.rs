@@ -147,6 +147,11 @@ impl Book {
         Some(template.aggregate(incident))
     }
 
+    /// The aggregate id layouts seen so far (at most `AGGREGATE_TEMPLATES_MAX`).
+    pub fn templates(&self) -> &[AggregateTemplate] {
+        &self.templates
+    }
+
     /// Reserves room for `additional` incidents (the benchmark and snapshot loads know).
     pub fn reserve(&mut self, additional: usize) {
         self.incidents.reserve(additional);

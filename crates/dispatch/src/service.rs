@@ -881,8 +881,14 @@ impl DispatchService {
                 self.book.get(command.incident),
                 self.book.aggregate_of(command.incident),
             ) else {
+                // This instance may not have folded the incident yet (filed a moment ago,
+                // its commit still on the way here): look in the store before refusing.
+                if attempt < COMMAND_ATTEMPTS_MAX && self.found_in_store(command.incident).await {
+                    continue;
+                }
                 return CommandReply::from_rejection(&Rejection::NoSuchIncident);
             };
+            let held_position = held.position;
             let now = self.config.time.now();
             let events = match decide(
                 &held.state,
@@ -895,6 +901,17 @@ impl DispatchService {
             ) {
                 Ok(events) => events,
                 Err(rejection) => {
+                    // The book may lag the store (another instance wrote, or the follower has
+                    // not delivered the latest commit yet), and a refusal is never checked by
+                    // an append: refuse only on the latest state.
+                    if attempt < COMMAND_ATTEMPTS_MAX
+                        && self.store_is_ahead(&aggregate, held_position).await
+                    {
+                        if let Err(error) = self.reload(command.incident).await {
+                            return CommandReply::error("store_unavailable", error.to_string());
+                        }
+                        continue;
+                    }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
                     if command.command_id.is_some()
@@ -969,6 +986,45 @@ impl DispatchService {
             "conflict",
             format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
         )
+    }
+
+    /// Whether the store holds commits of `aggregate` after `held` (one read: the last
+    /// message of the aggregate's subject). A failed read counts as "not ahead".
+    async fn store_is_ahead(&self, aggregate: &eventstore::AggregateId, held: Position) -> bool {
+        match self.store.last_position(aggregate).await {
+            Ok(last) => last.sequence > held.sequence,
+            Err(error) => {
+                warn!(%error, "read the incident's last commit before a refusal");
+                false
+            }
+        }
+    }
+
+    /// Looks for an incident the book does not hold under every aggregate id layout seen so
+    /// far, and folds its stored history in. Whether it was found.
+    async fn found_in_store(&mut self, incident: IncidentId) -> bool {
+        for template in self.book.templates().to_vec() {
+            let aggregate = template.aggregate(incident);
+            if !self.store_is_ahead(&aggregate, Position::NEW).await {
+                continue;
+            }
+            return match reload_into(
+                &self.store,
+                &mut self.book,
+                &aggregate,
+                incident,
+                Position::NEW,
+            )
+            .await
+            {
+                Ok(()) => self.book.get(incident).is_some(),
+                Err(error) => {
+                    warn!(%error, "read an incident the book did not hold");
+                    false
+                }
+            };
+        }
+        false
     }
 
     /// The stored commit of `aggregate` that carries `command_id`, read from the store (the

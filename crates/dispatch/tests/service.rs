@@ -489,3 +489,109 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     a.stop.send(true).unwrap();
     a.task.await.unwrap();
 }
+
+/// Pauses the private follower of `instance` on INCIDENTS: the instance then sees no commit
+/// through its subscription, as when its follower lags the stream.
+async fn pause_follower(client: &async_nats::Client, instance: &str) {
+    use futures::TryStreamExt as _;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let stream = jetstream.get_stream("INCIDENTS").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    let follower = names
+        .iter()
+        .find(|name| name.starts_with(instance))
+        .unwrap_or_else(|| panic!("no follower of {instance} among {names:?}"));
+    let until = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    stream.pause_consumer(follower, until).await.unwrap();
+}
+
+/// Decides `action` by `by` on the incident's stored state and appends it, as another
+/// dispatch instance would.
+async fn append_elsewhere(
+    store: &IncidentStore,
+    incident: IncidentId,
+    by: Actor,
+    action: Action,
+    now: Timestamp,
+) {
+    let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
+    let loaded = store.load(&aggregate).await.unwrap();
+    let mut state = domain::IncidentState::default();
+    for commit in &loaded.commits {
+        for recorded in &commit.events {
+            state.apply(&recorded.event);
+        }
+    }
+    let events = decide(
+        &state,
+        IncidentCommand { actor: by, action },
+        now,
+        &Policy::embedded("sanming").unwrap(),
+    )
+    .unwrap();
+    let meta = CommitMeta {
+        correlation_id: uuid::Uuid::now_v7(),
+        causation_id: uuid::Uuid::now_v7(),
+        actor: "dispatch-elsewhere".to_owned(),
+        occurred_at_ms: now.0,
+        traceparent: None,
+    };
+    store
+        .append(
+            &aggregate,
+            &loaded.position,
+            &Commit::new(format!("elsewhere:{}", uuid::Uuid::now_v7()), events, meta),
+        )
+        .await
+        .unwrap();
+}
+
+/// An instance whose follower lags the stream gets commands about changes it has not seen:
+/// a case acknowledged elsewhere, an incident filed a moment ago. It reads the store before
+/// refusing, so its answers are those of the latest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_behind_the_stream_reads_it_before_refusing() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let lagging = start_instance(&url, "dispatch-lagging", &time).await;
+    let fire = report_and_file(&store, 3, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    settle().await;
+    pause_follower(&client, "dispatch-lagging").await;
+    let xiaofang = actor(Role::Department("xiaofang".parse().unwrap()), 7);
+    time.set(Timestamp(START.0 + 5 * MINUTE));
+    append_elsewhere(&store, fire, xiaofang, Action::Acknowledge, time.now()).await;
+    let unseen = report_and_file(&store, 4, "0405", time.now()).await;
+    let xiaofang_json =
+        serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
+    let mut replies = Vec::new();
+    for (what, action, body) in [
+        (
+            "xiaofang resolves (acknowledged elsewhere)",
+            "resolve",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang_json,"note":"out"}),
+        ),
+        (
+            "xiaofang acknowledges an incident filed a moment ago",
+            "acknowledge",
+            serde_json::json!({"incident":unseen.0,"actor":xiaofang_json}),
+        ),
+    ] {
+        replies.push((what.to_owned(), request(&client, action, body).await));
+    }
+    check_commands(
+        &replies,
+        expect![[r#"
+            xiaofang resolves (acknowledged elsewhere): accepted v6 dup=false incident.resolved
+            xiaofang acknowledges an incident filed a moment ago: rejected invalid_transition (acknowledge is not possible while the incident is Filed)
+        "#]],
+    );
+    let _ = lagging.stop.send(true);
+    lagging.task.await.unwrap();
+}

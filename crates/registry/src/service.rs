@@ -451,7 +451,27 @@ impl RegistryService {
                     (&fresh, eventstore::Position::NEW)
                 }
             };
-            let events = match domain::decide(community, &header.command_id, &parsed.command, now) {
+            let decided = domain::decide(community, &header.command_id, &parsed.command, now);
+            // A refusal, or an answer that needs no append, is never checked by the store:
+            // give it only on the latest state. This instance may lag the stream (another
+            // instance stored the community's last command a moment ago).
+            if !matches!(&decided, Ok(events) if !events.is_empty())
+                && attempt < COMMAND_ATTEMPTS_MAX
+            {
+                match self.store.last_position(&aggregate).await {
+                    Ok(last) if last.sequence > position.sequence => {
+                        if let Err(error) = self.reload(&aggregate).await {
+                            return to_json(&error_reply("store_unavailable", error.to_string()));
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        return to_json(&error_reply("store_unavailable", error.to_string()));
+                    }
+                }
+            }
+            let events = match decided {
                 Ok(events) => events,
                 Err(rejection) => return to_json(&rejection_reply(&rejection)),
             };

@@ -326,3 +326,81 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
     second.shutdown().await;
     third.shutdown().await;
 }
+
+/// Pauses the private follower of `instance` on GRIDS: from now on that instance sees no
+/// commit through its subscription, as when its follower lags the stream.
+async fn pause_follower(client: &async_nats::Client, instance: &str) {
+    use futures::TryStreamExt as _;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let stream = jetstream.get_stream("GRIDS").await.expect("GRIDS");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("consumer names");
+    let follower = names
+        .iter()
+        .find(|name| name.starts_with(instance))
+        .unwrap_or_else(|| panic!("no follower of {instance} among {names:?}"));
+    let until = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(600),
+    )
+    .expect("a time ten minutes ahead");
+    stream
+        .pause_consumer(follower, until)
+        .await
+        .expect("pause the follower");
+}
+
+/// A command decided on an instance whose follower lags the stream: another writer stored
+/// the community a moment ago. The instance must not refuse `not_registered`, nor answer a
+/// repeated command from its stale view: it reads the stream and decides again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_behind_the_stream_reads_it_before_refusing() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let lagging = start(&url, "registry-lagging").await;
+    pause_follower(&client, "registry-lagging").await;
+    // Another instance registers the community: its commit goes straight to the stream.
+    let store = store(&client).await;
+    let parsed =
+        registry::api::parse_command("register_community", register_body().to_string().as_bytes())
+            .expect("register command");
+    let community = registry::domain::Community::new("liedong");
+    let events = registry::domain::decide(
+        &community,
+        &parsed.header.command_id,
+        &parsed.command,
+        1_767_225_600_000,
+    )
+    .expect("register");
+    let commit = eventstore::Commit::new(
+        parsed.header.command_id.clone(),
+        events,
+        eventstore::CommitMeta {
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: uuid::Uuid::now_v7(),
+            actor: "registry-elsewhere".to_owned(),
+            occurred_at_ms: 1_767_225_600_000,
+            traceparent: None,
+        },
+    );
+    let aggregate = eventstore::AggregateId::new("liedong").expect("aggregate");
+    store
+        .append(&aggregate, &eventstore::Position::NEW, &commit)
+        .await
+        .expect("append the registration");
+
+    let imported = send(&client, "grids.cmd.import_buildings", import_body()).await;
+    assert_eq!(imported["status"], "accepted", "{imported}");
+    // The same registration again: answered as the duplicate it is, from the stream's state.
+    let again = send(&client, "grids.cmd.register_community", register_body()).await;
+    assert_eq!(
+        (&again["status"], &again["duplicate"]),
+        (&json!("accepted"), &json!(true)),
+        "{again}"
+    );
+    lagging.shutdown().await;
+}

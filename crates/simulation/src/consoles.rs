@@ -21,6 +21,8 @@ use crate::{SimulationError, request_json};
 pub const ACTIONS_IN_FLIGHT_MAX: usize = 2_048;
 /// Notifications per pull request.
 const NOTIFICATIONS_BATCH_MAX: usize = 256;
+/// Pause between two reads of an incident view while a handler waits for summoned reports.
+const SUMMONS_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How one console answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -51,6 +53,12 @@ pub struct ConsolePlan {
     pub slow_delay: Duration,
     /// Durable consumer name of this set of consoles (one set per simulation).
     pub durable_name: String,
+    /// Before resolving, a handler waits at most this long until every summoned department
+    /// that answers at all (not [`Behaviour::Silent`]) has reported to the whistle: 部门报到
+    /// comes before the case is done. It reads the projection's incident view, at least as
+    /// new as the notification. Zero: resolve without looking (the handler and the summoned
+    /// departments then race, and which comes first depends on timing).
+    pub summons_wait: Duration,
 }
 
 impl ConsolePlan {
@@ -87,6 +95,7 @@ impl ConsolePlan {
             work_delay: Duration::from_secs(2),
             slow_delay: Duration::from_secs(15),
             durable_name: format!("simulated-consoles-{seed}"),
+            summons_wait: Duration::ZERO,
         }
     }
 }
@@ -247,12 +256,13 @@ impl Consoles {
                     .expect("the semaphore is never closed");
                 let this = self.clone();
                 let client = client.clone();
+                let plan = plan.clone();
                 self.in_flight
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 // Acknowledged once the answer is scheduled: the backlog counts it from here.
                 let _ = message.ack().await;
                 tokio::spawn(async move {
-                    this.perform(&client, &notification, steps).await;
+                    this.perform(&client, &plan, &notification, steps).await;
                     this.in_flight
                         .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     drop(permit);
@@ -264,11 +274,15 @@ impl Consoles {
     async fn perform(
         &self,
         client: &async_nats::Client,
+        plan: &ConsolePlan,
         notification: &Notification,
         steps: Vec<Step>,
     ) {
         for step in steps {
             tokio::time::sleep(step.after).await;
+            if step.action == "resolve" && !plan.summons_wait.is_zero() {
+                await_summoned_reports(client, plan, notification).await;
+            }
             let mut body = json!({
                 "command_id": format!(
                     "sim/{}/{}/{}/{}",
@@ -310,6 +324,47 @@ impl Consoles {
             }
         }
     }
+}
+
+/// Waits (at most `plan.summons_wait`) until the projection's view of the incident, at least
+/// as new as `notification`, shows no summons pending on a department that answers.
+async fn await_summoned_reports(
+    client: &async_nats::Client,
+    plan: &ConsolePlan,
+    notification: &Notification,
+) {
+    let deadline = tokio::time::Instant::now() + plan.summons_wait;
+    let query = json!({"incident_id": notification.incident.to_string()});
+    loop {
+        let settled = match request_json(client, "projection.query.incident", &query).await {
+            Ok(reply) => summons_settled(plan, &reply, notification.version),
+            Err(error) => {
+                tracing::debug!(error = %error, "incident view unavailable");
+                false
+            }
+        };
+        if settled || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(SUMMONS_POLL_INTERVAL).await;
+    }
+}
+
+/// Whether a `projection.query.incident` reply shows the incident at `version` or later
+/// with no summons pending on a department that answers.
+fn summons_settled(plan: &ConsolePlan, reply: &serde_json::Value, version: u64) -> bool {
+    let view = &reply["value"];
+    if reply["status"] != "found" || view["version"].as_u64().unwrap_or(0) < version {
+        return false;
+    }
+    let Some(summons) = view["whistle"]["summons"].as_array() else {
+        return true;
+    };
+    summons.iter().all(|summons| {
+        let department = summons["department"].as_str().unwrap_or("");
+        summons["state"] != "pending"
+            || plan.departments.get(department) == Some(&Behaviour::Silent)
+    })
 }
 
 /// A stable actor id for a console (FNV-1a of its name).
@@ -398,5 +453,46 @@ fn answer(plan: &ConsolePlan, notification: &Notification, residents: &Residents
             steps
         }
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `summons_settled` on a reply of `projection.query.incident`, for a plan where
+    /// department `silent` never answers.
+    fn check(reply: serde_json::Value, version: u64, expect: bool) {
+        let mut plan =
+            ConsolePlan::seeded(1, &domain::Policy::embedded("sanming").unwrap(), 0.0, 0.0);
+        plan.departments
+            .insert("silent".to_owned(), Behaviour::Silent);
+        assert_eq!(summons_settled(&plan, &reply, version), expect, "{reply}");
+    }
+
+    fn view(version: u64, summons: &[(&str, &str)]) -> serde_json::Value {
+        let summons: Vec<_> = summons
+            .iter()
+            .map(|(department, state)| json!({"department": department, "state": state}))
+            .collect();
+        json!({"status": "found", "value": {"version": version, "whistle": {"summons": summons}}})
+    }
+
+    #[test]
+    fn a_handler_waits_for_reports_of_departments_that_answer() {
+        check(json!({"status": "not_found"}), 1, false);
+        check(view(3, &[]), 4, false); // the view is older than the notification
+        check(
+            json!({"status": "found", "value": {"version": 4, "whistle": null}}),
+            4,
+            true,
+        );
+        check(view(4, &[("a", "reported"), ("b", "missed")]), 4, true);
+        check(view(5, &[("a", "reported"), ("b", "pending")]), 4, false);
+        check(
+            view(5, &[("a", "reported"), ("silent", "pending")]),
+            4,
+            true,
+        );
     }
 }

@@ -25,6 +25,10 @@ const QUIET_TIMEOUT: Duration = Duration::from_secs(90);
 /// The log is quiet when nothing was appended for this long.
 const QUIET_FOR: Duration = Duration::from_secs(3);
 
+/// Longest a handler console waits for the summoned departments' reports before resolving:
+/// more than a notification held by a killed dispatch takes to come back (its ack wait).
+const SUMMONS_WAIT: Duration = Duration::from_secs(45);
+
 const SERVICES: [&str; 4] = ["registry", "intake", "dispatch", "projection"];
 
 struct Services {
@@ -236,6 +240,9 @@ async fn run(crash: bool) -> Outcome {
     let mut console_plan = ConsolePlan::seeded(SEED, &policy, 0.0, 0.2);
     console_plan.prompt_delay = Duration::from_millis(50);
     console_plan.work_delay = Duration::from_millis(200);
+    // Summoned departments report before the handler resolves, however late a crash makes
+    // either (otherwise a report delayed by a kill meets a resolved case: invalid_transition).
+    console_plan.summons_wait = SUMMONS_WAIT;
     let silent: Vec<String> = console_plan
         .departments
         .iter()
@@ -271,13 +278,24 @@ async fn run(crash: bool) -> Outcome {
 
     // The log, incident by incident.
     let mut by_incident: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Incident -> the reports merged into it (their would-be incident ids).
+    let mut merged_into: BTreeMap<String, Vec<String>> = BTreeMap::new();
     incidents
         .replay(ReplayRange::default(), |commit| {
-            let list = by_incident
-                .entry(commit.aggregate.as_str().to_owned())
-                .or_default();
+            let incident = projection::fold::incident_of_aggregate(commit.aggregate.as_str())
+                .expect("an incident aggregate")
+                .to_string();
             for recorded in commit.events {
-                list.push(domain::describe::describe(&recorded.event).kind.to_owned());
+                if let domain::IncidentEvent::DuplicateMerged { duplicate, .. } = &recorded.event {
+                    merged_into
+                        .entry(incident.clone())
+                        .or_default()
+                        .push(duplicate.to_string());
+                }
+                by_incident
+                    .entry(incident.clone())
+                    .or_default()
+                    .push(domain::describe::describe(&recorded.event).kind.to_owned());
             }
         })
         .await
@@ -325,11 +343,27 @@ async fn run(crash: bool) -> Outcome {
     let stats = residents.stats();
     drop(services);
     drop(server);
-    for kinds in by_incident.values_mut() {
-        kinds.sort();
-    }
+    // Which of two duplicate reports becomes the incident and which is merged into it is
+    // the order intake handles them in: a crash that delays the first (redelivered after
+    // the killed instance's ack wait) lets the second be filed first. So an incident is
+    // named by the least id among itself and the reports merged into it.
+    let incidents_by_group: BTreeMap<String, Vec<String>> = by_incident
+        .into_iter()
+        .map(|(incident, mut kinds)| {
+            kinds.sort();
+            let group = merged_into
+                .get(&incident)
+                .into_iter()
+                .flatten()
+                .chain(std::iter::once(&incident))
+                .min()
+                .expect("the incident itself")
+                .clone();
+            (group, kinds)
+        })
+        .collect();
     Outcome {
-        incidents: by_incident,
+        incidents: incidents_by_group,
         read_model_incidents: totals.incidents,
         read_model_by_status: totals.by_status,
         filed: stats.filed,
