@@ -191,16 +191,34 @@ pub const RECENT_COMMANDS_MAX: usize = 4_096;
 
 #[derive(Debug, Default)]
 struct RecentReplies {
-    replies: std::collections::HashMap<String, CommandReply>,
+    /// Command id -> the command it carried (incident, actor, action) and the reply.
+    replies: std::collections::HashMap<String, (RecentCommand, CommandReply)>,
     order: std::collections::VecDeque<String>,
 }
 
+/// What makes a resend the same command: the same incident, actor and action.
+type RecentCommand = (IncidentId, Actor, domain::incident::Action);
+
+fn recent_command(command: &ConsoleCommand) -> RecentCommand {
+    (command.incident, command.actor, command.action.clone())
+}
+
 impl RecentReplies {
-    fn get(&self, command_id: &str) -> Option<CommandReply> {
-        self.replies.get(command_id).cloned()
+    /// The reply to a resend of `command`; a different command under a remembered id is
+    /// refused `command_id_reused`, as the store would.
+    fn get(&self, command_id: &str, command: &ConsoleCommand) -> Option<CommandReply> {
+        let (remembered, reply) = self.replies.get(command_id)?;
+        if *remembered == recent_command(command) {
+            Some(reply.clone())
+        } else {
+            Some(CommandReply::rejected(
+                "command_id_reused",
+                format!("command id {command_id} was already used for another command"),
+            ))
+        }
     }
 
-    fn remember(&mut self, command_id: String, reply: &CommandReply) {
+    fn remember(&mut self, command_id: String, command: &ConsoleCommand, reply: &CommandReply) {
         let reply = match reply.clone() {
             CommandReply::Accepted {
                 incident,
@@ -217,7 +235,11 @@ impl RecentReplies {
             CommandReply::Rejected { .. } => reply.clone(),
             CommandReply::Error { .. } => return,
         };
-        if self.replies.insert(command_id.clone(), reply).is_none() {
+        if self
+            .replies
+            .insert(command_id.clone(), (recent_command(command), reply))
+            .is_none()
+        {
             self.order.push_back(command_id);
         }
         while self.order.len() > RECENT_COMMANDS_MAX {
@@ -856,13 +878,13 @@ impl DispatchService {
         traceparent: String,
     ) -> CommandReply {
         if let Some(id) = &command.command_id
-            && let Some(reply) = self.recent.get(id)
+            && let Some(reply) = self.recent.get(id, &command)
         {
             return reply;
         }
         let reply = self.decide_and_append(&command, &traceparent).await;
-        if let Some(id) = command.command_id {
-            self.recent.remember(id, &reply);
+        if let Some(id) = &command.command_id {
+            self.recent.remember(id.clone(), &command, &reply);
         }
         reply
     }

@@ -413,6 +413,11 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
             serde_json::json!({"incident":fire.0,"actor":yingji,"command_id":"c1"}),
         ),
         (
+            "xiaofang reports with yingji's command id",
+            "report_to_whistle",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"command_id":"c1"}),
+        ),
+        (
             "yingji reports again",
             "report_to_whistle",
             serde_json::json!({"incident":fire.0,"actor":yingji}),
@@ -460,6 +465,7 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
         expect![[r#"
             yingji reports: accepted v5 dup=false incident.whistle_reported
             yingji reports again (same id): accepted v5 dup=true 
+            xiaofang reports with yingji's command id: rejected command_id_reused (command id c1 was already used for another command)
             yingji reports again: rejected already_reported_to_whistle (department yingji has already reported)
             xiaofang resolves first: rejected not_acknowledged (the handler has not acknowledged the case)
             xiaofang acknowledges: accepted v6 dup=false incident.acknowledged

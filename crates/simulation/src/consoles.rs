@@ -284,11 +284,14 @@ impl Consoles {
                 await_summoned_reports(client, plan, notification).await;
             }
             let mut body = json!({
+                // One id per recipient: two departments summoned by one whistle get the
+                // same notification kind at the same version.
                 "command_id": format!(
-                    "sim/{}/{}/{}/{}",
+                    "sim/{}/{}/{}/{}/{}",
                     notification.incident.simple(),
                     notification.kind,
                     notification.version,
+                    step.scope,
                     step.action
                 ),
                 "incident": notification.incident,
