@@ -1,6 +1,8 @@
 //! Catch-up subscriptions: a durable pull consumer with explicit acks, read in bounded
 //! batches, that survives the pull stream ending (`RequestLimitExceeded`, missed heartbeats)
-//! and server restarts by re-creating the stream or the consumer.
+//! and server restarts by re-creating the stream or the consumer. A consumer with one reader
+//! ([`Readers::One`]) is also *in order with nothing skipped*: what the server sent to a pull
+//! stream that broke is lost with it, and only a rewind brings it back before newer commits.
 
 use std::time::Duration;
 
