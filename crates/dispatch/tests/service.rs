@@ -496,25 +496,6 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     a.task.await.unwrap();
 }
 
-/// Pauses the private follower of `instance` on INCIDENTS: the instance then sees no commit
-/// through its subscription, as when its follower lags the stream.
-async fn pause_follower(client: &async_nats::Client, instance: &str) {
-    use futures::TryStreamExt as _;
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let stream = jetstream.get_stream("INCIDENTS").await.unwrap();
-    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
-    let follower = names
-        .iter()
-        .find(|name| name.starts_with(instance))
-        .unwrap_or_else(|| panic!("no follower of {instance} among {names:?}"));
-    let until = async_nats::datetime::add_std_duration(
-        async_nats::datetime::now(),
-        Duration::from_secs(600),
-    )
-    .unwrap();
-    stream.pause_consumer(follower, until).await.unwrap();
-}
-
 /// Decides `action` by `by` on the incident's stored state and appends it, as another
 /// dispatch instance would.
 async fn append_elsewhere(
@@ -569,7 +550,7 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     let fire = report_and_file(&store, 3, "0405", START).await;
     wait_version(&store, fire, 4).await;
     settle().await;
-    pause_follower(&client, "dispatch-lagging").await;
+    testkit::consumers::pause_follower(&client, "INCIDENTS", "dispatch-lagging").await;
     let xiaofang = actor(Role::Department("xiaofang".parse().unwrap()), 7);
     time.set(Timestamp(START.0 + 5 * MINUTE));
     append_elsewhere(&store, fire, xiaofang, Action::Acknowledge, time.now()).await;

@@ -327,32 +327,6 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
     third.shutdown().await;
 }
 
-/// Pauses the private follower of `instance` on GRIDS: from now on that instance sees no
-/// commit through its subscription, as when its follower lags the stream.
-async fn pause_follower(client: &async_nats::Client, instance: &str) {
-    use futures::TryStreamExt as _;
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let stream = jetstream.get_stream("GRIDS").await.expect("GRIDS");
-    let names: Vec<String> = stream
-        .consumer_names()
-        .try_collect()
-        .await
-        .expect("consumer names");
-    let follower = names
-        .iter()
-        .find(|name| name.starts_with(instance))
-        .unwrap_or_else(|| panic!("no follower of {instance} among {names:?}"));
-    let until = async_nats::datetime::add_std_duration(
-        async_nats::datetime::now(),
-        Duration::from_secs(600),
-    )
-    .expect("a time ten minutes ahead");
-    stream
-        .pause_consumer(follower, until)
-        .await
-        .expect("pause the follower");
-}
-
 /// A command decided on an instance whose follower lags the stream: another writer stored
 /// the community a moment ago. The instance must not refuse `not_registered`, nor answer a
 /// repeated command from its stale view: it reads the stream and decides again.
@@ -362,7 +336,7 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     let url = server.url();
     let client = connect(&url).await;
     let lagging = start(&url, "registry-lagging").await;
-    pause_follower(&client, "registry-lagging").await;
+    testkit::consumers::pause_follower(&client, "GRIDS", "registry-lagging").await;
     // Another instance registers the community: its commit goes straight to the stream.
     let store = store(&client).await;
     let parsed =

@@ -13,6 +13,8 @@
 //! and [`NatsServer::restart`] brings it back on the same ports and the same store.
 #![forbid(unsafe_code)]
 
+pub mod consumers;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
