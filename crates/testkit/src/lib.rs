@@ -10,7 +10,9 @@
 //! server is killed at once, and if the whole test process dies (a timeout, `kill -9`), the pipe
 //! closes, the watchdog wakes up and kills the server. Fault injection works on the server
 //! process itself: [`NatsServer::kill`] is `kill -9`, [`NatsServer::stop`] a graceful SIGTERM,
-//! and [`NatsServer::restart`] brings it back on the same ports and the same store.
+//! and [`NatsServer::restart`] brings it back on the same ports and the same store; a lagging
+//! service is made by pausing its follower with the server's consumer pause API
+//! ([`consumers::pause_follower`]).
 #![forbid(unsafe_code)]
 
 pub mod consumers;
