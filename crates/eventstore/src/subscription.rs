@@ -323,9 +323,9 @@ impl<C: EventCodec> Subscription<C> {
     }
 
     /// [`Readers::One`]: makes the consumer afresh after stream sequence `after`, so that
-    /// every later commit is delivered again in order (for a caller that found a commit
-    /// missing by its own check). Takes effect at the next [`Self::next`].
-    pub fn rewind(&mut self, after: u64) {
+    /// every later commit is delivered again in order. Takes effect at the next
+    /// [`Self::next`]; of two pending rewinds the earlier position wins.
+    fn rewind(&mut self, after: u64) {
         assert_eq!(
             self.config.readers,
             Readers::One,
@@ -337,7 +337,7 @@ impl<C: EventCodec> Subscription<C> {
         );
     }
 
-    /// How many times the consumer was made afresh after a lost delivery or a [`Self::rewind`].
+    /// How many times the consumer was made afresh after a lost delivery.
     pub fn rewinds(&self) -> u64 {
         self.rewinds
     }
