@@ -6,9 +6,12 @@
 //! the read models' totals must be identical: nothing lost, nothing applied twice. Every
 //! incident must end closed, or pending on a department that never answers.
 //!
-//! Determinism: incident ids are derived from submission ids; consoles start only after every
-//! receipt is in (so duplicate merges never race with closings); time runs at wall speed, so
-//! no deadline passes during the test and prompt consoles are never late.
+//! Determinism: incident ids are derived from submission ids, and an incident is named by the
+//! least id among itself and the reports merged into it (which of two duplicates intake sees
+//! first is timing); consoles start only after every receipt is in (so duplicate merges never
+//! race with closings); a handler resolves only after the summoned departments that answer have
+//! reported (`ConsolePlan::summons_wait`); time runs at wall speed, so no deadline passes
+//! during the test and prompt consoles are never late.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
