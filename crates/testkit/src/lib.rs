@@ -350,6 +350,27 @@ impl NatsServer {
         http_get_status(self.ports.monitor, "/healthz") == Some(200)
     }
 
+    /// True if this node leads the JetStream meta group and sees `peers` other nodes, each
+    /// online and current (`/jsz`, `meta_cluster`).
+    fn leads_meta_with_peers(&self, peers: usize) -> bool {
+        let Some(body) = http_get_body(self.ports.monitor, "/jsz") else {
+            return false;
+        };
+        let Ok(jsz) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return false;
+        };
+        let meta = &jsz["meta_cluster"];
+        if meta["leader"].as_str() != Some(self.name.as_str()) {
+            return false;
+        }
+        let replicas = meta["replicas"].as_array().map_or(&[][..], Vec::as_slice);
+        replicas.len() == peers
+            && replicas.iter().all(|replica| {
+                replica["current"].as_bool() == Some(true)
+                    && replica["offline"].as_bool() != Some(true)
+            })
+    }
+
     /// `nats://127.0.0.1:<port>` of this server.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.ports.client)
@@ -476,12 +497,38 @@ impl NatsCluster {
         Ok(cluster)
     }
 
-    /// Waits until every running node reports JetStream healthy (meta leader elected, caught up).
+    /// Waits until every running node reports JetStream healthy (meta leader elected, caught up)
+    /// and the meta leader sees every other running node online and current: before that, an
+    /// R3 stream or bucket may be refused "no suitable peers for placement".
     pub fn wait_healthy(&self) -> Result<(), TestkitError> {
         for node in self.nodes.iter().filter(|node| node.process.is_some()) {
             node.wait_ready(true)?;
         }
-        Ok(())
+        let running: Vec<&NatsServer> = self
+            .nodes
+            .iter()
+            .filter(|node| node.process.is_some())
+            .collect();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if running
+                .iter()
+                .any(|node| node.leads_meta_with_peers(running.len() - 1))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        let leader = running
+            .first()
+            .map_or_else(String::new, |node| node.name.clone());
+        Err(TestkitError::NotReady {
+            name: format!("meta group (as seen from {leader})"),
+            timeout: READY_TIMEOUT,
+            log_tail: running
+                .first()
+                .map_or_else(String::new, |node| node.log_tail(20)),
+        })
     }
 
     /// Comma-separated client URLs of all nodes, for `async_nats::connect`.
@@ -622,6 +669,20 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let mut status_line = String::new();
     BufReader::new(stream).read_line(&mut status_line).ok()?;
     status_line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The body of a small HTTP/1.0 GET on the monitoring port.
+fn http_get_body(port: u16, path: &str) -> Option<String> {
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1)? == "200").then(|| body.to_owned())
 }
 
 #[cfg(test)]
