@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 
 use crate::incident::{
-    DeadlineKind, Handler, IncidentEvent, Level, RejectReason, ReturnReason, RouteSource,
-    Satisfaction, WhistleCause,
+    Channel, DeadlineKind, Handler, IncidentEvent, Level, RejectReason, ReturnReason, RouteSource,
+    Satisfaction, SubmissionKind, WhistleCause,
 };
 use crate::routing::WhistleKind;
 
@@ -31,6 +31,32 @@ pub fn describe(event: &IncidentEvent) -> Description {
     let mut concerns = Vec::new();
     let mut reason = None;
     let (kind, summary) = match event {
+        IncidentEvent::SubmissionTaken {
+            submission_id,
+            kind,
+            channel,
+            occurred_at,
+            media,
+            respond_by,
+        } => (
+            "submission_taken",
+            format!(
+                "Submission {submission_id} taken: {} {}, occurred at {occurred_at}, \
+                 {media} media reference{}; response promised by {respond_by}",
+                match kind {
+                    SubmissionKind::Consultation => "a consultation",
+                    SubmissionKind::Suggestion => "a suggestion",
+                    SubmissionKind::ProblemReport => "a problem report",
+                    SubmissionKind::Complaint => "a complaint",
+                },
+                match channel {
+                    Channel::App => "from the resident app",
+                    Channel::Hotline => "from the 12345 hotline",
+                    Channel::Patrol => "from a grid worker on patrol",
+                },
+                if *media == 1 { "" } else { "s" },
+            ),
+        ),
         IncidentEvent::Reported {
             incident,
             position,

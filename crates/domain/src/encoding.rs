@@ -16,8 +16,8 @@ use crate::ids::{
     Actor, ActorId, CategoryCode, DepartmentId, GridCode, IncidentId, Role, Timestamp,
 };
 use crate::incident::{
-    DeadlineKind, Handler, IncidentEvent, Level, Position, RejectReason, ReturnReason, RouteSource,
-    Satisfaction, Summoned, WhistleCause,
+    Channel, DeadlineKind, Handler, IncidentEvent, Level, Position, RejectReason, ReturnReason,
+    RouteSource, Satisfaction, SubmissionKind, Summoned, WhistleCause,
 };
 use crate::routing::WhistleKind;
 
@@ -84,6 +84,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "incident.whistle_reported",
     "incident.whistle_report_missed",
     "incident.whistle_escalated",
+    "incident.submission_taken",
 ];
 
 /// Schema version 1: frozen. Never edit; add `v2` instead.
@@ -326,6 +327,29 @@ pub mod v1 {
         pub summoned: Vec<Summoned>,
         pub resolution_due_ms: Option<i64>,
     }
+    // Added after the first release (a new event type starts at v1; nothing above changed).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub enum SubmissionKind {
+        Consultation,
+        Suggestion,
+        ProblemReport,
+        Complaint,
+    }
+    #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub enum Channel {
+        App,
+        Hotline,
+        Patrol,
+    }
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub struct SubmissionTaken {
+        pub submission_id: String,
+        pub kind: SubmissionKind,
+        pub channel: Channel,
+        pub occurred_at_ms: i64,
+        pub media: u8,
+        pub respond_by_ms: i64,
+    }
 }
 
 macro_rules! same_enum {
@@ -369,6 +393,12 @@ same_enum!(
     [Satisfied, BasicallySatisfied, Unsatisfied]
 );
 same_enum!(DeadlineKind, v1::DeadlineKind, [Response, Resolution]);
+same_enum!(
+    SubmissionKind,
+    v1::SubmissionKind,
+    [Consultation, Suggestion, ProblemReport, Complaint]
+);
+same_enum!(Channel, v1::Channel, [App, Hotline, Patrol]);
 same_enum!(WhistleKind, v1::WhistleKind, [Routine, Tough, Emergency]);
 same_enum!(Level, v1::Level, [Grid, Community, Street, District, City]);
 
@@ -464,6 +494,7 @@ pub fn event_type(event: &IncidentEvent) -> &'static str {
         E::WhistleReported { .. } => "incident.whistle_reported",
         E::WhistleReportMissed { .. } => "incident.whistle_report_missed",
         E::WhistleEscalated { .. } => "incident.whistle_escalated",
+        E::SubmissionTaken { .. } => "incident.submission_taken",
     }
 }
 
@@ -744,6 +775,24 @@ pub fn encode_event(event: &IncidentEvent) -> EncodedEvent {
                 cause: (*cause).into(),
                 summoned: w_summoned(summoned),
                 resolution_due_ms: resolution_due.map(|t| t.0),
+            }),
+        ),
+        E::SubmissionTaken {
+            submission_id,
+            kind,
+            channel,
+            occurred_at,
+            media,
+            respond_by,
+        } => (
+            "incident.submission_taken",
+            postcard_bytes(&v1::SubmissionTaken {
+                submission_id: submission_id.clone(),
+                kind: (*kind).into(),
+                channel: (*channel).into(),
+                occurred_at_ms: occurred_at.0,
+                media: *media,
+                respond_by_ms: respond_by.0,
             }),
         ),
     };
@@ -1030,6 +1079,17 @@ impl Upcast<'_> {
                     cause: w.cause.into(),
                     summoned: self.summoned(w.summoned)?,
                     resolution_due: w.resolution_due_ms.map(Timestamp),
+                }
+            }
+            "incident.submission_taken" => {
+                let w: v1::SubmissionTaken = self.read(payload)?;
+                E::SubmissionTaken {
+                    submission_id: w.submission_id,
+                    kind: w.kind.into(),
+                    channel: w.channel.into(),
+                    occurred_at: Timestamp(w.occurred_at_ms),
+                    media: w.media,
+                    respond_by: Timestamp(w.respond_by_ms),
                 }
             }
             other => {

@@ -306,6 +306,26 @@ pub struct Due {
     pub missed: bool,
 }
 
+/// What the resident wants (the Sanming "single intake": 咨询、建议、问题反映、投诉).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum SubmissionKind {
+    Consultation,
+    Suggestion,
+    ProblemReport,
+    Complaint,
+}
+
+/// Where a submission came from.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum Channel {
+    /// The resident app (随手拍, snap-and-report).
+    App,
+    /// The 12345 hotline desk.
+    Hotline,
+    /// A grid worker on patrol.
+    Patrol,
+}
+
 /// Everything that happened to an incident. Stored (postcard, via [`crate::encoding`]).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum IncidentEvent {
@@ -439,6 +459,20 @@ pub enum IncidentEvent {
         cause: WhistleCause,
         summoned: Vec<Summoned>,
         resolution_due: Option<Timestamp>,
+    },
+    /// The submission a filing came from, as intake took it: the receipt the reporter got
+    /// (this incident, its grid from `Filed`, `respond_by`) and what an auditor needs. Stored in
+    /// the filing's own commit, so a filing is one stored message. Never contact details.
+    SubmissionTaken {
+        submission_id: String,
+        kind: SubmissionKind,
+        channel: Channel,
+        /// When the reporter says it happened.
+        occurred_at: Timestamp,
+        /// Media references the submission carried (the references stay with the reporter's app).
+        media: u8,
+        /// The expected response deadline the receipt promised.
+        respond_by: Timestamp,
     },
 }
 
@@ -681,6 +715,8 @@ impl IncidentState {
     pub fn apply(&mut self, event: &IncidentEvent) {
         use IncidentEvent as E;
         match event {
+            // The intake record of the filing: nothing the handlers act on.
+            E::SubmissionTaken { .. } => {}
             E::Reported { incident, by, .. } => {
                 self.status = Status::Reported;
                 self.incident = Some(*incident);

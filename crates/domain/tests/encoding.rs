@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use domain::encoding::{DecodeError, EVENT_TYPES, decode_event, encode_event};
 use domain::incident::{
-    DeadlineKind, Handler, IncidentEvent, Level, Position, RejectReason, ReturnReason, RouteSource,
-    Satisfaction, Summoned, WhistleCause,
+    Channel, DeadlineKind, Handler, IncidentEvent, Level, Position, RejectReason, ReturnReason,
+    RouteSource, Satisfaction, SubmissionKind, Summoned, WhistleCause,
 };
 use domain::routing::WhistleKind;
 use domain::{Actor, ActorId, Clock, IncidentId, Role, Timestamp};
@@ -173,6 +173,14 @@ fn samples() -> Vec<IncidentEvent> {
             cause: WhistleCause::ReportsMissed,
             summoned,
             resolution_due: None,
+        },
+        E::SubmissionTaken {
+            submission_id: "app-2026-0001".to_owned(),
+            kind: SubmissionKind::Complaint,
+            channel: Channel::Hotline,
+            occurred_at: t(-5),
+            media: 2,
+            respond_by: t(120),
         },
     ]
 }
