@@ -190,13 +190,12 @@ impl IntakeEvent {
                 grid_code,
                 respond_by_ms,
                 ..
-            } => Receipt::Filed {
-                submission_id: submission_id.clone(),
-                incident_id: *incident,
-                grid_code: grid_code.clone(),
-                respond_by: rfc3339(*respond_by_ms),
-                respond_by_ms: *respond_by_ms,
-            },
+            } => filed_receipt(
+                submission_id,
+                IncidentId(*incident),
+                grid_code.clone(),
+                *respond_by_ms,
+            ),
             IntakeEvent::Merged {
                 submission_id,
                 incident,
@@ -453,18 +452,36 @@ impl Core {
             reported_at_ms: commit.meta.occurred_at_ms,
             cell: None,
         });
+        let mut taken = None;
         for recorded in &commit.events {
-            if let IncidentEvent::Reported {
-                position: Some(position),
-                ..
-            } = &recorded.event
-            {
-                tracked.point = Some(from_e7(*position));
+            match &recorded.event {
+                IncidentEvent::Reported {
+                    position: Some(position),
+                    ..
+                } => tracked.point = Some(from_e7(*position)),
+                IncidentEvent::SubmissionTaken {
+                    submission_id,
+                    respond_by,
+                    ..
+                } => taken = Some((submission_id, *respond_by)),
+                _ => {}
             }
             tracked.state.apply(&recorded.event);
         }
         tracked.position = commit.position();
-        if tracked.state.is_terminal() {
+        // The filing's receipt lives in its commit: taking the commit in restores it.
+        let filed = taken.and_then(|(submission_id, respond_by)| {
+            let grid = tracked.state.grid?;
+            Some((
+                submission_id,
+                filed_receipt(submission_id, id, grid.to_string(), respond_by.0),
+            ))
+        });
+        let terminal = tracked.state.is_terminal();
+        if let Some((submission_id, receipt)) = filed {
+            self.remember(submission_id, receipt);
+        }
+        if terminal {
             self.forget(id);
         } else {
             self.index(id);
@@ -744,7 +761,17 @@ impl Core {
                 now,
                 policy,
             ) {
-                Ok(filed) => events.extend(filed),
+                Ok(filed) => {
+                    events.extend(filed);
+                    events.push(IncidentEvent::SubmissionTaken {
+                        submission_id: submission.submission_id.clone(),
+                        kind: submission.kind.into(),
+                        channel: submission.channel.into(),
+                        occurred_at: Timestamp(submission.occurred_at_ms),
+                        media,
+                        respond_by: Timestamp(respond_by),
+                    });
+                }
                 Err(Rejection::UnknownCategory(code)) => {
                     return reject(
                         self,
@@ -768,29 +795,100 @@ impl Core {
             self.index(own);
             events
         };
-        let event = IntakeEvent::Filed {
-            submission_id: submission.submission_id.clone(),
-            incident: own.0,
-            grid_code: grid.to_string(),
-            respond_by_ms: respond_by,
-            kind: submission.kind,
-            channel: submission.channel,
-            category: category.to_string(),
-            reporter: submission.reporter_id,
-            occurred_at_ms: submission.occurred_at_ms,
-            media,
-        };
-        let receipt = event.receipt();
+        let receipt = filed_receipt(&submission.submission_id, own, grid.to_string(), respond_by);
         self.remember(&submission.submission_id, receipt.clone());
+        // A fresh filing's receipt is its commit's `SubmissionTaken`: one stored message. Only
+        // an incident filed without one (by a version before it, its receipt lost in a crash)
+        // gets an INTAKE record now.
+        let record = events.is_empty().then(|| {
+            let event = IntakeEvent::Filed {
+                submission_id: submission.submission_id.clone(),
+                incident: own.0,
+                grid_code: grid.to_string(),
+                respond_by_ms: respond_by,
+                kind: submission.kind,
+                channel: submission.channel,
+                category: category.to_string(),
+                reporter: submission.reporter_id,
+                occurred_at_ms: submission.occurred_at_ms,
+                media,
+            };
+            (submission.submission_id.clone(), event)
+        });
         Plan {
             receipt,
-            record: Some((submission.submission_id.clone(), event)),
+            record,
             incident: (!events.is_empty()).then_some(IncidentWrite {
                 incident: own,
                 command_id,
                 events,
                 charged_reporter: already_filed.is_none().then_some(submission.reporter_id),
             }),
+        }
+    }
+}
+
+/// The receipt of a submission filed as `incident` in `grid`.
+pub fn filed_receipt(
+    submission_id: &str,
+    incident: IncidentId,
+    grid_code: String,
+    respond_by_ms: i64,
+) -> Receipt {
+    Receipt::Filed {
+        submission_id: submission_id.to_owned(),
+        incident_id: incident.0,
+        grid_code,
+        respond_by: rfc3339(respond_by_ms),
+        respond_by_ms,
+    }
+}
+
+/// The receipt of `submission_id` as an incident's history holds it (its filing commit's
+/// `SubmissionTaken`), if that history is the filing of that submission.
+pub fn receipt_in_history<'a>(
+    submission_id: &str,
+    incident: IncidentId,
+    events: impl IntoIterator<Item = &'a IncidentEvent>,
+) -> Option<Receipt> {
+    let mut grid = None;
+    let mut respond_by = None;
+    for event in events {
+        match event {
+            IncidentEvent::Filed { grid: filed, .. } => grid = grid.or(Some(*filed)),
+            IncidentEvent::SubmissionTaken {
+                submission_id: taken,
+                respond_by: due,
+                ..
+            } if taken == submission_id => respond_by = Some(*due),
+            _ => {}
+        }
+    }
+    Some(filed_receipt(
+        submission_id,
+        incident,
+        grid?.to_string(),
+        respond_by?.0,
+    ))
+}
+
+impl From<SubmissionKind> for incident::SubmissionKind {
+    fn from(kind: SubmissionKind) -> Self {
+        match kind {
+            SubmissionKind::Consultation => incident::SubmissionKind::Consultation,
+            SubmissionKind::Suggestion => incident::SubmissionKind::Suggestion,
+            SubmissionKind::ProblemReport => incident::SubmissionKind::ProblemReport,
+            SubmissionKind::Complaint => incident::SubmissionKind::Complaint,
+        }
+    }
+}
+
+impl From<Channel> for incident::Channel {
+    fn from(channel: Channel) -> Self {
+        match channel {
+            Channel::App => incident::Channel::App,
+            Channel::Hotline => incident::Channel::Hotline,
+            Channel::Patrol => incident::Channel::Patrol,
         }
     }
 }

@@ -24,7 +24,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
 
 use crate::core::{
-    Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, intake_aggregate, refusal_event,
+    Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, incident_id_for, intake_aggregate,
+    receipt_in_history, refusal_event,
 };
 use crate::decode::{Limits, decode_submission, is_valid_submission_id};
 use crate::status;
@@ -619,7 +620,7 @@ impl IntakeService {
                         self.locator.as_ref(),
                         &self.policy,
                     );
-                    if plan.record.is_some() {
+                    if plan.record.is_some() || plan.incident.is_some() {
                         planned_here.insert(submission_id, index);
                     }
                     plan
@@ -720,14 +721,17 @@ impl IntakeService {
         });
         let results = futures::future::join_all(appends).await;
         let mut reload = Vec::new();
+        let mut repeated = Vec::new();
         let mut conflicted = vec![false; plans.len()];
         for ((incident, indices), result) in chains.iter().zip(results) {
             match result {
                 Ok((_, true)) => {
                     // Part of the chain was already stored (a redelivered or resent submission
                     // whose first decision was stored before a crash or a lost reply): it was
-                    // announced then. Re-read the incident so memory matches the store.
+                    // announced then. Re-read the incident so memory matches the store, and
+                    // answer with the receipt the store holds.
                     reload.push(*incident);
+                    repeated.extend(indices.iter().copied());
                 }
                 Ok((position, false)) => {
                     self.config
@@ -790,6 +794,16 @@ impl IntakeService {
         }
         for incident in reload {
             self.reload(incident).await;
+        }
+        // A filing stored before (by an earlier attempt or another instance) may have promised
+        // a different `respond_by` (decided at another `now`): the stored filing commit wins.
+        for index in repeated {
+            if let Some(stored) = receipt_id(&plans[index].receipt)
+                .and_then(|id| self.core.receipt(&id))
+                .filter(|stored| matches!(stored, Receipt::Filed { .. }))
+            {
+                plans[index].receipt = stored.clone();
+            }
         }
         // Inputs to decide again: every conflicted one, and every input answered from one.
         let mut again = Vec::new();
@@ -871,6 +885,8 @@ impl IntakeService {
         }
     }
 
+    /// Finds a receipt no longer held in memory: a merge or refusal on INTAKE, or a filing in
+    /// the commit of the incident the submission id names.
     async fn look_up_receipt(&mut self, submission_id: &str) {
         let Ok(aggregate) = AggregateId::new(submission_id) else {
             return;
@@ -879,9 +895,23 @@ impl IntakeService {
             Ok(loaded) => {
                 if let Some(event) = loaded.events().next() {
                     self.core.remember(submission_id, event.receipt());
+                    return;
                 }
             }
-            Err(error) => warn!(%error, "look up an old receipt"),
+            Err(error) => {
+                warn!(%error, "look up an old receipt");
+                return;
+            }
+        }
+        let incident = incident_id_for(submission_id);
+        match self.incidents.load(&incident_aggregate(incident)).await {
+            Ok(loaded) => {
+                if let Some(receipt) = receipt_in_history(submission_id, incident, loaded.events())
+                {
+                    self.core.remember(submission_id, receipt);
+                }
+            }
+            Err(error) => warn!(%error, "look up an old filing"),
         }
     }
 

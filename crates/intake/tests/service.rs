@@ -274,8 +274,8 @@ async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
     );
     assert_eq!(
         stream_messages(&client, "INTAKE").await,
-        20,
-        "one receipt per submission"
+        0,
+        "a filing's receipt is in its incident commit, not a second message"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -298,13 +298,19 @@ async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
         ]],
     );
     second.shutdown().await;
-    // A restarted intake remembers receipts from the INTAKE stream.
-    let third = start_intake(&url, &stack.locator, config).await;
-    let reply = send(&client, "intake.request", again).await;
-    assert_eq!(reply["status"], "filed");
-    assert_eq!(stream_messages(&client, "INCIDENTS").await, 20);
-    assert_eq!(stream_messages(&client, "INTAKE").await, 20);
+    // A restarted intake takes the receipts back from the filing commits on INCIDENTS.
+    let third = start_intake(&url, &stack.locator, config.clone()).await;
+    let reply = send(&client, "intake.request", again.clone()).await;
+    assert_eq!(reply, replies[0]);
     third.shutdown().await;
+    // One that holds only 5 receipts in memory looks the evicted ones up in the store.
+    config.core.receipts_held_max = 5;
+    let fourth = start_intake(&url, &stack.locator, config).await;
+    let reply = send(&client, "intake.request", again).await;
+    assert_eq!(reply, replies[0]);
+    assert_eq!(stream_messages(&client, "INCIDENTS").await, 20);
+    assert_eq!(stream_messages(&client, "INTAKE").await, 0);
+    fourth.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
 
@@ -437,7 +443,7 @@ async fn rejections_merges_status_queries_and_erasure() {
     check(
         &serde_json::from_slice(&update.payload).expect("JSON"),
         expect![[
-            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":["incident.duplicate_merged"],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":3}"#
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":["incident.duplicate_merged"],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":4}"#
         ]],
     );
     // Another category at the same spot is a new incident.
@@ -460,7 +466,7 @@ async fn rejections_merges_status_queries_and_erasure() {
     check(
         &found["incident"],
         expect![[
-            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":[],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":3}"#
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":[],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":4}"#
         ]],
     );
     check(

@@ -250,7 +250,8 @@ async fn submit_phase(resident: &async_nats::Client, range: std::ops::Range<usiz
     }
 }
 
-/// What the log holds: receipts per submission, and per incident its commits' command ids.
+/// What the log holds: receipts per submission (INTAKE records and filing commits), and per
+/// incident its commits' command ids.
 #[derive(Debug, Default)]
 struct Ledger {
     receipts: BTreeMap<String, usize>,
@@ -302,6 +303,15 @@ async fn read_ledger(admin: &async_nats::Client) -> Result<Ledger, String> {
     .map_err(|error| error.to_string())?;
     incidents
         .replay(ReplayRange::default(), |commit| {
+            // A filing's receipt is the `SubmissionTaken` in its commit (merges and refusals
+            // are on INTAKE).
+            for recorded in &commit.events {
+                if let domain::incident::IncidentEvent::SubmissionTaken { submission_id, .. } =
+                    &recorded.event
+                {
+                    *ledger.receipts.entry(submission_id.clone()).or_default() += 1;
+                }
+            }
             if commit.command_id.starts_with("dispatch:") {
                 *ledger
                     .dispatchers
@@ -390,13 +400,33 @@ async fn settle(admin: &async_nats::Client, submissions: usize) -> Ledger {
             )
             .await
             .expect("INTAKE");
+            let incidents = EventStore::open_existing(
+                jetstream::new(admin.clone()),
+                StreamSpec::for_context(
+                    BoundedContext::Incidents,
+                    REPLICAS,
+                    Duration::from_secs(120),
+                ),
+                intake::IncidentCodec,
+            )
+            .await
+            .expect("INCIDENTS");
             let mut direct = Vec::new();
             for id in &missing {
+                // A merge or refusal is on INTAKE; a filing is the commit of its own incident.
                 let aggregate = eventstore::AggregateId::new(id.clone()).expect("aggregate");
-                direct.push(match intake.load(&aggregate).await {
-                    Ok(loaded) => format!("{id}: version {} in INTAKE", loaded.position.version),
-                    Err(error) => format!("{id}: {error}"),
-                });
+                let filing =
+                    eventstore::AggregateId::new(intake::incident_id_for(id).0.to_string())
+                        .expect("aggregate");
+                let on_intake = match intake.load(&aggregate).await {
+                    Ok(loaded) => format!("version {} in INTAKE", loaded.position.version),
+                    Err(error) => error.to_string(),
+                };
+                let on_incidents = match incidents.load(&filing).await {
+                    Ok(loaded) => format!("version {} in INCIDENTS", loaded.position.version),
+                    Err(error) => error.to_string(),
+                };
+                direct.push(format!("{id}: {on_intake}; {on_incidents}"));
             }
             panic!(
                 "pipeline did not settle: {} receipts of {submissions} (missing {missing:?}, \

@@ -1,0 +1,137 @@
+//! Intake's decisions, pure: given a core's state, when a submission is planned, then the
+//! writes the shell must store and the receipt it must answer.
+
+use domain::{GridCode, Policy, Timestamp};
+use expect_test::{Expect, expect};
+use intake::core::{Locate, Located, receipt_in_history};
+use intake::decode::Place;
+use intake::{Core, CoreConfig, Limits, decode_submission, incident_id_for};
+use serde_json::json;
+
+/// Every point is in one grid of a Sanming street that has routes.
+struct OneGrid;
+
+impl Locate for OneGrid {
+    fn locate(&self, place: &Place) -> Located {
+        match place {
+            Place::Point { lon, lat } => Located::Grid {
+                grid: "350402001001001".parse::<GridCode>().expect("grid code"),
+                point: Some((*lon, *lat)),
+            },
+            Place::Building(id) => Located::UnknownBuilding(format!("no building {id}")),
+        }
+    }
+}
+
+fn submission(id: &str, lon: f64, reporter: u8) -> Vec<u8> {
+    json!({
+        "submission_id": id,
+        "kind": "complaint",
+        "category": "0101",
+        "location": {"point": {"lon": lon, "lat": 26.26}},
+        "description": "垃圾桶满溢 overflowing bin",
+        "media": [],
+        "channel": "hotline",
+        "reporter_id": format!("7d3f1c2e-0000-4000-8000-{reporter:012}"),
+        "occurred_at": "2026-11-20T08:30:00+08:00"
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Plans each submission in turn on one core (at `now`, one minute apart) and renders, per
+/// submission: the receipt, the INTAKE record if any, and the incident write's event types.
+fn check(given: &[Vec<u8>], expect: Expect) {
+    let policy = Policy::embedded("sanming").expect("sanming policy");
+    let mut core = Core::new(CoreConfig::default());
+    let mut out = String::new();
+    let start = Timestamp(1_795_000_000_000);
+    for (index, payload) in given.iter().enumerate() {
+        let now = start.plus_minutes(u32::try_from(index).expect("few"));
+        let valid = decode_submission(payload, None, &Limits::default(), &policy.taxonomy)
+            .expect("a valid submission");
+        let submission_id = valid.submission_id.clone();
+        let plan = core.plan(valid, payload, now, &OneGrid, &policy);
+        let receipt = serde_json::to_value(&plan.receipt).expect("JSON");
+        out.push_str(&format!(
+            "{submission_id}: {} {}\n",
+            receipt["status"], receipt["incident_id"]
+        ));
+        match &plan.record {
+            Some((aggregate, event)) => {
+                let kind = serde_json::to_value(event.receipt()).expect("JSON");
+                out.push_str(&format!("  INTAKE {aggregate}: {}\n", kind["status"]));
+            }
+            None => out.push_str("  INTAKE: nothing\n"),
+        }
+        if let Some(write) = &plan.incident {
+            let types: Vec<&str> = write
+                .events
+                .iter()
+                .map(domain::encoding::event_type)
+                .collect();
+            out.push_str(&format!(
+                "  INCIDENTS {}: {}\n",
+                write.incident,
+                types.join(", ")
+            ));
+            // The filing commit alone gives back the receipt the reporter got.
+            if write.incident == incident_id_for(&submission_id) {
+                let rebuilt = receipt_in_history(&submission_id, write.incident, &write.events);
+                assert_eq!(rebuilt.as_ref(), Some(&plan.receipt), "{submission_id}");
+            }
+        }
+    }
+    expect.assert_eq(&out);
+}
+
+#[test]
+fn a_filing_is_one_commit_that_holds_its_receipt() {
+    check(
+        &[submission("file-0001", 117.63, 1)],
+        expect![[r#"
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+        "#]],
+    );
+}
+
+#[test]
+fn a_resubmission_returns_the_receipt_and_writes_nothing() {
+    check(
+        &[
+            submission("file-0001", 117.63, 1),
+            submission("file-0001", 117.63, 1),
+        ],
+        expect![[r#"
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+        "#]],
+    );
+}
+
+#[test]
+fn a_duplicate_is_merged_and_recorded_on_intake() {
+    check(
+        &[
+            submission("file-0001", 117.63, 1),
+            submission("file-0002", 117.63001, 2),
+            // The same reporter again: already on the incident, nothing more to write.
+            submission("file-0003", 117.63001, 2),
+        ],
+        expect![[r#"
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+            file-0002: "merged" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE file-0002: "merged"
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.duplicate_merged
+            file-0003: "merged" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE file-0003: "merged"
+        "#]],
+    );
+}
