@@ -660,19 +660,16 @@ fn reap(mut running: Running) {
 
 /// A minimal HTTP/1.0 GET on loopback returning the status code; enough for `/healthz`.
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut status_line = String::new();
-    BufReader::new(stream).read_line(&mut status_line).ok()?;
-    status_line.split_whitespace().nth(1)?.parse().ok()
+    http_get(port, path).map(|(status, _)| status)
 }
 
-/// The body of a small HTTP/1.0 GET on the monitoring port.
+/// The body of a small HTTP/1.0 GET on the monitoring port, if it answered 200.
 fn http_get_body(port: u16, path: &str) -> Option<String> {
+    http_get(port, path).and_then(|(status, body)| (status == 200).then_some(body))
+}
+
+/// Status and body of a small HTTP/1.0 GET on the monitoring port.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
     stream
@@ -682,7 +679,8 @@ fn http_get_body(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    (head.split_whitespace().nth(1)? == "200").then(|| body.to_owned())
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 #[cfg(test)]
