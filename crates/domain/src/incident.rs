@@ -71,6 +71,8 @@ use crate::taxonomy::HandlingLevel;
 pub const DESCRIPTION_BYTES_MAX: usize = 16_000;
 /// Longest note or reason text, in bytes.
 pub const NOTE_BYTES_MAX: usize = 1_000;
+/// Longest submission id kept with a filing, in bytes (intake accepts 8–64 ASCII characters).
+pub const SUBMISSION_ID_BYTES_MAX: usize = 64;
 /// Most additional reporters merged into one incident.
 pub const CO_REPORTERS_MAX: usize = 16;
 /// Most summons one whistle keeps in the state. Beyond it, summons that already reported
@@ -543,6 +545,16 @@ pub enum Action {
     ReportToWhistle,
     /// Sent by the shell when [`next_deadline`] has passed.
     DeadlineElapsed,
+    /// Intake keeps, in the filing's own commit, the submission the incident was filed from
+    /// and the response deadline its receipt promised (System only, right after `File`).
+    TakeSubmission {
+        submission_id: String,
+        kind: SubmissionKind,
+        channel: Channel,
+        occurred_at: Timestamp,
+        media: u8,
+        respond_by: Timestamp,
+    },
 }
 
 impl Action {
@@ -568,6 +580,7 @@ impl Action {
             Action::DeclareBeyondPowers { .. } => "declare_beyond_powers",
             Action::ReportToWhistle => "report_to_whistle",
             Action::DeadlineElapsed => "deadline_elapsed",
+            Action::TakeSubmission { .. } => "take_submission",
         }
     }
 }
@@ -1235,6 +1248,31 @@ impl Decision<'_> {
                     grid,
                     category,
                     emergency,
+                });
+            }
+            Action::TakeSubmission {
+                submission_id,
+                kind,
+                channel,
+                occurred_at,
+                media,
+                respond_by,
+            } => {
+                self.require_status(command, &[S::Filed])?;
+                self.require_role(command, &[R::System])?;
+                if submission_id.trim().is_empty() {
+                    return Err(Rejection::EmptyText {
+                        field: "submission_id",
+                    });
+                }
+                check_text("submission_id", &submission_id, SUBMISSION_ID_BYTES_MAX)?;
+                self.emit(IncidentEvent::SubmissionTaken {
+                    submission_id,
+                    kind,
+                    channel,
+                    occurred_at,
+                    media,
+                    respond_by,
                 });
             }
             Action::RejectReport { reason, note } => {

@@ -5,8 +5,8 @@
 //! through the same decider ([`Story`]), so a given is always a history the system could write.
 
 use domain::incident::{
-    Action, DeadlineKind, Handler, IncidentCommand, IncidentEvent, IncidentState, Position,
-    RejectReason, ReturnReason, Satisfaction, decide, next_deadline,
+    Action, Channel, DeadlineKind, Handler, IncidentCommand, IncidentEvent, IncidentState,
+    Position, RejectReason, ReturnReason, Satisfaction, SubmissionKind, decide, next_deadline,
 };
 use domain::{
     Actor, ActorId, CategoryCode, DepartmentId, GridCode, IncidentId, Policy, Role, Timestamp,
@@ -355,6 +355,66 @@ fn report_and_file() {
         rejected: reject_report is not possible while the incident is Filed
           InvalidTransition { command: "reject_report", status: Filed }
     "#]],
+    );
+}
+
+fn take_submission(submission_id: &str) -> Action {
+    Action::TakeSubmission {
+        submission_id: submission_id.to_owned(),
+        kind: SubmissionKind::Complaint,
+        channel: Channel::Hotline,
+        occurred_at: Timestamp(1_795_000_000_000),
+        media: 2,
+        respond_by: Timestamp(1_795_007_200_000),
+    }
+}
+
+#[test]
+fn take_submission_right_after_filing() {
+    let filed = Story::filed("1201").events;
+    check(
+        &filed,
+        system(),
+        take_submission("hotline-0001"),
+        expect![[r#"
+            SubmissionTaken { submission_id: "hotline-0001", kind: Complaint, channel: Hotline, occurred_at: 2026-11-18 19:06, media: 2, respond_by: 2026-11-18 21:06 }
+        "#]],
+    );
+    check(
+        &filed,
+        community(),
+        take_submission("hotline-0001"),
+        expect![[r#"
+            rejected: role community may not take_submission
+              Forbidden { command: "take_submission", role: Community }
+        "#]],
+    );
+    check(
+        &Story::reported().events,
+        system(),
+        take_submission("hotline-0001"),
+        expect![[r#"
+            rejected: take_submission is not possible while the incident is Reported
+              InvalidTransition { command: "take_submission", status: Reported }
+        "#]],
+    );
+    check(
+        &filed,
+        system(),
+        take_submission(" "),
+        expect![[r#"
+        rejected: submission_id must not be empty
+          EmptyText { field: "submission_id" }
+    "#]],
+    );
+    check(
+        &filed,
+        system(),
+        take_submission(&"x".repeat(65)),
+        expect![[r#"
+            rejected: submission_id is 65 bytes, more than 64
+              TextTooLong { field: "submission_id", bytes: 65, max: 64 }
+        "#]],
     );
 }
 

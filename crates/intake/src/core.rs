@@ -761,17 +761,7 @@ impl Core {
                 now,
                 policy,
             ) {
-                Ok(filed) => {
-                    events.extend(filed);
-                    events.push(IncidentEvent::SubmissionTaken {
-                        submission_id: submission.submission_id.clone(),
-                        kind: submission.kind.into(),
-                        channel: submission.channel.into(),
-                        occurred_at: Timestamp(submission.occurred_at_ms),
-                        media,
-                        respond_by: Timestamp(respond_by),
-                    });
-                }
+                Ok(filed) => events.extend(filed),
                 Err(Rejection::UnknownCategory(code)) => {
                     return reject(
                         self,
@@ -779,6 +769,26 @@ impl Core {
                         Rejection::UnknownCategory(code).to_string(),
                     );
                 }
+                Err(rejection) => return reject(self, ReasonCode::Refused, rejection.to_string()),
+            }
+            // The filing commit keeps the submission and the promised deadline: it is the
+            // receipt.
+            let state = IncidentState::from_events(&events);
+            match decide_on(
+                &state,
+                system_actor(),
+                Action::TakeSubmission {
+                    submission_id: submission.submission_id.clone(),
+                    kind: submission.kind.into(),
+                    channel: submission.channel.into(),
+                    occurred_at: Timestamp(submission.occurred_at_ms),
+                    media,
+                    respond_by: Timestamp(respond_by),
+                },
+                now,
+                policy,
+            ) {
+                Ok(taken) => events.extend(taken),
                 Err(rejection) => return reject(self, ReasonCode::Refused, rejection.to_string()),
             }
             let state = IncidentState::from_events(&events);
