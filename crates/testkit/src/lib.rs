@@ -501,14 +501,17 @@ impl NatsCluster {
     /// and the meta leader sees every other running node online and current: before that, an
     /// R3 stream or bucket may be refused "no suitable peers for placement".
     pub fn wait_healthy(&self) -> Result<(), TestkitError> {
-        for node in self.nodes.iter().filter(|node| node.process.is_some()) {
-            node.wait_ready(true)?;
-        }
         let running: Vec<&NatsServer> = self
             .nodes
             .iter()
             .filter(|node| node.process.is_some())
             .collect();
+        for node in &running {
+            node.wait_ready(true)?;
+        }
+        let Some(first) = running.first() else {
+            return Ok(());
+        };
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             if running
@@ -519,15 +522,13 @@ impl NatsCluster {
             }
             std::thread::sleep(POLL_INTERVAL);
         }
-        let leader = running
-            .first()
-            .map_or_else(String::new, |node| node.name.clone());
         Err(TestkitError::NotReady {
-            name: format!("meta group (as seen from {leader})"),
+            name: format!(
+                "meta group (no leader seeing every peer; log of {})",
+                first.name
+            ),
             timeout: READY_TIMEOUT,
-            log_tail: running
-                .first()
-                .map_or_else(String::new, |node| node.log_tail(20)),
+            log_tail: first.log_tail(20),
         })
     }
 
