@@ -35,14 +35,26 @@ use crate::wire::{self, EraseContact, EraseReply, IncidentQuery, IncidentQueryRe
 pub type IntakeCodec = PostcardCodec<IntakeEvent>;
 /// Event type of INTAKE records.
 pub const INTAKE_EVENT_TYPE: &str = "intake.submission";
-/// Submissions taken from the stream (or requests) per batch.
+/// Submissions (durable or requests) decided and stored as one batch.
 pub const SUBMISSION_BATCH_MAX: usize = 512;
+/// Submissions read at once from the stream or the request subscription; under load a batch
+/// is filled with several chunks (see [`BATCH_FILL_FROM`]).
+pub const SUBMISSION_CHUNK_MAX: usize = 128;
+const _: () = assert!(SUBMISSION_CHUNK_MAX <= SUBMISSION_BATCH_MAX);
 /// Unacknowledged submissions the server lets the intake consumer have out.
 pub const SUBMISSIONS_ACK_PENDING_MAX: i64 = 4_096;
 /// How long the server waits for an ack before redelivering a submission.
 pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Delay before a submission whose decision could not be stored is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(1);
+/// A batch that arrives while more inputs are on their way (durable: the consumer reports
+/// submissions pending; request/reply: the batch is at least [`BATCH_FILL_FROM`] long) waits
+/// up to `ServiceConfig::batch_fill_wait` for more, up to [`SUBMISSION_BATCH_MAX`]. Under
+/// load, fewer and larger batches store more submissions per second (their appends share the
+/// round trips); a lone submission never waits.
+pub const BATCH_FILL_FROM: usize = 16;
+/// Default of `ServiceConfig::batch_fill_wait`.
+pub const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
 /// How long unprocessed submissions are kept (work-queue retention removes them on ack).
 pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The server drops the private follower consumer of a crashed instance after this.
@@ -71,6 +83,9 @@ pub struct ServiceConfig {
     pub duplicate_window: Duration,
     /// KV bucket with reporters' contact details (erasable).
     pub contacts_bucket: String,
+    /// Longest wait for a batch to fill under load (see [`BATCH_FILL_FROM`]); zero never
+    /// waits.
+    pub batch_fill_wait: Duration,
     /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
     pub observer: observe::Observer,
 }
@@ -87,6 +102,7 @@ impl Default for ServiceConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             contacts_bucket: "INTAKE_CONTACTS".to_owned(),
+            batch_fill_wait: BATCH_FILL_WAIT,
             observer: observe::Observer::disabled(),
         }
     }
@@ -370,7 +386,7 @@ impl IntakeService {
         .await
         .map_err(|error| subscribe_error("$SRV", error.to_string()))?;
         let queries = futures::stream::select_all(endpoints.split_off(1));
-        let requests = Box::pin(endpoints.remove(0).ready_chunks(SUBMISSION_BATCH_MAX));
+        let requests = Box::pin(endpoints.remove(0).ready_chunks(SUBMISSION_CHUNK_MAX));
         config
             .observer
             .metrics()
@@ -418,7 +434,7 @@ impl IntakeService {
             .await
         {
             Ok(messages) => {
-                self.submissions = Some(Box::pin(messages.ready_chunks(SUBMISSION_BATCH_MAX)));
+                self.submissions = Some(Box::pin(messages.ready_chunks(SUBMISSION_CHUNK_MAX)));
                 Some(())
             }
             Err(error) => {
@@ -451,13 +467,23 @@ impl IntakeService {
                     }
                 }
                 batch = submissions.next() => match batch {
-                    Some(batch) => self.on_submissions(batch).await,
+                    Some(mut batch) => {
+                        if submissions_pending(&batch) {
+                            let wait = self.config.batch_fill_wait;
+                            fill_batch(&mut batch, submissions, wait).await;
+                        }
+                        self.on_submissions(batch).await;
+                    }
                     None => {
                         self.submissions = None;
                         tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
                     }
                 },
-                Some(batch) = self.requests.next() => {
+                Some(mut batch) = self.requests.next() => {
+                    if batch.len() >= BATCH_FILL_FROM {
+                        let wait = self.config.batch_fill_wait;
+                        fill_batch(&mut batch, &mut self.requests, wait).await;
+                    }
                     let inputs = batch.into_iter().map(request_input).collect();
                     self.decide_and_store(inputs).await;
                 }
@@ -477,6 +503,10 @@ impl IntakeService {
     async fn stop(mut self) {
         // Stop taking requests (unsubscribe); answer the ones already delivered to us.
         self.config.observer.set_stopping();
+        // Stop pulling submissions: the unsubscribe reaches the server with the flush below,
+        // so that no submission is delivered to this instance's pull request once it is gone
+        // (it would wait `SUBMISSION_ACK_WAIT` for redelivery).
+        self.submissions = None;
         if let Err(error) = Pin::get_mut(self.requests.as_mut()).get_mut().stop().await {
             warn!(%error, "stop the submit endpoint");
         }
@@ -558,6 +588,10 @@ impl IntakeService {
     /// times; after that a request is answered `unavailable` and a durable submission is
     /// redelivered later.
     async fn decide_and_store(&mut self, mut inputs: Vec<Input>) {
+        assert!(
+            inputs.len() <= SUBMISSION_BATCH_MAX,
+            "batch over SUBMISSION_BATCH_MAX"
+        );
         for retry in 0..=CONFLICT_RETRIES_MAX {
             let retry_allowed = retry < CONFLICT_RETRIES_MAX;
             inputs = self.decide_and_store_once(inputs, retry_allowed).await;
@@ -1099,6 +1133,39 @@ impl IntakeService {
     }
 }
 
+/// Whether the consumer reported more submissions waiting when it delivered the last of
+/// `batch`.
+fn submissions_pending(
+    batch: &[Result<jetstream::Message, consumer::pull::MessagesError>],
+) -> bool {
+    batch
+        .iter()
+        .rev()
+        .find_map(|item| item.as_ref().ok())
+        .and_then(|message| message.info().ok())
+        .is_some_and(|info| info.pending > 0)
+}
+
+/// Adds the chunks (of at most [`SUBMISSION_CHUNK_MAX`]) that `chunks` yields within `wait`
+/// to `batch` while one more fits in [`SUBMISSION_BATCH_MAX`]. Returns early when `chunks`
+/// ends; the caller polls it again and sees the end.
+async fn fill_batch<T, S>(batch: &mut Vec<T>, chunks: &mut S, wait: Duration)
+where
+    S: futures::Stream<Item = Vec<T>> + Unpin,
+{
+    if wait.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() + SUBMISSION_CHUNK_MAX <= SUBMISSION_BATCH_MAX {
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(more)) => batch.extend(more),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    debug_assert!(batch.len() <= SUBMISSION_BATCH_MAX);
+}
+
 /// The metric outcome of a receipt: `accepted` (filed or merged), `rejected`, `error`.
 fn receipt_outcome(receipt: &Receipt) -> &'static str {
     match receipt {
@@ -1335,5 +1402,67 @@ impl Finish {
             "batch answered"
         );
         fixes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills `first` from `chunks` (each ready at once) with `wait`; returns the batch length
+    /// and how many chunks were left unread.
+    fn check(first: usize, chunks: &[usize], wait: Duration) -> (usize, usize) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut batch = vec![0u8; first];
+            let mut stream = futures::stream::iter(
+                chunks
+                    .iter()
+                    .map(|length| vec![0u8; *length])
+                    .collect::<Vec<_>>(),
+            );
+            fill_batch(&mut batch, &mut stream, wait).await;
+            (batch.len(), stream.count().await)
+        })
+    }
+
+    #[test]
+    fn a_batch_fills_while_a_whole_chunk_fits() {
+        let wait = Duration::from_millis(50);
+        // 16 + 128 + 128 + 128 = 400; one more chunk of up to 128 would fit no more.
+        assert_eq!(check(16, &[128, 128, 128, 128], wait), (400, 1));
+        // Small chunks: taken until a whole chunk no longer fits under the bound.
+        assert_eq!(check(380, &[5, 5, 5, 5], wait), (385, 3));
+        // The stream ends: what it had is taken, nothing waits.
+        assert_eq!(check(16, &[10, 20], wait), (46, 0));
+        // No wait: nothing is added.
+        assert_eq!(check(16, &[10, 20], Duration::ZERO), (16, 2));
+    }
+
+    #[test]
+    fn a_batch_waits_no_longer_than_told() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut batch = vec![0u8; 16];
+            let mut silent = futures::stream::pending::<Vec<u8>>();
+            let started = tokio::time::Instant::now();
+            fill_batch(&mut batch, &mut silent, Duration::from_millis(20)).await;
+            assert_eq!(batch.len(), 16);
+            assert!(started.elapsed() >= Duration::from_millis(20));
+        });
+    }
+
+    #[test]
+    fn a_batch_never_exceeds_its_bound() {
+        for first in [0, 1, 127, 128, 384, 385, 512] {
+            let (length, _) = check(first, &[128; 8], Duration::from_millis(50));
+            assert!(length <= SUBMISSION_BATCH_MAX, "{first} → {length}");
+        }
     }
 }

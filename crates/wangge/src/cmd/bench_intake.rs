@@ -33,6 +33,10 @@ pub struct BenchIntakeArgs {
     /// Sequential submissions for p50/p99 latency.
     #[arg(long, default_value_t = LATENCY_SAMPLES_DEFAULT)]
     latency_samples: usize,
+    /// Intake's longest wait (milliseconds) for a batch to fill under load (as in
+    /// `wangge serve intake`); 0 decides every batch as it arrives.
+    #[arg(long, default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64)]
+    batch_fill_wait_ms: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -45,6 +49,10 @@ struct IntakeFigures {
     filed_per_s: f64,
     raw_publish_per_s: f64,
     ratio: f64,
+    /// The request/reply path: submissions answered "filed" per second (each answer is sent
+    /// after its incident commit is stored), against the same raw figure.
+    request_filed_per_s: f64,
+    request_ratio: f64,
     p50_ms: f64,
     p99_ms: f64,
     latency_samples: usize,
@@ -190,6 +198,41 @@ pub(crate) async fn publish_all(
     Ok(())
 }
 
+/// Sends every payload as a submit request, `PUBLISHES_IN_FLIGHT_MAX` outstanding; counts
+/// the answers by `status`.
+async fn request_all(
+    client: &async_nats::Client,
+    payloads: &[bytes::Bytes],
+) -> anyhow::Result<HashMap<String, usize>> {
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut count = |reply: async_nats::Message| {
+        let receipt: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        *outcomes
+            .entry(receipt["status"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    };
+    for payload in payloads {
+        if pending.len() >= PUBLISHES_IN_FLIGHT_MAX
+            && let Some(reply) = pending.next().await
+        {
+            count(reply?);
+        }
+        let client = client.clone();
+        let payload = payload.clone();
+        pending.push(async move {
+            client
+                .request(intake::wire::SUBJECT_REQUEST, payload)
+                .await
+                .context("submit request")
+        });
+    }
+    while let Some(reply) = pending.next().await {
+        count(reply?);
+    }
+    Ok(outcomes)
+}
+
 async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
     let server = testkit::NatsServer::start().context("start a private nats-server")?;
     let binary = testkit::nats_server_binary().context("find nats-server")?;
@@ -248,6 +291,7 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
     .context("open INTAKE")?;
     let mut config = intake::ServiceConfig::default();
     config.core.dedup_radius_m = 0.0;
+    config.batch_fill_wait = Duration::from_millis(args.batch_fill_wait_ms);
     let service = intake::IntakeService::start(
         client.clone(),
         incidents,
@@ -302,6 +346,26 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
         published.as_secs_f64()
     );
 
+    // The request/reply path: the same kind of payloads, answered after the incident commit
+    // is stored; no submission is stored on SUBMISSIONS.
+    let request_payloads: Vec<bytes::Bytes> = (0..args.submissions)
+        // Indices after the durable and latency ones: other points and reporters, so that
+        // nothing merges into the incidents filed before.
+        .map(|index| {
+            submission(args.submissions + args.latency_samples + index, "request")
+                .to_string()
+                .into()
+        })
+        .collect();
+    let started = Instant::now();
+    let request_outcomes = request_all(&client, &request_payloads).await?;
+    let request_filed_per_s = args.submissions as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        request_outcomes.get("filed") == Some(&args.submissions),
+        "not all requests filed: {request_outcomes:?}"
+    );
+    eprintln!("  intake filed by request/reply: {request_filed_per_s:.0}/s");
+
     // Latency: one durable submission at a time, publish → receipt announced (its incident
     // commit and receipt stored).
     let mut latency_receipts = client
@@ -348,16 +412,20 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
         filed_per_s,
         raw_publish_per_s,
         ratio: filed_per_s / raw_publish_per_s,
+        request_filed_per_s,
+        request_ratio: request_filed_per_s / raw_publish_per_s,
         p50_ms: percentile(0.50),
         p99_ms: percentile(0.99),
         latency_samples: latencies.len(),
         nats_server: binary.display().to_string(),
     };
     eprintln!(
-        "filed {:.0}/s vs raw {:.0}/s, ratio {:.2} (target >= 0.35); durable latency p50 {:.2} ms, p99 {:.2} ms",
+        "filed {:.0}/s vs raw {:.0}/s, ratio {:.2} (target >= 0.35); request/reply {:.0}/s, ratio {:.2}; durable latency p50 {:.2} ms, p99 {:.2} ms",
         figures.filed_per_s,
         figures.raw_publish_per_s,
         figures.ratio,
+        figures.request_filed_per_s,
+        figures.request_ratio,
         figures.p50_ms,
         figures.p99_ms
     );

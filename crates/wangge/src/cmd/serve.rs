@@ -448,6 +448,11 @@ pub struct IntakeArgs {
     /// Seconds for one more submission to be allowed after the burst (rate limit).
     #[arg(long, default_value_t = intake::core::RATE_REFILL_MS / 1000)]
     pub rate_refill_seconds: i64,
+    /// Under load, the longest wait (milliseconds) for a batch of submissions to fill before
+    /// it is decided and stored; larger batches store more per second. 0 never waits. A lone
+    /// submission never waits.
+    #[arg(long, default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64)]
+    pub batch_fill_wait_ms: u64,
 }
 
 fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
@@ -511,6 +516,7 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
             queue_group: args.queue_group,
             replicas: settings.store.replicas,
             duplicate_window: Duration::from_secs(settings.store.duplicate_window_seconds),
+            batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
             core: intake::CoreConfig {
                 dedup_radius_m: args.dedup_radius_m,
                 dedup_window_ms: args.dedup_window_minutes.saturating_mul(60_000),
