@@ -47,11 +47,10 @@ pub const SUBMISSIONS_ACK_PENDING_MAX: i64 = 4_096;
 pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Delay before a submission whose decision could not be stored is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(1);
-/// A batch that arrives while more inputs are on their way (durable: the consumer reports
-/// submissions pending; request/reply: the batch is at least [`BATCH_FILL_FROM`] long) waits
-/// up to `ServiceConfig::batch_fill_wait` for more, up to [`SUBMISSION_BATCH_MAX`]. Under
-/// load, fewer and larger batches store more submissions per second (their appends share the
-/// round trips); a lone submission never waits.
+/// A chunk of at least this many inputs (under load; durable: with more submissions pending
+/// on the consumer) waits up to `ServiceConfig::batch_fill_wait` for more, up to
+/// [`SUBMISSION_BATCH_MAX`]. Fewer and larger batches store more submissions per second
+/// (their appends share the round trips); at a low rate nothing waits.
 pub const BATCH_FILL_FROM: usize = 16;
 /// Default of `ServiceConfig::batch_fill_wait`.
 pub const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
@@ -468,7 +467,7 @@ impl IntakeService {
                 }
                 batch = submissions.next() => match batch {
                     Some(mut batch) => {
-                        if submissions_pending(&batch) {
+                        if batch.len() >= BATCH_FILL_FROM && submissions_pending(&batch) {
                             let wait = self.config.batch_fill_wait;
                             fill_batch(&mut batch, submissions, wait).await;
                         }
