@@ -55,6 +55,13 @@ pub const NOTIFY_BATCH_MAX: usize = 256;
 const SNAPSHOT_SHARD_PAUSE: Duration = Duration::from_millis(10);
 /// INCIDENTS deliveries folded in one turn of the loop (the ones already buffered).
 pub const DELIVERIES_PER_TURN_MAX: usize = 256;
+/// Under load (a turn that found at least this many deliveries buffered), the turn waits up
+/// to [`DELIVERIES_FILL_WAIT`] for more, up to [`DELIVERIES_PER_TURN_MAX`], so that the
+/// incidents filed in it are dispatched as one larger batch (their appends share the round
+/// trips). A lone delivery never waits.
+pub const DELIVERIES_FILL_FROM: usize = 16;
+/// See [`DELIVERIES_FILL_FROM`].
+pub const DELIVERIES_FILL_WAIT: Duration = Duration::from_millis(2);
 /// Decide-append rounds for one console command when other writers keep winning the race.
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
@@ -537,17 +544,30 @@ impl DispatchService {
     }
 
     /// Folds a delivery and every one already buffered behind it (at most
-    /// [`DELIVERIES_PER_TURN_MAX`]).
+    /// [`DELIVERIES_PER_TURN_MAX`]); under load, also those that come within
+    /// [`DELIVERIES_FILL_WAIT`] (see [`DELIVERIES_FILL_FROM`]).
     async fn on_deliveries(
         &mut self,
         first: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
     ) -> Result<(), ServiceError> {
         self.on_delivery(first).await?;
-        for _ in 1..DELIVERIES_PER_TURN_MAX {
-            match self.subscription.next_ready() {
-                Some(delivery) => self.on_delivery(delivery).await?,
-                None => break,
-            }
+        let mut taken = 1;
+        let mut fill_until = None;
+        while taken < DELIVERIES_PER_TURN_MAX {
+            let delivery = match self.subscription.next_ready() {
+                Some(delivery) => delivery,
+                None if taken < DELIVERIES_FILL_FROM => break,
+                None => {
+                    let deadline = *fill_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + DELIVERIES_FILL_WAIT);
+                    match tokio::time::timeout_at(deadline, self.subscription.next()).await {
+                        Ok(delivery) => delivery,
+                        Err(_) => break,
+                    }
+                }
+            };
+            self.on_delivery(delivery).await?;
+            taken += 1;
         }
         Ok(())
     }
