@@ -204,31 +204,16 @@ async fn request_all(
     client: &async_nats::Client,
     payloads: &[bytes::Bytes],
 ) -> anyhow::Result<HashMap<String, usize>> {
+    let mut replies = futures::stream::iter(payloads)
+        .map(|payload| client.request(intake::wire::SUBJECT_REQUEST, payload.clone()))
+        .buffer_unordered(PUBLISHES_IN_FLIGHT_MAX);
     let mut outcomes: HashMap<String, usize> = HashMap::new();
-    let mut pending = futures::stream::FuturesUnordered::new();
-    let mut count = |reply: async_nats::Message| {
+    while let Some(reply) = replies.next().await {
+        let reply = reply.context("submit request")?;
         let receipt: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
         *outcomes
             .entry(receipt["status"].as_str().unwrap_or("?").to_owned())
             .or_default() += 1;
-    };
-    for payload in payloads {
-        if pending.len() >= PUBLISHES_IN_FLIGHT_MAX
-            && let Some(reply) = pending.next().await
-        {
-            count(reply?);
-        }
-        let client = client.clone();
-        let payload = payload.clone();
-        pending.push(async move {
-            client
-                .request(intake::wire::SUBJECT_REQUEST, payload)
-                .await
-                .context("submit request")
-        });
-    }
-    while let Some(reply) = pending.next().await {
-        count(reply?);
     }
     Ok(outcomes)
 }
