@@ -55,10 +55,11 @@ pub const NOTIFY_BATCH_MAX: usize = 256;
 const SNAPSHOT_SHARD_PAUSE: Duration = Duration::from_millis(10);
 /// INCIDENTS deliveries folded in one turn of the loop (the ones already buffered).
 pub const DELIVERIES_PER_TURN_MAX: usize = 256;
-/// Under load (a turn that found at least this many deliveries buffered), the turn waits up
-/// to [`DELIVERIES_FILL_WAIT`] for more, up to [`DELIVERIES_PER_TURN_MAX`], so that the
+/// Under load (a turn that found at least this many deliveries buffered, and the server
+/// reports more commits pending for the consumer), the turn waits up to
+/// [`DELIVERIES_FILL_WAIT`] for more, up to [`DELIVERIES_PER_TURN_MAX`], so that the
 /// incidents filed in it are dispatched as one larger batch (their appends share the round
-/// trips). A lone delivery never waits.
+/// trips). A lone delivery never waits, nor does a turn that has everything stored so far.
 pub const DELIVERIES_FILL_FROM: usize = 16;
 /// See [`DELIVERIES_FILL_FROM`].
 pub const DELIVERIES_FILL_WAIT: Duration = Duration::from_millis(2);
@@ -550,13 +551,17 @@ impl DispatchService {
         &mut self,
         first: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
     ) -> Result<(), ServiceError> {
+        let mut pending = first.as_ref().map_or(0, |delivery| delivery.pending);
         self.on_delivery(first).await?;
         let mut taken = 1;
         let mut fill_until = None;
         while taken < DELIVERIES_PER_TURN_MAX {
             let delivery = match self.subscription.next_ready() {
                 Some(delivery) => delivery,
-                None if taken < DELIVERIES_FILL_FROM => break,
+                // Waiting pays only while the server holds more for us: otherwise it is
+                // latency for nothing (at a steady moderate rate, 16 deliveries can pile
+                // up behind a slow turn with nothing more to come).
+                None if taken < DELIVERIES_FILL_FROM || pending == 0 => break,
                 None => {
                     let deadline = *fill_until
                         .get_or_insert_with(|| tokio::time::Instant::now() + DELIVERIES_FILL_WAIT);
@@ -566,6 +571,7 @@ impl DispatchService {
                     }
                 }
             };
+            pending = delivery.as_ref().map_or(0, |delivery| delivery.pending);
             self.on_delivery(delivery).await?;
             taken += 1;
         }
