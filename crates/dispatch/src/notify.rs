@@ -5,6 +5,7 @@
 //! Subjects: `dispatch.notify.department.<id>`, `dispatch.notify.street.<9 digits>`,
 //! `dispatch.notify.community.<12 digits>`, `dispatch.notify.grid.<15 digits>`.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -161,6 +162,48 @@ pub fn notifications(
     out
 }
 
+/// Commits remembered by [`NotifiedHere`]. The notifier lags the appends by its backlog; a
+/// commit forgotten before the notifier reaches it is published again, and the server drops
+/// the repeat by Msg-Id (within the stream's duplicate window).
+pub const NOTIFIED_HERE_MAX: usize = 65_536;
+
+/// The INCIDENTS stream sequences of commits whose notifications this instance stored right
+/// after it appended them, so that the shared notifier acknowledges those commits without
+/// publishing again. Holds at most [`NOTIFIED_HERE_MAX`]; the oldest is forgotten first.
+#[derive(Debug, Default)]
+pub struct NotifiedHere {
+    /// Insertion order (sequence, insertion number), for forgetting the oldest; may still
+    /// hold entries taken since, which [`Self::sequences`] no longer names with that number.
+    order: VecDeque<(u64, u64)>,
+    /// Sequence → its insertion number.
+    sequences: HashMap<u64, u64>,
+    inserted: u64,
+}
+
+impl NotifiedHere {
+    pub fn insert(&mut self, sequence: u64) {
+        if self.sequences.contains_key(&sequence) {
+            return;
+        }
+        self.inserted += 1;
+        self.sequences.insert(sequence, self.inserted);
+        self.order.push_back((sequence, self.inserted));
+        if self.order.len() > NOTIFIED_HERE_MAX
+            && let Some((oldest, number)) = self.order.pop_front()
+            && self.sequences.get(&oldest) == Some(&number)
+        {
+            self.sequences.remove(&oldest);
+        }
+        debug_assert!(self.sequences.len() <= self.order.len());
+        debug_assert!(self.order.len() <= NOTIFIED_HERE_MAX);
+    }
+
+    /// True (once) when the commit at `sequence` was notified here.
+    pub fn take(&mut self, sequence: u64) -> bool {
+        self.sequences.remove(&sequence).is_some()
+    }
+}
+
 /// Creates (or updates) the NOTIFICATIONS stream.
 pub async fn open_stream(
     jetstream: &jetstream::Context,
@@ -207,4 +250,29 @@ pub async fn console_consumer(
         )
         .await
         .map_err(|e| format!("console consumer {durable}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notified_here_answers_once_and_forgets_the_oldest_first() {
+        let mut here = NotifiedHere::default();
+        here.insert(7);
+        here.insert(7);
+        assert!(here.take(7));
+        assert!(!here.take(7), "a sequence is taken once");
+        for sequence in 1..=NOTIFIED_HERE_MAX as u64 + 1 {
+            here.insert(sequence);
+        }
+        assert!(
+            here.take(7),
+            "an entry taken earlier does not evict its later insertion"
+        );
+        assert!(!here.take(1), "the oldest was forgotten");
+        assert!(here.take(2));
+        assert!(here.take(NOTIFIED_HERE_MAX as u64 + 1));
+        assert!(here.order.len() <= NOTIFIED_HERE_MAX);
+    }
 }

@@ -17,7 +17,9 @@
 //! - **Notifications** are published by a consumer shared by all instances (each commit is
 //!   handled by one of them) to `dispatch.notify.<recipient>` with the Msg-Id
 //!   `<stream sequence>:<recipient>:<kind>`, then acknowledged: a crash in between redelivers, and the
-//!   server drops the repeat.
+//!   server drops the repeat. The instance that stored a commit publishes its notifications
+//!   right after the append (same Msg-Ids) and the notifier then only acks it: the department
+//!   is told without waiting for the consumer to deliver the commit back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,6 +192,8 @@ pub struct DispatchService {
     snapshot_task: Option<tokio::task::JoinHandle<Result<usize, String>>>,
     /// Replies to recent console command ids, so a console's retry gets the first answer.
     recent: RecentReplies,
+    /// Commits whose notifications this instance stored right after appending them.
+    notified_here: notify::NotifiedHere,
 }
 
 /// Console command ids remembered per instance (a retry through another instance still writes
@@ -413,6 +417,7 @@ impl DispatchService {
             from_snapshot,
             commits_since_snapshot: reached.saturating_sub(from_snapshot),
             recent: RecentReplies::default(),
+            notified_here: notify::NotifiedHere::default(),
         })
     }
 
@@ -694,31 +699,33 @@ impl DispatchService {
                 store.append(aggregate, position, commit)
             }))
             .await;
-        let mut stored = 0;
-        for ((incident, _, _, commit, after), result) in planned.into_iter().zip(results) {
-            let span = incident_span(incident, commit.meta.traceparent.as_deref());
-            if self
-                .settle_system_append(incident, &commit, &after, result)
+        let mut stored = Vec::with_capacity(planned.len());
+        for ((incident, _, _, commit, after), result) in planned.iter().zip(results) {
+            let span = incident_span(*incident, commit.meta.traceparent.as_deref());
+            match self
+                .settle_system_append(*incident, commit, after, result)
                 .instrument(span)
                 .await
             {
-                stored += 1;
-            } else {
-                untouched.push(incident);
+                Some(position) => stored.push((*incident, commit, after, position)),
+                None => untouched.push(*incident),
             }
         }
+        self.notify_stored(&stored).await;
+        let stored = stored.len() as u64;
         self.progress.decisions += stored;
         (stored, untouched)
     }
 
-    /// Folds in one system commit's append result; true when it was stored by this call.
+    /// Folds in one system commit's append result; its position when it was stored by this
+    /// call.
     async fn settle_system_append(
         &mut self,
         incident: IncidentId,
         commit: &Commit<IncidentEvent>,
         after: &IncidentState,
         result: Result<Appended, AppendError>,
-    ) -> bool {
+    ) -> Option<Position> {
         match result {
             Ok(appended) if !appended.duplicate => {
                 self.count_appended(&commit.events);
@@ -728,7 +735,7 @@ impl DispatchService {
                 self.book
                     .apply_own(incident, commit.events.iter(), appended.position);
                 self.commits_since_snapshot += 1;
-                true
+                Some(appended.position)
             }
             Ok(_) | Err(AppendError::Conflict { .. }) => {
                 // Another instance (or this one before a restart) stored it first.
@@ -737,11 +744,11 @@ impl DispatchService {
                 if let Err(error) = self.reload(incident).await {
                     warn!(%error, "reload after a lost race");
                 }
-                false
+                None
             }
             Err(error) => {
                 error!(%error, "append failed; will retry");
-                false
+                None
             }
         }
     }
@@ -988,6 +995,8 @@ impl DispatchService {
                         .apply_own(command.incident, commit.events.iter(), appended.position);
                     self.commits_since_snapshot += 1;
                     self.progress.decisions += 1;
+                    self.notify_stored(&[(command.incident, &commit, &after, appended.position)])
+                        .await;
                     return CommandReply::Accepted {
                         incident: command.incident.0,
                         version: appended.position.version,
@@ -1157,6 +1166,67 @@ impl DispatchService {
         self.notify_batch(deliveries).await;
     }
 
+    /// Publishes the notifications of commits this instance has just stored, all at once, and
+    /// awaits their acks together; remembers the commits whose notifications were all stored,
+    /// so the notifier acknowledges them without publishing again. The department hears of a
+    /// dispatch one append round trip after it was stored, not after the notifier consumer
+    /// delivered the commit back. A failed publish is left to the notifier (at least once;
+    /// the server drops a repeat by Msg-Id).
+    async fn notify_stored(
+        &mut self,
+        stored: &[(IncidentId, &Commit<IncidentEvent>, &IncidentState, Position)],
+    ) {
+        if !self.config.notify || stored.is_empty() {
+            return;
+        }
+        let jetstream = self.store.jetstream().clone();
+        let mut acks = Vec::new();
+        let mut complete = vec![true; stored.len()];
+        for (index, (incident, commit, after, position)) in stored.iter().enumerate() {
+            let events: Vec<&IncidentEvent> = commit.events.iter().collect();
+            let notes = notify::notifications(
+                *incident,
+                &events,
+                Some(after),
+                position.sequence,
+                position.version,
+            );
+            for (recipient, note) in &notes {
+                match send_notification(&jetstream, position.sequence, *recipient, note).await {
+                    Ok(ack) => acks.push((index, ack)),
+                    Err(error) => {
+                        debug!(%incident, %error, "notification not sent at once; the notifier will send it");
+                        complete[index] = false;
+                    }
+                }
+            }
+        }
+        let (owners, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+        let results = futures::future::join_all(
+            futures
+                .into_iter()
+                .map(std::future::IntoFuture::into_future),
+        )
+        .await;
+        for (index, result) in owners.into_iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    self.progress.notifications += 1;
+                    self.config.observer.metrics().notifications.inc();
+                }
+                Err(error) => {
+                    debug!(incident = %stored[index].0, %error, "notification not stored at once; the notifier will send it");
+                    complete[index] = false;
+                }
+            }
+        }
+        for ((_, _, _, position), complete) in stored.iter().zip(complete) {
+            if complete {
+                self.notified_here.insert(position.sequence);
+            }
+        }
+    }
+
     /// Publishes the notifications of every commit in `deliveries` at once, awaits their acks
     /// together, then acknowledges each commit whose notifications were all stored. A commit
     /// with a failed publish is not acknowledged: it comes back, and the server drops the
@@ -1167,6 +1237,10 @@ impl DispatchService {
         let mut acks = Vec::new();
         for (index, delivery) in deliveries.iter().enumerate() {
             let commit = &delivery.commit;
+            if self.notified_here.take(commit.sequence) {
+                // Notified by this instance right after it stored the commit: just ack.
+                continue;
+            }
             let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
                 continue;
             };

@@ -582,3 +582,108 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     let _ = lagging.stop.send(true);
     lagging.task.await.unwrap();
 }
+
+/// Pauses (`until` = Some) or resumes the shared notifier consumer.
+async fn pause_notifier(client: &async_nats::Client, until: Option<&str>) {
+    let body = match until {
+        Some(until) => serde_json::json!({ "pause_until": until }),
+        None => serde_json::json!({}),
+    };
+    let reply = client
+        .request(
+            format!(
+                "$JS.API.CONSUMER.PAUSE.INCIDENTS.{}",
+                dispatch::service::NOTIFIER_DURABLE
+            ),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "pause the notifier: {reply}");
+}
+
+/// The instance that stores a commit publishes its notifications itself, a dispatch before
+/// the next turn and a console command before its answer: with the shared notifier consumer
+/// paused, they are all there. Resumed, the notifier leaves those commits alone: each
+/// notification goes out once, also on the core subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_out_once() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    pause_notifier(&client, Some("2099-01-01T00:00:00Z")).await;
+    let mut published = client.subscribe("dispatch.notify.>").await.unwrap();
+    client.flush().await.unwrap();
+    let fire = report_and_file(&store, 3, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    let xiaofang = serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
+    let street = serde_json::json!({"role":"street","id":uuid::Uuid::from_u128(3)});
+    let stream = async_nats::jetstream::new(client.clone())
+        .get_stream(dispatch::notify::NOTIFICATIONS_STREAM)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for (what, action, body) in [
+        (
+            "xiaofang acknowledges",
+            "acknowledge",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang}),
+        ),
+        (
+            "xiaofang asks for time",
+            "request_extension",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"minutes":60,"reason":"smoke"}),
+        ),
+        (
+            "street approves",
+            "approve_extension",
+            serde_json::json!({"incident":fire.0,"actor":street,"approve":true}),
+        ),
+    ] {
+        let reply = request(&client, action, body).await;
+        let CommandReply::Accepted { sequence, .. } = reply else {
+            panic!("{what}: {reply:?}");
+        };
+        // Read at once, without waiting: stored before the answer.
+        let last = stream
+            .get_last_raw_message_by_subject("dispatch.notify.department.xiaofang")
+            .await
+            .unwrap();
+        let note: Notification = serde_json::from_slice(&last.payload).unwrap();
+        seen.push(format!(
+            "{what}: last for xiaofang {} v{} (this commit: {})",
+            note.kind,
+            note.version,
+            note.stream_sequence == sequence
+        ));
+    }
+    expect![[r#"
+        xiaofang acknowledges: last for xiaofang summoned v4 (this commit: false)
+        xiaofang asks for time: last for xiaofang summoned v4 (this commit: false)
+        street approves: last for xiaofang extension_decided v7 (this commit: true)"#]]
+    .assert_eq(&seen.join("\n"));
+    // Resumed, the notifier reaches every commit: nothing is published twice.
+    pause_notifier(&client, None).await;
+    settle().await;
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+    let mut kinds = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(200), published.next()).await
+    {
+        let note: Notification = serde_json::from_slice(&message.payload).unwrap();
+        kinds.push(format!(
+            "v{} {} {}",
+            note.version, note.kind, message.subject
+        ));
+    }
+    expect![[r#"
+        v4 assigned dispatch.notify.department.xiaofang
+        v4 summoned dispatch.notify.department.xiaofang
+        v4 summoned dispatch.notify.department.yingji
+        v7 extension_decided dispatch.notify.department.xiaofang"#]]
+    .assert_eq(&kinds.join("\n"));
+}
