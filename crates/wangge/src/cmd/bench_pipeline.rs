@@ -1,10 +1,11 @@
 //! `wangge bench pipeline`: incidents through intake → dispatch → projection, as deployed
 //! (each service its own `wangge serve` process on a private nats-server), against raw acked
 //! JetStream publishes of the same payloads in the same run; then the latency from a resident's
-//! publish to the handler's `assigned` notification at a fixed rate.
+//! publish to the handler's `assigned` notification at a fixed rate, split into its hops by
+//! the times nats-server stored the incident's commits.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -92,7 +93,145 @@ struct PipelineFigures {
     latency_samples: usize,
     p50_ms: f64,
     p99_ms: f64,
+    /// The latency split by where each sample's time went.
+    hops: LatencyHops,
     nats_server: String,
+}
+
+/// The latency phase split at the times nats-server stored the incident's commits (its clock
+/// and the benchmark's are the same host's).
+#[derive(Debug, Serialize)]
+struct LatencyHops {
+    /// Publish → the filing commit stored on INCIDENTS (intake).
+    to_filed: Percentiles,
+    /// Filing commit stored → the dispatch commit stored (dispatch's follower and decision).
+    to_dispatched: Percentiles,
+    /// Dispatch commit stored → the `assigned` notification received (dispatch's notifier).
+    to_notified: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct Percentiles {
+    samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<f64>) -> Percentiles {
+        values.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            values
+                .get(((values.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Percentiles {
+            samples: values.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p50 {:.1} ms, p99 {:.1} ms", self.p50_ms, self.p99_ms)
+    }
+}
+
+/// Milliseconds from `earlier` to `later` (negative if the clock says `later` came first).
+fn millis_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(gap) => gap.as_secs_f64() * 1e3,
+        Err(error) => -error.duration().as_secs_f64() * 1e3,
+    }
+}
+
+/// When each latency sample's commits were stored: scans INCIDENTS after `after_sequence`
+/// and splits every sample that has its filing commit (the first on its subject) and the
+/// dispatch commit its notification names.
+async fn latency_hops(
+    context: &jetstream::Context,
+    after_sequence: u64,
+    samples: &[Option<Sample>],
+    index_of: &HashMap<uuid::Uuid, usize>,
+) -> anyhow::Result<LatencyHops> {
+    let mut stream = context
+        .get_stream("INCIDENTS")
+        .await
+        .context("open INCIDENTS")?;
+    let last = stream
+        .info()
+        .await
+        .context("INCIDENTS info")?
+        .state
+        .last_sequence;
+    let mut filed_at: Vec<Option<SystemTime>> = vec![None; samples.len()];
+    let mut stored_at: HashMap<u64, SystemTime> = HashMap::new();
+    let wanted: std::collections::HashSet<u64> = samples
+        .iter()
+        .flatten()
+        .map(|sample| sample.dispatch_sequence)
+        .collect();
+    if last > after_sequence {
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after_sequence + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .context("INCIDENTS reader")?;
+        let mut messages = consumer.messages().await.context("read INCIDENTS")?;
+        while let Some(message) = messages.next().await {
+            let message = message.context("read INCIDENTS")?;
+            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (sequence, at) = (info.stream_sequence, SystemTime::from(info.published));
+            if wanted.contains(&sequence) {
+                stored_at.insert(sequence, at);
+            }
+            let incident = message
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok());
+            if let Some(&index) = incident.and_then(|id| index_of.get(&id))
+                && filed_at[index].is_none()
+            {
+                filed_at[index] = Some(at);
+            }
+            if sequence >= last {
+                break;
+            }
+        }
+    }
+    let (mut to_filed, mut to_dispatched, mut to_notified) = (Vec::new(), Vec::new(), Vec::new());
+    for (sample, filed) in samples.iter().zip(filed_at) {
+        let (Some(sample), Some(filed)) = (sample, filed) else {
+            continue;
+        };
+        let Some(&dispatched) = stored_at.get(&sample.dispatch_sequence) else {
+            continue;
+        };
+        to_filed.push(millis_between(sample.sent, filed));
+        to_dispatched.push(millis_between(filed, dispatched));
+        to_notified.push(millis_between(dispatched, sample.received));
+    }
+    Ok(LatencyHops {
+        to_filed: Percentiles::of(to_filed),
+        to_dispatched: Percentiles::of(to_dispatched),
+        to_notified: Percentiles::of(to_notified),
+    })
+}
+
+/// One latency sample's wall-clock ends and the INCIDENTS sequence of its dispatch commit.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    sent: SystemTime,
+    received: SystemTime,
+    dispatch_sequence: u64,
 }
 
 pub fn run(args: BenchPipelineArgs) -> anyhow::Result<()> {
@@ -346,12 +485,24 @@ async fn bench(
         .enumerate()
         .map(|(index, (id, _))| (intake::incident_id_for(id).0, index))
         .collect();
-    let sent_at: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+    let incidents_before = context
+        .get_stream("INCIDENTS")
+        .await
+        .context("open INCIDENTS")?
+        .info()
+        .await
+        .context("INCIDENTS info")?
+        .state
+        .last_sequence;
+    type SentAt = Vec<Option<(Instant, SystemTime)>>;
+    let sent_at: std::sync::Arc<std::sync::Mutex<SentAt>> =
         std::sync::Arc::new(std::sync::Mutex::new(vec![None; latency.len()]));
     let receiver = {
         let sent_at = sent_at.clone();
+        let expected = expected.clone();
         tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(expected.len());
+            let mut samples: Vec<Option<Sample>> = vec![None; expected.len()];
             let mut seen = std::collections::HashSet::new();
             while seen.len() < expected.len() {
                 let message =
@@ -360,6 +511,7 @@ async fn bench(
                         _ => break,
                     };
                 let received = Instant::now();
+                let received_wall = SystemTime::now();
                 let Ok(notification) =
                     serde_json::from_slice::<dispatch::Notification>(&message.payload)
                 else {
@@ -372,12 +524,17 @@ async fn bench(
                     && seen.insert(index)
                 {
                     let sent = sent_at.lock().unwrap_or_else(|e| e.into_inner())[index];
-                    if let Some(sent) = sent {
+                    if let Some((sent, sent_wall)) = sent {
                         latencies.push((received - sent).as_secs_f64() * 1e3);
+                        samples[index] = Some(Sample {
+                            sent: sent_wall,
+                            received: received_wall,
+                            dispatch_sequence: notification.stream_sequence,
+                        });
                     }
                 }
             }
-            latencies
+            (latencies, samples)
         })
     };
     let period = Duration::from_secs_f64(1.0 / args.latency_rate);
@@ -391,7 +548,8 @@ async fn bench(
         }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        sent_at.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(Instant::now());
+        sent_at.lock().unwrap_or_else(|e| e.into_inner())[index] =
+            Some((Instant::now(), SystemTime::now()));
         let future = context
             .publish_with_headers("intake.submit.app".to_owned(), headers, payload.clone())
             .await
@@ -401,12 +559,17 @@ async fn bench(
     while let Some(ack) = pending.next().await {
         ack?;
     }
-    let mut latencies = receiver.await.context("notification receiver")?;
+    let (mut latencies, samples) = receiver.await.context("notification receiver")?;
     anyhow::ensure!(
         latencies.len() == latency.len(),
         "only {} of {} reports reached their handler's notification",
         latencies.len(),
         latency.len()
+    );
+    let hops = latency_hops(&context, incidents_before, &samples, &expected).await?;
+    eprintln!(
+        "  latency by hop: to filed {}; to dispatched {}; to notified {}",
+        hops.to_filed, hops.to_dispatched, hops.to_notified
     );
     latencies.sort_by(f64::total_cmp);
     let percentile = |p: f64| {
@@ -426,6 +589,7 @@ async fn bench(
         latency_samples: latencies.len(),
         p50_ms: percentile(0.50),
         p99_ms: percentile(0.99),
+        hops,
         nats_server,
     })
 }
