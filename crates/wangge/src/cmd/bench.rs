@@ -37,3 +37,12 @@ pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Pipeline(args) => super::bench_pipeline::run(args),
     }
 }
+
+/// The value at quantile `p` (0..=1) of `sorted` (ascending), by nearest rank; 0 when empty.
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    debug_assert!((0.0..=1.0).contains(&p), "quantile out of range");
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}

@@ -385,12 +385,7 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
         );
     }
     latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let percentile = |p: f64| super::bench::percentile(&latencies, p);
     let figures = IntakeFigures {
         submissions: args.submissions,
         payload_bytes,

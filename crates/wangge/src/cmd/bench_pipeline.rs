@@ -120,16 +120,10 @@ struct Percentiles {
 impl Percentiles {
     fn of(mut values: Vec<f64>) -> Percentiles {
         values.sort_by(f64::total_cmp);
-        let at = |p: f64| {
-            values
-                .get(((values.len() as f64 - 1.0) * p).round() as usize)
-                .copied()
-                .unwrap_or(0.0)
-        };
         Percentiles {
             samples: values.len(),
-            p50_ms: at(0.50),
-            p99_ms: at(0.99),
+            p50_ms: super::bench::percentile(&values, 0.50),
+            p99_ms: super::bench::percentile(&values, 0.99),
         }
     }
 }
@@ -559,7 +553,7 @@ async fn bench(
     while let Some(ack) = pending.next().await {
         ack?;
     }
-    let (mut latencies, samples) = receiver.await.context("notification receiver")?;
+    let (latencies, samples) = receiver.await.context("notification receiver")?;
     anyhow::ensure!(
         latencies.len() == latency.len(),
         "only {} of {} reports reached their handler's notification",
@@ -571,13 +565,7 @@ async fn bench(
         "  latency by hop: to filed {}; to dispatched {}; to notified {}",
         hops.to_filed, hops.to_dispatched, hops.to_notified
     );
-    latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let overall = Percentiles::of(latencies);
     Ok(PipelineFigures {
         reports: args.reports,
         incidents: filed,
@@ -586,9 +574,9 @@ async fn bench(
         raw_publish_per_s,
         ratio: incidents_per_s / raw_publish_per_s,
         latency_rate_per_s: args.latency_rate,
-        latency_samples: latencies.len(),
-        p50_ms: percentile(0.50),
-        p99_ms: percentile(0.99),
+        latency_samples: overall.samples,
+        p50_ms: overall.p50_ms,
+        p99_ms: overall.p99_ms,
         hops,
         nats_server,
     })
