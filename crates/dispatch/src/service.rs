@@ -1179,47 +1179,24 @@ impl DispatchService {
         if !self.config.notify || stored.is_empty() {
             return;
         }
-        let jetstream = self.store.jetstream().clone();
-        let mut acks = Vec::new();
-        let mut complete = vec![true; stored.len()];
-        for (index, (incident, commit, after, position)) in stored.iter().enumerate() {
-            let events: Vec<&IncidentEvent> = commit.events.iter().collect();
-            let notes = notify::notifications(
-                *incident,
-                &events,
-                Some(after),
-                position.sequence,
-                position.version,
-            );
-            for (recipient, note) in &notes {
-                match send_notification(&jetstream, position.sequence, *recipient, note).await {
-                    Ok(ack) => acks.push((index, ack)),
-                    Err(error) => {
-                        debug!(%incident, %error, "notification not sent at once; the notifier will send it");
-                        complete[index] = false;
-                    }
-                }
-            }
-        }
-        let (owners, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
-        let results = futures::future::join_all(
-            futures
-                .into_iter()
-                .map(std::future::IntoFuture::into_future),
+        let commits: Vec<ToNotify> = stored
+            .iter()
+            .map(|(incident, commit, after, position)| ToNotify {
+                incident: *incident,
+                events: commit.events.iter().collect(),
+                state: Some(after),
+                sequence: position.sequence,
+                version: position.version,
+                traceparent: commit.meta.traceparent.as_deref(),
+            })
+            .collect();
+        let (complete, count) = publish_notifications(
+            self.store.jetstream(),
+            &commits,
+            "the notifier will send it",
         )
         .await;
-        for (index, result) in owners.into_iter().zip(results) {
-            match result {
-                Ok(_) => {
-                    self.progress.notifications += 1;
-                    self.config.observer.metrics().notifications.inc();
-                }
-                Err(error) => {
-                    debug!(incident = %stored[index].0, %error, "notification not stored at once; the notifier will send it");
-                    complete[index] = false;
-                }
-            }
-        }
+        self.count_notifications(count);
         for ((_, _, _, position), complete) in stored.iter().zip(complete) {
             if complete {
                 self.notified_here.insert(position.sequence);
@@ -1232,9 +1209,9 @@ impl DispatchService {
     /// with a failed publish is not acknowledged: it comes back, and the server drops the
     /// notifications it already stored (Msg-Id).
     async fn notify_batch(&mut self, deliveries: Vec<eventstore::Delivery<IncidentEvent>>) {
-        let jetstream = self.store.jetstream().clone();
-        let mut stored = vec![true; deliveries.len()];
-        let mut acks = Vec::new();
+        let mut commits = Vec::with_capacity(deliveries.len());
+        // Index into `commits` of each delivery that has notifications to publish.
+        let mut published = vec![None; deliveries.len()];
         for (index, delivery) in deliveries.iter().enumerate() {
             let commit = &delivery.commit;
             if self.notified_here.take(commit.sequence) {
@@ -1244,54 +1221,35 @@ impl DispatchService {
             let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
                 continue;
             };
-            let events: Vec<&IncidentEvent> = commit.events.iter().map(|e| &e.event).collect();
-            let state = self.book.get(incident).map(|h: &Held| &h.state);
-            let notes =
-                notify::notifications(incident, &events, state, commit.sequence, commit.version);
-            for (recipient, note) in &notes {
-                match send_notification(&jetstream, commit.sequence, *recipient, note).await {
-                    Ok(ack) => acks.push((index, incident, ack)),
-                    Err(error) => {
-                        let span = incident_span(incident, commit.meta.traceparent.as_deref());
-                        span.in_scope(|| {
-                            warn!(%error, "notification not sent; the commit will be redelivered");
-                        });
-                        stored[index] = false;
-                    }
-                }
-            }
+            published[index] = Some(commits.len());
+            commits.push(ToNotify {
+                incident,
+                events: commit.events.iter().map(|e| &e.event).collect(),
+                state: self.book.get(incident).map(|h: &Held| &h.state),
+                sequence: commit.sequence,
+                version: commit.version,
+                traceparent: commit.meta.traceparent.as_deref(),
+            });
         }
-        let (owners, futures): (Vec<_>, Vec<_>) = acks
-            .into_iter()
-            .map(|(index, incident, ack)| ((index, incident), ack))
-            .unzip();
-        for ((index, incident), result) in owners.into_iter().zip(
-            futures::future::join_all(
-                futures
-                    .into_iter()
-                    .map(std::future::IntoFuture::into_future),
-            )
-            .await,
-        ) {
-            match result {
-                Ok(_) => {
-                    self.progress.notifications += 1;
-                    self.config.observer.metrics().notifications.inc();
-                }
-                Err(error) => {
-                    let span = incident_span(incident, None);
-                    span.in_scope(|| {
-                        warn!(%error, "notification not stored; the commit will be redelivered");
-                    });
-                    stored[index] = false;
-                }
-            }
-        }
-        for (delivery, stored) in deliveries.iter().zip(stored) {
+        let (complete, count) = publish_notifications(
+            self.store.jetstream(),
+            &commits,
+            "the commit will be redelivered",
+        )
+        .await;
+        drop(commits);
+        self.count_notifications(count);
+        for (delivery, published) in deliveries.iter().zip(published) {
+            let stored = published.is_none_or(|at| complete[at]);
             if stored && let Err(error) = delivery.ack().await {
                 debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
             }
         }
+    }
+
+    fn count_notifications(&mut self, stored: u64) {
+        self.progress.notifications += stored;
+        self.config.observer.metrics().notifications.inc_by(stored);
     }
 
     /// Starts writing a snapshot of the book beside the loop: the book is copied here (the
@@ -1372,6 +1330,70 @@ async fn next_notification(
         Some(notifier) => notifier.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// A stored commit whose notifications are to be published.
+struct ToNotify<'a> {
+    incident: IncidentId,
+    events: Vec<&'a IncidentEvent>,
+    /// The incident's state (for the grid and the current handler).
+    state: Option<&'a IncidentState>,
+    sequence: u64,
+    version: u64,
+    traceparent: Option<&'a str>,
+}
+
+/// Publishes the notifications of every commit at once and awaits their acks together.
+/// Returns, per commit, whether all its notifications were stored, and how many were stored
+/// in all. A failure is logged with `fallback`: who sends that commit's notifications later.
+async fn publish_notifications(
+    jetstream: &jetstream::Context,
+    commits: &[ToNotify<'_>],
+    fallback: &str,
+) -> (Vec<bool>, u64) {
+    let mut complete = vec![true; commits.len()];
+    let mut acks = Vec::new();
+    for (index, commit) in commits.iter().enumerate() {
+        let notes = notify::notifications(
+            commit.incident,
+            &commit.events,
+            commit.state,
+            commit.sequence,
+            commit.version,
+        );
+        for (recipient, note) in &notes {
+            match send_notification(jetstream, commit.sequence, *recipient, note).await {
+                Ok(ack) => acks.push((index, ack)),
+                Err(error) => {
+                    incident_span(commit.incident, commit.traceparent).in_scope(|| {
+                        warn!(%error, "notification not sent; {fallback}");
+                    });
+                    complete[index] = false;
+                }
+            }
+        }
+    }
+    let (owners, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+    let results = futures::future::join_all(
+        futures
+            .into_iter()
+            .map(std::future::IntoFuture::into_future),
+    )
+    .await;
+    let mut stored = 0;
+    for (index, result) in owners.into_iter().zip(results) {
+        match result {
+            Ok(_) => stored += 1,
+            Err(error) => {
+                let commit = &commits[index];
+                incident_span(commit.incident, commit.traceparent).in_scope(|| {
+                    warn!(%error, "notification not stored; {fallback}");
+                });
+                complete[index] = false;
+            }
+        }
+    }
+    (complete, stored)
 }
 
 /// Sends one notification; the returned future resolves when JetStream stored it.
