@@ -59,12 +59,14 @@ const SNAPSHOT_SHARD_PAUSE: Duration = Duration::from_millis(10);
 pub const DELIVERIES_PER_TURN_MAX: usize = 256;
 /// Under load (a turn that found at least this many deliveries buffered, and the server
 /// reports more commits pending for the consumer), the turn waits up to
-/// [`DELIVERIES_FILL_WAIT`] for more, up to [`DELIVERIES_PER_TURN_MAX`], so that the
+/// [`DispatchConfig::deliveries_fill_wait`] for more, up to [`DELIVERIES_PER_TURN_MAX`], so that the
 /// incidents filed in it are dispatched as one larger batch (their appends share the round
 /// trips). A lone delivery never waits, nor does a turn that has everything stored so far.
 pub const DELIVERIES_FILL_FROM: usize = 16;
-/// See [`DELIVERIES_FILL_FROM`].
+/// Default of [`DispatchConfig::deliveries_fill_wait`]; see [`DELIVERIES_FILL_FROM`].
 pub const DELIVERIES_FILL_WAIT: Duration = Duration::from_millis(2);
+/// Longest [`DispatchConfig::deliveries_fill_wait`] the command line accepts.
+pub const DELIVERIES_FILL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Decide-append rounds for one console command when other writers keep winning the race.
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
@@ -107,6 +109,9 @@ pub struct DispatchConfig {
     pub snapshot_bucket: Option<String>,
     /// Write a snapshot after this many commits were folded in since the last one.
     pub snapshot_every_commits: u64,
+    /// Under load, how long a loop turn waits for more deliveries to fill its batch (see
+    /// [`DELIVERIES_FILL_FROM`]); zero never waits.
+    pub deliveries_fill_wait: Duration,
     /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
     pub observer: observe::Observer,
 }
@@ -126,6 +131,7 @@ impl DispatchConfig {
             duplicate_window: Duration::from_secs(120),
             snapshot_bucket: Some("DISPATCH_SNAPSHOTS".to_owned()),
             snapshot_every_commits: 50_000,
+            deliveries_fill_wait: DELIVERIES_FILL_WAIT,
             observer: observe::Observer::disabled(),
         }
     }
@@ -551,7 +557,7 @@ impl DispatchService {
 
     /// Folds a delivery and every one already buffered behind it (at most
     /// [`DELIVERIES_PER_TURN_MAX`]); under load, also those that come within
-    /// [`DELIVERIES_FILL_WAIT`] (see [`DELIVERIES_FILL_FROM`]).
+    /// [`DispatchConfig::deliveries_fill_wait`] (see [`DELIVERIES_FILL_FROM`]).
     async fn on_deliveries(
         &mut self,
         first: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
@@ -566,10 +572,16 @@ impl DispatchService {
                 // Waiting pays only while the server holds more for us: otherwise it is
                 // latency for nothing (at a steady moderate rate, 16 deliveries can pile
                 // up behind a slow turn with nothing more to come).
-                None if taken < DELIVERIES_FILL_FROM || pending == 0 => break,
+                None if taken < DELIVERIES_FILL_FROM
+                    || pending == 0
+                    || self.config.deliveries_fill_wait.is_zero() =>
+                {
+                    break;
+                }
                 None => {
-                    let deadline = *fill_until
-                        .get_or_insert_with(|| tokio::time::Instant::now() + DELIVERIES_FILL_WAIT);
+                    let wait = self.config.deliveries_fill_wait;
+                    let deadline =
+                        *fill_until.get_or_insert_with(|| tokio::time::Instant::now() + wait);
                     match tokio::time::timeout_at(deadline, self.subscription.next()).await {
                         Ok(delivery) => delivery,
                         Err(_) => break,

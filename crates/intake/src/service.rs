@@ -54,6 +54,9 @@ const NAK_DELAY: Duration = Duration::from_secs(1);
 pub const BATCH_FILL_FROM: usize = 16;
 /// Default of `ServiceConfig::batch_fill_wait`.
 pub const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
+/// Longest `ServiceConfig::batch_fill_wait` the command line accepts: a longer wait would
+/// hold every submission of a busy minute for no gain in batch size.
+pub const BATCH_FILL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How long unprocessed submissions are kept (work-queue retention removes them on ack).
 pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The server drops the private follower consumer of a crashed instance after this.

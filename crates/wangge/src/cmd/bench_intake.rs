@@ -35,7 +35,11 @@ pub struct BenchIntakeArgs {
     latency_samples: usize,
     /// Intake's longest wait (milliseconds) for a batch to fill under load (as in
     /// `wangge serve intake`); 0 decides every batch as it arrives.
-    #[arg(long, default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64)]
+    #[arg(
+        long,
+        default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=intake::BATCH_FILL_WAIT_MAX.as_millis() as u64)
+    )]
     batch_fill_wait_ms: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]

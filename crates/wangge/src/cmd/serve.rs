@@ -380,6 +380,16 @@ pub struct DispatchArgs {
     /// Origin (Unix ms) of the compressed time; every instance must be given the same.
     #[arg(long, hide = true)]
     pub time_origin_ms: Option<i64>,
+    /// Under load, the longest wait (milliseconds) of a loop turn for more INCIDENTS commits,
+    /// so that the incidents filed meanwhile are dispatched as one batch. Waits only when at
+    /// least 16 commits are already buffered and the server holds more; 0 never waits.
+    #[arg(
+        long,
+        default_value_t = dispatch::service::DELIVERIES_FILL_WAIT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64)
+            .range(0..=dispatch::service::DELIVERIES_FILL_WAIT_MAX.as_millis() as u64)
+    )]
+    pub deliveries_fill_wait_ms: u64,
 }
 
 fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()> {
@@ -409,6 +419,7 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
         config.observer = observer;
         config.instance = args.instance;
         config.queue_group = args.queue_group;
+        config.deliveries_fill_wait = Duration::from_millis(args.deliveries_fill_wait_ms);
         config.replicas = settings.store.replicas;
         config.duplicate_window = Duration::from_secs(settings.store.duplicate_window_seconds);
         if let (Some(scale), Some(origin_ms)) = (args.time_scale, args.time_origin_ms) {
@@ -451,7 +462,11 @@ pub struct IntakeArgs {
     /// Under load, the longest wait (milliseconds) for a batch of submissions to fill before
     /// it is decided and stored; larger batches store more per second. 0 never waits. A lone
     /// submission never waits.
-    #[arg(long, default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64)]
+    #[arg(
+        long,
+        default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=intake::BATCH_FILL_WAIT_MAX.as_millis() as u64)
+    )]
     pub batch_fill_wait_ms: u64,
 }
 
