@@ -20,6 +20,8 @@ pub struct Settings {
     pub store: StoreSettings,
     pub log: LogSettings,
     pub observe: ObserveSettings,
+    pub intake: IntakeSettings,
+    pub dispatch: DispatchSettings,
     /// Which city's data files (routing, calendar, standards) the services load.
     pub city: String,
 }
@@ -71,6 +73,45 @@ pub struct StoreSettings {
     pub duplicate_window_seconds: u64,
 }
 
+/// `[intake]`: how `wangge serve intake` files reports. Its flags of the same name override.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeSettings {
+    /// A report of the same category within this many metres of an open incident is merged
+    /// into it; 0 merges nothing. At most [`DEDUP_RADIUS_MAX_M`].
+    pub dedup_radius_m: f64,
+    /// ... if that incident was reported at most this many minutes before. At most
+    /// [`DEDUP_WINDOW_MAX_MINUTES`].
+    pub dedup_window_minutes: i64,
+    /// Submissions one reporter may send in a burst (rate limit), 1 to [`RATE_BURST_MAX`].
+    pub rate_burst: u32,
+    /// Seconds for one more submission to be allowed after the burst, 1 to
+    /// [`RATE_REFILL_MAX_SECONDS`].
+    pub rate_refill_seconds: i64,
+    /// Under load, the longest wait for a batch of submissions to fill before it is decided
+    /// and stored (milliseconds; 0 never waits; at most `intake::BATCH_FILL_WAIT_MAX`).
+    pub batch_fill_wait_ms: u64,
+}
+
+/// `[dispatch]`: how `wangge serve dispatch` batches. Its flags of the same name override.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Under load, the longest wait of a loop turn for more INCIDENTS commits, so that the
+    /// incidents filed meanwhile are dispatched as one batch (milliseconds; 0 never waits; at
+    /// most `dispatch::service::DELIVERIES_FILL_WAIT_MAX`).
+    pub deliveries_fill_wait_ms: u64,
+}
+
+/// Largest `intake.dedup_radius_m`: a wider circle merges reports of different places.
+pub const DEDUP_RADIUS_MAX_M: f64 = 1_000.0;
+/// Largest `intake.dedup_window_minutes` (30 days).
+pub const DEDUP_WINDOW_MAX_MINUTES: i64 = 30 * 24 * 60;
+/// Largest `intake.rate_burst`.
+pub const RATE_BURST_MAX: u32 = 10_000;
+/// Largest `intake.rate_refill_seconds` (one day).
+pub const RATE_REFILL_MAX_SECONDS: i64 = 86_400;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -86,7 +127,29 @@ impl Default for Settings {
             store: StoreSettings::default(),
             log: LogSettings::default(),
             observe: ObserveSettings::default(),
+            intake: IntakeSettings::default(),
+            dispatch: DispatchSettings::default(),
             city: "sanming".to_owned(),
+        }
+    }
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        IntakeSettings {
+            dedup_radius_m: intake::core::DEDUP_RADIUS_M,
+            dedup_window_minutes: intake::core::DEDUP_WINDOW_MS / 60_000,
+            rate_burst: intake::core::RATE_BURST,
+            rate_refill_seconds: intake::core::RATE_REFILL_MS / 1000,
+            batch_fill_wait_ms: intake::BATCH_FILL_WAIT.as_millis() as u64,
+        }
+    }
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        DispatchSettings {
+            deliveries_fill_wait_ms: dispatch::service::DELIVERIES_FILL_WAIT.as_millis() as u64,
         }
     }
 }
@@ -202,6 +265,54 @@ impl Settings {
             self.observe.lag_refresh_seconds >= 1,
             "observe.lag_refresh_seconds must be at least 1"
         );
+        self.intake.validate()?;
+        self.dispatch.validate()
+    }
+}
+
+impl IntakeSettings {
+    /// Refuses values outside their named bounds, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.dedup_radius_m.is_finite()
+                && (0.0..=DEDUP_RADIUS_MAX_M).contains(&self.dedup_radius_m),
+            "intake.dedup_radius_m (--dedup-radius-m) must be between 0 and {DEDUP_RADIUS_MAX_M} metres, got {}",
+            self.dedup_radius_m
+        );
+        anyhow::ensure!(
+            (0..=DEDUP_WINDOW_MAX_MINUTES).contains(&self.dedup_window_minutes),
+            "intake.dedup_window_minutes (--dedup-window-minutes) must be between 0 and {DEDUP_WINDOW_MAX_MINUTES}, got {}",
+            self.dedup_window_minutes
+        );
+        anyhow::ensure!(
+            (1..=RATE_BURST_MAX).contains(&self.rate_burst),
+            "intake.rate_burst (--rate-burst) must be between 1 and {RATE_BURST_MAX}, got {}",
+            self.rate_burst
+        );
+        anyhow::ensure!(
+            (1..=RATE_REFILL_MAX_SECONDS).contains(&self.rate_refill_seconds),
+            "intake.rate_refill_seconds (--rate-refill-seconds) must be between 1 and {RATE_REFILL_MAX_SECONDS}, got {}",
+            self.rate_refill_seconds
+        );
+        let fill_max = intake::BATCH_FILL_WAIT_MAX.as_millis() as u64;
+        anyhow::ensure!(
+            self.batch_fill_wait_ms <= fill_max,
+            "intake.batch_fill_wait_ms (--batch-fill-wait-ms) must be at most {fill_max}, got {}",
+            self.batch_fill_wait_ms
+        );
+        Ok(())
+    }
+}
+
+impl DispatchSettings {
+    /// Refuses values outside their named bounds, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let fill_max = dispatch::service::DELIVERIES_FILL_WAIT_MAX.as_millis() as u64;
+        anyhow::ensure!(
+            self.deliveries_fill_wait_ms <= fill_max,
+            "dispatch.deliveries_fill_wait_ms (--deliveries-fill-wait-ms) must be at most {fill_max}, got {}",
+            self.deliveries_fill_wait_ms
+        );
         Ok(())
     }
 }
@@ -217,4 +328,82 @@ pub fn print(settings: &Settings) -> anyhow::Result<()> {
         toml::to_string_pretty(&shown).context("render settings as TOML")?
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{Expect, expect};
+
+    use super::*;
+
+    /// Settings from built-in defaults and `toml` (as a file would give them), validated:
+    /// the settings' `[intake]` and `[dispatch]` sections, or the error.
+    fn check(toml: &str, expect: Expect) {
+        let loaded = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(toml))
+            .extract::<Settings>()
+            .map_err(anyhow::Error::from)
+            .and_then(|settings| settings.validate().map(|()| settings));
+        let shown = match loaded {
+            Ok(settings) => format!("{:?}\n{:?}", settings.intake, settings.dispatch),
+            Err(error) => format!("error: {error:#}"),
+        };
+        expect.assert_eq(&shown);
+    }
+
+    #[test]
+    fn service_tuning_comes_from_the_file_within_named_bounds() {
+        check(
+            "",
+            expect![[r#"
+                IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
+                DispatchSettings { deliveries_fill_wait_ms: 2 }"#]],
+        );
+        check(
+            "[intake]\ndedup_radius_m = 0.0\nrate_burst = 50\nbatch_fill_wait_ms = 0\n[dispatch]\ndeliveries_fill_wait_ms = 5",
+            expect![[r#"
+                IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 0 }
+                DispatchSettings { deliveries_fill_wait_ms: 5 }"#]],
+        );
+        check(
+            "[intake]\nrate_burst = 0",
+            expect!["error: intake.rate_burst (--rate-burst) must be between 1 and 10000, got 0"],
+        );
+        check(
+            "[intake]\ndedup_radius_m = 5000.0",
+            expect![
+                "error: intake.dedup_radius_m (--dedup-radius-m) must be between 0 and 1000 metres, got 5000"
+            ],
+        );
+        check(
+            "[intake]\ndedup_window_minutes = -1",
+            expect![
+                "error: intake.dedup_window_minutes (--dedup-window-minutes) must be between 0 and 43200, got -1"
+            ],
+        );
+        check(
+            "[intake]\nrate_refill_seconds = 0",
+            expect![
+                "error: intake.rate_refill_seconds (--rate-refill-seconds) must be between 1 and 86400, got 0"
+            ],
+        );
+        check(
+            "[intake]\nbatch_fill_wait_ms = 1001",
+            expect![
+                "error: intake.batch_fill_wait_ms (--batch-fill-wait-ms) must be at most 1000, got 1001"
+            ],
+        );
+        check(
+            "[dispatch]\ndeliveries_fill_wait_ms = 60000",
+            expect![
+                "error: dispatch.deliveries_fill_wait_ms (--deliveries-fill-wait-ms) must be at most 1000, got 60000"
+            ],
+        );
+        check(
+            "[intake]\nbatch_fill_wait = 3",
+            expect![[
+                r#"error: unknown field: found `batch_fill_wait`, expected `one of `dedup_radius_m`, `dedup_window_minutes`, `rate_burst`, `rate_refill_seconds`, `batch_fill_wait_ms`` for key "default.intake.batch_fill_wait" in TOML source string"#
+            ]],
+        );
+    }
 }

@@ -18,7 +18,8 @@ static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// wangge (网格): event-sourced backend for urban grid management on NATS JetStream.
 ///
 /// Configuration comes from a TOML file (`--config`, or `$WANGGE_CONFIG`) and is overridden by
-/// `WANGGE_*` environment variables, e.g. `WANGGE_NATS_URL=nats://10.0.0.5:4222`.
+/// `WANGGE_*` environment variables, e.g. `WANGGE_NATS__URL=nats://10.0.0.5:4222`; a
+/// service's flags override both.
 /// `wangge config` prints the effective configuration.
 #[derive(Debug, Parser)]
 #[command(name = "wangge", version, about, long_about)]

@@ -383,16 +383,29 @@ pub struct DispatchArgs {
     /// Under load, the longest wait (milliseconds) of a loop turn for more INCIDENTS commits,
     /// so that the incidents filed meanwhile are dispatched as one batch. Waits only when at
     /// least 16 commits are already buffered and the server holds more; 0 never waits.
+    /// [default: setting `dispatch.deliveries_fill_wait_ms`, 2]
     #[arg(
         long,
-        default_value_t = dispatch::service::DELIVERIES_FILL_WAIT.as_millis() as u64,
         value_parser = clap::value_parser!(u64)
             .range(0..=dispatch::service::DELIVERIES_FILL_WAIT_MAX.as_millis() as u64)
     )]
-    pub deliveries_fill_wait_ms: u64,
+    pub deliveries_fill_wait_ms: Option<u64>,
+}
+
+impl DispatchArgs {
+    /// The `[dispatch]` settings with this command line's flags laid over them.
+    fn over(&self, settings: &crate::config::DispatchSettings) -> crate::config::DispatchSettings {
+        let mut merged = settings.clone();
+        if let Some(wait) = self.deliveries_fill_wait_ms {
+            merged.deliveries_fill_wait_ms = wait;
+        }
+        merged
+    }
 }
 
 fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()> {
+    let tuning = args.over(&settings.dispatch);
+    tuning.validate()?;
     let policy = domain::Policy::embedded(&settings.city)
         .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
     runtime()?.block_on(async {
@@ -419,7 +432,7 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
         config.observer = observer;
         config.instance = args.instance;
         config.queue_group = args.queue_group;
-        config.deliveries_fill_wait = Duration::from_millis(args.deliveries_fill_wait_ms);
+        config.deliveries_fill_wait = Duration::from_millis(tuning.deliveries_fill_wait_ms);
         config.replicas = settings.store.replicas;
         config.duplicate_window = Duration::from_secs(settings.store.duplicate_window_seconds);
         if let (Some(scale), Some(origin_ms)) = (args.time_scale, args.time_origin_ms) {
@@ -447,30 +460,58 @@ pub struct IntakeArgs {
     /// NATS queue group shared by all intake instances.
     #[arg(long, default_value = "intake")]
     pub queue_group: String,
-    /// A report of the same category within this many metres of an open incident is merged.
-    #[arg(long, default_value_t = intake::core::DEDUP_RADIUS_M)]
-    pub dedup_radius_m: f64,
+    /// A report of the same category within this many metres of an open incident is merged;
+    /// 0 merges nothing. [default: setting `intake.dedup_radius_m`, 50]
+    #[arg(long)]
+    pub dedup_radius_m: Option<f64>,
     /// ... if that incident was reported at most this many minutes before.
-    #[arg(long, default_value_t = intake::core::DEDUP_WINDOW_MS / 60_000)]
-    pub dedup_window_minutes: i64,
+    /// [default: setting `intake.dedup_window_minutes`, 4320]
+    #[arg(long)]
+    pub dedup_window_minutes: Option<i64>,
     /// Submissions one reporter may send in a burst (rate limit).
-    #[arg(long, default_value_t = intake::core::RATE_BURST)]
-    pub rate_burst: u32,
+    /// [default: setting `intake.rate_burst`, 10]
+    #[arg(long)]
+    pub rate_burst: Option<u32>,
     /// Seconds for one more submission to be allowed after the burst (rate limit).
-    #[arg(long, default_value_t = intake::core::RATE_REFILL_MS / 1000)]
-    pub rate_refill_seconds: i64,
+    /// [default: setting `intake.rate_refill_seconds`, 360]
+    #[arg(long)]
+    pub rate_refill_seconds: Option<i64>,
     /// Under load, the longest wait (milliseconds) for a batch of submissions to fill before
     /// it is decided and stored; larger batches store more per second. 0 never waits. A lone
-    /// submission never waits.
+    /// submission never waits. [default: setting `intake.batch_fill_wait_ms`, 2]
     #[arg(
         long,
-        default_value_t = intake::BATCH_FILL_WAIT.as_millis() as u64,
         value_parser = clap::value_parser!(u64).range(0..=intake::BATCH_FILL_WAIT_MAX.as_millis() as u64)
     )]
-    pub batch_fill_wait_ms: u64,
+    pub batch_fill_wait_ms: Option<u64>,
+}
+
+impl IntakeArgs {
+    /// The `[intake]` settings with this command line's flags laid over them.
+    fn over(&self, settings: &crate::config::IntakeSettings) -> crate::config::IntakeSettings {
+        let mut merged = settings.clone();
+        if let Some(radius) = self.dedup_radius_m {
+            merged.dedup_radius_m = radius;
+        }
+        if let Some(minutes) = self.dedup_window_minutes {
+            merged.dedup_window_minutes = minutes;
+        }
+        if let Some(burst) = self.rate_burst {
+            merged.rate_burst = burst;
+        }
+        if let Some(seconds) = self.rate_refill_seconds {
+            merged.rate_refill_seconds = seconds;
+        }
+        if let Some(wait) = self.batch_fill_wait_ms {
+            merged.batch_fill_wait_ms = wait;
+        }
+        merged
+    }
 }
 
 fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
+    let tuning = args.over(&settings.intake);
+    tuning.validate()?;
     let policy = domain::Policy::embedded(&settings.city)
         .with_context(|| format!("load the policy of city {:?}", settings.city))?;
     let profile = standards::builtin(&settings.city)
@@ -531,12 +572,12 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
             queue_group: args.queue_group,
             replicas: settings.store.replicas,
             duplicate_window: Duration::from_secs(settings.store.duplicate_window_seconds),
-            batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
+            batch_fill_wait: Duration::from_millis(tuning.batch_fill_wait_ms),
             core: intake::CoreConfig {
-                dedup_radius_m: args.dedup_radius_m,
-                dedup_window_ms: args.dedup_window_minutes.saturating_mul(60_000),
-                rate_burst: args.rate_burst,
-                rate_refill_ms: args.rate_refill_seconds.saturating_mul(1000),
+                dedup_radius_m: tuning.dedup_radius_m,
+                dedup_window_ms: tuning.dedup_window_minutes.saturating_mul(60_000),
+                rate_burst: tuning.rate_burst,
+                rate_refill_ms: tuning.rate_refill_seconds.saturating_mul(1000),
                 ..intake::CoreConfig::default()
             },
             ..intake::ServiceConfig::default()
@@ -588,4 +629,85 @@ pub(crate) fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<
         let _ = stop.send(true);
     });
     (signals, stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use expect_test::{Expect, expect};
+
+    use super::*;
+    use crate::config::{DispatchSettings, IntakeSettings};
+
+    #[derive(Debug, clap::Parser)]
+    enum Serve {
+        Intake(IntakeArgs),
+        Dispatch(DispatchArgs),
+    }
+
+    /// `wangge serve <flags>`'s tuning: the settings (as a file with `rate_burst = 50` and fill
+    /// waits of 7 ms gives them) with the flags laid over them, validated.
+    fn check(flags: &[&str], expect: Expect) {
+        let intake_file = IntakeSettings {
+            rate_burst: 50,
+            batch_fill_wait_ms: 7,
+            ..IntakeSettings::default()
+        };
+        let dispatch_file = DispatchSettings {
+            deliveries_fill_wait_ms: 7,
+        };
+        let shown =
+            match Serve::try_parse_from(std::iter::once("serve").chain(flags.iter().copied())) {
+                Err(error) => format!("flag error: {}", error.kind()),
+                Ok(Serve::Intake(args)) => {
+                    let merged = args.over(&intake_file);
+                    match merged.validate() {
+                        Ok(()) => format!("{merged:?}"),
+                        Err(error) => format!("error: {error}"),
+                    }
+                }
+                Ok(Serve::Dispatch(args)) => {
+                    let merged = args.over(&dispatch_file);
+                    match merged.validate() {
+                        Ok(()) => format!("{merged:?}"),
+                        Err(error) => format!("error: {error}"),
+                    }
+                }
+            };
+        expect.assert_eq(&shown);
+    }
+
+    #[test]
+    fn flags_override_the_settings_and_meet_the_same_bounds() {
+        check(
+            &["intake"],
+            expect![
+                "IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 7 }"
+            ],
+        );
+        check(
+            &["intake", "--rate-burst", "3", "--dedup-radius-m", "0"],
+            expect![
+                "IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 3, rate_refill_seconds: 360, batch_fill_wait_ms: 7 }"
+            ],
+        );
+        check(
+            &["intake", "--dedup-radius-m", "5000"],
+            expect![
+                "error: intake.dedup_radius_m (--dedup-radius-m) must be between 0 and 1000 metres, got 5000"
+            ],
+        );
+        check(
+            &["intake", "--batch-fill-wait-ms", "2000"],
+            expect!["flag error: invalid value for one of the arguments"],
+        );
+        check(
+            &["dispatch"],
+            expect!["DispatchSettings { deliveries_fill_wait_ms: 7 }"],
+        );
+        check(
+            &["dispatch", "--deliveries-fill-wait-ms", "0"],
+            expect!["DispatchSettings { deliveries_fill_wait_ms: 0 }"],
+        );
+    }
 }
