@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use eventstore::{
-    Delivery, EventStore, Readers, ReplayRange, StreamSpec, SubscribeError, Subscription,
+    Acks, Delivery, EventStore, Readers, ReplayRange, StreamSpec, SubscribeError, Subscription,
     SubscriptionConfig,
 };
 use futures::StreamExt as _;
@@ -394,6 +394,7 @@ impl ProjectionService {
         let mut incidents_config = SubscriptionConfig::durable(durable);
         // One builder per generation reads it: in order, remade over any lost delivery.
         incidents_config.readers = Readers::One;
+        incidents_config.acks = Acks::Cumulative;
         incidents_config.start_after_sequence = checkpoint.incidents_sequence;
         incidents_config.batch_max = self.config.flush_commits_max.max(1);
         incidents_config.ack_pending_max = (self.config.flush_commits_max as i64 * 2).max(1_000);
@@ -408,6 +409,7 @@ impl ProjectionService {
         grids_config.start_after_sequence = grids_reached;
         grids_config.inactive_threshold = Some(GRIDS_CONSUMER_INACTIVE);
         grids_config.readers = Readers::One;
+        grids_config.acks = Acks::Cumulative;
         let grids = self.grids_store.subscribe(grids_config).await?;
         info!(
             generation,
@@ -591,15 +593,18 @@ impl ProjectionService {
                 Err(error) => return Err(error.into()),
             }
         }
-        for delivery in attached.unacked.drain(..) {
-            if let Err(error) = delivery.ack().await {
-                debug!(%error, "ack lost; the commit will be redelivered and skipped");
-            }
+        // Cumulative acks (`AckPolicy::All`): the last delivery's ack covers the flush. The
+        // checkpoint, not the ack floor, is where a builder resumes; acks only keep the
+        // consumer's pending count low (one ack per flush instead of one per commit).
+        if let Some(delivery) = attached.unacked.drain(..).next_back()
+            && let Err(error) = delivery.ack().await
+        {
+            debug!(%error, "ack lost; the flushed commits are redelivered and skipped");
         }
-        for delivery in attached.unacked_grids.drain(..) {
-            if let Err(error) = delivery.ack().await {
-                debug!(%error, "ack lost; the GRIDS commit will be redelivered and skipped");
-            }
+        if let Some(delivery) = attached.unacked_grids.drain(..).next_back()
+            && let Err(error) = delivery.ack().await
+        {
+            debug!(%error, "ack lost; the flushed GRIDS commits are redelivered and skipped");
         }
         self.progress.flushes += 1;
         self.progress.keys_written += written;
