@@ -152,6 +152,28 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
 }
 
+/// A server's message counters (`/varz`): what its clients sent it (`in`) and what it sent
+/// them (`out`: deliveries, publish acks, replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MessageCounts {
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+}
+
+impl MessageCounts {
+    /// The counts from `earlier` to `self`.
+    pub fn since(&self, earlier: &MessageCounts) -> MessageCounts {
+        MessageCounts {
+            in_msgs: self.in_msgs.saturating_sub(earlier.in_msgs),
+            out_msgs: self.out_msgs.saturating_sub(earlier.out_msgs),
+            in_bytes: self.in_bytes.saturating_sub(earlier.in_bytes),
+            out_bytes: self.out_bytes.saturating_sub(earlier.out_bytes),
+        }
+    }
+}
+
 /// One nats-server process with JetStream on file storage.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -369,6 +391,19 @@ impl NatsServer {
                 replica["current"].as_bool() == Some(true)
                     && replica["offline"].as_bool() != Some(true)
             })
+    }
+
+    /// Messages and bytes this server has received from and sent to its clients since it
+    /// started (`/varz`), or `None` if the monitoring endpoint did not answer.
+    pub fn message_counts(&self) -> Option<MessageCounts> {
+        let body = http_get_body(self.ports.monitor, "/varz")?;
+        let varz = serde_json::from_str::<serde_json::Value>(&body).ok()?;
+        Some(MessageCounts {
+            in_msgs: varz["in_msgs"].as_u64()?,
+            out_msgs: varz["out_msgs"].as_u64()?,
+            in_bytes: varz["in_bytes"].as_u64()?,
+            out_bytes: varz["out_bytes"].as_u64()?,
+        })
     }
 
     /// `nats://127.0.0.1:<port>` of this server.
@@ -703,6 +738,35 @@ mod tests {
         drop(server);
         assert!(!process_alive(new_pid));
         assert!(!store.exists(), "store dir removed on drop");
+    }
+
+    #[test]
+    fn message_counts_see_a_publish() {
+        let server = NatsServer::start().expect("start nats-server");
+        let before = server.message_counts().expect("varz answers");
+        let address: SocketAddr = ([127, 0, 0, 1], server.ports.client).into();
+        let mut client = TcpStream::connect(address).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // The core protocol by hand: one 5-byte message, then a ping to know it was read.
+        write!(
+            client,
+            "CONNECT {{\"verbose\":false}}\r\nPUB counted.subject 5\r\nhello\r\nPING\r\n"
+        )
+        .expect("send");
+        let mut seen = String::new();
+        let mut buffer = [0u8; 4096];
+        while !seen.contains("PONG") {
+            let read = client.read(&mut buffer).expect("read");
+            assert!(read > 0, "server closed the connection: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        }
+        let counted = server
+            .message_counts()
+            .expect("varz answers")
+            .since(&before);
+        assert_eq!((counted.in_msgs, counted.in_bytes), (1, 5), "{counted:?}");
     }
 
     #[test]

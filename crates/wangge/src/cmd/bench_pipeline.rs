@@ -95,7 +95,43 @@ struct PipelineFigures {
     p99_ms: f64,
     /// The latency split by where each sample's time went.
     hops: LatencyHops,
+    /// Messages the server received and sent (`/varz`) per raw publish, in the raw phase.
+    server_messages_per_raw_publish: MessagesPer,
+    /// ... per incident, in the throughput phase (every service's publishes, acks, deliveries
+    /// and key-value writes, and the benchmark's own polling of the read models): the ratio's
+    /// bound, since the server's work grows with the messages it handles.
+    server_messages_per_incident: MessagesPer,
     nats_server: String,
+}
+
+#[derive(Debug, Serialize)]
+struct MessagesPer {
+    #[serde(rename = "in")]
+    received: f64,
+    #[serde(rename = "out")]
+    sent: f64,
+}
+
+impl MessagesPer {
+    fn of(
+        counts: Option<(testkit::MessageCounts, testkit::MessageCounts)>,
+        units: u64,
+    ) -> MessagesPer {
+        let counted = counts
+            .map(|(before, after)| after.since(&before))
+            .unwrap_or_default();
+        let units = units.max(1) as f64;
+        MessagesPer {
+            received: counted.in_msgs as f64 / units,
+            sent: counted.out_msgs as f64 / units,
+        }
+    }
+}
+
+impl std::fmt::Display for MessagesPer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} in + {:.1} out", self.received, self.sent)
+    }
 }
 
 /// The latency phase split at the times nats-server stored the incident's commits (its clock
@@ -252,7 +288,7 @@ pub fn run(args: BenchPipelineArgs) -> anyhow::Result<()> {
         .context("start tokio")?;
     let figures = runtime.block_on(bench(
         &args,
-        &url,
+        &server,
         &mut services,
         binary.display().to_string(),
     ));
@@ -326,10 +362,11 @@ async fn payloads(
 
 async fn bench(
     args: &BenchPipelineArgs,
-    url: &str,
+    server: &testkit::NatsServer,
     services: &mut Services,
     nats_server: String,
 ) -> anyhow::Result<PipelineFigures> {
+    let url = &server.url();
     let client = async_nats::connect(url).await.context("connect")?;
     let context = jetstream::new(client.clone());
     services.wait_ready(&client, |_, _| {}).await?;
@@ -363,9 +400,11 @@ async fn bench(
         })
         .await
         .context("create raw stream")?;
+    let counts_before = server.message_counts();
     let started = Instant::now();
     super::bench_intake::publish_all(&context, "raw.submit.app", &throughput).await?;
     let raw_publish_per_s = args.reports as f64 / started.elapsed().as_secs_f64();
+    let raw_counts = counts_before.zip(server.message_counts());
     eprintln!("  raw acked publishes: {raw_publish_per_s:.0}/s");
 
     // Pipeline: until the read models show every report as an incident, none left undispatched.
@@ -401,6 +440,7 @@ async fn bench(
         }
         (filed, other, Instant::now())
     });
+    let counts_before = server.message_counts();
     let started = Instant::now();
     super::bench_intake::publish_all(&context, "intake.submit.app", &throughput).await?;
     let published = started.elapsed();
@@ -450,11 +490,17 @@ async fn bench(
         services.check_alive()?;
         tokio::time::sleep(POLL_EVERY).await;
     };
+    let pipeline_counts = counts_before.zip(server.message_counts());
     let filed = filed.unwrap_or(0);
     let incidents_per_s = filed as f64 / elapsed.as_secs_f64();
+    let server_messages_per_raw_publish = MessagesPer::of(raw_counts, args.reports);
+    let server_messages_per_incident = MessagesPer::of(pipeline_counts, filed);
     eprintln!(
         "  pipeline: {incidents_per_s:.0} incidents/s dispatched and projected (publishing took {:.2} s)",
         published.as_secs_f64()
+    );
+    eprintln!(
+        "  server messages: {server_messages_per_incident} per incident, {server_messages_per_raw_publish} per raw publish"
     );
 
     // The latency phase measures the steady state, not the tail of the burst above: wait
@@ -578,6 +624,8 @@ async fn bench(
         p50_ms: overall.p50_ms,
         p99_ms: overall.p99_ms,
         hops,
+        server_messages_per_raw_publish,
+        server_messages_per_incident,
         nats_server,
     })
 }
