@@ -87,7 +87,9 @@ fn serve(urls: &str, accounts: &DeployAccounts, name: &str, instance: &str) -> C
         )
         .env("WANGGE_NATS__INBOX_PREFIX", format!("_INBOX_{name}"))
         .env("WANGGE_STORE__REPLICAS", REPLICAS.to_string())
-        .env("WANGGE_LOG__FILTER", "error")
+        // Warnings too: nextest shows them only when the test fails, and a failed takeover
+        // or failover is explained by them.
+        .env("WANGGE_LOG__FILTER", "warn,async_nats=error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -483,7 +485,9 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
         )
         .env("WANGGE_NATS__INBOX_PREFIX", "_INBOX_admin")
         .env("WANGGE_STORE__REPLICAS", REPLICAS.to_string())
-        .env("WANGGE_LOG__FILTER", "error")
+        // Warnings too: nextest shows them only when the test fails, and a failed takeover
+        // or failover is explained by them.
+        .env("WANGGE_LOG__FILTER", "warn,async_nats=error")
         .output()
         .expect("run wangge up");
     assert!(
@@ -657,6 +661,7 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     // coming; the standby takes the lease over and folds on from the KV checkpoint.
     let builder = lease_holder(&admin)
         .await
+        .expect("read the builder lease")
         .expect("a builder holds the lease");
     let killed_at = tokio::time::Instant::now();
     services.kill(&builder.instance);
@@ -668,11 +673,11 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
     };
     let successor = loop {
         match lease_holder(&admin).await {
-            Some(lease) if lease.holder != builder.holder => break lease,
-            _ => {
+            Ok(Some(lease)) if lease.holder != builder.holder => break lease,
+            last_seen => {
                 assert!(
                     killed_at.elapsed() < PROJECTION_TIMEOUT,
-                    "no standby took the builder lease over"
+                    "no standby took the builder lease over from {builder:?}; last read: {last_seen:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -738,11 +743,12 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
 }
 
 /// The builder lease as stored.
-async fn lease_holder(admin: &async_nats::Client) -> Option<LeaseValue> {
+/// The projection builder lease as stored, or the error of reading it (kept apart, so that a
+/// failing read is not taken for a lease nobody holds).
+async fn lease_holder(admin: &async_nats::Client) -> Result<Option<LeaseValue>, String> {
     projection::lease::holder(&jetstream::new(admin.clone()))
         .await
-        .ok()
-        .flatten()
+        .map_err(|error| error.to_string())
 }
 
 /// Waits until the read models have folded INCIDENTS to its end, asserts they equal a pure
