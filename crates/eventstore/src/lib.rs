@@ -41,8 +41,8 @@ pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};
 pub use store::{Appended, BoundedContext, EventStore, Loaded, StreamSpec};
 pub use subscription::{
-    Acks, CUMULATIVE_ACK_EVERY_DELIVERIES, DeleteConsumerError, Delivery, Readers, SubscribeError,
-    Subscription, SubscriptionConfig, consumer_name_fragment,
+    Acks, CUMULATIVE_ACK_EVERY_DELIVERIES, CUMULATIVE_ACK_LINGER, DeleteConsumerError, Delivery,
+    Readers, SubscribeError, Subscription, SubscriptionConfig, consumer_name_fragment,
 };
 pub use verify::{Finding, VerifyReport};
 

@@ -19,8 +19,14 @@ const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// First wait before re-establishing a broken subscription.
 const RESUBSCRIBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// With [`Acks::Cumulative`], at most this many settled deliveries go without an ack on the
-/// wire (one ack then covers them all; a caught-up subscription acks at once).
+/// wire (one ack then covers them all).
 pub const CUMULATIVE_ACK_EVERY_DELIVERIES: usize = 256;
+/// With [`Acks::Cumulative`], a caught-up subscription acks what it settled at most this
+/// long after the first delivery the ack covers: sent from [`Subscription::settle`] or, when
+/// no more deliveries come, from [`Subscription::next`] while it waits. At a moderate rate a
+/// follower is caught up after almost every delivery; acking each then would cost the server
+/// one ack per commit per follower, as explicit acks do.
+pub const CUMULATIVE_ACK_LINGER: Duration = Duration::from_millis(100);
 
 /// Who reads a durable consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +219,9 @@ pub struct Subscription<C: EventCodec> {
     backoff: Duration,
     /// Deliveries settled since the last cumulative ack went out.
     settled_unacked: usize,
+    /// [`Acks::Cumulative`]: the last delivery settled while caught up, not yet acked, and
+    /// when its ack is due ([`CUMULATIVE_ACK_LINGER`] after the first settled one it covers).
+    lingering_ack: Option<(async_nats::Subject, tokio::time::Instant)>,
     /// [`Readers::One`]: consumer sequence of the last delivery received from the current
     /// consumer (`None` right after it was made).
     last_consumer_sequence: Option<u64>,
@@ -247,6 +256,7 @@ impl<C: EventCodec> EventStore<C> {
             messages: None,
             backoff: RESUBSCRIBE_BACKOFF_MIN,
             settled_unacked: 0,
+            lingering_ack: None,
             last_consumer_sequence: None,
             last_stream_sequence: config_start,
             rewind_after: None,
@@ -316,6 +326,8 @@ impl<C: EventCodec> Subscription<C> {
         self.messages = None;
         self.consumer = None;
         self.settled_unacked = 0;
+        // (Its consumer is gone: an ack would be refused.)
+        self.lingering_ack = None;
         self.config.start_after_sequence = after;
         self.last_stream_sequence = after;
         self.rewinds += 1;
@@ -379,7 +391,17 @@ impl<C: EventCodec> Subscription<C> {
                 }
             }
             let messages = self.messages.as_mut().expect("opened above");
-            match messages.next().await {
+            let next = match self.lingering_ack.as_ref().map(|(_, due)| *due) {
+                None => messages.next().await,
+                Some(due) => match tokio::time::timeout_at(due, messages.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.send_lingering_ack().await;
+                        continue;
+                    }
+                },
+            };
+            match next {
                 Some(Ok(message)) => {
                     self.backoff = RESUBSCRIBE_BACKOFF_MIN;
                     let delivery = self.decode(message)?;
@@ -408,21 +430,53 @@ impl<C: EventCodec> Subscription<C> {
     }
 
     /// Marks a delivery applied. [`Acks::EachMessage`]: acks it. [`Acks::Cumulative`]: acks
-    /// it (and with it every earlier delivery) when the subscription is caught up or
-    /// [`CUMULATIVE_ACK_EVERY_DELIVERIES`] have been settled since the last ack; otherwise the
-    /// next ack covers it. Call it for every delivery, in order.
+    /// it (and with it every earlier delivery) once [`CUMULATIVE_ACK_EVERY_DELIVERIES`] have
+    /// been settled since the last ack, or, when the subscription is caught up, at most
+    /// [`CUMULATIVE_ACK_LINGER`] later (from here or from [`Self::next`]); otherwise a later
+    /// ack covers it. Call it for every delivery, in order.
     pub async fn settle(&mut self, delivery: &Delivery<C::Event>) -> Result<(), async_nats::Error> {
         match self.config.acks {
             Acks::EachMessage => delivery.ack().await,
             Acks::Cumulative => {
                 self.settled_unacked += 1;
-                if delivery.pending == 0 || self.settled_unacked >= CUMULATIVE_ACK_EVERY_DELIVERIES
+                let now = tokio::time::Instant::now();
+                let due = self
+                    .lingering_ack
+                    .take()
+                    .map_or(now + CUMULATIVE_ACK_LINGER, |(_, due)| due);
+                if self.settled_unacked >= CUMULATIVE_ACK_EVERY_DELIVERIES
+                    || (delivery.pending == 0 && due <= now)
                 {
                     self.settled_unacked = 0;
                     delivery.ack().await
                 } else {
+                    // The latest settled delivery's ack covers the earlier ones; the due time
+                    // stays that of the first, so the linger bounds the oldest unacked one.
+                    if let Some(reply) = &delivery.message.reply {
+                        self.lingering_ack = Some((reply.clone(), due));
+                    }
                     Ok(())
                 }
+            }
+        }
+    }
+
+    /// Sends the ack [`Self::settle`] left lingering (it covers every delivery settled so far).
+    async fn send_lingering_ack(&mut self) {
+        // Cleared only once sent: `next` may be dropped mid-send (`select!`, `next_ready`).
+        if let Some((reply, _)) = self.lingering_ack.clone() {
+            // What `jetstream::Message::ack` sends: an empty message to the delivery's reply
+            // subject (`AckPolicy::All`: it covers every earlier delivery).
+            let sent = self
+                .store
+                .jetstream()
+                .client()
+                .publish(reply, bytes::Bytes::new())
+                .await;
+            self.lingering_ack = None;
+            self.settled_unacked = 0;
+            if let Err(error) = sent {
+                tracing::debug!(durable = %self.config.durable_name, %error, "cumulative ack lost; the server redelivers after ack_wait, and the reader skips what it holds");
             }
         }
     }

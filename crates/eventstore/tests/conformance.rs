@@ -656,7 +656,11 @@ async fn a_private_follower_acks_cumulatively_and_is_caught_up_after_settling_ev
         }
     }
     assert_eq!(seen, (1..=commits).collect::<Vec<_>>());
-    // Caught up: the last settle acked everything, nothing is left pending or redelivered.
+    // Caught up: the last settles' ack lingers; `next`, waiting for more, sends it once
+    // `CUMULATIVE_ACK_LINGER` has passed. Then nothing is left pending or redelivered.
+    let waited =
+        tokio::time::timeout(eventstore::CUMULATIVE_ACK_LINGER * 3, subscription.next()).await;
+    assert!(waited.is_err(), "no commit after the last: {waited:?}");
     let mut info = consumer_info().await;
     for _ in 0..50 {
         if info.num_ack_pending == 0 {
