@@ -101,6 +101,8 @@ struct PipelineFigures {
     /// and key-value writes, and the benchmark's own polling of the read models): the ratio's
     /// bound, since the server's work grows with the messages it handles.
     server_messages_per_incident: MessagesPer,
+    /// ... per report of the latency phase (publish of the first to the last notification).
+    server_messages_per_latency_report: MessagesPer,
     nats_server: String,
 }
 
@@ -577,6 +579,7 @@ async fn bench(
             (latencies, samples)
         })
     };
+    let latency_counts_before = server.message_counts();
     let period = Duration::from_secs_f64(1.0 / args.latency_rate);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -600,6 +603,10 @@ async fn bench(
         ack?;
     }
     let (latencies, samples) = receiver.await.context("notification receiver")?;
+    let server_messages_per_latency_report = MessagesPer::of(
+        latency_counts_before.zip(server.message_counts()),
+        latency.len() as u64,
+    );
     anyhow::ensure!(
         latencies.len() == latency.len(),
         "only {} of {} reports reached their handler's notification",
@@ -611,6 +618,7 @@ async fn bench(
         "  latency by hop: to filed {}; to dispatched {}; to notified {}",
         hops.to_filed, hops.to_dispatched, hops.to_notified
     );
+    eprintln!("  server messages: {server_messages_per_latency_report} per report at that rate");
     let overall = Percentiles::of(latencies);
     Ok(PipelineFigures {
         reports: args.reports,
@@ -626,6 +634,7 @@ async fn bench(
         hops,
         server_messages_per_raw_publish,
         server_messages_per_incident,
+        server_messages_per_latency_report,
         nats_server,
     })
 }
