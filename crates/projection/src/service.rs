@@ -35,6 +35,11 @@ use crate::wire::{self, QueryReply, ScoreWeights};
 pub const FLUSH_COMMITS_MAX: usize = 2_000;
 /// Longest time a folded commit waits for its flush.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// Once the builder has caught up, its flush still waits this long after the first unflushed
+/// commit, so that the commits of a moderate rate share a flush (an incident's filing and
+/// dispatch commits come milliseconds apart, and every flush rewrites the aggregates they
+/// touch) instead of one flush, and its key-value writes, per commit.
+pub const FLUSH_LINGER: Duration = Duration::from_millis(20);
 /// Attempts to store one flush before the service gives up (and restarts from KV).
 const FLUSH_ATTEMPTS_MAX: usize = 5;
 const FLUSH_RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -92,6 +97,8 @@ pub struct ProjectionConfig {
     pub serve_queries: bool,
     pub flush_commits_max: usize,
     pub flush_interval: Duration,
+    /// See [`FLUSH_LINGER`]; at most `flush_interval`.
+    pub flush_linger: Duration,
     /// How long the server waits for an ack before redelivering (a crashed builder's
     /// unflushed commits come back after this).
     pub ack_wait: Duration,
@@ -112,6 +119,7 @@ impl ProjectionConfig {
             serve_queries: true,
             flush_commits_max: FLUSH_COMMITS_MAX,
             flush_interval: FLUSH_INTERVAL,
+            flush_linger: FLUSH_LINGER,
             ack_wait: Duration::from_secs(30),
         }
     }
@@ -150,6 +158,8 @@ struct Attached {
     unacked: Vec<Delivery<domain::IncidentEvent>>,
     unacked_grids: Vec<Delivery<registry::domain::Event>>,
     first_unflushed: Option<tokio::time::Instant>,
+    /// The last delivery said the server held nothing more: flush after the linger.
+    caught_up: bool,
 }
 
 /// One projection instance.
@@ -437,6 +447,7 @@ impl ProjectionService {
             unacked: Vec::new(),
             unacked_grids: Vec::new(),
             first_unflushed: Some(tokio::time::Instant::now()),
+            caught_up: false,
         });
         Ok(())
     }
@@ -697,9 +708,12 @@ impl ProjectionService {
                 }
                 continue;
             };
-            let flush_at = attached
-                .first_unflushed
-                .map(|first| first + self.config.flush_interval);
+            let flush_wait = if attached.caught_up {
+                self.config.flush_linger.min(self.config.flush_interval)
+            } else {
+                self.config.flush_interval
+            };
+            let flush_at = attached.first_unflushed.map(|first| first + flush_wait);
             tokio::select! {
                 changed = stopped.changed() => {
                     if changed.is_err() || *stopped.borrow() {
@@ -746,13 +760,11 @@ impl ProjectionService {
                             }
                         }
                     }
-                    let caught_up = delivery.pending == 0;
+                    attached.caught_up = delivery.pending == 0;
                     attached.unacked.push(delivery);
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                     let full = attached.unacked.len() >= self.config.flush_commits_max;
-                    if (caught_up || full)
-                        && let Err(error) = self.flush_as_builder().await
-                    {
+                    if full && let Err(error) = self.flush_as_builder().await {
                         break Err(error);
                     }
                 }
@@ -762,12 +774,9 @@ impl ProjectionService {
                         Err(error) => break Err(error.into()),
                     };
                     attached.projector.apply_grids_commit(&delivery.commit);
-                    let caught_up = delivery.pending == 0;
+                    attached.caught_up = delivery.pending == 0;
                     attached.unacked_grids.push(delivery);
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
-                    if caught_up && let Err(error) = self.flush_as_builder().await {
-                        break Err(error);
-                    }
                 }
                 _ = sleep_until(flush_at) => {
                     if let Err(error) = self.flush_as_builder().await {
