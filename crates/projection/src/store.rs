@@ -80,19 +80,46 @@ fn kv_config(bucket: &str, replicas: usize, description: &str) -> kv::Config {
     }
 }
 
-/// Opens (creating if needed) a bucket.
+/// Longest wait for a bucket just created (or opened while its stream elects a leader) to
+/// answer a read: on a cluster, a replicated bucket's reads find no responders until its
+/// replicas are up.
+pub const BUCKET_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two reads of a bucket that is not answering yet.
+const BUCKET_READY_POLL: Duration = Duration::from_millis(50);
+/// The key read to learn that a bucket answers (it need not exist).
+const READY_PROBE_KEY: &str = "ready-probe";
+
+/// Returns `store` once it answers a read, or the last read's error after
+/// [`BUCKET_READY_TIMEOUT`].
+async fn answering(store: kv::Store, bucket: &str) -> Result<kv::Store, StoreError> {
+    let deadline = tokio::time::Instant::now() + BUCKET_READY_TIMEOUT;
+    loop {
+        match store.entry(READY_PROBE_KEY).await {
+            Ok(_) => return Ok(store),
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                return Err(bucket_error(bucket, "wait for it to answer reads")(
+                    format!("{error} (still after {BUCKET_READY_TIMEOUT:?})"),
+                ));
+            }
+            Err(_) => tokio::time::sleep(BUCKET_READY_POLL).await,
+        }
+    }
+}
+
+/// Opens (creating if needed) a bucket, once it answers reads.
 pub async fn open_bucket(
     jetstream: &jetstream::Context,
     bucket: &str,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
-    match jetstream.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
+    let store = match jetstream.get_key_value(bucket).await {
+        Ok(store) => store,
         Err(_) => jetstream
             .create_key_value(kv_config(bucket, replicas, "wangge read models"))
             .await
-            .map_err(|error| bucket_error(bucket, "create")(error.to_string())),
-    }
+            .map_err(|error| bucket_error(bucket, "create")(error.to_string()))?,
+    };
+    answering(store, bucket).await
 }
 
 /// Opens an existing bucket (readers never create one).
@@ -115,10 +142,11 @@ pub async fn fresh_bucket(
     if jetstream.get_key_value(bucket).await.is_ok() {
         delete_bucket(jetstream, bucket).await?;
     }
-    jetstream
+    let store = jetstream
         .create_key_value(kv_config(bucket, replicas, "wangge read models"))
         .await
-        .map_err(|error| bucket_error(bucket, "create")(error.to_string()))
+        .map_err(|error| bucket_error(bucket, "create")(error.to_string()))?;
+    answering(store, bucket).await
 }
 
 pub async fn delete_bucket(jetstream: &jetstream::Context, bucket: &str) -> Result<(), StoreError> {

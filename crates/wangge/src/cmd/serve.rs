@@ -185,84 +185,112 @@ fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
     )
 }
 
+/// Rounds of `wangge up` before it gives up: a cluster that has just started (or is
+/// electing a leader) can answer a request with "no responders" or a timeout; every step is
+/// create-or-open, so a round repeats safely.
+const UP_ATTEMPTS_MAX: usize = 3;
+/// Pause between two rounds of `wangge up`.
+const UP_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let client = connect(settings, "up").await?;
-        let jetstream = async_nats::jetstream::new(client.clone());
-        for context in [
-            BoundedContext::Grids,
-            BoundedContext::Incidents,
-            BoundedContext::Intake,
-        ] {
-            let spec = spec(settings, context);
-            // The codec is irrelevant to creating the stream; no event is written here.
-            EventStore::open(
-                jetstream.clone(),
-                spec.clone(),
-                PostcardCodec::<()>::new("up"),
-            )
-            .await
-            .with_context(|| format!("create or update stream {}", spec.stream_name))?;
-            let mut stream = jetstream
-                .get_stream(&spec.stream_name)
-                .await
-                .with_context(|| format!("read stream {}", spec.stream_name))?;
-            let info = stream.info().await?;
-            writeln!(
-                std::io::stdout(),
-                "stream {} ({}): replicas {}, duplicate window {}s, {} messages, ready",
-                spec.stream_name,
-                spec.all_subjects(),
-                info.config.num_replicas,
-                info.config.duplicate_window.as_secs(),
-                info.state.messages
-            )
-            .context("write to stdout")?;
+        let mut attempt = 1;
+        loop {
+            match up_once(settings, &client).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < UP_ATTEMPTS_MAX => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        attempt,
+                        attempts_max = UP_ATTEMPTS_MAX,
+                        "up: a step failed; repeating every step"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(UP_RETRY_PAUSE).await;
+                }
+                Err(error) => return Err(error),
+            }
         }
-        // The services' own streams and buckets, so that their restricted credentials only
-        // ever open them (creating R3 streams while six services start can time out).
-        let window = Duration::from_secs(settings.store.duplicate_window_seconds);
-        let replicas = settings.store.replicas;
-        let intake_config = intake::ServiceConfig {
-            replicas,
-            duplicate_window: window,
-            ..intake::ServiceConfig::default()
-        };
-        let submissions = intake::ensure_submissions_stream(&jetstream, &intake_config)
-            .await
-            .context("create stream SUBMISSIONS")?;
-        intake::service::ensure_submissions_consumer(&submissions, &intake_config)
-            .await
-            .context("create the SUBMISSIONS consumer of intake")?;
-        intake::service::ensure_contacts_bucket(&jetstream, &intake_config)
-            .await
-            .context("create bucket INTAKE_CONTACTS")?;
-        dispatch::notify::open_stream(&jetstream, replicas, window)
-            .await
-            .map_err(anyhow::Error::msg)
-            .context("create stream NOTIFICATIONS")?;
-        let snapshots = dispatch::DispatchConfig::new(
-            domain::Policy::embedded(&settings.city)
-                .with_context(|| format!("load the policy of city {:?}", settings.city))?,
+    })
+}
+
+/// One round of `wangge up`: every stream, consumer and bucket, created or opened.
+async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Result<()> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    for context in [
+        BoundedContext::Grids,
+        BoundedContext::Incidents,
+        BoundedContext::Intake,
+    ] {
+        let spec = spec(settings, context);
+        // The codec is irrelevant to creating the stream; no event is written here.
+        EventStore::open(
+            jetstream.clone(),
+            spec.clone(),
+            PostcardCodec::<()>::new("up"),
         )
-        .snapshot_bucket
-        .unwrap_or_default();
-        eventstore::SnapshotStore::open(&jetstream, &snapshots, replicas)
+        .await
+        .with_context(|| format!("create or update stream {}", spec.stream_name))?;
+        let mut stream = jetstream
+            .get_stream(&spec.stream_name)
             .await
-            .with_context(|| format!("create bucket {snapshots}"))?;
+            .with_context(|| format!("read stream {}", spec.stream_name))?;
+        let info = stream.info().await?;
         writeln!(
             std::io::stdout(),
-            "stream SUBMISSIONS (consumer {}), stream NOTIFICATIONS, buckets {} and {snapshots}: ready",
-            intake_config.submissions_durable,
-            intake_config.contacts_bucket
+            "stream {} ({}): replicas {}, duplicate window {}s, {} messages, ready",
+            spec.stream_name,
+            spec.all_subjects(),
+            info.config.num_replicas,
+            info.config.duplicate_window.as_secs(),
+            info.state.messages
         )
         .context("write to stdout")?;
-        super::projection::up(settings, &client)
-            .await
-            .context("create the projection's buckets")?;
-        client.flush().await.context("flush")?;
-        Ok(())
-    })
+    }
+    // The services' own streams and buckets, so that their restricted credentials only
+    // ever open them (creating R3 streams while six services start can time out).
+    let window = Duration::from_secs(settings.store.duplicate_window_seconds);
+    let replicas = settings.store.replicas;
+    let intake_config = intake::ServiceConfig {
+        replicas,
+        duplicate_window: window,
+        ..intake::ServiceConfig::default()
+    };
+    let submissions = intake::ensure_submissions_stream(&jetstream, &intake_config)
+        .await
+        .context("create stream SUBMISSIONS")?;
+    intake::service::ensure_submissions_consumer(&submissions, &intake_config)
+        .await
+        .context("create the SUBMISSIONS consumer of intake")?;
+    intake::service::ensure_contacts_bucket(&jetstream, &intake_config)
+        .await
+        .context("create bucket INTAKE_CONTACTS")?;
+    dispatch::notify::open_stream(&jetstream, replicas, window)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("create stream NOTIFICATIONS")?;
+    let snapshots = dispatch::DispatchConfig::new(
+        domain::Policy::embedded(&settings.city)
+            .with_context(|| format!("load the policy of city {:?}", settings.city))?,
+    )
+    .snapshot_bucket
+    .unwrap_or_default();
+    eventstore::SnapshotStore::open(&jetstream, &snapshots, replicas)
+        .await
+        .with_context(|| format!("create bucket {snapshots}"))?;
+    writeln!(
+        std::io::stdout(),
+        "stream SUBMISSIONS (consumer {}), stream NOTIFICATIONS, buckets {} and {snapshots}: ready",
+        intake_config.submissions_durable,
+        intake_config.contacts_bucket
+    )
+    .context("write to stdout")?;
+    super::projection::up(settings, client)
+        .await
+        .context("create the projection's buckets")?;
+    client.flush().await.context("flush")?;
+    Ok(())
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
