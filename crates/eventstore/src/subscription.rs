@@ -219,8 +219,9 @@ pub struct Subscription<C: EventCodec> {
     backoff: Duration,
     /// Deliveries settled since the last cumulative ack went out.
     settled_unacked: usize,
-    /// [`Acks::Cumulative`]: the last delivery settled while caught up, not yet acked, and
-    /// when its ack is due ([`CUMULATIVE_ACK_LINGER`] after the first settled one it covers).
+    /// [`Acks::Cumulative`]: the reply subject of the last settled delivery not yet acked
+    /// (its ack covers every earlier one), and when that ack is due
+    /// ([`CUMULATIVE_ACK_LINGER`] after the first delivery it covers was settled).
     lingering_ack: Option<(async_nats::Subject, tokio::time::Instant)>,
     /// [`Readers::One`]: consumer sequence of the last delivery received from the current
     /// consumer (`None` right after it was made).
@@ -463,7 +464,8 @@ impl<C: EventCodec> Subscription<C> {
 
     /// Sends the ack [`Self::settle`] left lingering (it covers every delivery settled so far).
     async fn send_lingering_ack(&mut self) {
-        // Cleared only once sent: `next` may be dropped mid-send (`select!`, `next_ready`).
+        // Cleared only once the send completed: `next` may be dropped mid-send (`select!`,
+        // `next_ready`), and the next call sends it then.
         if let Some((reply, _)) = self.lingering_ack.clone() {
             // What `jetstream::Message::ack` sends: an empty message to the delivery's reply
             // subject (`AckPolicy::All`: it covers every earlier delivery).

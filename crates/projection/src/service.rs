@@ -155,8 +155,12 @@ struct Attached {
     incidents: Subscription<codecs::IncidentCodec>,
     grids: Subscription<registry::RegistryCodec>,
     grids_durable: String,
-    unacked: Vec<Delivery<domain::IncidentEvent>>,
-    unacked_grids: Vec<Delivery<registry::domain::Event>>,
+    /// INCIDENTS commits folded since the last flush, and the last of them: its ack covers
+    /// them all (`AckPolicy::All`).
+    unflushed: usize,
+    last_unacked: Option<Delivery<domain::IncidentEvent>>,
+    /// The last GRIDS commit folded since the last flush (its ack covers the earlier ones).
+    last_unacked_grids: Option<Delivery<registry::domain::Event>>,
     first_unflushed: Option<tokio::time::Instant>,
     /// The last delivery said the server held nothing more: flush after the linger.
     caught_up: bool,
@@ -444,8 +448,9 @@ impl ProjectionService {
             incidents,
             grids,
             grids_durable,
-            unacked: Vec::new(),
-            unacked_grids: Vec::new(),
+            unflushed: 0,
+            last_unacked: None,
+            last_unacked_grids: None,
             first_unflushed: Some(tokio::time::Instant::now()),
             caught_up: false,
         });
@@ -474,7 +479,7 @@ impl ProjectionService {
                 instance = %self.config.instance,
                 term = attached.term,
                 reason,
-                unflushed = attached.unacked.len(),
+                unflushed = attached.unflushed,
                 "no longer the builder: stopped folding (unflushed commits are refolded by the next builder)"
             );
             if let Ok(stream) = self
@@ -607,12 +612,13 @@ impl ProjectionService {
         // Cumulative acks (`AckPolicy::All`): the last delivery's ack covers the flush. The
         // checkpoint, not the ack floor, is where a builder resumes; acks only keep the
         // consumer's pending count low (one ack per flush instead of one per commit).
-        if let Some(delivery) = attached.unacked.drain(..).next_back()
+        attached.unflushed = 0;
+        if let Some(delivery) = attached.last_unacked.take()
             && let Err(error) = delivery.ack().await
         {
             debug!(%error, "ack lost; the flushed commits are redelivered and skipped");
         }
-        if let Some(delivery) = attached.unacked_grids.drain(..).next_back()
+        if let Some(delivery) = attached.last_unacked_grids.take()
             && let Err(error) = delivery.ack().await
         {
             debug!(%error, "ack lost; the flushed GRIDS commits are redelivered and skipped");
@@ -761,9 +767,10 @@ impl ProjectionService {
                         }
                     }
                     attached.caught_up = delivery.pending == 0;
-                    attached.unacked.push(delivery);
+                    attached.last_unacked = Some(delivery);
+                    attached.unflushed += 1;
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
-                    let full = attached.unacked.len() >= self.config.flush_commits_max;
+                    let full = attached.unflushed >= self.config.flush_commits_max;
                     if full && let Err(error) = self.flush_as_builder().await {
                         break Err(error);
                     }
@@ -775,7 +782,7 @@ impl ProjectionService {
                     };
                     attached.projector.apply_grids_commit(&delivery.commit);
                     attached.caught_up = delivery.pending == 0;
-                    attached.unacked_grids.push(delivery);
+                    attached.last_unacked_grids = Some(delivery);
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                 }
                 _ = sleep_until(flush_at) => {
