@@ -95,14 +95,15 @@ struct PipelineFigures {
     p99_ms: f64,
     /// The latency split by where each sample's time went.
     hops: LatencyHops,
-    /// Messages the server received and sent (`/varz`) per raw publish, in the raw phase.
-    server_messages_per_raw_publish: MessagesPer,
+    /// Messages the server received and sent (`/varz`) per raw publish, in the raw phase
+    /// (`null` if the server's monitoring endpoint did not answer).
+    server_messages_per_raw_publish: Option<MessagesPer>,
     /// ... per incident, in the throughput phase (every service's publishes, acks, deliveries
     /// and key-value writes, and the benchmark's own polling of the read models): the ratio's
     /// bound, since the server's work grows with the messages it handles.
-    server_messages_per_incident: MessagesPer,
+    server_messages_per_incident: Option<MessagesPer>,
     /// ... per report of the latency phase (publish of the first to the last notification).
-    server_messages_per_latency_report: MessagesPer,
+    server_messages_per_latency_report: Option<MessagesPer>,
     nats_server: String,
 }
 
@@ -118,21 +119,22 @@ impl MessagesPer {
     fn of(
         counts: Option<(testkit::MessageCounts, testkit::MessageCounts)>,
         units: u64,
-    ) -> MessagesPer {
-        let counted = counts
-            .map(|(before, after)| after.since(&before))
-            .unwrap_or_default();
+    ) -> Option<MessagesPer> {
+        let (before, after) = counts?;
+        let counted = after.since(&before);
         let units = units.max(1) as f64;
-        MessagesPer {
+        Some(MessagesPer {
             received: counted.in_msgs as f64 / units,
             sent: counted.out_msgs as f64 / units,
-        }
+        })
     }
-}
 
-impl std::fmt::Display for MessagesPer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} in + {:.1} out", self.received, self.sent)
+    /// `a in + b out`, or `unknown` when the server's counters could not be read.
+    fn show(per: &Option<MessagesPer>) -> String {
+        per.as_ref().map_or_else(
+            || "unknown".to_owned(),
+            |per| format!("{:.1} in + {:.1} out", per.received, per.sent),
+        )
     }
 }
 
@@ -502,7 +504,9 @@ async fn bench(
         published.as_secs_f64()
     );
     eprintln!(
-        "  server messages: {server_messages_per_incident} per incident, {server_messages_per_raw_publish} per raw publish"
+        "  server messages: {} per incident, {} per raw publish",
+        MessagesPer::show(&server_messages_per_incident),
+        MessagesPer::show(&server_messages_per_raw_publish)
     );
 
     // The latency phase measures the steady state, not the tail of the burst above: wait
@@ -618,7 +622,10 @@ async fn bench(
         "  latency by hop: to filed {}; to dispatched {}; to notified {}",
         hops.to_filed, hops.to_dispatched, hops.to_notified
     );
-    eprintln!("  server messages: {server_messages_per_latency_report} per report at that rate");
+    eprintln!(
+        "  server messages: {} per report at that rate",
+        MessagesPer::show(&server_messages_per_latency_report)
+    );
     let overall = Percentiles::of(latencies);
     Ok(PipelineFigures {
         reports: args.reports,
