@@ -212,20 +212,23 @@ impl Settings {
             );
             figment = figment.merge(Toml::file_exact(path));
         }
+        let figment = figment.merge(
+            Env::prefixed("WANGGE_")
+                .ignore(&ENV_NOT_SETTINGS)
+                .split("__"),
+        );
+        let source = match path {
+            Some(path) => format!("{} and WANGGE_* variables", path.display()),
+            None => "WANGGE_* variables".to_owned(),
+        };
+        Settings::from_figment(figment, &source)
+    }
+
+    /// The settings `figment` gives, validated; `source` names where they came from.
+    fn from_figment(figment: Figment, source: &str) -> anyhow::Result<Settings> {
         let settings: Settings = figment
-            .merge(
-                Env::prefixed("WANGGE_")
-                    .ignore(&ENV_NOT_SETTINGS)
-                    .split("__"),
-            )
             .extract()
-            .with_context(|| match path {
-                Some(path) => format!(
-                    "read configuration from {} and WANGGE_* variables",
-                    path.display()
-                ),
-                None => "read configuration from WANGGE_* variables".to_owned(),
-            })?;
+            .with_context(|| format!("read configuration from {source}"))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -339,11 +342,10 @@ mod tests {
     /// Settings from built-in defaults and `toml` (as a file would give them), validated:
     /// the settings' `[intake]` and `[dispatch]` sections, or the error.
     fn check(toml: &str, expect: Expect) {
-        let loaded = Figment::from(Serialized::defaults(Settings::default()))
-            .merge(Toml::string(toml))
-            .extract::<Settings>()
-            .map_err(anyhow::Error::from)
-            .and_then(|settings| settings.validate().map(|()| settings));
+        let loaded = Settings::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(toml)),
+            "the test's TOML",
+        );
         let shown = match loaded {
             Ok(settings) => format!("{:?}\n{:?}", settings.intake, settings.dispatch),
             Err(error) => format!("error: {error:#}"),
@@ -402,7 +404,7 @@ mod tests {
         check(
             "[intake]\nbatch_fill_wait = 3",
             expect![[
-                r#"error: unknown field: found `batch_fill_wait`, expected `one of `dedup_radius_m`, `dedup_window_minutes`, `rate_burst`, `rate_refill_seconds`, `batch_fill_wait_ms`` for key "default.intake.batch_fill_wait" in TOML source string"#
+                r#"error: read configuration from the test's TOML: unknown field: found `batch_fill_wait`, expected `one of `dedup_radius_m`, `dedup_window_minutes`, `rate_burst`, `rate_refill_seconds`, `batch_fill_wait_ms`` for key "default.intake.batch_fill_wait" in TOML source string"#
             ]],
         );
     }
