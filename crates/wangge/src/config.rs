@@ -22,6 +22,7 @@ pub struct Settings {
     pub observe: ObserveSettings,
     pub intake: IntakeSettings,
     pub dispatch: DispatchSettings,
+    pub runtime: RuntimeSettings,
     /// Which city's data files (routing, calendar, standards) the services load.
     pub city: String,
 }
@@ -103,6 +104,21 @@ pub struct DispatchSettings {
     pub deliveries_fill_wait_ms: u64,
 }
 
+/// `[runtime]`: how a long-running service (`wangge serve …`) runs its async tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Threads of a service's runtime, 1 to [`WORKER_THREADS_MAX`]. With 1 (the default) the
+    /// service's loop and its NATS connection share one thread: a service decides in one loop
+    /// anyway, and on a small machine shared with nats-server that saves the wake-ups and
+    /// context switches of handing every message between threads (docs/BENCHMARKS.md,
+    /// "Session 12"). With 2 or more, a multi-threaded runtime with that many workers.
+    pub worker_threads: usize,
+}
+
+/// Largest `runtime.worker_threads`.
+pub const WORKER_THREADS_MAX: usize = 64;
+
 /// Largest `intake.dedup_radius_m`: a wider circle merges reports of different places.
 pub const DEDUP_RADIUS_MAX_M: f64 = 1_000.0;
 /// Largest `intake.dedup_window_minutes` (30 days).
@@ -129,6 +145,7 @@ impl Default for Settings {
             observe: ObserveSettings::default(),
             intake: IntakeSettings::default(),
             dispatch: DispatchSettings::default(),
+            runtime: RuntimeSettings::default(),
             city: "sanming".to_owned(),
         }
     }
@@ -151,6 +168,12 @@ impl Default for DispatchSettings {
         DispatchSettings {
             deliveries_fill_wait_ms: dispatch::service::DELIVERIES_FILL_WAIT.as_millis() as u64,
         }
+    }
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings { worker_threads: 1 }
     }
 }
 
@@ -268,6 +291,11 @@ impl Settings {
             self.observe.lag_refresh_seconds >= 1,
             "observe.lag_refresh_seconds must be at least 1"
         );
+        anyhow::ensure!(
+            (1..=WORKER_THREADS_MAX).contains(&self.runtime.worker_threads),
+            "runtime.worker_threads must be between 1 and {WORKER_THREADS_MAX}, got {}",
+            self.runtime.worker_threads
+        );
         self.intake.validate()?;
         self.dispatch.validate()
     }
@@ -340,14 +368,17 @@ mod tests {
     use super::*;
 
     /// Settings from built-in defaults and `toml` (as a file would give them), validated:
-    /// the settings' `[intake]` and `[dispatch]` sections, or the error.
+    /// the settings' `[intake]`, `[dispatch]` and `[runtime]` sections, or the error.
     fn check(toml: &str, expect: Expect) {
         let loaded = Settings::from_figment(
             Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(toml)),
             "the test's TOML",
         );
         let shown = match loaded {
-            Ok(settings) => format!("{:?}\n{:?}", settings.intake, settings.dispatch),
+            Ok(settings) => format!(
+                "{:?}\n{:?}\n{:?}",
+                settings.intake, settings.dispatch, settings.runtime
+            ),
             Err(error) => format!("error: {error:#}"),
         };
         expect.assert_eq(&shown);
@@ -359,13 +390,15 @@ mod tests {
             "",
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
-                DispatchSettings { deliveries_fill_wait_ms: 2 }"#]],
+                DispatchSettings { deliveries_fill_wait_ms: 2 }
+                RuntimeSettings { worker_threads: 1 }"#]],
         );
         check(
             "[intake]\ndedup_radius_m = 0.0\nrate_burst = 50\nbatch_fill_wait_ms = 0\n[dispatch]\ndeliveries_fill_wait_ms = 5",
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 0 }
-                DispatchSettings { deliveries_fill_wait_ms: 5 }"#]],
+                DispatchSettings { deliveries_fill_wait_ms: 5 }
+                RuntimeSettings { worker_threads: 1 }"#]],
         );
         check(
             "[intake]\nrate_burst = 0",
@@ -400,6 +433,17 @@ mod tests {
             expect![
                 "error: dispatch.deliveries_fill_wait_ms (--deliveries-fill-wait-ms) must be at most 1000, got 60000"
             ],
+        );
+        check(
+            "[runtime]\nworker_threads = 2",
+            expect![[r#"
+                IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
+                DispatchSettings { deliveries_fill_wait_ms: 2 }
+                RuntimeSettings { worker_threads: 2 }"#]],
+        );
+        check(
+            "[runtime]\nworker_threads = 0",
+            expect!["error: runtime.worker_threads must be between 1 and 64, got 0"],
         );
         check(
             "[intake]\nbatch_fill_wait = 3",

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use eventstore::{BoundedContext, StreamSpec};
 use projection::{ProjectionConfig, ProjectionService, RebuildOptions, ScoreWeights, Until};
 
-use super::serve::{runtime, stop_on_signal, wait_stopped};
+use super::serve::{runtime, service_runtime, stop_on_signal, wait_stopped};
 use crate::config::Settings;
 
 const SERVE_HELP: &str = "\
@@ -160,7 +160,7 @@ fn rebuild_options(settings: &Settings, weights: ScoreWeights) -> RebuildOptions
 
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
     let weights = args.weights.weights()?;
-    runtime()?.block_on(async {
+    service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) load so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
         let client = super::serve::connect(settings, &args.instance).await?;

@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 
-/// Worker threads of a service's runtime (the machines are small; NATS does the scaling).
-const RUNTIME_WORKER_THREADS: usize = 2;
+/// Worker threads of a one-off job's runtime (the machines are small; NATS does the scaling).
+const JOB_WORKER_THREADS: usize = 2;
 
 /// Creates (or updates in place) the JetStream streams wangge writes to, then exits.
 #[derive(Debug, clap::Args)]
@@ -125,13 +125,35 @@ pub struct RegistryArgs {
     pub queue_group: String,
 }
 
-/// The runtime every `wangge serve` / `wangge projection` command runs on.
+/// The runtime of a one-off job (`wangge up`, `wangge projection rebuild|as-of|status`),
+/// which may fold a whole stream: decoding beside folding is worth a second thread there.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(RUNTIME_WORKER_THREADS)
+        .worker_threads(JOB_WORKER_THREADS)
         .enable_all()
         .build()
         .context("start the async runtime")
+}
+
+/// The runtime a long-running service (`wangge serve …`) runs on: `runtime.worker_threads`
+/// threads, one by default (see [`crate::config::RuntimeSettings`]).
+pub(crate) fn service_runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = settings.runtime.worker_threads;
+    assert!(
+        (1..=crate::config::WORKER_THREADS_MAX).contains(&threads),
+        "settings are validated when loaded"
+    );
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder
+        .enable_all()
+        .build()
+        .with_context(|| format!("start the async runtime ({threads} worker threads)"))
 }
 
 /// Parses `nats.url`: one or more comma-separated server URLs.
@@ -320,7 +342,7 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
 fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()> {
     let profile = standards::builtin(&settings.city)
         .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
-    runtime()?.block_on(async {
+    service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) catch-up so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
@@ -436,7 +458,7 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
     tuning.validate()?;
     let policy = domain::Policy::embedded(&settings.city)
         .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
-    runtime()?.block_on(async {
+    service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) catch-up so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
@@ -544,7 +566,7 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("load the policy of city {:?}", settings.city))?;
     let profile = standards::builtin(&settings.city)
         .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
-    runtime()?.block_on(async {
+    service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) catch-up so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
         let client = connect(settings, &args.instance).await?;
