@@ -75,6 +75,11 @@ pub struct BenchPipelineArgs {
     /// Seconds of the latency phase.
     #[arg(long, default_value_t = 5)]
     latency_seconds: u64,
+    /// Write every latency sample to this CSV file (one row per report, in the order sent:
+    /// when it was sent, its latency and its three hops, in milliseconds), to see whether the
+    /// tail comes in bursts (a stall) or is spread over the run (scheduling), and when.
+    #[arg(long, value_name = "FILE")]
+    samples_out: Option<std::path::PathBuf>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -190,7 +195,7 @@ async fn latency_hops(
     after_sequence: u64,
     samples: &[Option<Sample>],
     index_of: &HashMap<uuid::Uuid, usize>,
-) -> anyhow::Result<LatencyHops> {
+) -> anyhow::Result<(LatencyHops, Vec<HopRow>)> {
     let mut stream = context
         .get_stream("INCIDENTS")
         .await
@@ -242,6 +247,7 @@ async fn latency_hops(
         }
     }
     let (mut to_filed, mut to_dispatched, mut to_notified) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows = Vec::with_capacity(samples.len());
     for (sample, filed) in samples.iter().zip(filed_at) {
         let (Some(sample), Some(filed)) = (sample, filed) else {
             continue;
@@ -249,15 +255,62 @@ async fn latency_hops(
         let Some(&dispatched) = stored_at.get(&sample.dispatch_sequence) else {
             continue;
         };
-        to_filed.push(millis_between(sample.sent, filed));
-        to_dispatched.push(millis_between(filed, dispatched));
-        to_notified.push(millis_between(dispatched, sample.received));
+        let row = HopRow {
+            sent: sample.sent,
+            total_ms: millis_between(sample.sent, sample.received),
+            to_filed_ms: millis_between(sample.sent, filed),
+            to_dispatched_ms: millis_between(filed, dispatched),
+            to_notified_ms: millis_between(dispatched, sample.received),
+        };
+        to_filed.push(row.to_filed_ms);
+        to_dispatched.push(row.to_dispatched_ms);
+        to_notified.push(row.to_notified_ms);
+        rows.push(row);
     }
-    Ok(LatencyHops {
+    let hops = LatencyHops {
         to_filed: Percentiles::of(to_filed),
         to_dispatched: Percentiles::of(to_dispatched),
         to_notified: Percentiles::of(to_notified),
-    })
+    };
+    Ok((hops, rows))
+}
+
+/// One latency sample split into its hops, for `--samples-out`.
+#[derive(Debug, Clone, Copy)]
+struct HopRow {
+    sent: SystemTime,
+    total_ms: f64,
+    to_filed_ms: f64,
+    to_dispatched_ms: f64,
+    to_notified_ms: f64,
+}
+
+/// Writes `rows` (in the order sent) as CSV. `sent_unix_ms` is the wall-clock time the report
+/// was sent (milliseconds since the Unix epoch), to line the samples up with the services' logs.
+fn write_samples(path: &std::path::Path, rows: &[HopRow]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+    );
+    let mut write = || -> std::io::Result<()> {
+        writeln!(
+            out,
+            "sent_unix_ms,total_ms,to_filed_ms,to_dispatched_ms,to_notified_ms"
+        )?;
+        for row in rows {
+            writeln!(
+                out,
+                "{:.3},{:.3},{:.3},{:.3},{:.3}",
+                millis_between(SystemTime::UNIX_EPOCH, row.sent),
+                row.total_ms,
+                row.to_filed_ms,
+                row.to_dispatched_ms,
+                row.to_notified_ms
+            )?;
+        }
+        out.flush()
+    };
+    write().with_context(|| format!("write {}", path.display()))
 }
 
 /// One latency sample's wall-clock ends and the INCIDENTS sequence of its dispatch commit.
@@ -617,7 +670,15 @@ async fn bench(
         latencies.len(),
         latency.len()
     );
-    let hops = latency_hops(&context, incidents_before, &samples, &expected).await?;
+    let (hops, rows) = latency_hops(&context, incidents_before, &samples, &expected).await?;
+    if let Some(path) = &args.samples_out {
+        write_samples(path, &rows)?;
+        eprintln!(
+            "  {} latency samples written to {}",
+            rows.len(),
+            path.display()
+        );
+    }
     eprintln!(
         "  latency by hop: to filed {}; to dispatched {}; to notified {}",
         hops.to_filed, hops.to_dispatched, hops.to_notified
