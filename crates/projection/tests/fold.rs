@@ -485,3 +485,63 @@ fn community_compliance_from_grids() {
     "#]]
     .assert_eq(&out);
 }
+
+/// Board order, as the board shows it: emergencies, then the higher whistle level, then
+/// overdue, then the earliest open deadline (RFC 3339 UTC strings order as times do).
+fn urgency_shown(
+    entry: &serde_json::Value,
+) -> (bool, std::cmp::Reverse<Option<usize>>, bool, String) {
+    let level = entry["whistle_level"].as_str().map(|name| {
+        ["grid", "community", "street", "district", "city"]
+            .iter()
+            .position(|known| *known == name)
+            .expect("a known whistle level")
+    });
+    (
+        !entry["emergency"].as_bool().expect("emergency"),
+        std::cmp::Reverse(level),
+        !entry["overdue"].as_bool().expect("overdue"),
+        entry["next_due"].as_str().unwrap_or("~ none").to_owned(),
+    )
+}
+
+#[test]
+fn a_long_board_lists_its_most_urgent_cases_first() {
+    let commits = recorded(&histories(13, 8_000));
+    let incremental = fold(&commits, true).render_all();
+    let recomputed = fold(&commits, false).render_all();
+    let long: Vec<(&String, &serde_json::Value)> = incremental
+        .iter()
+        .filter(|(key, board)| {
+            key.starts_with("board.")
+                && board["open"].as_u64().expect("open")
+                    > projection::fold::BOARD_ENTRIES_MAX as u64
+        })
+        .collect();
+    let opens: Vec<String> = incremental
+        .iter()
+        .filter(|(key, _)| key.starts_with("board."))
+        .map(|(key, board)| format!("{key}={}", board["open"]))
+        .collect();
+    assert!(
+        !long.is_empty(),
+        "some board has more open cases than it lists: {opens:?}"
+    );
+    for (key, board) in long {
+        assert_eq!(
+            Some(board),
+            recomputed.get(key),
+            "{key}: incremental = recomputed"
+        );
+        let entries = board["entries"].as_array().expect("entries");
+        assert_eq!(entries.len(), projection::fold::BOARD_ENTRIES_MAX, "{key}");
+        for pair in entries.windows(2) {
+            assert!(
+                urgency_shown(&pair[0]) <= urgency_shown(&pair[1]),
+                "{key}: {} listed before {}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+}
