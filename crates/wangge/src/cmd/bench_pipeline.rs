@@ -246,31 +246,26 @@ async fn latency_hops(
             }
         }
     }
-    let (mut to_filed, mut to_dispatched, mut to_notified) = (Vec::new(), Vec::new(), Vec::new());
-    let mut rows = Vec::with_capacity(samples.len());
-    for (sample, filed) in samples.iter().zip(filed_at) {
-        let (Some(sample), Some(filed)) = (sample, filed) else {
-            continue;
-        };
-        let Some(&dispatched) = stored_at.get(&sample.dispatch_sequence) else {
-            continue;
-        };
-        let row = HopRow {
-            sent: sample.sent,
-            total_ms: millis_between(sample.sent, sample.received),
-            to_filed_ms: millis_between(sample.sent, filed),
-            to_dispatched_ms: millis_between(filed, dispatched),
-            to_notified_ms: millis_between(dispatched, sample.received),
-        };
-        to_filed.push(row.to_filed_ms);
-        to_dispatched.push(row.to_dispatched_ms);
-        to_notified.push(row.to_notified_ms);
-        rows.push(row);
-    }
+    let rows: Vec<HopRow> = samples
+        .iter()
+        .zip(filed_at)
+        .filter_map(|(sample, filed)| {
+            let (sample, filed) = (sample.as_ref()?, filed?);
+            let dispatched = *stored_at.get(&sample.dispatch_sequence)?;
+            Some(HopRow {
+                sent: sample.sent,
+                total_ms: millis_between(sample.sent, sample.received),
+                to_filed_ms: millis_between(sample.sent, filed),
+                to_dispatched_ms: millis_between(filed, dispatched),
+                to_notified_ms: millis_between(dispatched, sample.received),
+            })
+        })
+        .collect();
+    let hop = |of: fn(&HopRow) -> f64| Percentiles::of(rows.iter().map(of).collect());
     let hops = LatencyHops {
-        to_filed: Percentiles::of(to_filed),
-        to_dispatched: Percentiles::of(to_dispatched),
-        to_notified: Percentiles::of(to_notified),
+        to_filed: hop(|row| row.to_filed_ms),
+        to_dispatched: hop(|row| row.to_dispatched_ms),
+        to_notified: hop(|row| row.to_notified_ms),
     };
     Ok((hops, rows))
 }
