@@ -149,6 +149,15 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// True when deciding this command may draw grids (a partition, or a boundary change of
+    /// a partitioned community): tens of milliseconds of work for a large community, which
+    /// the service runs off its event loop.
+    pub fn may_partition(&self) -> bool {
+        matches!(self, Command::Partition | Command::UpdateCommunity(_))
+    }
+}
+
 /// A business refusal. `reason_code` is stable for clients; the message explains.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {

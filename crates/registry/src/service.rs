@@ -451,7 +451,32 @@ impl RegistryService {
                     (&fresh, eventstore::Position::NEW)
                 }
             };
-            let decided = domain::decide(community, &header.command_id, &parsed.command, now);
+            let decided = if parsed.command.may_partition() {
+                // Drawing grids takes tens of milliseconds for a large community: decide on
+                // the blocking pool, so that on a one-thread runtime the connection (pings)
+                // and `/healthz` stay served meanwhile. Commands still run one at a time.
+                let (owned, command_id, command) = (
+                    community.clone(),
+                    header.command_id.clone(),
+                    parsed.command.clone(),
+                );
+                match tokio::task::spawn_blocking(move || {
+                    domain::decide(&owned, &command_id, &command, now)
+                })
+                .await
+                {
+                    Ok(decided) => decided,
+                    Err(error) => {
+                        error!(%error, command_id = %header.command_id, "deciding a partition failed");
+                        return to_json(&error_reply(
+                            "internal",
+                            format!("deciding the command failed: {error}"),
+                        ));
+                    }
+                }
+            } else {
+                domain::decide(community, &header.command_id, &parsed.command, now)
+            };
             // A refusal, or an answer that needs no append, is never checked by the store:
             // give it only on the latest state. This instance may lag the stream (another
             // instance stored the community's last command a moment ago).
