@@ -8,12 +8,12 @@
 use std::time::Instant;
 
 use async_nats::jetstream;
-use eventstore::{ReplayRange, StreamSpec};
+use eventstore::{EventStore, ReplayRange, StreamSpec};
 use tracing::info;
 
 use crate::fold::Projector;
 use crate::keys;
-use crate::service::{GridsStore, IncidentStore, ServiceError, open_stores};
+use crate::service::{GridsStore, IncidentStore, ServiceError};
 use crate::store::{self, Pointer, StoreError};
 use crate::wire::ScoreWeights;
 
@@ -117,6 +117,47 @@ pub enum RebuildError {
     Store(#[from] StoreError),
     #[error("replay {stream}: {reason}")]
     Replay { stream: String, reason: String },
+    #[error(
+        "open stream {stream}: {reason} (a replay reads existing streams and never creates \
+         them: is this the right server? `wangge up` creates them)"
+    )]
+    NoStream { stream: String, reason: String },
+    #[error("{stream} ends at sequence {last}; there is nothing to replay up to sequence {asked}")]
+    PastEnd {
+        stream: String,
+        last: u64,
+        asked: u64,
+    },
+}
+
+/// Opens both event streams as they are. Unlike the service, a replay never creates one: a
+/// job pointed at the wrong server must fail, not report an empty city.
+async fn open_existing_stores(
+    jetstream: &jetstream::Context,
+    options: &RebuildOptions,
+) -> Result<(IncidentStore, GridsStore), RebuildError> {
+    let missing = |spec: &StreamSpec| {
+        let stream = spec.stream_name.clone();
+        move |error: eventstore::OpenError| RebuildError::NoStream {
+            stream,
+            reason: error.to_string(),
+        }
+    };
+    let incidents = EventStore::open_existing(
+        jetstream.clone(),
+        options.incidents.clone(),
+        codecs::IncidentCodec,
+    )
+    .await
+    .map_err(missing(&options.incidents))?;
+    let grids = EventStore::open_existing(
+        jetstream.clone(),
+        options.grids.clone(),
+        registry::RegistryCodec,
+    )
+    .await
+    .map_err(missing(&options.grids))?;
+    Ok((incidents, grids))
 }
 
 fn replay_error(stream: &str) -> impl Fn(eventstore::LoadError) -> RebuildError + '_ {
@@ -174,17 +215,25 @@ pub async fn build_into(
     progress: &dyn ProgressSink,
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
-    let (incident_store, grids_store): (IncidentStore, GridsStore) =
-        open_stores(jetstream, &options.incidents, &options.grids).await?;
-    let kv = store::fresh_bucket(jetstream, bucket, options.replicas).await?;
+    let (incident_store, grids_store) = open_existing_stores(jetstream, options).await?;
     let incidents_last = incident_store
         .last_sequence()
         .await
         .map_err(replay_error(&options.incidents.stream_name))?;
+    if let Until::Sequence(asked) = until
+        && asked > incidents_last
+    {
+        return Err(RebuildError::PastEnd {
+            stream: options.incidents.stream_name.clone(),
+            last: incidents_last,
+            asked,
+        });
+    }
+    let kv = store::fresh_bucket(jetstream, bucket, options.replicas).await?;
     let (incidents_target, time_cut) = match until {
         Until::End => (incidents_last, None),
         Until::Sequence(sequence) => {
-            let target = sequence.min(incidents_last);
+            let target = sequence;
             let cut = if target == 0 {
                 Some(i64::MIN)
             } else {
@@ -367,6 +416,8 @@ pub async fn rebuild(
     options: &RebuildOptions,
     progress: &dyn ProgressSink,
 ) -> Result<RebuildReport, RebuildError> {
+    // Before touching any bucket: a rebuild pointed at the wrong server makes nothing.
+    open_existing_stores(jetstream, options).await?;
     let meta = store::open_bucket(jetstream, keys::META_BUCKET, options.replicas).await?;
     let current = store::read_pointer(&meta).await?;
     let previous = current.map(|(pointer, _)| pointer.generation);

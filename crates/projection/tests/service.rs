@@ -200,6 +200,55 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         "an as-of replay swaps nothing"
     );
 
+    // 5. As of a sequence past the end: refused before any bucket is made.
+    let past = projection::as_of(
+        &jetstream,
+        &options,
+        Until::Sequence(last + 1_000),
+        &NoProgress,
+    )
+    .await;
+    assert!(
+        matches!(&past, Err(projection::RebuildError::PastEnd { last: at, .. }) if *at == last),
+        "{past:?}"
+    );
+    let label = Until::Sequence(last + 1_000).label();
+    assert!(
+        jetstream
+            .get_key_value(format!("PROJ_ASOF_{label}"))
+            .await
+            .is_err(),
+        "no bucket for a refused replay"
+    );
+
     restarted.stop.send(true).unwrap();
     restarted.task.await.unwrap().unwrap();
+}
+
+/// A replay pointed at a server without the event streams fails and creates nothing (a
+/// mistyped URL must not look like an empty city).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_never_creates_the_event_streams() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, grids_spec) = specs();
+    let options = RebuildOptions::new(incidents_spec.clone(), grids_spec.clone());
+    let as_of = projection::as_of(&jetstream, &options, Until::Sequence(5), &NoProgress).await;
+    let rebuilt = projection::rebuild(&jetstream, &options, &NoProgress).await;
+    for outcome in [&as_of, &rebuilt] {
+        match outcome {
+            Err(error @ projection::RebuildError::NoStream { stream, .. }) => {
+                assert_eq!(stream, &incidents_spec.stream_name);
+                assert!(error.to_string().contains("never creates"), "{error}");
+            }
+            other => panic!("expected NoStream, got {other:?}"),
+        }
+    }
+    for stream in [&incidents_spec.stream_name, &grids_spec.stream_name] {
+        assert!(
+            jetstream.get_stream(stream).await.is_err(),
+            "{stream} was created"
+        );
+    }
 }
