@@ -178,10 +178,17 @@ impl Residents {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight = FuturesUnordered::new();
-        for submission in submissions {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => break,
+        'submissions: for submission in submissions {
+            // Until the next tick, drive the publishes in flight (a future only publishes
+            // while it is polled) and count the ones stored.
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => break,
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                        self.stored(result)?;
+                    }
+                    _ = stop.changed() => break 'submissions,
+                }
             }
             while in_flight.len() >= PUBLISH_IN_FLIGHT_MAX {
                 if let Some(result) = in_flight.next().await {
