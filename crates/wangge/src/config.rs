@@ -223,6 +223,64 @@ impl Default for LogSettings {
 
 /// Flat variables that are not settings keys (they are read by clap or scripts).
 const ENV_NOT_SETTINGS: [&str; 3] = ["config", "log_format", "nats_server"];
+/// Families of variables the deployment files give the NATS servers (`deploy/`): an operator
+/// who sources such a file before running `wangge` must not see them refused as settings.
+const ENV_DEPLOY_PREFIXES: [&str; 2] = ["nats_pass_", "nats_server_name"];
+
+/// The built-in cities: those with both a dispatch policy and a standards profile.
+fn cities() -> Vec<&'static str> {
+    domain::policy::EMBEDDED_CITIES
+        .iter()
+        .copied()
+        .filter(|city| standards::CITIES.contains(city))
+        .collect()
+}
+
+/// A settings error from figment, in the operator's terms: an unknown key names the file or
+/// the exact environment variable it came from, and the keys that would be accepted.
+fn explain(error: figment::Error, source: &str) -> anyhow::Error {
+    let messages: Vec<String> = error
+        .into_iter()
+        .map(|error| {
+            let path: Vec<&str> = error
+                .path
+                .iter()
+                .map(String::as_str)
+                .filter(|part| *part != "default")
+                .collect();
+            let key = path.join(".").to_lowercase();
+            let from_env = error
+                .metadata
+                .as_ref()
+                .is_some_and(|metadata| metadata.name.contains("environment"));
+            let origin = if from_env {
+                format!(
+                    "environment variable WANGGE_{}",
+                    path.join("__").to_uppercase()
+                )
+            } else {
+                error
+                    .metadata
+                    .as_ref()
+                    .and_then(|metadata| metadata.source.as_ref())
+                    .map_or_else(|| source.to_owned(), |found| found.to_string())
+            };
+            match &error.kind {
+                figment::error::Kind::UnknownField(_, expected) => format!(
+                    "unknown setting {key:?} (from {origin}); {} are: {}",
+                    if path.len() > 1 {
+                        format!("the keys of [{}]", path[..path.len() - 1].join("."))
+                    } else {
+                        "the top-level keys".to_owned()
+                    },
+                    expected.join(", ")
+                ),
+                kind => format!("setting {key:?} (from {origin}): {kind}"),
+            }
+        })
+        .collect();
+    anyhow::anyhow!("{}", messages.join("; "))
+}
 
 impl Settings {
     pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
@@ -230,14 +288,24 @@ impl Settings {
         if let Some(path) = path {
             anyhow::ensure!(
                 path.is_file(),
-                "config file {} does not exist",
-                path.display()
+                "config file {} {}",
+                path.display(),
+                if path.exists() {
+                    "is not a file"
+                } else {
+                    "does not exist"
+                }
             );
             figment = figment.merge(Toml::file_exact(path));
         }
         let figment = figment.merge(
             Env::prefixed("WANGGE_")
                 .ignore(&ENV_NOT_SETTINGS)
+                .filter(|key| {
+                    !ENV_DEPLOY_PREFIXES
+                        .iter()
+                        .any(|prefix| key.as_str().to_lowercase().starts_with(prefix))
+                })
                 .split("__"),
         );
         let source = match path {
@@ -249,14 +317,20 @@ impl Settings {
 
     /// The settings `figment` gives, validated; `source` names where they came from.
     fn from_figment(figment: Figment, source: &str) -> anyhow::Result<Settings> {
-        let settings: Settings = figment
-            .extract()
-            .with_context(|| format!("read configuration from {source}"))?;
+        let settings: Settings = figment.extract().map_err(|error| {
+            explain(error, source).context(format!("read configuration from {source}"))
+        })?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            cities().contains(&self.city.as_str()),
+            "city {:?} has no built-in policy and standards; the cities are {}",
+            self.city,
+            cities().join(", ")
+        );
         anyhow::ensure!(
             self.store.replicas == 1 || self.store.replicas == 3,
             "store.replicas must be 1 or 3, got {}",
@@ -448,7 +522,7 @@ mod tests {
         check(
             "[intake]\nbatch_fill_wait = 3",
             expect![[
-                r#"error: read configuration from the test's TOML: unknown field: found `batch_fill_wait`, expected `one of `dedup_radius_m`, `dedup_window_minutes`, `rate_burst`, `rate_refill_seconds`, `batch_fill_wait_ms`` for key "default.intake.batch_fill_wait" in TOML source string"#
+                r#"error: read configuration from the test's TOML: unknown setting "intake.batch_fill_wait" (from the test's TOML); the keys of [intake] are: dedup_radius_m, dedup_window_minutes, rate_burst, rate_refill_seconds, batch_fill_wait_ms"#
             ]],
         );
     }

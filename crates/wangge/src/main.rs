@@ -22,7 +22,7 @@ static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// service's flags override both.
 /// `wangge config` prints the effective configuration.
 #[derive(Debug, Parser)]
-#[command(name = "wangge", version, about, long_about)]
+#[command(name = "wangge", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// Path of the TOML configuration file.
     #[arg(long, global = true, env = "WANGGE_CONFIG")]
@@ -35,6 +35,16 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const EXAMPLES: &str = "\
+Examples:
+  wangge demo --out /tmp/wangge-demo           # a whole simulated city, about 2 minutes
+  wangge config                                # the settings this run would use
+  wangge up && wangge serve registry           # create the streams, run one service
+  wangge partition --input city.geojson --out grids.geojson
+  wangge audit timeline <incident-id>          # one incident's story, in plain words
+  wangge bench pipeline --json                 # intake -> dispatch -> projection vs raw NATS
+Every command has its own --help with more.";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -69,16 +79,22 @@ fn main() -> std::process::ExitCode {
     let settings = match config::Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", logging::error_chain(&error));
             return std::process::ExitCode::from(2);
         }
     };
-    logging::init(
-        cli.log_format.unwrap_or(settings.log.format),
-        &settings.log.filter,
-    );
+    let log_format = cli.log_format.unwrap_or(settings.log.format);
+    if let Err(error) = logging::init(log_format, &settings.log.filter) {
+        eprintln!("error: {}", logging::error_chain(&error));
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
-        Command::Config => config::print(&settings),
+        Command::Config => {
+            // Show what this run uses: `--log-format` (or WANGGE_LOG_FORMAT) wins over the file.
+            let mut shown = settings.clone();
+            shown.log.format = log_format;
+            config::print(&shown)
+        }
         Command::Up(args) => cmd::serve::up(&settings, args),
         Command::Serve(args) => cmd::serve::serve(&settings, args),
         Command::Demo(args) => cmd::demo::run(&settings, args),
@@ -92,8 +108,12 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "wangge failed");
-            eprintln!("error: {error:#}");
+            let message = logging::error_chain(&error);
+            // Once: a structured line for collectors, a plain one for a person.
+            match log_format {
+                logging::LogFormat::Json => tracing::error!(error = message, "wangge failed"),
+                logging::LogFormat::Pretty => eprintln!("error: {message}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

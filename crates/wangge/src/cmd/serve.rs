@@ -221,6 +221,16 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
         loop {
             match up_once(settings, &client).await {
                 Ok(()) => return Ok(()),
+                // JetStream error 10074: replicas > 1 on a server that is not clustered. No
+                // retry helps; say what would.
+                Err(error) if format!("{error:#}").contains("error code 10074") => {
+                    return Err(error.context(format!(
+                        "store.replicas = {} needs a JetStream cluster of at least that many \
+                         servers, and this server is not clustered; for a single server set \
+                         store.replicas = 1 (WANGGE_STORE__REPLICAS=1)",
+                        settings.store.replicas
+                    )));
+                }
                 Err(error) if attempt < UP_ATTEMPTS_MAX => {
                     tracing::warn!(
                         error = format!("{error:#}"),

@@ -1,0 +1,109 @@
+//! `wangge config` as an operator meets it: what the environment may hold, and the messages
+//! for what it must not.
+
+use std::process::Command;
+
+use expect_test::{Expect, expect};
+
+/// Runs `wangge config` with `env` (and `args` before the subcommand); returns the exit code
+/// and stderr, or "ok" when it succeeded.
+fn check(args: &[&str], env: &[(&str, &str)], expect: Expect) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wangge"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("WANGGE_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    let output = command
+        .args(args)
+        .arg("config")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run wangge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes in a pipe: {stderr:?}"
+    );
+    let shown = if output.status.success() {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let log = stdout
+            .lines()
+            .skip_while(|line| *line != "[log]")
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("ok\n{log}")
+    } else {
+        format!("exit {:?}\n{}", output.status.code(), stderr.trim_end())
+    };
+    expect.assert_eq(&shown);
+}
+
+#[test]
+fn deployment_variables_are_not_settings() {
+    check(
+        &[],
+        &[
+            ("WANGGE_NATS_PASS_ADMIN", "secret"),
+            ("WANGGE_NATS_SERVER_NAME", "nats-1"),
+        ],
+        expect![[r#"
+            ok
+            [log]
+            format = "pretty"
+            filter = "info,async_nats=warn""#]],
+    );
+}
+
+#[test]
+fn the_log_format_shown_is_the_one_used() {
+    check(
+        &["--log-format", "json"],
+        &[],
+        expect![[r#"
+            ok
+            [log]
+            format = "json"
+            filter = "info,async_nats=warn""#]],
+    );
+}
+
+#[test]
+fn mistakes_are_named_where_they_were_made() {
+    check(
+        &[],
+        &[("WANGGE_NATS__URLL", "nats://x")],
+        expect![[r#"
+            exit Some(2)
+            error: read configuration from WANGGE_* variables: unknown setting "nats.urll" (from environment variable WANGGE_NATS__URLL); the keys of [nats] are: url, credentials, client_name, user, password, inbox_prefix, tls_ca_file, tls_cert_file, tls_key_file"#]],
+    );
+    check(
+        &[],
+        &[("WANGGE_CITY", "paris")],
+        expect![[r#"
+            exit Some(2)
+            error: city "paris" has no built-in policy and standards; the cities are sanming, yixing, wuhan, hangzhou, loudi"#]],
+    );
+    check(
+        &[],
+        &[("WANGGE_LOG__FILTER", "info,,=[")],
+        expect![[r#"
+            exit Some(2)
+            error: log.filter "info,,=[" is not a log filter: invalid filter directive"#]],
+    );
+    check(
+        &[],
+        &[("RUST_LOG", "info,,=[")],
+        expect![[r#"
+            exit Some(2)
+            error: RUST_LOG="info,,=[" is not a log filter: invalid filter directive"#]],
+    );
+    check(
+        &["--config", "/"],
+        &[],
+        expect![[r#"
+            exit Some(2)
+            error: config file / is not a file"#]],
+    );
+}
