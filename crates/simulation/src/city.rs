@@ -42,7 +42,7 @@ pub struct CityPlan {
 }
 
 impl Default for CityPlan {
-    /// 4 streets x 6 communities x 115 buildings: about 52,000 households in ~260 grids.
+    /// 4 streets x 6 communities x 115 buildings: about 55,000 households in ~260 grids.
     fn default() -> Self {
         CityPlan {
             seed: 2026,

@@ -74,7 +74,25 @@ fn io_error(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Testkit
 /// `scripts/nats-server.sh`.
 pub fn nats_server_binary() -> Result<PathBuf, TestkitError> {
     if let Some(path) = std::env::var_os("WANGGE_NATS_SERVER") {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        let refused = |why: String| TestkitError::NoServerBinary {
+            detail: format!("WANGGE_NATS_SERVER={}: {why}", path.display()),
+        };
+        if !path.is_file() {
+            return Err(refused("no such file".to_owned()));
+        }
+        let version = Command::new(&path)
+            .arg("--version")
+            .output()
+            .map_err(|error| refused(format!("does not run: {error}")))?;
+        let shown = String::from_utf8_lossy(&version.stdout);
+        if !version.status.success() || !shown.starts_with("nats-server: v") {
+            return Err(refused(format!(
+                "`--version` did not answer like nats-server (got {:?})",
+                shown.trim()
+            )));
+        }
+        return Ok(path);
     }
     let root = workspace_root();
     let local = root.join("tools/nats/bin/nats-server");

@@ -257,3 +257,20 @@ fn osm_extract_meets_the_quality_targets() {
     let svg_text = std::fs::read_to_string(&svg).expect("svg");
     assert!(svg_text.starts_with("<svg") && svg_text.contains("<circle"));
 }
+
+/// A file that is not .osm.pbf (here GeoJSON) is named as such, not as a corrupt block.
+#[test]
+fn import_osm_names_a_file_that_is_not_pbf() {
+    let scratch = Scratch::new("not-pbf");
+    let input = scratch.file("city.geojson");
+    std::fs::write(&input, r#"{"type":"FeatureCollection","features":[]}"#).expect("write");
+    let out = scratch.file("out.geojson");
+    let run = wangge(&["import", "osm", &input, "--out", &out]);
+    assert!(!run.success);
+    assert!(
+        run.stderr.contains("is not an OpenStreetMap .osm.pbf file"),
+        "{}",
+        run.stderr
+    );
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+}

@@ -54,10 +54,18 @@ pub enum AuditCommand {
 #[derive(Debug, clap::Args)]
 pub struct TimelineArgs {
     /// The incident id (UUID, as in the receipt).
-    pub incident: String,
+    #[arg(value_parser = parse_incident_id)]
+    pub incident: uuid::Uuid,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// An incident id, checked before anything connects.
+fn parse_incident_id(text: &str) -> Result<uuid::Uuid, String> {
+    text.trim()
+        .parse()
+        .map_err(|error| format!("not an incident id (a UUID, as in the receipt): {error}"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,11 +166,7 @@ async fn timeline(
     client: &async_nats::Client,
     args: TimelineArgs,
 ) -> anyhow::Result<()> {
-    let incident: uuid::Uuid = args
-        .incident
-        .trim()
-        .parse()
-        .with_context(|| format!("{:?} is not an incident id (a UUID)", args.incident))?;
+    let incident = args.incident;
     let store = open(
         settings,
         client,

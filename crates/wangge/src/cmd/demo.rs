@@ -32,7 +32,7 @@ What it does, in order:
   2. starts `wangge serve registry|intake|dispatch|projection` as child processes (logs in
      <out>/logs/); dispatch runs on compressed time (--time-scale, default 600: one wall
      minute is ten hours of deadlines);
-  3. plans a seeded city (4 streets x 6 communities, ~52,000 households), registers it with
+  3. plans a seeded city (4 streets x 6 communities, ~55,000 households), registers it with
      the registry, which partitions every community into ~200-household grids, and assigns a
      grid worker to every grid;
   4. runs resident apps (reports on the durable path, some repeated, some invalid) and the
@@ -40,7 +40,9 @@ What it does, in order:
      streets (a seeded share of departments slow or silent, so whistles blow);
   5. prints live progress, then the report, read back from the read models and the streams,
      and writes <out>/report.json, <out>/grids.geojson and <out>/map.svg.
-Exits 0 when every check in the report passed. Example:
+Exits 0 when every check in the report passed. The nats-server binary is
+$WANGGE_NATS_SERVER if set, else the pinned copy in tools/nats (`scripts/nats-server.sh`
+installs it), else `nats-server` on PATH. Example:
 
     wangge demo --seed 7 --reports 3000 --rate 50 --out /tmp/wangge-demo";
 

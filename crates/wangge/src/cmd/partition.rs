@@ -766,7 +766,24 @@ mod osm {
         refs: Vec<i64>,
     }
 
+    /// An .osm.pbf file opens with a block header whose type is `OSMHeader` (after its 4-byte
+    /// length): protobuf field 1, a string of 9 bytes.
+    const PBF_OPENING: &[u8] = b"\x0a\x09OSMHeader";
+
     pub(super) fn import(path: &Path, seed: u64) -> anyhow::Result<Value> {
+        let mut opening = [0u8; 4 + PBF_OPENING.len()];
+        let read = std::io::Read::read(
+            &mut std::fs::File::open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+            &mut opening,
+        )
+        .with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            read == opening.len() && opening[4..] == *PBF_OPENING,
+            "{} is not an OpenStreetMap .osm.pbf file (it does not open with an OSMHeader \
+             block); export the area as PBF, or convert .osm XML with `osmium cat in.osm -o out.osm.pbf`",
+            path.display()
+        );
         let reader = ElementReader::from_path(path)
             .with_context(|| format!("opening {}", path.display()))?;
         let mut nodes: HashMap<i64, Coord<f64>> = HashMap::new();
