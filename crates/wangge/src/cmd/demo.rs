@@ -500,7 +500,7 @@ fn print_report(report: &Value) -> anyhow::Result<()> {
     let deadlines = &report["deadlines"];
     writeln!(
         out,
-        "Deadlines: response {} on time / {} late / {} missed; resolution {} / {} / {}; whistle reports {} / {} / {}",
+        "Deadlines (on time / late / missed): response {} / {} / {}; resolution {} / {} / {}; whistle reports {} / {} / {}",
         deadlines["response_on_time"],
         deadlines["response_late"],
         deadlines["response_missed"],
@@ -516,11 +516,13 @@ fn print_report(report: &Value) -> anyhow::Result<()> {
         "Department scorecards (响应率 response / 解决率 resolution / 满意率 satisfaction / score):"
     )?;
     let behaviours = &report["consoles"]["behaviours"];
-    for card in report["department_scorecards"]
+    let mut cards: Vec<&serde_json::Value> = report["department_scorecards"]
         .as_array()
         .into_iter()
         .flatten()
-    {
+        .collect();
+    cards.sort_by_key(|card| card["id"].as_str().unwrap_or(""));
+    for card in &cards {
         let id = card["id"].as_str().unwrap_or("");
         writeln!(
             out,
@@ -535,6 +537,18 @@ fn print_report(report: &Value) -> anyhow::Result<()> {
                 .as_f64()
                 .map_or("—".to_owned(), |s| format!("{s:.2}")),
         )?;
+    }
+    // A department no event has named yet has no scorecard in the read models.
+    let mut idle: Vec<&str> = behaviours
+        .as_object()
+        .into_iter()
+        .flat_map(|departments| departments.iter())
+        .map(|(id, _)| id.as_str())
+        .filter(|id| !cards.iter().any(|card| card["id"] == *id))
+        .collect();
+    idle.sort_unstable();
+    if !idle.is_empty() {
+        writeln!(out, "  no case routed to: {}", idle.join(", "))?;
     }
     writeln!(out, "Checks:")?;
     for check in report["checks"].as_array().into_iter().flatten() {
