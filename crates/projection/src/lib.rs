@@ -40,7 +40,8 @@ pub use fold::{Applied, Held, Projector, StoredIncident};
 pub use lease::{BUILDER_LEASE_TTL, LeaseTiming, LeaseValue, Role};
 pub use reader::ReadModels;
 pub use rebuild::{
-    NoProgress, ProgressSink, RebuildError, RebuildOptions, RebuildReport, Until, as_of, rebuild,
+    NoProgress, ProgressSink, RebuildError, RebuildOptions, RebuildReport, Until, as_of,
+    as_of_buckets, drop_as_of, rebuild,
 };
 pub use service::{Progress, ProjectionConfig, ProjectionService, ServiceError};
 pub use store::{Pointer, StoreError};

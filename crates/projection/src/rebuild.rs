@@ -463,6 +463,55 @@ pub async fn rebuild(
     Ok(report)
 }
 
+/// Bucket names of every as-of replay on the server (`PROJ_ASOF_*`), sorted.
+pub async fn as_of_buckets(jetstream: &jetstream::Context) -> Result<Vec<String>, StoreError> {
+    use futures::TryStreamExt as _;
+    let prefix = format!("KV_{}", keys::as_of_bucket(""));
+    let mut names: Vec<String> = jetstream
+        .stream_names()
+        .try_filter_map(|name| {
+            let bucket = name
+                .starts_with(&prefix)
+                .then(|| name["KV_".len()..].to_owned());
+            async move { Ok(bucket) }
+        })
+        .try_collect()
+        .await
+        .map_err(|error| StoreError::Bucket {
+            bucket: keys::as_of_bucket("*"),
+            action: "list",
+            reason: error.to_string(),
+        })?;
+    names.sort();
+    Ok(names)
+}
+
+/// Deletes an as-of replay's bucket, named by its label (`S120`, `T1767225600000`) or its
+/// bucket name. Only `PROJ_ASOF_*` buckets: a generation the services read is never touched
+/// here. Returns false when there was no such bucket.
+pub async fn drop_as_of(jetstream: &jetstream::Context, name: &str) -> Result<bool, StoreError> {
+    let prefix = keys::as_of_bucket("");
+    let bucket = if name.starts_with(&prefix) {
+        name.to_owned()
+    } else {
+        keys::as_of_bucket(name)
+    };
+    let label = &bucket[prefix.len()..];
+    if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(StoreError::Bucket {
+            bucket,
+            action: "drop",
+            reason: "not an as-of replay (labels look like S120 or T1767225600000)".to_owned(),
+        });
+    }
+    if jetstream.get_key_value(&bucket).await.is_err() {
+        return Ok(false);
+    }
+    store::delete_bucket(jetstream, &bucket).await?;
+    info!(%bucket, "as-of replay dropped");
+    Ok(true)
+}
+
 /// Replays into `PROJ_ASOF_<label>` for an audit; the current generation is untouched.
 pub async fn as_of(
     jetstream: &jetstream::Context,

@@ -221,6 +221,31 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         "no bucket for a refused replay"
     );
 
+    // 6. As-of buckets are listed and dropped by label; a generation cannot be dropped here.
+    assert_eq!(
+        projection::as_of_buckets(&jetstream).await.unwrap(),
+        vec![report.bucket.clone()]
+    );
+    let label = Until::Sequence(cut).label();
+    assert!(projection::drop_as_of(&jetstream, &label).await.unwrap());
+    assert!(
+        !projection::drop_as_of(&jetstream, &report.bucket)
+            .await
+            .unwrap()
+    );
+    assert!(
+        projection::as_of_buckets(&jetstream)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        projection::drop_as_of(&jetstream, "../PROJ_G2")
+            .await
+            .is_err()
+    );
+    assert!(ReadModels::current(&jetstream).await.unwrap().is_some());
+
     restarted.stop.send(true).unwrap();
     restarted.task.await.unwrap().unwrap();
 }

@@ -140,6 +140,33 @@ async fn kill_9_mid_stream_then_restart_counts_nothing_twice() {
         .unwrap();
     assert!(comparable(replayed.dump().await.unwrap()) == models_of_fold(&store, Some(cut)).await);
 
+    // `status` lists the as-of bucket; `drop-as-of` deletes it, and only it.
+    let listed = run_json(&url, &["projection", "status"]);
+    assert_eq!(listed["as_of_buckets"], serde_json::json!([bucket]));
+    let dropped = wangge(&url)
+        .args(["projection", "drop-as-of", &bucket])
+        .output()
+        .expect("run wangge");
+    assert!(dropped.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&dropped.stdout).trim(),
+        format!("dropped {bucket}")
+    );
+    assert!(jetstream.get_key_value(&bucket).await.is_err());
+    let again = wangge(&url)
+        .args(["projection", "drop-as-of", &bucket])
+        .output()
+        .expect("run wangge");
+    assert!(!again.status.success(), "a missing bucket is an error");
+    assert_eq!(
+        ReadModels::current(&jetstream)
+            .await
+            .unwrap()
+            .unwrap()
+            .generation(),
+        2
+    );
+
     let _ = Command::new("kill")
         .args(["-TERM", &builder.id().to_string()])
         .status();

@@ -102,8 +102,20 @@ pub enum ProjectionCommand {
     /// Replay the streams up to a time or an INCIDENTS sequence into a separate bucket
     /// (PROJ_ASOF_<label>) for audits; the current generation is untouched.
     AsOf(AsOfArgs),
-    /// Print the current generation and its checkpoint.
+    /// Delete as-of replay buckets (PROJ_ASOF_*) once the audit is done; `status` lists them.
+    DropAsOf(DropAsOfArgs),
+    /// Print the current generation, its checkpoint, the builder lease and the as-of buckets.
     Status,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DropAsOfArgs {
+    /// Labels (S120, T1767225600000) or bucket names (PROJ_ASOF_S120).
+    #[arg(required_unless_present = "all")]
+    pub names: Vec<String>,
+    /// Every as-of bucket on the server.
+    #[arg(long, conflicts_with = "names")]
+    pub all: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -319,6 +331,26 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                     }
                 }
             }
+            ProjectionCommand::DropAsOf(args) => {
+                let names = if args.all {
+                    projection::as_of_buckets(&jetstream).await?
+                } else {
+                    args.names
+                };
+                let mut missing = Vec::new();
+                for name in &names {
+                    if projection::drop_as_of(&jetstream, name).await? {
+                        writeln!(out, "dropped {name}")?;
+                    } else {
+                        missing.push(name.as_str());
+                    }
+                }
+                anyhow::ensure!(
+                    missing.is_empty(),
+                    "no as-of bucket {} (`wangge projection status` lists them)",
+                    missing.join(", ")
+                );
+            }
             ProjectionCommand::Status => match projection::ReadModels::current(&jetstream).await? {
                 Some(models) => {
                     let checkpoint = models.checkpoint().await?;
@@ -329,6 +361,8 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                         "{}",
                         serde_json::json!({ "builder_lease": lease })
                     )?;
+                    let as_of = projection::as_of_buckets(&jetstream).await?;
+                    writeln!(out, "{}", serde_json::json!({ "as_of_buckets": as_of }))?;
                 }
                 None => writeln!(out, "no generation yet (run `wangge serve projection`)")?,
             },
