@@ -1,17 +1,17 @@
 //! `wangge bench intake`: submissions filed end to end (durable publish → incident commit and
 //! receipt stored → receipt announced) against raw JetStream acked publishes of the same
-//! payloads, measured in the same run on a private nats-server.
+//! payloads, measured in the same run on a private nats-server. Intake and the registry run
+//! as `wangge serve` child processes, as a city runs them; this process only loads and counts.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::children::Services;
 use anyhow::Context as _;
 use async_nats::jetstream;
-use eventstore::{BoundedContext, EventStore, StreamSpec};
 use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::watch;
 
 /// Publishes in flight (acks outstanding) on both sides.
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_000;
@@ -24,6 +24,10 @@ const ORIGIN: (f64, f64) = (117.60, 26.24);
 const SIDE_DEGREES: f64 = 0.016;
 /// Buildings on a side of the benchmark community's square lattice.
 const BUILDINGS_PER_SIDE: usize = 12;
+/// Longest wait for intake to know the benchmark community's grids after the partition.
+const GRIDS_KNOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Submission index of the first readiness probe: past any run's own submissions.
+const PROBE_INDEX_FIRST: usize = 1 << 40;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchIntakeArgs {
@@ -65,11 +69,33 @@ struct IntakeFigures {
 
 pub fn run(args: BenchIntakeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.submissions >= 1, "--submissions must be at least 1");
+    let server = testkit::NatsServer::start().context("start a private nats-server")?;
+    let url = server.url();
+    let mut services = Services::default();
+    services.spawn(
+        "registry",
+        &["serve".to_owned(), "registry".to_owned()],
+        &url,
+        None,
+    )?;
+    // Every submission is its own incident: the benchmark measures filing, not merging.
+    let intake_args = [
+        "serve".to_owned(),
+        "intake".to_owned(),
+        "--dedup-radius-m".to_owned(),
+        "0".to_owned(),
+        "--batch-fill-wait-ms".to_owned(),
+        args.batch_fill_wait_ms.to_string(),
+    ];
+    services.spawn("intake", &intake_args, &url, None)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start tokio")?;
-    runtime.block_on(bench(args))
+    let outcome = runtime.block_on(bench(args, &server, &mut services));
+    services.stop();
+    drop(server);
+    outcome
 }
 
 fn submission(index: usize, prefix: &str) -> serde_json::Value {
@@ -106,28 +132,9 @@ async fn request(
     serde_json::from_slice(&reply.payload).context("reply is JSON")
 }
 
-/// A registry with one square community, a lattice of buildings, partitioned.
-async fn start_registry(
-    client: &async_nats::Client,
-) -> anyhow::Result<(watch::Sender<bool>, registry::Locator)> {
-    let grids = EventStore::open(
-        jetstream::new(client.clone()),
-        StreamSpec::for_context(BoundedContext::Grids, 1, Duration::from_secs(120)),
-        registry::RegistryCodec,
-    )
-    .await
-    .context("open GRIDS")?;
-    let profile = standards::builtin("sanming").context("sanming profile")?;
-    let service = registry::RegistryService::start(
-        client.clone(),
-        grids,
-        registry::ServiceConfig::new(profile),
-    )
-    .await
-    .context("start registry")?;
-    let locator = service.locator();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(service.run(stopped));
+/// One square community, a lattice of buildings, partitioned by the registry service; waits
+/// until intake files a submission in it (intake follows the grids in its own process).
+async fn seed_community(client: &async_nats::Client) -> anyhow::Result<()> {
     let (x, y) = ORIGIN;
     let s = SIDE_DEGREES;
     request(
@@ -165,14 +172,22 @@ async fn start_registry(
     )
     .await?;
     anyhow::ensure!(drawn["status"] == "accepted", "partition: {drawn}");
-    for _ in 0..200 {
-        if locator.grids() > 0 {
+    // A probe (its own id, reporter and point; nothing merges) until intake files it.
+    let deadline = Instant::now() + GRIDS_KNOWN_TIMEOUT;
+    for attempt in 0usize.. {
+        let mut probe = submission(PROBE_INDEX_FIRST + attempt, "probe");
+        probe["location"] = json!({"point": {"lon": x + s / 2.0, "lat": y + s / 2.0}});
+        let receipt = request(client, intake::wire::SUBJECT_REQUEST, probe).await?;
+        if receipt["status"] == "filed" {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "intake did not locate the benchmark community within {GRIDS_KNOWN_TIMEOUT:?}: {receipt}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::ensure!(locator.grids() > 0, "the registry drew no grids");
-    Ok((stop, locator))
+    Ok(())
 }
 
 /// Publishes every payload with acks awaited, `PUBLISHES_IN_FLIGHT_MAX` outstanding.
@@ -222,12 +237,16 @@ async fn request_all(
     Ok(outcomes)
 }
 
-async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
-    let server = testkit::NatsServer::start().context("start a private nats-server")?;
+async fn bench(
+    args: BenchIntakeArgs,
+    server: &testkit::NatsServer,
+    services: &mut Services,
+) -> anyhow::Result<()> {
     let binary = testkit::nats_server_binary().context("find nats-server")?;
     let client = async_nats::connect(server.url()).await.context("connect")?;
     let context = jetstream::new(client.clone());
-    let (registry_stop, locator) = start_registry(&client).await?;
+    services.wait_ready(&client, |_, _| {}).await?;
+    seed_community(&client).await?;
 
     let payloads: Vec<(String, bytes::Bytes)> = (0..args.submissions)
         .map(|index| {
@@ -264,35 +283,6 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
     eprintln!("  raw acked publishes: {raw_publish_per_s:.0}/s");
 
     // Intake: publish durably, count receipts announced after the decisions were stored.
-    let incidents = EventStore::open(
-        context.clone(),
-        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
-        intake::IncidentCodec,
-    )
-    .await
-    .context("open INCIDENTS")?;
-    let intake_store = EventStore::open(
-        context.clone(),
-        StreamSpec::for_context(BoundedContext::Intake, 1, Duration::from_secs(120)),
-        intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
-    )
-    .await
-    .context("open INTAKE")?;
-    let mut config = intake::ServiceConfig::default();
-    config.core.dedup_radius_m = 0.0;
-    config.batch_fill_wait = Duration::from_millis(args.batch_fill_wait_ms);
-    let service = intake::IntakeService::start(
-        client.clone(),
-        incidents,
-        intake_store,
-        domain::Policy::embedded("sanming").context("policy")?,
-        Box::new(locator),
-        config,
-    )
-    .await
-    .context("start intake")?;
-    let (intake_stop, stopped) = watch::channel(false);
-    let intake_task = tokio::spawn(service.run(stopped));
     let mut receipts = client
         .subscribe("intake.receipts.>")
         .await
@@ -413,9 +403,7 @@ async fn bench(args: BenchIntakeArgs) -> anyhow::Result<()> {
         figures.p50_ms,
         figures.p99_ms
     );
-    let _ = intake_stop.send(true);
-    let _ = intake_task.await;
-    let _ = registry_stop.send(true);
+    services.check_alive()?;
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
     }

@@ -73,14 +73,17 @@ impl Services {
         Ok(())
     }
 
-    /// Waits until every service of [`READINESS_PROBES`] answers; `on_ready(service, subject)`
-    /// after each. Fails when a service exits or does not answer within a minute.
+    /// Waits until every started service of [`READINESS_PROBES`] answers;
+    /// `on_ready(service, subject)` after each. Fails when a service exits or does not answer within a minute.
     pub async fn wait_ready(
         &mut self,
         client: &async_nats::Client,
         mut on_ready: impl FnMut(&str, &str),
     ) -> anyhow::Result<()> {
         for (name, subject, body) in READINESS_PROBES {
+            if !self.children.iter().any(|(started, _)| started == name) {
+                continue;
+            }
             let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
             loop {
                 self.check_alive()?;
