@@ -75,6 +75,31 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// On the durable path the stream drops a resend by its `Nats-Msg-Id` header while intake
+/// keys the receipt by the body's `submission_id`: the two must be one id, or a resend would
+/// be dropped by one and filed again by the other. A mismatch is refused under the header's
+/// id (the one the app published with, so its receipt arrives on
+/// `intake.receipts.<header id>`). No header: nothing to compare.
+pub fn check_message_id(
+    valid: ValidSubmission,
+    header_id: Option<&str>,
+) -> Result<ValidSubmission, Refusal> {
+    match header_id {
+        Some(header_id) if header_id != valid.submission_id => Err(Refusal {
+            submission_id: Some(header_id.to_owned()).filter(|id| is_valid_submission_id(id)),
+            reporter_id: Some(valid.reporter_id),
+            channel: Some(valid.channel),
+            reason_code: ReasonCode::IdMismatch,
+            message: clip(format!(
+                "header Nats-Msg-Id {header_id:?} differs from the body's submission_id {:?}; \
+                 send the same id in both",
+                valid.submission_id
+            )),
+        }),
+        _ => Ok(valid),
+    }
+}
+
 /// Whether `id` is a usable submission id (it becomes a NATS subject token).
 pub fn is_valid_submission_id(id: &str) -> bool {
     (SUBMISSION_ID_BYTES_MIN..=SUBMISSION_ID_BYTES_MAX).contains(&id.len())

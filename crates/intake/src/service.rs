@@ -27,7 +27,7 @@ use crate::core::{
     Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, incident_id_for, intake_aggregate,
     receipt_in_history, refusal_event,
 };
-use crate::decode::{Limits, decode_submission, is_valid_submission_id};
+use crate::decode::{Limits, check_message_id, decode_submission, is_valid_submission_id};
 use crate::status;
 use crate::wire::{self, EraseContact, EraseReply, IncidentQuery, IncidentQueryReply, Receipt};
 
@@ -632,7 +632,11 @@ impl IntakeService {
                 input.fallback_id.as_deref(),
                 &self.config.limits,
                 &self.policy.taxonomy,
-            );
+            )
+            .and_then(|valid| match input.origin {
+                Origin::Durable(_) => check_message_id(valid, input.fallback_id.as_deref()),
+                Origin::Request(_) => Ok(valid),
+            });
             let plan = match decoded {
                 Ok(valid) => {
                     if let Some(earlier) = planned_here.get(&valid.submission_id) {

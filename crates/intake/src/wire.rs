@@ -142,6 +142,9 @@ pub enum ReasonCode {
     Refused,
     /// Only in answers to `intake.query.receipt`: no submission with this id was received.
     NotFound,
+    /// Durable path: the `Nats-Msg-Id` header and the body's `submission_id` differ. (New
+    /// codes go last: stored rejections encode the code by its position.)
+    IdMismatch,
 }
 
 impl ReasonCode {
@@ -158,6 +161,7 @@ impl ReasonCode {
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::Refused => "refused",
             ReasonCode::NotFound => "not_found",
+            ReasonCode::IdMismatch => "id_mismatch",
         }
     }
 }

@@ -574,6 +574,39 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
         let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
         assert_eq!(receipt["submission_id"], id.as_str(), "{receipt}");
     }
+    // The header's id and the body's differ: refused under the header's id (the one the
+    // stream deduplicates by), and the body's id stays free.
+    let body = submission("live-body", REPORTER, "0101", near_building(7));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "live-header");
+    jetstream
+        .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("server acknowledged");
+    let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
+        .await
+        .expect("receipt within 10 s")
+        .expect("receipt");
+    assert_eq!(message.subject.as_str(), "intake.receipts.live-header");
+    let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(
+        (&receipt["status"], &receipt["reason_code"]),
+        (&Value::from("rejected"), &Value::from("id_mismatch")),
+        "{receipt}"
+    );
+    let body_id = client
+        .request(
+            "intake.query.receipt",
+            serde_json::json!({"submission_id": "live-body"})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("query");
+    let answer: Value = serde_json::from_slice(&body_id.payload).expect("JSON");
+    assert_eq!(answer["reason_code"], "not_found", "{answer}");
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
