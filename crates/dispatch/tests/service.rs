@@ -576,7 +576,7 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
         &replies,
         expect![[r#"
             xiaofang resolves (acknowledged elsewhere): accepted v6 dup=false incident.resolved
-            xiaofang acknowledges an incident filed a moment ago: rejected invalid_transition (acknowledge is not possible while the incident is Filed)
+            xiaofang acknowledges an incident filed a moment ago: rejected not_assigned (department:xiaofang may not acknowledge: the case is neither assigned to it nor summoned it)
         "#]],
     );
     let _ = lagging.stop.send(true);

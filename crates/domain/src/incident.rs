@@ -1116,6 +1116,22 @@ impl Decision<'_> {
         }
     }
 
+    /// The actor must speak for the current handler, and the case be in one of `allowed`. The
+    /// role is checked before the state: an actor that is not the handler is told
+    /// `not_assigned`, and learns nothing of where the case stands.
+    fn require_handler_in(
+        &self,
+        command: &'static str,
+        allowed: &[Status],
+    ) -> Result<Handler, Rejection> {
+        if self.state.status == Status::Absent {
+            return Err(Rejection::NoSuchIncident);
+        }
+        let handler = self.require_handler(command)?;
+        self.require_status(command, allowed)?;
+        Ok(handler)
+    }
+
     /// The actor must speak for the current handler.
     fn require_handler(&self, command: &'static str) -> Result<Handler, Rejection> {
         let handler = self.state.handler.unwrap_or(Handler::Street);
@@ -1287,8 +1303,7 @@ impl Decision<'_> {
             }
             Action::Dispatch { to } => self.dispatch(to)?,
             Action::Acknowledge => {
-                self.require_status(command, &[S::Dispatched])?;
-                self.require_handler(command)?;
+                self.require_handler_in(command, &[S::Dispatched])?;
                 let late = self
                     .state
                     .response
@@ -1296,11 +1311,12 @@ impl Decision<'_> {
                 self.emit(IncidentEvent::Acknowledged { by: actor, late });
             }
             Action::Resolve { note } => {
-                self.require_status(command, ACTIVE)?;
                 let reported_summons = matches!(self.role(), R::Department(d)
                     if self.state.summons(d).is_some_and(|s| s.state == ReportState::Reported));
-                if !reported_summons {
-                    self.require_handler(command)?;
+                if reported_summons {
+                    self.require_status(command, ACTIVE)?;
+                } else {
+                    self.require_handler_in(command, ACTIVE)?;
                     if self.state.status != S::Acknowledged {
                         return Err(Rejection::NotAcknowledged);
                     }
@@ -1369,8 +1385,7 @@ impl Decision<'_> {
                 self.reopen(reason)?;
             }
             Action::ReturnNotOurs { reason, note } => {
-                self.require_status(command, ACTIVE)?;
-                let handler = self.require_handler(command)?;
+                let handler = self.require_handler_in(command, ACTIVE)?;
                 if handler == Handler::Street {
                     return Err(Rejection::StreetCannotReturn);
                 }
@@ -1410,8 +1425,7 @@ impl Decision<'_> {
                 });
             }
             Action::RequestExtension { minutes, reason } => {
-                self.require_status(command, ACTIVE)?;
-                self.require_handler(command)?;
+                self.require_handler_in(command, ACTIVE)?;
                 check_reason("reason", &reason)?;
                 if minutes == 0 || minutes > EXTENSION_MINUTES_MAX {
                     return Err(Rejection::ExtensionMinutes { minutes });
@@ -1532,8 +1546,7 @@ impl Decision<'_> {
                 self.emit(IncidentEvent::Cancelled { by: actor });
             }
             Action::DeclareBeyondPowers { reason } => {
-                self.require_status(command, ACTIVE)?;
-                let handler = self.require_handler(command)?;
+                let handler = self.require_handler_in(command, ACTIVE)?;
                 check_reason("reason", &reason)?;
                 if self.state.beyond_powers_declared {
                     return Err(Rejection::AlreadyDeclared);

@@ -602,6 +602,31 @@ fn acknowledge_resolve_verify_close_rate() {
           NotAcknowledged
     "#]],
     );
+    // A department that is not the handler is told so whatever the state: it learns nothing
+    // of where another department's case stands (here acknowledged, then closed).
+    for story in [Story::acknowledged(), Story::closed()] {
+        check(
+            &story.events,
+            department("zhujian"),
+            Action::Acknowledge,
+            expect![[r#"
+                rejected: department:zhujian may not acknowledge: the case is neither assigned to it nor summoned it
+                  NotAssigned { command: "acknowledge", role: Department(zhujian) }
+            "#]],
+        );
+        check(
+            &story.events,
+            department("zhujian"),
+            Action::RequestExtension {
+                minutes: 60,
+                reason: "材料未到".to_owned(),
+            },
+            expect![[r#"
+                rejected: department:zhujian may not request_extension: the case is neither assigned to it nor summoned it
+                  NotAssigned { command: "request_extension", role: Department(zhujian) }
+            "#]],
+        );
+    }
     let acknowledged = Story::acknowledged().events;
     check(
         &acknowledged,
