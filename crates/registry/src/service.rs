@@ -12,6 +12,7 @@
 //! - **Shutdown**: stop taking requests (drain the subscriptions: requests already delivered
 //!   are still answered), delete the private consumer, flush.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::service::endpoint::Endpoint;
@@ -101,6 +102,49 @@ pub struct RegistryService {
     /// end of `start`.
     requests: futures::stream::SelectAll<Endpoint>,
     micro: Option<async_nats::service::Service>,
+    recent: RecentCommands,
+}
+
+/// Command ids remembered per instance with what they carried, so that an id sent again with
+/// another command is refused `command_id_reused` instead of answered as a duplicate. (The
+/// community's state holds its recent ids, not their bodies; an instance started since
+/// answers such a resend as a duplicate, and nothing is written either way.)
+pub const RECENT_COMMANDS_MAX: usize = 4_096;
+
+#[derive(Debug, Default)]
+struct RecentCommands {
+    /// (community id, command id) -> fingerprint of (command name, parsed command).
+    fingerprints: HashMap<(String, String), u64>,
+    order: VecDeque<(String, String)>,
+}
+
+impl RecentCommands {
+    fn fingerprint(name: &str, command: &domain::Command) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        name.hash(&mut hasher);
+        format!("{command:?}").hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// True when `key` was remembered with another command.
+    fn reused(&self, key: &(String, String), fingerprint: u64) -> bool {
+        self.fingerprints
+            .get(key)
+            .is_some_and(|remembered| *remembered != fingerprint)
+    }
+
+    fn remember(&mut self, key: (String, String), fingerprint: u64) {
+        if self.fingerprints.insert(key.clone(), fingerprint).is_none() {
+            self.order.push_back(key);
+        }
+        if self.order.len() > RECENT_COMMANDS_MAX
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.fingerprints.remove(&oldest);
+        }
+        debug_assert!(self.fingerprints.len() <= RECENT_COMMANDS_MAX);
+    }
 }
 
 /// Micro endpoints: (name, subject).
@@ -232,6 +276,7 @@ impl RegistryService {
             durable,
             requests: futures::stream::select_all(endpoints),
             micro,
+            recent: RecentCommands::default(),
         })
     }
 
@@ -419,6 +464,17 @@ impl RegistryService {
             Err(rejected) => return to_json(&rejected),
         };
         let header = parsed.header;
+        let recent_key = (header.community_id.clone(), header.command_id.clone());
+        let fingerprint = RecentCommands::fingerprint(name, &parsed.command);
+        if self.recent.reused(&recent_key, fingerprint) {
+            return to_json(&RejectedReply::new(
+                "command_id_reused",
+                format!(
+                    "command id {} was already used for another command",
+                    header.command_id
+                ),
+            ));
+        }
         if let Err(reason) = domain::check_id(&header.community_id, domain::COMMUNITY_ID_BYTES_MAX)
         {
             return to_json(&RejectedReply::new(
@@ -524,6 +580,7 @@ impl RegistryService {
             let commit = Commit::new(header.command_id.clone(), events, meta);
             match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
+                    self.recent.remember(recent_key.clone(), fingerprint);
                     self.config.observer.metrics().commits_appended.inc();
                     info!(community = %aggregate, command_id = %header.command_id, sequence = appended.position.sequence, "command stored");
                     self.directory.apply_own(

@@ -270,6 +270,16 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
         ]],
     );
     assert_eq!(stream_messages(&client).await, messages);
+    // The same id with another command is refused, not answered as a duplicate.
+    let mut reused = assign.clone();
+    reused["worker_id"] = json!("w-other");
+    check(
+        &send(&client, "grids.cmd.assign_grid_worker", reused).await,
+        expect![[
+            r#"{"message":"command id cmd-assign-1 was already used for another command","reason_code":"command_id_reused","status":"rejected"}"#
+        ]],
+    );
+    assert_eq!(stream_messages(&client).await, messages);
 
     // Restart: state comes back from the stream.
     first.shutdown().await;
