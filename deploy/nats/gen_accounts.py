@@ -173,15 +173,18 @@ def main():
     ))
     user("resident-app", "RESIDENT_APP")
 
-    # Department consoles: commands in their own department's scope, and their own
+    # Department consoles: commands in their own department's scope, their own
     # notifications through one durable consumer named console-<id> whose filter is pinned in
-    # the API subject (the server checks the filter in the subject against the request).
+    # the API subject (the server checks the filter in the subject against the request), and
+    # the read-only queries a console shows (its board, an incident by id).
     for dept in depts:
         consumer = f"console-{dept}"
         roles.append(block(
             f"CONSOLE_{dept.upper()}",
             [
                 f"dispatch.cmd.department.{dept}.>",
+                "projection.query.*",
+                "incidents.query.get",
                 "$JS.API.INFO",
                 "$JS.API.STREAM.INFO.NOTIFICATIONS",
                 f"$JS.API.CONSUMER.CREATE.NOTIFICATIONS.{consumer}.dispatch.notify.department.{dept}",

@@ -645,6 +645,28 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         answer,
         &auditor.refusals().await,
     ));
+    let answer = xiaofang
+        .request(
+            "projection.query.board",
+            serde_json::json!({"department": "xiaofang"}),
+        )
+        .await;
+    lines.push(verdict(
+        "xiaofang reads its board",
+        answer,
+        &xiaofang.refusals().await,
+    ));
+    let answer = xiaofang
+        .request(
+            "incidents.query.get",
+            serde_json::json!({"incident_id": case.0.hyphenated().to_string()}),
+        )
+        .await;
+    lines.push(verdict(
+        "xiaofang asks intake for its case",
+        answer,
+        &xiaofang.refusals().await,
+    ));
     let projection_user = Connection::open(&url, &accounts, "projection", "projection").await;
     let answer = projection_user
         .request(
@@ -697,6 +719,8 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         auditor deletes INCIDENTS: no answer | server: permissions violation for publish to "$js.api.stream.delete.incidents"
         projection folds INCIDENTS to its end: checkpoint 3 of 3, lease held by projection
         auditor queries the case's read model (acknowledged): found | server: none
+        xiaofang reads its board: found | server: none
+        xiaofang asks intake for its case: found | server: none
         projection reads intake's contacts: no answer | server: permissions violation for publish to "$js.api.direct.get.kv_intake_contacts"
         projection writes dispatch's snapshots: no answer | server: permissions violation for publish to "$kv.dispatch_snapshots.x"
         projection pulls intake's submissions: no answer | server: permissions violation for publish to "$js.api.consumer.msg.next.submissions.intake""#]]
