@@ -22,13 +22,17 @@ pub struct IncidentStatus {
     pub status: String,
     /// Aggregate version after the change (gap-free, starts at 1).
     pub version: u64,
-    /// Event types of the change, e.g. `["incident.dispatched"]`.
+    /// Event types of the change, e.g. `["incident.dispatched"]`; empty in an answer to
+    /// `incidents.query.get`, which reports the state, not a change.
     pub events: Vec<String>,
     pub grid_code: Option<String>,
     pub category: Option<String>,
     /// `grid_worker`, `community`, `street` or `department:<id>`.
     pub handler: Option<String>,
+    /// The handler's response deadline, set when the incident is dispatched (null before:
+    /// the receipt's `respond_by` is the deadline expected at filing).
     pub respond_by_ms: Option<i64>,
+    /// The resolution deadline, set when the incident is dispatched.
     pub resolve_by_ms: Option<i64>,
     /// Reporters merged in besides the first.
     pub additional_reporters: u32,
