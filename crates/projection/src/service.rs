@@ -93,6 +93,10 @@ pub struct ProjectionConfig {
     pub weights: ScoreWeights,
     /// Standards profile for community compliance (`None`: not evaluated).
     pub profile: Option<standards::Profile>,
+    /// The city's department ids (its routing table): a board query for one of them that has
+    /// no case yet answers an empty board; any other id is `not_found`, so a console can tell
+    /// a mistyped department from a quiet one.
+    pub departments: Vec<String>,
     /// Compete for the builder lease and fold while holding it (false: answer queries only).
     pub build: bool,
     /// The builder lease's intervals (TTL 10 s by default).
@@ -117,6 +121,7 @@ impl ProjectionConfig {
             replicas: 1,
             weights: ScoreWeights::default(),
             profile: None,
+            departments: Vec::new(),
             build: true,
             lease: LeaseTiming::default(),
             serve_queries: true,
@@ -677,7 +682,15 @@ impl ProjectionService {
             let jetstream = self.jetstream.clone();
             let generation = self.generation_tx.subscribe();
             let stop = stopped.clone();
-            tokio::spawn(serve_queries(jetstream, micro, endpoint, generation, stop))
+            let departments = self.config.departments.clone();
+            tokio::spawn(serve_queries(
+                jetstream,
+                micro,
+                endpoint,
+                generation,
+                stop,
+                departments,
+            ))
         });
         let mut pointer_watch = match self.meta.watch(keys::CURRENT).await {
             Ok(watch) => Some(watch),
@@ -884,6 +897,7 @@ async fn serve_queries(
     mut requests: async_nats::service::endpoint::Endpoint,
     generation: watch::Receiver<u64>,
     mut stopped: watch::Receiver<bool>,
+    departments: Vec<String>,
 ) {
     let mut models: Option<ReadModels> = None;
     loop {
@@ -905,7 +919,13 @@ async fn serve_queries(
         }
         let answer = match &models {
             Some(models) => {
-                answer(models, &request.message.subject, &request.message.payload).await
+                answer(
+                    models,
+                    &departments,
+                    &request.message.subject,
+                    &request.message.payload,
+                )
+                .await
             }
             None => error_reply("store", format!("generation {wanted} is not readable")),
         };
@@ -974,8 +994,14 @@ fn bounded<T>(items: Result<Vec<T>, StoreError>) -> Result<Option<Vec<T>>, Store
     })
 }
 
-/// The answer to one query (pure over the read models: no state of the builder).
-pub async fn answer(models: &ReadModels, subject: &str, payload: &[u8]) -> Vec<u8> {
+/// The answer to one query (pure over the read models and the city's `departments`: no state
+/// of the builder).
+pub async fn answer(
+    models: &ReadModels,
+    departments: &[String],
+    subject: &str,
+    payload: &[u8],
+) -> Vec<u8> {
     let model = subject
         .strip_prefix(wire::SUBJECT_QUERY_PREFIX)
         .unwrap_or(subject);
@@ -993,7 +1019,22 @@ pub async fn answer(models: &ReadModels, subject: &str, payload: &[u8]) -> Vec<u
             Err(reply) => reply,
         },
         "board" => match parse::<wire::BoardQuery>(payload) {
-            Ok(query) => found(models, checkpoint, models.board(&query.department).await),
+            Ok(query) => {
+                let quiet =
+                    departments
+                        .contains(&query.department)
+                        .then(|| wire::DepartmentBoard {
+                            department: query.department.clone(),
+                            sequence: checkpoint.incidents_sequence,
+                            open: 0,
+                            entries: Vec::new(),
+                        });
+                let board = models
+                    .board(&query.department)
+                    .await
+                    .map(|board| board.or(quiet));
+                found(models, checkpoint, board)
+            }
             Err(reply) => reply,
         },
         "area" => match parse::<wire::AreaQuery>(payload) {

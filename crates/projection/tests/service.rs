@@ -135,6 +135,14 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
             .await,
         ),
         summary(ask("projection.query.board", r#"{"department":"nobody"}"#).await),
+        {
+            let quiet = ask("projection.query.board", r#"{"department":"quiet"}"#).await;
+            let board = &quiet["value"];
+            format!(
+                "{} {} open={} entries={}",
+                quiet["status"], board["department"], board["open"], board["entries"]
+            )
+        },
         summary(ask("projection.query.area", r#"{"level":"planet"}"#).await),
         summary(ask("projection.query.weather", "{}").await),
         summary(ask("projection.query.incident", "not json").await),
@@ -144,6 +152,7 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         "found" generation=1 items=Some(4) reason=null
         "found" generation=1 items=Some(1) reason=null
         "not_found" generation=1 items=None reason=null
+        "found" "quiet" open=0 entries=[]
         "error" generation=null items=None reason="bad_request"
         "error" generation=null items=None reason="unknown_model"
         "error" generation=null items=None reason="bad_request""#]]

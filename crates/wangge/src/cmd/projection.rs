@@ -196,6 +196,12 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         config.replicas = settings.store.replicas;
         config.weights = weights;
         config.profile = profile(settings);
+        config.departments = domain::Policy::embedded(&settings.city)
+            .with_context(|| format!("load the policy of city {:?}", settings.city))?
+            .routing
+            .departments()
+            .map(|department| department.id.to_string())
+            .collect();
         config.build = !args.queries_only;
         config.lease =
             projection::LeaseTiming::from_ttl(Duration::from_secs(args.builder_lease_ttl_seconds));
