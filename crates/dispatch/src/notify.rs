@@ -50,8 +50,8 @@ impl Recipient {
     }
 }
 
-/// One notification (JSON body).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One notification (JSON body), on `dispatch.notify.<recipient>` in the NOTIFICATIONS stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Notification {
     pub incident: uuid::Uuid,
     /// `assigned`, `summoned`, `deadline_missed`, `report_missed`, `extension_decided`,
@@ -61,7 +61,9 @@ pub struct Notification {
     /// INCIDENTS stream sequence of the commit that caused it.
     pub stream_sequence: u64,
     pub version: u64,
-    /// The deadline that matters to the recipient (respond, report or resolve by), if any.
+    /// The deadline that matters to the recipient (respond, report or resolve by), if any,
+    /// Unix milliseconds.
+    #[schemars(with = "Option<i64>")]
     pub due: Option<Timestamp>,
 }
 

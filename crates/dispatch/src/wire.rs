@@ -21,6 +21,7 @@
 
 use domain::incident::{Action, ReturnReason, Satisfaction};
 use domain::{Actor, ActorId, IncidentId, Rejection, Role};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of command subjects: `dispatch.cmd.<scope>.<action>`.
@@ -56,7 +57,9 @@ pub const ACTIONS: &[&str] = &[
     "rate",
 ];
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Who acts: a person's id (a UUID, also for a grid worker) and, optionally, the role the
+/// subject already names.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ActorJson {
     /// Optional, and only checked: the role is the subject's scope. When present it must be
     /// the same role (`resident`, `grid_worker`, `community`, `street`, `district`, `city` or
@@ -66,7 +69,11 @@ pub struct ActorJson {
     pub id: uuid::Uuid,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A console command, the body of `dispatch.cmd.<scope>.<action>`: the action's fields are
+/// the ones it needs (`resolve`: `note`; `return`: `return_reason`, `reason`;
+/// `request_extension`: `minutes`, `reason`; `approve_extension`: `approve`; `verify`:
+/// `passed`, `note`; `rate`: `satisfaction`, `reopen`; `blow_whistle`: `reason`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
     /// Idempotency key: resending the same command id writes nothing new.
@@ -94,8 +101,10 @@ pub struct CommandRequest {
     pub return_reason: Option<String>,
 }
 
-/// A reply to a console command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A reply to a console command: `accepted` (stored, or a duplicate of a stored command),
+/// `rejected` (a business refusal, nothing written; `reason_code` is stable) or `error` (the
+/// store could not be reached; send again with the same `command_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum CommandReply {
     Accepted {
@@ -347,4 +356,17 @@ pub fn parse_command_as(
         actor,
         action: action_value,
     })
+}
+
+/// The JSON Schemas of dispatch's public messages, by file stem (`schemas/<stem>.schema.json`).
+pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
+    use schemars::schema_for;
+    vec![
+        ("dispatch_command", schema_for!(CommandRequest)),
+        ("dispatch_command_reply", schema_for!(CommandReply)),
+        (
+            "dispatch_notification",
+            schema_for!(crate::notify::Notification),
+        ),
+    ]
 }
