@@ -1,6 +1,7 @@
 //! Public JSON messages of the registry's NATS subjects.
 
 use geo::{Coord, LineString, MultiPolygon, Point, Polygon};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Building, Command, CommunityProfile, GridWorker, ItemRejection};
@@ -16,7 +17,7 @@ pub const SUBJECT_QUERY_COMMUNITY: &str = "grids.query.community";
 pub const REQUEST_BYTES_MAX: usize = 1024 * 1024;
 
 /// `{"lon": .., "lat": ..}` in WGS84 degrees.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocateRequest {
     pub lon: f64,
@@ -24,14 +25,14 @@ pub struct LocateRequest {
 }
 
 /// `{"building_id": ".."}`: which grid holds this building (by grid membership)?
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocateBuildingRequest {
     pub building_id: String,
 }
 
 /// The answer to a locate request, in process ([`crate::Locator`]) and on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum LocateAnswer {
     Served {
@@ -64,7 +65,7 @@ impl LocateAnswer {
 }
 
 /// A generic refusal on any subject.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RejectedReply {
     pub status: String,
     pub reason_code: String,
@@ -84,7 +85,7 @@ impl RejectedReply {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ItemRejectionJson {
     pub building_id: String,
     pub reason_code: String,
@@ -115,7 +116,7 @@ pub struct CommandHeader {
 pub type MultiPolygonCoordinates = Vec<Vec<Vec<[f64; 2]>>>;
 
 /// `grids.cmd.register_community` and `grids.cmd.update_community`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommunityCommand {
     pub command_id: String,
@@ -130,7 +131,7 @@ pub struct CommunityCommand {
     pub boundary: MultiPolygonCoordinates,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildingJson {
     pub id: String,
@@ -142,7 +143,7 @@ pub struct BuildingJson {
 }
 
 /// `grids.cmd.import_buildings`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportBuildingsCommand {
     pub command_id: String,
@@ -153,7 +154,7 @@ pub struct ImportBuildingsCommand {
 }
 
 /// `grids.cmd.partition`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionCommand {
     pub command_id: String,
@@ -163,7 +164,7 @@ pub struct PartitionCommand {
 }
 
 /// `grids.cmd.assign_grid_worker`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssignGridWorkerCommand {
     pub command_id: String,
@@ -176,7 +177,7 @@ pub struct AssignGridWorkerCommand {
 }
 
 /// `grids.query.community`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommunityQuery {
     pub community_id: String,
@@ -291,7 +292,7 @@ pub fn parse_command(name: &str, body: &[u8]) -> Result<ParsedCommand, RejectedR
 }
 
 /// A drawn or kept grid in a receipt or a query answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GridSummary {
     pub grid_code: String,
     pub households: u32,
@@ -301,7 +302,7 @@ pub struct GridSummary {
 }
 
 /// The answer to an accepted command: sent only after the commit is stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Receipt {
     /// Always `accepted`.
     pub status: String,
@@ -341,4 +342,32 @@ pub struct CommunityAnswer {
     pub grid_workers: usize,
     pub version: u64,
     pub compliance: standards::ComplianceReport,
+}
+
+/// The JSON Schemas of the registry's public messages, by file stem
+/// (`schemas/<stem>.schema.json`). The community query's answer (facts and a standards
+/// compliance report) is described in docs/REGISTRY.md, not here.
+pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
+    use schemars::schema_for;
+    vec![
+        ("registry_locate", schema_for!(LocateRequest)),
+        (
+            "registry_locate_building",
+            schema_for!(LocateBuildingRequest),
+        ),
+        ("registry_locate_answer", schema_for!(LocateAnswer)),
+        ("registry_community_command", schema_for!(CommunityCommand)),
+        (
+            "registry_import_buildings_command",
+            schema_for!(ImportBuildingsCommand),
+        ),
+        ("registry_partition_command", schema_for!(PartitionCommand)),
+        (
+            "registry_assign_grid_worker_command",
+            schema_for!(AssignGridWorkerCommand),
+        ),
+        ("registry_command_receipt", schema_for!(Receipt)),
+        ("registry_rejected_reply", schema_for!(RejectedReply)),
+        ("registry_community_query", schema_for!(CommunityQuery)),
+    ]
 }

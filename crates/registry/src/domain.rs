@@ -54,7 +54,9 @@ pub struct Building {
 }
 
 /// A grid worker (网格员).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct GridWorker {
     pub worker_id: String,
     pub name: String,
