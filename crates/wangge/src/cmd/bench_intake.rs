@@ -345,6 +345,14 @@ async fn bench(
     );
     eprintln!("  intake filed by request/reply: {request_filed_per_s:.0}/s");
 
+    // Latency in the steady state: first let intake's consumers (SUBMISSIONS, and its
+    // follower of INCIDENTS, which has the phases' commits to read back) catch up.
+    let settle_started = Instant::now();
+    super::bench_pipeline::settle(&context, &["SUBMISSIONS", "INCIDENTS"]).await?;
+    eprintln!(
+        "  settled: intake's consumers caught up in {:.1} s",
+        settle_started.elapsed().as_secs_f64()
+    );
     // Latency: one durable submission at a time, publish → receipt announced (its incident
     // commit and receipt stored).
     let mut latency_receipts = client

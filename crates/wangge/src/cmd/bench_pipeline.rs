@@ -28,12 +28,13 @@ const SETTLE_STREAMS: [&str; 3] = [
     dispatch::notify::NOTIFICATIONS_STREAM,
 ];
 
-/// Waits until no consumer of [`SETTLE_STREAMS`] has messages pending or unacknowledged.
-async fn settle(context: &jetstream::Context) -> anyhow::Result<()> {
+/// Waits until no consumer of `streams` (e.g. [`SETTLE_STREAMS`]) has messages pending or
+/// unacknowledged, so that a latency phase measures the steady state, not a backlog.
+pub(crate) async fn settle(context: &jetstream::Context, streams: &[&str]) -> anyhow::Result<()> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
         let mut behind = Vec::new();
-        for name in SETTLE_STREAMS {
+        for &name in streams {
             let stream = context
                 .get_stream(name)
                 .await
@@ -560,7 +561,7 @@ async fn bench(
     // The latency phase measures the steady state, not the tail of the burst above: wait
     // until every consumer of the pipeline's streams has caught up.
     let settle_started = Instant::now();
-    settle(&context).await?;
+    settle(&context, &SETTLE_STREAMS).await?;
     eprintln!(
         "  settled: every consumer caught up {:.1} s after the drain",
         settle_started.elapsed().as_secs_f64()
