@@ -26,6 +26,9 @@ pub const RATE_REFILL_MS: i64 = 6 * 60_000;
 pub const REPORTERS_TRACKED_MAX: usize = 200_000;
 /// Most receipts held in memory for resubmissions; older ones are looked up in the store.
 pub const RECEIPTS_HELD_MAX: usize = 500_000;
+/// How far after its arrival a report's `occurred_at` may lie (a phone whose clock runs
+/// fast); later is refused `schema_violation`, never filed with a time to come.
+pub const OCCURRED_AT_AHEAD_MAX_MS: i64 = 60 * 60_000;
 /// Metres per degree of latitude (spherical Earth, good to 0.5 % for a 50 m radius).
 const METRES_PER_DEGREE: f64 = 111_195.0;
 /// Namespace of incident ids derived from submission ids (UUID v8 over SHA-256).
@@ -616,6 +619,18 @@ impl Core {
                 incident: None,
             }
         };
+        if submission.occurred_at_ms > now.0.saturating_add(OCCURRED_AT_AHEAD_MAX_MS) {
+            return reject(
+                self,
+                ReasonCode::SchemaViolation,
+                format!(
+                    "occurred_at {} is more than {} minutes after the report arrived ({})",
+                    rfc3339(submission.occurred_at_ms),
+                    OCCURRED_AT_AHEAD_MAX_MS / 60_000,
+                    rfc3339(now.0)
+                ),
+            );
+        }
         // Filed before a crash, receipt not yet stored: store the receipt only.
         let already_filed = self.incidents.get(&own).map(|t| t.state.grid);
         if already_filed.is_none() && !self.take_token(submission.reporter_id, now.0) {

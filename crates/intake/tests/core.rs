@@ -33,7 +33,8 @@ fn submission(id: &str, lon: f64, reporter: u8) -> Vec<u8> {
         "media": [],
         "channel": "hotline",
         "reporter_id": format!("7d3f1c2e-0000-4000-8000-{reporter:012}"),
-        "occurred_at": "2026-11-20T08:30:00+08:00"
+        // Before the plans' `now` (2026-11-18T11:06:40Z).
+        "occurred_at": "2026-11-18T08:30:00+08:00"
     })
     .to_string()
     .into_bytes()
@@ -93,6 +94,30 @@ fn a_filing_is_one_commit_that_holds_its_receipt() {
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
               INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+        "#]],
+    );
+}
+
+#[test]
+fn a_report_dated_after_its_arrival_is_refused() {
+    let mut late = serde_json::from_slice::<serde_json::Value>(&submission("file-0001", 117.63, 1))
+        .expect("JSON");
+    // 50 minutes after arrival is a fast clock; two hours is not.
+    late["occurred_at"] = json!("2026-11-18T11:56:40Z");
+    let mut future = late.clone();
+    future["submission_id"] = json!("file-0002");
+    future["occurred_at"] = json!("2026-11-18T13:07:40Z");
+    check(
+        &[
+            late.to_string().into_bytes(),
+            future.to_string().into_bytes(),
+        ],
+        expect![[r#"
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+            file-0002: "rejected" null
+              INTAKE file-0002: "rejected"
         "#]],
     );
 }
