@@ -20,7 +20,9 @@ pub struct UpArgs {}
 
 const SERVE_HELP: &str = "\
 On SIGINT or SIGTERM the service stops taking requests, answers those already delivered to it,
-removes its private stream consumer and exits 0. Run several instances of a service for load
+removes its private stream consumer and exits 0. If that has not finished within 20 s (NATS
+unreachable, say), or on a second signal, it exits at once with status 1: what it had not
+acknowledged is delivered again to the next instance, and every write is idempotent. Run several instances of a service for load
 sharing and failover: request subjects use a NATS queue group. Example:
 
     wangge --config /etc/wangge.toml serve registry --instance registry-2";
@@ -177,7 +179,29 @@ pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_na
     let nats = &settings.nats;
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("{}-{role}", nats.client_name))
-        .custom_inbox_prefix(nats.inbox_prefix.clone());
+        .custom_inbox_prefix(nats.inbox_prefix.clone())
+        // One line when the connection is lost and one when it is back: an outage is found
+        // in the logs. A permissions violation arrives here too (as a server error).
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS connection lost; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connection established"),
+                async_nats::Event::SlowConsumer(subscription) => {
+                    tracing::warn!(subscription, "NATS slow consumer: messages dropped")
+                }
+                other => tracing::warn!(event = %other, "NATS"),
+            }
+        });
+    if nats.user.is_some() && nats.inbox_prefix == "_INBOX" {
+        tracing::warn!(
+            user = nats.user.as_deref().unwrap_or(""),
+            "nats.user is set but nats.inbox_prefix is the default _INBOX: under \
+             deploy/nats/accounts.conf a user may only receive replies on its own prefix \
+             (e.g. _INBOX_registry), and every request would time out; set nats.inbox_prefix"
+        );
+    }
     if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
@@ -193,10 +217,18 @@ pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_na
             .await
             .with_context(|| format!("read NATS credentials {}", path.display()))?;
     }
-    options
+    let client = options
         .connect(addresses)
         .await
-        .with_context(|| format!("connect to NATS at {}", settings.nats.url))
+        .with_context(|| format!("connect to NATS at {}", settings.nats.url))?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        instance = role,
+        url = %settings.nats.url,
+        user = nats.user.as_deref().unwrap_or("-"),
+        "connected to NATS"
+    );
+    Ok(client)
 }
 
 fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
@@ -679,6 +711,10 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
 
 /// Starts listening for SIGINT/SIGTERM; the receiver turns `true` when one arrives. The
 /// returned task ends then; abort it when the service stopped for another reason.
+/// How long a stop may take after the signal before the process exits anyway (under
+/// systemd's `TimeoutStopSec=30` and Kubernetes' 30 s grace, so the last log line is ours).
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 pub(crate) fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
     let (stop, stopped) = watch::channel(false);
     let signals = tokio::spawn(async move {
@@ -687,6 +723,22 @@ pub(crate) fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<
             Err(error) => tracing::error!(error = format!("{error:#}"), "signal handling"),
         }
         let _ = stop.send(true);
+        // The stop itself talks to NATS (acks, deleting the private consumer, a snapshot);
+        // with NATS unreachable it would wait for the reconnection. Bound it, and let a
+        // second signal cut it short. This task is aborted when the service stopped in time.
+        let reason = tokio::select! {
+            () = tokio::time::sleep(SHUTDOWN_GRACE) => "the stop took longer than the grace",
+            second = termination() => match second {
+                Ok(_) => "a second signal",
+                Err(_) => "signal handling failed",
+            },
+        };
+        tracing::error!(
+            grace_seconds = SHUTDOWN_GRACE.as_secs(),
+            reason,
+            "exiting before the stop finished; unacknowledged work is delivered again"
+        );
+        std::process::exit(1);
     });
     (signals, stopped)
 }

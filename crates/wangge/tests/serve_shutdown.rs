@@ -1,0 +1,88 @@
+//! `wangge serve` stops in bounded time even when NATS is gone: the stop talks to NATS
+//! (acks, deleting its private consumer), and an operator's second signal, or the grace
+//! period, must end the process rather than leave it waiting for a reconnection.
+
+use std::io::Read as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the test waits for the service to answer its first request.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the process may take to exit after the second signal.
+const EXIT_AFTER_SECOND_SIGNAL_MAX: Duration = Duration::from_secs(5);
+
+fn signal(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
+    let mut server = testkit::NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let mut service = Command::new(env!("CARGO_BIN_EXE_wangge"))
+        .args(["serve", "registry", "--instance", "registry-shutdown"])
+        .env_remove("WANGGE_CONFIG")
+        .env("WANGGE_NATS__URL", &url)
+        .env("WANGGE_LOG__FILTER", "info,async_nats=off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wangge serve registry");
+    let client = async_nats::connect(&url).await.expect("connect");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let probe = client.request(
+            "grids.query.community",
+            r#"{"community_id":"probe"}"#.into(),
+        );
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "registry never answered");
+        assert!(
+            service.try_wait().expect("poll").is_none(),
+            "registry exited early"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+
+    server.kill();
+    signal(&service);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&service);
+    let second = Instant::now();
+    let status = loop {
+        if let Some(status) = service.try_wait().expect("poll") {
+            break status;
+        }
+        assert!(
+            second.elapsed() < EXIT_AFTER_SECOND_SIGNAL_MAX,
+            "still running {EXIT_AFTER_SECOND_SIGNAL_MAX:?} after the second signal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    service
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    eprintln!("service exit: {status:?}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    // Either the stop finished on its own before the second signal (exit 0), or the second
+    // signal ended it (exit 1, saying so).
+    match status.code() {
+        Some(0) => {}
+        Some(1) => assert!(
+            stderr.contains("exiting before the stop finished"),
+            "{stderr}"
+        ),
+        other => panic!("exit {other:?}: {stderr}"),
+    }
+}
