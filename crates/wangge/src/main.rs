@@ -93,6 +93,11 @@ fn main() -> std::process::ExitCode {
             // Show what this run uses: `--log-format` (or WANGGE_LOG_FORMAT) wins over the file.
             let mut shown = settings.clone();
             shown.log.format = log_format;
+            if let Ok(filter) = std::env::var("RUST_LOG")
+                && !filter.trim().is_empty()
+            {
+                shown.log.filter = filter;
+            }
             config::print(&shown)
         }
         Command::Up(args) => cmd::serve::up(&settings, args),

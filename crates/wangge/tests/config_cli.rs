@@ -57,6 +57,19 @@ fn deployment_variables_are_not_settings() {
 }
 
 #[test]
+fn the_log_filter_shown_is_the_one_used() {
+    check(
+        &[],
+        &[("RUST_LOG", "debug")],
+        expect![[r#"
+            ok
+            [log]
+            format = "pretty"
+            filter = "debug""#]],
+    );
+}
+
+#[test]
 fn the_log_format_shown_is_the_one_used() {
     check(
         &["--log-format", "json"],
