@@ -317,6 +317,11 @@ impl DispatchService {
         config: DispatchConfig,
     ) -> Result<DispatchService, ServiceError> {
         let started = std::time::Instant::now();
+        config.observer.metrics().declare_whistle_kinds(&[
+            whistle_kind(domain::routing::WhistleKind::Routine),
+            whistle_kind(domain::routing::WhistleKind::Tough),
+            whistle_kind(domain::routing::WhistleKind::Emergency),
+        ]);
         let jetstream = store.jetstream().clone();
         let snapshots = match &config.snapshot_bucket {
             Some(bucket) => Some(

@@ -328,6 +328,12 @@ impl IntakeService {
         locator: Box<dyn Locate + Send + Sync>,
         config: ServiceConfig,
     ) -> Result<IntakeService, ServiceError> {
+        config.observer.metrics().declare_submission_kinds(&[
+            "filed",
+            "merged",
+            "rejected",
+            "unavailable",
+        ]);
         let jetstream = incidents.jetstream().clone();
         let submissions_stream = ensure_submissions_stream(&jetstream, &config).await?;
         let contacts = ensure_contacts_bucket(&jetstream, &config).await?;

@@ -261,6 +261,25 @@ impl Metrics {
             .set(last.saturating_sub(reached).max(0));
     }
 
+    /// Exports each of `kinds` at 0 from the start, so that an alert on the first increase
+    /// (`increase(...[10m]) > 0`) fires on the first whistle after a restart too.
+    pub fn declare_whistle_kinds(&self, kinds: &[&str]) {
+        for kind in kinds {
+            let _created = self.whistles_blown.get_or_create(&KindLabels {
+                kind: (*kind).to_owned(),
+            });
+        }
+    }
+
+    /// As [`Self::declare_whistle_kinds`], for intake's receipts.
+    pub fn declare_submission_kinds(&self, kinds: &[&str]) {
+        for kind in kinds {
+            let _created = self.submissions.get_or_create(&KindLabels {
+                kind: (*kind).to_owned(),
+            });
+        }
+    }
+
     pub fn whistle(&self, kind: &str) {
         self.whistles_blown
             .get_or_create(&KindLabels {

@@ -775,4 +775,16 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         wangge_requests_total{service="dispatch",instance="dispatch",endpoint="commands",outcome="accepted"} 1
         wangge_requests_total{service="dispatch",instance="dispatch",endpoint="commands",outcome="rejected"} 2"#]]
     .assert_eq(&requests.join("\n"));
+    // Every whistle kind is exported from the start (an alert on its first increase fires).
+    let mut whistles: Vec<&str> = metrics
+        .1
+        .lines()
+        .filter(|line| line.starts_with("wangge_whistles_blown_total"))
+        .collect();
+    whistles.sort_unstable();
+    expect![[r#"
+        wangge_whistles_blown_total{service="dispatch",instance="dispatch",kind="emergency"} 1
+        wangge_whistles_blown_total{service="dispatch",instance="dispatch",kind="routine"} 0
+        wangge_whistles_blown_total{service="dispatch",instance="dispatch",kind="tough"} 0"#]]
+    .assert_eq(&whistles.join("\n"));
 }

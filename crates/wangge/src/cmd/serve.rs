@@ -19,7 +19,7 @@ const JOB_WORKER_THREADS: usize = 2;
 pub struct UpArgs {}
 
 const SERVE_HELP: &str = "\
-On SIGINT or SIGTERM the service stops taking requests, answers those already delivered to it,
+On SIGINT or SIGTERM the service stops taking requests, answers those it has received,
 removes its private stream consumer and exits 0. If that has not finished within 20 s (NATS
 unreachable, say), or on a second signal, it exits at once with status 1: what it had not
 acknowledged is delivered again to the next instance, and every write is idempotent. Run several instances of a service for load
