@@ -1,65 +1,46 @@
-//! Dispatch's JSON Schemas in `schemas/` are generated from `dispatch::wire`; this test fails
-//! when they drift (regenerate with `UPDATE_SCHEMAS=1 cargo test -p dispatch --test schemas`)
-//! and checks that the AsyncAPI document lists the command and notification subjects and
-//! every schema.
+//! The JSON Schemas in `schemas/` are generated from the Rust types of `dispatch::wire`; this
+//! test fails when they drift (regenerate with `UPDATE_SCHEMAS=1 cargo test -p dispatch --test
+//! schemas`), and checks that the AsyncAPI document names the command and notification subjects, every action and role scope, and every schema.
 
-use std::path::PathBuf;
+use testkit::schemas::{assert_schemas_match, asyncapi, missing_from_asyncapi};
 
-fn schemas_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+fn generated() -> Vec<(&'static str, String)> {
+    dispatch::wire::schemas()
+        .into_iter()
+        .map(|(name, schema)| {
+            let rendered = serde_json::to_string_pretty(&schema).expect("schema serialises");
+            (name, rendered)
+        })
+        .collect()
+}
+
+fn stems() -> Vec<&'static str> {
+    generated().into_iter().map(|(name, _)| name).collect()
 }
 
 #[test]
 fn schemas_match_the_rust_types() {
-    let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
-    let mut drifted = Vec::new();
-    for (name, schema) in dispatch::wire::schemas() {
-        let path = schemas_dir().join(format!("{name}.schema.json"));
-        let generated = serde_json::to_string_pretty(&schema).expect("schema serialises") + "\n";
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        if committed != generated {
-            if update {
-                std::fs::write(&path, &generated).expect("write schema");
-            } else {
-                drifted.push(path.display().to_string());
-            }
-        }
-    }
-    assert!(
-        drifted.is_empty(),
-        "schemas drifted from the Rust types (run with UPDATE_SCHEMAS=1): {drifted:?}"
-    );
+    assert_schemas_match(generated());
 }
 
 #[test]
 fn asyncapi_lists_every_command_and_notification_subject_and_schema() {
-    let document = std::fs::read_to_string(schemas_dir().join("asyncapi.yaml"))
-        .expect("schemas/asyncapi.yaml");
-    let subjects = [
-        "dispatch.cmd.department.{department}.{action}",
-        "dispatch.cmd.{role}.{action}",
-        "dispatch.notify.department.{department}",
-        "dispatch.notify.{level}.{code}",
-    ];
-    let mut missing: Vec<String> = subjects
+    let mut missing = missing_from_asyncapi(
+        &[
+            "dispatch.cmd.department.{department}.{action}",
+            "dispatch.cmd.{role}.{action}",
+            "dispatch.notify.department.{department}",
+            "dispatch.notify.{level}.{code}",
+        ],
+        &stems(),
+    );
+    let document = asyncapi();
+    for token in dispatch::wire::ACTIONS
         .iter()
-        .filter(|subject| !document.contains(&format!("address: {subject}")))
-        .map(|subject| subject.to_string())
-        .collect();
-    for action in dispatch::wire::ACTIONS {
-        if !document.contains(action) {
-            missing.push(format!("action {action}"));
-        }
-    }
-    for scope in dispatch::wire::SCOPES_OTHER {
-        if !document.contains(scope) {
-            missing.push(format!("scope {scope}"));
-        }
-    }
-    for (name, _) in dispatch::wire::schemas() {
-        let file = format!("./{name}.schema.json");
-        if !document.contains(&file) {
-            missing.push(file);
+        .chain(dispatch::wire::SCOPES_OTHER)
+    {
+        if !document.contains(token) {
+            missing.push((*token).to_owned());
         }
     }
     assert!(

@@ -1,48 +1,39 @@
-//! The registry's JSON Schemas in `schemas/` are generated from `registry::api`; this test fails
-//! when they drift (regenerate with `UPDATE_SCHEMAS=1 cargo test -p registry --test schemas`)
-//! and checks that the AsyncAPI document lists its subjects, commands and schemas.
+//! The JSON Schemas in `schemas/` are generated from the Rust types of `registry::api`; this
+//! test fails when they drift (regenerate with `UPDATE_SCHEMAS=1 cargo test -p registry --test
+//! schemas`), and checks that the AsyncAPI document names its subjects, every command and every schema.
 
-use std::path::PathBuf;
+use testkit::schemas::{assert_schemas_match, asyncapi, missing_from_asyncapi};
 
-fn schemas_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+fn generated() -> Vec<(&'static str, String)> {
+    registry::api::schemas()
+        .into_iter()
+        .map(|(name, schema)| {
+            let rendered = serde_json::to_string_pretty(&schema).expect("schema serialises");
+            (name, rendered)
+        })
+        .collect()
+}
+
+fn stems() -> Vec<&'static str> {
+    generated().into_iter().map(|(name, _)| name).collect()
 }
 
 #[test]
 fn schemas_match_the_rust_types() {
-    let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
-    let mut drifted = Vec::new();
-    for (name, schema) in registry::api::schemas() {
-        let path = schemas_dir().join(format!("{name}.schema.json"));
-        let generated = serde_json::to_string_pretty(&schema).expect("schema serialises") + "\n";
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        if committed != generated {
-            if update {
-                std::fs::write(&path, &generated).expect("write schema");
-            } else {
-                drifted.push(path.display().to_string());
-            }
-        }
-    }
-    assert!(
-        drifted.is_empty(),
-        "schemas drifted from the Rust types (run with UPDATE_SCHEMAS=1): {drifted:?}"
-    );
+    assert_schemas_match(generated());
 }
 
 #[test]
 fn asyncapi_lists_every_subject_command_and_schema() {
-    let document = std::fs::read_to_string(schemas_dir().join("asyncapi.yaml"))
-        .expect("schemas/asyncapi.yaml");
-    let mut missing: Vec<String> = [
-        registry::api::SUBJECT_LOCATE,
-        "grids.cmd.{command}",
-        registry::api::SUBJECT_QUERY_COMMUNITY,
-    ]
-    .iter()
-    .filter(|subject| !document.contains(&format!("address: {subject}")))
-    .map(|subject| subject.to_string())
-    .collect();
+    let mut missing = missing_from_asyncapi(
+        &[
+            registry::api::SUBJECT_LOCATE,
+            "grids.cmd.{command}",
+            registry::api::SUBJECT_QUERY_COMMUNITY,
+        ],
+        &stems(),
+    );
+    let document = asyncapi();
     for command in [
         "register_community",
         "update_community",
@@ -50,7 +41,7 @@ fn asyncapi_lists_every_subject_command_and_schema() {
         "partition",
         "assign_grid_worker",
     ] {
-        // Every command the parser knows is listed in the channel's enum.
+        // Each is a command the parser knows, and the channel's enum names it.
         assert!(
             registry::api::parse_command(command, b"{}")
                 .err()
@@ -59,12 +50,6 @@ fn asyncapi_lists_every_subject_command_and_schema() {
         );
         if !document.contains(command) {
             missing.push(format!("command {command}"));
-        }
-    }
-    for (name, _) in registry::api::schemas() {
-        let file = format!("./{name}.schema.json");
-        if !document.contains(&file) {
-            missing.push(file);
         }
     }
     assert!(

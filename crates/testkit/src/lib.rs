@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod consumers;
+pub mod schemas;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
