@@ -9,15 +9,15 @@ pub fn schemas_dir() -> PathBuf {
     crate::workspace_root().join("schemas")
 }
 
-/// Compares each generated schema (file stem, schema rendered by
-/// `serde_json::to_string_pretty`) with `schemas/<stem>.schema.json`; with `UPDATE_SCHEMAS`
-/// set, rewrites the files that differ. Panics naming the files that drifted.
-pub fn assert_schemas_match(generated: impl IntoIterator<Item = (&'static str, String)>) {
+/// Compares each generated schema (file stem, schema) with `schemas/<stem>.schema.json`;
+/// with `UPDATE_SCHEMAS` set, rewrites the files that differ. Panics naming the files that
+/// drifted.
+pub fn assert_schemas_match<S: serde::Serialize>(generated: &[(&str, S)]) {
     let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
     let mut drifted = Vec::new();
-    for (name, rendered) in generated {
+    for (name, schema) in generated {
         let path = schemas_dir().join(format!("{name}.schema.json"));
-        let text = rendered + "\n";
+        let text = serde_json::to_string_pretty(schema).expect("schema serialises") + "\n";
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         if committed != text {
             if update {
@@ -44,16 +44,16 @@ pub fn asyncapi() -> String {
     document
 }
 
-/// What the AsyncAPI document lacks: channels with these `addresses`, and references to
-/// these schema file stems (`./<stem>.schema.json`).
-pub fn missing_from_asyncapi(addresses: &[&str], schema_stems: &[&str]) -> Vec<String> {
+/// What the AsyncAPI document lacks: channels with these `addresses`, and references to the
+/// schemas' files (`./<stem>.schema.json`).
+pub fn missing_from_asyncapi<S>(addresses: &[&str], schemas: &[(&str, S)]) -> Vec<String> {
     let document = asyncapi();
     let mut missing: Vec<String> = addresses
         .iter()
         .filter(|address| !document.contains(&format!("address: {address}")))
         .map(|address| address.to_string())
         .collect();
-    for stem in schema_stems {
+    for (stem, _) in schemas {
         let file = format!("./{stem}.schema.json");
         if !document.contains(&file) {
             missing.push(file);
