@@ -350,7 +350,7 @@ pub async fn build_into(
         info!(
             bucket,
             reached,
-            target = incidents_target,
+            target_sequence = incidents_target,
             commits,
             fold_ms = fold_time.as_millis() as u64,
             wait_ms = wait_time.as_millis() as u64,
