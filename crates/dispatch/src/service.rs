@@ -538,7 +538,18 @@ impl DispatchService {
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
         }
-        info!(progress = ?self.progress, "dispatch stopped");
+        let progress = &self.progress;
+        info!(
+            decisions = progress.decisions,
+            deadlines_escalated = progress.deadlines_escalated,
+            dispatched = progress.dispatched,
+            commands_accepted = progress.commands_accepted,
+            commands_rejected = progress.commands_rejected,
+            conflicts = progress.conflicts,
+            notifications = progress.notifications,
+            reached_sequence = progress.reached_sequence,
+            "dispatch stopped"
+        );
         result
     }
 
@@ -1005,7 +1016,7 @@ impl DispatchService {
             match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
                     self.count_appended(&commit.events);
-                    info!(command_id = %commit.command_id, actor = %command.actor.role, events = ?event_names(&commit.events), "console command stored");
+                    info!(command_id = %commit.command_id, actor = %command.actor.role, events = %event_names(&commit.events).join(","), "console command stored");
                     self.announce(command.incident, &after, &commit, appended.position.version)
                         .await;
                     self.book

@@ -423,7 +423,11 @@ pub async fn rebuild(
     let previous = current.map(|(pointer, _)| pointer.generation);
     let generation = previous.unwrap_or(0) + 1;
     let bucket = keys::generation_bucket(generation);
-    info!(generation, ?previous, "rebuilding the read models");
+    info!(
+        generation,
+        previous = previous.unwrap_or(0),
+        "rebuilding the read models (previous 0: none)"
+    );
     let mut report = build_into(
         jetstream,
         options,

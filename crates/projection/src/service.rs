@@ -846,7 +846,19 @@ impl ProjectionService {
         if let Err(error) = self.client.flush().await {
             warn!(%error, "flush at shutdown");
         }
-        info!(progress = ?self.progress, "projection stopped");
+        let progress = &self.progress;
+        info!(
+            builder = progress.builder,
+            generation = progress.generation,
+            incidents_sequence = progress.incidents_sequence,
+            grids_sequence = progress.grids_sequence,
+            applied = progress.applied,
+            skipped = progress.skipped,
+            reloaded = progress.reloaded,
+            flushes = progress.flushes,
+            keys_written = progress.keys_written,
+            "projection stopped"
+        );
         result.and(flushed)
     }
 }
