@@ -14,16 +14,11 @@ pub enum LogFormat {
 /// Installs the subscriber. A filter that does not parse (from settings or `RUST_LOG`) is an
 /// error, not a silent fallback: an operator who asked for `debug` must not get `info`.
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.trim().is_empty() => {
-            EnvFilter::try_new(&from_env).map_err(|error| {
-                anyhow::anyhow!("RUST_LOG={from_env:?} is not a log filter: {error}")
-            })?
-        }
-        _ => EnvFilter::try_new(filter).map_err(|error| {
-            anyhow::anyhow!("log.filter {filter:?} is not a log filter: {error}")
-        })?,
-    };
+    let (filter, from) = effective_filter(filter);
+    let filter = EnvFilter::try_new(&filter).map_err(|error| match from {
+        "RUST_LOG" => anyhow::anyhow!("RUST_LOG={filter:?} is not a log filter: {error}"),
+        _ => anyhow::anyhow!("log.filter {filter:?} is not a log filter: {error}"),
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -41,6 +36,15 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
             .init(),
     }
     Ok(())
+}
+
+/// The log filter that applies, and where it comes from: `RUST_LOG` when set (and not
+/// blank), else the settings' `log.filter`.
+pub fn effective_filter(configured: &str) -> (String, &'static str) {
+    match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.trim().is_empty() => (from_env, "RUST_LOG"),
+        _ => (configured.to_owned(), "log.filter"),
+    }
 }
 
 /// An error and its causes on one line, each cause once: libraries often repeat their

@@ -90,14 +90,11 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Config => {
-            // Show what this run uses: `--log-format` (or WANGGE_LOG_FORMAT) wins over the file.
+            // Show what this run uses: `--log-format` (or WANGGE_LOG_FORMAT) wins over the
+            // file, and `RUST_LOG` over `log.filter`.
             let mut shown = settings.clone();
             shown.log.format = log_format;
-            if let Ok(filter) = std::env::var("RUST_LOG")
-                && !filter.trim().is_empty()
-            {
-                shown.log.filter = filter;
-            }
+            shown.log.filter = logging::effective_filter(&settings.log.filter).0;
             config::print(&shown)
         }
         Command::Up(args) => cmd::serve::up(&settings, args),

@@ -22,8 +22,9 @@ const SERVE_HELP: &str = "\
 On SIGINT or SIGTERM the service stops taking requests, answers those it has received,
 removes its private stream consumer and exits 0. If that has not finished within 20 s (NATS
 unreachable, say), or on a second signal, it exits at once with status 1: what it had not
-acknowledged is delivered again to the next instance, and every write is idempotent. Run several instances of a service for load
-sharing and failover: request subjects use a NATS queue group. Example:
+acknowledged is delivered again to the next instance, and every write is idempotent. Run
+several instances of a service for load sharing and failover: request subjects use a NATS
+queue group. Example:
 
     wangge --config /etc/wangge.toml serve registry --instance registry-2";
 
@@ -265,7 +266,7 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
                 }
                 Err(error) if attempt < UP_ATTEMPTS_MAX => {
                     tracing::warn!(
-                        error = format!("{error:#}"),
+                        error = crate::logging::error_chain(&error),
                         attempt,
                         attempts_max = UP_ATTEMPTS_MAX,
                         "up: a step failed; repeating every step"
