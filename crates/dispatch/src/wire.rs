@@ -119,6 +119,9 @@ pub enum CommandReply {
         events: Vec<String>,
     },
     Rejected {
+        /// A business refusal (`domain::Rejection` in snake_case, or `actor_mismatch`,
+        /// `missing_field`, ...), or a request that cannot be read: `malformed_json`,
+        /// `schema_violation`, `payload_too_large` (the codes every service shares).
         reason_code: String,
         message: String,
     },
@@ -261,17 +264,9 @@ pub fn parse_command_as(
     action: &str,
     payload: &[u8],
 ) -> Result<ConsoleCommand, CommandReply> {
-    if payload.len() > REQUEST_BYTES_MAX {
-        return Err(CommandReply::rejected(
-            "too_large",
-            format!(
-                "request is {} bytes, more than {REQUEST_BYTES_MAX}",
-                payload.len()
-            ),
-        ));
-    }
-    let request: CommandRequest = serde_json::from_slice(payload)
-        .map_err(|e| CommandReply::rejected("malformed_json", e.to_string()))?;
+    let request: CommandRequest =
+        observe::refusal::parse_json("command", payload, REQUEST_BYTES_MAX)
+            .map_err(|refusal| CommandReply::rejected(refusal.reason_code, refusal.message))?;
     if let Some(id) = &request.command_id
         && (id.is_empty() || id.len() > COMMAND_ID_BYTES_MAX)
     {

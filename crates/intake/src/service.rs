@@ -1017,17 +1017,13 @@ impl IntakeService {
         if message.reply.is_none() {
             return;
         }
-        let body = if message.payload.len() > QUERY_BYTES_MAX {
-            Err(format!("request is more than {QUERY_BYTES_MAX} bytes"))
-        } else {
-            Ok(&message.payload[..])
-        };
         let answer = match message.subject.as_str() {
             wire::SUBJECT_QUERY_RECEIPT => {
-                let query = body.and_then(|body| {
-                    serde_json::from_slice::<wire::ReceiptQuery>(body)
-                        .map_err(|error| error.to_string())
-                });
+                let query = observe::refusal::parse_json::<wire::ReceiptQuery>(
+                    "query",
+                    &message.payload,
+                    QUERY_BYTES_MAX,
+                );
                 let receipt = match query {
                     Ok(query) if is_valid_submission_id(&query.submission_id) => {
                         if self.core.receipt(&query.submission_id).is_none() {
@@ -1046,31 +1042,35 @@ impl IntakeService {
                         reason_code: wire::ReasonCode::SchemaViolation,
                         message: "submission_id is not a valid submission id".to_owned(),
                     },
-                    Err(message) => Receipt::Rejected {
+                    Err(refusal) => Receipt::Rejected {
                         submission_id: None,
-                        reason_code: wire::ReasonCode::MalformedJson,
-                        message,
+                        reason_code: wire::ReasonCode::from_refusal(refusal.reason_code),
+                        message: refusal.message,
                     },
                 };
                 to_json(&receipt)
             }
             wire::SUBJECT_QUERY_INCIDENT => {
-                let query = body.and_then(|body| {
-                    serde_json::from_slice::<IncidentQuery>(body).map_err(|error| error.to_string())
-                });
+                let query = observe::refusal::parse_json::<IncidentQuery>(
+                    "query",
+                    &message.payload,
+                    QUERY_BYTES_MAX,
+                );
                 let answer = match query {
                     Ok(query) => self.incident_answer(IncidentId(query.incident_id)).await,
-                    Err(message) => IncidentQueryReply::Rejected {
-                        reason_code: "malformed_request".to_owned(),
-                        message,
+                    Err(refusal) => IncidentQueryReply::Rejected {
+                        reason_code: refusal.reason_code.to_owned(),
+                        message: refusal.message,
                     },
                 };
                 to_json(&answer)
             }
             wire::SUBJECT_CONTACT_ERASE => {
-                let query = body.and_then(|body| {
-                    serde_json::from_slice::<EraseContact>(body).map_err(|error| error.to_string())
-                });
+                let query = observe::refusal::parse_json::<EraseContact>(
+                    "request",
+                    &message.payload,
+                    QUERY_BYTES_MAX,
+                );
                 let answer = match query {
                     Ok(query) => match self.contacts.purge(query.reporter_id.to_string()).await {
                         Ok(()) => EraseReply::Erased {
@@ -1081,9 +1081,9 @@ impl IntakeService {
                             message: error.to_string(),
                         },
                     },
-                    Err(message) => EraseReply::Rejected {
-                        reason_code: "malformed_request".to_owned(),
-                        message,
+                    Err(refusal) => EraseReply::Rejected {
+                        reason_code: refusal.reason_code.to_owned(),
+                        message: refusal.message,
                     },
                 };
                 to_json(&answer)

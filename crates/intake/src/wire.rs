@@ -148,6 +148,15 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// The code of a request refusal shared by every service ([`observe::refusal`]).
+    pub fn from_refusal(reason_code: &str) -> ReasonCode {
+        match reason_code {
+            observe::refusal::PAYLOAD_TOO_LARGE => ReasonCode::PayloadTooLarge,
+            observe::refusal::SCHEMA_VIOLATION => ReasonCode::SchemaViolation,
+            _ => ReasonCode::MalformedJson,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReasonCode::MalformedJson => "malformed_json",
@@ -232,6 +241,8 @@ pub enum EraseReply {
         reporter_id: uuid::Uuid,
     },
     Rejected {
+        /// `malformed_json`, `schema_violation` or `payload_too_large` (the request refusals
+        /// every service shares), or `store_unavailable` (ask again).
         reason_code: String,
         message: String,
     },
@@ -257,6 +268,8 @@ pub enum IncidentQueryReply {
         incident_id: uuid::Uuid,
     },
     Rejected {
+        /// `malformed_json`, `schema_violation` or `payload_too_large` (the request refusals
+        /// every service shares).
         reason_code: String,
         message: String,
     },

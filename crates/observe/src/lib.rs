@@ -18,7 +18,10 @@
 //!   queue group; the services take their requests from its endpoints, so the endpoints'
 //!   request counts, errors and processing times are real.
 //! - [`trace_id`]: the trace id of a W3C `traceparent`, for log spans.
+//! - [`refusal`]: the codes every service refuses an unreadable request with.
 #![forbid(unsafe_code)]
+
+pub mod refusal;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

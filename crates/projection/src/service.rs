@@ -982,21 +982,15 @@ fn found<T: Serialize>(
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Vec<u8>> {
-    if payload.len() > QUERY_BYTES_MAX {
-        return Err(error_reply(
-            "bad_request",
-            format!(
-                "query is {} bytes, more than {QUERY_BYTES_MAX}",
-                payload.len()
-            ),
-        ));
-    }
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+    // An empty body is the query with every field left out.
+    let payload = if payload.len() <= QUERY_BYTES_MAX && payload.iter().all(u8::is_ascii_whitespace)
+    {
         b"{}".as_slice()
     } else {
         payload
     };
-    serde_json::from_slice(payload).map_err(|error| error_reply("bad_request", error.to_string()))
+    observe::refusal::parse_json("query", payload, QUERY_BYTES_MAX)
+        .map_err(|refusal| error_reply(refusal.reason_code, refusal.message))
 }
 
 fn bounded<T>(items: Result<Vec<T>, StoreError>) -> Result<Option<Vec<T>>, StoreError> {
@@ -1051,7 +1045,7 @@ pub async fn answer(
         },
         "area" => match parse::<wire::AreaQuery>(payload) {
             Ok(query) if crate::fold::AreaLevel::parse(&query.level).is_none() => error_reply(
-                "bad_request",
+                observe::refusal::SCHEMA_VIOLATION,
                 format!("level {:?} is not grid, community or street", query.level),
             ),
             Ok(query) => match &query.code {
@@ -1073,7 +1067,7 @@ pub async fn answer(
         },
         "scorecards" => match parse::<wire::ScorecardQuery>(payload) {
             Ok(query) if !matches!(query.kind.as_str(), "department" | "street") => error_reply(
-                "bad_request",
+                observe::refusal::SCHEMA_VIOLATION,
                 format!("kind {:?} is not department or street", query.kind),
             ),
             Ok(query) => match &query.id {

@@ -371,7 +371,9 @@ pub enum QueryReply<T> {
         checkpoint: Checkpoint,
     },
     Error {
-        /// `bad_request`, `unknown_model` or `store`.
+        /// `malformed_json` (not JSON), `schema_violation` (not the query's shape),
+        /// `payload_too_large`, `unknown_model` (no such `projection.query.<model>`) or
+        /// `store` (the read models could not be read: ask again).
         reason_code: String,
         message: String,
     },

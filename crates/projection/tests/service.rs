@@ -153,9 +153,9 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         "found" generation=1 items=Some(1) reason=null
         "not_found" generation=1 items=None reason=null
         "found" "quiet" open=0 entries=[]
-        "error" generation=null items=None reason="bad_request"
+        "error" generation=null items=None reason="schema_violation"
         "error" generation=null items=None reason="unknown_model"
-        "error" generation=null items=None reason="bad_request""#]]
+        "error" generation=null items=None reason="malformed_json""#]]
     .assert_eq(&answers.join("\n"));
 
     // 3. Rebuild into generation 2 and swap; the running builder follows and keeps folding.

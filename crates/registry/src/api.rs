@@ -68,6 +68,9 @@ impl LocateAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RejectedReply {
     pub status: String,
+    /// A request that cannot be read: `malformed_json`, `schema_violation` or
+    /// `payload_too_large` (as on every service's subjects); `unknown_subject`; else the
+    /// command's business refusal (docs/REGISTRY.md lists them).
     pub reason_code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -219,8 +222,10 @@ fn header(command_id: &str, community_id: &str, actor: &Option<String>) -> Comma
 /// Parses the body of `grids.cmd.<name>`; the error is the refusal to send back.
 pub fn parse_command(name: &str, body: &[u8]) -> Result<ParsedCommand, RejectedReply> {
     fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RejectedReply> {
-        serde_json::from_slice(body)
-            .map_err(|error| RejectedReply::new("malformed_json", error.to_string()))
+        serde_json::from_slice(body).map_err(|error| {
+            let refusal = observe::refusal::Refusal::from_json_error(&error);
+            RejectedReply::new(refusal.reason_code, refusal.message)
+        })
     }
     let parsed = match name {
         "register_community" | "update_community" => {
@@ -325,8 +330,9 @@ pub struct Receipt {
     pub grids_retired: Vec<String>,
 }
 
-/// `grids.query.community` answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// `grids.query.community` answer: the community's facts, its grids and its check against the
+/// city's community standards.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct CommunityAnswer {
     /// `found`.
     pub status: String,
@@ -345,8 +351,7 @@ pub struct CommunityAnswer {
 }
 
 /// The JSON Schemas of the registry's public messages, by file stem
-/// (`schemas/<stem>.schema.json`). The community query's answer (facts and a standards
-/// compliance report) is described in docs/REGISTRY.md, not here.
+/// (`schemas/<stem>.schema.json`).
 pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
     use schemars::schema_for;
     vec![
@@ -369,5 +374,6 @@ pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
         ("registry_command_receipt", schema_for!(Receipt)),
         ("registry_rejected_reply", schema_for!(RejectedReply)),
         ("registry_community_query", schema_for!(CommunityQuery)),
+        ("registry_community_answer", schema_for!(CommunityAnswer)),
     ]
 }

@@ -41,6 +41,8 @@ const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// Longest locate request body (a point needs a few dozen bytes).
 const LOCATE_REQUEST_BYTES_MAX: usize = 1024;
+/// Largest `grids.query.community` body (a community id).
+const QUERY_REQUEST_BYTES_MAX: usize = 1024;
 /// Longest actor string written to the commit envelope.
 const ACTOR_BYTES_MAX: usize = 128;
 
@@ -433,15 +435,13 @@ impl RegistryService {
     }
 
     fn query_community(&self, payload: &[u8]) -> Vec<u8> {
-        if payload.len() > api::REQUEST_BYTES_MAX {
-            return to_json(&RejectedReply::new("too_large", "request too large"));
-        }
-        let query: CommunityQuery = match serde_json::from_slice(payload) {
-            Ok(query) => query,
-            Err(error) => {
-                return to_json(&RejectedReply::new("malformed_json", error.to_string()));
-            }
-        };
+        let query: CommunityQuery =
+            match observe::refusal::parse_json("query", payload, QUERY_REQUEST_BYTES_MAX) {
+                Ok(query) => query,
+                Err(refusal) => {
+                    return to_json(&RejectedReply::new(refusal.reason_code, refusal.message));
+                }
+            };
         match self.directory.get(&query.community_id) {
             Some(entry) if entry.community.profile.is_some() => to_json(&community_answer(
                 &entry.community,
@@ -457,7 +457,12 @@ impl RegistryService {
 
     async fn command(&mut self, name: &str, payload: &[u8]) -> Vec<u8> {
         if payload.len() > api::REQUEST_BYTES_MAX {
-            return to_json(&RejectedReply::new("too_large", "request too large"));
+            let refusal = observe::refusal::Refusal::too_large(
+                "command",
+                payload.len(),
+                api::REQUEST_BYTES_MAX,
+            );
+            return to_json(&RejectedReply::new(refusal.reason_code, refusal.message));
         }
         let parsed = match api::parse_command(name, payload) {
             Ok(parsed) => parsed,
@@ -673,13 +678,12 @@ fn rejection_reply(rejection: &Rejection) -> RejectedReply {
 /// Answers a `grids.locate` body.
 pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
     if payload.len() > LOCATE_REQUEST_BYTES_MAX {
-        return LocateAnswer::rejected(
-            "too_large",
-            format!(
-                "request is {} bytes, more than {LOCATE_REQUEST_BYTES_MAX}",
-                payload.len()
-            ),
+        let refusal = observe::refusal::Refusal::too_large(
+            "request",
+            payload.len(),
+            LOCATE_REQUEST_BYTES_MAX,
         );
+        return LocateAnswer::rejected(refusal.reason_code, refusal.message);
     }
     let point_error = match serde_json::from_slice::<LocateRequest>(payload) {
         Ok(request) => return locator.locate(request.lon, request.lat),
@@ -697,10 +701,15 @@ pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
             ),
         },
         // Report the error of the form the request meant.
-        Err(error) if mentions_building_id(payload) => {
-            LocateAnswer::rejected("malformed_json", error.to_string())
+        Err(error) => {
+            let error = if mentions_building_id(payload) {
+                error
+            } else {
+                point_error
+            };
+            let refusal = observe::refusal::Refusal::from_json_error(&error);
+            LocateAnswer::rejected(refusal.reason_code, refusal.message)
         }
-        Err(_) => LocateAnswer::rejected("malformed_json", point_error.to_string()),
     }
 }
 

@@ -200,7 +200,7 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
     check(
         &send(&client, "grids.locate", json!({"building_id": 7})).await,
         expect![[
-            r#"{"message":"invalid type: integer `7`, expected a string at line 1 column 16","reason_code":"malformed_json","status":"rejected"}"#
+            r#"{"message":"invalid type: integer `7`, expected a string at line 1 column 16","reason_code":"schema_violation","status":"rejected"}"#
         ]],
     );
     check(
@@ -210,7 +210,7 @@ async fn registry_serves_locate_commands_and_queries_and_survives_restart() {
     check(
         &request(&client, "grids.locate", b"{\"lon\": \"east\"}".to_vec()).await,
         expect![[
-            r#"{"message":"invalid type: string \"east\", expected f64 at line 1 column 14","reason_code":"malformed_json","status":"rejected"}"#
+            r#"{"message":"invalid type: string \"east\", expected f64 at line 1 column 14","reason_code":"schema_violation","status":"rejected"}"#
         ]],
     );
     check(

@@ -1,12 +1,13 @@
 //! The pure check of one community against one profile.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::facts::CommunityFacts;
 use crate::profile::{Basis, Measure, Period, Profile, Requirement, Rounding, Rule};
 
 /// Verdict of one rule for one community.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Met,
@@ -29,7 +30,7 @@ impl Status {
 }
 
 /// Where a rule comes from: document, city, year and the quoted clause.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Citation {
     pub file: String,
     pub title: String,
@@ -41,7 +42,7 @@ pub struct Citation {
 }
 
 /// Inclusive bounds on the measure; `None` means unbounded on that side.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Bounds {
     pub min: Option<f64>,
     pub max: Option<f64>,
@@ -54,7 +55,7 @@ impl Bounds {
 }
 
 /// What a rule requires of this community: met when the actual value lies in any of `any_of`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Required {
     pub any_of: Vec<Bounds>,
     /// The same, for people, with how it was derived.
@@ -62,7 +63,7 @@ pub struct Required {
 }
 
 /// One rule's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Finding {
     pub rule_id: String,
     pub title: String,
@@ -78,7 +79,7 @@ pub struct Finding {
 }
 
 /// How many findings have each status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Summary {
     pub met: u32,
     pub not_met: u32,
@@ -87,7 +88,7 @@ pub struct Summary {
 }
 
 /// One community checked against one city's profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ComplianceReport {
     pub city: String,
     pub city_name: String,
