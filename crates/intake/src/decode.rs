@@ -100,6 +100,30 @@ pub fn check_message_id(
     }
 }
 
+/// Durable path: the channel of the subject a submission was published on
+/// (`intake.submit.<channel>`) must be the body's `channel`, so that a permission on the
+/// subject means what it says and the recorded channel is the one the app chose.
+pub fn check_channel(valid: ValidSubmission, subject: &str) -> Result<ValidSubmission, Refusal> {
+    let subject_channel = subject
+        .strip_prefix(crate::wire::SUBJECT_SUBMIT_PREFIX)
+        .unwrap_or(subject);
+    if subject_channel == valid.channel.as_str() {
+        return Ok(valid);
+    }
+    Err(Refusal {
+        submission_id: Some(valid.submission_id),
+        reporter_id: Some(valid.reporter_id),
+        channel: Some(valid.channel),
+        reason_code: ReasonCode::ChannelMismatch,
+        message: clip(format!(
+            "published on {subject:?} but the body's channel is {:?}; publish on \
+             intake.submit.{}",
+            valid.channel.as_str(),
+            valid.channel.as_str()
+        )),
+    })
+}
+
 /// Whether `id` is a usable submission id (it becomes a NATS subject token).
 pub fn is_valid_submission_id(id: &str) -> bool {
     (SUBMISSION_ID_BYTES_MIN..=SUBMISSION_ID_BYTES_MAX).contains(&id.len())

@@ -27,7 +27,9 @@ use crate::core::{
     Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, incident_id_for, intake_aggregate,
     receipt_in_history, refusal_event,
 };
-use crate::decode::{Limits, check_message_id, decode_submission, is_valid_submission_id};
+use crate::decode::{
+    Limits, check_channel, check_message_id, decode_submission, is_valid_submission_id,
+};
 use crate::status;
 use crate::wire::{self, EraseContact, EraseReply, IncidentQuery, IncidentQueryReply, Receipt};
 
@@ -639,8 +641,9 @@ impl IntakeService {
                 &self.config.limits,
                 &self.policy.taxonomy,
             )
-            .and_then(|valid| match input.origin {
-                Origin::Durable(_) => check_message_id(valid, input.fallback_id.as_deref()),
+            .and_then(|valid| match &input.origin {
+                Origin::Durable(message) => check_message_id(valid, input.fallback_id.as_deref())
+                    .and_then(|valid| check_channel(valid, message.subject.as_str())),
                 Origin::Request(_) => Ok(valid),
             });
             let plan = match decoded {

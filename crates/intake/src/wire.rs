@@ -145,6 +145,9 @@ pub enum ReasonCode {
     /// Durable path: the `Nats-Msg-Id` header and the body's `submission_id` differ. (New
     /// codes go last: stored rejections encode the code by its position.)
     IdMismatch,
+    /// Durable path: the subject's channel (`intake.submit.<channel>`) and the body's
+    /// `channel` differ.
+    ChannelMismatch,
 }
 
 impl ReasonCode {
@@ -171,6 +174,7 @@ impl ReasonCode {
             ReasonCode::Refused => "refused",
             ReasonCode::NotFound => "not_found",
             ReasonCode::IdMismatch => "id_mismatch",
+            ReasonCode::ChannelMismatch => "channel_mismatch",
         }
     }
 }

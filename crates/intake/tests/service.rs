@@ -562,7 +562,7 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         jetstream
-            .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
+            .publish_with_headers("intake.submit.app", headers, body.to_string().into())
             .await
             .expect("publish")
             .await
@@ -580,7 +580,7 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, "live-header");
     jetstream
-        .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
+        .publish_with_headers("intake.submit.app", headers, body.to_string().into())
         .await
         .expect("publish")
         .await
@@ -607,6 +607,26 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
         .expect("query");
     let answer: Value = serde_json::from_slice(&body_id.payload).expect("JSON");
     assert_eq!(answer["reason_code"], "not_found", "{answer}");
+    // Published on the patrol subject with the app's channel in the body: refused, so that a
+    // permission on `intake.submit.patrol` means what it says.
+    let body = submission("live-channel", REPORTER, "0101", near_building(8));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "live-channel");
+    jetstream
+        .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("server acknowledged");
+    let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
+        .await
+        .expect("receipt within 10 s")
+        .expect("receipt");
+    let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    expect![[r#"intake.receipts.live-channel "rejected" "channel_mismatch" "published on \"intake.submit.patrol\" but the body's channel is \"app\"; publish on intake.submit.app""#]].assert_eq(&format!(
+        "{} {} {} {}",
+        message.subject, receipt["status"], receipt["reason_code"], receipt["message"]
+    ));
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
