@@ -218,32 +218,56 @@ pub fn decide(
                 (state, Action::Wait)
             }
         }
-        LeaseState::Standby { seen } => match observed {
-            Observed::Absent { .. } => (LeaseState::Standby { seen: None }, Action::Create),
-            Observed::Held { revision, .. } => match seen {
-                Some(seen) if seen.revision == *revision => {
-                    let stale = now_ms.saturating_sub(seen.since_ms) >= LeaseTiming::ms(timing.ttl);
-                    let action = if stale {
-                        Action::TakeOver {
-                            revision: *revision,
-                        }
-                    } else {
-                        Action::Wait
-                    };
-                    (state, action)
-                }
-                _ => (
-                    LeaseState::Standby {
-                        seen: Some(Seen {
-                            revision: *revision,
-                            since_ms: now_ms,
-                        }),
-                    },
-                    Action::Wait,
-                ),
-            },
-            Observed::Unknown => (state, Action::Wait),
+        LeaseState::Standby { seen } => {
+            // A read from a replica that lags shows an older revision than one seen before,
+            // or no key at all: it proves nothing, and the clock runs on (restarting it would
+            // let alternating reads keep a dead holder's lease alive for ever).
+            let lagging = match (observed, seen) {
+                (Observed::Held { revision, .. }, Some(seen)) => *revision < seen.revision,
+                (Observed::Absent { revision }, Some(seen)) => *revision <= seen.revision,
+                _ => false,
+            };
+            if lagging {
+                return (state, Action::Wait);
+            }
+            standby(seen, observed, now_ms, timing)
+        }
+    }
+}
+
+/// [`decide`] for a standby whose read is not behind what it has seen.
+fn standby(
+    seen: Option<Seen>,
+    observed: &Observed,
+    now_ms: u64,
+    timing: &LeaseTiming,
+) -> (LeaseState, Action) {
+    let state = LeaseState::Standby { seen };
+    match observed {
+        Observed::Absent { .. } => (LeaseState::Standby { seen: None }, Action::Create),
+        Observed::Held { revision, .. } => match seen {
+            Some(seen) if seen.revision == *revision => {
+                let stale = now_ms.saturating_sub(seen.since_ms) >= LeaseTiming::ms(timing.ttl);
+                let action = if stale {
+                    Action::TakeOver {
+                        revision: *revision,
+                    }
+                } else {
+                    Action::Wait
+                };
+                (state, action)
+            }
+            _ => (
+                LeaseState::Standby {
+                    seen: Some(Seen {
+                        revision: *revision,
+                        since_ms: now_ms,
+                    }),
+                },
+                Action::Wait,
+            ),
         },
+        Observed::Unknown => (state, Action::Wait),
     }
 }
 
@@ -623,6 +647,32 @@ mod tests {
         .assert_eq(&format!("{timing:?} bound {:?}", timing.takeover_bound()));
         let clamped = LeaseTiming::from_ttl(Duration::from_millis(10));
         assert_eq!(clamped.ttl, BUILDER_LEASE_TTL_MIN);
+    }
+
+    #[test]
+    fn a_standby_does_not_restart_its_clock_on_a_lagging_replica() {
+        // Reads are direct gets, answered by any replica: one that lags shows an older
+        // revision (or none) now and then. Only a newer revision proves the holder renewed;
+        // an older one must not restart the clock, or a standby whose reads alternate never
+        // sees the lease go stale and nobody builds.
+        check(
+            STANDBY,
+            &[
+                (0, held("gone", 5), NO_WRITE),
+                (4_000, held("gone", 3), NO_WRITE),
+                (6_000, Observed::Absent { revision: 0 }, Outcome::Refused),
+                (8_000, held("gone", 5), NO_WRITE),
+                (10_000, held("gone", 3), NO_WRITE),
+                (11_000, held("gone", 5), stored(6)),
+            ],
+            expect![[r#"
+                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 4000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 6000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 8000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 10000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 11000 ms: TakeOver { revision: 5 } -> Builder { term: 6, revision: 6, renewed_at_ms: 11000 }"#]],
+        );
     }
 
     #[test]
