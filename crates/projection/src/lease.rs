@@ -455,6 +455,9 @@ async fn run(
     let mut state = LeaseState::Standby { seen: None };
     let mut acquired_at_ms = 0;
     let mut holder_instance: Option<String> = None;
+    // Since when every read of the key has failed, and whether that was logged.
+    let mut unreadable_since: Option<Instant> = None;
+    let mut unreadable_warned = false;
     let mut ticks = tokio::time::interval(timing.poll_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -496,6 +499,29 @@ async fn run(
                 .ok()
                 .filter(|_| entry.operation == kv::Operation::Put)
                 .map(|value| value.instance);
+        }
+        match (&entry, unreadable_since) {
+            (Err(error), None) => {
+                unreadable_since = Some(Instant::now());
+                debug!(%error, "read the builder lease");
+            }
+            (Err(error), Some(since)) if !unreadable_warned && since.elapsed() >= timing.ttl => {
+                // Nobody can take over or renew a lease this instance cannot read.
+                unreadable_warned = true;
+                warn!(instance, %error, unreadable_for_ms = LeaseTiming::ms(since.elapsed()), "the builder lease cannot be read");
+            }
+            (Ok(_), Some(since)) => {
+                if unreadable_warned {
+                    info!(
+                        instance,
+                        unreadable_for_ms = LeaseTiming::ms(since.elapsed()),
+                        "the builder lease can be read again"
+                    );
+                }
+                unreadable_since = None;
+                unreadable_warned = false;
+            }
+            _ => {}
         }
         let observed = observe(entry);
         let before = state;
@@ -557,6 +583,19 @@ async fn run(
             }
         };
         state = settle(next, action, outcome, since(sent));
+        if let (Action::TakeOver { revision }, Outcome::Failed | Outcome::Refused) =
+            (action, outcome)
+        {
+            // A dead holder's lease this instance could not take: say so, or a projection
+            // that stops building leaves no trace of why.
+            warn!(
+                instance,
+                revision,
+                ?outcome,
+                holder = holder_instance.as_deref().unwrap_or("?"),
+                "taking over the stale builder lease failed; trying again"
+            );
+        }
         match (before, state) {
             (LeaseState::Standby { .. }, LeaseState::Builder { term, .. }) => {
                 holder_instance = Some(instance.clone());

@@ -29,10 +29,13 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
                 && std::env::var_os("NO_COLOR").is_none();
             builder.compact().with_ansi(colour).init();
         }
+        // The event's fields top-level, its context once: every enclosing span, outermost
+        // first (`serve` with the instance, then e.g. the incident's).
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
+            .with_span_list(true)
             .init(),
     }
     Ok(())

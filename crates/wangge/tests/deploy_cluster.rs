@@ -87,9 +87,12 @@ fn serve(urls: &str, accounts: &DeployAccounts, name: &str, instance: &str) -> C
         )
         .env("WANGGE_NATS__INBOX_PREFIX", format!("_INBOX_{name}"))
         .env("WANGGE_STORE__REPLICAS", REPLICAS.to_string())
-        // Warnings too: nextest shows them only when the test fails, and a failed takeover
-        // or failover is explained by them.
-        .env("WANGGE_LOG__FILTER", "warn,async_nats=error")
+        // Warnings too, and the builder lease's changes: nextest shows them only when the
+        // test fails, and a failed takeover or failover is explained by them.
+        .env(
+            "WANGGE_LOG__FILTER",
+            "warn,async_nats=error,projection::lease=info",
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

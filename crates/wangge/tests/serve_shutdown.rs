@@ -86,3 +86,70 @@ async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
         other => panic!("exit {other:?}: {stderr}"),
     }
 }
+
+/// In JSON, every line a service logs, from start to stop, is one object that names the
+/// service and the instance (`spans[0]`, the span `serve`): a collector merging two instances'
+/// streams can tell them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_instance_on_every_line() {
+    let server = testkit::NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let mut service = Command::new(env!("CARGO_BIN_EXE_wangge"))
+        .args(["serve", "registry", "--instance", "registry-logs"])
+        .env_remove("WANGGE_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("WANGGE_NATS__URL", &url)
+        .env("WANGGE_LOG__FORMAT", "json")
+        .env("WANGGE_LOG__FILTER", "info,async_nats=off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wangge serve registry");
+    let client = async_nats::connect(&url).await.expect("connect");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            client.request(
+                "grids.query.community",
+                r#"{"community_id":"probe"}"#.into()
+            ),
+        )
+        .await,
+        Ok(Ok(_))
+    ) {
+        assert!(Instant::now() < deadline, "registry never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&service);
+    let status = service.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let mut stderr = String::new();
+    service
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let mut messages = Vec::new();
+    for line in stderr.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("not one JSON object ({error}): {line}"));
+        let outer = &value["spans"][0];
+        assert_eq!(
+            (&outer["name"], &outer["service"], &outer["instance"]),
+            (
+                &serde_json::json!("serve"),
+                &serde_json::json!("registry"),
+                &serde_json::json!("registry-logs")
+            ),
+            "{line}"
+        );
+        messages.push(value["message"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(
+        messages.iter().any(|message| message == "registry serving")
+            && messages.iter().any(|message| message == "shutting down"),
+        "{messages:?}"
+    );
+}

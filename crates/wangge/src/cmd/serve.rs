@@ -372,6 +372,17 @@ async fn termination() -> anyhow::Result<&'static str> {
 }
 
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
+    let (service, instance) = match &args.service {
+        ServiceCommand::Registry(args) => ("registry", args.instance.clone()),
+        ServiceCommand::Dispatch(args) => ("dispatch", args.instance.clone()),
+        ServiceCommand::Intake(args) => ("intake", args.instance.clone()),
+        ServiceCommand::Projection(args) => ("projection", args.instance.clone()),
+    };
+    // Every line logged on this thread names the service and the instance (the runtime's
+    // thread with the default one worker thread: all of them), so that two instances on one
+    // host, or a collector's merged stream, can be told apart.
+    let span = tracing::info_span!("serve", service, instance = %instance);
+    let _in_span = span.enter();
     match args.service {
         ServiceCommand::Registry(registry_args) => serve_registry(settings, registry_args),
         ServiceCommand::Dispatch(dispatch_args) => serve_dispatch(settings, dispatch_args),
