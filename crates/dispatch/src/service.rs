@@ -938,15 +938,12 @@ impl DispatchService {
         command: ConsoleCommand,
         traceparent: String,
     ) -> CommandReply {
-        if let Some(id) = &command.command_id
-            && let Some(reply) = self.recent.get(id, &command)
-        {
+        if let Some(reply) = self.recent.get(&command.command_id, &command) {
             return reply;
         }
         let reply = self.decide_and_append(&command, &traceparent).await;
-        if let Some(id) = &command.command_id {
-            self.recent.remember(id.clone(), &command, &reply);
-        }
+        self.recent
+            .remember(command.command_id.clone(), &command, &reply);
         reply
     }
 
@@ -955,10 +952,7 @@ impl DispatchService {
         command: &ConsoleCommand,
         traceparent: &str,
     ) -> CommandReply {
-        let command_id = command
-            .command_id
-            .clone()
-            .unwrap_or_else(|| format!("console:{}", Uuid::now_v7()));
+        let command_id = command.command_id.clone();
         for attempt in 1..=COMMAND_ATTEMPTS_MAX {
             let (Some(held), Some(aggregate)) = (
                 self.book.get(command.incident),
@@ -997,9 +991,7 @@ impl DispatchService {
                     }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
-                    if command.command_id.is_some()
-                        && let Some(reply) = self.already_applied(&aggregate, &command_id).await
-                    {
+                    if let Some(reply) = self.already_applied(&aggregate, &command_id).await {
                         return reply;
                     }
                     return CommandReply::from_rejection(&rejection);

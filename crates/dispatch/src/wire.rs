@@ -76,9 +76,9 @@ pub struct ActorJson {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
-    /// Idempotency key: resending the same command id writes nothing new.
-    #[serde(default)]
-    pub command_id: Option<String>,
+    /// Idempotency key, required (1 to 128 bytes): resending the same command id writes
+    /// nothing new and gets the first answer, so a console may resend after a lost reply.
+    pub command_id: String,
     pub incident: uuid::Uuid,
     pub actor: Option<ActorJson>,
     #[serde(default)]
@@ -236,7 +236,7 @@ pub fn parse_subject(subject: &str) -> Result<(Role, &str), CommandReply> {
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleCommand {
-    pub command_id: Option<String>,
+    pub command_id: String,
     pub incident: IncidentId,
     pub actor: Actor,
     pub action: Action,
@@ -267,9 +267,7 @@ pub fn parse_command_as(
     let request: CommandRequest =
         observe::refusal::parse_json("command", payload, REQUEST_BYTES_MAX)
             .map_err(|refusal| CommandReply::rejected(refusal.reason_code, refusal.message))?;
-    if let Some(id) = &request.command_id
-        && (id.is_empty() || id.len() > COMMAND_ID_BYTES_MAX)
-    {
+    if request.command_id.is_empty() || request.command_id.len() > COMMAND_ID_BYTES_MAX {
         return Err(CommandReply::rejected(
             "bad_command_id",
             format!("command id must be 1..={COMMAND_ID_BYTES_MAX} bytes"),

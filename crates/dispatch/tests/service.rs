@@ -225,11 +225,18 @@ async fn request(
     request_on(client, &format!("dispatch.cmd.{scope}.{action}"), body).await
 }
 
+/// Sends a console command; a body without a `command_id` gets a fresh one, as a console
+/// gives every new command (the tests that resend one give it themselves).
 async fn request_on(
     client: &async_nats::Client,
     subject: &str,
-    body: serde_json::Value,
+    mut body: serde_json::Value,
 ) -> CommandReply {
+    if let Some(fields) = body.as_object_mut() {
+        fields
+            .entry("command_id")
+            .or_insert_with(|| uuid::Uuid::now_v7().to_string().into());
+    }
     let reply = client
         .request(
             subject.to_owned(),

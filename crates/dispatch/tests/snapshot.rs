@@ -277,6 +277,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
     time.set(Timestamp(START.0 + 2 * MINUTE));
     for incident in &incidents[..ACKNOWLEDGED_BEFORE_SHUTDOWN as usize] {
         let body = serde_json::json!({
+            "command_id": format!("acknowledge-{}", incident.0),
             "incident": incident.0,
             "actor": {"role": "department:xiaofang", "id": uuid::Uuid::from_u128(7)},
         });

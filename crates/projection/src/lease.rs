@@ -13,7 +13,9 @@
 //!   stale, and given back at a clean stop with a revision-checked delete.
 //! - **Expiry is judged from revisions, not from timestamps or a server-side TTL.** A standby
 //!   times how long the key's revision has stayed the same on its own monotonic clock, from
-//!   the first time it read that revision (necessarily after the holder stored it); the holder
+//!   the first time it read that revision (necessarily after the holder stored it; reads are
+//!   direct gets that any replica answers, so an older revision or a missing key, a lagging
+//!   replica's answer, leaves the clock running rather than restarting it); the holder
 //!   times its validity from the moment it *sent* its last successful renew. Both intervals
 //!   start on the same side of the write, so clock offsets between hosts do not matter (only
 //!   clock rates, covered by [`LeaseTiming::margin`]). A per-message TTL would need

@@ -416,7 +416,7 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         if let Some(role) = role {
             actor["role"] = role.into();
         }
-        serde_json::json!({"incident": case.0, "actor": actor})
+        serde_json::json!({"command_id": uuid::Uuid::now_v7(), "incident": case.0, "actor": actor})
     };
     let mut lines = Vec::new();
 
