@@ -1,6 +1,10 @@
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::jetstream::{
+    self, consumer,
+    context::{CreateStreamErrorKind, PublishErrorKind},
+    stream,
+};
 use futures::StreamExt as _;
 use tracing::{debug, warn};
 
@@ -14,6 +18,13 @@ use crate::error::{AppendError, ConflictReason, LoadError, OpenError};
 
 /// Publish attempts for one append. Retrying is safe: the `Nats-Msg-Id` makes a repeat a no-op.
 const APPEND_ATTEMPTS_MAX: usize = 8;
+/// Attempts to create or update a stream at open when JetStream does not answer in time (a
+/// cluster electing leaders, a loaded server): with the backoff below and the client's
+/// request timeout, about 40 s before a service gives up starting.
+const OPEN_ATTEMPTS_MAX: usize = 6;
+/// First pause between those attempts; it doubles up to [`OPEN_BACKOFF_MAX`].
+const OPEN_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Pause between publish attempts (a cluster leader election takes a few seconds).
 const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// Longest wait for one message while reading an aggregate to its known end.
@@ -171,10 +182,30 @@ impl<C: EventCodec> EventStore<C> {
             stream: spec.stream_name.clone(),
             source,
         };
-        jetstream
-            .create_or_update_stream(spec.stream_config())
-            .await
-            .map_err(stream_error)?;
+        let mut backoff = OPEN_BACKOFF_MIN;
+        for attempt in 1.. {
+            match jetstream
+                .create_or_update_stream(spec.stream_config())
+                .await
+            {
+                Ok(_) => break,
+                // A cluster electing leaders, or a server too busy to answer within the
+                // request timeout: a service starting then must not give up on the first try.
+                Err(error)
+                    if attempt < OPEN_ATTEMPTS_MAX
+                        && matches!(
+                            error.kind(),
+                            CreateStreamErrorKind::TimedOut
+                                | CreateStreamErrorKind::JetStreamUnavailable
+                        ) =>
+                {
+                    warn!(stream = %spec.stream_name, attempt, %error, "create or update stream: JetStream did not answer; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+                }
+                Err(error) => return Err(stream_error(error)),
+            }
+        }
         let stream = jetstream
             .get_stream(&spec.stream_name)
             .await

@@ -585,6 +585,16 @@ async fn run(
             }
         };
         state = settle(next, action, outcome, since(sent));
+        if action != Action::Wait {
+            debug!(
+                instance,
+                ?observed,
+                ?action,
+                ?outcome,
+                ?state,
+                "builder lease poll"
+            );
+        }
         if let (Action::TakeOver { revision }, Outcome::Failed | Outcome::Refused) =
             (action, outcome)
         {

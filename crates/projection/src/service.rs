@@ -479,6 +479,25 @@ impl ProjectionService {
         self.flush_as_builder().await
     }
 
+    /// A failure while building or becoming the builder (the store timed out, a stream had no
+    /// leader, a consumer broke): the instance stands by, giving the lease back, and keeps
+    /// answering queries; a builder (this instance or another, at the lease's next poll) then
+    /// starts afresh from the KV checkpoint. Exiting instead would leave no builder at all
+    /// where nothing restarts the process, and only shorten the wait where something does.
+    /// Only an error of the query subscription ends the service.
+    async fn builder_failed(&mut self, error: ServiceError) -> Result<(), ServiceError> {
+        if matches!(error, ServiceError::Queries { .. }) {
+            return Err(error);
+        }
+        warn!(
+            instance = %self.config.instance,
+            %error,
+            "building the read models failed; standing by (the next builder starts from the KV checkpoint)"
+        );
+        self.stand_by(&error.to_string()).await;
+        Ok(())
+    }
+
     /// Stops folding without writing anything more (the lease is gone or about to go), and
     /// gives the lease back so that a builder starts afresh from the KV checkpoint.
     async fn stand_by(&mut self, reason: &str) {
@@ -721,7 +740,10 @@ impl ProjectionService {
                     }
                     () = role_changed(&mut role) => {
                         if let Err(error) = self.follow_lease().await {
-                            break Err(error);
+                            if let Err(fatal) = self.builder_failed(error).await {
+                                break Err(fatal);
+                            }
+                            continue;
                         }
                     }
                     () = tokio::time::sleep(STANDBY_CHECKPOINT_POLL) => {
@@ -744,7 +766,10 @@ impl ProjectionService {
                 }
                 () = role_changed(&mut role) => {
                     if let Err(error) = self.follow_lease().await {
-                        break Err(error);
+                        if let Err(fatal) = self.builder_failed(error).await {
+                            break Err(fatal);
+                        }
+                        continue;
                     }
                 }
                 delivery = attached.incidents.next() => {
@@ -755,7 +780,12 @@ impl ProjectionService {
                             self.stand_by(&format!("INCIDENTS consumer: {error}")).await;
                             continue;
                         }
-                        Err(error) => break Err(error.into()),
+                        Err(error) => {
+                            if let Err(fatal) = self.builder_failed(error.into()).await {
+                                break Err(fatal);
+                            }
+                            continue;
+                        }
                     };
                     match attached.projector.apply_incident_commit(&delivery.commit) {
                         Applied::New => self.progress.applied += 1,
@@ -775,10 +805,16 @@ impl ProjectionService {
                                 }
                                 // Not acked: the flush does not cover it and a later builder
                                 // (or this one after a restart) folds it again.
-                                Err(error) => break Err(ServiceError::Reload {
-                                    aggregate: delivery.commit.aggregate.to_string(),
-                                    reason: error.to_string(),
-                                }),
+                                Err(error) => {
+                                    let error = ServiceError::Reload {
+                                        aggregate: delivery.commit.aggregate.to_string(),
+                                        reason: error.to_string(),
+                                    };
+                                    if let Err(fatal) = self.builder_failed(error).await {
+                                        break Err(fatal);
+                                    }
+                                    continue;
+                                }
                             }
                         }
                     }
@@ -788,13 +824,21 @@ impl ProjectionService {
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                     let full = attached.unflushed >= self.config.flush_commits_max;
                     if full && let Err(error) = self.flush_as_builder().await {
-                        break Err(error);
+                        if let Err(fatal) = self.builder_failed(error).await {
+                            break Err(fatal);
+                        }
+                        continue;
                     }
                 }
                 delivery = attached.grids.next() => {
                     let delivery = match delivery {
                         Ok(delivery) => delivery,
-                        Err(error) => break Err(error.into()),
+                        Err(error) => {
+                            if let Err(fatal) = self.builder_failed(error.into()).await {
+                                break Err(fatal);
+                            }
+                            continue;
+                        }
                     };
                     attached.projector.apply_grids_commit(&delivery.commit);
                     attached.caught_up = delivery.pending == 0;
@@ -803,7 +847,10 @@ impl ProjectionService {
                 }
                 _ = sleep_until(flush_at) => {
                     if let Err(error) = self.flush_as_builder().await {
-                        break Err(error);
+                        if let Err(fatal) = self.builder_failed(error).await {
+                            break Err(fatal);
+                        }
+                        continue;
                     }
                 }
                 entry = next_pointer(&mut pointer_watch) => {
@@ -812,7 +859,10 @@ impl ProjectionService {
                         && generation != attached.generation
                         && let Err(error) = self.switch(generation).await
                     {
-                        break Err(error);
+                        if let Err(fatal) = self.builder_failed(error).await {
+                            break Err(fatal);
+                        }
+                        continue;
                     }
                 }
             }

@@ -91,7 +91,7 @@ fn serve(urls: &str, accounts: &DeployAccounts, name: &str, instance: &str) -> C
         // test fails, and a failed takeover or failover is explained by them.
         .env(
             "WANGGE_LOG__FILTER",
-            "warn,async_nats=error,projection::lease=info",
+            "warn,async_nats=error,projection::lease=debug,projection::service=info",
         )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -525,21 +525,21 @@ async fn two_instances_of_each_service_share_the_work_and_survive_a_stream_leade
             }
         })
     };
-    let mut children = Vec::new();
+    // Held from the first spawn, so that a failed wait below still kills what was started.
+    let mut services = Services(Vec::new());
     // One instance after the other: the first dispatch creates the shared notifier consumer
     // (creating the same R3 consumer from two processes at once can outlast the JetStream API
     // timeout; `wangge up` created intake's shared consumer already).
     for service in SERVICES {
         for n in 1..=INSTANCES_PER_SERVICE {
             let instance = format!("{service}-{n}");
-            children.push((
+            services.0.push((
                 instance.clone(),
                 serve(&urls, &accounts, service, &instance),
             ));
             wait_instances(&admin, service, n).await;
         }
     }
-    let mut services = Services(children);
 
     // A community with 9 buildings, partitioned, through either registry instance.
     let (x, y) = ORIGIN;
