@@ -482,8 +482,9 @@ impl ProjectionService {
     /// A failure while building or becoming the builder (the store timed out, a stream had no
     /// leader, a consumer broke): the instance stands by, giving the lease back, and keeps
     /// answering queries; a builder (this instance or another, at the lease's next poll) then
-    /// starts afresh from the KV checkpoint. Exiting instead would leave no builder at all
-    /// where nothing restarts the process, and only shorten the wait where something does.
+    /// starts afresh from the KV checkpoint. Before, such a failure ended the fold loop
+    /// while the query task kept the process up: an instance that answered queries from
+    /// read models nobody built any more, and never exited for a supervisor to restart it.
     /// Only an error of the query subscription ends the service.
     async fn builder_failed(&mut self, error: ServiceError) -> Result<(), ServiceError> {
         if matches!(error, ServiceError::Queries { .. }) {
@@ -888,8 +889,14 @@ impl ProjectionService {
             lease.release().await;
         }
         if let Some(task) = query_task {
+            // Without a stop signal the query task would answer for ever: a failed service
+            // must end, for its supervisor to start it again.
+            if result.is_err() {
+                task.abort();
+            }
             match task.await {
                 Ok(()) => {}
+                Err(error) if error.is_cancelled() => {}
                 Err(error) => warn!(%error, "query task"),
             }
         }

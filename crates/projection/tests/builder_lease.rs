@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 mod common;
 
-use common::{LEASE_TTL, WAIT_MAX, specs, start};
+use common::{LEASE_TTL, WAIT_MAX, specs, start, start_with_ttl};
 
 async fn wait_until(progress: &mut watch::Receiver<Progress>, what: impl Fn(&Progress) -> bool) {
     tokio::time::timeout(WAIT_MAX, progress.wait_for(|p| what(p)))
@@ -168,6 +168,81 @@ async fn one_builder_standbys_answer_a_standby_takes_over_without_double_countin
     eprintln!("clean stop: the lease changed hands after {handover:?}");
     standby.stop.send(true).unwrap();
     standby.task.await.unwrap().unwrap();
+}
+
+/// A builder whose flush the store refuses (its read-model bucket deleted under it: every
+/// write fails with "no stream found", as while a cluster has no leader for it) stands by
+/// rather than ending the service, gives the lease back, takes it again and builds afresh:
+/// the service is still running and the read models come back equal to a pure fold. Before,
+/// the failed flush ended the fold loop while the process stayed up answering queries: nobody
+/// built again (this test then fails after 60 s, "never came back").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_whose_flush_fails_stands_by_and_builds_again() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, _) = specs();
+    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
+        .await
+        .unwrap();
+    let mut synthetic = Synthetic::new(41, Synthetic::default_grids(2, 2, 3));
+    let histories: Vec<_> = (0..120).map(|n| synthetic.incident(n)).collect();
+    let (first, second) = histories.split_at(60);
+    // A lease far longer than the flush's retries: the failed flush, not the lease's
+    // expiry, ends this term.
+    let builder = start_with_ttl(&server.url(), "only", Duration::from_secs(30)).await;
+    let mut progress = builder.progress.clone();
+    synthetic::append_histories(&store, first, 20)
+        .await
+        .unwrap();
+    let half = store.last_sequence().await.unwrap();
+    wait_until(&mut progress, |p| p.incidents_sequence >= half).await;
+    let generation = ReadModels::current(&jetstream)
+        .await
+        .unwrap()
+        .unwrap()
+        .generation();
+    jetstream
+        .delete_key_value(projection::keys::generation_bucket(generation))
+        .await
+        .unwrap();
+    synthetic::append_histories(&store, second, 20)
+        .await
+        .unwrap();
+    let last = store.last_sequence().await.unwrap();
+    // Standing by, taking the lease again (its next poll, 3 s) and refolding everything.
+    let deadline = Instant::now() + WAIT_MAX * 2;
+    let models = loop {
+        assert!(
+            !builder.task.is_finished(),
+            "the service ended: {:?}",
+            builder.task.await
+        );
+        let caught_up = match ReadModels::current(&jetstream).await {
+            Ok(Some(models)) => match models.checkpoint().await {
+                Ok(checkpoint) if checkpoint.incidents_sequence >= last => Some(models),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(models) = caught_up {
+            break models;
+        }
+        assert!(Instant::now() < deadline, "the read models never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        projection::compare::differing_keys(
+            &models.dump().await.unwrap(),
+            &pure_fold(&store).await
+        ),
+        Vec::<String>::new(),
+        "KV differs from the pure fold after building again"
+    );
+    assert_eq!(models.totals().await.unwrap().incidents, 120);
+    assert!(progress.borrow().builder);
+    builder.stop.send(true).unwrap();
+    builder.task.await.unwrap().unwrap();
 }
 
 /// `num_requests` of the query endpoint of every projection instance (`$SRV.STATS`).

@@ -28,6 +28,11 @@ pub struct Running {
 
 /// Starts a projection instance named `instance` (small flushes, short ack wait and lease).
 pub async fn start(url: &str, instance: &str) -> Running {
+    start_with_ttl(url, instance, LEASE_TTL).await
+}
+
+/// [`start`] with a builder lease of `lease_ttl`.
+pub async fn start_with_ttl(url: &str, instance: &str, lease_ttl: Duration) -> Running {
     let client = async_nats::connect(url).await.unwrap();
     let (incidents, grids) = specs();
     let mut config = ProjectionConfig::new(incidents, grids);
@@ -36,7 +41,7 @@ pub async fn start(url: &str, instance: &str) -> Running {
     // A department of the city with no case (its board is empty, not unknown).
     config.departments = vec!["quiet".to_owned()];
     config.ack_wait = Duration::from_secs(1);
-    config.lease = LeaseTiming::from_ttl(LEASE_TTL);
+    config.lease = LeaseTiming::from_ttl(lease_ttl);
     let service = ProjectionService::start(client, config).await.unwrap();
     let progress = service.progress();
     let (stop, stopped) = watch::channel(false);
