@@ -543,6 +543,29 @@ async fn rejections_merges_status_queries_and_erasure() {
     stack.registry_stop.send(true).expect("registry listens");
 }
 
+/// Publishes `body` on the durable `subject` with `message_id` as its `Nats-Msg-Id`, and
+/// returns the next receipt announced.
+async fn publish_durable(
+    jetstream: &async_nats::jetstream::Context,
+    receipts: &mut async_nats::Subscriber,
+    subject: &str,
+    message_id: &str,
+    body: &Value,
+) -> async_nats::Message {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+    jetstream
+        .publish_with_headers(subject.to_owned(), headers, body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("server acknowledged");
+    tokio::time::timeout(Duration::from_secs(10), receipts.next())
+        .await
+        .expect("receipt within 10 s")
+        .expect("receipt")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_submissions_while_running_are_filed_one_by_one() {
     let server = NatsServer::start().expect("nats-server");
@@ -559,36 +582,22 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
     for index in 0..3 {
         let id = format!("live-{index:05}");
         let body = submission(&id, REPORTER, "0101", near_building(index));
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        jetstream
-            .publish_with_headers("intake.submit.app", headers, body.to_string().into())
-            .await
-            .expect("publish")
-            .await
-            .expect("server acknowledged");
-        let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
-            .await
-            .expect("receipt within 10 s")
-            .expect("receipt");
+        let message =
+            publish_durable(&jetstream, &mut receipts, "intake.submit.app", &id, &body).await;
         let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
         assert_eq!(receipt["submission_id"], id.as_str(), "{receipt}");
     }
     // The header's id and the body's differ: refused under the header's id (the one the
     // stream deduplicates by), and the body's id stays free.
     let body = submission("live-body", REPORTER, "0101", near_building(7));
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, "live-header");
-    jetstream
-        .publish_with_headers("intake.submit.app", headers, body.to_string().into())
-        .await
-        .expect("publish")
-        .await
-        .expect("server acknowledged");
-    let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
-        .await
-        .expect("receipt within 10 s")
-        .expect("receipt");
+    let message = publish_durable(
+        &jetstream,
+        &mut receipts,
+        "intake.submit.app",
+        "live-header",
+        &body,
+    )
+    .await;
     assert_eq!(message.subject.as_str(), "intake.receipts.live-header");
     let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
     assert_eq!(
@@ -610,18 +619,14 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
     // Published on the patrol subject with the app's channel in the body: refused, so that a
     // permission on `intake.submit.patrol` means what it says.
     let body = submission("live-channel", REPORTER, "0101", near_building(8));
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, "live-channel");
-    jetstream
-        .publish_with_headers("intake.submit.patrol", headers, body.to_string().into())
-        .await
-        .expect("publish")
-        .await
-        .expect("server acknowledged");
-    let message = tokio::time::timeout(Duration::from_secs(10), receipts.next())
-        .await
-        .expect("receipt within 10 s")
-        .expect("receipt");
+    let message = publish_durable(
+        &jetstream,
+        &mut receipts,
+        "intake.submit.patrol",
+        "live-channel",
+        &body,
+    )
+    .await;
     let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
     expect![[r#"intake.receipts.live-channel "rejected" "channel_mismatch" "published on \"intake.submit.patrol\" but the body's channel is \"app\"; publish on intake.submit.app""#]].assert_eq(&format!(
         "{} {} {} {}",
