@@ -121,11 +121,13 @@ pub enum Observed {
     Unknown,
 }
 
-/// A revision a standby saw, and when it first saw it (its own clock, ms).
+/// A revision a standby saw, when it first saw it and when a read last showed it again (its
+/// own clock, ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub revision: u64,
     pub since_ms: u64,
+    pub confirmed_ms: u64,
 }
 
 /// What this instance believes.
@@ -229,10 +231,17 @@ pub fn decide(
                 (Observed::Absent { revision }, Some(seen)) => *revision <= seen.revision,
                 _ => false,
             };
-            if lagging {
-                return (state, Action::Wait);
+            // ... unless no read has shown the seen revision for a whole TTL: then the
+            // reads are the truth (the bucket was made afresh and its revisions started over),
+            // and the clock starts again from them.
+            let unconfirmed = seen.is_some_and(|seen| {
+                now_ms.saturating_sub(seen.confirmed_ms) >= LeaseTiming::ms(timing.ttl)
+            });
+            match (lagging, unconfirmed) {
+                (true, false) => (state, Action::Wait),
+                (true, true) => standby(None, observed, now_ms, timing),
+                (false, _) => standby(seen, observed, now_ms, timing),
             }
-            standby(seen, observed, now_ms, timing)
         }
     }
 }
@@ -249,6 +258,12 @@ fn standby(
         Observed::Absent { .. } => (LeaseState::Standby { seen: None }, Action::Create),
         Observed::Held { revision, .. } => match seen {
             Some(seen) if seen.revision == *revision => {
+                let state = LeaseState::Standby {
+                    seen: Some(Seen {
+                        confirmed_ms: now_ms,
+                        ..seen
+                    }),
+                };
                 let stale = now_ms.saturating_sub(seen.since_ms) >= LeaseTiming::ms(timing.ttl);
                 let action = if stale {
                     Action::TakeOver {
@@ -264,6 +279,7 @@ fn standby(
                     seen: Some(Seen {
                         revision: *revision,
                         since_ms: now_ms,
+                        confirmed_ms: now_ms,
                     }),
                 },
                 Action::Wait,
@@ -333,8 +349,9 @@ impl Role {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Command {
-    /// Give the key back (if held) and go on as a standby.
-    Resign,
+    /// Give the key back (if held) and go on as a standby that neither creates nor takes
+    /// over the key for the given time (another instance may build meanwhile).
+    Resign { hold_off: Duration },
     /// Give the key back (if held) and end.
     Stop,
 }
@@ -354,9 +371,14 @@ impl LeaseHandle {
         self.role.clone()
     }
 
-    /// Gives the key back now (the fold loop found another builder's write).
-    pub fn resign(&self) {
-        if self.commands.try_send(Command::Resign).is_err() {
+    /// Gives the key back now (the fold loop found another builder's write, or its work
+    /// failed) and competes for it again only after `hold_off`.
+    pub fn resign(&self, hold_off: Duration) {
+        if self
+            .commands
+            .try_send(Command::Resign { hold_off })
+            .is_err()
+        {
             debug!("lease task busy or gone; resign dropped");
         }
     }
@@ -460,6 +482,8 @@ async fn run(
     // Since when every read of the key has failed, and whether that was logged.
     let mut unreadable_since: Option<Instant> = None;
     let mut unreadable_warned = false;
+    // After a resign: no create or take-over before this.
+    let mut hold_off_until: Option<Instant> = None;
     let mut ticks = tokio::time::interval(timing.poll_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -487,7 +511,10 @@ async fn run(
             });
             match command {
                 Command::Stop => break,
-                Command::Resign => continue,
+                Command::Resign { hold_off } => {
+                    hold_off_until = Some(Instant::now() + hold_off);
+                    continue;
+                }
             }
         }
         let read = tokio::time::timeout(io_timeout, meta.entry(keys::BUILDER_LEASE)).await;
@@ -527,7 +554,13 @@ async fn run(
         }
         let observed = observe(entry);
         let before = state;
-        let (next, action) = decide(state, &observed, &me, since(Instant::now()), &timing);
+        let (next, mut action) = decide(state, &observed, &me, since(Instant::now()), &timing);
+        if hold_off_until.is_some_and(|until| Instant::now() < until)
+            && matches!(action, Action::Create | Action::TakeOver { .. })
+        {
+            // Resigned after a failure: let another instance build for a while.
+            action = Action::Wait;
+        }
         let sent = Instant::now();
         let value = |acquired_at_ms: i64| -> bytes::Bytes {
             let value = LeaseValue {
@@ -595,18 +628,21 @@ async fn run(
                 "builder lease poll"
             );
         }
-        if let (Action::TakeOver { revision }, Outcome::Failed | Outcome::Refused) =
-            (action, outcome)
-        {
+        match (action, outcome) {
             // A dead holder's lease this instance could not take: say so, or a projection
             // that stops building leaves no trace of why.
-            warn!(
+            (Action::TakeOver { revision }, Outcome::Failed) => warn!(
                 instance,
                 revision,
-                ?outcome,
                 holder = holder_instance.as_deref().unwrap_or("?"),
-                "taking over the stale builder lease failed; trying again"
-            );
+                "taking over the stale builder lease failed (no answer); trying again at the next poll"
+            ),
+            (Action::TakeOver { revision }, Outcome::Refused) => info!(
+                instance,
+                revision,
+                "another instance wrote the builder lease first (a late renew or a quicker standby)"
+            ),
+            _ => {}
         }
         match (before, state) {
             (LeaseState::Standby { .. }, LeaseState::Builder { term, .. }) => {
@@ -711,18 +747,54 @@ mod tests {
             &[
                 (0, held("gone", 5), NO_WRITE),
                 (4_000, held("gone", 3), NO_WRITE),
-                (6_000, Observed::Absent { revision: 0 }, Outcome::Refused),
+                (6_000, Observed::Absent { revision: 0 }, NO_WRITE),
                 (8_000, held("gone", 5), NO_WRITE),
                 (10_000, held("gone", 3), NO_WRITE),
                 (11_000, held("gone", 5), stored(6)),
             ],
             expect![[r#"
-                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
-                at 4000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
-                at 6000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
-                at 8000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
-                at 10000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0 }) }
+                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 0 }) }
+                at 4000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 0 }) }
+                at 6000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 0 }) }
+                at 8000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 8000 }) }
+                at 10000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 8000 }) }
                 at 11000 ms: TakeOver { revision: 5 } -> Builder { term: 6, revision: 6, renewed_at_ms: 11000 }"#]],
+        );
+    }
+
+    #[test]
+    fn a_standby_creates_the_key_given_back_after_it_saw_it_held() {
+        check(
+            STANDBY,
+            &[
+                (0, held("gone", 5), NO_WRITE),
+                (1_000, Observed::Absent { revision: 6 }, stored(7)),
+            ],
+            expect![[r#"
+                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 0, confirmed_ms: 0 }) }
+                at 1000 ms: Create -> Builder { term: 7, revision: 7, renewed_at_ms: 1000 }"#]],
+        );
+    }
+
+    #[test]
+    fn a_standby_believes_older_revisions_once_its_own_is_unconfirmed_for_a_ttl() {
+        // The meta bucket made afresh: its revisions start over, and the standby must not
+        // wait for them to climb back past the one it remembers.
+        check(
+            STANDBY,
+            &[
+                (0, held("old", 5_000), NO_WRITE),
+                (1_000, held("new", 2), NO_WRITE),
+                (9_000, held("new", 2), NO_WRITE),
+                (11_000, held("new", 2), NO_WRITE),
+                (21_000, held("new", 2), stored(3)),
+            ],
+            expect![[r#"
+                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 5000, since_ms: 0, confirmed_ms: 0 }) }
+                at 1000 ms: Wait -> Standby { seen: Some(Seen { revision: 5000, since_ms: 0, confirmed_ms: 0 }) }
+                at 9000 ms: Wait -> Standby { seen: Some(Seen { revision: 5000, since_ms: 0, confirmed_ms: 0 }) }
+                at 11000 ms: Wait -> Standby { seen: Some(Seen { revision: 2, since_ms: 11000, confirmed_ms: 11000 }) }
+                at 21000 ms: TakeOver { revision: 2 } -> Builder { term: 3, revision: 3, renewed_at_ms: 21000 }"#]],
         );
     }
 
@@ -754,7 +826,7 @@ mod tests {
             ],
             expect![[r#"
                 at 0 ms: Create -> Standby { seen: None }
-                at 1000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 1000 }) }"#]],
+                at 1000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 1000, confirmed_ms: 1000 }) }"#]],
         );
     }
 
@@ -768,18 +840,18 @@ mod tests {
             STANDBY,
             &when,
             expect![[r#"
-                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 1, since_ms: 0 }) }
-                at 1000 ms: Wait -> Standby { seen: Some(Seen { revision: 1, since_ms: 0 }) }
-                at 2000 ms: Wait -> Standby { seen: Some(Seen { revision: 2, since_ms: 2000 }) }
-                at 3000 ms: Wait -> Standby { seen: Some(Seen { revision: 2, since_ms: 2000 }) }
-                at 4000 ms: Wait -> Standby { seen: Some(Seen { revision: 3, since_ms: 4000 }) }
-                at 5000 ms: Wait -> Standby { seen: Some(Seen { revision: 3, since_ms: 4000 }) }
-                at 6000 ms: Wait -> Standby { seen: Some(Seen { revision: 4, since_ms: 6000 }) }
-                at 7000 ms: Wait -> Standby { seen: Some(Seen { revision: 4, since_ms: 6000 }) }
-                at 8000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 8000 }) }
-                at 9000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 8000 }) }
-                at 10000 ms: Wait -> Standby { seen: Some(Seen { revision: 6, since_ms: 10000 }) }
-                at 11000 ms: Wait -> Standby { seen: Some(Seen { revision: 6, since_ms: 10000 }) }"#]],
+                at 0 ms: Wait -> Standby { seen: Some(Seen { revision: 1, since_ms: 0, confirmed_ms: 0 }) }
+                at 1000 ms: Wait -> Standby { seen: Some(Seen { revision: 1, since_ms: 0, confirmed_ms: 1000 }) }
+                at 2000 ms: Wait -> Standby { seen: Some(Seen { revision: 2, since_ms: 2000, confirmed_ms: 2000 }) }
+                at 3000 ms: Wait -> Standby { seen: Some(Seen { revision: 2, since_ms: 2000, confirmed_ms: 3000 }) }
+                at 4000 ms: Wait -> Standby { seen: Some(Seen { revision: 3, since_ms: 4000, confirmed_ms: 4000 }) }
+                at 5000 ms: Wait -> Standby { seen: Some(Seen { revision: 3, since_ms: 4000, confirmed_ms: 5000 }) }
+                at 6000 ms: Wait -> Standby { seen: Some(Seen { revision: 4, since_ms: 6000, confirmed_ms: 6000 }) }
+                at 7000 ms: Wait -> Standby { seen: Some(Seen { revision: 4, since_ms: 6000, confirmed_ms: 7000 }) }
+                at 8000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 8000, confirmed_ms: 8000 }) }
+                at 9000 ms: Wait -> Standby { seen: Some(Seen { revision: 5, since_ms: 8000, confirmed_ms: 9000 }) }
+                at 10000 ms: Wait -> Standby { seen: Some(Seen { revision: 6, since_ms: 10000, confirmed_ms: 10000 }) }
+                at 11000 ms: Wait -> Standby { seen: Some(Seen { revision: 6, since_ms: 10000, confirmed_ms: 11000 }) }"#]],
         );
     }
 
@@ -794,9 +866,9 @@ mod tests {
                 (10_500, held("dead", 7), stored(8)),
             ],
             expect![[r#"
-                at 500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500 }) }
-                at 1500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500 }) }
-                at 9500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500 }) }
+                at 500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500, confirmed_ms: 500 }) }
+                at 1500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500, confirmed_ms: 500 }) }
+                at 9500 ms: Wait -> Standby { seen: Some(Seen { revision: 7, since_ms: 500, confirmed_ms: 9500 }) }
                 at 10500 ms: TakeOver { revision: 7 } -> Builder { term: 8, revision: 8, renewed_at_ms: 10500 }"#]],
         );
     }
@@ -808,6 +880,7 @@ mod tests {
                 seen: Some(Seen {
                     revision: 7,
                     since_ms: 0,
+                    confirmed_ms: 9_000,
                 }),
             },
             &[
@@ -815,8 +888,8 @@ mod tests {
                 (11_000, held("slow", 8), NO_WRITE),
             ],
             expect![[r#"
-                 at 10000 ms: TakeOver { revision: 7 } -> Standby { seen: None }
-                 at 11000 ms: Wait -> Standby { seen: Some(Seen { revision: 8, since_ms: 11000 }) }"#]],
+                at 10000 ms: TakeOver { revision: 7 } -> Standby { seen: None }
+                at 11000 ms: Wait -> Standby { seen: Some(Seen { revision: 8, since_ms: 11000, confirmed_ms: 11000 }) }"#]],
         );
     }
 

@@ -57,6 +57,11 @@ const GRIDS_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
 /// How often an instance that does not build reads the checkpoint its queries reflect (for
 /// its progress and lag metrics).
 const STANDBY_CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// After a failure while building, this instance competes for the lease again only after
+/// this pause, doubled for every failure in a row up to [`BUILD_RETRY_PAUSE_MAX`] (another
+/// instance may build meanwhile); a successful flush resets it.
+const BUILD_RETRY_PAUSE_MIN: Duration = Duration::from_secs(1);
+const BUILD_RETRY_PAUSE_MAX: Duration = Duration::from_secs(60);
 
 pub type IncidentStore = EventStore<codecs::IncidentCodec>;
 pub type GridsStore = EventStore<registry::RegistryCodec>;
@@ -185,6 +190,8 @@ pub struct ProjectionService {
     attached: Option<Attached>,
     /// The builder lease (`None` for a query-only instance).
     lease: Option<LeaseHandle>,
+    /// Failures while building since the last successful flush.
+    build_failures: u32,
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     generation_tx: watch::Sender<u64>,
@@ -293,6 +300,7 @@ impl ProjectionService {
             meta,
             attached: None,
             lease: None,
+            build_failures: 0,
             progress: Progress::default(),
             progress_tx,
             generation_tx,
@@ -490,18 +498,30 @@ impl ProjectionService {
         if matches!(error, ServiceError::Queries { .. }) {
             return Err(error);
         }
+        self.build_failures = self.build_failures.saturating_add(1);
+        let doublings = self.build_failures.saturating_sub(1).min(16);
+        let hold_off = BUILD_RETRY_PAUSE_MIN
+            .saturating_mul(1 << doublings)
+            .min(BUILD_RETRY_PAUSE_MAX);
         warn!(
             instance = %self.config.instance,
             %error,
+            failures_in_a_row = self.build_failures,
+            competes_again_after_ms = u64::try_from(hold_off.as_millis()).unwrap_or(u64::MAX),
             "building the read models failed; standing by (the next builder starts from the KV checkpoint)"
         );
-        self.stand_by(&error.to_string()).await;
+        self.stand_by_for(&error.to_string(), hold_off).await;
         Ok(())
     }
 
     /// Stops folding without writing anything more (the lease is gone or about to go), and
     /// gives the lease back so that a builder starts afresh from the KV checkpoint.
     async fn stand_by(&mut self, reason: &str) {
+        self.stand_by_for(reason, Duration::ZERO).await;
+    }
+
+    /// [`Self::stand_by`], competing for the lease again only after `hold_off`.
+    async fn stand_by_for(&mut self, reason: &str, hold_off: Duration) {
         if let Some(attached) = self.attached.take() {
             warn!(
                 instance = %self.config.instance,
@@ -519,7 +539,7 @@ impl ProjectionService {
             }
         }
         if let Some(lease) = &self.lease {
-            lease.resign();
+            lease.resign(hold_off);
         }
         self.progress.builder = false;
         self.progress_tx.send_replace(self.progress);
@@ -527,7 +547,11 @@ impl ProjectionService {
 
     /// [`Self::flush`], standing by instead of failing when the lease is gone.
     async fn flush_as_builder(&mut self) -> Result<(), ServiceError> {
-        match self.flush().await {
+        let flushed = self.flush().await;
+        if flushed.is_ok() && self.attached.is_some() {
+            self.build_failures = 0;
+        }
+        match flushed {
             Err(ServiceError::NotBuilder { reason }) => {
                 self.stand_by(&reason).await;
                 Ok(())
@@ -698,7 +722,7 @@ impl ProjectionService {
 
     /// Builds and serves until `stopped` turns true (or its sender is dropped).
     pub async fn run(mut self, mut stopped: watch::Receiver<bool>) -> Result<(), ServiceError> {
-        let query_task = self.queries.take().map(|(micro, endpoint)| {
+        let mut query_task = self.queries.take().map(|(micro, endpoint)| {
             let jetstream = self.jetstream.clone();
             let generation = self.generation_tx.subscribe();
             let stop = stopped.clone();
@@ -739,6 +763,12 @@ impl ProjectionService {
                             self.generation_tx.send_replace(pointer.generation);
                         }
                     }
+                    reason = query_task_ended(&mut query_task) => {
+                        if *stopped.borrow() {
+                            break Ok(());
+                        }
+                        break Err(ServiceError::Queries { reason });
+                    }
                     () = role_changed(&mut role) => {
                         if let Err(error) = self.follow_lease().await {
                             if let Err(fatal) = self.builder_failed(error).await {
@@ -764,6 +794,12 @@ impl ProjectionService {
                     if changed.is_err() || *stopped.borrow() {
                         break Ok(());
                     }
+                }
+                reason = query_task_ended(&mut query_task) => {
+                    if *stopped.borrow() {
+                        break Ok(());
+                    }
+                    break Err(ServiceError::Queries { reason });
                 }
                 () = role_changed(&mut role) => {
                     if let Err(error) = self.follow_lease().await {
@@ -922,6 +958,20 @@ impl ProjectionService {
 
 /// Resolves when the lease's role changes (never for a query-only instance, nor after the
 /// lease task ended).
+/// Waits for the query task to end (never, when there is none) and says why; the handle is
+/// taken, so that it is not awaited again.
+async fn query_task_ended(task: &mut Option<tokio::task::JoinHandle<()>>) -> String {
+    let Some(handle) = task.as_mut() else {
+        return std::future::pending().await;
+    };
+    let ended = handle.await;
+    *task = None;
+    match ended {
+        Ok(()) => "the query subscription ended".to_owned(),
+        Err(error) => format!("the query task failed: {error}"),
+    }
+}
+
 async fn role_changed(role: &mut Option<watch::Receiver<Role>>) {
     match role {
         Some(receiver) => {
