@@ -991,7 +991,9 @@ impl DispatchService {
                     }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
-                    if let Some(reply) = self.already_applied(&aggregate, &command_id).await {
+                    let actor = self.meta(&command.actor, now, String::new()).actor;
+                    if let Some(reply) = self.already_applied(&aggregate, &command_id, &actor).await
+                    {
                         return reply;
                     }
                     return CommandReply::from_rejection(&rejection);
@@ -1121,14 +1123,22 @@ impl DispatchService {
     }
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
-    /// duplicate. Read only when the decider refused a command that carries an id, so the
-    /// per-instance duplicate cache is not the only guard across restarts and instances.
+    /// duplicate, when the same actor stored it; refused `command_id_reused` when another
+    /// did. Read only when the decider refused the command, so the per-instance duplicate
+    /// cache is not the only guard across restarts and instances.
     async fn already_applied(
         &mut self,
         aggregate: &eventstore::AggregateId,
         command_id: &str,
+        actor: &str,
     ) -> Option<CommandReply> {
         let commit = self.stored_commit(aggregate, command_id).await?;
+        if commit.meta.actor != actor {
+            return Some(CommandReply::rejected(
+                "command_id_reused",
+                format!("command id {command_id} was already used for another command"),
+            ));
+        }
         let incident = uuid::Uuid::parse_str(aggregate.as_str().rsplit('.').next()?).ok()?;
         Some(duplicate_reply(incident, &commit))
     }

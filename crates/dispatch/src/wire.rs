@@ -78,6 +78,7 @@ pub struct ActorJson {
 pub struct CommandRequest {
     /// Idempotency key, required (1 to 128 bytes): resending the same command id writes
     /// nothing new and gets the first answer, so a console may resend after a lost reply.
+    #[schemars(length(min = 1, max = 128))]
     pub command_id: String,
     pub incident: uuid::Uuid,
     pub actor: Option<ActorJson>,
@@ -119,9 +120,10 @@ pub enum CommandReply {
         events: Vec<String>,
     },
     Rejected {
-        /// A business refusal (`domain::Rejection` in snake_case, or `actor_mismatch`,
-        /// `missing_field`, ...), or a request that cannot be read: `malformed_json`,
-        /// `schema_violation`, `payload_too_large` (the codes every service shares).
+        /// A business refusal (`domain::Rejection` in snake_case, `actor_mismatch`,
+        /// `unknown_action`, ...), or a request that cannot be read: `malformed_json`,
+        /// `schema_violation` (also a missing field the action needs, or a command id that
+        /// is empty or over 128 bytes), `payload_too_large` (the codes every service shares).
         reason_code: String,
         message: String,
     },
@@ -245,7 +247,7 @@ pub struct ConsoleCommand {
 fn need<T>(value: Option<T>, field: &str, action: &str) -> Result<T, CommandReply> {
     value.ok_or_else(|| {
         CommandReply::rejected(
-            "missing_field",
+            observe::refusal::SCHEMA_VIOLATION,
             format!("{action} needs the field {field:?}"),
         )
     })
@@ -269,7 +271,7 @@ pub fn parse_command_as(
             .map_err(|refusal| CommandReply::rejected(refusal.reason_code, refusal.message))?;
     if request.command_id.is_empty() || request.command_id.len() > COMMAND_ID_BYTES_MAX {
         return Err(CommandReply::rejected(
-            "bad_command_id",
+            observe::refusal::SCHEMA_VIOLATION,
             format!("command id must be 1..={COMMAND_ID_BYTES_MAX} bytes"),
         ));
     }

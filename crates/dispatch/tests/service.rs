@@ -323,6 +323,13 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
         ("yingji verifies".to_owned(), request(&client, "verify", serde_json::json!({"incident":fire.0,"actor":yingji,"passed":true})).await),
         ("chengguan claims xiaofang".to_owned(), request_on(&client, "dispatch.cmd.department.chengguan.acknowledge", serde_json::json!({"incident":fire.0,"actor":{"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)}})).await),
         ("old subject".to_owned(), request_on(&client, "dispatch.cmd.acknowledge.now", serde_json::json!({"incident":fire.0,"actor":chengguan})).await),
+        ("no command id".to_owned(), {
+            let body = serde_json::json!({"incident":fire.0,"actor":chengguan});
+            let reply = client.request("dispatch.cmd.department.chengguan.acknowledge", serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+            serde_json::from_slice(&reply.payload).unwrap()
+        }),
+        ("empty command id".to_owned(), request(&client, "acknowledge", serde_json::json!({"command_id":"","incident":fire.0,"actor":chengguan})).await),
+        ("no actor".to_owned(), request_on(&client, "dispatch.cmd.department.chengguan.acknowledge", serde_json::json!({"incident":fire.0})).await),
     ];
     check_commands(
         &replies,
@@ -335,6 +342,9 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
             yingji verifies: rejected invalid_transition (verify is not possible while the incident is Dispatched)
             chengguan claims xiaofang: rejected actor_mismatch (the body claims role "department:xiaofang" on a subject of role "department:chengguan")
             old subject: rejected unknown_subject ("dispatch.cmd.acknowledge.now" is not dispatch.cmd.department.<id>.<action> or dispatch.cmd.<grid_worker|community|street|district|city|resident>.<action>)
+            no command id: rejected schema_violation (missing field `command_id` at line 1 column 135)
+            empty command id: rejected schema_violation (command id must be 1..=128 bytes)
+            no actor: rejected schema_violation (acknowledge needs the field "actor")
         "#]],
     );
 
@@ -503,14 +513,15 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     a.task.await.unwrap();
 }
 
-/// Decides `action` by `by` on the incident's stored state and appends it, as another
-/// dispatch instance would.
+/// Decides `action` by `by` on the incident's stored state and appends it under
+/// `command_id`, as another dispatch instance would.
 async fn append_elsewhere(
     store: &IncidentStore,
     incident: IncidentId,
     by: Actor,
     action: Action,
     now: Timestamp,
+    command_id: &str,
 ) {
     let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
     let loaded = store.load(&aggregate).await.unwrap();
@@ -530,7 +541,7 @@ async fn append_elsewhere(
     let meta = CommitMeta {
         correlation_id: uuid::Uuid::now_v7(),
         causation_id: uuid::Uuid::now_v7(),
-        actor: "dispatch-elsewhere".to_owned(),
+        actor: format!("{}/{}", by.role, by.id),
         occurred_at_ms: now.0,
         traceparent: None,
     };
@@ -538,7 +549,7 @@ async fn append_elsewhere(
         .append(
             &aggregate,
             &loaded.position,
-            &Commit::new(format!("elsewhere:{}", uuid::Uuid::now_v7()), events, meta),
+            &Commit::new(command_id, events, meta),
         )
         .await
         .unwrap();
@@ -560,7 +571,15 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     testkit::consumers::pause_follower(&client, "INCIDENTS", "dispatch-lagging").await;
     let xiaofang = actor(Role::Department("xiaofang".parse().unwrap()), 7);
     time.set(Timestamp(START.0 + 5 * MINUTE));
-    append_elsewhere(&store, fire, xiaofang, Action::Acknowledge, time.now()).await;
+    append_elsewhere(
+        &store,
+        fire,
+        xiaofang,
+        Action::Acknowledge,
+        time.now(),
+        "acknowledged-elsewhere",
+    )
+    .await;
     let unseen = report_and_file(&store, 4, "0405", time.now()).await;
     let xiaofang_json =
         serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
@@ -576,6 +595,18 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
             "acknowledge",
             serde_json::json!({"incident":unseen.0,"actor":xiaofang_json}),
         ),
+        // Neither id is in this instance's cache: only the stored history can tell a resend
+        // from an id used again by someone else.
+        (
+            "xiaofang resends the acknowledge stored elsewhere",
+            "acknowledge",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang_json,"command_id":"acknowledged-elsewhere"}),
+        ),
+        (
+            "chengguan sends a command under that id",
+            "acknowledge",
+            serde_json::json!({"incident":fire.0,"actor":{"role":"department:chengguan","id":uuid::Uuid::from_u128(9)},"command_id":"acknowledged-elsewhere"}),
+        ),
     ] {
         replies.push((what.to_owned(), request(&client, action, body).await));
     }
@@ -584,6 +615,8 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
         expect![[r#"
             xiaofang resolves (acknowledged elsewhere): accepted v6 dup=false incident.resolved
             xiaofang acknowledges an incident filed a moment ago: rejected not_assigned (department:xiaofang may not acknowledge: the case is neither assigned to it nor summoned it)
+            xiaofang resends the acknowledge stored elsewhere: accepted v5 dup=true 
+            chengguan sends a command under that id: rejected command_id_reused (command id acknowledged-elsewhere was already used for another command)
         "#]],
     );
     let _ = lagging.stop.send(true);

@@ -171,6 +171,18 @@ pub struct EventStore<C: EventCodec> {
     pub(crate) codec: C,
 }
 
+/// Whether creating a stream failed for a reason that passes: no answer in time, no
+/// JetStream responder yet, or a cluster without a meta leader (error 10008).
+fn open_may_succeed_later(error: &jetstream::context::CreateStreamError) -> bool {
+    match error.kind() {
+        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+        CreateStreamErrorKind::JetStream(error) => {
+            error.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+        }
+        _ => false,
+    }
+}
+
 impl<C: EventCodec> EventStore<C> {
     /// Creates or updates the context's stream (idempotent) and returns a store on it.
     pub async fn open(
@@ -191,14 +203,7 @@ impl<C: EventCodec> EventStore<C> {
                 Ok(_) => break,
                 // A cluster electing leaders, or a server too busy to answer within the
                 // request timeout: a service starting then must not give up on the first try.
-                Err(error)
-                    if attempt < OPEN_ATTEMPTS_MAX
-                        && matches!(
-                            error.kind(),
-                            CreateStreamErrorKind::TimedOut
-                                | CreateStreamErrorKind::JetStreamUnavailable
-                        ) =>
-                {
+                Err(error) if attempt < OPEN_ATTEMPTS_MAX && open_may_succeed_later(&error) => {
                     warn!(stream = %spec.stream_name, attempt, %error, "create or update stream: JetStream did not answer; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);

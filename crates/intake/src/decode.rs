@@ -101,8 +101,11 @@ pub fn check_message_id(
 }
 
 /// Durable path: the channel of the subject a submission was published on
-/// (`intake.submit.<channel>`) must be the body's `channel`, so that a permission on the
-/// subject means what it says and the recorded channel is the one the app chose.
+/// (`intake.submit.<channel>`) must be the body's `channel`, so that the two never disagree
+/// in the record, and a deployment that grants each channel's subject to its own users
+/// (hotline desk, patrol devices) can rely on it. It is no security boundary by itself: the
+/// generated accounts let the resident app publish on every channel, and the request path
+/// (`intake.request`) takes the body's channel as it is.
 pub fn check_channel(valid: ValidSubmission, subject: &str) -> Result<ValidSubmission, Refusal> {
     let subject_channel = subject
         .strip_prefix(crate::wire::SUBJECT_SUBMIT_PREFIX)

@@ -69,8 +69,9 @@ impl LocateAnswer {
 pub struct RejectedReply {
     pub status: String,
     /// A request that cannot be read: `malformed_json`, `schema_violation` or
-    /// `payload_too_large` (as on every service's subjects); `unknown_subject`; else the
-    /// command's business refusal (docs/REGISTRY.md lists them).
+    /// `payload_too_large` (as on every service's subjects); `unknown_subject`,
+    /// `unknown_command`; `not_found` (a community query for an unregistered community);
+    /// `command_id_reused`; else the command's business refusal (docs/REGISTRY.md lists them).
     pub reason_code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

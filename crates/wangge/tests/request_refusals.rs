@@ -16,7 +16,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// the wrong shape).
 const OVERSIZED_BYTES: usize = 100 * 1024;
 
-/// Every request subject, with a body each service would be ready to answer.
+/// Every request subject of the four services.
 const SUBJECTS: [&str; 9] = [
     "grids.locate",
     "grids.query.community",
