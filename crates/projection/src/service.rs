@@ -522,6 +522,13 @@ impl ProjectionService {
 
     /// [`Self::stand_by`], competing for the lease again only after `hold_off`.
     async fn stand_by_for(&mut self, reason: &str, hold_off: Duration) {
+        // The lease first: deleting the private consumer below may wait a whole request
+        // timeout while the cluster has no leader, and another instance may build meanwhile.
+        if let Some(lease) = &self.lease {
+            lease.resign(hold_off);
+        }
+        self.progress.builder = false;
+        self.progress_tx.send_replace(self.progress);
         if let Some(attached) = self.attached.take() {
             warn!(
                 instance = %self.config.instance,
@@ -538,11 +545,6 @@ impl ProjectionService {
                 let _ = stream.delete_consumer(&attached.grids_durable).await;
             }
         }
-        if let Some(lease) = &self.lease {
-            lease.resign(hold_off);
-        }
-        self.progress.builder = false;
-        self.progress_tx.send_replace(self.progress);
     }
 
     /// [`Self::flush`], standing by instead of failing when the lease is gone.
