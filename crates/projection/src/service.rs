@@ -493,11 +493,8 @@ impl ProjectionService {
     /// starts afresh from the KV checkpoint. Before, such a failure ended the fold loop
     /// while the query task kept the process up: an instance that answered queries from
     /// read models nobody built any more, and never exited for a supervisor to restart it.
-    /// Only an error of the query subscription ends the service.
-    async fn builder_failed(&mut self, error: ServiceError) -> Result<(), ServiceError> {
-        if matches!(error, ServiceError::Queries { .. }) {
-            return Err(error);
-        }
+    /// Only the end of the query task ends the service (see `run`).
+    async fn builder_failed(&mut self, error: ServiceError) {
         self.build_failures = self.build_failures.saturating_add(1);
         let doublings = self.build_failures.saturating_sub(1).min(16);
         let hold_off = BUILD_RETRY_PAUSE_MIN
@@ -511,7 +508,6 @@ impl ProjectionService {
             "building the read models failed; standing by (the next builder starts from the KV checkpoint)"
         );
         self.stand_by_for(&error.to_string(), hold_off).await;
-        Ok(())
     }
 
     /// Stops folding without writing anything more (the lease is gone or about to go), and
@@ -773,9 +769,7 @@ impl ProjectionService {
                     }
                     () = role_changed(&mut role) => {
                         if let Err(error) = self.follow_lease().await {
-                            if let Err(fatal) = self.builder_failed(error).await {
-                                break Err(fatal);
-                            }
+                            self.builder_failed(error).await;
                             continue;
                         }
                     }
@@ -805,9 +799,7 @@ impl ProjectionService {
                 }
                 () = role_changed(&mut role) => {
                     if let Err(error) = self.follow_lease().await {
-                        if let Err(fatal) = self.builder_failed(error).await {
-                            break Err(fatal);
-                        }
+                        self.builder_failed(error).await;
                         continue;
                     }
                 }
@@ -820,9 +812,7 @@ impl ProjectionService {
                             continue;
                         }
                         Err(error) => {
-                            if let Err(fatal) = self.builder_failed(error.into()).await {
-                                break Err(fatal);
-                            }
+                            self.builder_failed(error.into()).await;
                             continue;
                         }
                     };
@@ -849,9 +839,7 @@ impl ProjectionService {
                                         aggregate: delivery.commit.aggregate.to_string(),
                                         reason: error.to_string(),
                                     };
-                                    if let Err(fatal) = self.builder_failed(error).await {
-                                        break Err(fatal);
-                                    }
+                                    self.builder_failed(error).await;
                                     continue;
                                 }
                             }
@@ -863,9 +851,7 @@ impl ProjectionService {
                     attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                     let full = attached.unflushed >= self.config.flush_commits_max;
                     if full && let Err(error) = self.flush_as_builder().await {
-                        if let Err(fatal) = self.builder_failed(error).await {
-                            break Err(fatal);
-                        }
+                        self.builder_failed(error).await;
                         continue;
                     }
                 }
@@ -873,9 +859,7 @@ impl ProjectionService {
                     let delivery = match delivery {
                         Ok(delivery) => delivery,
                         Err(error) => {
-                            if let Err(fatal) = self.builder_failed(error.into()).await {
-                                break Err(fatal);
-                            }
+                            self.builder_failed(error.into()).await;
                             continue;
                         }
                     };
@@ -886,9 +870,7 @@ impl ProjectionService {
                 }
                 _ = sleep_until(flush_at) => {
                     if let Err(error) = self.flush_as_builder().await {
-                        if let Err(fatal) = self.builder_failed(error).await {
-                            break Err(fatal);
-                        }
+                        self.builder_failed(error).await;
                         continue;
                     }
                 }
@@ -898,9 +880,7 @@ impl ProjectionService {
                         && generation != attached.generation
                         && let Err(error) = self.switch(generation).await
                     {
-                        if let Err(fatal) = self.builder_failed(error).await {
-                            break Err(fatal);
-                        }
+                        self.builder_failed(error).await;
                         continue;
                     }
                 }
