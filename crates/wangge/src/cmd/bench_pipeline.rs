@@ -382,7 +382,11 @@ async fn payloads(
         ..ResidentPlan::default()
     };
     let mut kept = Vec::with_capacity(count as usize);
-    for submission in simulation::residents::submissions(city, policy, plan) {
+    for mut submission in simulation::residents::submissions(city, policy, plan) {
+        // Every report goes out on `intake.submit.app` (one subject, as the raw publishes
+        // it is compared with), so it says so: intake refuses a channel other than the
+        // subject's (`channel_mismatch`).
+        submission.channel = intake::wire::Channel::App;
         if kept.len() as u64 == count {
             break;
         }
