@@ -73,6 +73,11 @@ fn bench_intake_files_every_submission_it_sends() {
         "--latency-samples",
         "50",
     ]);
+    assert_eq!(
+        (&result["submissions"], &result["latency_samples"]),
+        (&400.into(), &50.into()),
+        "{result}"
+    );
     for key in [
         "filed_per_s",
         "raw_publish_per_s",
