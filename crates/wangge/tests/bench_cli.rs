@@ -26,6 +26,16 @@ fn run(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|error| panic!("last line not JSON ({error}): {last}"))
 }
 
+/// Each of `keys` is a number above zero in `result`.
+fn assert_positive(result: &serde_json::Value, keys: &[&str]) {
+    for key in keys {
+        assert!(
+            result[key].as_f64().is_some_and(|value| value > 0.0),
+            "{key}: {result}"
+        );
+    }
+}
+
 #[test]
 fn bench_pipeline_files_every_report_it_sends() {
     let result = run(&[
@@ -48,18 +58,16 @@ fn bench_pipeline_files_every_report_it_sends() {
         (&400.into(), &400.into(), &100.into()),
         "{result}"
     );
-    for key in [
-        "incidents_per_s",
-        "raw_publish_per_s",
-        "ratio",
-        "p50_ms",
-        "p99_ms",
-    ] {
-        assert!(
-            result[key].as_f64().is_some_and(|value| value > 0.0),
-            "{key}: {result}"
-        );
-    }
+    assert_positive(
+        &result,
+        &[
+            "incidents_per_s",
+            "raw_publish_per_s",
+            "ratio",
+            "p50_ms",
+            "p99_ms",
+        ],
+    );
 }
 
 #[test]
@@ -78,16 +86,14 @@ fn bench_intake_files_every_submission_it_sends() {
         (&400.into(), &50.into()),
         "{result}"
     );
-    for key in [
-        "filed_per_s",
-        "raw_publish_per_s",
-        "ratio",
-        "p50_ms",
-        "p99_ms",
-    ] {
-        assert!(
-            result[key].as_f64().is_some_and(|value| value > 0.0),
-            "{key}: {result}"
-        );
-    }
+    assert_positive(
+        &result,
+        &[
+            "filed_per_s",
+            "raw_publish_per_s",
+            "ratio",
+            "p50_ms",
+            "p99_ms",
+        ],
+    );
 }

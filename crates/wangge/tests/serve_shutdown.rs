@@ -19,20 +19,24 @@ fn signal(child: &Child) {
     assert!(status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
-    let mut server = testkit::NatsServer::start().expect("nats-server");
-    let url = server.url();
-    let mut service = Command::new(env!("CARGO_BIN_EXE_wangge"))
-        .args(["serve", "registry", "--instance", "registry-shutdown"])
+/// `wangge serve registry` on `url`, logging at info in `log_format` to a pipe.
+fn serve_registry(url: &str, instance: &str, log_format: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_wangge"))
+        .args(["serve", "registry", "--instance", instance])
         .env_remove("WANGGE_CONFIG")
-        .env("WANGGE_NATS__URL", &url)
+        .env_remove("RUST_LOG")
+        .env("WANGGE_NATS__URL", url)
+        .env("WANGGE_LOG__FORMAT", log_format)
         .env("WANGGE_LOG__FILTER", "info,async_nats=off")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn wangge serve registry");
-    let client = async_nats::connect(&url).await.expect("connect");
+        .expect("spawn wangge serve registry")
+}
+
+/// Waits until the registry answers a community query.
+async fn wait_ready(url: &str, service: &mut Child) {
+    let client = async_nats::connect(url).await.expect("connect");
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let probe = client.request(
@@ -40,7 +44,7 @@ async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
             r#"{"community_id":"probe"}"#.into(),
         );
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "registry never answered");
         assert!(
@@ -49,7 +53,14 @@ async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
+    let mut server = testkit::NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let mut service = serve_registry(&url, "registry-shutdown", "pretty");
+    wait_ready(&url, &mut service).await;
 
     server.kill();
     signal(&service);
@@ -94,33 +105,8 @@ async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
 async fn json_logs_name_the_instance_on_every_line() {
     let server = testkit::NatsServer::start().expect("nats-server");
     let url = server.url();
-    let mut service = Command::new(env!("CARGO_BIN_EXE_wangge"))
-        .args(["serve", "registry", "--instance", "registry-logs"])
-        .env_remove("WANGGE_CONFIG")
-        .env_remove("RUST_LOG")
-        .env("WANGGE_NATS__URL", &url)
-        .env("WANGGE_LOG__FORMAT", "json")
-        .env("WANGGE_LOG__FILTER", "info,async_nats=off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wangge serve registry");
-    let client = async_nats::connect(&url).await.expect("connect");
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while !matches!(
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            client.request(
-                "grids.query.community",
-                r#"{"community_id":"probe"}"#.into()
-            ),
-        )
-        .await,
-        Ok(Ok(_))
-    ) {
-        assert!(Instant::now() < deadline, "registry never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut service = serve_registry(&url, "registry-logs", "json");
+    wait_ready(&url, &mut service).await;
     signal(&service);
     let status = service.wait().expect("wait");
     assert!(status.success(), "{status:?}");
