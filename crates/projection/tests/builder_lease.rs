@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 mod common;
 
-use common::{LEASE_TTL, WAIT_MAX, specs, start, start_with_ttl};
+use common::{LEASE_TTL, WAIT_MAX, incidents_store, start, start_with_ttl};
 
 async fn wait_until(progress: &mut watch::Receiver<Progress>, what: impl Fn(&Progress) -> bool) {
     tokio::time::timeout(WAIT_MAX, progress.wait_for(|p| what(p)))
@@ -45,12 +45,7 @@ async fn lease_holder(jetstream: &async_nats::jetstream::Context) -> Option<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_builder_standbys_answer_a_standby_takes_over_without_double_counting() {
     let server = testkit::NatsServer::start().unwrap();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let (incidents_spec, _) = specs();
-    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
-        .await
-        .unwrap();
+    let (client, jetstream, store) = incidents_store(&server.url()).await;
     let mut synthetic = Synthetic::new(31, Synthetic::default_grids(2, 2, 3));
     let histories: Vec<_> = (0..300).map(|n| synthetic.incident(n)).collect();
     let (first, second) = histories.split_at(150);
@@ -179,12 +174,7 @@ async fn one_builder_standbys_answer_a_standby_takes_over_without_double_countin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builder_whose_flush_fails_stands_by_and_builds_again() {
     let server = testkit::NatsServer::start().unwrap();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let (incidents_spec, _) = specs();
-    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
-        .await
-        .unwrap();
+    let (_client, jetstream, store) = incidents_store(&server.url()).await;
     let mut synthetic = Synthetic::new(41, Synthetic::default_grids(2, 2, 3));
     let histories: Vec<_> = (0..120).map(|n| synthetic.incident(n)).collect();
     let (first, second) = histories.split_at(60);

@@ -34,6 +34,18 @@ fn serve_registry(url: &str, instance: &str, log_format: &str) -> Child {
         .expect("spawn wangge serve registry")
 }
 
+/// Everything the exited service wrote to its piped stderr.
+fn stderr_of(service: &mut Child) -> String {
+    let mut stderr = String::new();
+    service
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    stderr
+}
+
 /// Waits until the registry answers a community query.
 async fn wait_ready(url: &str, service: &mut Child) {
     let client = async_nats::connect(url).await.expect("connect");
@@ -77,13 +89,7 @@ async fn a_second_signal_ends_a_stop_that_waits_for_nats() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut stderr = String::new();
-    service
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let stderr = stderr_of(&mut service);
     eprintln!("service exit: {status:?}");
     assert!(stderr.contains("shutting down"), "{stderr}");
     // Either the stop finished on its own before the second signal (exit 0), or the second
@@ -110,13 +116,7 @@ async fn json_logs_name_the_instance_on_every_line() {
     signal(&service);
     let status = service.wait().expect("wait");
     assert!(status.success(), "{status:?}");
-    let mut stderr = String::new();
-    service
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let stderr = stderr_of(&mut service);
     let mut messages = Vec::new();
     for line in stderr.lines() {
         let value: serde_json::Value = serde_json::from_str(line)

@@ -20,6 +20,24 @@ pub fn specs() -> (StreamSpec, StreamSpec) {
     )
 }
 
+/// A client of `url`, its JetStream context and the INCIDENTS store (created).
+pub async fn incidents_store(
+    url: &str,
+) -> (
+    async_nats::Client,
+    async_nats::jetstream::Context,
+    eventstore::EventStore<codecs::IncidentCodec>,
+) {
+    let client = async_nats::connect(url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, _) = specs();
+    let store =
+        eventstore::EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
+            .await
+            .unwrap();
+    (client, jetstream, store)
+}
+
 pub struct Running {
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<Result<(), projection::ServiceError>>,
