@@ -202,63 +202,78 @@ pub struct DispatchService {
     notified_here: notify::NotifiedHere,
 }
 
-/// Console command ids remembered per instance (a retry through another instance still writes
-/// nothing: the store's Msg-Id and expected sequence refuse it, but it is answered from the
-/// state as it is then).
+/// Console commands remembered per instance, by incident and command id (a retry through
+/// another instance still writes nothing: the store's Msg-Id and expected sequence refuse it,
+/// but it is answered from the state as it is then).
 pub const RECENT_COMMANDS_MAX: usize = 4_096;
 
+/// A command id is the console's idempotency key within one incident, as in the store, whose
+/// Msg-Id is `<aggregate>/<command id>`: the same id on another incident is another command.
+type RecentKey = (IncidentId, String);
+
+/// The replies of commands this instance stored. Only accepted commands are remembered: a
+/// refusal wrote nothing, so a resend is decided again on the state as it is then, as
+/// another instance would decide it.
 #[derive(Debug, Default)]
 struct RecentReplies {
-    /// Command id -> the command it carried (incident, actor, action) and the reply.
-    replies: std::collections::HashMap<String, (RecentCommand, CommandReply)>,
-    order: std::collections::VecDeque<String>,
+    /// (incident, command id) -> the command it carried (actor and action) and the reply.
+    replies: std::collections::HashMap<RecentKey, (RecentCommand, CommandReply)>,
+    order: std::collections::VecDeque<RecentKey>,
 }
 
-/// What makes a resend the same command: the same incident, actor and action.
-type RecentCommand = (IncidentId, Actor, domain::incident::Action);
+/// What makes a resend the same command: the same actor and action.
+type RecentCommand = (Actor, domain::incident::Action);
+
+fn recent_key(command: &ConsoleCommand) -> RecentKey {
+    (command.incident, command.command_id.clone())
+}
 
 fn recent_command(command: &ConsoleCommand) -> RecentCommand {
-    (command.incident, command.actor, command.action.clone())
+    (command.actor, command.action.clone())
 }
 
 impl RecentReplies {
     /// The reply to a resend of `command`; a different command under a remembered id is
     /// refused `command_id_reused`, as the store would.
-    fn get(&self, command_id: &str, command: &ConsoleCommand) -> Option<CommandReply> {
-        let (remembered, reply) = self.replies.get(command_id)?;
+    fn get(&self, command: &ConsoleCommand) -> Option<CommandReply> {
+        let (remembered, reply) = self.replies.get(&recent_key(command))?;
         if *remembered == recent_command(command) {
             Some(reply.clone())
         } else {
             Some(CommandReply::rejected(
                 "command_id_reused",
-                format!("command id {command_id} was already used for another command"),
+                format!(
+                    "command id {} was already used for another command",
+                    command.command_id
+                ),
             ))
         }
     }
 
-    fn remember(&mut self, command_id: String, command: &ConsoleCommand, reply: &CommandReply) {
-        let reply = match reply.clone() {
-            CommandReply::Accepted {
-                incident,
-                version,
-                sequence,
-                ..
-            } => CommandReply::Accepted {
-                incident,
-                version,
-                sequence,
-                duplicate: true,
-                events: Vec::new(),
-            },
-            CommandReply::Rejected { .. } => reply.clone(),
-            CommandReply::Error { .. } => return,
+    fn remember(&mut self, command: &ConsoleCommand, reply: &CommandReply) {
+        let CommandReply::Accepted {
+            incident,
+            version,
+            sequence,
+            ..
+        } = *reply
+        else {
+            return;
         };
+        let reply = CommandReply::Accepted {
+            incident,
+            version,
+            sequence,
+            duplicate: true,
+            events: Vec::new(),
+        };
+        let key = recent_key(command);
         if self
             .replies
-            .insert(command_id.clone(), (recent_command(command), reply))
+            .insert(key.clone(), (recent_command(command), reply))
             .is_none()
         {
-            self.order.push_back(command_id);
+            self.order.push_back(key);
         }
         while self.order.len() > RECENT_COMMANDS_MAX {
             if let Some(old) = self.order.pop_front() {
@@ -938,12 +953,11 @@ impl DispatchService {
         command: ConsoleCommand,
         traceparent: String,
     ) -> CommandReply {
-        if let Some(reply) = self.recent.get(&command.command_id, &command) {
+        if let Some(reply) = self.recent.get(&command) {
             return reply;
         }
         let reply = self.decide_and_append(&command, &traceparent).await;
-        self.recent
-            .remember(command.command_id.clone(), &command, &reply);
+        self.recent.remember(&command, &reply);
         reply
     }
 
@@ -991,9 +1005,7 @@ impl DispatchService {
                     }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
-                    let actor = self.meta(&command.actor, now, String::new()).actor;
-                    if let Some(reply) = self.already_applied(&aggregate, &command_id, &actor).await
-                    {
+                    if let Some(reply) = self.already_applied(&aggregate, command, now).await {
                         return reply;
                     }
                     return CommandReply::from_rejection(&rejection);
@@ -1123,24 +1135,30 @@ impl DispatchService {
     }
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
-    /// duplicate, when the same actor stored it; refused `command_id_reused` when another
-    /// did. Read only when the decider refused the command, so the per-instance duplicate
-    /// cache is not the only guard across restarts and instances.
+    /// duplicate, when the same actor stored it with the same action (its commit begins with
+    /// the event the action writes first); refused `command_id_reused` otherwise. Read only
+    /// when the decider refused the command, so the per-instance duplicate cache is not the
+    /// only guard across restarts and instances.
     async fn already_applied(
         &mut self,
         aggregate: &eventstore::AggregateId,
-        command_id: &str,
-        actor: &str,
+        command: &ConsoleCommand,
+        now: Timestamp,
     ) -> Option<CommandReply> {
+        let command_id = &command.command_id;
         let commit = self.stored_commit(aggregate, command_id).await?;
-        if commit.meta.actor != actor {
+        let actor = self.meta(&command.actor, now, String::new()).actor;
+        let same_action = commit
+            .events
+            .first()
+            .is_some_and(|first| command.action.writes_first(&first.event));
+        if commit.meta.actor != actor || !same_action {
             return Some(CommandReply::rejected(
                 "command_id_reused",
                 format!("command id {command_id} was already used for another command"),
             ));
         }
-        let incident = uuid::Uuid::parse_str(aggregate.as_str().rsplit('.').next()?).ok()?;
-        Some(duplicate_reply(incident, &commit))
+        Some(duplicate_reply(command.incident.0, &commit))
     }
 
     /// A command whose id is already stored, by the same actor with the same kinds of events,

@@ -57,6 +57,25 @@ pub const ACTIONS: &[&str] = &[
     "rate",
 ];
 
+/// The optional body fields each action reads (in [`ACTIONS`] order); a body with any other
+/// of them is refused, so `{"reason":..}` on `return` (whose text is `note`) is not dropped.
+const ACTION_FIELDS: [&[&str]; ACTIONS.len()] = [
+    &[],
+    &["note"],
+    &["return_reason", "note"],
+    &["minutes", "reason"],
+    &["approve", "note"],
+    &["reason"],
+    &[],
+    &["passed", "note"],
+    &["satisfaction", "reopen"],
+];
+
+// The literal bounds in `CommandRequest`'s schema attributes are the domain's.
+const _: () = assert!(
+    domain::incident::NOTE_BYTES_MAX == 1000 && domain::incident::EXTENSION_MINUTES_MAX == 12600
+);
+
 /// Who acts: a person's id (a UUID, also for a grid worker) and, optionally, the role the
 /// subject already names.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -69,11 +88,16 @@ pub struct ActorJson {
     pub id: uuid::Uuid,
 }
 
-/// A console command, the body of `dispatch.cmd.<scope>.<action>`: the action's fields are
-/// the ones it needs (`resolve`: `note`; `return`: `return_reason`, `reason`;
-/// `request_extension`: `minutes`, `reason`; `approve_extension`: `approve`; `verify`:
-/// `passed`, `note`; `rate`: `satisfaction`, `reopen`; `blow_whistle`: `reason`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+/// A console command, the body of `dispatch.cmd.<scope>.<action>`. Besides `command_id`,
+/// `incident` and `actor`, an action reads only its own fields, and a body with a field its
+/// action does not read is refused `schema_violation` (a misplaced field is never ignored):
+/// `acknowledge`, `report_to_whistle`: none; `resolve`: `note` (optional); `return`:
+/// `return_reason`, `note` (both required); `request_extension`: `minutes` (1..=12,600),
+/// `reason`; `approve_extension`: `approve`, `note` (optional); `blow_whistle`: `reason`;
+/// `verify`: `passed`, `note` (required when not passed); `rate`: `satisfaction`, `reopen`
+/// (optional). Free text (`note`, `reason`) is at most 1,000 bytes; where it is required it
+/// must not be empty (`empty_text`, `text_too_long`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
     /// Idempotency key, required (1 to 128 bytes): resending the same command id writes
@@ -81,25 +105,48 @@ pub struct CommandRequest {
     #[schemars(length(min = 1, max = 128))]
     pub command_id: String,
     pub incident: uuid::Uuid,
-    pub actor: Option<ActorJson>,
+    pub actor: ActorJson,
+    /// Free text, at most 1,000 bytes of UTF-8 (about 330 Chinese characters; the schema's
+    /// `maxLength` counts characters, so it is the looser bound).
     #[serde(default)]
+    #[schemars(length(max = 1000))]
     pub note: Option<String>,
+    /// Free text, at most 1,000 bytes of UTF-8, as `note`.
     #[serde(default)]
+    #[schemars(length(max = 1000))]
     pub reason: Option<String>,
+    /// Minutes of extension asked for, on the handler's clock.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 12600))]
     pub minutes: Option<u32>,
     #[serde(default)]
     pub approve: Option<bool>,
     #[serde(default)]
     pub passed: Option<bool>,
-    /// `satisfied`, `basically_satisfied`, `unsatisfied`.
     #[serde(default)]
-    pub satisfaction: Option<String>,
+    pub satisfaction: Option<SatisfactionJson>,
     #[serde(default)]
     pub reopen: Option<bool>,
-    /// `not_our_duty`, `wrong_location`, `wrong_category`.
     #[serde(default)]
-    pub return_reason: Option<String>,
+    pub return_reason: Option<ReturnReasonJson>,
+}
+
+/// A resident's rating of how a closed case was handled (满意, 基本满意, 不满意).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SatisfactionJson {
+    Satisfied,
+    BasicallySatisfied,
+    Unsatisfied,
+}
+
+/// Why a handler gives a case back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReturnReasonJson {
+    NotOurDuty,
+    WrongLocation,
+    WrongCategory,
 }
 
 /// A reply to a console command: `accepted` (stored, or a duplicate of a stored command),
@@ -269,13 +316,44 @@ pub fn parse_command_as(
     let request: CommandRequest =
         observe::refusal::parse_json("command", payload, REQUEST_BYTES_MAX)
             .map_err(|refusal| CommandReply::rejected(refusal.reason_code, refusal.message))?;
-    if request.command_id.is_empty() || request.command_id.len() > COMMAND_ID_BYTES_MAX {
+    if request.command_id.is_empty()
+        || request.command_id.len() > COMMAND_ID_BYTES_MAX
+        || request.command_id.chars().any(char::is_control)
+    {
         return Err(CommandReply::rejected(
             observe::refusal::SCHEMA_VIOLATION,
-            format!("command id must be 1..={COMMAND_ID_BYTES_MAX} bytes"),
+            format!(
+                "command id must be 1..={COMMAND_ID_BYTES_MAX} bytes without control characters"
+            ),
         ));
     }
-    let actor_json = need(request.actor.clone(), "actor", action)?;
+    let Some(action_index) = ACTIONS.iter().position(|known| *known == action) else {
+        return Err(CommandReply::rejected(
+            "unknown_action",
+            format!("no console action {action:?}; one of {ACTIONS:?}"),
+        ));
+    };
+    let present = [
+        ("note", request.note.is_some()),
+        ("reason", request.reason.is_some()),
+        ("minutes", request.minutes.is_some()),
+        ("approve", request.approve.is_some()),
+        ("passed", request.passed.is_some()),
+        ("satisfaction", request.satisfaction.is_some()),
+        ("reopen", request.reopen.is_some()),
+        ("return_reason", request.return_reason.is_some()),
+    ];
+    let fields = ACTION_FIELDS[action_index];
+    if let Some((field, _)) = present
+        .iter()
+        .find(|(field, is_present)| *is_present && !fields.contains(field))
+    {
+        return Err(CommandReply::rejected(
+            observe::refusal::SCHEMA_VIOLATION,
+            format!("{action} does not read the field {field:?}; it reads {fields:?}"),
+        ));
+    }
+    let actor_json = &request.actor;
     if let Some(claimed) = &actor_json.role
         && *claimed != role.to_string()
     {
@@ -295,16 +373,10 @@ pub fn parse_command_as(
             note: text(&request.note),
         },
         "return" => Action::ReturnNotOurs {
-            reason: match need(request.return_reason.as_deref(), "return_reason", action)? {
-                "not_our_duty" => ReturnReason::NotOurDuty,
-                "wrong_location" => ReturnReason::WrongLocation,
-                "wrong_category" => ReturnReason::WrongCategory,
-                other => {
-                    return Err(CommandReply::rejected(
-                        "bad_return_reason",
-                        format!("unknown return reason {other:?}"),
-                    ));
-                }
+            reason: match need(request.return_reason, "return_reason", action)? {
+                ReturnReasonJson::NotOurDuty => ReturnReason::NotOurDuty,
+                ReturnReasonJson::WrongLocation => ReturnReason::WrongLocation,
+                ReturnReasonJson::WrongCategory => ReturnReason::WrongCategory,
             },
             note: text(&request.note),
         },
@@ -325,25 +397,14 @@ pub fn parse_command_as(
             note: text(&request.note),
         },
         "rate" => Action::Rate {
-            satisfaction: match need(request.satisfaction.as_deref(), "satisfaction", action)? {
-                "satisfied" => Satisfaction::Satisfied,
-                "basically_satisfied" => Satisfaction::BasicallySatisfied,
-                "unsatisfied" => Satisfaction::Unsatisfied,
-                other => {
-                    return Err(CommandReply::rejected(
-                        "bad_satisfaction",
-                        format!("unknown satisfaction {other:?}"),
-                    ));
-                }
+            satisfaction: match need(request.satisfaction, "satisfaction", action)? {
+                SatisfactionJson::Satisfied => Satisfaction::Satisfied,
+                SatisfactionJson::BasicallySatisfied => Satisfaction::BasicallySatisfied,
+                SatisfactionJson::Unsatisfied => Satisfaction::Unsatisfied,
             },
             reopen: request.reopen.unwrap_or(false),
         },
-        other => {
-            return Err(CommandReply::rejected(
-                "unknown_action",
-                format!("no console action {other:?}; one of {ACTIONS:?}"),
-            ));
-        }
+        other => unreachable!("{other:?} is in ACTIONS but has no parser"),
     };
     Ok(ConsoleCommand {
         command_id: request.command_id,
@@ -364,4 +425,111 @@ pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
             schema_for!(crate::notify::Notification),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::{Expect, expect};
+
+    /// Parses each `(action, body)` as a grid worker's command and prints the outcome.
+    fn check(cases: &[(&str, serde_json::Value)], expect: Expect) {
+        let actor = serde_json::json!({"id": uuid::Uuid::from_u128(7)});
+        let incident = uuid::Uuid::from_u128(9);
+        let text: String = cases
+            .iter()
+            .map(|(action, fields)| {
+                let mut body = serde_json::json!({
+                    "command_id": "c-1",
+                    "incident": incident,
+                    "actor": actor,
+                });
+                body.as_object_mut()
+                    .unwrap()
+                    .extend(fields.as_object().unwrap().clone());
+                let outcome = match parse_command_as(
+                    Role::GridWorker,
+                    action,
+                    &serde_json::to_vec(&body).unwrap(),
+                ) {
+                    Ok(command) => format!("{:?}", command.action),
+                    Err(reply) => format!("{reply:?}"),
+                };
+                format!("{action} {fields}: {outcome}\n")
+            })
+            .collect();
+        expect.assert_eq(&text);
+    }
+
+    #[test]
+    fn each_action_reads_its_own_fields_and_refuses_others() {
+        use serde_json::json;
+        check(
+            &[
+                ("acknowledge", json!({})),
+                ("resolve", json!({"note": "done"})),
+                (
+                    "return",
+                    json!({"return_reason": "not_our_duty", "note": "gas"}),
+                ),
+                (
+                    "return",
+                    json!({"return_reason": "not_our_duty", "reason": "gas"}),
+                ),
+                (
+                    "request_extension",
+                    json!({"minutes": 60, "reason": "parts"}),
+                ),
+                ("approve_extension", json!({"approve": true})),
+                ("blow_whistle", json!({"reason": "beyond us"})),
+                ("report_to_whistle", json!({})),
+                ("report_to_whistle", json!({"note": "here"})),
+                ("verify", json!({"passed": false, "note": "still leaking"})),
+                ("rate", json!({"satisfaction": "satisfied"})),
+                ("rate", json!({"satisfaction": "thrilled"})),
+                ("park", json!({})),
+            ],
+            expect![[r#"
+                acknowledge {}: Acknowledge
+                resolve {"note":"done"}: Resolve { note: "done" }
+                return {"note":"gas","return_reason":"not_our_duty"}: ReturnNotOurs { reason: NotOurDuty, note: "gas" }
+                return {"reason":"gas","return_reason":"not_our_duty"}: Rejected { reason_code: "schema_violation", message: "return does not read the field \"reason\"; it reads [\"return_reason\", \"note\"]" }
+                request_extension {"minutes":60,"reason":"parts"}: RequestExtension { minutes: 60, reason: "parts" }
+                approve_extension {"approve":true}: DecideExtension { approve: true, note: "" }
+                blow_whistle {"reason":"beyond us"}: DeclareBeyondPowers { reason: "beyond us" }
+                report_to_whistle {}: ReportToWhistle
+                report_to_whistle {"note":"here"}: Rejected { reason_code: "schema_violation", message: "report_to_whistle does not read the field \"note\"; it reads []" }
+                verify {"note":"still leaking","passed":false}: Verify { passed: false, note: "still leaking" }
+                rate {"satisfaction":"satisfied"}: Rate { satisfaction: Satisfied, reopen: false }
+                rate {"satisfaction":"thrilled"}: Rejected { reason_code: "schema_violation", message: "unknown variant `thrilled`, expected one of `satisfied`, `basically_satisfied`, `unsatisfied` at line 1 column 149" }
+                park {}: Rejected { reason_code: "unknown_action", message: "no console action \"park\"; one of [\"acknowledge\", \"resolve\", \"return\", \"request_extension\", \"approve_extension\", \"blow_whistle\", \"report_to_whistle\", \"verify\", \"rate\"]" }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_body_without_an_actor_or_with_a_control_character_in_its_id_is_refused() {
+        let incident = uuid::Uuid::from_u128(9);
+        let actor = serde_json::json!({"id": uuid::Uuid::from_u128(7)});
+        let bodies = [
+            serde_json::json!({"command_id": "c-1", "incident": incident}),
+            serde_json::json!({"command_id": "c\n1", "incident": incident, "actor": actor}),
+        ];
+        let text: String = bodies
+            .iter()
+            .map(|body| {
+                let reply = parse_command_as(
+                    Role::GridWorker,
+                    "acknowledge",
+                    &serde_json::to_vec(body).unwrap(),
+                )
+                .unwrap_err();
+                format!("{reply:?}\n")
+            })
+            .collect();
+        expect![[r#"
+            Rejected { reason_code: "schema_violation", message: "missing field `actor` at line 1 column 70" }
+            Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters" }
+        "#]].assert_eq(&text);
+    }
 }

@@ -583,6 +583,48 @@ impl Action {
             Action::TakeSubmission { .. } => "take_submission",
         }
     }
+
+    /// Whether a commit that begins with `event` can be this action's: the first event
+    /// [`decide`] emits for it. Tells a resent command from a command id reused for another
+    /// action when only the stored commit is left to compare with.
+    pub fn writes_first(&self, event: &IncidentEvent) -> bool {
+        use IncidentEvent as E;
+        match self {
+            Action::Report { .. } => matches!(event, E::Reported { .. }),
+            Action::File { .. } => matches!(event, E::Filed { .. }),
+            Action::RejectReport { .. } => matches!(event, E::ReportRejected { .. }),
+            Action::Dispatch { .. } => matches!(event, E::Dispatched { .. }),
+            Action::Acknowledge => matches!(event, E::Acknowledged { .. }),
+            Action::Resolve { .. } => matches!(event, E::Resolved { .. }),
+            Action::Verify { .. } => {
+                matches!(event, E::Verified { .. } | E::VerificationFailed { .. })
+            }
+            Action::Rate { .. } => matches!(event, E::Rated { .. }),
+            Action::Reopen { .. } => matches!(event, E::Reopened { .. }),
+            Action::ReturnNotOurs { .. } => matches!(event, E::Returned { .. }),
+            Action::RequestExtension { .. } => matches!(event, E::ExtensionRequested { .. }),
+            Action::DecideExtension { .. } => {
+                matches!(
+                    event,
+                    E::ExtensionApproved { .. } | E::ExtensionDenied { .. }
+                )
+            }
+            Action::Park { .. } => matches!(event, E::Parked { .. }),
+            Action::Unpark => matches!(event, E::Unparked { .. }),
+            Action::MergeDuplicate { .. } => matches!(event, E::DuplicateMerged { .. }),
+            Action::MarkDuplicateOf { .. } => matches!(event, E::MergedInto { .. }),
+            Action::Cancel => matches!(event, E::Cancelled { .. }),
+            Action::DeclareBeyondPowers { .. } => {
+                matches!(event, E::WhistleBlown { .. } | E::WhistleEscalated { .. })
+            }
+            Action::ReportToWhistle => matches!(event, E::WhistleReported { .. }),
+            Action::DeadlineElapsed => matches!(
+                event,
+                E::DeadlineMissed { .. } | E::WhistleReportMissed { .. }
+            ),
+            Action::TakeSubmission { .. } => matches!(event, E::SubmissionTaken { .. }),
+        }
+    }
 }
 
 /// A command: who asks, and what.

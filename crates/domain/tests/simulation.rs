@@ -11,7 +11,8 @@
 //! - no double escalation: each missed deadline and each missed report is recorded once, and
 //!   a commit escalates at most once per cause it records;
 //! - deadlines on the working clock land in working time, and no fresh deadline is in the past;
-//! - every event round-trips through the stored encoding; replaying the log gives the state.
+//! - every event round-trips through the stored encoding; replaying the log gives the state;
+//! - every commit begins with the event `Action::writes_first` names for its action.
 //!
 //! A fixed set of seeds runs by default; `WANGGE_SIM_SEEDS=N` runs seeds 1..=N instead and
 //! `WANGGE_SIM_SEED=S` just seed S. A failure names its seed.
@@ -419,13 +420,18 @@ impl Sim {
         let is_declare = matches!(action, Action::DeclareBeyondPowers { .. });
         match decide(
             &before,
-            IncidentCommand { actor, action },
+            IncidentCommand {
+                actor,
+                action: action.clone(),
+            },
             self.now,
             &self.policy,
         ) {
             Ok(events) => {
                 if events.is_empty() {
                     self.fail(i, format!("{what} accepted with no events"));
+                } else if !action.writes_first(&events[0]) {
+                    self.fail(i, format!("{what} began its commit with {:?}", events[0]));
                 }
                 self.check_commit(i, &before, &events, is_dispatch, is_declare);
                 for e in &events {

@@ -82,9 +82,12 @@ pub enum ServiceCommand {
     ///                           community | street | district | city | resident
     ///                           action: acknowledge resolve return request_extension
     ///                           approve_extension blow_whistle report_to_whistle verify rate
-    ///                           {"command_id","incident","actor":{"id"},"note","reason",
-    ///                            "minutes","approve","passed","satisfaction","reopen",
-    ///                            "return_reason"}
+    ///                           {"command_id","incident","actor":{"id"}, and the
+    ///                            action's own fields: resolve "note"; return
+    ///                            "return_reason","note"; request_extension "minutes",
+    ///                            "reason"; approve_extension "approve","note";
+    ///                            blow_whistle "reason"; verify "passed","note";
+    ///                            rate "satisfaction","reopen"}
     ///                           -> {"status":"accepted","version",..} |
     ///                              {"status":"rejected","reason_code","message"}
     ///
