@@ -511,7 +511,7 @@ impl Core {
     }
 
     /// Gives back the token a plan took when its write was not stored (the submission will be
-    /// decided again, or refused `unavailable` and sent again).
+    /// decided again, or answered `error` and sent again).
     pub fn refund_token(&mut self, reporter: uuid::Uuid) {
         let burst = f64::from(self.config.rate_burst);
         if let Some(bucket) = self.buckets.get_mut(&reporter) {
@@ -638,7 +638,8 @@ impl Core {
                 self,
                 ReasonCode::RateLimited,
                 format!(
-                    "reporter sent more than {} submissions; one more is allowed every {} s",
+                    "reporter sent more than {} submissions; one more is allowed every {} s, \
+                     under a new submission_id (this one keeps this answer)",
                     self.config.rate_burst,
                     self.config.rate_refill_ms / 1000
                 ),

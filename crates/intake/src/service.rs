@@ -263,12 +263,16 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The `reason_code` of an `error` answer when a store or bucket could not be reached: the
+/// same request may succeed later (the code dispatch and the registry use too).
+const STORE_UNAVAILABLE: &str = "store_unavailable";
+
 fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
     serde_json::to_vec(value)
         .map(Bytes::from)
         .unwrap_or_else(|error| {
             Bytes::from(format!(
-                r#"{{"status":"unavailable","message":"encode reply: {error}"}}"#
+                r#"{{"status":"error","reason_code":"encode","message":"encode reply: {error}"}}"#
             ))
         })
 }
@@ -330,12 +334,10 @@ impl IntakeService {
         locator: Box<dyn Locate + Send + Sync>,
         config: ServiceConfig,
     ) -> Result<IntakeService, ServiceError> {
-        config.observer.metrics().declare_submission_kinds(&[
-            "filed",
-            "merged",
-            "rejected",
-            "unavailable",
-        ]);
+        config
+            .observer
+            .metrics()
+            .declare_submission_kinds(&["filed", "merged", "rejected", "error"]);
         let jetstream = incidents.jetstream().clone();
         let submissions_stream = ensure_submissions_stream(&jetstream, &config).await?;
         let contacts = ensure_contacts_bucket(&jetstream, &config).await?;
@@ -595,8 +597,8 @@ impl IntakeService {
     /// commits of one aggregate in order), then the receipts, then acks or answers. Inputs
     /// whose incident commit lost to a concurrent writer (dispatch, another intake instance)
     /// are decided again at once on the re-read incident, at most [`CONFLICT_RETRIES_MAX`]
-    /// times; after that a request is answered `unavailable` and a durable submission is
-    /// redelivered later.
+    /// times; after that a request is answered `error` (`store_unavailable`) and a durable
+    /// submission is redelivered later.
     async fn decide_and_store(&mut self, mut inputs: Vec<Input>) {
         assert!(
             inputs.len() <= SUBMISSION_BATCH_MAX,
@@ -655,7 +657,11 @@ impl IntakeService {
                     if self.core.receipt(&valid.submission_id).is_none()
                         && self.core.receipts_evicted()
                     {
-                        self.look_up_receipt(&valid.submission_id).await;
+                        // A failed look-up is logged and the submission decided as new, as
+                        // before: a filing meets its stored incident commit (the incident id
+                        // comes from the submission id), but an old refusal could be decided
+                        // again differently (receipts evicted and INTAKE unreadable at once).
+                        let _ = self.look_up_receipt(&valid.submission_id).await;
                     }
                     if let Some(contact) = &valid.contact
                         && self.core.receipt(&valid.submission_id).is_none()
@@ -935,33 +941,33 @@ impl IntakeService {
     }
 
     /// Finds a receipt no longer held in memory: a merge or refusal on INTAKE, or a filing in
-    /// the commit of the incident the submission id names.
-    async fn look_up_receipt(&mut self, submission_id: &str) {
+    /// the commit of the incident the submission id names. The error is a store that could
+    /// not be read (the receipt may exist).
+    async fn look_up_receipt(&mut self, submission_id: &str) -> Result<(), String> {
         let Ok(aggregate) = AggregateId::new(submission_id) else {
-            return;
+            return Ok(());
         };
-        match self.intake.load(&aggregate).await {
-            Ok(loaded) => {
-                if let Some(event) = loaded.events().next() {
-                    self.core.remember(submission_id, event.receipt());
-                    return;
-                }
-            }
-            Err(error) => {
-                warn!(%error, "look up an old receipt");
-                return;
-            }
+        let loaded = self.intake.load(&aggregate).await.map_err(|error| {
+            warn!(%error, "look up an old receipt");
+            error.to_string()
+        })?;
+        if let Some(event) = loaded.events().next() {
+            self.core.remember(submission_id, event.receipt());
+            return Ok(());
         }
         let incident = incident_id_for(submission_id);
-        match self.incidents.load(&incident_aggregate(incident)).await {
-            Ok(loaded) => {
-                if let Some(receipt) = receipt_in_history(submission_id, incident, loaded.events())
-                {
-                    self.core.remember(submission_id, receipt);
-                }
-            }
-            Err(error) => warn!(%error, "look up an old filing"),
+        let loaded = self
+            .incidents
+            .load(&incident_aggregate(incident))
+            .await
+            .map_err(|error| {
+                warn!(%error, "look up an old filing");
+                error.to_string()
+            })?;
+        if let Some(receipt) = receipt_in_history(submission_id, incident, loaded.events()) {
+            self.core.remember(submission_id, receipt);
         }
+        Ok(())
     }
 
     async fn publish_status(&self, public: &wire::IncidentStatus) {
@@ -1029,16 +1035,25 @@ impl IntakeService {
                 );
                 let receipt = match query {
                     Ok(query) if is_valid_submission_id(&query.submission_id) => {
-                        if self.core.receipt(&query.submission_id).is_none() {
-                            self.look_up_receipt(&query.submission_id).await;
-                        }
-                        self.core.receipt(&query.submission_id).cloned().unwrap_or(
-                            Receipt::Rejected {
+                        let looked_up = match self.core.receipt(&query.submission_id) {
+                            Some(_) => Ok(()),
+                            None => self.look_up_receipt(&query.submission_id).await,
+                        };
+                        match (self.core.receipt(&query.submission_id), looked_up) {
+                            (Some(receipt), _) => receipt.clone(),
+                            (None, Err(message)) => Receipt::Error {
+                                reason_code: STORE_UNAVAILABLE.to_owned(),
+                                message,
+                            },
+                            (None, Ok(())) => Receipt::Rejected {
                                 submission_id: Some(query.submission_id),
                                 reason_code: wire::ReasonCode::NotFound,
-                                message: "no submission with this id was received".to_owned(),
+                                message: "no receipt for this submission id: none was received, \
+                                          or a durable submission is still waiting to be filed \
+                                          (ask again)"
+                                    .to_owned(),
                             },
-                        )
+                        }
                     }
                     Ok(_) => Receipt::Rejected {
                         submission_id: None,
@@ -1079,8 +1094,8 @@ impl IntakeService {
                         Ok(()) => EraseReply::Erased {
                             reporter_id: query.reporter_id,
                         },
-                        Err(error) => EraseReply::Rejected {
-                            reason_code: "store_unavailable".to_owned(),
+                        Err(error) => EraseReply::Error {
+                            reason_code: STORE_UNAVAILABLE.to_owned(),
                             message: error.to_string(),
                         },
                     },
@@ -1106,20 +1121,10 @@ impl IntakeService {
         }
     }
 
+    /// Read from the store, not from the incidents this instance tracks: the store has
+    /// dispatch's latest commits, which the follower may not have delivered yet, and the time
+    /// of the last change (`changed_at_ms`).
     async fn incident_answer(&self, incident: IncidentId) -> IncidentQueryReply {
-        if let Some(tracked) = self.core.tracked(&incident)
-            && tracked.position.version > 0
-        {
-            return IncidentQueryReply::Found {
-                incident: status::view(
-                    incident,
-                    &tracked.state,
-                    tracked.position.version,
-                    Vec::new(),
-                    now_ms(),
-                ),
-            };
-        }
         match self.incidents.load(&incident_aggregate(incident)).await {
             Ok(loaded) if !loaded.commits.is_empty() => {
                 let state = IncidentState::from_events(loaded.events());
@@ -1140,8 +1145,8 @@ impl IntakeService {
             Ok(_) => IncidentQueryReply::NotFound {
                 incident_id: incident.0,
             },
-            Err(error) => IncidentQueryReply::Rejected {
-                reason_code: "store_unavailable".to_owned(),
+            Err(error) => IncidentQueryReply::Error {
+                reason_code: STORE_UNAVAILABLE.to_owned(),
                 message: error.to_string(),
             },
         }
@@ -1186,17 +1191,17 @@ fn receipt_outcome(receipt: &Receipt) -> &'static str {
     match receipt {
         Receipt::Filed { .. } | Receipt::Merged { .. } => "accepted",
         Receipt::Rejected { .. } => "rejected",
-        Receipt::Unavailable { .. } => "error",
+        Receipt::Error { .. } => "error",
     }
 }
 
-/// `filed`, `merged`, `rejected` or `unavailable`.
+/// `filed`, `merged`, `rejected` or `error`.
 fn receipt_kind(receipt: &Receipt) -> &'static str {
     match receipt {
         Receipt::Filed { .. } => "filed",
         Receipt::Merged { .. } => "merged",
         Receipt::Rejected { .. } => "rejected",
-        Receipt::Unavailable { .. } => "unavailable",
+        Receipt::Error { .. } => "error",
     }
 }
 
@@ -1223,7 +1228,7 @@ fn receipt_id(receipt: &Receipt) -> Option<String> {
             Some(submission_id.clone())
         }
         Receipt::Rejected { submission_id, .. } => submission_id.clone(),
-        Receipt::Unavailable { .. } => None,
+        Receipt::Error { .. } => None,
     }
 }
 
@@ -1357,7 +1362,8 @@ impl Finish {
                 if let Some(id) = receipt_id(&plan.receipt) {
                     fixes.push(ReceiptFix::NotStored(id));
                 }
-                Receipt::Unavailable {
+                Receipt::Error {
+                    reason_code: STORE_UNAVAILABLE.to_owned(),
                     message:
                         "the decision could not be stored; send again with the same submission_id"
                             .to_owned(),

@@ -208,8 +208,12 @@ pub enum Receipt {
         reason_code: ReasonCode,
         message: String,
     },
-    /// Not an outcome: intake could not store the decision (retry with the same id).
-    Unavailable { message: String },
+    /// Not an outcome: intake could not store or read the decision (`store_unavailable`).
+    /// Send again with the same id, as after any `error`.
+    Error {
+        reason_code: String,
+        message: String,
+    },
 }
 
 impl Receipt {
@@ -246,7 +250,12 @@ pub enum EraseReply {
     },
     Rejected {
         /// `malformed_json`, `schema_violation` or `payload_too_large` (the request refusals
-        /// every service shares), or `store_unavailable` (ask again).
+        /// every service shares).
+        reason_code: String,
+        message: String,
+    },
+    /// The contact bucket could not be reached (`store_unavailable`): ask again.
+    Error {
         reason_code: String,
         message: String,
     },
@@ -274,6 +283,11 @@ pub enum IncidentQueryReply {
     Rejected {
         /// `malformed_json`, `schema_violation` or `payload_too_large` (the request refusals
         /// every service shares).
+        reason_code: String,
+        message: String,
+    },
+    /// The event store could not be read (`store_unavailable`): ask again.
+    Error {
         reason_code: String,
         message: String,
     },

@@ -638,7 +638,7 @@ async fn durable_submissions_while_running_are_filed_one_by_one() {
 
 /// A duplicate report decided while another writer appends to the same incident: the merge
 /// commit meets the concurrent write, intake re-reads the incident and decides again, and the
-/// reporter is told `merged` (never `unavailable`). The other writer here is the test, merging
+/// reporter is told `merged` (never `error`). The other writer here is the test, merging
 /// a co-reporter as a second intake instance would, at the same moment as the request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {

@@ -69,7 +69,7 @@ pub async fn request_json(
                         }
                     })?;
                 // `error` is "could not store, try again" in every service's contract.
-                if reply["status"] == "error" || reply["status"] == "unavailable" {
+                if reply["status"] == "error" {
                     last_error = reply.to_string();
                 } else {
                     return Ok(reply);

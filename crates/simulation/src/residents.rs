@@ -159,7 +159,7 @@ impl Residents {
                     .unwrap_or_else(|| format!("{reason_code:?}"));
                 *stats.rejected.entry(code).or_default() += 1;
             }
-            Receipt::Unavailable { .. } => {}
+            Receipt::Error { .. } => {}
         }
     }
 

@@ -169,7 +169,7 @@ async fn request_retrying(client: &async_nats::Client, subject: &str, body: &Val
         match client.send_request(subject.to_owned(), request).await {
             Ok(reply) => {
                 let value: Value = serde_json::from_slice(&reply.payload).expect("json");
-                if value["status"] != "unavailable" {
+                if value["status"] != "error" {
                     return value;
                 }
             }
