@@ -533,7 +533,20 @@ fn add_u64(into: &mut u64, value: u64, sign: i64) {
 }
 
 /// Area levels of the statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum AreaLevel {
     Grid,
     Community,

@@ -50,8 +50,14 @@ const FLUSH_RETRY_PAUSE: Duration = Duration::from_millis(500);
 pub const QUERIES_IN_FLIGHT_MAX: usize = 64;
 /// Largest query body, in bytes.
 pub const QUERY_BYTES_MAX: usize = 4 * 1024;
-/// Areas, scorecards or communities listed in one query answer.
+/// Areas, scorecards or communities listed in one query answer (a query's `limit` is at
+/// most this, and this when absent).
 pub const LIST_ITEMS_MAX: usize = 5_000;
+/// A list answer ends its page before its items pass this many bytes of JSON and says
+/// `next_after`: half of the server's default `max_payload` (1 MiB), so the answer always
+/// fits with its envelope. (One grid's statistics are about 700 bytes, one community's
+/// compliance report about 3 KB.)
+pub const LIST_ANSWER_BYTES_MAX: usize = 512 * 1024;
 /// A private GRIDS consumer left by a crashed instance is removed by the server after this.
 const GRIDS_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
 /// How often an instance that does not build reads the checkpoint its queries reflect (for
@@ -1028,7 +1034,7 @@ async fn serve_queries(
                 )
                 .await
             }
-            None => error_reply("store", format!("generation {wanted} is not readable")),
+            None => unavailable_reply(format!("generation {wanted} is not readable")),
         };
         if let Err(error) = request.respond(Ok(answer.into())).await {
             debug!(%error, "query reply not sent");
@@ -1042,12 +1048,22 @@ async fn serve_queries(
     }
 }
 
-fn error_reply(reason_code: &str, message: String) -> Vec<u8> {
+/// `error`, `store_unavailable`: the read models could not be read (ask again).
+fn unavailable_reply(message: String) -> Vec<u8> {
     serde_json::to_vec(&QueryReply::<()>::Error {
-        reason_code: reason_code.to_owned(),
+        reason_code: "store_unavailable".to_owned(),
         message,
     })
     .expect("error replies serialise")
+}
+
+/// `rejected`: the query cannot be answered as asked.
+fn rejected_reply(reason_code: &str, message: String) -> Vec<u8> {
+    serde_json::to_vec(&QueryReply::<()>::Rejected {
+        reason_code: reason_code.to_owned(),
+        message,
+    })
+    .expect("rejected replies serialise")
 }
 
 fn found<T: Serialize>(
@@ -1055,17 +1071,34 @@ fn found<T: Serialize>(
     checkpoint: wire::Checkpoint,
     value: Result<Option<T>, StoreError>,
 ) -> Vec<u8> {
+    found_page(
+        models,
+        checkpoint,
+        value.map(|value| value.map(|value| (value, None))),
+    )
+}
+
+/// A value, and for one page of a list the key to ask after when more follow.
+type Page<T> = (T, Option<String>);
+
+/// `found` with the page's `next_after`.
+fn found_page<T: Serialize>(
+    models: &ReadModels,
+    checkpoint: wire::Checkpoint,
+    value: Result<Option<Page<T>>, StoreError>,
+) -> Vec<u8> {
     let reply = match value {
-        Ok(Some(value)) => QueryReply::Found {
+        Ok(Some((value, next_after))) => QueryReply::Found {
             generation: models.generation(),
             checkpoint,
             value,
+            next_after,
         },
         Ok(None) => QueryReply::NotFound {
             generation: models.generation(),
             checkpoint,
         },
-        Err(error) => return error_reply("store", error.to_string()),
+        Err(error) => return unavailable_reply(error.to_string()),
     };
     serde_json::to_vec(&reply).expect("replies serialise")
 }
@@ -1079,14 +1112,54 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Vec<u8>> {
         payload
     };
     observe::refusal::parse_json("query", payload, QUERY_BYTES_MAX)
-        .map_err(|refusal| error_reply(refusal.reason_code, refusal.message))
+        .map_err(|refusal| rejected_reply(refusal.reason_code, refusal.message))
 }
 
-fn bounded<T>(items: Result<Vec<T>, StoreError>) -> Result<Option<Vec<T>>, StoreError> {
-    items.map(|mut items| {
-        items.truncate(LIST_ITEMS_MAX);
-        Some(items)
+/// The refusal of a list query's `limit` outside 1..=[`LIST_ITEMS_MAX`].
+fn limit_refusal(limit: Option<u32>) -> Option<Vec<u8>> {
+    let limit = limit?;
+    let within = usize::try_from(limit).is_ok_and(|limit| (1..=LIST_ITEMS_MAX).contains(&limit));
+    (!within).then(|| {
+        rejected_reply(
+            observe::refusal::SCHEMA_VIOLATION,
+            format!("limit {limit} is outside 1..={LIST_ITEMS_MAX}"),
+        )
     })
+}
+
+/// One page of `items`: in `key` order, those after `after`, at most `limit` (at most
+/// [`LIST_ITEMS_MAX`]) and [`LIST_ANSWER_BYTES_MAX`] bytes of JSON, with the key to ask
+/// after when more follow.
+fn page<T: Serialize>(
+    items: Result<Vec<T>, StoreError>,
+    key: fn(&T) -> &str,
+    after: Option<&str>,
+    limit: Option<u32>,
+) -> Result<Option<Page<Vec<T>>>, StoreError> {
+    let mut items = items?;
+    items.sort_by(|a, b| key(a).cmp(key(b)));
+    // Clamped for callers that did not check it with `limit_refusal`.
+    let limit = limit.map_or(LIST_ITEMS_MAX, |limit| {
+        usize::try_from(limit)
+            .unwrap_or(LIST_ITEMS_MAX)
+            .clamp(1, LIST_ITEMS_MAX)
+    });
+    let start = after.map_or(0, |after| items.partition_point(|item| key(item) <= after));
+    let mut bytes = 0;
+    let mut end = start;
+    while end < items.len() && end - start < limit {
+        // `,` between items; an item that does not serialise is left to the reply's encoder.
+        let item_bytes = serde_json::to_vec(&items[end]).map_or(0, |json| json.len()) + 1;
+        if end > start && bytes + item_bytes > LIST_ANSWER_BYTES_MAX {
+            break;
+        }
+        bytes += item_bytes;
+        end += 1;
+    }
+    let next_after = (end < items.len() && end > start).then(|| key(&items[end - 1]).to_owned());
+    items.truncate(end);
+    items.drain(..start);
+    Ok(Some((items, next_after)))
 }
 
 /// The answer to one query (pure over the read models and the city's `departments`: no state
@@ -1102,7 +1175,7 @@ pub async fn answer(
         .unwrap_or(subject);
     let checkpoint = match models.checkpoint().await {
         Ok(checkpoint) => checkpoint,
-        Err(error) => return error_reply("store", error.to_string()),
+        Err(error) => return unavailable_reply(error.to_string()),
     };
     match model {
         "incident" => match parse::<wire::IncidentQuery>(payload) {
@@ -1133,67 +1206,140 @@ pub async fn answer(
             Err(reply) => reply,
         },
         "area" => match parse::<wire::AreaQuery>(payload) {
-            Ok(query) if crate::fold::AreaLevel::parse(&query.level).is_none() => error_reply(
-                observe::refusal::SCHEMA_VIOLATION,
-                format!("level {:?} is not grid, community or street", query.level),
-            ),
-            Ok(query) => match &query.code {
-                Some(code) => found(
-                    models,
-                    checkpoint,
-                    models
-                        .area(&query.level, code)
-                        .await
-                        .map(|a| a.map(|a| vec![a])),
-                ),
-                None => found(
-                    models,
-                    checkpoint,
-                    bounded(models.areas(&query.level).await),
-                ),
-            },
+            Ok(query) => {
+                if let Some(refusal) = limit_refusal(query.limit) {
+                    return refusal;
+                }
+                let level = query.level.name();
+                match &query.code {
+                    Some(code) => found(
+                        models,
+                        checkpoint,
+                        models.area(level, code).await.map(|a| a.map(|a| vec![a])),
+                    ),
+                    None => found_page(
+                        models,
+                        checkpoint,
+                        page(
+                            models.areas(level).await,
+                            |area| &area.code,
+                            query.after.as_deref(),
+                            query.limit,
+                        ),
+                    ),
+                }
+            }
             Err(reply) => reply,
         },
         "scorecards" => match parse::<wire::ScorecardQuery>(payload) {
-            Ok(query) if !matches!(query.kind.as_str(), "department" | "street") => error_reply(
-                observe::refusal::SCHEMA_VIOLATION,
-                format!("kind {:?} is not department or street", query.kind),
-            ),
-            Ok(query) => match &query.id {
-                Some(id) => found(
-                    models,
-                    checkpoint,
-                    models
-                        .scorecard(&query.kind, id)
-                        .await
-                        .map(|s| s.map(|s| vec![s])),
-                ),
-                None => found(
-                    models,
-                    checkpoint,
-                    bounded(models.scorecards(&query.kind).await),
-                ),
-            },
+            Ok(query) => {
+                if let Some(refusal) = limit_refusal(query.limit) {
+                    return refusal;
+                }
+                let kind = query.kind.name();
+                match &query.id {
+                    Some(id) => found(
+                        models,
+                        checkpoint,
+                        models.scorecard(kind, id).await.map(|s| s.map(|s| vec![s])),
+                    ),
+                    None => found_page(
+                        models,
+                        checkpoint,
+                        page(
+                            models.scorecards(kind).await,
+                            |scorecard| &scorecard.id,
+                            query.after.as_deref(),
+                            query.limit,
+                        ),
+                    ),
+                }
+            }
             Err(reply) => reply,
         },
         "totals" => found(models, checkpoint, models.totals().await.map(Some)),
         "compliance" => match parse::<wire::ComplianceQuery>(payload) {
-            Ok(query) => match &query.community_id {
-                Some(id) => found(
-                    models,
-                    checkpoint,
-                    models.compliance(id).await.map(|c| c.map(|c| vec![c])),
-                ),
-                None => found(models, checkpoint, bounded(models.compliance_all().await)),
-            },
+            Ok(query) => {
+                if let Some(refusal) = limit_refusal(query.limit) {
+                    return refusal;
+                }
+                match &query.community_id {
+                    Some(id) => found(
+                        models,
+                        checkpoint,
+                        models.compliance(id).await.map(|c| c.map(|c| vec![c])),
+                    ),
+                    None => found_page(
+                        models,
+                        checkpoint,
+                        page(
+                            models.compliance_all().await,
+                            |community| &community.community_id,
+                            query.after.as_deref(),
+                            query.limit,
+                        ),
+                    ),
+                }
+            }
             Err(reply) => reply,
         },
         "checkpoint" => found(models, checkpoint, Ok(Some(checkpoint))),
-        other => error_reply(
+        other => rejected_reply(
             "unknown_model",
             format!(
                 "no model {other:?}: incident, board, area, scorecards, totals, compliance, checkpoint"
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items of `bytes` bytes each, keyed `k00`, `k01`, ...
+    fn items(count: usize, bytes: usize) -> Vec<(String, String)> {
+        (0..count)
+            .map(|n| (format!("k{n:02}"), "x".repeat(bytes)))
+            .collect()
+    }
+
+    /// The keys of each page of `items` (walking `next_after`) with `limit`.
+    fn pages(items: &[(String, String)], limit: Option<u32>) -> Vec<Vec<String>> {
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, next) = page(Ok(items.to_vec()), |item| &item.0, after.as_deref(), limit)
+                .unwrap()
+                .unwrap();
+            pages.push(page.into_iter().map(|item| item.0).collect());
+            match next {
+                Some(next) => after = Some(next),
+                None => return pages,
+            }
+        }
+    }
+
+    #[test]
+    fn a_list_is_cut_into_pages_by_limit_and_by_bytes() {
+        let small = items(7, 10);
+        assert_eq!(
+            pages(&small, Some(3)),
+            vec![
+                vec!["k00", "k01", "k02"],
+                vec!["k03", "k04", "k05"],
+                vec!["k06"]
+            ]
+        );
+        assert_eq!(pages(&small, None).len(), 1);
+        // 100 KB items: five fit under LIST_ANSWER_BYTES_MAX (512 KiB), the sixth would not.
+        let large = items(12, 100_000);
+        let sizes: Vec<usize> = pages(&large, None).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![5, 5, 2]);
+        // One item larger than the bound still makes a page, so the walk always advances.
+        let huge = items(2, LIST_ANSWER_BYTES_MAX + 1);
+        assert_eq!(pages(&huge, None), vec![vec!["k00"], vec!["k01"]]);
+        // An empty list, or a page after the last key, is one empty page with no next.
+        assert_eq!(pages(&[], None), vec![Vec::<String>::new()]);
     }
 }

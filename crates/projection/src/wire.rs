@@ -329,51 +329,101 @@ pub struct BoardQuery {
     pub department: String,
 }
 
-/// `projection.query.area`: one area by code, or every area of a level when `code` is absent.
+/// `projection.query.area`: one area by code, or the areas of a level when `code` is absent,
+/// by code, a page at a time (`after`, `limit`; see [`QueryReply::Found`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AreaQuery {
-    /// `grid`, `community` or `street`.
-    pub level: String,
+    pub level: crate::fold::AreaLevel,
     #[serde(default)]
     pub code: Option<String>,
+    /// List only the areas whose code sorts after this one (the `next_after` of the page
+    /// before).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many areas (default and largest: 5,000).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 5000))]
+    pub limit: Option<u32>,
 }
 
-/// `projection.query.scorecards`: every scorecard of a kind, or one by id.
+/// Whose scorecards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScorecardKind {
+    Department,
+    Street,
+}
+
+impl ScorecardKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScorecardKind::Department => "department",
+            ScorecardKind::Street => "street",
+        }
+    }
+}
+
+/// `projection.query.scorecards`: one scorecard by id, or those of a kind, by id, a page at
+/// a time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScorecardQuery {
-    /// `department` or `street`.
-    pub kind: String,
+    pub kind: ScorecardKind,
     #[serde(default)]
     pub id: Option<String>,
+    /// List only the scorecards whose id sorts after this one.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many scorecards (default and largest: 5,000).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 5000))]
+    pub limit: Option<u32>,
 }
 
-/// `projection.query.compliance`: one community, or every community when absent.
+/// `projection.query.compliance`: one community, or every community when absent, by id, a
+/// page at a time.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ComplianceQuery {
     #[serde(default)]
     pub community_id: Option<String>,
+    /// List only the communities whose id sorts after this one.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many communities (default and largest: 5,000).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 5000))]
+    pub limit: Option<u32>,
 }
 
 /// The answer to every query: what was found, in which generation, at which checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum QueryReply<T> {
+    /// For a list query, `value` is one page in key order. `next_after` is present when
+    /// more follow (the page reached its `limit`, or would not fit one answer): ask again
+    /// with `"after"` set to it. A page's items are taken from one read of the generation.
     Found {
         generation: u64,
         checkpoint: Checkpoint,
         value: T,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_after: Option<String>,
     },
     NotFound {
         generation: u64,
         checkpoint: Checkpoint,
     },
+    /// The query cannot be answered as asked: `malformed_json` (not JSON),
+    /// `schema_violation` (not the query's shape), `payload_too_large`, or `unknown_model`
+    /// (no such `projection.query.<model>`).
+    Rejected {
+        reason_code: String,
+        message: String,
+    },
+    /// `store_unavailable`: the read models could not be read; ask again.
     Error {
-        /// `malformed_json` (not JSON), `schema_violation` (not the query's shape),
-        /// `payload_too_large`, `unknown_model` (no such `projection.query.<model>`) or
-        /// `store` (the read models could not be read: ask again).
         reason_code: String,
         message: String,
     },

@@ -146,6 +146,7 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         summary(ask("projection.query.area", r#"{"level":"planet"}"#).await),
         summary(ask("projection.query.weather", "{}").await),
         summary(ask("projection.query.incident", "not json").await),
+        summary(ask("projection.query.area", r#"{"level":"grid","limit":0}"#).await),
     ];
     expect![[r#"
         "found" generation=1 items=Some(2) reason=null
@@ -153,10 +154,42 @@ async fn builder_survives_abort_rebuild_swaps_as_of_stops_queries_answer() {
         "found" generation=1 items=Some(1) reason=null
         "not_found" generation=1 items=None reason=null
         "found" "quiet" open=0 entries=[]
-        "error" generation=null items=None reason="schema_violation"
-        "error" generation=null items=None reason="unknown_model"
-        "error" generation=null items=None reason="malformed_json""#]]
+        "rejected" generation=null items=None reason="schema_violation"
+        "rejected" generation=null items=None reason="unknown_model"
+        "rejected" generation=null items=None reason="malformed_json"
+        "rejected" generation=null items=None reason="schema_violation""#]]
     .assert_eq(&answers.join("\n"));
+
+    // A list comes a page at a time: the pages, joined, are the whole list in code order.
+    let whole = ask("projection.query.area", r#"{"level":"grid"}"#).await;
+    assert!(whole.get("next_after").is_none(), "{whole}");
+    let mut pages = Vec::new();
+    let mut after = serde_json::Value::Null;
+    loop {
+        let body = serde_json::json!({"level": "grid", "limit": 5, "after": after});
+        let reply = client
+            .request("projection.query.area", body.to_string().into())
+            .await
+            .unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        pages.push(reply["value"].as_array().unwrap().clone());
+        match reply.get("next_after") {
+            Some(next) => after = next.clone(),
+            None => break,
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    let joined: Vec<serde_json::Value> = pages.into_iter().flatten().collect();
+    let codes = |items: &[serde_json::Value]| -> Vec<String> {
+        items.iter().map(|item| item["code"].to_string()).collect()
+    };
+    let mut sorted = codes(whole["value"].as_array().unwrap());
+    sorted.sort();
+    assert_eq!(codes(&joined), sorted, "pages of sizes {sizes:?}");
+    assert!(
+        sizes.len() > 1 && sizes.iter().all(|size| *size <= 5),
+        "{sizes:?}"
+    );
 
     // 3. Rebuild into generation 2 and swap; the running builder follows and keeps folding.
     let options = RebuildOptions::new(incidents_spec.clone(), grids_spec.clone());

@@ -23,8 +23,11 @@ group `projection`):
   projection.query.compliance   {\"community_id\"?}          -> standards compliance
   projection.query.checkpoint   {}
 
-Replies: {\"status\":\"found\",\"generation\",\"checkpoint\",\"value\"} | {\"status\":\"not_found\",..} |
-{\"status\":\"error\",\"reason_code\",\"message\"}. Run as many instances as you like, each with its own
+A list (area, scorecards, compliance without an id) comes in pages: \"after\"?, \"limit\"? (1..=5000);
+an answer with \"next_after\" has more. Replies: {\"status\":\"found\",\"generation\",\"checkpoint\",
+\"value\",\"next_after\"?} | {\"status\":\"not_found\",..} | {\"status\":\"rejected\",\"reason_code\",
+\"message\"} (fix the query) | {\"status\":\"error\",\"reason_code\":\"store_unavailable\",..} (ask
+again). Run as many instances as you like, each with its own
 --instance: they compete for the builder lease (key `builder` of bucket PROJECTION); the holder
 folds, the others stand by and answer queries, and one takes over within TTL + TTL/10 (11 s by
 default) when the builder dies, resuming from the KV checkpoint. `wangge projection status` names
