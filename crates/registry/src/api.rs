@@ -64,6 +64,12 @@ impl LocateAnswer {
     }
 }
 
+impl From<observe::refusal::Refusal> for LocateAnswer {
+    fn from(refusal: observe::refusal::Refusal) -> LocateAnswer {
+        LocateAnswer::rejected(refusal.reason_code, refusal.message)
+    }
+}
+
 /// A generic refusal on any subject.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RejectedReply {
@@ -86,6 +92,12 @@ impl RejectedReply {
             message: message.into(),
             rejected_items: Vec::new(),
         }
+    }
+}
+
+impl From<observe::refusal::Refusal> for RejectedReply {
+    fn from(refusal: observe::refusal::Refusal) -> RejectedReply {
+        RejectedReply::new(refusal.reason_code, refusal.message)
     }
 }
 
@@ -224,8 +236,7 @@ fn header(command_id: &str, community_id: &str, actor: &Option<String>) -> Comma
 pub fn parse_command(name: &str, body: &[u8]) -> Result<ParsedCommand, RejectedReply> {
     fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RejectedReply> {
         serde_json::from_slice(body).map_err(|error| {
-            let refusal = observe::refusal::Refusal::from_json_error(&error);
-            RejectedReply::new(refusal.reason_code, refusal.message)
+            RejectedReply::from(observe::refusal::Refusal::from_json_error(&error))
         })
     }
     let parsed = match name {

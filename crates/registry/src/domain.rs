@@ -567,10 +567,13 @@ pub fn decide(
     command: &Command,
     now_ms: i64,
 ) -> Result<Vec<Event>, Rejection> {
-    if command_id.is_empty() || command_id.len() > COMMAND_ID_BYTES_MAX {
+    if command_id.is_empty()
+        || command_id.len() > COMMAND_ID_BYTES_MAX
+        || command_id.chars().any(char::is_control)
+    {
         return Err(Rejection::BadCommandId {
             command_id: command_id.chars().take(COMMAND_ID_BYTES_MAX).collect(),
-            reason: format!("must be 1 to {COMMAND_ID_BYTES_MAX} bytes"),
+            reason: format!("must be 1 to {COMMAND_ID_BYTES_MAX} bytes without control characters"),
         });
     }
     check_id(&community.id, COMMUNITY_ID_BYTES_MAX).map_err(|reason| {

@@ -438,9 +438,7 @@ impl RegistryService {
         let query: CommunityQuery =
             match observe::refusal::parse_json("query", payload, QUERY_REQUEST_BYTES_MAX) {
                 Ok(query) => query,
-                Err(refusal) => {
-                    return to_json(&RejectedReply::new(refusal.reason_code, refusal.message));
-                }
+                Err(refusal) => return to_json(&RejectedReply::from(refusal)),
             };
         match self.directory.get(&query.community_id) {
             Some(entry) if entry.community.profile.is_some() => to_json(&community_answer(
@@ -462,7 +460,7 @@ impl RegistryService {
                 payload.len(),
                 api::REQUEST_BYTES_MAX,
             );
-            return to_json(&RejectedReply::new(refusal.reason_code, refusal.message));
+            return to_json(&RejectedReply::from(refusal));
         }
         let parsed = match api::parse_command(name, payload) {
             Ok(parsed) => parsed,
@@ -678,12 +676,12 @@ fn rejection_reply(rejection: &Rejection) -> RejectedReply {
 /// Answers a `grids.locate` body.
 pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
     if payload.len() > LOCATE_REQUEST_BYTES_MAX {
-        let refusal = observe::refusal::Refusal::too_large(
+        return observe::refusal::Refusal::too_large(
             "request",
             payload.len(),
             LOCATE_REQUEST_BYTES_MAX,
-        );
-        return LocateAnswer::rejected(refusal.reason_code, refusal.message);
+        )
+        .into();
     }
     let point_error = match serde_json::from_slice::<LocateRequest>(payload) {
         Ok(request) => return locator.locate(request.lon, request.lat),
@@ -707,8 +705,7 @@ pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
             } else {
                 point_error
             };
-            let refusal = observe::refusal::Refusal::from_json_error(&error);
-            LocateAnswer::rejected(refusal.reason_code, refusal.message)
+            observe::refusal::Refusal::from_json_error(&error).into()
         }
     }
 }

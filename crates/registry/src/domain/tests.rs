@@ -495,6 +495,8 @@ fn command_ids_are_checked() {
     check(
         &[],
         ("", Command::Partition),
-        expect![[r#"rejected bad_command_id: command id "": must be 1 to 128 bytes"#]],
+        expect![[
+            r#"rejected bad_command_id: command id "": must be 1 to 128 bytes without control characters"#
+        ]],
     );
 }
