@@ -35,6 +35,6 @@ pub use core::{Core, CoreConfig, IntakeEvent, Locate, Located, incident_id_for};
 pub use decode::{Limits, decode_submission};
 pub use service::{
     BATCH_FILL_WAIT, BATCH_FILL_WAIT_MAX, INTAKE_EVENT_TYPE, IntakeCodec, IntakeService,
-    ServiceConfig, ServiceError, ensure_submissions_stream,
+    SUBMISSIONS_MAX_AGE, ServiceConfig, ServiceError, ensure_submissions_stream,
 };
 pub use wire::{Receipt, Submission};

@@ -52,10 +52,33 @@ impl ReadModels {
     }
 
     /// Opens the generation the meta bucket points at; `None` when no builder ever ran.
+    /// `None` when there is no generation yet (no meta bucket, or no pointer in it); any
+    /// other failure (a permission, a timeout) is an error, never "nothing yet".
     pub async fn current(jetstream: &jetstream::Context) -> Result<Option<ReadModels>, StoreError> {
-        let Ok(meta) = jetstream.get_key_value(keys::META_BUCKET).await else {
-            return Ok(None);
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let unreadable = |reason: String| StoreError::Bucket {
+            bucket: keys::META_BUCKET.to_owned(),
+            action: "open",
+            reason,
         };
+        match jetstream
+            .get_stream(format!("KV_{}", keys::META_BUCKET))
+            .await
+        {
+            Ok(_) => {}
+            Err(error)
+                if matches!(error.kind(), GetStreamErrorKind::JetStream(ref source)
+                    if source.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(unreadable(error.to_string())),
+        }
+        let meta = jetstream
+            .get_key_value(keys::META_BUCKET)
+            .await
+            .map_err(|error| unreadable(error.to_string()))?;
         match store::read_pointer(&meta).await? {
             Some((pointer, _)) => Ok(Some(ReadModels::open(jetstream, pointer.generation).await?)),
             None => Ok(None),

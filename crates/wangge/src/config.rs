@@ -221,8 +221,64 @@ impl Default for LogSettings {
     }
 }
 
-/// Flat variables that are not settings keys (they are read by clap or scripts).
-const ENV_NOT_SETTINGS: [&str; 3] = ["config", "log_format", "nats_server"];
+/// Flat variables that are not settings keys (they are read by clap, scripts or tests).
+const ENV_NOT_SETTINGS: [&str; 7] = [
+    "config",
+    "log_format",
+    "nats_server",
+    "deploy_check_offline",
+    "sim_seed",
+    "sim_seeds",
+    "write_golden",
+];
+/// Settings whose values are text, by their key in the environment (after `WANGGE_`): they
+/// are taken verbatim. Parsed as figment parses the rest, a password `123456` would be a
+/// number and refused, `"secret"` would lose its quotes and `  x  ` its spaces.
+const ENV_TEXT_KEYS: [&str; 12] = [
+    "nats__url",
+    "nats__credentials",
+    "nats__client_name",
+    "nats__user",
+    "nats__password",
+    "nats__inbox_prefix",
+    "nats__tls_ca_file",
+    "nats__tls_cert_file",
+    "nats__tls_key_file",
+    "log__filter",
+    "observe__metrics_address",
+    "city",
+];
+/// Largest `store.duplicate_window_seconds`: the age of SUBMISSIONS and NOTIFICATIONS
+/// messages (30 days), which JetStream requires the window not to pass.
+pub const DUPLICATE_WINDOW_MAX_SECONDS: u64 = intake::SUBMISSIONS_MAX_AGE.as_secs();
+/// URL schemes `nats.url` may use (a URL without one is `nats://`).
+const NATS_URL_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+
+/// The text settings among `variables` (name, value), verbatim, as (dotted key, value):
+/// `WANGGE_NATS__PASSWORD=007` is `("nats.password", "007")`.
+fn text_settings_from(
+    variables: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    for (name, value) in variables {
+        let Some(name) = name.to_str() else { continue };
+        let Some(key) = name
+            .get(..7)
+            .filter(|prefix| prefix.eq_ignore_ascii_case("WANGGE_"))
+            .map(|_| name[7..].to_lowercase())
+        else {
+            continue;
+        };
+        if !ENV_TEXT_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("environment variable {name} is not valid UTF-8"))?;
+        found.push((key.replace("__", "."), value));
+    }
+    Ok(found)
+}
 /// Families of variables the deployment files give the NATS servers (`deploy/`): an operator
 /// who sources such a file before running `wangge` must not see them refused as settings.
 const ENV_DEPLOY_PREFIXES: [&str; 2] = ["nats_pass_", "nats_server_name"];
@@ -298,9 +354,14 @@ impl Settings {
             );
             figment = figment.merge(Toml::file_exact(path));
         }
-        let figment = figment.merge(
+        let ignored: Vec<&str> = ENV_NOT_SETTINGS
+            .iter()
+            .chain(&ENV_TEXT_KEYS)
+            .copied()
+            .collect();
+        let mut figment = figment.merge(
             Env::prefixed("WANGGE_")
-                .ignore(&ENV_NOT_SETTINGS)
+                .ignore(&ignored)
                 .filter(|key| {
                     !ENV_DEPLOY_PREFIXES
                         .iter()
@@ -308,6 +369,9 @@ impl Settings {
                 })
                 .split("__"),
         );
+        for (key, value) in text_settings_from(std::env::vars_os())? {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
         let source = match path {
             Some(path) => format!("{} and WANGGE_* variables", path.display()),
             None => "WANGGE_* variables".to_owned(),
@@ -320,7 +384,9 @@ impl Settings {
         let settings: Settings = figment.extract().map_err(|error| {
             explain(error, source).context(format!("read configuration from {source}"))
         })?;
-        settings.validate()?;
+        settings
+            .validate()
+            .with_context(|| format!("invalid settings (from {source})"))?;
         Ok(settings)
     }
 
@@ -337,12 +403,54 @@ impl Settings {
             self.store.replicas
         );
         anyhow::ensure!(
-            self.store.duplicate_window_seconds >= 1,
-            "store.duplicate_window_seconds must be at least 1"
+            (1..=DUPLICATE_WINDOW_MAX_SECONDS).contains(&self.store.duplicate_window_seconds),
+            "store.duplicate_window_seconds must be between 1 and {DUPLICATE_WINDOW_MAX_SECONDS} \
+             (30 days, the age of SUBMISSIONS and NOTIFICATIONS messages), got {}",
+            self.store.duplicate_window_seconds
         );
         anyhow::ensure!(
             !self.nats.url.trim().is_empty(),
             "nats.url must not be empty"
+        );
+        for url in self.nats.url.split(',') {
+            let url = url.trim();
+            let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+            anyhow::ensure!(
+                !url.is_empty() && scheme.is_none_or(|scheme| NATS_URL_SCHEMES.contains(&scheme)),
+                "nats.url {url:?} is not a NATS server address: use host:port or \
+                 <scheme>://host:port with a scheme of {}",
+                NATS_URL_SCHEMES.join(", ")
+            );
+        }
+        for (key, file) in [
+            ("nats.credentials", &self.nats.credentials),
+            ("nats.tls_ca_file", &self.nats.tls_ca_file),
+            ("nats.tls_cert_file", &self.nats.tls_cert_file),
+            ("nats.tls_key_file", &self.nats.tls_key_file),
+        ] {
+            if let Some(file) = file {
+                anyhow::ensure!(
+                    file.is_file(),
+                    "{key} {} {}",
+                    file.display(),
+                    if file.exists() {
+                        "is not a file"
+                    } else {
+                        "does not exist"
+                    }
+                );
+            }
+        }
+        anyhow::ensure!(
+            self.observe.metrics_address.is_empty()
+                || self
+                    .observe
+                    .metrics_address
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok(),
+            "observe.metrics_address {:?} is not an address and port such as 0.0.0.0:9464 \
+             (empty: no metrics endpoint)",
+            self.observe.metrics_address
         );
         anyhow::ensure!(
             self.nats.user.is_some() == self.nats.password.is_some(),
@@ -476,36 +584,38 @@ mod tests {
         );
         check(
             "[intake]\nrate_burst = 0",
-            expect!["error: intake.rate_burst (--rate-burst) must be between 1 and 10000, got 0"],
+            expect![
+                "error: invalid settings (from the test's TOML): intake.rate_burst (--rate-burst) must be between 1 and 10000, got 0"
+            ],
         );
         check(
             "[intake]\ndedup_radius_m = 5000.0",
             expect![
-                "error: intake.dedup_radius_m (--dedup-radius-m) must be between 0 and 1000 metres, got 5000"
+                "error: invalid settings (from the test's TOML): intake.dedup_radius_m (--dedup-radius-m) must be between 0 and 1000 metres, got 5000"
             ],
         );
         check(
             "[intake]\ndedup_window_minutes = -1",
             expect![
-                "error: intake.dedup_window_minutes (--dedup-window-minutes) must be between 0 and 43200, got -1"
+                "error: invalid settings (from the test's TOML): intake.dedup_window_minutes (--dedup-window-minutes) must be between 0 and 43200, got -1"
             ],
         );
         check(
             "[intake]\nrate_refill_seconds = 0",
             expect![
-                "error: intake.rate_refill_seconds (--rate-refill-seconds) must be between 1 and 86400, got 0"
+                "error: invalid settings (from the test's TOML): intake.rate_refill_seconds (--rate-refill-seconds) must be between 1 and 86400, got 0"
             ],
         );
         check(
             "[intake]\nbatch_fill_wait_ms = 1001",
             expect![
-                "error: intake.batch_fill_wait_ms (--batch-fill-wait-ms) must be at most 1000, got 1001"
+                "error: invalid settings (from the test's TOML): intake.batch_fill_wait_ms (--batch-fill-wait-ms) must be at most 1000, got 1001"
             ],
         );
         check(
             "[dispatch]\ndeliveries_fill_wait_ms = 60000",
             expect![
-                "error: dispatch.deliveries_fill_wait_ms (--deliveries-fill-wait-ms) must be at most 1000, got 60000"
+                "error: invalid settings (from the test's TOML): dispatch.deliveries_fill_wait_ms (--deliveries-fill-wait-ms) must be at most 1000, got 60000"
             ],
         );
         check(
@@ -517,7 +627,9 @@ mod tests {
         );
         check(
             "[runtime]\nworker_threads = 0",
-            expect!["error: runtime.worker_threads must be between 1 and 64, got 0"],
+            expect![
+                "error: invalid settings (from the test's TOML): runtime.worker_threads must be between 1 and 64, got 0"
+            ],
         );
         check(
             "[intake]\nbatch_fill_wait = 3",
@@ -525,5 +637,56 @@ mod tests {
                 r#"error: read configuration from the test's TOML: unknown setting "intake.batch_fill_wait" (from the test's TOML); the keys of [intake] are: dedup_radius_m, dedup_window_minutes, rate_burst, rate_refill_seconds, batch_fill_wait_ms"#
             ]],
         );
+    }
+
+    #[test]
+    fn connection_settings_are_checked_before_any_work() {
+        check(
+            "[nats]\nurl = \"http://127.0.0.1:4222\"",
+            expect![[
+                r#"error: invalid settings (from the test's TOML): nats.url "http://127.0.0.1:4222" is not a NATS server address: use host:port or <scheme>://host:port with a scheme of nats, tls, ws, wss"#
+            ]],
+        );
+        check(
+            "[nats]\nurl = \"tls://a:4222, 127.0.0.1:4223\"",
+            expect![[r#"
+                IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
+                DispatchSettings { deliveries_fill_wait_ms: 2 }
+                RuntimeSettings { worker_threads: 1 }"#]],
+        );
+        check(
+            "[nats]\ntls_ca_file = \"/nonexistent/ca.pem\"",
+            expect![
+                "error: invalid settings (from the test's TOML): nats.tls_ca_file /nonexistent/ca.pem does not exist"
+            ],
+        );
+        check(
+            "[observe]\nmetrics_address = \"notanaddress\"",
+            expect![[
+                r#"error: invalid settings (from the test's TOML): observe.metrics_address "notanaddress" is not an address and port such as 0.0.0.0:9464 (empty: no metrics endpoint)"#
+            ]],
+        );
+        check(
+            "[store]\nduplicate_window_seconds = 99999999",
+            expect![
+                "error: invalid settings (from the test's TOML): store.duplicate_window_seconds must be between 1 and 2592000 (30 days, the age of SUBMISSIONS and NOTIFICATIONS messages), got 99999999"
+            ],
+        );
+    }
+
+    #[test]
+    fn text_settings_from_the_environment_are_taken_verbatim() {
+        let variables = [
+            ("WANGGE_NATS__PASSWORD", "123456"),
+            ("WANGGE_NATS__CLIENT_NAME", "007"),
+            ("WANGGE_NATS__USER", "\"quoted\""),
+            ("wangge_log__filter", "  info  "),
+            ("WANGGE_STORE__REPLICAS", "3"),
+            ("OTHER_NATS__PASSWORD", "x"),
+        ]
+        .map(|(name, value)| (name.into(), value.into()));
+        let found = text_settings_from(variables.into_iter()).unwrap();
+        expect![[r#"[("nats.password", "123456"), ("nats.client_name", "007"), ("nats.user", "\"quoted\""), ("log.filter", "  info  ")]"#]]
+        .assert_eq(&format!("{found:?}"));
     }
 }

@@ -96,7 +96,7 @@ fn mistakes_are_named_where_they_were_made() {
         &[("WANGGE_CITY", "paris")],
         expect![[r#"
             exit Some(2)
-            error: city "paris" has no built-in policy and standards; the cities are sanming, yixing, wuhan, hangzhou, loudi"#]],
+            error: invalid settings (from WANGGE_* variables): city "paris" has no built-in policy and standards; the cities are sanming, yixing, wuhan, hangzhou, loudi"#]],
     );
     check(
         &[],

@@ -35,6 +35,10 @@ the holder. On SIGINT/SIGTERM it flushes, acknowledges, gives the lease back and
 Scorecard weights: no seed policy document gives figures, so they default to equal weights.
 See docs/PROJECTION.md.";
 
+/// Longest `--builder-lease-ttl-seconds` (an hour without a builder after a crash is already
+/// more than a city would accept).
+const BUILDER_LEASE_TTL_MAX_SECONDS: u64 = 3_600;
+
 /// Runs the projection builder until SIGINT/SIGTERM.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = SERVE_HELP)]
@@ -50,7 +54,12 @@ pub struct ServeArgs {
     pub queries_only: bool,
     /// Builder lease TTL: a standby takes over this long after the builder's last renewal
     /// (the builder renews every TTL/5 and stops folding after 7/10 of it without one).
-    #[arg(long, default_value_t = projection::BUILDER_LEASE_TTL.as_secs())]
+    /// 1 to 3,600.
+    #[arg(
+        long,
+        default_value_t = projection::BUILDER_LEASE_TTL.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=BUILDER_LEASE_TTL_MAX_SECONDS)
+    )]
     pub builder_lease_ttl_seconds: u64,
     #[command(flatten)]
     pub weights: WeightArgs,
@@ -373,7 +382,7 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                     let as_of = projection::as_of_buckets(&jetstream).await?;
                     writeln!(out, "{}", serde_json::json!({ "as_of_buckets": as_of }))?;
                 }
-                None => writeln!(out, "no generation yet (run `wangge serve projection`)")?,
+                None => writeln!(out, "no generation yet (`wangge up` creates the first; `wangge serve projection` builds it)")?,
             },
         }
         client.flush().await.context("flush")?;
