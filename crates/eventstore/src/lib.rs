@@ -39,7 +39,9 @@ pub use envelope::{Commit, CommitMeta, Position, RecordedCommit, RecordedEvent, 
 pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};
-pub use store::{Appended, BoundedContext, EventStore, Loaded, StreamSpec};
+pub use store::{
+    Appended, BoundedContext, EventStore, ExistingStream, Loaded, StreamSpec, ensure_stream,
+};
 pub use subscription::{
     Acks, CUMULATIVE_ACK_EVERY_DELIVERIES, CUMULATIVE_ACK_LINGER, DeleteConsumerError, Delivery,
     Readers, SubscribeError, Subscription, SubscriptionConfig, consumer_name_fragment,

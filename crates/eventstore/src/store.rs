@@ -183,41 +183,170 @@ fn open_may_succeed_later(error: &jetstream::context::CreateStreamError) -> bool
     }
 }
 
+/// What opening a stream does to one that already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingStream {
+    /// Leave it as it is, and warn about each setting that differs from ours: a service
+    /// starting. The operator's settings (`wangge up`, or a `nats stream edit`) stand; a host
+    /// with a stale configuration cannot shrink a 3-replica stream by restarting.
+    Keep,
+    /// Update it to our settings: `wangge up`, which applies the configuration.
+    Update,
+}
+
+/// Opens the stream `config` names, creating it when it is missing; an existing one is kept
+/// or updated as `existing` says. A JetStream that does not answer yet (a cluster electing
+/// its leaders, a busy server) is asked again, up to [`OPEN_ATTEMPTS_MAX`] times.
+pub async fn ensure_stream(
+    jetstream: &jetstream::Context,
+    config: stream::Config,
+    existing: ExistingStream,
+) -> Result<stream::Stream, OpenError> {
+    let name = config.name.clone();
+    let stream_error = |source| OpenError::Stream {
+        stream: name.clone(),
+        source,
+    };
+    let mut backoff = OPEN_BACKOFF_MIN;
+    for attempt in 1.. {
+        let created = match existing {
+            ExistingStream::Update => jetstream
+                .create_or_update_stream(config.clone())
+                .await
+                .map(drop),
+            ExistingStream::Keep => match jetstream.get_stream(&name).await {
+                Ok(stream) => {
+                    warn_on_drift(&stream.cached_info().config, &config);
+                    return Ok(stream);
+                }
+                Err(error) if is_stream_not_found(&error) => {
+                    jetstream.create_stream(config.clone()).await.map(drop)
+                }
+                Err(error) if attempt < OPEN_ATTEMPTS_MAX && get_may_succeed_later(&error) => {
+                    warn!(stream = %name, attempt, %error, "open stream: JetStream did not answer; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+                    continue;
+                }
+                Err(error) => {
+                    return Err(OpenError::GetStream {
+                        stream: name.clone(),
+                        reason: error.to_string(),
+                    });
+                }
+            },
+        };
+        match created {
+            Ok(()) => break,
+            // Another process created it between our look and our create: look again.
+            Err(error)
+                if existing == ExistingStream::Keep
+                    && attempt < OPEN_ATTEMPTS_MAX
+                    && matches!(error.kind(), CreateStreamErrorKind::JetStream(ref source)
+                        if source.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) => {}
+            // A cluster electing leaders, or a server too busy to answer within the
+            // request timeout: a service starting then must not give up on the first try.
+            Err(error) if attempt < OPEN_ATTEMPTS_MAX && open_may_succeed_later(&error) => {
+                warn!(stream = %name, attempt, %error, "create or update stream: JetStream did not answer; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+            }
+            Err(error) => return Err(stream_error(error)),
+        }
+    }
+    jetstream
+        .get_stream(&name)
+        .await
+        .map_err(|error| OpenError::GetStream {
+            stream: name.clone(),
+            reason: error.to_string(),
+        })
+}
+
+fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref source)
+        if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Whether looking up a stream failed for a reason that passes (see
+/// [`open_may_succeed_later`]).
+fn get_may_succeed_later(error: &jetstream::context::GetStreamError) -> bool {
+    match error.kind() {
+        jetstream::context::GetStreamErrorKind::Request => true,
+        jetstream::context::GetStreamErrorKind::JetStream(source) => {
+            source.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+        }
+        _ => false,
+    }
+}
+
+/// Logs each setting of an existing stream that differs from the one a service would
+/// create: the stream is left as it is (`wangge up` applies the settings).
+fn warn_on_drift(found: &stream::Config, wanted: &stream::Config) {
+    let mut differences = Vec::new();
+    if found.num_replicas != wanted.num_replicas {
+        differences.push(format!(
+            "replicas {} (ours {})",
+            found.num_replicas, wanted.num_replicas
+        ));
+    }
+    if found.duplicate_window != wanted.duplicate_window {
+        differences.push(format!(
+            "duplicate window {} s (ours {} s)",
+            found.duplicate_window.as_secs(),
+            wanted.duplicate_window.as_secs()
+        ));
+    }
+    if found.subjects != wanted.subjects {
+        differences.push(format!(
+            "subjects {:?} (ours {:?})",
+            found.subjects, wanted.subjects
+        ));
+    }
+    if found.max_age != wanted.max_age {
+        differences.push(format!(
+            "max age {} s (ours {} s)",
+            found.max_age.as_secs(),
+            wanted.max_age.as_secs()
+        ));
+    }
+    if !differences.is_empty() {
+        warn!(
+            stream = %wanted.name,
+            differences = %differences.join(", "),
+            "the stream's settings differ from this service's; left as they are (`wangge up` applies the settings)"
+        );
+    }
+}
+
 impl<C: EventCodec> EventStore<C> {
-    /// Creates or updates the context's stream (idempotent) and returns a store on it.
+    /// A store on the context's stream, created when it is missing; an existing stream is
+    /// left as it is (see [`ExistingStream::Keep`]).
     pub async fn open(
         jetstream: jetstream::Context,
         spec: StreamSpec,
         codec: C,
     ) -> Result<EventStore<C>, OpenError> {
-        let stream_error = |source| OpenError::Stream {
-            stream: spec.stream_name.clone(),
-            source,
-        };
-        let mut backoff = OPEN_BACKOFF_MIN;
-        for attempt in 1.. {
-            match jetstream
-                .create_or_update_stream(spec.stream_config())
-                .await
-            {
-                Ok(_) => break,
-                // A cluster electing leaders, or a server too busy to answer within the
-                // request timeout: a service starting then must not give up on the first try.
-                Err(error) if attempt < OPEN_ATTEMPTS_MAX && open_may_succeed_later(&error) => {
-                    warn!(stream = %spec.stream_name, attempt, %error, "create or update stream: JetStream did not answer; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
-                }
-                Err(error) => return Err(stream_error(error)),
-            }
-        }
-        let stream = jetstream
-            .get_stream(&spec.stream_name)
-            .await
-            .map_err(|error| OpenError::GetStream {
-                stream: spec.stream_name.clone(),
-                reason: error.to_string(),
-            })?;
+        Self::open_with(jetstream, spec, codec, ExistingStream::Keep).await
+    }
+
+    /// A store on the context's stream, created when it is missing and updated to `spec`
+    /// when it exists (`wangge up`).
+    pub async fn open_applying(
+        jetstream: jetstream::Context,
+        spec: StreamSpec,
+        codec: C,
+    ) -> Result<EventStore<C>, OpenError> {
+        Self::open_with(jetstream, spec, codec, ExistingStream::Update).await
+    }
+
+    async fn open_with(
+        jetstream: jetstream::Context,
+        spec: StreamSpec,
+        codec: C,
+        existing: ExistingStream,
+    ) -> Result<EventStore<C>, OpenError> {
+        let stream = ensure_stream(&jetstream, spec.stream_config(), existing).await?;
         Ok(EventStore {
             jetstream,
             stream,

@@ -177,18 +177,18 @@ pub async fn ensure_contacts_bucket(
         })
 }
 
-/// Creates (or updates) the SUBMISSIONS stream: work-queue retention, so a submission (which
-/// may hold contact details) is removed once intake acknowledged it.
+/// Opens the SUBMISSIONS stream, created when missing: work-queue retention, so a
+/// submission (which may hold contact details) is removed once intake acknowledged it. An
+/// existing stream is kept as it is (a service starting) or updated (`wangge up`), as
+/// `existing` says.
 pub async fn ensure_submissions_stream(
     jetstream: &jetstream::Context,
     config: &ServiceConfig,
+    existing: eventstore::ExistingStream,
 ) -> Result<stream::Stream, ServiceError> {
-    let stream_error = |reason: String| ServiceError::Stream {
-        stream: config.submissions_stream.clone(),
-        reason,
-    };
-    jetstream
-        .create_or_update_stream(stream::Config {
+    eventstore::ensure_stream(
+        jetstream,
+        stream::Config {
             name: config.submissions_stream.clone(),
             subjects: vec![wire::SUBJECT_SUBMIT_ALL.to_owned()],
             retention: stream::RetentionPolicy::WorkQueue,
@@ -198,13 +198,14 @@ pub async fn ensure_submissions_stream(
             max_age: SUBMISSIONS_MAX_AGE,
             description: Some("wangge: submissions waiting for intake".to_owned()),
             ..Default::default()
-        })
-        .await
-        .map_err(|error| stream_error(error.to_string()))?;
-    jetstream
-        .get_stream(&config.submissions_stream)
-        .await
-        .map_err(|error| stream_error(error.to_string()))
+        },
+        existing,
+    )
+    .await
+    .map_err(|error| ServiceError::Stream {
+        stream: config.submissions_stream.clone(),
+        reason: error.to_string(),
+    })
 }
 
 type Chunks<S> = Pin<Box<ReadyChunks<S>>>;
@@ -339,7 +340,9 @@ impl IntakeService {
             .metrics()
             .declare_submission_kinds(&["filed", "merged", "rejected", "error"]);
         let jetstream = incidents.jetstream().clone();
-        let submissions_stream = ensure_submissions_stream(&jetstream, &config).await?;
+        let submissions_stream =
+            ensure_submissions_stream(&jetstream, &config, eventstore::ExistingStream::Keep)
+                .await?;
         let contacts = ensure_contacts_bucket(&jetstream, &config).await?;
 
         let started = std::time::Instant::now();

@@ -125,3 +125,91 @@ fn up_creates_streams_and_serve_registry_answers_then_stops_on_sigterm() {
     let status = serve.wait().expect("wait for wangge serve");
     assert!(status.success(), "wangge serve exited with {status}");
 }
+
+/// The operator's settings stand: `wangge up` applies them to every stream and bucket, and a
+/// service starting with other settings (a host with a stale configuration) leaves them as
+/// they are and says so.
+#[test]
+fn up_applies_the_settings_and_a_starting_service_keeps_them() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let run_up = |window: &str| {
+        let up = wangge(&url)
+            .arg("up")
+            .env("WANGGE_STORE__DUPLICATE_WINDOW_SECONDS", window)
+            .output()
+            .expect("run wangge up");
+        assert!(
+            up.status.success(),
+            "wangge up failed: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        String::from_utf8_lossy(&up.stdout).into_owned()
+    };
+    run_up("120");
+    expect![[r#"
+        stream GRIDS (grids.ev.>): replicas 1, duplicate window 300s, 0 messages, ready
+        stream INCIDENTS (incidents.ev.>): replicas 1, duplicate window 300s, 0 messages, ready
+        stream INTAKE (intake.ev.>): replicas 1, duplicate window 300s, 0 messages, ready
+        stream SUBMISSIONS (consumer intake), stream NOTIFICATIONS, buckets INTAKE_CONTACTS and DISPATCH_SNAPSHOTS: ready
+        bucket PROJECTION ready, current generation 1 (bucket PROJ_G1)
+        stream NOTIFICATIONS: replicas 1 -> 1, duplicate window 120s -> 300s
+    "#]]
+    .assert_eq(&run_up("300"));
+
+    let serve = wangge(&url)
+        .args(["serve", "registry", "--instance", "stale-host"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wangge serve registry");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let windows = runtime.block_on(async {
+        let client = async_nats::connect(&url).await.expect("connect");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let point = json!({"lon": 111.9935, "lat": 27.7005});
+        while request(&client, "grids.locate", point.clone())
+            .await
+            .is_none()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "registry never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let jetstream = async_nats::jetstream::new(client);
+        let mut windows = Vec::new();
+        for stream in ["GRIDS", "INCIDENTS", "NOTIFICATIONS"] {
+            let info = jetstream
+                .get_stream(stream)
+                .await
+                .expect("stream")
+                .info()
+                .await
+                .expect("info")
+                .clone();
+            windows.push(format!(
+                "{stream} {}s",
+                info.config.duplicate_window.as_secs()
+            ));
+        }
+        windows.join(", ")
+    });
+    assert_eq!(windows, "GRIDS 300s, INCIDENTS 300s, NOTIFICATIONS 300s");
+    let killed = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(killed.success());
+    let output = serve.wait_with_output().expect("wait for wangge serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("settings differ from this service's")
+            && stderr.contains("duplicate window 300 s (ours 120 s)"),
+        "{stderr}"
+    );
+}

@@ -392,7 +392,9 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
 
 /// Creates the projection's buckets (called by `wangge up`): the meta bucket and the current
 /// generation's bucket (generation 1 when there is none).
-pub async fn up(settings: &Settings, client: &async_nats::Client) -> anyhow::Result<()> {
+/// Creates the projection's meta bucket and first generation when missing; returns the
+/// buckets it holds (meta, current generation) for `up` to apply the settings to.
+pub async fn up(settings: &Settings, client: &async_nats::Client) -> anyhow::Result<Vec<String>> {
     let jetstream = async_nats::jetstream::new(client.clone());
     let replicas = settings.store.replicas;
     let meta =
@@ -405,5 +407,8 @@ pub async fn up(settings: &Settings, client: &async_nats::Client) -> anyhow::Res
         projection::keys::generation_bucket(generation)
     )
     .context("write to stdout")?;
-    Ok(())
+    Ok(vec![
+        projection::keys::META_BUCKET.to_owned(),
+        projection::keys::generation_bucket(generation),
+    ])
 }

@@ -33,7 +33,10 @@ Streams: GRIDS (grids.ev.>), INCIDENTS (incidents.ev.>), INTAKE (intake.ev.>), S
 (intake.submit.*), NOTIFICATIONS (dispatch.notify.>); buckets INTAKE_CONTACTS,
 DISPATCH_SNAPSHOTS and the projection's; each with `store.replicas` replicas (1 on a single server, 3 on a cluster) and a
 `store.duplicate_window_seconds` window for idempotent appends. Safe to run again at any time:
-existing messages are kept. Prints one line per stream. Example:
+existing messages are kept, and existing streams and buckets are brought to these settings
+(the only command that changes them: a service starting creates what is missing and leaves
+the rest as it is, logging any setting that differs from its own). Prints one line per
+stream, and one per setting it changed. Example:
 
     WANGGE_NATS__URL=nats://10.0.0.5:4222,nats://10.0.0.6:4222 wangge up";
 
@@ -283,7 +286,38 @@ pub fn up(settings: &Settings, _args: UpArgs) -> anyhow::Result<()> {
     })
 }
 
-/// One round of `wangge up`: every stream, consumer and bucket, created or opened.
+/// Sets an existing stream's replicas (and duplicate window, when given) to the settings',
+/// saying what changed.
+async fn apply_replication(
+    jetstream: &async_nats::jetstream::Context,
+    stream: &str,
+    replicas: usize,
+    duplicate_window: Option<Duration>,
+) -> anyhow::Result<()> {
+    let mut found = jetstream.get_stream(stream).await?;
+    let mut config = found.info().await?.config.clone();
+    let before = (config.num_replicas, config.duplicate_window);
+    config.num_replicas = replicas;
+    if let Some(window) = duplicate_window {
+        config.duplicate_window = window;
+    }
+    if (config.num_replicas, config.duplicate_window) != before {
+        jetstream.update_stream(&config).await?;
+        writeln!(
+            std::io::stdout(),
+            "stream {stream}: replicas {} -> {}, duplicate window {}s -> {}s",
+            before.0,
+            config.num_replicas,
+            before.1.as_secs(),
+            config.duplicate_window.as_secs()
+        )
+        .context("write to stdout")?;
+    }
+    Ok(())
+}
+
+/// One round of `wangge up`: every stream, consumer and bucket, created or opened; every
+/// existing one brought to the settings (replicas, duplicate window).
 async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Result<()> {
     let jetstream = async_nats::jetstream::new(client.clone());
     for context in [
@@ -293,7 +327,7 @@ async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Re
     ] {
         let spec = spec(settings, context);
         // The codec is irrelevant to creating the stream; no event is written here.
-        EventStore::open(
+        EventStore::open_applying(
             jetstream.clone(),
             spec.clone(),
             PostcardCodec::<()>::new("up"),
@@ -325,9 +359,13 @@ async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Re
         duplicate_window: window,
         ..intake::ServiceConfig::default()
     };
-    let submissions = intake::ensure_submissions_stream(&jetstream, &intake_config)
-        .await
-        .context("create stream SUBMISSIONS")?;
+    let submissions = intake::ensure_submissions_stream(
+        &jetstream,
+        &intake_config,
+        eventstore::ExistingStream::Update,
+    )
+    .await
+    .context("create or update stream SUBMISSIONS")?;
     intake::service::ensure_submissions_consumer(&submissions, &intake_config)
         .await
         .context("create the SUBMISSIONS consumer of intake")?;
@@ -354,9 +392,26 @@ async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Re
         intake_config.contacts_bucket
     )
     .context("write to stdout")?;
-    super::projection::up(settings, client)
+    let projection_buckets = super::projection::up(settings, client)
         .await
         .context("create the projection's buckets")?;
+    // Streams and buckets opened above only when missing: apply the replicas (and the
+    // duplicate window where Msg-Id deduplication matters) to the existing ones too.
+    let mut applied = vec![(
+        dispatch::notify::NOTIFICATIONS_STREAM.to_owned(),
+        Some(window),
+    )];
+    for bucket in [intake_config.contacts_bucket.clone(), snapshots.clone()]
+        .into_iter()
+        .chain(projection_buckets)
+    {
+        applied.push((format!("KV_{bucket}"), None));
+    }
+    for (stream, duplicate_window) in applied {
+        apply_replication(&jetstream, &stream, replicas, duplicate_window)
+            .await
+            .with_context(|| format!("apply the settings to stream {stream}"))?;
+    }
     client.flush().await.context("flush")?;
     Ok(())
 }
