@@ -167,6 +167,22 @@ impl BusinessCalendar {
         })
     }
 
+    /// The last year the calendar lists a holiday or make-up working day for (`None`: it
+    /// lists none). After that year the calendar knows only weekends: each year's holidays
+    /// come from that year's State Council notice, so a city must add them to its file.
+    pub fn listed_through_year(&self) -> Option<i32> {
+        let last = self
+            .holidays
+            .last()
+            .into_iter()
+            .chain(self.makeup_workdays.last())
+            .max()?;
+        let julian = i32::try_from(last + i64::from(UNIX_EPOCH_JULIAN_DAY)).ok()?;
+        time::Date::from_julian_day(julian)
+            .ok()
+            .map(|date| date.year())
+    }
+
     /// Whether the local day `day` (days since 1970-01-01, local) is a working day.
     fn is_working_day(&self, day: i64) -> bool {
         if self.makeup_workdays.contains(&day) {
@@ -308,6 +324,16 @@ mod tests {
             expect!["2026-02-14 Saturday 17:00"],
         );
         check("2026-02-14 17:00", 60, expect!["2026-02-24 Tuesday 09:30"]);
+    }
+
+    #[test]
+    fn a_calendar_says_the_last_year_it_lists_holidays_for() {
+        assert_eq!(sanming().listed_through_year(), Some(2027));
+        let weekends_only = BusinessCalendar::parse(
+            "utc_offset = \"+08:00\"\nworking_hours = [\"09:00-17:00\"]\nweekend = [\"sat\", \"sun\"]",
+        )
+        .unwrap();
+        assert_eq!(weekends_only.listed_through_year(), None);
     }
 
     #[test]

@@ -93,10 +93,32 @@ impl Policy {
 
     /// The embedded configuration of `city`.
     pub fn embedded(city: &str) -> Result<Policy, PolicyError> {
+        Policy::embedded_with(city, None, None, None)
+    }
+
+    /// The embedded configuration of `city` with some of its files replaced by texts the
+    /// caller read (a city's own calendar for next year, its routing table): each `None`
+    /// keeps the embedded file.
+    pub fn embedded_with(
+        city: &str,
+        categories_toml: Option<&str>,
+        routing_toml: Option<&str>,
+        calendar_toml: Option<&str>,
+    ) -> Result<Policy, PolicyError> {
         let unknown = || PolicyError::UnknownCity(city.to_owned());
-        let routing = city_file(city, CityFile::Routing).ok_or_else(unknown)?;
-        let calendar = city_file(city, CityFile::Calendar).ok_or_else(unknown)?;
-        Policy::parse(DEFAULT_CATEGORIES_TOML, routing, calendar)
+        let routing = match routing_toml {
+            Some(text) => text,
+            None => city_file(city, CityFile::Routing).ok_or_else(unknown)?,
+        };
+        let calendar = match calendar_toml {
+            Some(text) => text,
+            None => city_file(city, CityFile::Calendar).ok_or_else(unknown)?,
+        };
+        Policy::parse(
+            categories_toml.unwrap_or(DEFAULT_CATEGORIES_TOML),
+            routing,
+            calendar,
+        )
     }
 }
 

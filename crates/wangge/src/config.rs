@@ -25,6 +25,21 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     /// Which city's data files (routing, calendar, standards) the services load.
     pub city: String,
+    pub policy: PolicySettings,
+}
+
+/// `[policy]`: files that replace the city's built-in data (`config/` in the source tree),
+/// e.g. next year's holidays from the State Council's notice. Unset: built in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySettings {
+    /// The event categories (the shape of `config/categories.toml`).
+    pub categories_file: Option<std::path::PathBuf>,
+    /// Who handles what, and the deadlines (the shape of `config/cities/<city>/routing.toml`).
+    pub routing_file: Option<std::path::PathBuf>,
+    /// Working hours, holidays and make-up working days (the shape of
+    /// `config/cities/<city>/calendar.toml`).
+    pub calendar_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +162,7 @@ impl Default for Settings {
             dispatch: DispatchSettings::default(),
             runtime: RuntimeSettings::default(),
             city: "sanming".to_owned(),
+            policy: PolicySettings::default(),
         }
     }
 }
@@ -234,7 +250,10 @@ const ENV_NOT_SETTINGS: [&str; 7] = [
 /// Settings whose values are text, by their key in the environment (after `WANGGE_`): they
 /// are taken verbatim. Parsed as figment parses the rest, a password `123456` would be a
 /// number and refused, `"secret"` would lose its quotes and `  x  ` its spaces.
-const ENV_TEXT_KEYS: [&str; 12] = [
+const ENV_TEXT_KEYS: [&str; 15] = [
+    "policy__categories_file",
+    "policy__routing_file",
+    "policy__calendar_file",
     "nats__url",
     "nats__credentials",
     "nats__client_name",
@@ -423,6 +442,9 @@ impl Settings {
             );
         }
         for (key, file) in [
+            ("policy.categories_file", &self.policy.categories_file),
+            ("policy.routing_file", &self.policy.routing_file),
+            ("policy.calendar_file", &self.policy.calendar_file),
             ("nats.credentials", &self.nats.credentials),
             ("nats.tls_ca_file", &self.nats.tls_ca_file),
             ("nats.tls_cert_file", &self.nats.tls_cert_file),
@@ -480,6 +502,49 @@ impl Settings {
         );
         self.intake.validate()?;
         self.dispatch.validate()
+    }
+}
+
+impl Settings {
+    /// The city's policy (taxonomy, routing, calendar): built in, with the files of
+    /// `[policy]` in place of their parts. Warns when the calendar lists no holidays for
+    /// the current year: deadlines would then count holidays as working days.
+    pub fn policy(&self) -> anyhow::Result<domain::Policy> {
+        let read =
+            |key: &str, file: &Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+                file.as_ref()
+                    .map(|path| {
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("read {key} {}", path.display()))
+                    })
+                    .transpose()
+            };
+        let categories = read("policy.categories_file", &self.policy.categories_file)?;
+        let routing = read("policy.routing_file", &self.policy.routing_file)?;
+        let calendar = read("policy.calendar_file", &self.policy.calendar_file)?;
+        let policy = domain::Policy::embedded_with(
+            &self.city,
+            categories.as_deref(),
+            routing.as_deref(),
+            calendar.as_deref(),
+        )
+        .with_context(|| {
+            format!(
+                "load the policy of city {:?} (with the files of [policy]: {:?})",
+                self.city, self.policy
+            )
+        })?;
+        let this_year = time::OffsetDateTime::now_utc().year();
+        match policy.calendar.listed_through_year() {
+            Some(last) if last >= this_year => {}
+            last => tracing::warn!(
+                city = %self.city,
+                listed_through = ?last,
+                this_year,
+                "the business calendar lists no holidays for this year, so deadlines count them as working days; give the year's holidays and make-up days in policy.calendar_file"
+            ),
+        }
+        Ok(policy)
     }
 }
 
@@ -688,5 +753,33 @@ mod tests {
         let found = text_settings_from(variables.into_iter()).unwrap();
         expect![[r#"[("nats.password", "123456"), ("nats.client_name", "007"), ("nats.user", "\"quoted\""), ("log.filter", "  info  ")]"#]]
         .assert_eq(&format!("{found:?}"));
+    }
+
+    #[test]
+    fn policy_files_replace_the_built_in_ones() {
+        let folder = tempfile::tempdir().unwrap();
+        let calendar = folder.path().join("calendar.toml");
+        std::fs::write(
+            &calendar,
+            "utc_offset = \"+08:00\"\nworking_hours = [\"08:00-12:00\", \"14:30-17:30\"]\n\
+             weekend = [\"sat\", \"sun\"]\nholidays = [\"2031-01-01\"]\n",
+        )
+        .unwrap();
+        let mut settings = Settings::default();
+        settings.policy.calendar_file = Some(calendar.clone());
+        settings.validate().unwrap();
+        let policy = settings.policy().unwrap();
+        assert_eq!(policy.calendar.listed_through_year(), Some(2031));
+        assert_eq!(policy.calendar.working_minutes_per_day(), 7 * 60);
+
+        std::fs::write(&calendar, "utc_offset = \"+25:00\"").unwrap();
+        let error = format!("{:#}", settings.policy().unwrap_err());
+        assert!(
+            error.contains("load the policy of city \"sanming\"") && error.contains("calendar"),
+            "{error}"
+        );
+        settings.policy.calendar_file = Some(folder.path().join("missing.toml"));
+        let error = format!("{:#}", settings.validate().unwrap_err());
+        assert!(error.contains("policy.calendar_file"), "{error}");
     }
 }

@@ -155,8 +155,7 @@ async fn simulate(
         })
         .await?;
 
-    let policy = domain::Policy::embedded(&settings.city)
-        .with_context(|| format!("load the policy of city {:?}", settings.city))?;
+    let policy = settings.policy()?;
     let city = simulation::plan_city(CityPlan {
         seed: args.seed,
         ..CityPlan::default()

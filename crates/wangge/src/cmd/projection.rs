@@ -208,8 +208,7 @@ pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         config.replicas = settings.store.replicas;
         config.weights = weights;
         config.profile = profile(settings);
-        config.departments = domain::Policy::embedded(&settings.city)
-            .with_context(|| format!("load the policy of city {:?}", settings.city))?
+        config.departments = settings.policy()?
             .routing
             .departments()
             .map(|department| department.id.to_string())

@@ -376,12 +376,9 @@ async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Re
         .await
         .map_err(anyhow::Error::msg)
         .context("create stream NOTIFICATIONS")?;
-    let snapshots = dispatch::DispatchConfig::new(
-        domain::Policy::embedded(&settings.city)
-            .with_context(|| format!("load the policy of city {:?}", settings.city))?,
-    )
-    .snapshot_bucket
-    .unwrap_or_default();
+    let snapshots = dispatch::DispatchConfig::new(settings.policy()?)
+        .snapshot_bucket
+        .unwrap_or_default();
     eventstore::SnapshotStore::open(&jetstream, &snapshots, replicas)
         .await
         .with_context(|| format!("create bucket {snapshots}"))?;
@@ -568,8 +565,7 @@ impl DispatchArgs {
 fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()> {
     let tuning = args.over(&settings.dispatch);
     tuning.validate()?;
-    let policy = domain::Policy::embedded(&settings.city)
-        .with_context(|| format!("load the dispatch policy of city {:?}", settings.city))?;
+    let policy = settings.policy()?;
     service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) catch-up so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
@@ -674,8 +670,7 @@ impl IntakeArgs {
 fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
     let tuning = args.over(&settings.intake);
     tuning.validate()?;
-    let policy = domain::Policy::embedded(&settings.city)
-        .with_context(|| format!("load the policy of city {:?}", settings.city))?;
+    let policy = settings.policy()?;
     let profile = standards::builtin(&settings.city)
         .with_context(|| format!("load the standards profile of city {:?}", settings.city))?;
     service_runtime(settings)?.block_on(async {
