@@ -10,8 +10,9 @@
 //! - [`Observer`]: a cheap handle (clone it into tasks) holding the [`Metrics`] and the
 //!   health state. [`Observer::disabled`] is a private registry nobody serves, for tests and
 //!   in-process helpers.
-//! - [`serve_http`]: `GET /metrics` (OpenMetrics text) and `GET /healthz` (200 when the NATS
-//!   connection is up and the service has finished its start-up, else 503), on hyper.
+//! - [`serve_http`]: `GET /metrics` (OpenMetrics text), `GET /healthz` (readiness: 200 when
+//!   the NATS connection is up and the service has finished its start-up, else 503) and
+//!   `GET /livez` (liveness: 200 while the process answers, whatever the bus), on hyper.
 //! - [`spawn_lag_refresh`]: reads each stream's last sequence every few seconds; the lag of a
 //!   stream is that minus the sequence the service reports having folded in.
 //! - [`micro_service`]: registers the service under `wangge-<service>` in the service's
@@ -521,7 +522,16 @@ fn answer<B>(observer: &Observer, request: &hyper::Request<B>) -> hyper::Respons
             Ok(()) => response(200, "text/plain", "ok\n".to_owned()),
             Err(why) => response(503, "text/plain", format!("{why}\n")),
         },
-        _ => response(404, "text/plain", "/metrics or /healthz\n".to_owned()),
+        // Liveness, for a supervisor deciding whether to restart the process: this answer
+        // comes from the service's own runtime, so a wedged loop on a one-thread runtime
+        // stops it, but a NATS outage does not (the client reconnects by itself; restarting
+        // every service because the bus is away would only add a cold start to the outage).
+        "/livez" => response(200, "text/plain", "alive\n".to_owned()),
+        _ => response(
+            404,
+            "text/plain",
+            "/metrics, /healthz (ready: started and connected) or /livez (alive)\n".to_owned(),
+        ),
     }
 }
 

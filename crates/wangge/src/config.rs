@@ -270,8 +270,6 @@ const ENV_TEXT_KEYS: [&str; 15] = [
 /// Largest `store.duplicate_window_seconds`: the age of SUBMISSIONS and NOTIFICATIONS
 /// messages (30 days), which JetStream requires the window not to pass.
 pub const DUPLICATE_WINDOW_MAX_SECONDS: u64 = intake::SUBMISSIONS_MAX_AGE.as_secs();
-/// URL schemes `nats.url` may use (a URL without one is `nats://`).
-const NATS_URL_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
 
 /// The text settings among `variables` (name, value), verbatim, as (dotted key, value):
 /// `WANGGE_NATS__PASSWORD=007` is `("nats.password", "007")`.
@@ -350,6 +348,8 @@ fn explain(error: figment::Error, source: &str) -> anyhow::Error {
                     },
                     expected.join(", ")
                 ),
+                // Not about one key: a file that is not TOML at all.
+                kind if key.is_empty() => format!("{origin}: {kind}"),
                 kind => format!("setting {key:?} (from {origin}): {kind}"),
             }
         })
@@ -431,16 +431,8 @@ impl Settings {
             !self.nats.url.trim().is_empty(),
             "nats.url must not be empty"
         );
-        for url in self.nats.url.split(',') {
-            let url = url.trim();
-            let scheme = url.split_once("://").map(|(scheme, _)| scheme);
-            anyhow::ensure!(
-                !url.is_empty() && scheme.is_none_or(|scheme| NATS_URL_SCHEMES.contains(&scheme)),
-                "nats.url {url:?} is not a NATS server address: use host:port or \
-                 <scheme>://host:port with a scheme of {}",
-                NATS_URL_SCHEMES.join(", ")
-            );
-        }
+        // The parse `connect` uses, so a URL refused there is refused here, before any work.
+        crate::cmd::serve::server_addresses(&self.nats.url)?;
         for (key, file) in [
             ("policy.categories_file", &self.policy.categories_file),
             ("policy.routing_file", &self.policy.routing_file),
@@ -709,7 +701,7 @@ mod tests {
         check(
             "[nats]\nurl = \"http://127.0.0.1:4222\"",
             expect![[
-                r#"error: invalid settings (from the test's TOML): nats.url "http://127.0.0.1:4222" is not a NATS server address: use host:port or <scheme>://host:port with a scheme of nats, tls, ws, wss"#
+                r#"error: invalid settings (from the test's TOML): nats.url: "http://127.0.0.1:4222" is not a NATS server URL: invalid scheme for NATS server URL: http"#
             ]],
         );
         check(

@@ -756,15 +756,17 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         "{stats}"
     );
     let address = metrics_address.clone();
-    let (health, metrics) = tokio::task::spawn_blocking(move || {
+    let (health, alive, metrics) = tokio::task::spawn_blocking(move || {
         (
             http_get(&address, "/healthz"),
+            http_get(&address, "/livez"),
             http_get(&address, "/metrics"),
         )
     })
     .await
     .expect("http");
     assert_eq!(health.0, 200, "{}", health.1);
+    assert_eq!(alive.0, 200, "{}", alive.1);
     let mut requests: Vec<&str> = metrics
         .1
         .lines()

@@ -189,24 +189,50 @@ pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_na
         .custom_inbox_prefix(nats.inbox_prefix.clone())
         // One line when the connection is lost and one when it is back: an outage is found
         // in the logs. A permissions violation arrives here too (as a server error).
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS connection lost; reconnecting")
+        .event_callback({
+            let user = nats.user.clone().unwrap_or_else(|| "(none)".to_owned());
+            move |event| {
+                let user = user.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("NATS connection lost; reconnecting")
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!("NATS connection established")
+                        }
+                        // The end of every command's connection: not worth a warning.
+                        async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+                        async_nats::Event::SlowConsumer(subscription) => {
+                            tracing::warn!(subscription, "NATS slow consumer: messages dropped")
+                        }
+                        // A request the server refuses is otherwise seen only as a timeout,
+                        // after minutes of retries: say at once who was refused what.
+                        async_nats::Event::ServerError(error)
+                            if error.to_string().contains("Permissions Violation") =>
+                        {
+                            tracing::error!(
+                                %error,
+                                user,
+                                "the server refused this user a subject: see the user's \
+                                 permissions in deploy/nats/accounts.conf (replies need \
+                                 nats.inbox_prefix = _INBOX_<user>); requests on it time out"
+                            )
+                        }
+                        other => tracing::warn!(event = %other, "NATS"),
+                    }
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connection established"),
-                async_nats::Event::SlowConsumer(subscription) => {
-                    tracing::warn!(subscription, "NATS slow consumer: messages dropped")
-                }
-                other => tracing::warn!(event = %other, "NATS"),
             }
         });
-    if nats.user.is_some() && nats.inbox_prefix == "_INBOX" {
+    if let Some(user) = &nats.user
+        && nats.inbox_prefix == "_INBOX"
+    {
         tracing::warn!(
-            user = nats.user.as_deref().unwrap_or(""),
+            user,
             "nats.user is set but nats.inbox_prefix is the default _INBOX: under \
-             deploy/nats/accounts.conf a user may only receive replies on its own prefix \
-             (e.g. _INBOX_registry), and every request would time out; set nats.inbox_prefix"
+             deploy/nats/accounts.conf a user may only receive replies on its own prefix, and \
+             every request would time out; set nats.inbox_prefix = _INBOX_{user} \
+             (WANGGE_NATS__INBOX_PREFIX=_INBOX_{user})"
         );
     }
     if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
