@@ -18,8 +18,9 @@ pub const MEDIA_URL_BYTES_MAX: usize = 2_048;
 /// Shortest and longest submission id, in bytes.
 pub const SUBMISSION_ID_BYTES_MIN: usize = 8;
 pub const SUBMISSION_ID_BYTES_MAX: usize = 64;
-/// Longest building id, in bytes.
-pub const BUILDING_ID_BYTES_MAX: usize = 128;
+/// Longest building id, in bytes: the registry's, so an id it could never hold is refused
+/// as malformed rather than looked up.
+pub const BUILDING_ID_BYTES_MAX: usize = registry::domain::BUILDING_ID_BYTES_MAX;
 /// Longest contact name or phone, in bytes.
 pub const CONTACT_FIELD_BYTES_MAX: usize = 128;
 /// Longest refusal message taken from a parser error, in bytes.

@@ -58,8 +58,10 @@ impl Channel {
 #[serde(deny_unknown_fields)]
 pub struct Point {
     /// Longitude, -180..=180.
+    #[schemars(range(min = -180, max = 180))]
     pub lon: f64,
     /// Latitude, -90..=90.
+    #[schemars(range(min = -90, max = 90))]
     pub lat: f64,
 }
 
@@ -68,7 +70,8 @@ pub struct Point {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Location {
     Point(Point),
-    BuildingId(String),
+    /// A building id of the grid registry, 1 to 64 bytes.
+    BuildingId(#[schemars(length(min = 1, max = 64))] String),
 }
 
 /// A photo or recording kept elsewhere: no blobs travel on the bus.
@@ -76,9 +79,12 @@ pub enum Location {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum MediaRef {
     /// An `https://` (or `http://`) URL, at most 2,048 bytes.
-    Url(String),
+    Url(
+        #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+        String,
+    ),
     /// The SHA-256 of the content in the media store, 64 lowercase hex digits.
-    Sha256(String),
+    Sha256(#[schemars(regex(pattern = r"^[0-9a-f]{64}$"))] String),
 }
 
 /// Contact details. Personal information: kept only in an erasable KV bucket keyed by
@@ -86,11 +92,26 @@ pub enum MediaRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Contact {
+    /// At most 128 bytes.
     #[serde(default)]
+    #[schemars(length(max = 128))]
     pub name: Option<String>,
+    /// At most 128 bytes.
     #[serde(default)]
+    #[schemars(length(max = 128))]
     pub phone: Option<String>,
 }
+
+// The literal bounds in the schema attributes below are the decoder's.
+const _: () = assert!(
+    crate::decode::SUBMISSION_ID_BYTES_MIN == 8
+        && crate::decode::SUBMISSION_ID_BYTES_MAX == 64
+        && crate::decode::DESCRIPTION_CHARS_MAX == 4000
+        && crate::decode::MEDIA_REFS_MAX == 9
+        && crate::decode::MEDIA_URL_BYTES_MAX == 2048
+        && crate::decode::BUILDING_ID_BYTES_MAX == 64
+        && crate::decode::CONTACT_FIELD_BYTES_MAX == 128
+);
 
 /// One submission, as an app publishes it (`intake.submit.<channel>` with header
 /// `Nats-Msg-Id: <submission_id>`, or a request on `intake.request`).
@@ -99,20 +120,25 @@ pub struct Contact {
 pub struct Submission {
     /// Client-chosen idempotency key, 8..=64 characters of `A-Z a-z 0-9 _ -` (a UUID is a
     /// good choice). A resubmission with the same id returns the original receipt.
+    #[schemars(length(min = 8, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
     pub submission_id: String,
     pub kind: SubmissionKind,
     /// A category code of the taxonomy (`config/categories.toml`), e.g. `"0103"`.
     pub category: String,
     pub location: Location,
-    /// At most 4,000 characters (and the domain's byte bound, see docs/INTAKE.md).
+    /// At most 4,000 characters (and the domain's byte bound, see docs/INTAKE.md); not empty.
+    #[schemars(length(min = 1, max = 4000))]
     pub description: String,
     /// At most 9 references.
     #[serde(default)]
+    #[schemars(length(max = 9))]
     pub media: Vec<MediaRef>,
     pub channel: Channel,
     /// The reporter's account id in the identity system (UUID).
     pub reporter_id: uuid::Uuid,
-    /// When the reporter saw the problem, RFC 3339.
+    /// When the reporter saw the problem, RFC 3339 (at most an hour after the report
+    /// arrives).
+    #[schemars(length(min = 1))]
     pub occurred_at: String,
     #[serde(default)]
     pub contact: Option<Contact>,
