@@ -64,7 +64,9 @@ impl Refusal {
     }
 }
 
-/// Reads a JSON request of at most `bytes_max` bytes (`what` names it in the message).
+/// Reads a JSON request of at most `bytes_max` bytes (`what` names it in the message). A
+/// request is an object: serde would also read a struct from an array of its fields in
+/// order, which no schema allows, so an array is refused.
 pub fn parse_json<T: DeserializeOwned>(
     what: &str,
     payload: &[u8],
@@ -73,7 +75,14 @@ pub fn parse_json<T: DeserializeOwned>(
     if payload.len() > bytes_max {
         return Err(Refusal::too_large(what, payload.len(), bytes_max));
     }
-    serde_json::from_slice(payload).map_err(|error| Refusal::from_json_error(&error))
+    let value: T =
+        serde_json::from_slice(payload).map_err(|error| Refusal::from_json_error(&error))?;
+    match payload.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'{') => Ok(value),
+        _ => Err(Refusal::schema_violation(format!(
+            "the {what} must be a JSON object"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +129,10 @@ mod tests {
         check(
             r#"{"id":7,"x":1}"#,
             expect!["schema_violation: unknown field `x`, expected `id` at line 1 column 11"],
+        );
+        check(
+            "[7]",
+            expect!["schema_violation: the query must be a JSON object"],
         );
         check(
             r#"{"id":7,     "x":1}"#,

@@ -1257,7 +1257,10 @@ pub async fn answer(
             }
             Err(reply) => reply,
         },
-        "totals" => found(models, checkpoint, models.totals().await.map(Some)),
+        "totals" => match parse::<wire::NoQuery>(payload) {
+            Ok(wire::NoQuery {}) => found(models, checkpoint, models.totals().await.map(Some)),
+            Err(reply) => reply,
+        },
         "compliance" => match parse::<wire::ComplianceQuery>(payload) {
             Ok(query) => {
                 if let Some(refusal) = limit_refusal(query.limit) {
@@ -1283,7 +1286,10 @@ pub async fn answer(
             }
             Err(reply) => reply,
         },
-        "checkpoint" => found(models, checkpoint, Ok(Some(checkpoint))),
+        "checkpoint" => match parse::<wire::NoQuery>(payload) {
+            Ok(wire::NoQuery {}) => found(models, checkpoint, Ok(Some(checkpoint))),
+            Err(reply) => reply,
+        },
         other => rejected_reply(
             "unknown_model",
             format!(

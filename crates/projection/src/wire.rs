@@ -397,6 +397,11 @@ pub struct ComplianceQuery {
     pub limit: Option<u32>,
 }
 
+/// The body of `projection.query.totals` and `projection.query.checkpoint`: `{}` (or empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// The answer to every query: what was found, in which generation, at which checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -453,6 +458,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::schema::RootSchema)> {
             "projection_scorecard_reply",
             schema_for!(QueryReply<Vec<Scorecard>>),
         ),
+        ("projection_no_query", schema_for!(NoQuery)),
         ("projection_totals_reply", schema_for!(QueryReply<Totals>)),
         ("projection_compliance_query", schema_for!(ComplianceQuery)),
         (
