@@ -44,10 +44,10 @@ const BUILDER_LEASE_TTL_MAX_SECONDS: u64 = 3_600;
 #[command(after_long_help = SERVE_HELP)]
 pub struct ServeArgs {
     /// Name of this instance (in its private GRIDS consumer's name and in logs).
-    #[arg(long, default_value = "projection")]
+    #[arg(long, default_value = "projection", value_parser = super::serve::subject_token)]
     pub instance: String,
     /// NATS queue group shared by all projection instances for queries.
-    #[arg(long, default_value = projection::wire::QUEUE_GROUP)]
+    #[arg(long, default_value = projection::wire::QUEUE_GROUP, value_parser = super::serve::subject_token)]
     pub queue_group: String,
     /// Answer queries only; never compete for the builder lease.
     #[arg(long)]

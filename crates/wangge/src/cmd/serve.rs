@@ -40,6 +40,26 @@ stream, and one per setting it changed. Example:
 
     WANGGE_NATS__URL=nats://10.0.0.5:4222,nats://10.0.0.6:4222 wangge up";
 
+/// Longest `--instance` or `--queue-group`.
+const SUBJECT_TOKEN_BYTES_MAX: usize = 64;
+
+/// Checks an `--instance` or `--queue-group`: it becomes part of consumer names and is a
+/// queue group, so it must be 1 to 64 bytes of `A-Z a-z 0-9 _ -` (refused before any stream
+/// or consumer is touched).
+pub fn subject_token(value: &str) -> Result<String, String> {
+    let valid = (1..=SUBJECT_TOKEN_BYTES_MAX).contains(&value.len())
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "must be 1 to {SUBJECT_TOKEN_BYTES_MAX} bytes of A-Z a-z 0-9 _ - (it names consumers and a queue group)"
+        ))
+    }
+}
+
 /// Runs one service until SIGINT or SIGTERM.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = SERVE_HELP)]
@@ -127,10 +147,10 @@ pub enum ServiceCommand {
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
     /// Name of this instance (appears in its private stream consumer's name and in logs).
-    #[arg(long, default_value = "registry")]
+    #[arg(long, default_value = "registry", value_parser = subject_token)]
     pub instance: String,
     /// NATS queue group shared by all registry instances.
-    #[arg(long, default_value = "registry")]
+    #[arg(long, default_value = "registry", value_parser = subject_token)]
     pub queue_group: String,
 }
 
@@ -554,10 +574,10 @@ pub(crate) async fn wait_stopped(mut stopped: watch::Receiver<bool>) {
 #[derive(Debug, clap::Args)]
 pub struct DispatchArgs {
     /// Name of this instance (appears in its private stream consumer's name and in logs).
-    #[arg(long, default_value = "dispatch")]
+    #[arg(long, default_value = "dispatch", value_parser = subject_token)]
     pub instance: String,
     /// NATS queue group shared by all dispatch instances.
-    #[arg(long, default_value = "dispatch")]
+    #[arg(long, default_value = "dispatch", value_parser = subject_token)]
     pub queue_group: String,
     /// Compressed time for tests and demos: `now = origin + (wall - origin) * scale`.
     #[arg(long, hide = true, requires = "time_origin_ms")]
@@ -639,10 +659,10 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
 #[derive(Debug, clap::Args)]
 pub struct IntakeArgs {
     /// Name of this instance (appears in its private stream consumers' names and in logs).
-    #[arg(long, default_value = "intake")]
+    #[arg(long, default_value = "intake", value_parser = subject_token)]
     pub instance: String,
     /// NATS queue group shared by all intake instances.
-    #[arg(long, default_value = "intake")]
+    #[arg(long, default_value = "intake", value_parser = subject_token)]
     pub queue_group: String,
     /// A report of the same category within this many metres of an open incident is merged;
     /// 0 merges nothing. [default: setting `intake.dedup_radius_m`, 50]
