@@ -270,10 +270,14 @@ pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<async_na
             .await
             .with_context(|| format!("read NATS credentials {}", path.display()))?;
     }
-    let client = options
-        .connect(addresses)
-        .await
-        .with_context(|| format!("connect to NATS at {}", settings.nats.url))?;
+    let client = options.connect(addresses).await.with_context(|| {
+        let who = match (&nats.user, &nats.credentials) {
+            (Some(user), _) => format!("as user {user:?} (nats.user)"),
+            (None, Some(path)) => format!("with the credentials {}", path.display()),
+            (None, None) => "without a user (nats.user and nats.credentials unset)".to_owned(),
+        };
+        format!("connect to NATS at {} {who}", settings.nats.url)
+    })?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         instance = role,
