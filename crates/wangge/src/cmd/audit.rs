@@ -15,6 +15,7 @@ use eventstore::{
 };
 use serde_json::{Value, json};
 
+use super::instant::format_ms;
 use crate::config::Settings;
 
 /// Commits between two progress lines on stderr.
@@ -227,8 +228,8 @@ fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Va
             entries.push(json!({
                 "version": recorded.version,
                 "sequence": commit.sequence,
-                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
-                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "occurred_at": format_ms(commit.meta.occurred_at_ms),
+                "stored_at": format_ms(commit.stored_at_ms),
                 "actor": commit.meta.actor,
                 "command_id": commit.command_id,
                 "correlation_id": commit.meta.correlation_id,
@@ -519,8 +520,8 @@ fn export_lines<E>(
                 "actor": commit.meta.actor,
                 "correlation_id": commit.meta.correlation_id,
                 "causation_id": commit.meta.causation_id,
-                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
-                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "occurred_at": format_ms(commit.meta.occurred_at_ms),
+                "stored_at": format_ms(commit.stored_at_ms),
                 "hash": hex(&commit.hash),
                 "previous_hash": hex(&commit.previous_hash),
                 "event": event_json(&recorded.event),
@@ -559,7 +560,7 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
             "kind": "community_registered",
             "code": profile.code, "name": profile.name, "street": profile.street,
             "district": profile.district,
-            "registered_at": ms_to_rfc3339(*registered_at_ms),
+            "registered_at": format_ms(*registered_at_ms),
             "boundary": {"type": "MultiPolygon",
                 "coordinates": profile.boundary.0.iter().map(polygon).collect::<Vec<_>>()},
         }),
@@ -610,22 +611,8 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
             "kind": "grid_worker_assigned",
             "grid_code": grid_code,
             "worker": worker,
-            "assigned_at": ms_to_rfc3339(*assigned_at_ms),
+            "assigned_at": format_ms(*assigned_at_ms),
         }),
-    }
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    // Millisecond precision, UTC.
-    let seconds = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    match u64::try_from(seconds) {
-        Ok(seconds) => {
-            let time = UNIX_EPOCH + Duration::from_secs(seconds);
-            let text = humantime::format_rfc3339_seconds(time).to_string();
-            format!("{}.{millis:03}Z", text.trim_end_matches('Z'))
-        }
-        Err(_) => format!("{ms}ms"),
     }
 }
 
@@ -641,7 +628,7 @@ mod tests {
     fn instants_parse_and_print_in_utc() {
         let ms = parse_instant("2026-11-22T10:03:12Z", "--since").unwrap();
         assert_eq!(ms, 1_795_341_792_000);
-        assert_eq!(ms_to_rfc3339(ms + 7), "2026-11-22T10:03:12.007Z");
+        assert_eq!(format_ms(ms + 7), "2026-11-22T10:03:12.007Z");
         let error = parse_instant("yesterday", "--since").unwrap_err();
         expect_test::expect![[
             r#"--since "yesterday": expected RFC 3339, e.g. 2026-11-01T00:00:00Z"#
