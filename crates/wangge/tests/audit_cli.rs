@@ -198,6 +198,51 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     );
     assert!(later.status.success(), "{}", text(&later.stderr));
     assert_eq!(text(&later.stdout), "");
+    // A time without an offset is refused before anything connects, not read as UTC.
+    let zoneless = audit(
+        &url,
+        &[
+            "export",
+            "--stream",
+            "incidents",
+            "--since",
+            "2026-11-23T10:00:00",
+        ],
+    );
+    assert_eq!(
+        zoneless.status.code(),
+        Some(2),
+        "{}",
+        text(&zoneless.stderr)
+    );
+    assert!(
+        text(&zoneless.stderr).contains("has no UTC offset: add Z for UTC"),
+        "{}",
+        text(&zoneless.stderr)
+    );
+    // With its offset, 10:00 in Sanming is 02:00 UTC, said on stderr (the range is of stored
+    // times, so what it exports depends on when this test runs).
+    let local = audit(
+        &url,
+        &[
+            "export",
+            "--stream",
+            "incidents",
+            "--since",
+            "2026-11-23T10:00:00+08:00",
+            "--until",
+            "2026-11-23T10:30:00.5+08:00",
+        ],
+    );
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    assert!(
+        text(&local.stderr).contains(
+            "exporting commits stored from 2026-11-23T02:00:00.000Z to before \
+             2026-11-23T02:30:00.500Z"
+        ),
+        "{}",
+        text(&local.stderr)
+    );
 
     // The insider: stop the server, edit the resolve note in the stream's block file. The
     // server's own per-message checksum makes it drop the edited message on restart; the

@@ -7,7 +7,7 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use eventstore::{
@@ -15,7 +15,7 @@ use eventstore::{
 };
 use serde_json::{Value, json};
 
-use super::instant::format_ms;
+use super::instant::{format_ms, parse_instant};
 use crate::config::Settings;
 
 /// Commits between two progress lines on stderr.
@@ -30,7 +30,10 @@ without creating or changing them, so they run with the read-only auditor creden
 
     wangge audit timeline 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55
     wangge audit verify --json > verify.json          # exit 1 when anything is wrong
-    wangge audit export --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z > nov.jsonl";
+    wangge audit export --since 2026-11-01T00:00:00+08:00 --until 2026-12-01T00:00:00+08:00 > nov.jsonl
+
+Times are RFC 3339 with their UTC offset (Z for UTC, +08:00 for China); a time without one
+is refused. Export prints on stderr the range it resolved, in UTC.";
 
 /// Audit the event log: incident timelines, hash-chain verification, JSON-lines export.
 #[derive(Debug, clap::Subcommand)]
@@ -81,12 +84,14 @@ pub struct VerifyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
-    /// First instant (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Instant to stop before (RFC 3339); default: the end of each stream when export starts.
-    #[arg(long)]
-    pub until: Option<String>,
+    /// First instant, RFC 3339 with its UTC offset (2026-11-01T00:00:00+08:00 or
+    /// 2026-10-31T16:00:00Z; a time without an offset is refused); default: the beginning.
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub since: Option<i64>,
+    /// Instant to stop before, RFC 3339 with its UTC offset like --since; default: the end of
+    /// each stream when export starts.
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub until: Option<i64>,
     /// Streams to export (default: all three, in the order grids, incidents, intake).
     #[arg(long = "stream", value_enum)]
     pub streams: Vec<StreamName>,
@@ -373,34 +378,25 @@ async fn verify(
 // ---------------------------------------------------------------------------------------------
 // export
 
-fn parse_instant(text: &str, flag: &str) -> anyhow::Result<i64> {
-    let time = humantime::parse_rfc3339_weak(text).with_context(|| {
-        format!("{flag} {text:?}: expected RFC 3339, e.g. 2026-11-01T00:00:00Z")
-    })?;
-    let since_epoch = time
-        .duration_since(UNIX_EPOCH)
-        .with_context(|| format!("{flag} {text:?} is before 1970"))?;
-    i64::try_from(since_epoch.as_millis()).with_context(|| format!("{flag} {text:?} too large"))
-}
-
 async fn export(
     settings: &Settings,
     client: &async_nats::Client,
     args: ExportArgs,
 ) -> anyhow::Result<()> {
-    let since_ms = args
-        .since
-        .as_deref()
-        .map(|text| parse_instant(text, "--since"))
-        .transpose()?;
-    let until_ms = args
-        .until
-        .as_deref()
-        .map(|text| parse_instant(text, "--until"))
-        .transpose()?;
+    let (since_ms, until_ms) = (args.since, args.until);
     if let (Some(since), Some(until)) = (since_ms, until_ms) {
         anyhow::ensure!(since < until, "--since must be before --until");
     }
+    // The options carry their offsets; say in UTC what they came to, which is what the
+    // lines' `stored_at` will show.
+    eprintln!(
+        "exporting commits stored from {} to {}",
+        since_ms.map_or("the beginning".to_owned(), format_ms),
+        until_ms.map_or("the end of each stream".to_owned(), |ms| format!(
+            "before {}",
+            format_ms(ms)
+        )),
+    );
     let mut out: Box<dyn std::io::Write> = match &args.out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
@@ -618,21 +614,4 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
 
 fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instants_parse_and_print_in_utc() {
-        let ms = parse_instant("2026-11-22T10:03:12Z", "--since").unwrap();
-        assert_eq!(ms, 1_795_341_792_000);
-        assert_eq!(format_ms(ms + 7), "2026-11-22T10:03:12.007Z");
-        let error = parse_instant("yesterday", "--since").unwrap_err();
-        expect_test::expect![[
-            r#"--since "yesterday": expected RFC 3339, e.g. 2026-11-01T00:00:00Z"#
-        ]]
-        .assert_eq(&format!("{error}"));
-    }
 }
