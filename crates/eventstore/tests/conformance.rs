@@ -456,6 +456,52 @@ async fn the_hash_chain_finds_edited_forged_and_deleted_commits() {
     ));
 }
 
+/// The verification walk ends when the server says nothing follows (not after a silence,
+/// which proves nothing): a deleted last commit is one finding, and so is a purge (before,
+/// an emptied stream also reported a bogus range `last + 1 ..= last`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_a_deleted_tail_and_a_purged_stream_once() {
+    let server = NatsServer::start().expect("nats-server");
+    let mut spec = StreamSpec::named("LEDGER", "ledger");
+    spec.immutable = false; // let the test delete and purge
+    let store = open(&server.url(), spec).await;
+    let id = aggregate("tail");
+    let mut position = Position::NEW;
+    for n in 0..4 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("t{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let stream = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    let walk = |report: eventstore::VerifyReport| {
+        format!(
+            "{} commits of {} aggregates up to sequence {}: {:?}",
+            report.commits_checked, report.aggregates, report.last_sequence, report.findings
+        )
+    };
+    stream
+        .delete_message(position.sequence)
+        .await
+        .expect("delete");
+    let deleted_tail = walk(store.verify(|_, _| {}).await.expect("verify"));
+    stream.purge().await.expect("purge");
+    let purged = walk(store.verify(|_, _| {}).await.expect("verify"));
+    expect_test::expect![[r#"
+        3 commits of 1 aggregates up to sequence 4: [MissingSequences { from: 4, to: 4 }]
+        0 commits of 0 aggregates up to sequence 4: [MissingSequences { from: 1, to: 4 }]"#]]
+    .assert_eq(&format!("{deleted_tail}\n{purged}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
     let server = NatsServer::start().expect("nats-server");
