@@ -270,10 +270,16 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     assert_eq!(edited, 1, "the resolve note is in exactly one block file");
     server.restart().unwrap();
     let tampered = audit(&url, &["verify", "--stream", "incidents", "--json"]);
+    // 3: checked, and the log is not intact (1 would mean the check could not be made).
     assert_eq!(
         tampered.status.code(),
-        Some(1),
-        "verify must fail on a tampered log: {}",
+        Some(3),
+        "verify must report a tampered log: {}",
+        text(&tampered.stderr)
+    );
+    assert!(
+        text(&tampered.stderr).ends_with("error: the event log is not intact: 1 findings\n"),
+        "{}",
         text(&tampered.stderr)
     );
     let reports: serde_json::Value = serde_json::from_slice(&tampered.stdout).unwrap();

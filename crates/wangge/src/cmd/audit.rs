@@ -29,7 +29,7 @@ without creating or changing them, so they run with the read-only auditor creden
 (`[nats] credentials` or WANGGE_NATS__CREDENTIALS). Examples:
 
     wangge audit timeline 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55
-    wangge audit verify --json > verify.json          # exit 1 when anything is wrong
+    wangge audit verify --json > verify.json          # exit 3 when the log is not intact
     wangge audit export --since 2026-11-01T00:00:00+08:00 --until 2026-12-01T00:00:00+08:00 > nov.jsonl
 
 Times are RFC 3339 with their UTC offset (Z for UTC, +08:00 for China); a time without one
@@ -46,7 +46,11 @@ pub enum AuditCommand {
     /// log are checked by `wangge audit verify`.
     Timeline(TimelineArgs),
     /// Walk every aggregate's hash chain in the streams; report edited, forged, reordered or
-    /// missing commits. Exits 1 when anything is found.
+    /// missing commits.
+    ///
+    /// Exit status: 0 every stream checked and intact; 3 checked, and the log is not intact
+    /// (the findings are printed); 1 the check could not be made or finished (no connection,
+    /// a missing stream, a read that stalled), so nothing is concluded; 2 bad settings.
     Verify(VerifyArgs),
     /// Decoded events as JSON lines (one event per line) for external tools.
     ///
@@ -370,10 +374,33 @@ async fn verify(
     }
     out.flush()?;
     if findings > 0 {
-        anyhow::bail!("the event log is not intact: {findings} findings");
+        return Err(NotIntact { findings }.into());
     }
     Ok(())
 }
+
+/// `audit verify` checked the log and found it not intact. `main` exits with
+/// [`EXIT_NOT_INTACT`] for it, so a script can tell "the log was tampered with" from "the
+/// check could not be made" (exit 1), which both used to be 1.
+#[derive(Debug)]
+pub struct NotIntact {
+    pub findings: u64,
+}
+
+/// Exit status of `audit verify` when the log is not intact.
+pub const EXIT_NOT_INTACT: u8 = 3;
+
+impl std::fmt::Display for NotIntact {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "the event log is not intact: {} findings",
+            self.findings
+        )
+    }
+}
+
+impl std::error::Error for NotIntact {}
 
 // ---------------------------------------------------------------------------------------------
 // export
