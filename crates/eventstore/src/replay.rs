@@ -1,6 +1,7 @@
 //! Bulk replay for rebuilds and audits: an ephemeral pull consumer without acks, read in
 //! bounded batches up to a sequence fixed before reading starts, so a replay always ends.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
@@ -106,6 +107,21 @@ impl<C: EventCodec> EventStore<C> {
         range: ReplayRange,
         mut apply: impl FnMut(RecordedCommit<C::Event>),
     ) -> Result<u64, LoadError> {
+        self.replay_until_break(range, |commit| {
+            apply(commit);
+            ControlFlow::Continue(())
+        })
+        .await
+    }
+
+    /// [`EventStore::replay`] that `apply` can stop: after it returns
+    /// [`ControlFlow::Break`] nothing more is read (an export whose reader went away must not
+    /// read the rest of the stream). Returns the last sequence handed to `apply`.
+    pub async fn replay_until_break(
+        &self,
+        range: ReplayRange,
+        mut apply: impl FnMut(RecordedCommit<C::Event>) -> ControlFlow<()>,
+    ) -> Result<u64, LoadError> {
         let subject = self.spec.all_subjects();
         let read_error = |reason: String| LoadError::Read {
             subject: subject.clone(),
@@ -171,8 +187,10 @@ impl<C: EventCodec> EventStore<C> {
                 sequence,
                 source,
             })?;
-            apply(commit);
             last = sequence;
+            if apply(commit).is_break() {
+                break;
+            }
         }
         let _ = self
             .stream

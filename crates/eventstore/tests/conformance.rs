@@ -502,6 +502,40 @@ async fn verify_reports_a_deleted_tail_and_a_purged_stream_once() {
     .assert_eq(&format!("{deleted_tail}\n{purged}"));
 }
 
+/// A replay stops where its callback says (an export whose reader went away), and reads
+/// nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stops_when_its_callback_breaks() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("stopped");
+    let mut position = Position::NEW;
+    for n in 0..5 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("s{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let mut seen = Vec::new();
+    let last = store
+        .replay_until_break(eventstore::ReplayRange::default(), |commit| {
+            seen.push(commit.sequence);
+            if commit.sequence == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .await
+        .expect("replay");
+    assert_eq!((seen, last), (vec![1, 2], 2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
     let server = NatsServer::start().expect("nats-server");

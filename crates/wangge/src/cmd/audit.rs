@@ -6,6 +6,7 @@
 //! the commits themselves, checking their hash links as it goes.
 
 use std::io::Write as _;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -430,21 +431,51 @@ async fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    match export_streams(
+        settings,
+        client,
+        &args.streams,
+        since_ms,
+        until_ms,
+        &mut out,
+    )
+    .await
+    {
+        Ok(total) => {
+            eprintln!("{total} events exported");
+            Ok(())
+        }
+        // The reader went away (`wangge audit export | head`): it has what it wanted, and
+        // nothing more is read. Not an error, as for any Unix filter.
+        Err(error) if is_broken_pipe(&error) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Exports each chosen stream in turn and flushes; returns the number of events written.
+async fn export_streams(
+    settings: &Settings,
+    client: &async_nats::Client,
+    streams: &[StreamName],
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    out: &mut Box<dyn std::io::Write>,
+) -> anyhow::Result<u64> {
     let mut total = 0u64;
-    for stream in chosen(&args.streams) {
+    for stream in chosen(streams) {
         let exported = match stream {
             StreamName::Grids => {
                 let store = open(settings, client, stream, registry::RegistryCodec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, registry_event_json).await
+                export_stream(&store, since_ms, until_ms, out, registry_event_json).await
             }
             StreamName::Incidents => {
                 let store = open(settings, client, stream, codecs::IncidentCodec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, incident_event_json).await
+                export_stream(&store, since_ms, until_ms, out, incident_event_json).await
             }
             StreamName::Intake => {
                 let codec = intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE);
                 let store = open(settings, client, stream, codec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, |event| {
+                export_stream(&store, since_ms, until_ms, out, |event| {
                     serde_json::to_value(event).unwrap_or(Value::Null)
                 })
                 .await
@@ -455,8 +486,15 @@ async fn export(
         total += exported;
     }
     out.flush().context("flush the export")?;
-    eprintln!("{total} events exported");
-    Ok(())
+    Ok(total)
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Writes every event of `store` stored in `[since, until)` as one JSON line; returns the count.
@@ -487,23 +525,21 @@ async fn export_stream<C: EventCodec>(
     let mut commits = 0u64;
     let mut write_error = None;
     store
-        .replay(
+        .replay_until_break(
             ReplayRange {
                 after_sequence,
                 until_sequence: Some(until_sequence),
                 batch_max: EXPORT_BATCH_MAX,
             },
             |commit| {
-                if write_error.is_some() {
-                    return;
-                }
                 for line in export_lines(&stream_name, &commit, &event_json) {
                     if let Err(error) = serde_json::to_writer(&mut *out, &line)
                         .map_err(std::io::Error::from)
                         .and_then(|()| out.write_all(b"\n"))
                     {
+                        // Stop reading: whatever follows could not be written either.
                         write_error = Some(error);
-                        return;
+                        return ControlFlow::Break(());
                     }
                     exported += 1;
                 }
@@ -514,6 +550,7 @@ async fn export_stream<C: EventCodec>(
                         commit.sequence
                     );
                 }
+                ControlFlow::Continue(())
             },
         )
         .await?;
