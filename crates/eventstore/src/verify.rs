@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
-use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::StreamExt as _;
 use serde::Serialize;
 
@@ -202,26 +201,6 @@ impl<C: EventCodec> EventStore<C> {
         report.aggregates = chains.len() as u64;
         progress(report.commits_checked, last_sequence);
         Ok(report)
-    }
-}
-
-impl<C: EventCodec> EventStore<C> {
-    /// The sequence of the first message stored at or after `sequence`, asked of the stream
-    /// leader (not a replica's direct get: an audit takes the leader's word); `None` when
-    /// there is none.
-    async fn first_stored_from(&self, sequence: u64) -> Result<Option<u64>, String> {
-        let request = self
-            .stream
-            .raw_message_builder()
-            .sequence(sequence)
-            .next_by_subject(self.spec.all_subjects())
-            .send();
-        match tokio::time::timeout(VERIFY_MESSAGE_TIMEOUT, request).await {
-            Ok(Ok(message)) => Ok(Some(message.sequence)),
-            Ok(Err(error)) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no answer within {VERIFY_MESSAGE_TIMEOUT:?}")),
-        }
     }
 }
 

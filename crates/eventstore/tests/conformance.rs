@@ -536,6 +536,67 @@ async fn a_replay_stops_when_its_callback_breaks() {
     assert_eq!((seen, last), (vec![1, 2], 2));
 }
 
+/// A replay whose last sequences were deleted ends when the server says nothing is pending,
+/// or at once when nothing is left in its range (it used to wait for them and fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_ends_when_the_end_of_its_range_was_deleted() {
+    let server = NatsServer::start().expect("nats-server");
+    let mut spec = StreamSpec::named("LEDGER", "ledger");
+    spec.immutable = false; // let the test delete and purge
+    let store = open(&server.url(), spec).await;
+    let id = aggregate("shortened");
+    let mut position = Position::NEW;
+    for n in 0..6 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("d{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let stream = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    for deleted in [2, 5, 6] {
+        stream.delete_message(deleted).await.expect("delete");
+    }
+    let replay = |after_sequence: u64, until_sequence: Option<u64>| {
+        let store = store.clone();
+        async move {
+            let mut seen = Vec::new();
+            let range = eventstore::ReplayRange {
+                after_sequence,
+                until_sequence,
+                batch_max: 2,
+            };
+            let last = store
+                .replay(range, |commit| seen.push(commit.sequence))
+                .await
+                .expect("replay");
+            format!("after {after_sequence} until {until_sequence:?}: {seen:?}, last {last}")
+        }
+    };
+    let mut lines = vec![
+        replay(0, None).await,
+        replay(0, Some(5)).await,
+        replay(4, Some(6)).await,
+        replay(1, Some(4)).await,
+    ];
+    stream.purge().await.expect("purge");
+    lines.push(replay(0, None).await);
+    expect_test::expect![[r#"
+        after 0 until None: [1, 3, 4], last 4
+        after 0 until Some(5): [1, 3, 4], last 4
+        after 4 until Some(6): [], last 4
+        after 1 until Some(4): [3, 4], last 4
+        after 0 until None: [], last 0"#]].assert_eq(&lines.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
     let server = NatsServer::start().expect("nats-server");
