@@ -594,7 +594,8 @@ async fn a_replay_ends_when_the_end_of_its_range_was_deleted() {
         after 0 until Some(5): [1, 3, 4], last 4
         after 4 until Some(6): [], last 4
         after 1 until Some(4): [3, 4], last 4
-        after 0 until None: [], last 0"#]].assert_eq(&lines.join("\n"));
+        after 0 until None: [], last 0"#]]
+    .assert_eq(&lines.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
