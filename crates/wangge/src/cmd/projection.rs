@@ -101,7 +101,10 @@ pub enum ProjectionCommand {
     /// Rebuild every read model from stream sequence 0 into a fresh generation, then swap.
     ///
     /// A running builder follows the swap. The generation replaced is kept (readers may be
-    /// mid-read); older ones are deleted.
+    /// mid-read); older ones are deleted. One rebuild at a time: it claims its generation
+    /// first (key `rebuild` of bucket PROJECTION), and a second one started meanwhile is
+    /// refused before it touches any bucket; a claim not renewed for 10 minutes (a rebuild
+    /// that died) is taken over.
     Rebuild(RebuildArgs),
     /// Replay the streams up to a time or an INCIDENTS sequence into a separate bucket
     /// (PROJ_ASOF_<label>) for audits; the current generation is untouched.
