@@ -1,9 +1,11 @@
 //! Bulk replay for rebuilds and audits: an ephemeral pull consumer without acks, read in
 //! bounded batches up to a sequence fixed before reading starts, so a replay always ends.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::StreamExt as _;
 
 use crate::codec::EventCodec;
@@ -13,6 +15,8 @@ use crate::store::EventStore;
 
 /// Longest wait for one message during a replay.
 const REPLAY_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the stream leader to say which message follows a sequence.
+const SEQUENCE_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server keeps an idle replay consumer after its reader is gone.
 const REPLAY_CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 
@@ -106,6 +110,21 @@ impl<C: EventCodec> EventStore<C> {
         range: ReplayRange,
         mut apply: impl FnMut(RecordedCommit<C::Event>),
     ) -> Result<u64, LoadError> {
+        self.replay_until_break(range, |commit| {
+            apply(commit);
+            ControlFlow::Continue(())
+        })
+        .await
+    }
+
+    /// [`EventStore::replay`] that `apply` can stop: after it returns
+    /// [`ControlFlow::Break`] nothing more is read (an export whose reader went away must not
+    /// read the rest of the stream). Returns the last sequence handed to `apply`.
+    pub async fn replay_until_break(
+        &self,
+        range: ReplayRange,
+        mut apply: impl FnMut(RecordedCommit<C::Event>) -> ControlFlow<()>,
+    ) -> Result<u64, LoadError> {
         let subject = self.spec.all_subjects();
         let read_error = |reason: String| LoadError::Read {
             subject: subject.clone(),
@@ -131,6 +150,12 @@ impl<C: EventCodec> EventStore<C> {
             })
             .await
             .map_err(|error| read_error(error.to_string()))?;
+        let consumer_name = consumer.cached_info().name.clone();
+        // Nothing stored in the range (its sequences were deleted): nothing to wait for.
+        if consumer.cached_info().num_pending == 0 {
+            let _ = self.stream.delete_consumer(&consumer_name).await;
+            return Ok(range.after_sequence);
+        }
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(range.batch_max)
@@ -139,16 +164,33 @@ impl<C: EventCodec> EventStore<C> {
             .map_err(|error| read_error(error.to_string()))?;
         let no_headers = async_nats::HeaderMap::new();
         let mut last = range.after_sequence;
+        // The replay ends on what the server says, not on a silence: when a message says
+        // nothing is pending after it, or one past `until` arrives. The last sequences of
+        // the range may have been deleted (or lost from a damaged block file), and waiting for
+        // them ended in a timeout error. A silence is checked with the stream leader: nothing
+        // stored up to `until` ends the replay too; anything else is an error.
         while last < until {
-            let message = tokio::time::timeout(REPLAY_MESSAGE_TIMEOUT, messages.next())
-                .await
-                .map_err(|_| {
-                    read_error(format!(
-                        "no message within {REPLAY_MESSAGE_TIMEOUT:?} at sequence {last}"
-                    ))
-                })?
-                .ok_or_else(|| read_error("message stream ended".to_owned()))?
-                .map_err(|error| read_error(error.to_string()))?;
+            let message = match tokio::time::timeout(REPLAY_MESSAGE_TIMEOUT, messages.next()).await
+            {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => return Err(read_error(error.to_string())),
+                Ok(None) => return Err(read_error("message stream ended".to_owned())),
+                Err(_) => match self.first_stored_from(last + 1).await {
+                    Ok(Some(stored)) if stored <= until => {
+                        return Err(read_error(format!(
+                            "no message within {REPLAY_MESSAGE_TIMEOUT:?} after sequence {last} \
+                             although the server holds sequence {stored}"
+                        )));
+                    }
+                    Ok(_) => break,
+                    Err(reason) => {
+                        return Err(read_error(format!(
+                            "no message within {REPLAY_MESSAGE_TIMEOUT:?} after sequence \
+                             {last}, and asking the server what follows failed: {reason}"
+                        )));
+                    }
+                },
+            };
             let info = message
                 .info()
                 .map_err(|error| read_error(error.to_string()))?;
@@ -171,13 +213,30 @@ impl<C: EventCodec> EventStore<C> {
                 sequence,
                 source,
             })?;
-            apply(commit);
             last = sequence;
+            if apply(commit).is_break() || info.pending == 0 {
+                break;
+            }
         }
-        let _ = self
-            .stream
-            .delete_consumer(&consumer.cached_info().name)
-            .await;
+        let _ = self.stream.delete_consumer(&consumer_name).await;
         Ok(last)
+    }
+
+    /// The sequence of the first message stored at or after `sequence`, asked of the stream
+    /// leader (not a replica's direct get: an audit takes the leader's word); `None` when
+    /// there is none. Tells a deleted tail from a stalled consumer.
+    pub(crate) async fn first_stored_from(&self, sequence: u64) -> Result<Option<u64>, String> {
+        let request = self
+            .stream
+            .raw_message_builder()
+            .sequence(sequence)
+            .next_by_subject(self.spec.all_subjects())
+            .send();
+        match tokio::time::timeout(SEQUENCE_PROBE_TIMEOUT, request).await {
+            Ok(Ok(message)) => Ok(Some(message.sequence)),
+            Ok(Err(error)) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {SEQUENCE_PROBE_TIMEOUT:?}")),
+        }
     }
 }

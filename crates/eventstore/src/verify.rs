@@ -54,6 +54,13 @@ impl VerifyReport {
     pub fn is_intact(&self) -> bool {
         self.findings_total == 0
     }
+
+    fn add(&mut self, finding: Finding) {
+        self.findings_total += 1;
+        if self.findings.len() < FINDINGS_MAX {
+            self.findings.push(finding);
+        }
+    }
 }
 
 impl<C: EventCodec> EventStore<C> {
@@ -82,32 +89,22 @@ impl<C: EventCodec> EventStore<C> {
             findings: Vec::new(),
             findings_total: 0,
         };
-        let add = |report: &mut VerifyReport, finding: Finding| {
-            report.findings_total += 1;
-            if report.findings.len() < FINDINGS_MAX {
-                report.findings.push(finding);
-            }
-        };
-        if first_sequence > 1 && last_sequence > 0 {
-            add(
-                &mut report,
-                Finding::MissingSequences {
-                    from: 1,
-                    to: first_sequence - 1,
-                },
-            );
-        }
         if info.state.messages == 0 {
+            // Every sequence up to the last is gone. (A purge leaves first = last + 1: the
+            // range starts at 1, not at the first sequence.)
             if last_sequence > 0 {
-                add(
-                    &mut report,
-                    Finding::MissingSequences {
-                        from: first_sequence.max(1),
-                        to: last_sequence,
-                    },
-                );
+                report.add(Finding::MissingSequences {
+                    from: 1,
+                    to: last_sequence,
+                });
             }
             return Ok(report);
+        }
+        if first_sequence > 1 {
+            report.add(Finding::MissingSequences {
+                from: 1,
+                to: first_sequence - 1,
+            });
         }
         let consumer = self
             .stream
@@ -122,113 +119,149 @@ impl<C: EventCodec> EventStore<C> {
             .messages()
             .await
             .map_err(|error| read_error(error.to_string()))?;
+        // The walk ends on what the server says, never on a silence. Every delivered message
+        // carries how many are left for the consumer (`pending`): 0 means nothing follows, so
+        // sequences up to `last_sequence` not seen by then were deleted, and a message past
+        // `last_sequence` (appended since the walk began) means the same for the ones before
+        // it. A silence (no message within VERIFY_MESSAGE_TIMEOUT) proves nothing by itself:
+        // reporting it as missing sequences accused the log of a deletion a slow server had
+        // not made. So after one the stream leader is asked for the first message at or after
+        // the next sequence: none means the rest is gone (a finding; this is how a message
+        // dropped from a damaged block file at the tail shows, which the server still counts
+        // in `messages` and in `pending`), one within the walk means the consumer stalled (an
+        // error: nothing is concluded).
+        //
+        // Not used: the stream info's list of deleted sequences (`info_builder()
+        // .with_deleted(true)`). It is one unbounded reply, repeats what the walk's sequence
+        // gaps and `pending` establish, and does not name a message lost from a damaged block
+        // (the tampering test in crates/wangge/tests/audit_cli.rs: `messages` 4, nothing
+        // listed as deleted, sequence 4 not found).
         let mut chains: HashMap<String, Position> = HashMap::new();
-        let mut previous_sequence = first_sequence.saturating_sub(1);
+        let mut previous_sequence = first_sequence - 1;
         while previous_sequence < last_sequence {
-            let next = tokio::time::timeout(VERIFY_MESSAGE_TIMEOUT, messages.next()).await;
-            let message = match next {
+            let message = match tokio::time::timeout(VERIFY_MESSAGE_TIMEOUT, messages.next()).await
+            {
                 Ok(Some(Ok(message))) => message,
                 Ok(Some(Err(error))) => return Err(read_error(error.to_string())),
-                // Nothing more although the stream's last sequence is further: the tail is gone.
-                Ok(None) | Err(_) => break,
+                Ok(None) => {
+                    return Err(read_error(format!(
+                        "the message stream ended after sequence {previous_sequence} of \
+                         {last_sequence}; nothing is concluded about the rest"
+                    )));
+                }
+                Err(_) => match self.first_stored_from(previous_sequence + 1).await {
+                    Ok(Some(stored)) if stored <= last_sequence => {
+                        return Err(read_error(format!(
+                            "no message within {VERIFY_MESSAGE_TIMEOUT:?} after sequence \
+                             {previous_sequence} of {last_sequence} although the server holds \
+                             sequence {stored}; nothing is concluded about the rest"
+                        )));
+                    }
+                    // Nothing stored from here to the walk's end: reported below.
+                    Ok(_) => break,
+                    Err(reason) => {
+                        return Err(read_error(format!(
+                            "no message within {VERIFY_MESSAGE_TIMEOUT:?} after sequence \
+                             {previous_sequence} of {last_sequence}, and asking the server what \
+                             follows failed: {reason}"
+                        )));
+                    }
+                },
             };
             let info = message
                 .info()
                 .map_err(|error| read_error(error.to_string()))?;
             let sequence = info.stream_sequence;
+            if sequence > last_sequence {
+                break;
+            }
+            let nothing_follows = info.pending == 0;
             if sequence > previous_sequence + 1 {
-                add(
-                    &mut report,
-                    Finding::MissingSequences {
-                        from: previous_sequence + 1,
-                        to: sequence - 1,
-                    },
-                );
+                report.add(Finding::MissingSequences {
+                    from: previous_sequence + 1,
+                    to: sequence - 1,
+                });
             }
             previous_sequence = sequence;
             report.commits_checked += 1;
             if report.commits_checked.is_multiple_of(10_000) {
                 progress(report.commits_checked, last_sequence);
             }
-            let subject = message.subject.to_string();
-            let headers = message.headers.clone().unwrap_or_default();
-            let envelope = match decode_envelope(&subject, &headers) {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    add(
-                        &mut report,
-                        Finding::Undecodable {
-                            sequence,
-                            subject,
-                            reason: error.to_string(),
-                        },
-                    );
-                    continue;
-                }
-            };
-            if let Err(error) = decode_body(envelope.body_format, &message.payload) {
-                add(
-                    &mut report,
-                    Finding::Undecodable {
-                        sequence,
-                        subject,
-                        reason: error.to_string(),
-                    },
-                );
-                continue;
+            check_commit(&mut report, &mut chains, sequence, &message);
+            if nothing_follows {
+                break;
             }
-            let aggregate = envelope.aggregate.clone();
-            if envelope.recomputed_hash(&message.payload) != envelope.hash {
-                add(
-                    &mut report,
-                    Finding::HashMismatch {
-                        sequence,
-                        aggregate: aggregate.clone(),
-                    },
-                );
-            }
-            let previous = chains.entry(aggregate.clone()).or_insert(Position::NEW);
-            if envelope.first_version != previous.version + 1 {
-                let detail = format!(
-                    "version {} follows version {}",
-                    envelope.first_version, previous.version
-                );
-                add(
-                    &mut report,
-                    Finding::BrokenLink {
-                        sequence,
-                        aggregate: aggregate.clone(),
-                        detail,
-                    },
-                );
-            } else if envelope.previous_hash != previous.hash {
-                let detail = "previous hash does not match the preceding commit".to_owned();
-                add(
-                    &mut report,
-                    Finding::BrokenLink {
-                        sequence,
-                        aggregate: aggregate.clone(),
-                        detail,
-                    },
-                );
-            }
-            *previous = Position {
-                version: envelope.version,
-                sequence,
-                hash: envelope.hash,
-            };
         }
         if previous_sequence < last_sequence {
-            add(
-                &mut report,
-                Finding::MissingSequences {
-                    from: previous_sequence + 1,
-                    to: last_sequence,
-                },
-            );
+            report.add(Finding::MissingSequences {
+                from: previous_sequence + 1,
+                to: last_sequence,
+            });
         }
         report.aggregates = chains.len() as u64;
         progress(report.commits_checked, last_sequence);
         Ok(report)
     }
+}
+
+/// Checks one commit's envelope, body, content hash and link to its aggregate's previous
+/// commit, adding what is wrong to `report`.
+fn check_commit(
+    report: &mut VerifyReport,
+    chains: &mut HashMap<String, Position>,
+    sequence: u64,
+    message: &async_nats::jetstream::Message,
+) {
+    let subject = message.subject.to_string();
+    let headers = message.headers.clone().unwrap_or_default();
+    let envelope = match decode_envelope(&subject, &headers) {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            report.add(Finding::Undecodable {
+                sequence,
+                subject,
+                reason: error.to_string(),
+            });
+            return;
+        }
+    };
+    if let Err(error) = decode_body(envelope.body_format, &message.payload) {
+        report.add(Finding::Undecodable {
+            sequence,
+            subject,
+            reason: error.to_string(),
+        });
+        return;
+    }
+    let aggregate = envelope.aggregate.clone();
+    if envelope.recomputed_hash(&message.payload) != envelope.hash {
+        report.add(Finding::HashMismatch {
+            sequence,
+            aggregate: aggregate.clone(),
+        });
+    }
+    let previous = chains.entry(aggregate.clone()).or_insert(Position::NEW);
+    if envelope.first_version != previous.version + 1 {
+        let detail = format!(
+            "version {} follows version {}",
+            envelope.first_version, previous.version
+        );
+        report.add(Finding::BrokenLink {
+            sequence,
+            aggregate: aggregate.clone(),
+            detail,
+        });
+    } else if envelope.previous_hash != previous.hash {
+        let detail = "previous hash does not match the preceding commit".to_owned();
+        report.add(Finding::BrokenLink {
+            sequence,
+            aggregate: aggregate.clone(),
+            detail,
+        });
+    }
+    *previous = Position {
+        version: envelope.version,
+        sequence,
+        hash: envelope.hash,
+    };
 }

@@ -456,6 +456,148 @@ async fn the_hash_chain_finds_edited_forged_and_deleted_commits() {
     ));
 }
 
+/// The verification walk ends when the server says nothing follows (not after a silence,
+/// which proves nothing): a deleted last commit is one finding, and so is a purge (before,
+/// an emptied stream also reported a bogus range `last + 1 ..= last`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_a_deleted_tail_and_a_purged_stream_once() {
+    let server = NatsServer::start().expect("nats-server");
+    let mut spec = StreamSpec::named("LEDGER", "ledger");
+    spec.immutable = false; // let the test delete and purge
+    let store = open(&server.url(), spec).await;
+    let id = aggregate("tail");
+    let mut position = Position::NEW;
+    for n in 0..4 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("t{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let stream = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    let walk = |report: eventstore::VerifyReport| {
+        format!(
+            "{} commits of {} aggregates up to sequence {}: {:?}",
+            report.commits_checked, report.aggregates, report.last_sequence, report.findings
+        )
+    };
+    stream
+        .delete_message(position.sequence)
+        .await
+        .expect("delete");
+    let deleted_tail = walk(store.verify(|_, _| {}).await.expect("verify"));
+    stream.purge().await.expect("purge");
+    let purged = walk(store.verify(|_, _| {}).await.expect("verify"));
+    expect_test::expect![[r#"
+        3 commits of 1 aggregates up to sequence 4: [MissingSequences { from: 4, to: 4 }]
+        0 commits of 0 aggregates up to sequence 4: [MissingSequences { from: 1, to: 4 }]"#]]
+    .assert_eq(&format!("{deleted_tail}\n{purged}"));
+}
+
+/// A replay stops where its callback says (an export whose reader went away), and reads
+/// nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stops_when_its_callback_breaks() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("stopped");
+    let mut position = Position::NEW;
+    for n in 0..5 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("s{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let mut seen = Vec::new();
+    let last = store
+        .replay_until_break(eventstore::ReplayRange::default(), |commit| {
+            seen.push(commit.sequence);
+            if commit.sequence == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .await
+        .expect("replay");
+    assert_eq!((seen, last), (vec![1, 2], 2));
+}
+
+/// A replay whose last sequences were deleted ends when the server says nothing is pending,
+/// or at once when nothing is left in its range (it used to wait for them and fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_ends_when_the_end_of_its_range_was_deleted() {
+    let server = NatsServer::start().expect("nats-server");
+    let mut spec = StreamSpec::named("LEDGER", "ledger");
+    spec.immutable = false; // let the test delete and purge
+    let store = open(&server.url(), spec).await;
+    let id = aggregate("shortened");
+    let mut position = Position::NEW;
+    for n in 0..6 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("d{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let stream = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    for deleted in [2, 5, 6] {
+        stream.delete_message(deleted).await.expect("delete");
+    }
+    let replay = |after_sequence: u64, until_sequence: Option<u64>| {
+        let store = store.clone();
+        async move {
+            let mut seen = Vec::new();
+            let range = eventstore::ReplayRange {
+                after_sequence,
+                until_sequence,
+                batch_max: 2,
+            };
+            let last = store
+                .replay(range, |commit| seen.push(commit.sequence))
+                .await
+                .expect("replay");
+            format!("after {after_sequence} until {until_sequence:?}: {seen:?}, last {last}")
+        }
+    };
+    let mut lines = vec![
+        replay(0, None).await,
+        replay(0, Some(5)).await,
+        replay(4, Some(6)).await,
+        replay(1, Some(4)).await,
+    ];
+    stream.purge().await.expect("purge");
+    lines.push(replay(0, None).await);
+    expect_test::expect![[r#"
+        after 0 until None: [1, 3, 4], last 4
+        after 0 until Some(5): [1, 3, 4], last 4
+        after 4 until Some(6): [], last 4
+        after 1 until Some(4): [3, 4], last 4
+        after 0 until None: [], last 0"#]]
+    .assert_eq(&lines.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
     let server = NatsServer::start().expect("nats-server");

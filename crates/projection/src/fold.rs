@@ -905,11 +905,18 @@ impl Projector {
     /// far; those later commits are skipped when they arrive. The checkpoint does not move:
     /// it says how far the *stream* was followed, and other incidents' commits before the
     /// history's end may still be on their way.
+    ///
+    /// Returns the commits of `history` that did not fold (sequence, and why), for the
+    /// caller to log and count. A valid history folds whole; one that does not (a first
+    /// commit without `Reported` under an aggregate that names no incident, versions that
+    /// skip) is stored data the builder cannot change. It was an assertion, and the builder
+    /// crashed on the same commit at every restart; now those commits are skipped and the
+    /// rest of the history folds as far as it can.
     pub fn replace_incident(
         &mut self,
         incident: IncidentId,
         history: &[RecordedCommit<IncidentEvent>],
-    ) {
+    ) -> Vec<(u64, Applied)> {
         if let Some(held) = self.incidents.remove(&incident)
             && self.incremental
             && held.sequence > 0
@@ -917,16 +924,16 @@ impl Projector {
             self.contribute(&held, -1);
         }
         let followed = self.incidents_sequence;
+        let mut skipped = Vec::new();
         for commit in history {
-            let applied = self.apply_incident_commit(commit);
-            assert!(
-                matches!(applied, Applied::New),
-                "a stored history folds without gaps: {applied:?} at sequence {}",
-                commit.sequence
-            );
+            match self.apply_incident_commit(commit) {
+                Applied::New => {}
+                applied => skipped.push((commit.sequence, applied)),
+            }
         }
         self.incidents_sequence = followed;
         self.dirty_incidents.insert(incident);
+        skipped
     }
 
     /// Inserts an incident state loaded from KV (before following the stream).

@@ -7,6 +7,8 @@ pub const META_BUCKET: &str = "PROJECTION";
 pub const CURRENT: &str = "current";
 /// Key of the builder lease ([`crate::lease::LeaseValue`]) in [`META_BUCKET`].
 pub const BUILDER_LEASE: &str = "builder";
+/// Key of the running rebuild's claim ([`crate::claim::RebuildClaim`]) in [`META_BUCKET`].
+pub const REBUILD_CLAIM: &str = "rebuild";
 /// Key of the [`crate::wire::Checkpoint`] in a generation bucket.
 pub const CHECKPOINT: &str = "checkpoint";
 /// Key of the city-wide [`crate::wire::Totals`].

@@ -12,9 +12,9 @@
 //!   Commits are acknowledged only after the flush that covers them is stored (aggregates,
 //!   then incidents, then the `checkpoint` key). So nothing is counted twice or lost.
 //! - **Generations.** All models of one build live in one bucket `PROJ_G<n>`; the meta bucket
-//!   `PROJECTION` names the current one. A rebuild folds the streams from sequence 0 into
-//!   `PROJ_G<n+1>` and swaps the pointer (compare-and-set); a running builder follows the
-//!   swap. An as-of replay writes `PROJ_ASOF_<label>` for audits and swaps nothing.
+//!   `PROJECTION` names the current one. A rebuild claims `n+1` ([`claim`]: one rebuild at a
+//!   time), folds the streams from sequence 0 into `PROJ_G<n+1>` and swaps the pointer
+//!   (compare-and-set); a running builder follows the swap. An as-of replay writes `PROJ_ASOF_<label>` for audits and swaps nothing.
 //! - **Queries** (`projection.query.<model>`, JSON, queue group `projection`) read KV, so any
 //!   instance answers, and an answer always names the generation and checkpoint it reflects.
 //! - **One builder, any number of standbys** ([`lease`]): instances compete for a lease key
@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod claim;
 pub mod compare;
 pub mod fold;
 pub mod keys;

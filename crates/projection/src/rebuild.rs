@@ -1,16 +1,18 @@
 //! Rebuilds and as-of replays: fold the streams from sequence 0 into a fresh bucket.
 //!
-//! A rebuild writes generation `current + 1`, then swaps the pointer with a compare-and-set
-//! (a concurrent rebuild loses with [`StoreError::SwapConflict`]); a running builder sees the
-//! swap and continues the new generation after its checkpoint. An as-of replay writes a
+//! A rebuild first claims its generation (`current + 1`) in the meta bucket, so a second
+//! rebuild started meanwhile is refused before it touches anything ([`crate::claim`]), then
+//! writes that generation and swaps the pointer with a compare-and-set; a running builder sees
+//! the swap and continues the new generation after its checkpoint. An as-of replay writes a
 //! separate bucket `PROJ_ASOF_<label>` that nothing swaps to, for audits.
 
 use std::time::Instant;
 
 use async_nats::jetstream;
 use eventstore::{EventStore, ReplayRange, StreamSpec};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::claim::Claim;
 use crate::fold::Projector;
 use crate::keys;
 use crate::service::{GridsStore, IncidentStore, ServiceError};
@@ -213,6 +215,7 @@ pub async fn build_into(
     generation: u64,
     until: Until,
     progress: &dyn ProgressSink,
+    mut claim: Option<&mut Claim>,
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
     let (incident_store, grids_store) = open_existing_stores(jetstream, options).await?;
@@ -296,6 +299,9 @@ pub async fn build_into(
         wait_time += folding_started.elapsed().saturating_sub(folding);
         next_after = until_sequence;
         progress.reached(next_after);
+        if let Some(claim) = claim.as_deref_mut() {
+            claim.renew().await?;
+        }
         if options.write_during_replay {
             keys_written += write_behind(&mut projector, &mut writing, &kv, bucket).await?;
         }
@@ -344,6 +350,9 @@ pub async fn build_into(
         let reached = chunk_commits.last().map_or(0, |c| c.sequence);
         drop(chunk_commits);
         progress.reached(reached);
+        if let Some(claim) = claim.as_deref_mut() {
+            claim.renew().await?;
+        }
         if options.write_during_replay {
             keys_written += write_behind(&mut projector, &mut writing, &kv, bucket).await?;
         }
@@ -391,6 +400,9 @@ pub async fn build_into(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
     };
+    if let Some(claim) = claim {
+        claim.renew().await?;
+    }
     store::write_flush(&kv, bucket, rendered, Some(checkpoint)).await?;
     Ok(RebuildReport {
         bucket: bucket.to_owned(),
@@ -410,7 +422,8 @@ pub async fn build_into(
 }
 
 /// Rebuilds every read model into generation `current + 1`, swaps the pointer to it, and
-/// deletes the buckets of generations older than the one it replaced.
+/// deletes the buckets of generations older than the one it replaced. Refused with
+/// [`StoreError::RebuildClaimed`] while another rebuild runs (see [`crate::claim`]).
 pub async fn rebuild(
     jetstream: &jetstream::Context,
     options: &RebuildOptions,
@@ -420,8 +433,44 @@ pub async fn rebuild(
     open_existing_stores(jetstream, options).await?;
     let meta = store::open_bucket(jetstream, keys::META_BUCKET, options.replicas).await?;
     let current = store::read_pointer(&meta).await?;
+    // Claimed before any bucket is made: a second rebuild is refused here, having touched
+    // nothing, instead of emptying the bucket this one fills.
+    let (mut claim, abandoned) =
+        Claim::take(&meta, current.map_or(0, |(p, _)| p.generation)).await?;
+    let rebuilt = rebuild_claimed(
+        jetstream, options, progress, &meta, current, abandoned, &mut claim,
+    )
+    .await;
+    // Given back whatever happened, so a failed rebuild does not hold up the next one until
+    // its claim goes stale. (Refused when the claim was taken over: it is not ours then.)
+    if let Err(error) = claim.release().await {
+        warn!(%error, "the rebuild claim was not given back; the next rebuild takes it over once it is stale");
+    }
+    rebuilt
+}
+
+async fn rebuild_claimed(
+    jetstream: &jetstream::Context,
+    options: &RebuildOptions,
+    progress: &dyn ProgressSink,
+    meta: &async_nats::jetstream::kv::Store,
+    current: Option<(Pointer, u64)>,
+    abandoned: Option<u64>,
+    claim: &mut Claim,
+) -> Result<RebuildReport, RebuildError> {
     let previous = current.map(|(pointer, _)| pointer.generation);
-    let generation = previous.unwrap_or(0) + 1;
+    let generation = claim.generation();
+    // A dead rebuild's half-written bucket (its claim was taken over): never current, or it
+    // would have been swapped to and be `previous`.
+    if let Some(abandoned) = abandoned
+        && Some(abandoned) != previous
+    {
+        let abandoned_bucket = keys::generation_bucket(abandoned);
+        if jetstream.get_key_value(&abandoned_bucket).await.is_ok() {
+            store::delete_bucket(jetstream, &abandoned_bucket).await?;
+            info!(bucket = %abandoned_bucket, "bucket of an abandoned rebuild deleted");
+        }
+    }
     let bucket = keys::generation_bucket(generation);
     info!(
         generation,
@@ -435,10 +484,14 @@ pub async fn rebuild(
         generation,
         Until::End,
         progress,
+        Some(&mut *claim),
     )
     .await?;
+    // Still ours: a rebuild that lost its claim must not swap (its taker builds a later
+    // generation, and the pointer's compare-and-set stops it anyway if it did).
+    claim.renew().await?;
     store::swap_pointer(
-        &meta,
+        meta,
         Pointer {
             generation,
             swapped_at_ms: std::time::SystemTime::now()
@@ -524,5 +577,5 @@ pub async fn as_of(
     progress: &dyn ProgressSink,
 ) -> Result<RebuildReport, RebuildError> {
     let bucket = keys::as_of_bucket(&until.label());
-    build_into(jetstream, options, &bucket, 0, until, progress).await
+    build_into(jetstream, options, &bucket, 0, until, progress, None).await
 }

@@ -157,6 +157,9 @@ pub struct Progress {
     pub skipped: u64,
     /// Incidents folded afresh from their stored history because a commit was missing.
     pub reloaded: u64,
+    /// Commits of such a history that did not fold (stored data the fold cannot read, each
+    /// one logged): skipped rather than crashing the builder on them at every restart.
+    pub history_skipped: u64,
     pub flushes: u64,
     pub keys_written: u64,
 }
@@ -835,7 +838,16 @@ impl ProjectionService {
                             );
                             match self.incident_store.load(&delivery.commit.aggregate).await {
                                 Ok(history) => {
-                                    attached.projector.replace_incident(incident, &history.commits);
+                                    let skipped = attached.projector.replace_incident(incident, &history.commits);
+                                    for (sequence, applied) in &skipped {
+                                        warn!(
+                                            aggregate = %delivery.commit.aggregate,
+                                            sequence,
+                                            ?applied,
+                                            "a commit of the incident's stored history does not fold; skipped"
+                                        );
+                                    }
+                                    self.progress.history_skipped += skipped.len() as u64;
                                     self.progress.reloaded += 1;
                                 }
                                 // Not acked: the flush does not cover it and a later builder
@@ -936,6 +948,7 @@ impl ProjectionService {
             applied = progress.applied,
             skipped = progress.skipped,
             reloaded = progress.reloaded,
+            history_skipped = progress.history_skipped,
             flushes = progress.flushes,
             keys_written = progress.keys_written,
             "projection stopped"

@@ -48,9 +48,26 @@ pub enum StoreError {
         expected: Option<u64>,
     },
     #[error(
-        "the current generation changed under us (expected revision {expected:?}); another rebuild swapped first"
+        "the current generation changed under us (expected revision {expected:?}): another writer swapped first (a first service start, or a rebuild that took over this one's claim)"
     )]
     SwapConflict { expected: Option<u64> },
+    #[error(
+        "another rebuild ({holder}) is building generation {generation} (claim renewed {silent_s} s \
+         ago, key `rebuild` of bucket PROJECTION); a second one would empty its bucket. Wait for \
+         it; if it died, its claim is taken over once it has not been renewed for {} s",
+        crate::claim::REBUILD_CLAIM_STALE_AFTER.as_secs()
+    )]
+    RebuildClaimed {
+        generation: u64,
+        holder: String,
+        silent_s: i64,
+    },
+    #[error(
+        "the rebuild of generation {generation} lost its claim: it was not renewed for {} s and \
+         another rebuild took it over; this one stops",
+        crate::claim::REBUILD_CLAIM_STALE_AFTER.as_secs()
+    )]
+    RebuildClaimLost { generation: u64 },
 }
 
 fn bucket_error<'a>(bucket: &'a str, action: &'static str) -> impl Fn(String) -> StoreError + 'a {

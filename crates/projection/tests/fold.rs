@@ -315,7 +315,7 @@ fn a_missing_commit_is_never_skipped_over() {
                 assert!(held_version < commit.first_version - 1);
                 // The store is ahead of what was delivered: everything up to now.
                 let history = history_of(&commit.aggregate, commits.len().max(index + 1));
-                projector.replace_incident(incident, &history);
+                assert_eq!(projector.replace_incident(incident, &history), vec![]);
                 assert_eq!(projector.incidents_sequence(), followed);
             }
             projection::Applied::New | projection::Applied::AlreadyReflected => {}
@@ -324,6 +324,76 @@ fn a_missing_commit_is_never_skipped_over() {
     }
     assert!(gaps > 0, "the lost commits made gaps");
     assert_eq!(projector.render_all(), fold(&commits, true).render_all());
+}
+
+/// A stored history that does not fold from its first commit is data the builder cannot
+/// change: its commits are handed back as skipped (the service logs and counts them) instead
+/// of tripping an assertion the builder crashed on at every restart, and the other incidents'
+/// models are those of a fold without it. Two such histories: an aggregate whose id names no
+/// incident, with a first commit without `Reported` and a second one carrying it (the second
+/// is a gap, and its history starts with a foreign commit); an incident whose first commit
+/// is not in its history (every commit is a gap).
+#[test]
+fn a_history_that_does_not_fold_is_skipped_not_fatal() {
+    let commits = recorded(&histories(21, 6));
+    let aggregates: Vec<AggregateId> = commits.iter().map(|c| c.aggregate.clone()).collect();
+    let (odd, headless) = (&aggregates[0], &aggregates[1]);
+    let of = |aggregate: &AggregateId| -> Vec<RecordedCommit<IncidentEvent>> {
+        commits
+            .iter()
+            .filter(|c| &c.aggregate == aggregate)
+            .cloned()
+            .collect()
+    };
+    let others: Vec<RecordedCommit<IncidentEvent>> = commits
+        .iter()
+        .filter(|c| &c.aggregate != odd && &c.aggregate != headless)
+        .cloned()
+        .collect();
+    let legacy = AggregateId::new("legacy").unwrap();
+    let mut odd_history = of(odd);
+    odd_history.truncate(2);
+    let reported = odd_history[0].events[0].clone();
+    assert!(matches!(reported.event, IncidentEvent::Reported { .. }));
+    for (n, commit) in odd_history.iter_mut().enumerate() {
+        commit.aggregate = legacy.clone();
+        commit.sequence = commits.len() as u64 + 1 + n as u64;
+    }
+    odd_history[0].events.remove(0);
+    odd_history[1].events.insert(0, reported);
+    let headless_history = of(headless)[1..].to_vec();
+
+    let mut projector = Projector::new(ScoreWeights::default(), None, true);
+    for commit in &others {
+        projector.apply_incident_commit(commit);
+    }
+    let mut skipped = Vec::new();
+    for history in [&odd_history, &headless_history] {
+        for commit in history {
+            if let projection::Applied::Gap { incident, .. } =
+                projector.apply_incident_commit(commit)
+            {
+                let kinds: Vec<String> = projector
+                    .replace_incident(incident, history)
+                    .iter()
+                    .map(|(sequence, applied)| match applied {
+                        projection::Applied::Gap { held_version, .. } => {
+                            format!("{sequence} gap after version {held_version}")
+                        }
+                        other => format!("{sequence} {other:?}"),
+                    })
+                    .collect();
+                skipped.push(format!("{}: {}", commit.aggregate, kinds.join(", ")));
+                break;
+            }
+        }
+    }
+    expect![[r#"
+        legacy: 38 Foreign, 39 gap after version 0
+        00000000-0000-0000-5eed-000000000001: 8 gap after version 0, 14 gap after version 0, 19 gap after version 0, 24 gap after version 0, 28 gap after version 0, 32 gap after version 0, 35 gap after version 0, 36 gap after version 0, 37 gap after version 0"#]].assert_eq(&skipped.join("\n"));
+    // As if those commits had been delivered and not folded (the checkpoint passed them).
+    let unfolded = [others, odd_history, headless_history].concat();
+    assert_eq!(projector.render_all(), fold(&unfolded, true).render_all());
 }
 
 /// One GRIDS commit per registry command, decided by the registry's own core.

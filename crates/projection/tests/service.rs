@@ -319,3 +319,113 @@ async fn a_replay_never_creates_the_event_streams() {
         );
     }
 }
+
+/// Two rebuilds at once used to target the same generation, and the second emptied the
+/// bucket the first was filling. Now the generation is claimed first: while one rebuild
+/// holds the claim, a second is refused and makes no bucket; once it is given back, a
+/// rebuild runs (and gives its own claim back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_is_refused_while_one_holds_the_claim() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, grids_spec) = specs();
+    let store = EventStore::open(
+        jetstream.clone(),
+        incidents_spec.clone(),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
+    EventStore::open(
+        jetstream.clone(),
+        grids_spec.clone(),
+        registry::RegistryCodec,
+    )
+    .await
+    .unwrap();
+    let mut synthetic = Synthetic::new(5, Synthetic::default_grids(2, 2, 2));
+    let histories: Vec<_> = (0..20).map(|n| synthetic.incident(n)).collect();
+    synthetic::append_histories(&store, &histories, 10)
+        .await
+        .unwrap();
+    let meta = projection::store::open_bucket(&jetstream, projection::keys::META_BUCKET, 1)
+        .await
+        .unwrap();
+
+    let (first, abandoned) = projection::claim::Claim::take(&meta, 0).await.unwrap();
+    assert_eq!((first.generation(), abandoned), (1, None));
+    let second = projection::claim::Claim::take(&meta, 0).await;
+    assert!(
+        matches!(
+            &second,
+            Err(projection::StoreError::RebuildClaimed { generation: 1, .. })
+        ),
+        "{second:?}"
+    );
+    let options = RebuildOptions::new(incidents_spec, grids_spec);
+    let refused = projection::rebuild(&jetstream, &options, &NoProgress).await;
+    match &refused {
+        Err(
+            error @ projection::RebuildError::Store(projection::StoreError::RebuildClaimed {
+                ..
+            }),
+        ) => {
+            assert!(
+                error.to_string().contains("is building generation 1"),
+                "{error}"
+            );
+        }
+        other => panic!("expected RebuildClaimed, got {other:?}"),
+    }
+    assert!(
+        jetstream.get_key_value("PROJ_G1").await.is_err(),
+        "a refused rebuild makes no bucket"
+    );
+
+    first.release().await.unwrap();
+    let report = projection::rebuild(&jetstream, &options, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((report.generation, report.previous_generation), (1, None));
+    assert_eq!(
+        report.incidents_sequence,
+        store.last_sequence().await.unwrap()
+    );
+    let (next, _) = projection::claim::Claim::take(&meta, 1).await.unwrap();
+    assert_eq!(
+        next.generation(),
+        2,
+        "the finished rebuild gave its claim back"
+    );
+    next.release().await.unwrap();
+
+    // A dead rebuild's claim (not renewed for longer than the bound) is taken over: the next
+    // rebuild builds the generation after it and deletes its half-written bucket.
+    let dead = projection::claim::RebuildClaim {
+        generation: 2,
+        holder: "pid 1 on a host that crashed".to_owned(),
+        claimed_at_ms: 0,
+        renewed_at_ms: 0,
+    };
+    meta.put(
+        projection::keys::REBUILD_CLAIM,
+        serde_json::to_vec(&dead).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    projection::store::open_bucket(&jetstream, "PROJ_G2", 1)
+        .await
+        .unwrap();
+    let report = projection::rebuild(&jetstream, &options, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.generation, report.previous_generation),
+        (3, Some(1))
+    );
+    assert!(
+        jetstream.get_key_value("PROJ_G2").await.is_err(),
+        "the abandoned bucket is deleted"
+    );
+}

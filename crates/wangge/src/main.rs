@@ -116,7 +116,11 @@ fn main() -> std::process::ExitCode {
                 logging::LogFormat::Json => tracing::error!(error = message, "wangge failed"),
                 logging::LogFormat::Pretty => eprintln!("error: {message}"),
             }
-            std::process::ExitCode::FAILURE
+            if error.downcast_ref::<cmd::audit::NotIntact>().is_some() {
+                std::process::ExitCode::from(cmd::audit::EXIT_NOT_INTACT)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `wangge audit timeline|verify|export` against a real nats-server, and `verify` finding a
 //! commit edited on the server's disk (the insider the hash chain exists for).
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use domain::incident::{Action, IncidentCommand};
@@ -15,15 +15,19 @@ use expect_test::expect;
 const MONDAY_1000_SANMING_MS: i64 = 1_795_399_200_000;
 const RESOLVE_NOTE: &str = "refilled the pothole and rolled it flat";
 
-fn audit(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wangge"))
+fn audit_command(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wangge"));
+    command
         .arg("audit")
         .args(args)
         .env_remove("WANGGE_CONFIG")
         .env("WANGGE_NATS__URL", url)
-        .env("WANGGE_LOG__FILTER", "warn")
-        .output()
-        .expect("run wangge audit")
+        .env("WANGGE_LOG__FILTER", "warn");
+    command
+}
+
+fn audit(url: &str, args: &[&str]) -> Output {
+    audit_command(url, args).output().expect("run wangge audit")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -198,6 +202,65 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     );
     assert!(later.status.success(), "{}", text(&later.stderr));
     assert_eq!(text(&later.stdout), "");
+    // A reader that goes away (`| head`) ends the export quietly: exit 0, no error.
+    let mut closed = audit_command(&url, &["export", "--stream", "incidents"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wangge audit export");
+    drop(closed.stdout.take());
+    let closed = closed.wait_with_output().expect("wait for the export");
+    assert_eq!(closed.status.code(), Some(0), "{}", text(&closed.stderr));
+    assert!(
+        !text(&closed.stderr).contains("error"),
+        "{}",
+        text(&closed.stderr)
+    );
+    // A time without an offset is refused before anything connects, not read as UTC.
+    let zoneless = audit(
+        &url,
+        &[
+            "export",
+            "--stream",
+            "incidents",
+            "--since",
+            "2026-11-23T10:00:00",
+        ],
+    );
+    assert_eq!(
+        zoneless.status.code(),
+        Some(2),
+        "{}",
+        text(&zoneless.stderr)
+    );
+    assert!(
+        text(&zoneless.stderr).contains("has no UTC offset: add Z for UTC"),
+        "{}",
+        text(&zoneless.stderr)
+    );
+    // With its offset, 10:00 in Sanming is 02:00 UTC, said on stderr (the range is of stored
+    // times, so what it exports depends on when this test runs).
+    let local = audit(
+        &url,
+        &[
+            "export",
+            "--stream",
+            "incidents",
+            "--since",
+            "2026-11-23T10:00:00+08:00",
+            "--until",
+            "2026-11-23T10:30:00.5+08:00",
+        ],
+    );
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    assert!(
+        text(&local.stderr).contains(
+            "exporting commits stored from 2026-11-23T02:00:00.000Z to before \
+             2026-11-23T02:30:00.500Z"
+        ),
+        "{}",
+        text(&local.stderr)
+    );
 
     // The insider: stop the server, edit the resolve note in the stream's block file. The
     // server's own per-message checksum makes it drop the edited message on restart; the
@@ -225,10 +288,16 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     assert_eq!(edited, 1, "the resolve note is in exactly one block file");
     server.restart().unwrap();
     let tampered = audit(&url, &["verify", "--stream", "incidents", "--json"]);
+    // 3: checked, and the log is not intact (1 would mean the check could not be made).
     assert_eq!(
         tampered.status.code(),
-        Some(1),
-        "verify must fail on a tampered log: {}",
+        Some(3),
+        "verify must report a tampered log: {}",
+        text(&tampered.stderr)
+    );
+    assert!(
+        text(&tampered.stderr).ends_with("error: the event log is not intact: 1 findings\n"),
+        "{}",
         text(&tampered.stderr)
     );
     let reports: serde_json::Value = serde_json::from_slice(&tampered.stdout).unwrap();

@@ -6,8 +6,9 @@
 //! the commits themselves, checking their hash links as it goes.
 
 use std::io::Write as _;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use eventstore::{
@@ -15,6 +16,7 @@ use eventstore::{
 };
 use serde_json::{Value, json};
 
+use super::instant::{format_ms, parse_instant};
 use crate::config::Settings;
 
 /// Commits between two progress lines on stderr.
@@ -28,8 +30,11 @@ without creating or changing them, so they run with the read-only auditor creden
 (`[nats] credentials` or WANGGE_NATS__CREDENTIALS). Examples:
 
     wangge audit timeline 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55
-    wangge audit verify --json > verify.json          # exit 1 when anything is wrong
-    wangge audit export --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z > nov.jsonl";
+    wangge audit verify --json > verify.json          # exit 3 when the log is not intact
+    wangge audit export --since 2026-11-01T00:00:00+08:00 --until 2026-12-01T00:00:00+08:00 > nov.jsonl
+
+Times are RFC 3339 with their UTC offset (Z for UTC, +08:00 for China); a time without one
+is refused. Export prints on stderr the range it resolved, in UTC.";
 
 /// Audit the event log: incident timelines, hash-chain verification, JSON-lines export.
 #[derive(Debug, clap::Subcommand)]
@@ -42,7 +47,11 @@ pub enum AuditCommand {
     /// log are checked by `wangge audit verify`.
     Timeline(TimelineArgs),
     /// Walk every aggregate's hash chain in the streams; report edited, forged, reordered or
-    /// missing commits. Exits 1 when anything is found.
+    /// missing commits.
+    ///
+    /// Exit status: 0 every stream checked and intact; 3 checked, and the log is not intact
+    /// (the findings are printed); 1 the check could not be made or finished (no connection,
+    /// a missing stream, a read that stalled), so nothing is concluded; 2 bad settings.
     Verify(VerifyArgs),
     /// Decoded events as JSON lines (one event per line) for external tools.
     ///
@@ -80,12 +89,14 @@ pub struct VerifyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
-    /// First instant (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Instant to stop before (RFC 3339); default: the end of each stream when export starts.
-    #[arg(long)]
-    pub until: Option<String>,
+    /// First instant, RFC 3339 with its UTC offset (2026-11-01T00:00:00+08:00 or
+    /// 2026-10-31T16:00:00Z; a time without an offset is refused); default: the beginning.
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub since: Option<i64>,
+    /// Instant to stop before, RFC 3339 with its UTC offset like --since; default: the end of
+    /// each stream when export starts.
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub until: Option<i64>,
     /// Streams to export (default: all three, in the order grids, incidents, intake).
     #[arg(long = "stream", value_enum)]
     pub streams: Vec<StreamName>,
@@ -227,8 +238,8 @@ fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Va
             entries.push(json!({
                 "version": recorded.version,
                 "sequence": commit.sequence,
-                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
-                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "occurred_at": format_ms(commit.meta.occurred_at_ms),
+                "stored_at": format_ms(commit.stored_at_ms),
                 "actor": commit.meta.actor,
                 "command_id": commit.command_id,
                 "correlation_id": commit.meta.correlation_id,
@@ -364,63 +375,107 @@ async fn verify(
     }
     out.flush()?;
     if findings > 0 {
-        anyhow::bail!("the event log is not intact: {findings} findings");
+        return Err(NotIntact { findings }.into());
     }
     Ok(())
 }
 
+/// `audit verify` checked the log and found it not intact. `main` exits with
+/// [`EXIT_NOT_INTACT`] for it, so a script can tell "the log was tampered with" from "the
+/// check could not be made" (exit 1), which both used to be 1.
+#[derive(Debug)]
+pub struct NotIntact {
+    pub findings: u64,
+}
+
+/// Exit status of `audit verify` when the log is not intact.
+pub const EXIT_NOT_INTACT: u8 = 3;
+
+impl std::fmt::Display for NotIntact {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "the event log is not intact: {} findings",
+            self.findings
+        )
+    }
+}
+
+impl std::error::Error for NotIntact {}
+
 // ---------------------------------------------------------------------------------------------
 // export
-
-fn parse_instant(text: &str, flag: &str) -> anyhow::Result<i64> {
-    let time = humantime::parse_rfc3339_weak(text).with_context(|| {
-        format!("{flag} {text:?}: expected RFC 3339, e.g. 2026-11-01T00:00:00Z")
-    })?;
-    let since_epoch = time
-        .duration_since(UNIX_EPOCH)
-        .with_context(|| format!("{flag} {text:?} is before 1970"))?;
-    i64::try_from(since_epoch.as_millis()).with_context(|| format!("{flag} {text:?} too large"))
-}
 
 async fn export(
     settings: &Settings,
     client: &async_nats::Client,
     args: ExportArgs,
 ) -> anyhow::Result<()> {
-    let since_ms = args
-        .since
-        .as_deref()
-        .map(|text| parse_instant(text, "--since"))
-        .transpose()?;
-    let until_ms = args
-        .until
-        .as_deref()
-        .map(|text| parse_instant(text, "--until"))
-        .transpose()?;
+    let (since_ms, until_ms) = (args.since, args.until);
     if let (Some(since), Some(until)) = (since_ms, until_ms) {
         anyhow::ensure!(since < until, "--since must be before --until");
     }
+    // The options carry their offsets; say in UTC what they came to, which is what the
+    // lines' `stored_at` will show.
+    eprintln!(
+        "exporting commits stored from {} to {}",
+        since_ms.map_or("the beginning".to_owned(), format_ms),
+        until_ms.map_or("the end of each stream".to_owned(), |ms| format!(
+            "before {}",
+            format_ms(ms)
+        )),
+    );
     let mut out: Box<dyn std::io::Write> = match &args.out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    match export_streams(
+        settings,
+        client,
+        &args.streams,
+        since_ms,
+        until_ms,
+        &mut out,
+    )
+    .await
+    {
+        Ok(total) => {
+            eprintln!("{total} events exported");
+            Ok(())
+        }
+        // The reader went away (`wangge audit export | head`): it has what it wanted, and
+        // nothing more is read. Not an error, as for any Unix filter.
+        Err(error) if is_broken_pipe(&error) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Exports each chosen stream in turn and flushes; returns the number of events written.
+async fn export_streams(
+    settings: &Settings,
+    client: &async_nats::Client,
+    streams: &[StreamName],
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    out: &mut Box<dyn std::io::Write>,
+) -> anyhow::Result<u64> {
     let mut total = 0u64;
-    for stream in chosen(&args.streams) {
+    for stream in chosen(streams) {
         let exported = match stream {
             StreamName::Grids => {
                 let store = open(settings, client, stream, registry::RegistryCodec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, registry_event_json).await
+                export_stream(&store, since_ms, until_ms, out, registry_event_json).await
             }
             StreamName::Incidents => {
                 let store = open(settings, client, stream, codecs::IncidentCodec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, incident_event_json).await
+                export_stream(&store, since_ms, until_ms, out, incident_event_json).await
             }
             StreamName::Intake => {
                 let codec = intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE);
                 let store = open(settings, client, stream, codec).await?;
-                export_stream(&store, since_ms, until_ms, &mut out, |event| {
+                export_stream(&store, since_ms, until_ms, out, |event| {
                     serde_json::to_value(event).unwrap_or(Value::Null)
                 })
                 .await
@@ -431,8 +486,15 @@ async fn export(
         total += exported;
     }
     out.flush().context("flush the export")?;
-    eprintln!("{total} events exported");
-    Ok(())
+    Ok(total)
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Writes every event of `store` stored in `[since, until)` as one JSON line; returns the count.
@@ -463,23 +525,21 @@ async fn export_stream<C: EventCodec>(
     let mut commits = 0u64;
     let mut write_error = None;
     store
-        .replay(
+        .replay_until_break(
             ReplayRange {
                 after_sequence,
                 until_sequence: Some(until_sequence),
                 batch_max: EXPORT_BATCH_MAX,
             },
             |commit| {
-                if write_error.is_some() {
-                    return;
-                }
                 for line in export_lines(&stream_name, &commit, &event_json) {
                     if let Err(error) = serde_json::to_writer(&mut *out, &line)
                         .map_err(std::io::Error::from)
                         .and_then(|()| out.write_all(b"\n"))
                     {
+                        // Stop reading: whatever follows could not be written either.
                         write_error = Some(error);
-                        return;
+                        return ControlFlow::Break(());
                     }
                     exported += 1;
                 }
@@ -490,6 +550,7 @@ async fn export_stream<C: EventCodec>(
                         commit.sequence
                     );
                 }
+                ControlFlow::Continue(())
             },
         )
         .await?;
@@ -519,8 +580,8 @@ fn export_lines<E>(
                 "actor": commit.meta.actor,
                 "correlation_id": commit.meta.correlation_id,
                 "causation_id": commit.meta.causation_id,
-                "occurred_at": ms_to_rfc3339(commit.meta.occurred_at_ms),
-                "stored_at": ms_to_rfc3339(commit.stored_at_ms),
+                "occurred_at": format_ms(commit.meta.occurred_at_ms),
+                "stored_at": format_ms(commit.stored_at_ms),
                 "hash": hex(&commit.hash),
                 "previous_hash": hex(&commit.previous_hash),
                 "event": event_json(&recorded.event),
@@ -559,7 +620,7 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
             "kind": "community_registered",
             "code": profile.code, "name": profile.name, "street": profile.street,
             "district": profile.district,
-            "registered_at": ms_to_rfc3339(*registered_at_ms),
+            "registered_at": format_ms(*registered_at_ms),
             "boundary": {"type": "MultiPolygon",
                 "coordinates": profile.boundary.0.iter().map(polygon).collect::<Vec<_>>()},
         }),
@@ -610,42 +671,11 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
             "kind": "grid_worker_assigned",
             "grid_code": grid_code,
             "worker": worker,
-            "assigned_at": ms_to_rfc3339(*assigned_at_ms),
+            "assigned_at": format_ms(*assigned_at_ms),
         }),
-    }
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    // Millisecond precision, UTC.
-    let seconds = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    match u64::try_from(seconds) {
-        Ok(seconds) => {
-            let time = UNIX_EPOCH + Duration::from_secs(seconds);
-            let text = humantime::format_rfc3339_seconds(time).to_string();
-            format!("{}.{millis:03}Z", text.trim_end_matches('Z'))
-        }
-        Err(_) => format!("{ms}ms"),
     }
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instants_parse_and_print_in_utc() {
-        let ms = parse_instant("2026-11-22T10:03:12Z", "--since").unwrap();
-        assert_eq!(ms, 1_795_341_792_000);
-        assert_eq!(ms_to_rfc3339(ms + 7), "2026-11-22T10:03:12.007Z");
-        let error = parse_instant("yesterday", "--since").unwrap_err();
-        expect_test::expect![[
-            r#"--since "yesterday": expected RFC 3339, e.g. 2026-11-01T00:00:00Z"#
-        ]]
-        .assert_eq(&format!("{error}"));
-    }
 }

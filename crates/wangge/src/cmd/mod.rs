@@ -9,6 +9,7 @@ pub mod bench_store;
 pub mod children;
 pub mod demo;
 pub mod demo_map;
+pub mod instant;
 pub mod partition;
 pub mod projection;
 pub mod serve;

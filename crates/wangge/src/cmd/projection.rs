@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use eventstore::{BoundedContext, StreamSpec};
 use projection::{ProjectionConfig, ProjectionService, RebuildOptions, ScoreWeights, Until};
 
+use super::instant::{format_ms, parse_instant};
 use super::serve::{runtime, service_runtime, stop_on_signal, wait_stopped};
 use crate::config::Settings;
 
@@ -109,7 +110,10 @@ pub enum ProjectionCommand {
     /// Rebuild every read model from stream sequence 0 into a fresh generation, then swap.
     ///
     /// A running builder follows the swap. The generation replaced is kept (readers may be
-    /// mid-read); older ones are deleted.
+    /// mid-read); older ones are deleted. One rebuild at a time: it claims its generation
+    /// first (key `rebuild` of bucket PROJECTION), and a second one started meanwhile is
+    /// refused before it touches any bucket; a claim not renewed for 10 minutes (a rebuild
+    /// that died) is taken over.
     Rebuild(RebuildArgs),
     /// Replay the streams up to a time or an INCIDENTS sequence into a separate bucket
     /// (PROJ_ASOF_<label>) for audits; the current generation is untouched.
@@ -142,9 +146,10 @@ pub struct RebuildArgs {
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("point").required(true).args(["time", "sequence"])))]
 pub struct AsOfArgs {
-    /// Everything stored at or before this time, e.g. 2026-05-06T10:00:00Z.
-    #[arg(long)]
-    pub time: Option<String>,
+    /// Everything stored at or before this time: RFC 3339 with its UTC offset, e.g.
+    /// 2026-05-06T18:00:00+08:00 or 2026-05-06T10:00:00Z (a time without an offset is refused).
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub time: Option<i64>,
     /// INCIDENTS up to this stream sequence (GRIDS up to the time it was stored).
     #[arg(long)]
     pub sequence: Option<u64>,
@@ -307,15 +312,14 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                 }
             }
             ProjectionCommand::AsOf(args) => {
-                let until = match (&args.time, args.sequence) {
-                    (Some(time), _) => {
-                        let at = humantime::parse_rfc3339_weak(time)
-                            .with_context(|| format!("--time {time:?} is not an RFC 3339 time"))?;
-                        let ms = at
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .context("--time is before 1970")?
-                            .as_millis();
-                        Until::Time(i64::try_from(ms).context("--time is too far ahead")?)
+                let until = match (args.time, args.sequence) {
+                    (Some(ms), _) => {
+                        // The option carries its offset; say in UTC what it came to.
+                        eprintln!(
+                            "as of {} (UTC): commits stored at or before it",
+                            format_ms(ms)
+                        );
+                        Until::Time(ms)
                     }
                     (None, Some(sequence)) => Until::Sequence(sequence),
                     (None, None) => anyhow::bail!("give --time or --sequence"),
