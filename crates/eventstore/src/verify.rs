@@ -1,13 +1,20 @@
 //! Walks a whole stream and checks every aggregate's hash chain. Finds commits that were
 //! edited (hash no longer matches content), forged (previous hash does not match), reordered
 //! (versions out of order) or deleted (a gap in the stream's sequences, a chain that skips).
+//!
+//! WHY chain heads: the chain's hashes are plain SHA-256, so whoever can write the stream can
+//! also rewrite a history and recompute every hash after the edit; the walk alone then finds
+//! nothing (the newest commit of an aggregate, or a whole stream replaced, checks out). What
+//! an auditor keeps outside the log closes that: the heads a walk saw ([`ChainHead`]: each
+//! aggregate's newest version and hash), checked by a later walk. Each head's hash covers its
+//! aggregate's whole history up to it, so any change at or before a saved head shows.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use futures::StreamExt as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::codec::EventCodec;
 use crate::envelope::{Position, decode_body, decode_envelope};
@@ -38,6 +45,75 @@ pub enum Finding {
         aggregate: String,
         detail: String,
     },
+    /// The aggregate's history up to a saved chain head is not what it was when the head was
+    /// saved: the commit that ends at the saved version has another hash, or no commit ends
+    /// there any more.
+    HeadChanged {
+        sequence: u64,
+        aggregate: String,
+        version: u64,
+        detail: String,
+    },
+    /// The aggregate no longer reaches the version of its saved chain head (commits at the
+    /// end of its history, or the whole aggregate, are gone).
+    HeadMissing {
+        aggregate: String,
+        version: u64,
+        /// The newest version found (0: none).
+        found_version: u64,
+    },
+}
+
+/// One aggregate's newest commit as a walk saw it. Saved outside the log, a set of heads lets
+/// a later walk prove the history up to each head unchanged (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub aggregate: String,
+    pub version: u64,
+    /// The stream sequence of the commit (informative: a copied stream renumbers).
+    pub sequence: u64,
+    /// The commit's chain hash, SHA-256 in lower-case hex.
+    pub hash: String,
+}
+
+/// Saved chain heads by aggregate, with their hashes decoded, to check a walk against.
+#[derive(Debug, Clone, Default)]
+pub struct SavedHeads {
+    heads: HashMap<String, (u64, [u8; 32])>,
+}
+
+impl SavedHeads {
+    /// Checks every head's hash; refuses a head named twice.
+    pub fn new(heads: impl IntoIterator<Item = ChainHead>) -> Result<SavedHeads, String> {
+        let mut saved = HashMap::new();
+        for head in heads {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&head.hash, &mut hash).map_err(|error| {
+                format!(
+                    "chain head of {}: hash {:?} is not 64 hex digits: {error}",
+                    head.aggregate, head.hash
+                )
+            })?;
+            if head.version == 0 {
+                return Err(format!("chain head of {}: version 0", head.aggregate));
+            }
+            if saved
+                .insert(head.aggregate.clone(), (head.version, hash))
+                .is_some()
+            {
+                return Err(format!("chain head of {} is listed twice", head.aggregate));
+            }
+        }
+        Ok(SavedHeads { heads: saved })
+    }
+
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,6 +124,12 @@ pub struct VerifyReport {
     pub last_sequence: u64,
     pub findings: Vec<Finding>,
     pub findings_total: u64,
+    /// How many saved chain heads the walk was checked against (absent: none given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_heads_checked: Option<u64>,
+    /// Every aggregate's newest commit as this walk saw it, by aggregate (for saving).
+    #[serde(skip)]
+    pub heads: Vec<ChainHead>,
 }
 
 impl VerifyReport {
@@ -66,8 +148,15 @@ impl VerifyReport {
 impl<C: EventCodec> EventStore<C> {
     /// Checks every commit in the stream. `progress` is called every 10,000 commits with
     /// (checked, last sequence).
-    pub async fn verify(
+    pub async fn verify(&self, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, LoadError> {
+        self.verify_against(&SavedHeads::default(), progress).await
+    }
+
+    /// [`EventStore::verify`], and also checks that the history up to each of `saved` (chain
+    /// heads a walk saved earlier) is unchanged.
+    pub async fn verify_against(
         &self,
+        saved: &SavedHeads,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<VerifyReport, LoadError> {
         let stream_name = self.spec.stream_name.clone();
@@ -88,6 +177,8 @@ impl<C: EventCodec> EventStore<C> {
             last_sequence,
             findings: Vec::new(),
             findings_total: 0,
+            saved_heads_checked: (!saved.is_empty()).then_some(saved.len() as u64),
+            heads: Vec::new(),
         };
         if info.state.messages == 0 {
             // Every sequence up to the last is gone. (A purge leaves first = last + 1: the
@@ -98,6 +189,7 @@ impl<C: EventCodec> EventStore<C> {
                     to: last_sequence,
                 });
             }
+            check_heads_reached(&mut report, &HashMap::new(), saved);
             return Ok(report);
         }
         if first_sequence > 1 {
@@ -187,7 +279,7 @@ impl<C: EventCodec> EventStore<C> {
             if report.commits_checked.is_multiple_of(10_000) {
                 progress(report.commits_checked, last_sequence);
             }
-            check_commit(&mut report, &mut chains, sequence, &message);
+            check_commit(&mut report, &mut chains, saved, sequence, &message);
             if nothing_follows {
                 break;
             }
@@ -199,8 +291,45 @@ impl<C: EventCodec> EventStore<C> {
             });
         }
         report.aggregates = chains.len() as u64;
+        check_heads_reached(&mut report, &chains, saved);
+        let mut heads: Vec<ChainHead> = chains
+            .into_iter()
+            .map(|(aggregate, position)| ChainHead {
+                aggregate,
+                version: position.version,
+                sequence: position.sequence,
+                hash: hex::encode(position.hash),
+            })
+            .collect();
+        heads.sort_unstable_by(|left, right| left.aggregate.cmp(&right.aggregate));
+        report.heads = heads;
         progress(report.commits_checked, last_sequence);
         Ok(report)
+    }
+}
+
+/// Reports every saved head whose aggregate the walk did not follow up to the saved version.
+/// (A head the walk did reach was compared where its commit was met, in [`check_commit`].)
+fn check_heads_reached(
+    report: &mut VerifyReport,
+    chains: &HashMap<String, Position>,
+    saved: &SavedHeads,
+) {
+    let mut missing: Vec<(&String, u64, u64)> = saved
+        .heads
+        .iter()
+        .filter_map(|(aggregate, (version, _))| {
+            let found_version = chains.get(aggregate).map_or(0, |position| position.version);
+            (found_version < *version).then_some((aggregate, *version, found_version))
+        })
+        .collect();
+    missing.sort_unstable();
+    for (aggregate, version, found_version) in missing {
+        report.add(Finding::HeadMissing {
+            aggregate: aggregate.clone(),
+            version,
+            found_version,
+        });
     }
 }
 
@@ -209,6 +338,7 @@ impl<C: EventCodec> EventStore<C> {
 fn check_commit(
     report: &mut VerifyReport,
     chains: &mut HashMap<String, Position>,
+    saved: &SavedHeads,
     sequence: u64,
     message: &async_nats::jetstream::Message,
 ) {
@@ -259,9 +389,78 @@ fn check_commit(
             detail,
         });
     }
+    if let Some((saved_version, saved_hash)) = saved.heads.get(&aggregate)
+        && (envelope.first_version..=envelope.version).contains(saved_version)
+    {
+        let detail = if envelope.version != *saved_version {
+            Some(format!(
+                "the saved head is version {saved_version}; this commit holds versions {} to {}",
+                envelope.first_version, envelope.version
+            ))
+        } else if envelope.hash != *saved_hash {
+            Some(format!(
+                "the commit of version {saved_version} has hash {}, the saved head {}",
+                hex::encode(envelope.hash),
+                hex::encode(saved_hash)
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = detail {
+            report.add(Finding::HeadChanged {
+                sequence,
+                aggregate: aggregate.clone(),
+                version: *saved_version,
+                detail,
+            });
+        }
+    }
     *previous = Position {
         version: envelope.version,
         sequence,
         hash: envelope.hash,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChainHead, SavedHeads};
+
+    fn head(aggregate: &str, version: u64, hash: &str) -> ChainHead {
+        ChainHead {
+            aggregate: aggregate.to_owned(),
+            version,
+            sequence: 1,
+            hash: hash.to_owned(),
+        }
+    }
+
+    fn check(heads: Vec<ChainHead>) -> String {
+        match SavedHeads::new(heads) {
+            Ok(saved) => format!("ok: {} heads", saved.len()),
+            Err(reason) => reason,
+        }
+    }
+
+    #[test]
+    fn saved_heads_are_checked_when_read() {
+        let good = "ab".repeat(32);
+        expect_test::expect!["ok: 2 heads"].assert_eq(&check(vec![
+            head("incident-a", 3, &good),
+            head("incident-b", 1, &good),
+        ]));
+        expect_test::expect![[
+            r#"chain head of incident-a: hash "abc" is not 64 hex digits: Odd number of digits"#
+        ]]
+        .assert_eq(&check(vec![head("incident-a", 3, "abc")]));
+        expect_test::expect!["chain head of incident-a: version 0"].assert_eq(&check(vec![head(
+            "incident-a",
+            0,
+            &good,
+        )]));
+        expect_test::expect!["chain head of incident-a is listed twice"].assert_eq(&check(vec![
+            head("incident-a", 3, &good),
+            head("incident-a", 4, &good),
+        ]));
+    }
 }

@@ -34,8 +34,9 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Writes one incident's life, one commit per command, at fixed times and actors.
-async fn write_incident(url: &str, incident: IncidentId) {
+/// Writes one incident's life, one commit per command, at fixed times and actors; the last
+/// commit resolves it with `resolve_note`.
+async fn write_incident(url: &str, incident: IncidentId, resolve_note: &str) {
     let client = async_nats::connect(url).await.unwrap();
     let store = EventStore::open(
         async_nats::jetstream::new(client),
@@ -82,7 +83,7 @@ async fn write_incident(url: &str, incident: IncidentId) {
             chengguan,
             "console-resolve",
             vec![Action::Resolve {
-                note: RESOLVE_NOTE.to_owned(),
+                note: resolve_note.to_owned(),
             }],
         ),
     ];
@@ -129,7 +130,7 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     let incident = IncidentId(uuid::Uuid::from_u128(
         0x0193_f1c2_7d1e_7a40_9a8e_2f0c_1d9b_7e55,
     ));
-    write_incident(&url, incident).await;
+    write_incident(&url, incident, RESOLVE_NOTE).await;
 
     let timeline = audit(&url, &["timeline", &incident.0.to_string()]);
     assert!(timeline.status.success(), "{}", text(&timeline.stderr));
@@ -310,6 +311,145 @@ async fn timeline_verify_export_and_a_tampered_disk() {
           }
         ]"#]]
     .assert_eq(&serde_json::to_string_pretty(&reports[0]["findings"]).unwrap());
+}
+
+/// The insider who can write the streams rewrites a history and recomputes its hashes (here:
+/// the stream deleted and written again, one incident with another resolve note, the other
+/// left out). A walk alone finds the new log intact; a walk checked against the chain heads
+/// saved before finds both changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_chain_heads_reveal_a_rewritten_history() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let folder = tempfile::tempdir().unwrap();
+    let heads = folder.path().join("heads.json");
+    let heads_arg = heads.to_str().unwrap();
+    let rewritten = IncidentId(uuid::Uuid::from_u128(
+        0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0001,
+    ));
+    let dropped = IncidentId(uuid::Uuid::from_u128(
+        0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0002,
+    ));
+    write_incident(&url, rewritten, RESOLVE_NOTE).await;
+    write_incident(&url, dropped, RESOLVE_NOTE).await;
+
+    let saving = audit(
+        &url,
+        &["verify", "--stream", "incidents", "--save-heads", heads_arg],
+    );
+    assert!(saving.status.success(), "{}", text(&saving.stderr));
+    assert!(
+        text(&saving.stderr).contains("saved the chain heads of 2 aggregates in 1 stream(s)"),
+        "{}",
+        text(&saving.stderr)
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&heads).unwrap()).unwrap();
+    assert_eq!(file["format"], "wangge-chain-heads/1");
+    assert_eq!(file["streams"][0]["stream"], "INCIDENTS");
+    assert_eq!(file["streams"][0]["last_sequence"], 8);
+    let saved_heads = file["streams"][0]["heads"].as_array().unwrap();
+    assert_eq!(saved_heads.len(), 2);
+    assert!(saved_heads.iter().all(|head| head["version"] == 5));
+
+    let unchanged = audit(
+        &url,
+        &[
+            "verify",
+            "--stream",
+            "incidents",
+            "--check-heads",
+            heads_arg,
+        ],
+    );
+    assert!(unchanged.status.success(), "{}", text(&unchanged.stderr));
+    expect![[r#"
+        INCIDENTS: 8 commits of 2 aggregates, last sequence 8: intact
+          checked against 2 saved chain heads
+    "#]]
+    .assert_eq(&text(&unchanged.stdout));
+
+    // Heads of a stream the file does not cover: refused before any walk (exit 1).
+    let uncovered = audit(
+        &url,
+        &["verify", "--stream", "grids", "--check-heads", heads_arg],
+    );
+    assert_eq!(
+        uncovered.status.code(),
+        Some(1),
+        "{}",
+        text(&uncovered.stderr)
+    );
+    assert!(
+        text(&uncovered.stderr).contains("do not cover stream GRIDS (they cover INCIDENTS)"),
+        "{}",
+        text(&uncovered.stderr)
+    );
+
+    let client = async_nats::connect(&url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("INCIDENTS")
+        .await
+        .unwrap();
+    write_incident(&url, rewritten, "filled the pothole with gravel").await;
+
+    let alone = audit(&url, &["verify", "--stream", "incidents"]);
+    assert!(
+        alone.status.success(),
+        "the rewritten log is consistent in itself: {}",
+        text(&alone.stderr)
+    );
+
+    let checked = audit(
+        &url,
+        &[
+            "verify",
+            "--stream",
+            "incidents",
+            "--json",
+            "--check-heads",
+            heads_arg,
+            "--save-heads",
+            heads_arg,
+        ],
+    );
+    assert_eq!(checked.status.code(), Some(3), "{}", text(&checked.stderr));
+    assert!(
+        text(&checked.stderr).contains("chain heads not saved"),
+        "a log that is not intact is never saved as the new reference: {}",
+        text(&checked.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(reports[0]["saved_heads_checked"], 2);
+    let mut findings = reports[0]["findings"].clone();
+    // The hashes differ from run to run (the commits carry random ids); the rest does not.
+    findings[0]["detail"] = serde_json::Value::from(
+        findings[0]["detail"]
+            .as_str()
+            .unwrap()
+            .split(" has hash ")
+            .next()
+            .unwrap(),
+    );
+    expect![[r#"
+        [
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000001",
+            "detail": "the commit of version 5",
+            "kind": "head_changed",
+            "sequence": 4,
+            "version": 5
+          },
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000002",
+            "found_version": 0,
+            "kind": "head_missing",
+            "version": 5
+          }
+        ]"#]]
+    .assert_eq(&serde_json::to_string_pretty(&findings).unwrap());
+    // The reference file is untouched.
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&heads).unwrap()).unwrap();
+    assert_eq!(again, file);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

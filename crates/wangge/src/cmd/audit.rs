@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use eventstore::{
-    AggregateId, BoundedContext, EventCodec, EventStore, RecordedCommit, ReplayRange, StreamSpec,
+    AggregateId, BoundedContext, EventCodec, EventStore, RecordedCommit, ReplayRange, SavedHeads,
+    StreamSpec,
 };
 use serde_json::{Value, json};
 
@@ -26,11 +27,17 @@ const EXPORT_BATCH_MAX: usize = 1_000;
 
 const AUDIT_HELP: &str = "\
 The audit commands only read: they open the existing streams (GRIDS, INCIDENTS, INTAKE)
-without creating or changing them, so they run with the read-only auditor credential
-(`[nats] credentials` or WANGGE_NATS__CREDENTIALS). Examples:
+without creating or changing them, so they run with the read-only auditor user of
+deploy/nats/accounts.conf:
+
+    export WANGGE_NATS__USER=auditor WANGGE_NATS__PASSWORD=… WANGGE_NATS__INBOX_PREFIX=_INBOX_auditor
+
+(or a credentials file: `[nats] credentials`, WANGGE_NATS__CREDENTIALS). Examples:
 
     wangge audit timeline 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55
     wangge audit verify --json > verify.json          # exit 3 when the log is not intact
+    wangge audit verify --save-heads heads-2026-11.json              # keep the file off the servers
+    wangge audit verify --check-heads heads-2026-11.json --save-heads heads-2026-12.json
     wangge audit export --since 2026-11-01T00:00:00+08:00 --until 2026-12-01T00:00:00+08:00 > nov.jsonl
 
 Times are RFC 3339 with their UTC offset (Z for UTC, +08:00 for China); a time without one
@@ -49,9 +56,15 @@ pub enum AuditCommand {
     /// Walk every aggregate's hash chain in the streams; report edited, forged, reordered or
     /// missing commits.
     ///
+    /// The hashes are plain SHA-256, so someone who can write the streams could rewrite a
+    /// history and recompute its hashes; a walk alone cannot see that. Save the chain heads a
+    /// walk saw (`--save-heads`) where the log's operators cannot change them, and check a
+    /// later walk against them (`--check-heads`): any change at or before a saved head shows.
+    ///
     /// Exit status: 0 every stream checked and intact; 3 checked, and the log is not intact
     /// (the findings are printed); 1 the check could not be made or finished (no connection,
-    /// a missing stream, a read that stalled), so nothing is concluded; 2 bad settings.
+    /// a missing stream, a read that stalled, an unreadable heads file), so nothing is
+    /// concluded; 2 bad settings.
     Verify(VerifyArgs),
     /// Decoded events as JSON lines (one event per line) for external tools.
     ///
@@ -85,6 +98,15 @@ pub struct VerifyArgs {
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also check that each aggregate's history up to the chain head saved in this file (by
+    /// an earlier `--save-heads`) is unchanged. Every checked stream must be in the file.
+    #[arg(long, value_name = "FILE")]
+    pub check_heads: Option<PathBuf>,
+    /// When the log is intact, save every aggregate's chain head (newest version and hash)
+    /// to this file (JSON, replaced whole) and print its SHA-256. Nothing is saved for a log
+    /// that is not intact.
+    #[arg(long, value_name = "FILE")]
+    pub save_heads: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -310,27 +332,137 @@ fn render_timeline(incident: &str, entries: &[Value], chain: &[Value]) -> String
 // ---------------------------------------------------------------------------------------------
 // verify
 
+/// Format tag of a chain-heads file (`--save-heads`), checked when one is read.
+const HEADS_FORMAT: &str = "wangge-chain-heads/1";
+/// Largest chain-heads file read (about 6 million aggregates).
+const HEADS_FILE_BYTES_MAX: u64 = 1 << 30;
+
+/// What `audit verify --save-heads` writes: each checked stream's chain heads.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HeadsFile {
+    format: String,
+    /// When the walk that saw the heads ended (UTC).
+    saved_at: String,
+    streams: Vec<StreamHeads>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StreamHeads {
+    stream: String,
+    last_sequence: u64,
+    heads: Vec<eventstore::ChainHead>,
+}
+
+/// Reads and checks a chain-heads file: the saved heads by stream name.
+fn read_heads(path: &std::path::Path) -> anyhow::Result<Vec<(String, SavedHeads)>> {
+    let context = || format!("read the chain heads in {}", path.display());
+    let size = std::fs::metadata(path).with_context(context)?.len();
+    anyhow::ensure!(
+        size <= HEADS_FILE_BYTES_MAX,
+        "read the chain heads in {}: {size} bytes, more than the {HEADS_FILE_BYTES_MAX} a \
+         heads file may have",
+        path.display()
+    );
+    let text = std::fs::read(path).with_context(context)?;
+    let file: HeadsFile = serde_json::from_slice(&text).with_context(context)?;
+    anyhow::ensure!(
+        file.format == HEADS_FORMAT,
+        "read the chain heads in {}: format {:?}, expected {HEADS_FORMAT:?}",
+        path.display(),
+        file.format
+    );
+    file.streams
+        .into_iter()
+        .map(|stream| {
+            let saved = SavedHeads::new(stream.heads)
+                .map_err(|reason| anyhow::anyhow!("{reason}"))
+                .with_context(|| {
+                    format!(
+                        "read the chain heads of {} in {}",
+                        stream.stream,
+                        path.display()
+                    )
+                })?;
+            Ok((stream.stream, saved))
+        })
+        .collect()
+}
+
+/// Writes `file` beside `path` and renames it over `path`, so a crash leaves the old file or
+/// the new one, never half of one; returns the SHA-256 of what was written.
+fn write_heads(path: &std::path::Path, file: &HeadsFile) -> anyhow::Result<String> {
+    use sha2::Digest as _;
+    let context = || format!("save the chain heads to {}", path.display());
+    let mut text = serde_json::to_vec_pretty(file).with_context(context)?;
+    text.push(b'\n');
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, &text).with_context(context)?;
+    std::fs::rename(&temporary, path).with_context(context)?;
+    Ok(hex_digest(sha2::Sha256::digest(&text).as_slice()))
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 async fn verify(
     settings: &Settings,
     client: &async_nats::Client,
     args: VerifyArgs,
 ) -> anyhow::Result<()> {
+    let streams = chosen(&args.streams);
+    // The heads file is read before any stream, so a bad file costs no walk.
+    let mut saved_by_stream = match &args.check_heads {
+        Some(path) => {
+            let saved = read_heads(path)?;
+            let mut by_stream = std::collections::HashMap::new();
+            for (stream, heads) in saved {
+                by_stream.insert(stream, heads);
+            }
+            for stream in &streams {
+                let name = spec(settings, *stream).stream_name;
+                anyhow::ensure!(
+                    by_stream.contains_key(&name),
+                    "the chain heads in {} do not cover stream {name} (they cover {}); check \
+                     only the streams they cover with --stream",
+                    path.display(),
+                    {
+                        let mut names: Vec<&String> = by_stream.keys().collect();
+                        names.sort();
+                        names
+                            .iter()
+                            .map(|name| name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+            }
+            Some(by_stream)
+        }
+        None => None,
+    };
     let mut reports = Vec::new();
-    for stream in chosen(&args.streams) {
+    for stream in streams {
         let progress = |checked: u64, sequence: u64| {
             eprintln!("  {stream:?}: {checked} commits checked (sequence {sequence})");
         };
+        let saved = saved_by_stream
+            .as_mut()
+            .and_then(|by_stream| by_stream.remove(&spec(settings, stream).stream_name))
+            .unwrap_or_default();
         let report = match stream {
             StreamName::Grids => {
                 open(settings, client, stream, registry::RegistryCodec)
                     .await?
-                    .verify(progress)
+                    .verify_against(&saved, progress)
                     .await
             }
             StreamName::Incidents => {
                 open(settings, client, stream, codecs::IncidentCodec)
                     .await?
-                    .verify(progress)
+                    .verify_against(&saved, progress)
                     .await
             }
             StreamName::Intake => {
@@ -341,7 +473,7 @@ async fn verify(
                     intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
                 )
                 .await?
-                .verify(progress)
+                .verify_against(&saved, progress)
                 .await
             }
         }
@@ -368,6 +500,9 @@ async fn verify(
                     format!("{} FINDINGS", report.findings_total)
                 }
             )?;
+            if let Some(checked) = report.saved_heads_checked {
+                writeln!(out, "  checked against {checked} saved chain heads")?;
+            }
             for finding in &report.findings {
                 writeln!(out, "  {}", serde_json::to_string(finding)?)?;
             }
@@ -375,7 +510,43 @@ async fn verify(
     }
     out.flush()?;
     if findings > 0 {
+        if let Some(path) = &args.save_heads {
+            eprintln!(
+                "chain heads not saved to {}: the log is not intact",
+                path.display()
+            );
+        }
         return Err(NotIntact { findings }.into());
+    }
+    if let Some(path) = &args.save_heads {
+        let saved_at = format_ms(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| {
+                    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+                }),
+        );
+        let file = HeadsFile {
+            format: HEADS_FORMAT.to_owned(),
+            saved_at,
+            streams: reports
+                .into_iter()
+                .map(|report| StreamHeads {
+                    stream: report.stream,
+                    last_sequence: report.last_sequence,
+                    heads: report.heads,
+                })
+                .collect(),
+        };
+        let aggregates: usize = file.streams.iter().map(|stream| stream.heads.len()).sum();
+        let digest = write_heads(path, &file)?;
+        eprintln!(
+            "saved the chain heads of {aggregates} aggregates in {} stream(s) to {}; its \
+             SHA-256 is {digest}. Keep the file, or at least this digest, where the log's \
+             operators cannot change it, and check later walks with --check-heads.",
+            file.streams.len(),
+            path.display()
+        );
     }
     Ok(())
 }
