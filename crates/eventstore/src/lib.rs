@@ -40,7 +40,8 @@ pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};
 pub use store::{
-    Appended, BoundedContext, EventStore, ExistingStream, Loaded, StreamSpec, ensure_stream,
+    Appended, BoundedContext, ChainBreak, EventStore, ExistingStream, Inspected, Loaded,
+    StreamSpec, ensure_stream,
 };
 pub use subscription::{
     Acks, CUMULATIVE_ACK_EVERY_DELIVERIES, CUMULATIVE_ACK_LINGER, DeleteConsumerError, Delivery,

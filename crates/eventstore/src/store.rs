@@ -154,6 +154,33 @@ pub struct Loaded<E> {
     pub position: Position,
 }
 
+/// A commit that does not follow the one before it in its aggregate's history, as an
+/// inspection found it (see [`EventStore::inspect`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainBreak {
+    pub sequence: u64,
+    /// The commit's first version.
+    pub version: u64,
+    pub detail: String,
+}
+
+/// An aggregate's whole history read for an inspector: every decodable commit, and where the
+/// chain breaks.
+#[derive(Debug, Clone)]
+pub struct Inspected<E> {
+    pub commits: Vec<RecordedCommit<E>>,
+    pub breaks: Vec<ChainBreak>,
+}
+
+/// What a read does with a commit that does not follow the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnBrokenLink {
+    /// Stop with [`LoadError::ChainBroken`]: nothing is decided on a broken history.
+    Refuse,
+    /// Note it and read on: an inspector wants to see what is there.
+    Report,
+}
+
 impl<E> Loaded<E> {
     pub fn events(&self) -> impl Iterator<Item = &E> {
         self.commits
@@ -603,10 +630,37 @@ impl<C: EventCodec> EventStore<C> {
         aggregate: &AggregateId,
         after: Position,
     ) -> Result<Loaded<C::Event>, LoadError> {
+        let (loaded, breaks) = self
+            .load_retrying(aggregate, after, OnBrokenLink::Refuse)
+            .await?;
+        debug_assert!(breaks.is_empty());
+        Ok(loaded)
+    }
+
+    /// Reads an aggregate's whole history like [`EventStore::load`], but reads on past a
+    /// broken link (a commit edited, forged or out of order), listing where the chain breaks.
+    /// For `wangge audit timeline`: an inspector wants to see a tampered history, not an
+    /// error. A commit that does not decode still ends the read ([`LoadError::Corrupt`]).
+    pub async fn inspect(&self, aggregate: &AggregateId) -> Result<Inspected<C::Event>, LoadError> {
+        let (loaded, breaks) = self
+            .load_retrying(aggregate, Position::NEW, OnBrokenLink::Report)
+            .await?;
+        Ok(Inspected {
+            commits: loaded.commits,
+            breaks,
+        })
+    }
+
+    async fn load_retrying(
+        &self,
+        aggregate: &AggregateId,
+        after: Position,
+        on_broken_link: OnBrokenLink,
+    ) -> Result<(Loaded<C::Event>, Vec<ChainBreak>), LoadError> {
         let mut pause = LOAD_RETRY_PAUSE;
         let mut attempt = 1;
         loop {
-            match self.load_after_once(aggregate, after).await {
+            match self.load_after_once(aggregate, after, on_broken_link).await {
                 Err(error @ (LoadError::LastCommit { .. } | LoadError::Read { .. }))
                     if attempt < LOAD_ATTEMPTS_MAX =>
                 {
@@ -624,14 +678,16 @@ impl<C: EventCodec> EventStore<C> {
         &self,
         aggregate: &AggregateId,
         after: Position,
-    ) -> Result<Loaded<C::Event>, LoadError> {
+        on_broken_link: OnBrokenLink,
+    ) -> Result<(Loaded<C::Event>, Vec<ChainBreak>), LoadError> {
         let subject = self.subject(aggregate);
         let last = self.last_position(aggregate).await?;
         if last.sequence <= after.sequence {
-            return Ok(Loaded {
+            let loaded = Loaded {
                 commits: Vec::new(),
                 position: after,
-            });
+            };
+            return Ok((loaded, Vec::new()));
         }
         let read_error = |reason: String| LoadError::Read {
             subject: subject.clone(),
@@ -654,6 +710,7 @@ impl<C: EventCodec> EventStore<C> {
             .map_err(|error| read_error(error.to_string()))?;
         let no_headers = async_nats::HeaderMap::new();
         let mut commits = Vec::new();
+        let mut breaks = Vec::new();
         let mut position = after;
         while position.sequence < last.sequence {
             let message = tokio::time::timeout(LOAD_MESSAGE_TIMEOUT, messages.next())
@@ -680,11 +737,23 @@ impl<C: EventCodec> EventStore<C> {
                 sequence,
                 source,
             })?;
-            check_link(&subject, &position, &commit, &message.payload, headers)?;
+            match check_link(&subject, &position, &commit, &message.payload, headers) {
+                Ok(()) => {}
+                Err(LoadError::ChainBroken { detail, .. })
+                    if on_broken_link == OnBrokenLink::Report =>
+                {
+                    breaks.push(ChainBreak {
+                        sequence,
+                        version: commit.first_version,
+                        detail,
+                    });
+                }
+                Err(error) => return Err(error),
+            }
             position = commit.position();
             commits.push(commit);
         }
-        Ok(Loaded { commits, position })
+        Ok((Loaded { commits, position }, breaks))
     }
 }
 

@@ -452,6 +452,78 @@ async fn saved_chain_heads_reveal_a_rewritten_history() {
     assert_eq!(again, file);
 }
 
+/// A commit forged onto an incident's subject (the last one copied, its note edited, no hash
+/// recomputed): the timeline still shows every stored event and names the broken link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let incident = IncidentId(uuid::Uuid::from_u128(
+        0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0003,
+    ));
+    write_incident(&url, incident, RESOLVE_NOTE).await;
+    let subject = StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120))
+        .subject(&AggregateId::new(incident.0.hyphenated().to_string()).unwrap());
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let stream = jetstream.get_stream("INCIDENTS").await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in last.headers.iter() {
+        let name_text = name.to_string();
+        if name_text.starts_with("Nats-Expected") {
+            continue;
+        }
+        for value in values {
+            if name_text == "Nats-Msg-Id" {
+                // Another id, or the server drops the copy as a duplicate.
+                headers.append(name.clone(), format!("{value}-forged"));
+            } else {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let needle = b"refilled";
+    let mut payload = last.payload.to_vec();
+    let at = payload
+        .windows(needle.len())
+        .position(|window| window == needle)
+        .unwrap();
+    payload[at] = b'R';
+    jetstream
+        .publish_with_headers(subject, headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let timeline = audit(&url, &["timeline", &incident.0.to_string()]);
+    assert!(timeline.status.success(), "{}", text(&timeline.stderr));
+    let output = text(&timeline.stdout);
+    // Events are numbered by version: the forged copy shows as a second version 5.
+    let tail = &output[output.rfind("\n5  ").expect(&output) + 1..];
+    expect![[r#"
+        5  2026-11-23T05:20:00.000Z  department:chengguan/console-resolve
+             Handler reported the case resolved
+             reason: Refilled the pothole and rolled it flat
+
+        Hash chain: 1 BROKEN link(s); the events above are as stored, not as decided:
+          at stream sequence 5 (version 5): version 5 follows version 5
+        Run `wangge audit verify` for the whole log.
+    "#]]
+    .assert_eq(tail);
+
+    let json = audit(&url, &["timeline", "--json", &incident.0.to_string()]);
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(document["chain_intact"], false);
+    assert_eq!(document["events"].as_array().unwrap().len(), 6);
+    expect![[r#"[{"detail":"version 5 follows version 5","sequence":5,"version":5}]"#]]
+        .assert_eq(&document["chain_breaks"].to_string());
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

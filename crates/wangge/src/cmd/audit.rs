@@ -215,10 +215,12 @@ async fn timeline(
     ] {
         let aggregate = AggregateId::new(candidate.clone())
             .with_context(|| format!("aggregate id {candidate}"))?;
-        let found = store
-            .load(&aggregate)
-            .await
-            .with_context(|| format!("load incident {incident}"))?;
+        let found = store.inspect(&aggregate).await.with_context(|| {
+            format!(
+                "load incident {incident} (a commit that does not decode is named by \
+                 `wangge audit verify --stream incidents`)"
+            )
+        })?;
         if !found.commits.is_empty() {
             loaded = Some((aggregate, found));
             break;
@@ -228,7 +230,7 @@ async fn timeline(
         anyhow::bail!("incident {incident} has no events in stream INCIDENTS");
     };
     let entries = timeline_entries(&loaded.commits);
-    let chain = chain_breaks(&loaded.commits);
+    let chain = &loaded.breaks;
     let mut out = std::io::stdout().lock();
     if args.json {
         let document = json!({
@@ -245,7 +247,7 @@ async fn timeline(
         write!(
             out,
             "{}",
-            render_timeline(&incident.to_string(), &entries, &chain)
+            render_timeline(&incident.to_string(), &entries, chain)
         )?;
     }
     Ok(())
@@ -276,27 +278,7 @@ fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Va
     entries
 }
 
-/// Commits whose previous-hash does not name the commit before them.
-fn chain_breaks<E>(commits: &[RecordedCommit<E>]) -> Vec<Value> {
-    let mut breaks = Vec::new();
-    let mut previous = [0u8; 32];
-    let mut expected_version = 1;
-    for commit in commits {
-        if commit.previous_hash != previous || commit.first_version != expected_version {
-            breaks.push(json!({
-                "sequence": commit.sequence,
-                "version": commit.first_version,
-                "expected_version": expected_version,
-                "links_to_previous": commit.previous_hash == previous,
-            }));
-        }
-        previous = commit.hash;
-        expected_version = commit.version + 1;
-    }
-    breaks
-}
-
-fn render_timeline(incident: &str, entries: &[Value], chain: &[Value]) -> String {
+fn render_timeline(incident: &str, entries: &[Value], chain: &[eventstore::ChainBreak]) -> String {
     let mut text = format!("Incident {incident}: {} events\n\n", entries.len());
     for entry in entries {
         let field = |name: &str| entry[name].as_str().unwrap_or("").to_owned();
@@ -322,9 +304,16 @@ fn render_timeline(incident: &str, entries: &[Value], chain: &[Value]) -> String
         text.push_str("\nHash chain: every commit links to the one before it.\n");
     } else {
         text.push_str(&format!(
-            "\nHash chain: {} BROKEN link(s) — run `wangge audit verify` and see the JSON output.\n",
+            "\nHash chain: {} BROKEN link(s); the events above are as stored, not as decided:\n",
             chain.len()
         ));
+        for broken in chain {
+            text.push_str(&format!(
+                "  at stream sequence {} (version {}): {}\n",
+                broken.sequence, broken.version, broken.detail
+            ));
+        }
+        text.push_str("Run `wangge audit verify` for the whole log.\n");
     }
     text
 }
