@@ -22,6 +22,7 @@ pub struct Settings {
     pub observe: ObserveSettings,
     pub intake: IntakeSettings,
     pub dispatch: DispatchSettings,
+    pub projection: ProjectionSettings,
     pub runtime: RuntimeSettings,
     /// Which city's data files (routing, calendar, standards) the services load.
     pub city: String,
@@ -119,6 +120,57 @@ pub struct DispatchSettings {
     pub deliveries_fill_wait_ms: u64,
 }
 
+/// `[projection]`: the weights of the three rates in the scorecards' score, for
+/// `wangge serve projection`, `projection rebuild` and `projection as-of` alike, so a rebuild
+/// scores as the service does. Their flags of the same name (`--weight-response` …) override.
+/// No seed document gives figures (docs/PROJECTION.md), hence equal weights by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectionSettings {
+    /// Weight of the response rate (响应率), 0 to [`SCORE_WEIGHT_MAX`].
+    pub weight_response: f64,
+    /// Weight of the resolution rate (解决率), 0 to [`SCORE_WEIGHT_MAX`].
+    pub weight_resolution: f64,
+    /// Weight of the satisfaction rate (满意率), 0 to [`SCORE_WEIGHT_MAX`].
+    pub weight_satisfaction: f64,
+}
+
+/// Largest scorecard weight (only their ratios matter; a bound keeps the sum finite).
+pub const SCORE_WEIGHT_MAX: f64 = 1_000.0;
+
+impl Default for ProjectionSettings {
+    fn default() -> Self {
+        ProjectionSettings {
+            weight_response: 1.0,
+            weight_resolution: 1.0,
+            weight_satisfaction: 1.0,
+        }
+    }
+}
+
+impl ProjectionSettings {
+    /// Refuses weights outside their bounds, or all zero, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (key, weight) in [
+            ("weight_response", self.weight_response),
+            ("weight_resolution", self.weight_resolution),
+            ("weight_satisfaction", self.weight_satisfaction),
+        ] {
+            anyhow::ensure!(
+                weight.is_finite() && (0.0..=SCORE_WEIGHT_MAX).contains(&weight),
+                "projection.{key} (--{}) must be between 0 and {SCORE_WEIGHT_MAX}, got {weight}",
+                key.replace('_', "-")
+            );
+        }
+        anyhow::ensure!(
+            self.weight_response + self.weight_resolution + self.weight_satisfaction > 0.0,
+            "at least one scorecard weight (projection.weight_response, weight_resolution, \
+             weight_satisfaction) must be positive"
+        );
+        Ok(())
+    }
+}
+
 /// `[runtime]`: how a long-running service (`wangge serve …`) runs its async tasks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,6 +212,7 @@ impl Default for Settings {
             observe: ObserveSettings::default(),
             intake: IntakeSettings::default(),
             dispatch: DispatchSettings::default(),
+            projection: ProjectionSettings::default(),
             runtime: RuntimeSettings::default(),
             city: "sanming".to_owned(),
             policy: PolicySettings::default(),
@@ -493,7 +546,8 @@ impl Settings {
             self.runtime.worker_threads
         );
         self.intake.validate()?;
-        self.dispatch.validate()
+        self.dispatch.validate()?;
+        self.projection.validate()
     }
 }
 
@@ -607,7 +661,8 @@ mod tests {
     use super::*;
 
     /// Settings from built-in defaults and `toml` (as a file would give them), validated:
-    /// the settings' `[intake]`, `[dispatch]` and `[runtime]` sections, or the error.
+    /// the settings' `[intake]`, `[dispatch]`, `[runtime]` and `[projection]` sections, or
+    /// the error.
     fn check(toml: &str, expect: Expect) {
         let loaded = Settings::from_figment(
             Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(toml)),
@@ -615,8 +670,8 @@ mod tests {
         );
         let shown = match loaded {
             Ok(settings) => format!(
-                "{:?}\n{:?}\n{:?}",
-                settings.intake, settings.dispatch, settings.runtime
+                "{:?}\n{:?}\n{:?}\n{:?}",
+                settings.intake, settings.dispatch, settings.runtime, settings.projection
             ),
             Err(error) => format!("error: {error:#}"),
         };
@@ -630,14 +685,16 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 1 }"#]],
+                RuntimeSettings { worker_threads: 1 }
+                ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
             "[intake]\ndedup_radius_m = 0.0\nrate_burst = 50\nbatch_fill_wait_ms = 0\n[dispatch]\ndeliveries_fill_wait_ms = 5",
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 0 }
                 DispatchSettings { deliveries_fill_wait_ms: 5 }
-                RuntimeSettings { worker_threads: 1 }"#]],
+                RuntimeSettings { worker_threads: 1 }
+                ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
             "[intake]\nrate_burst = 0",
@@ -680,12 +737,39 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 2 }"#]],
+                RuntimeSettings { worker_threads: 2 }
+                ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
             "[runtime]\nworker_threads = 0",
             expect![
                 "error: invalid settings (from the test's TOML): runtime.worker_threads must be between 1 and 64, got 0"
+            ],
+        );
+        check(
+            "[projection]\nweight_response = 2.0\nweight_satisfaction = 0.5",
+            expect![[r#"
+                IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
+                DispatchSettings { deliveries_fill_wait_ms: 2 }
+                RuntimeSettings { worker_threads: 1 }
+                ProjectionSettings { weight_response: 2.0, weight_resolution: 1.0, weight_satisfaction: 0.5 }"#]],
+        );
+        check(
+            "[projection]\nweight_resolution = -1.0",
+            expect![
+                "error: invalid settings (from the test's TOML): projection.weight_resolution (--weight-resolution) must be between 0 and 1000, got -1"
+            ],
+        );
+        check(
+            "[projection]\nweight_resolution = 1e9",
+            expect![
+                "error: invalid settings (from the test's TOML): projection.weight_resolution (--weight-resolution) must be between 0 and 1000, got 1000000000"
+            ],
+        );
+        check(
+            "[projection]\nweight_response = 0.0\nweight_resolution = 0.0\nweight_satisfaction = 0.0",
+            expect![
+                "error: invalid settings (from the test's TOML): at least one scorecard weight (projection.weight_response, weight_resolution, weight_satisfaction) must be positive"
             ],
         );
         check(
@@ -709,7 +793,8 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 1 }"#]],
+                RuntimeSettings { worker_threads: 1 }
+                ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
             "[nats]\ntls_ca_file = \"/nonexistent/ca.pem\"",

@@ -140,6 +140,55 @@ async fn kill_9_mid_stream_then_restart_counts_nothing_twice() {
         .unwrap();
     assert!(comparable(replayed.dump().await.unwrap()) == models_of_fold(&store, Some(cut)).await);
 
+    // As of scores with the weights of `[projection]`, like the service (it used equal ones).
+    let weighted = wangge(&url)
+        .env("WANGGE_PROJECTION__WEIGHT_RESPONSE", "3")
+        .args([
+            "projection",
+            "as-of",
+            "--sequence",
+            &last.to_string(),
+            "--json",
+        ])
+        .output()
+        .expect("run wangge projection as-of");
+    assert!(
+        weighted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&weighted.stderr)
+    );
+    let weighted: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&weighted.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let weighted_bucket = weighted["report"]["bucket"].as_str().unwrap().to_owned();
+    let scorecards: Vec<serde_json::Value> =
+        ReadModels::open_bucket(&jetstream, 0, &weighted_bucket)
+            .await
+            .unwrap()
+            .dump()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("scorecard."))
+            .map(|(_, value)| value)
+            .collect();
+    assert!(!scorecards.is_empty());
+    for scorecard in &scorecards {
+        assert_eq!(
+            scorecard["weights"],
+            serde_json::json!({"response": 3.0, "resolution": 1.0, "satisfaction": 1.0})
+        );
+    }
+    let dropped = wangge(&url)
+        .args(["projection", "drop-as-of", &weighted_bucket])
+        .output()
+        .unwrap();
+    assert!(dropped.status.success());
+
     // `status` lists the as-of bucket; `drop-as-of` deletes it, and only it.
     let listed = run_json(&url, &["projection", "status"]);
     assert_eq!(listed["as_of_buckets"], serde_json::json!([bucket]));

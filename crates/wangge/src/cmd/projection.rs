@@ -33,7 +33,9 @@ again). Run as many instances as you like, each with its own
 folds, the others stand by and answer queries, and one takes over within TTL + TTL/10 (11 s by
 default) when the builder dies, resuming from the KV checkpoint. `wangge projection status` names
 the holder. On SIGINT/SIGTERM it flushes, acknowledges, gives the lease back and exits 0.
-Scorecard weights: no seed policy document gives figures, so they default to equal weights.
+Scorecard weights: no seed policy document gives figures, so they default to equal weights;
+set them once in [projection] (weight_response, weight_resolution, weight_satisfaction), which
+`projection rebuild` and `projection as-of` read too, so their scorecards match the service's.
 See docs/PROJECTION.md.";
 
 /// Longest `--builder-lease-ttl-seconds` (an hour without a builder after a crash is already
@@ -66,40 +68,42 @@ pub struct ServeArgs {
     pub weights: WeightArgs,
 }
 
-/// Weights of the three rates in the scorecards' score.
+/// Weights of the three rates in the scorecards' score; each overrides its setting in
+/// `[projection]` (default 1, equal weights).
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct WeightArgs {
-    /// Weight of the response rate (响应率).
-    #[arg(long, default_value_t = 1.0)]
-    pub weight_response: f64,
-    /// Weight of the resolution rate (解决率).
-    #[arg(long, default_value_t = 1.0)]
-    pub weight_resolution: f64,
-    /// Weight of the satisfaction rate (满意率).
-    #[arg(long, default_value_t = 1.0)]
-    pub weight_satisfaction: f64,
+    /// Weight of the response rate (响应率), 0 to 1000. [default: setting
+    /// `projection.weight_response`, 1]
+    #[arg(long)]
+    pub weight_response: Option<f64>,
+    /// Weight of the resolution rate (解决率), 0 to 1000. [default: setting
+    /// `projection.weight_resolution`, 1]
+    #[arg(long)]
+    pub weight_resolution: Option<f64>,
+    /// Weight of the satisfaction rate (满意率), 0 to 1000. [default: setting
+    /// `projection.weight_satisfaction`, 1]
+    #[arg(long)]
+    pub weight_satisfaction: Option<f64>,
 }
 
 impl WeightArgs {
-    fn weights(self) -> anyhow::Result<ScoreWeights> {
-        for (name, weight) in [
-            ("--weight-response", self.weight_response),
-            ("--weight-resolution", self.weight_resolution),
-            ("--weight-satisfaction", self.weight_satisfaction),
-        ] {
-            anyhow::ensure!(
-                weight.is_finite() && weight >= 0.0,
-                "{name} must be a finite number >= 0, not {weight}"
-            );
+    /// The settings' weights with the flags given in their place, checked.
+    fn weights(self, settings: &Settings) -> anyhow::Result<ScoreWeights> {
+        let mut merged = settings.projection.clone();
+        if let Some(weight) = self.weight_response {
+            merged.weight_response = weight;
         }
-        anyhow::ensure!(
-            self.weight_response + self.weight_resolution + self.weight_satisfaction > 0.0,
-            "at least one scorecard weight must be positive"
-        );
+        if let Some(weight) = self.weight_resolution {
+            merged.weight_resolution = weight;
+        }
+        if let Some(weight) = self.weight_satisfaction {
+            merged.weight_satisfaction = weight;
+        }
+        merged.validate()?;
         Ok(ScoreWeights {
-            response: self.weight_response,
-            resolution: self.weight_resolution,
-            satisfaction: self.weight_satisfaction,
+            response: merged.weight_response,
+            resolution: merged.weight_resolution,
+            satisfaction: merged.weight_satisfaction,
         })
     }
 }
@@ -156,6 +160,8 @@ pub struct AsOfArgs {
     /// Print the report and the totals as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub weights: WeightArgs,
 }
 
 fn spec(settings: &Settings, context: BoundedContext) -> StreamSpec {
@@ -188,7 +194,7 @@ fn rebuild_options(settings: &Settings, weights: ScoreWeights) -> RebuildOptions
 }
 
 pub fn serve(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
-    let weights = args.weights.weights()?;
+    let weights = args.weights.weights(settings)?;
     service_runtime(settings)?.block_on(async {
         // Listen before the (possibly long) load so a signal during it is not lost.
         let (signals, stopped) = stop_on_signal();
@@ -284,7 +290,7 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
         let mut out = std::io::stdout().lock();
         match command {
             ProjectionCommand::Rebuild(args) => {
-                let options = rebuild_options(settings, args.weights.weights()?);
+                let options = rebuild_options(settings, args.weights.weights(settings)?);
                 let progress = bar("rebuild");
                 let report = projection::rebuild(&jetstream, &options, &progress)
                     .await
@@ -324,7 +330,7 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                     (None, Some(sequence)) => Until::Sequence(sequence),
                     (None, None) => anyhow::bail!("give --time or --sequence"),
                 };
-                let options = rebuild_options(settings, ScoreWeights::default());
+                let options = rebuild_options(settings, args.weights.weights(settings)?);
                 let progress = bar("as-of");
                 let report = projection::as_of(&jetstream, &options, until, &progress)
                     .await
