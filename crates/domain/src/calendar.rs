@@ -167,6 +167,11 @@ impl BusinessCalendar {
         })
     }
 
+    /// The city's offset from UTC, in milliseconds (`utc_offset` of the calendar file).
+    pub fn utc_offset_ms(&self) -> i64 {
+        self.utc_offset_ms
+    }
+
     /// The last year the calendar lists a holiday or make-up working day for (`None`: it
     /// lists none). After that year the calendar knows only weekends: each year's holidays
     /// come from that year's State Council notice, so a city must add them to its file.

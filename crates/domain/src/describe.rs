@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 
+use crate::ids::Timestamp;
 use crate::incident::{
     Channel, DeadlineKind, Handler, IncidentEvent, Level, RejectReason, ReturnReason, RouteSource,
     Satisfaction, SubmissionKind, WhistleCause,
@@ -26,8 +27,18 @@ pub struct Description {
     pub concerns: Vec<String>,
 }
 
-/// Describes `event` in words.
+/// Describes `event` in words, its times in UTC.
 pub fn describe(event: &IncidentEvent) -> Description {
+    describe_at(event, 0)
+}
+
+/// Describes `event` in words, its times at `utc_offset_ms` from UTC (the city's calendar:
+/// an inspector in Sanming reads 13:31+08:00, not 05:31Z).
+pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
+    let at = |time: &Timestamp| At {
+        time: *time,
+        utc_offset_ms,
+    };
     let mut concerns = Vec::new();
     let mut reason = None;
     let (kind, summary) = match event {
@@ -38,8 +49,8 @@ pub fn describe(event: &IncidentEvent) -> Description {
             occurred_at,
             media,
             respond_by,
-        } => (
-            "submission_taken",
+        } => ("submission_taken", {
+            let (occurred_at, respond_by) = (at(occurred_at), at(respond_by));
             format!(
                 "Submission {submission_id} taken: {} {}, occurred at {occurred_at}, \
                  {media} media reference{}; response promised by {respond_by}",
@@ -55,8 +66,8 @@ pub fn describe(event: &IncidentEvent) -> Description {
                     Channel::Patrol => "from a grid worker on patrol",
                 },
                 if *media == 1 { "" } else { "s" },
-            ),
-        ),
+            )
+        }),
         IncidentEvent::Reported {
             incident,
             position,
@@ -107,6 +118,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             resolution_due,
             ..
         } => {
+            let (response_due, resolution_due) = (at(response_due), at(resolution_due));
             concerns.push(handler.to_string());
             (
                 "dispatched",
@@ -134,6 +146,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             ..
         } => {
             reason = non_empty(note);
+            let resolution_due = at(resolution_due);
             (
                 "verification_failed",
                 format!("Verification failed; to be resolved again by {resolution_due}"),
@@ -155,6 +168,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             ..
         } => {
             reason = non_empty(why);
+            let (response_due, resolution_due) = (at(response_due), at(resolution_due));
             (
                 "reopened",
                 format!("Case reopened; respond by {response_due}, resolve by {resolution_due}"),
@@ -171,6 +185,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             ..
         } => {
             reason = non_empty(note);
+            let (response_due, resolution_due) = (at(response_due), at(resolution_due));
             concerns.push(handler.to_string());
             concerns.push(rerouted_to.to_string());
             (
@@ -201,7 +216,10 @@ pub fn describe(event: &IncidentEvent) -> Description {
             ..
         } => (
             "extension_approved",
-            format!("Extension of {minutes} minutes approved; resolve by {resolution_due}"),
+            format!(
+                "Extension of {minutes} minutes approved; resolve by {}",
+                at(resolution_due)
+            ),
         ),
         IncidentEvent::ExtensionDenied { note, .. } => {
             reason = non_empty(note);
@@ -217,7 +235,11 @@ pub fn describe(event: &IncidentEvent) -> Description {
             ..
         } => (
             "unparked",
-            format!("Case resumed; respond by {response_due}, resolve by {resolution_due}"),
+            format!(
+                "Case resumed; respond by {}, resolve by {}",
+                at(response_due),
+                at(resolution_due)
+            ),
         ),
         IncidentEvent::DuplicateMerged {
             duplicate,
@@ -237,6 +259,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             deadline,
             due,
         } => {
+            let due = at(due);
             concerns.push(handler.to_string());
             (
                 "deadline_missed",
@@ -271,13 +294,14 @@ pub fn describe(event: &IncidentEvent) -> Description {
                     let _ = write!(
                         text,
                         "department {} to report by {}",
-                        summons.department, summons.report_by
+                        summons.department,
+                        at(&summons.report_by)
                     );
                     concerns.push(format!("department:{}", summons.department));
                 }
             }
             if let Some(due) = resolution_due {
-                let _ = write!(text, "; joint resolution by {due}");
+                let _ = write!(text, "; joint resolution by {}", at(due));
             }
             ("whistle_blown", text)
         }
@@ -297,7 +321,7 @@ pub fn describe(event: &IncidentEvent) -> Description {
             concerns.push(format!("department:{department}"));
             (
                 "whistle_report_missed",
-                format!("Department {department} did not report by {due}"),
+                format!("Department {department} did not report by {}", at(due)),
             )
         }
         IncidentEvent::WhistleEscalated {
@@ -319,12 +343,13 @@ pub fn describe(event: &IncidentEvent) -> Description {
                 let _ = write!(
                     text,
                     "; summoned department {} to report by {}",
-                    summons.department, summons.report_by
+                    summons.department,
+                    at(&summons.report_by)
                 );
                 concerns.push(format!("department:{}", summons.department));
             }
             if let Some(due) = resolution_due {
-                let _ = write!(text, "; joint resolution by {due}");
+                let _ = write!(text, "; joint resolution by {}", at(due));
             }
             ("whistle_escalated", text)
         }
@@ -334,6 +359,50 @@ pub fn describe(event: &IncidentEvent) -> Description {
         summary,
         reason,
         concerns,
+    }
+}
+
+/// A time as a description shows it: UTC as `Timestamp` prints it (`…Z`), or at an offset
+/// as RFC 3339 (`2026-11-23T13:31:00+08:00`).
+struct At {
+    time: Timestamp,
+    utc_offset_ms: i64,
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.utc_offset_ms == 0 {
+            return write!(formatter, "{}", self.time);
+        }
+        let local = time::UtcOffset::from_whole_seconds(
+            i32::try_from(self.utc_offset_ms / 1000).unwrap_or(0),
+        )
+        .ok()
+        .and_then(|offset| {
+            time::OffsetDateTime::from_unix_timestamp(self.time.0.div_euclid(1000))
+                .ok()
+                .and_then(|utc| utc.checked_to_offset(offset))
+        })
+        .filter(|local| (0..=9999).contains(&local.year()));
+        match local {
+            Some(local) => {
+                let (hours, minutes, _) = local.offset().as_hms();
+                write!(
+                    formatter,
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{}{:02}:{:02}",
+                    local.year(),
+                    u8::from(local.month()),
+                    local.day(),
+                    local.hour(),
+                    local.minute(),
+                    local.second(),
+                    if self.utc_offset_ms < 0 { '-' } else { '+' },
+                    hours.unsigned_abs(),
+                    minutes.unsigned_abs()
+                )
+            }
+            None => write!(formatter, "{}", self.time),
+        }
     }
 }
 

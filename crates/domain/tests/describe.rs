@@ -1,6 +1,6 @@
 //! `domain::describe`: every event kind in words, as an inspector reads it in a timeline.
 
-use domain::describe::describe;
+use domain::describe::{describe, describe_at};
 use domain::incident::{
     DeadlineKind, Handler, IncidentEvent, Level, Position, RejectReason, ReturnReason, RouteSource,
     Satisfaction, Summoned, WhistleCause,
@@ -180,4 +180,44 @@ fn a_case_that_climbs_the_ladder_reads_as_a_story() {
             report_rejected        Report not taken up: not a government matter | reason: private dispute
         "#]],
     );
+}
+
+/// At the city's offset every time in a sentence is local, with its offset; at 0 it is UTC.
+#[test]
+fn times_read_at_the_city_offset() {
+    let event = IncidentEvent::WhistleBlown {
+        kind: WhistleKind::Routine,
+        level: Level::Street,
+        cause: WhistleCause::DeadlineMissed(DeadlineKind::Response),
+        summoned: vec![Summoned {
+            department: "zhujian".parse().unwrap(),
+            report_by: at(240),
+        }],
+        resolution_due: Some(at(3 * 24 * 60)),
+    };
+    let eight_hours_ms = 8 * 3_600_000;
+    let lines: Vec<String> = [0, eight_hours_ms, -(5 * 3_600_000 + 30 * 60_000)]
+        .into_iter()
+        .map(|offset| describe_at(&event, offset).summary)
+        .collect();
+    expect![[r#"
+        Routine whistle (日常哨) blown by the street (街道) (response deadline missed): summoned department zhujian to report by 2026-11-23T12:00:00Z; joint resolution by 2026-11-26T08:00:00Z
+        Routine whistle (日常哨) blown by the street (街道) (response deadline missed): summoned department zhujian to report by 2026-11-23T20:00:00+08:00; joint resolution by 2026-11-26T16:00:00+08:00
+        Routine whistle (日常哨) blown by the street (街道) (response deadline missed): summoned department zhujian to report by 2026-11-23T06:30:00-05:30; joint resolution by 2026-11-26T02:30:00-05:30"#]].assert_eq(&lines.join("\n"));
+    assert_eq!(describe_at(&event, 0), describe(&event));
+    // A time whose local date would pass the year 9999 reads in UTC, never a panic.
+    let lines: Vec<String> = [253_402_300_799_999, i64::MAX]
+        .into_iter()
+        .map(|due| {
+            let missed = IncidentEvent::WhistleReportMissed {
+                department: "zhujian".parse().unwrap(),
+                due: Timestamp(due),
+            };
+            describe_at(&missed, eight_hours_ms).summary
+        })
+        .collect();
+    expect![[r#"
+        Department zhujian did not report by 9999-12-31T23:59:59Z
+        Department zhujian did not report by 9223372036854775807ms"#]]
+    .assert_eq(&lines.join("\n"));
 }

@@ -135,24 +135,42 @@ async fn timeline_verify_export_and_a_tampered_disk() {
     let timeline = audit(&url, &["timeline", &incident.0.to_string()]);
     assert!(timeline.status.success(), "{}", text(&timeline.stderr));
     expect![[r#"
-        Incident 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55: 5 events
+        Incident 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55: 5 events (times at UTC+08:00, the city's offset; --utc for UTC)
 
-        1  2026-11-23T02:00:00.000Z  resident/intake
+        1  2026-11-23T10:00:00.000+08:00  resident/intake
              Incident 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55 reported: "路面坑洼，雨后积水"
-        2  2026-11-23T02:00:00.000Z  resident/intake
+        2  2026-11-23T10:00:00.000+08:00  resident/intake
              Filed in grid 350402001002007 as category 0102
-        3  2026-11-23T02:01:00.000Z  system/dispatch
-             Assigned to department chengguan (by the routing table); respond by 2026-11-23T05:31:00Z, resolve by 2026-11-25T02:01:00Z
-             concerns: department:chengguan
-        4  2026-11-23T02:30:00.000Z  department:chengguan/console-acknowledge
+        3  2026-11-23T10:01:00.000+08:00  system/dispatch
+             Assigned to department chengguan (by the routing table); respond by 2026-11-23T13:31:00+08:00, resolve by 2026-11-25T10:01:00+08:00
+             concerns: department:chengguan (城市管理局(城市管理综合执法))
+        4  2026-11-23T10:30:00.000+08:00  department:chengguan/console-acknowledge
              Handler acknowledged the case
-        5  2026-11-23T05:20:00.000Z  department:chengguan/console-resolve
+        5  2026-11-23T13:20:00.000+08:00  department:chengguan/console-resolve
              Handler reported the case resolved
              reason: refilled the pothole and rolled it flat
 
         Hash chain: every commit links to the one before it.
     "#]]
     .assert_eq(&text(&timeline.stdout));
+
+    let utc = audit(&url, &["timeline", "--utc", &incident.0.to_string()]);
+    assert!(utc.status.success(), "{}", text(&utc.stderr));
+    let utc = text(&utc.stdout);
+    assert!(
+        utc.starts_with("Incident 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55: 5 events (times in UTC)\n")
+            && utc.contains("respond by 2026-11-23T05:31:00Z"),
+        "{utc}"
+    );
+    let json = audit(&url, &["timeline", "--json", &incident.0.to_string()]);
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        document["events"][2]["occurred_at"],
+        "2026-11-23T02:01:00.000Z"
+    );
+    expect![[r#"{"chengguan":{"name_en":"Urban Management Bureau (integrated enforcement)","name_zh":"城市管理局(城市管理综合执法)"}}"#]]
+        .assert_eq(&document["departments"].to_string());
 
     let unknown = audit(&url, &["timeline", "0193f1c2-0000-7000-8000-000000000000"]);
     assert_eq!(unknown.status.code(), Some(1));
@@ -505,7 +523,7 @@ async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
     // Events are numbered by version: the forged copy shows as a second version 5.
     let tail = &output[output.rfind("\n5  ").expect(&output) + 1..];
     expect![[r#"
-        5  2026-11-23T05:20:00.000Z  department:chengguan/console-resolve
+        5  2026-11-23T13:20:00.000+08:00  department:chengguan/console-resolve
              Handler reported the case resolved
              reason: Refilled the pothole and rolled it flat
 

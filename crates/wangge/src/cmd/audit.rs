@@ -17,7 +17,7 @@ use eventstore::{
 };
 use serde_json::{Value, json};
 
-use super::instant::{format_ms, parse_instant};
+use super::instant::{format_at, format_ms, parse_instant};
 use crate::config::Settings;
 
 /// Commits between two progress lines on stderr.
@@ -78,9 +78,13 @@ pub struct TimelineArgs {
     /// The incident id (UUID, as in the receipt).
     #[arg(value_parser = parse_incident_id)]
     pub incident: uuid::Uuid,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (times always in UTC).
     #[arg(long)]
     pub json: bool,
+    /// Print times in UTC. Without it the text shows them at the city's offset from UTC (the
+    /// `utc_offset` of its business calendar, +08:00 in China).
+    #[arg(long)]
+    pub utc: bool,
 }
 
 /// An incident id, checked before anything connects.
@@ -229,8 +233,23 @@ async fn timeline(
     let Some((aggregate, loaded)) = loaded else {
         anyhow::bail!("incident {incident} has no events in stream INCIDENTS");
     };
-    let entries = timeline_entries(&loaded.commits);
     let chain = &loaded.breaks;
+    // The city's policy gives the local offset and the departments' names. A timeline is
+    // still worth printing without them (UTC, ids only), so a policy that does not load is a
+    // warning here, not an error.
+    let policy = match settings.policy() {
+        Ok(policy) => Some(policy),
+        Err(error) => {
+            eprintln!("warning: {error:#}; times in UTC, departments by id");
+            None
+        }
+    };
+    let utc_offset_ms = match (&policy, args.utc || args.json) {
+        (Some(policy), false) => policy.calendar.utc_offset_ms(),
+        _ => 0,
+    };
+    let entries = timeline_entries(&loaded.commits, utc_offset_ms);
+    let departments = concerned_departments(&entries, policy.as_ref());
     let mut out = std::io::stdout().lock();
     if args.json {
         let document = json!({
@@ -239,6 +258,7 @@ async fn timeline(
             "commits": loaded.commits.len(),
             "chain_intact": chain.is_empty(),
             "chain_breaks": chain,
+            "departments": departments,
             "events": entries,
         });
         serde_json::to_writer_pretty(&mut out, &document).context("write JSON")?;
@@ -247,23 +267,64 @@ async fn timeline(
         write!(
             out,
             "{}",
-            render_timeline(&incident.to_string(), &entries, chain)
+            render_timeline(
+                &incident.to_string(),
+                &entries,
+                chain,
+                &departments,
+                utc_offset_ms
+            )
         )?;
     }
     Ok(())
 }
 
-/// One event of a timeline, as printed and as exported.
-fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Value> {
+/// The names of the departments the entries concern (`department:<id>`), from the city's
+/// routing table, by id.
+fn concerned_departments(
+    entries: &[Value],
+    policy: Option<&domain::Policy>,
+) -> std::collections::BTreeMap<String, Value> {
+    let mut named = std::collections::BTreeMap::new();
+    let Some(policy) = policy else {
+        return named;
+    };
+    for entry in entries {
+        for concern in entry["concerns"].as_array().into_iter().flatten() {
+            let Some(id) = concern
+                .as_str()
+                .and_then(|concern| concern.strip_prefix("department:"))
+            else {
+                continue;
+            };
+            let Ok(department_id) = id.parse() else {
+                continue;
+            };
+            if let Some(department) = policy.routing.department(department_id) {
+                named.insert(
+                    id.to_owned(),
+                    json!({ "name_zh": department.name_zh, "name_en": department.name_en }),
+                );
+            }
+        }
+    }
+    named
+}
+
+/// One event of a timeline, as printed and as exported, its times at `utc_offset_ms`.
+fn timeline_entries(
+    commits: &[RecordedCommit<domain::IncidentEvent>],
+    utc_offset_ms: i64,
+) -> Vec<Value> {
     let mut entries = Vec::new();
     for commit in commits {
         for recorded in &commit.events {
-            let description = domain::describe::describe(&recorded.event);
+            let description = domain::describe::describe_at(&recorded.event, utc_offset_ms);
             entries.push(json!({
                 "version": recorded.version,
                 "sequence": commit.sequence,
-                "occurred_at": format_ms(commit.meta.occurred_at_ms),
-                "stored_at": format_ms(commit.stored_at_ms),
+                "occurred_at": format_at(commit.meta.occurred_at_ms, utc_offset_ms),
+                "stored_at": format_at(commit.stored_at_ms, utc_offset_ms),
                 "actor": commit.meta.actor,
                 "command_id": commit.command_id,
                 "correlation_id": commit.meta.correlation_id,
@@ -278,8 +339,23 @@ fn timeline_entries(commits: &[RecordedCommit<domain::IncidentEvent>]) -> Vec<Va
     entries
 }
 
-fn render_timeline(incident: &str, entries: &[Value], chain: &[eventstore::ChainBreak]) -> String {
-    let mut text = format!("Incident {incident}: {} events\n\n", entries.len());
+fn render_timeline(
+    incident: &str,
+    entries: &[Value],
+    chain: &[eventstore::ChainBreak],
+    departments: &std::collections::BTreeMap<String, Value>,
+    utc_offset_ms: i64,
+) -> String {
+    let zone = if utc_offset_ms == 0 {
+        "times in UTC".to_owned()
+    } else {
+        let offset = format_at(0, utc_offset_ms);
+        format!(
+            "times at UTC{}, the city's offset; --utc for UTC",
+            &offset[offset.len() - 6..]
+        )
+    };
+    let mut text = format!("Incident {incident}: {} events ({zone})\n\n", entries.len());
     for entry in entries {
         let field = |name: &str| entry[name].as_str().unwrap_or("").to_owned();
         text.push_str(&format!(
@@ -292,9 +368,23 @@ fn render_timeline(incident: &str, entries: &[Value], chain: &[eventstore::Chain
         if let Some(reason) = entry["reason"].as_str() {
             text.push_str(&format!("     reason: {reason}\n"));
         }
-        let concerns: Vec<&str> = entry["concerns"]
+        let concerns: Vec<String> = entry["concerns"]
             .as_array()
-            .map(|list| list.iter().filter_map(Value::as_str).collect())
+            .map(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(|concern| {
+                        let name = concern
+                            .strip_prefix("department:")
+                            .and_then(|id| departments.get(id))
+                            .and_then(|named| named["name_zh"].as_str());
+                        match name {
+                            Some(name) => format!("{concern} ({name})"),
+                            None => concern.to_owned(),
+                        }
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         if !concerns.is_empty() {
             text.push_str(&format!("     concerns: {}\n", concerns.join(", ")));

@@ -62,6 +62,29 @@ pub fn format_ms(ms: i64) -> String {
         .unwrap_or_else(|| format!("{ms} ms since 1970"))
 }
 
+/// `ms` at `utc_offset_ms` from UTC, RFC 3339 with milliseconds and the offset, e.g.
+/// `2026-11-22T18:03:12.007+08:00`; UTC (`format_ms`) at offset 0, or when the offset is not
+/// a whole number of seconds within a day, or the local year is outside 0000..=9999.
+pub fn format_at(ms: i64, utc_offset_ms: i64) -> String {
+    if utc_offset_ms == 0 {
+        return format_ms(ms);
+    }
+    let format = format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3][offset_hour sign:mandatory]:[offset_minute]"
+    );
+    i32::try_from(utc_offset_ms / 1000)
+        .ok()
+        .and_then(|seconds| time::UtcOffset::from_whole_seconds(seconds).ok())
+        .and_then(|offset| {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .ok()
+                .and_then(|utc| utc.checked_to_offset(offset))
+        })
+        .filter(|time| (0..=9999).contains(&time.year()))
+        .and_then(|time| time.format(format).ok())
+        .unwrap_or_else(|| format_ms(ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +125,30 @@ mod tests {
                 9223372036854775807: 9223372036854775807 ms since 1970
                 -9223372036854775808: -9223372036854775808 ms since 1970"#]],
         );
+    }
+
+    #[test]
+    fn stored_times_print_at_the_city_offset() {
+        let eight_hours_ms = 8 * 3_600_000;
+        let lines: Vec<String> = [
+            (1_795_341_792_007, eight_hours_ms),
+            (1_795_341_792_007, -(5 * 3_600_000 + 30 * 60_000)),
+            (1_795_341_792_007, 0),
+            // Local 10000-01-01: UTC instead.
+            (253_402_300_799_999, eight_hours_ms),
+            // Not a real offset: UTC instead.
+            (0, 30 * 3_600_000),
+        ]
+        .iter()
+        .map(|(ms, offset)| format!("{ms} at {offset}: {}", format_at(*ms, *offset)))
+        .collect();
+        expect![[r#"
+            1795341792007 at 28800000: 2026-11-22T18:03:12.007+08:00
+            1795341792007 at -19800000: 2026-11-22T04:33:12.007-05:30
+            1795341792007 at 0: 2026-11-22T10:03:12.007Z
+            253402300799999 at 28800000: 9999-12-31T23:59:59.999Z
+            0 at 108000000: 1970-01-01T00:00:00.000Z"#]]
+        .assert_eq(&lines.join("\n"));
     }
 
     #[test]
