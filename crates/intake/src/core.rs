@@ -177,6 +177,16 @@ pub enum IntakeEvent {
         payload_bytes: u32,
         payload_sha256: [u8; 32],
     },
+    /// A reporter's contact details were erased on request (`intake.contact.erase`), stored
+    /// before the erasure itself under the aggregate `erasure.<reporter>` (see
+    /// [`erasure_aggregate`]): the auditor sees that, when and on whose request details were
+    /// erased, never the details. Added after the three above, so their stored bytes are
+    /// unchanged.
+    ContactErased {
+        reporter: uuid::Uuid,
+        /// The personal-information office's reference for the request, if it gave one.
+        request_reference: Option<String>,
+    },
 }
 
 /// Renders Unix milliseconds as RFC 3339 UTC.
@@ -185,8 +195,10 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 impl IntakeEvent {
-    pub fn receipt(&self) -> Receipt {
-        match self {
+    /// The receipt a submission's record answers with; `None` for a record that is not about
+    /// a submission (an erasure).
+    pub fn receipt(&self) -> Option<Receipt> {
+        Some(match self {
             IntakeEvent::Filed {
                 submission_id,
                 incident,
@@ -205,24 +217,20 @@ impl IntakeEvent {
                 grid_code,
                 respond_by_ms,
                 ..
-            } => Receipt::Merged {
-                submission_id: submission_id.clone(),
-                incident_id: *incident,
-                grid_code: grid_code.clone(),
-                respond_by: rfc3339(*respond_by_ms),
-                respond_by_ms: *respond_by_ms,
-            },
+            } => merged_receipt(
+                submission_id,
+                IncidentId(*incident),
+                grid_code.clone(),
+                *respond_by_ms,
+            ),
             IntakeEvent::Rejected {
                 submission_id,
                 reason_code,
                 message,
                 ..
-            } => Receipt::Rejected {
-                submission_id: submission_id.clone(),
-                reason_code: *reason_code,
-                message: message.clone(),
-            },
-        }
+            } => rejected_receipt(submission_id.clone(), *reason_code, message.clone()),
+            IntakeEvent::ContactErased { .. } => return None,
+        })
     }
 
     pub fn submission_id(&self) -> Option<&str> {
@@ -230,8 +238,15 @@ impl IntakeEvent {
             IntakeEvent::Filed { submission_id, .. }
             | IntakeEvent::Merged { submission_id, .. } => Some(submission_id),
             IntakeEvent::Rejected { submission_id, .. } => submission_id.as_deref(),
+            IntakeEvent::ContactErased { .. } => None,
         }
     }
+}
+
+/// The INTAKE aggregate of a reporter's erasure records: `erasure.<reporter id>`. The dot
+/// keeps it apart from every submission's aggregate (a submission id has none).
+pub fn erasure_aggregate(reporter: uuid::Uuid) -> String {
+    format!("erasure.{}", reporter.hyphenated())
 }
 
 /// The INTAKE aggregate of a submission: its id, or for a payload without a usable id,
@@ -611,7 +626,7 @@ impl Core {
                 message,
             };
             let event = refusal_event(&refusal, payload);
-            let receipt = event.receipt();
+            let receipt = refusal.receipt();
             core.remember(&submission.submission_id, receipt.clone());
             Plan {
                 receipt,
@@ -717,7 +732,12 @@ impl Core {
                     occurred_at_ms: submission.occurred_at_ms,
                     media,
                 };
-                let receipt = event.receipt();
+                let receipt = merged_receipt(
+                    &submission.submission_id,
+                    original,
+                    grid_code.clone(),
+                    respond_by_ms,
+                );
                 Plan {
                     receipt,
                     record: Some((submission.submission_id.clone(), event)),
@@ -855,6 +875,44 @@ impl Core {
 }
 
 /// The receipt of a submission filed as `incident` in `grid`.
+pub fn merged_receipt(
+    submission_id: &str,
+    incident: IncidentId,
+    grid_code: String,
+    respond_by_ms: i64,
+) -> Receipt {
+    Receipt::Merged {
+        submission_id: submission_id.to_owned(),
+        incident_id: incident.0,
+        grid_code,
+        respond_by: rfc3339(respond_by_ms),
+        respond_by_ms,
+    }
+}
+
+pub fn rejected_receipt(
+    submission_id: Option<String>,
+    reason_code: ReasonCode,
+    message: String,
+) -> Receipt {
+    Receipt::Rejected {
+        submission_id,
+        reason_code,
+        message,
+    }
+}
+
+impl Refusal {
+    /// The receipt that answers this refusal.
+    pub fn receipt(&self) -> Receipt {
+        rejected_receipt(
+            self.submission_id.clone(),
+            self.reason_code,
+            self.message.clone(),
+        )
+    }
+}
+
 pub fn filed_receipt(
     submission_id: &str,
     incident: IncidentId,

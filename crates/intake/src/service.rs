@@ -63,6 +63,8 @@ pub const BATCH_FILL_WAIT_MAX: Duration = Duration::from_secs(1);
 pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The server drops the private follower consumer of a crashed instance after this.
 const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// Appends of an erasure record tried when other instances record the same reporter's.
+const ERASURE_RECORD_ATTEMPTS_MAX: u32 = 3;
 /// Longest wait for already-delivered requests at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest query request body.
@@ -351,8 +353,10 @@ impl IntakeService {
         intake
             .replay(ReplayRange::default(), |commit| {
                 for recorded in &commit.events {
-                    if let Some(id) = recorded.event.submission_id() {
-                        core.remember(id, recorded.event.receipt());
+                    if let (Some(id), Some(receipt)) =
+                        (recorded.event.submission_id(), recorded.event.receipt())
+                    {
+                        core.remember(id, receipt);
                         receipts += 1;
                     }
                 }
@@ -703,7 +707,7 @@ impl IntakeService {
                         },
                         None => {
                             let event = refusal_event(&refusal, &input.payload);
-                            let receipt = event.receipt();
+                            let receipt = refusal.receipt();
                             if let Some(id) = &refusal.submission_id {
                                 self.core.remember(id, receipt.clone());
                                 planned_here.insert(id.clone(), index);
@@ -954,8 +958,8 @@ impl IntakeService {
             warn!(%error, "look up an old receipt");
             error.to_string()
         })?;
-        if let Some(event) = loaded.events().next() {
-            self.core.remember(submission_id, event.receipt());
+        if let Some(receipt) = loaded.events().next().and_then(IntakeEvent::receipt) {
+            self.core.remember(submission_id, receipt);
             return Ok(());
         }
         let incident = incident_id_for(submission_id);
@@ -1021,6 +1025,60 @@ impl IntakeService {
             warn!(%error, "ack INCIDENTS commit");
         }
         Ok(())
+    }
+
+    /// Records the erasure on INTAKE (aggregate `erasure.<reporter>`), then purges the
+    /// contact details. The record comes first: an erasure that could not be recorded is not
+    /// made (the office asks again), and one recorded whose purge failed is recorded again
+    /// when the office asks again, which an auditor reads as the repeated request it was.
+    async fn erase_contact(&mut self, query: EraseContact, traceparent: &str) -> EraseReply {
+        let reporter = query.reporter_id;
+        let store_error = |message: String| EraseReply::Error {
+            reason_code: STORE_UNAVAILABLE.to_owned(),
+            message,
+        };
+        let aggregate = match AggregateId::new(crate::core::erasure_aggregate(reporter)) {
+            Ok(aggregate) => aggregate,
+            Err(error) => return store_error(format!("erasure record: {error}")),
+        };
+        let event = IntakeEvent::ContactErased {
+            reporter,
+            request_reference: query.request_reference,
+        };
+        let mut attempt = 1;
+        loop {
+            let position = match self.intake.last_position(&aggregate).await {
+                Ok(position) => position,
+                Err(error) => return store_error(format!("record the erasure: {error}")),
+            };
+            let command_id = format!("erase-{}", uuid::Uuid::now_v7());
+            let commit = Commit {
+                event_ids: crate::core::event_ids_for(&command_id, 1),
+                meta: meta(&command_id, Timestamp(now_ms()), traceparent),
+                command_id,
+                events: vec![event.clone()],
+            };
+            match self.intake.append(&aggregate, &position, &commit).await {
+                Ok(_) => break,
+                // Another instance recorded an erasure of the same reporter meanwhile.
+                Err(AppendError::Conflict { .. }) if attempt < ERASURE_RECORD_ATTEMPTS_MAX => {
+                    attempt += 1;
+                }
+                Err(error) => {
+                    return store_error(format!(
+                        "record the erasure (nothing was erased; ask again): {error}"
+                    ));
+                }
+            }
+        }
+        match self.contacts.purge(reporter.to_string()).await {
+            Ok(()) => EraseReply::Erased {
+                reporter_id: reporter,
+            },
+            Err(error) => store_error(format!(
+                "erase the contact details (the request is recorded; ask again): {error}"
+            )),
+        }
     }
 
     async fn on_query(&mut self, request: async_nats::service::Request) {
@@ -1091,17 +1149,25 @@ impl IntakeService {
                     "request",
                     &message.payload,
                     QUERY_BYTES_MAX,
-                );
+                )
+                .and_then(|query| match &query.request_reference {
+                    Some(reference)
+                        if reference.is_empty()
+                            || reference.chars().count() > wire::REQUEST_REFERENCE_CHARS_MAX
+                            || reference.chars().any(char::is_control) =>
+                    {
+                        Err(observe::refusal::Refusal::schema_violation(format!(
+                            "request_reference must be 1..={} characters without control characters",
+                            wire::REQUEST_REFERENCE_CHARS_MAX
+                        )))
+                    }
+                    _ => Ok(query),
+                });
                 let answer = match query {
-                    Ok(query) => match self.contacts.purge(query.reporter_id.to_string()).await {
-                        Ok(()) => EraseReply::Erased {
-                            reporter_id: query.reporter_id,
-                        },
-                        Err(error) => EraseReply::Error {
-                            reason_code: STORE_UNAVAILABLE.to_owned(),
-                            message: error.to_string(),
-                        },
-                    },
+                    Ok(query) => {
+                        let traceparent = observe::traceparent_or_new(message.headers.as_ref());
+                        self.erase_contact(query, &traceparent).await
+                    }
                     Err(refusal) => EraseReply::Rejected {
                         reason_code: refusal.reason_code.to_owned(),
                         message: refusal.message,
@@ -1307,7 +1373,11 @@ impl Finish {
                     Err(AppendError::Conflict { .. }) => {
                         // Another instance decided this submission first: its receipt wins.
                         match store.load(&aggregate).await {
-                            Ok(loaded) => Err(loaded.events().next().map(|e| (index, e.receipt()))),
+                            Ok(loaded) => Err(loaded
+                                .events()
+                                .next()
+                                .and_then(IntakeEvent::receipt)
+                                .map(|receipt| (index, receipt))),
                             Err(error) => {
                                 warn!(%error, "read the stored receipt");
                                 Err(None)

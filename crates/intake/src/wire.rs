@@ -260,12 +260,23 @@ pub struct ReceiptQuery {
     pub submission_id: String,
 }
 
-/// `intake.contact.erase` request.
+/// `intake.contact.erase` request. Intake records the erasure on INTAKE (reporter id and
+/// reference, never the details) before it erases, so an auditor can see it was done.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EraseContact {
     pub reporter_id: uuid::Uuid,
+    /// The personal-information office's reference for the request (its case number), kept
+    /// in the erasure record: 1 to 128 characters without control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub request_reference: Option<String>,
 }
+
+/// Longest `request_reference` of an erasure request, in characters.
+pub const REQUEST_REFERENCE_CHARS_MAX: usize = 128;
+// The schema's `maxLength` above is a literal: keep the two in step.
+const _: () = assert!(REQUEST_REFERENCE_CHARS_MAX == 128);
 
 /// `intake.contact.erase` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

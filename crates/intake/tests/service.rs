@@ -508,7 +508,22 @@ async fn rejections_merges_status_queries_and_erasure() {
         &send(
             &client,
             "intake.contact.erase",
-            json!({"reporter_id": REPORTER}),
+            json!({"reporter_id": REPORTER, "request_reference": "个保-2026-0042\u{7}"}),
+        )
+        .await,
+        expect![[
+            r#"{"message":"request_reference must be 1..=128 characters without control characters","reason_code":"schema_violation","status":"rejected"}"#
+        ]],
+    );
+    assert!(
+        contacts.get(REPORTER).await.expect("read").is_some(),
+        "a refused request erases nothing"
+    );
+    check(
+        &send(
+            &client,
+            "intake.contact.erase",
+            json!({"reporter_id": REPORTER, "request_reference": "个保-2026-0042"}),
         )
         .await,
         expect![[r#"{"reporter_id":"0193a1b2-0000-7000-8000-000000000001","status":"erased"}"#]],
@@ -517,6 +532,28 @@ async fn rejections_merges_status_queries_and_erasure() {
         contacts.get(REPORTER).await.expect("read").is_none(),
         "erased"
     );
+    // The erasure is on record (who, and the office's reference), the details are not.
+    let intake_store = EventStore::open_existing(
+        jetstream.clone(),
+        spec(BoundedContext::Intake),
+        IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+    )
+    .await
+    .expect("open INTAKE");
+    let erasures = intake_store
+        .load(&eventstore::AggregateId::new(format!("erasure.{REPORTER}")).unwrap())
+        .await
+        .expect("load the erasure records");
+    expect![[r#"
+        [
+            ContactErased {
+                reporter: 0193a1b2-0000-7000-8000-000000000001,
+                request_reference: Some(
+                    "个保-2026-0042",
+                ),
+            },
+        ]"#]]
+    .assert_eq(&format!("{:#?}", erasures.events().collect::<Vec<_>>()));
 
     // Rate limit: burst 3 for a fresh reporter, then refused.
     let mut outcomes = Vec::new();

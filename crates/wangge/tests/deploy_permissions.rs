@@ -12,7 +12,8 @@
 //! - the projection reading intake's contact bucket (personal data), writing dispatch's
 //!   snapshots or pulling intake's submissions.
 //!
-//! And what is allowed works: a resident submits and reads its receipt, a department reads its
+//! And what is allowed works: a resident submits and reads its receipt (but may not erase
+//! contact details: the privacy office may), a department reads its
 //! notifications and acknowledges its case, and a department acting on another department's
 //! case through its own subject is refused by the domain (`not_assigned`); the auditor replays
 //! the log. The projection, as its own user, creates its buckets, takes the builder lease,
@@ -491,6 +492,28 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         answer,
         &resident.refusals().await,
     ));
+    // Only the personal-information office erases contact details; intake, as its own user,
+    // records the erasure on INTAKE first.
+    let erase = serde_json::json!({
+        "reporter_id": uuid::Uuid::from_u128(100),
+        "request_reference": "PIO-2026-0001",
+    });
+    let answer = resident
+        .request("intake.contact.erase", erase.clone())
+        .await;
+    lines.push(verdict(
+        "resident erases contact details",
+        answer,
+        &resident.refusals().await,
+    ));
+    let privacy_office =
+        Connection::open(&url, &accounts, "privacy-office", "privacy_office").await;
+    let answer = privacy_office.request("intake.contact.erase", erase).await;
+    lines.push(verdict(
+        "privacy office erases contact details",
+        answer,
+        &privacy_office.refusals().await,
+    ));
 
     // Department consoles.
     let answer = chengguan
@@ -708,6 +731,8 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         resident listens to all receipts: no answer | server: permissions violation for subscription to "intake.receipts.>"
         resident submits: rejected outside_communities | server: none
         resident reads its receipt: rejected outside_communities | server: none
+        resident erases contact details: no answer | server: permissions violation for publish to "intake.contact.erase"
+        privacy office erases contact details: erased | server: none
         chengguan publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
         chengguan opens a consumer on xiaofang's notifications: failed | server: permissions violation for publish to "$js.api.consumer.create.notifications.console-chengguan.dispatch.notify.department.xiaofang"
         chengguan acknowledges xiaofang's case as chengguan: rejected not_assigned | server: none
