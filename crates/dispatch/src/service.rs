@@ -675,10 +675,17 @@ impl DispatchService {
         reload_into(&self.store, &mut self.book, &aggregate, incident, held).await
     }
 
-    fn meta(&self, actor: &Actor, now: Timestamp, traceparent: String) -> CommitMeta {
+    fn meta(
+        &self,
+        actor: &Actor,
+        command_id: &str,
+        now: Timestamp,
+        traceparent: String,
+    ) -> CommitMeta {
+        let command = eventstore::command_uuid("dispatch", command_id);
         CommitMeta {
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
+            correlation_id: command,
+            causation_id: command,
             actor: match actor.role {
                 Role::System => format!("system:dispatch/{}", self.config.instance),
                 role => format!("{role}/{}", actor.id),
@@ -722,11 +729,9 @@ impl DispatchService {
                     let traceparent = observe::new_traceparent();
                     let mut after = held.state.clone();
                     events.iter().for_each(|event| after.apply(event));
-                    let commit = Commit::new(
-                        command_id(incident),
-                        events,
-                        self.meta(&actor, now, traceparent),
-                    );
+                    let command_id = command_id(incident);
+                    let meta = self.meta(&actor, &command_id, now, traceparent);
+                    let commit = Commit::new(command_id, events, meta);
                     planned.push((incident, aggregate, held.position, commit, after));
                 }
                 Ok(_) => untouched.push(incident),
@@ -1017,7 +1022,7 @@ impl DispatchService {
             let commit = Commit::new(
                 command_id.clone(),
                 events,
-                self.meta(&command.actor, now, traceparent.to_owned()),
+                self.meta(&command.actor, &command_id, now, traceparent.to_owned()),
             );
             match self.store.append(&aggregate, &position, &commit).await {
                 Ok(appended) if !appended.duplicate => {
@@ -1147,7 +1152,9 @@ impl DispatchService {
     ) -> Option<CommandReply> {
         let command_id = &command.command_id;
         let commit = self.stored_commit(aggregate, command_id).await?;
-        let actor = self.meta(&command.actor, now, String::new()).actor;
+        let actor = self
+            .meta(&command.actor, command_id, now, String::new())
+            .actor;
         let same_action = commit
             .events
             .first()

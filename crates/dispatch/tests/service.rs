@@ -122,6 +122,16 @@ async fn history(store: &IncidentStore, incident: IncidentId) -> String {
     let loaded = store.load(&aggregate).await.unwrap();
     let mut out = String::new();
     for commit in &loaded.commits {
+        if commit.meta.actor != "system:intake" {
+            // Dispatch's commits carry ids derived from their command ids, never random ones.
+            let derived = eventstore::command_uuid("dispatch", &commit.command_id);
+            assert_eq!(
+                (commit.meta.correlation_id, commit.meta.causation_id),
+                (derived, derived),
+                "commit {}",
+                commit.command_id
+            );
+        }
         let cause = commit.command_id.split(':').next().unwrap_or("");
         let at = (commit.meta.occurred_at_ms - START.0) / MINUTE;
         let events: Vec<String> = commit
@@ -499,6 +509,19 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     wait_version(&store, fire, 12).await;
     let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
     assert_eq!(store.last_position(&aggregate).await.unwrap().version, 12);
+    // The console commands' commits carry ids derived from their command ids ("c1" is
+    // yingji's report to the whistle), as the system's do.
+    history(&store, fire).await;
+    let loaded = store.load(&aggregate).await.unwrap();
+    let console = loaded
+        .commits
+        .iter()
+        .find(|commit| commit.command_id == "c1")
+        .expect("the commit of command c1");
+    assert_eq!(
+        console.meta.correlation_id,
+        eventstore::command_uuid("dispatch", "c1")
+    );
     expect![[r#"
         v4 dispatched incident.dispatched incident.whistle_blown handler=department:xiaofang
         v5 dispatched incident.whistle_reported handler=department:xiaofang

@@ -60,6 +60,24 @@ const _: () = assert!(
 /// Where an aggregate stands: the version of its last event (gap-free, from 1), the stream
 /// sequence of its last commit (for `Nats-Expected-Last-Subject-Sequence`), and that commit's
 /// hash (the next commit's previous hash). A new aggregate is [`Position::NEW`].
+/// The correlation and causation id of the commit a command writes, derived from the
+/// command id (SHA-256 of `wangge/<writer>/command/v1`, a zero byte and the id, as a UUID
+/// v8): a console can compute the id of what its command caused, a resent command gets the
+/// same one, and a system command (whose id names the incident and the deadline or version
+/// that caused it) is as traceable as a console's. Random ids linked nothing to anything.
+pub fn command_uuid(writer: &str, command_id: &str) -> uuid::Uuid {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"wangge/")
+        .chain_update(writer.as_bytes())
+        .chain_update(b"/command/v1\0")
+        .chain_update(command_id.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Position {
     pub version: u64,
@@ -685,6 +703,36 @@ pub(crate) fn decode_commit<C: EventCodec>(
 
 pub(crate) fn datetime_to_ms(datetime: time::OffsetDateTime) -> i64 {
     (datetime.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod command_ids {
+    use super::command_uuid;
+
+    /// Stored in commits: the derivation must never change, and writers never share ids.
+    #[test]
+    fn a_command_id_gives_one_uuid_per_writer_forever() {
+        let ids = [
+            command_uuid("dispatch", "c1"),
+            command_uuid("dispatch", "c1"),
+            command_uuid("registry", "c1"),
+            command_uuid("dispatch", "c2"),
+        ];
+        expect_test::expect![[r#"
+            de301855-9b6a-8a95-b8c9-c3472719fc0a
+            de301855-9b6a-8a95-b8c9-c3472719fc0a
+            e9f3a902-4343-81e7-a265-59749813e7e4
+            202dba4c-fe62-8ea0-a32c-433316b7d325"#]]
+        .assert_eq(
+            &ids.iter()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        assert_eq!(ids[0], ids[1]);
+        assert_ne!(ids[0], ids[2]);
+        assert_ne!(ids[0], ids[3]);
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,9 @@ mod verify;
 
 pub use aggregate::{AggregateId, AggregateIdError};
 pub use codec::{CodecError, EncodedEvent, EventCodec, PostcardCodec};
-pub use envelope::{Commit, CommitMeta, Position, RecordedCommit, RecordedEvent, headers};
+pub use envelope::{
+    Commit, CommitMeta, Position, RecordedCommit, RecordedEvent, command_uuid, headers,
+};
 pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;
 pub use snapshot::{SnapshotError, SnapshotRead, SnapshotStore};

@@ -23,7 +23,6 @@ use eventstore::{
 use futures::StreamExt as _;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
-use uuid::Uuid;
 
 use crate::api::{
     self, CommunityAnswer, CommunityQuery, GridSummary, ItemRejectionJson, LocateAnswer,
@@ -569,9 +568,10 @@ impl RegistryService {
                     &[],
                 ));
             }
+            let command_uuid = eventstore::command_uuid("registry", &header.command_id);
             let meta = CommitMeta {
-                correlation_id: Uuid::now_v7(),
-                causation_id: Uuid::now_v7(),
+                correlation_id: command_uuid,
+                causation_id: command_uuid,
                 actor: if actor.is_empty() {
                     "anonymous".to_owned()
                 } else {
