@@ -17,7 +17,7 @@ use eventstore::{
 };
 use serde_json::{Value, json};
 
-use super::instant::{format_at, format_ms, parse_instant};
+use super::instant::{format_at, format_ms, format_offset, parse_instant};
 use crate::config::Settings;
 
 /// Commits between two progress lines on stderr.
@@ -349,10 +349,9 @@ fn render_timeline(
     let zone = if utc_offset_ms == 0 {
         "times in UTC".to_owned()
     } else {
-        let offset = format_at(0, utc_offset_ms);
         format!(
             "times at UTC{}, the city's offset; --utc for UTC",
-            &offset[offset.len() - 6..]
+            format_offset(utc_offset_ms)
         )
     };
     let mut text = format!("Incident {incident}: {} events ({zone})\n\n", entries.len());
@@ -432,8 +431,11 @@ struct StreamHeads {
     heads: Vec<eventstore::ChainHead>,
 }
 
-/// Reads and checks a chain-heads file: the saved heads by stream name.
-fn read_heads(path: &std::path::Path) -> anyhow::Result<Vec<(String, SavedHeads)>> {
+/// Reads and checks a chain-heads file: the saved heads by stream name (a stream listed twice
+/// is refused).
+fn read_heads(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, SavedHeads>> {
     let context = || format!("read the chain heads in {}", path.display());
     let size = std::fs::metadata(path).with_context(context)?.len();
     anyhow::ensure!(
@@ -450,21 +452,25 @@ fn read_heads(path: &std::path::Path) -> anyhow::Result<Vec<(String, SavedHeads)
         path.display(),
         file.format
     );
-    file.streams
-        .into_iter()
-        .map(|stream| {
-            let saved = SavedHeads::new(stream.heads)
-                .map_err(|reason| anyhow::anyhow!("{reason}"))
-                .with_context(|| {
-                    format!(
-                        "read the chain heads of {} in {}",
-                        stream.stream,
-                        path.display()
-                    )
-                })?;
-            Ok((stream.stream, saved))
-        })
-        .collect()
+    let mut by_stream = std::collections::BTreeMap::new();
+    for stream in file.streams {
+        let saved = SavedHeads::new(stream.heads)
+            .map_err(|reason| anyhow::anyhow!("{reason}"))
+            .with_context(|| {
+                format!(
+                    "read the chain heads of {} in {}",
+                    stream.stream,
+                    path.display()
+                )
+            })?;
+        anyhow::ensure!(
+            by_stream.insert(stream.stream.clone(), saved).is_none(),
+            "read the chain heads in {}: stream {} is listed twice",
+            path.display(),
+            stream.stream
+        );
+    }
+    Ok(by_stream)
 }
 
 /// Writes `file` beside `path` and renames it over `path`, so a crash leaves the old file or
@@ -479,11 +485,7 @@ fn write_heads(path: &std::path::Path, file: &HeadsFile) -> anyhow::Result<Strin
     let temporary = PathBuf::from(temporary);
     std::fs::write(&temporary, &text).with_context(context)?;
     std::fs::rename(&temporary, path).with_context(context)?;
-    Ok(hex_digest(sha2::Sha256::digest(&text).as_slice()))
-}
-
-fn hex_digest(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    Ok(hex::encode(sha2::Sha256::digest(&text)))
 }
 
 async fn verify(
@@ -495,11 +497,7 @@ async fn verify(
     // The heads file is read before any stream, so a bad file costs no walk.
     let mut saved_by_stream = match &args.check_heads {
         Some(path) => {
-            let saved = read_heads(path)?;
-            let mut by_stream = std::collections::HashMap::new();
-            for (stream, heads) in saved {
-                by_stream.insert(stream, heads);
-            }
+            let by_stream = read_heads(path)?;
             for stream in &streams {
                 let name = spec(settings, *stream).stream_name;
                 anyhow::ensure!(
@@ -507,15 +505,7 @@ async fn verify(
                     "the chain heads in {} do not cover stream {name} (they cover {}); check \
                      only the streams they cover with --stream",
                     path.display(),
-                    {
-                        let mut names: Vec<&String> = by_stream.keys().collect();
-                        names.sort();
-                        names
-                            .iter()
-                            .map(|name| name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
+                    by_stream.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
             }
             Some(by_stream)
@@ -832,8 +822,8 @@ fn export_lines<E>(
                 "causation_id": commit.meta.causation_id,
                 "occurred_at": format_ms(commit.meta.occurred_at_ms),
                 "stored_at": format_ms(commit.stored_at_ms),
-                "hash": hex(&commit.hash),
-                "previous_hash": hex(&commit.previous_hash),
+                "hash": hex::encode(commit.hash),
+                "previous_hash": hex::encode(commit.previous_hash),
                 "event": event_json(&recorded.event),
             })
         })
@@ -924,8 +914,4 @@ fn registry_event_json(event: &registry::domain::Event) -> Value {
             "assigned_at": format_ms(*assigned_at_ms),
         }),
     }
-}
-
-fn hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -62,6 +62,17 @@ pub fn format_ms(ms: i64) -> String {
         .unwrap_or_else(|| format!("{ms} ms since 1970"))
 }
 
+/// `utc_offset_ms` as `+08:00` / `-05:30`.
+pub fn format_offset(utc_offset_ms: i64) -> String {
+    let minutes = utc_offset_ms.unsigned_abs() / 60_000;
+    format!(
+        "{}{:02}:{:02}",
+        if utc_offset_ms < 0 { '-' } else { '+' },
+        minutes / 60,
+        minutes % 60
+    )
+}
+
 /// `ms` at `utc_offset_ms` from UTC, RFC 3339 with milliseconds and the offset, e.g.
 /// `2026-11-22T18:03:12.007+08:00`; UTC (`format_ms`) at offset 0, or when the offset is not
 /// a whole number of seconds within a day, or the local year is outside 0000..=9999.
@@ -130,6 +141,8 @@ mod tests {
     #[test]
     fn stored_times_print_at_the_city_offset() {
         let eight_hours_ms = 8 * 3_600_000;
+        assert_eq!(format_offset(eight_hours_ms), "+08:00");
+        assert_eq!(format_offset(-(5 * 3_600_000 + 30 * 60_000)), "-05:30");
         let lines: Vec<String> = [
             (1_795_341_792_007, eight_hours_ms),
             (1_795_341_792_007, -(5 * 3_600_000 + 30 * 60_000)),
