@@ -55,6 +55,32 @@ async fn connect(urls: &str) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
+/// Appends `count` commits `<prefix><n>` to the new aggregate `id`, each one deposit of `n`;
+/// returns the last position.
+async fn deposit_each(
+    store: &EventStore<Codec>,
+    id: &AggregateId,
+    prefix: &str,
+    count: u64,
+) -> Position {
+    let mut position = Position::NEW;
+    for n in 0..count {
+        position = store
+            .append(
+                id,
+                &position,
+                &commit(
+                    &format!("{prefix}{n}"),
+                    vec![Ledger::Deposited { amount: n }],
+                ),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    position
+}
+
 async fn open(url: &str, spec: StreamSpec) -> EventStore<Codec> {
     EventStore::open(connect(url).await, spec, codec())
         .await
@@ -466,18 +492,7 @@ async fn verify_reports_a_deleted_tail_and_a_purged_stream_once() {
     spec.immutable = false; // let the test delete and purge
     let store = open(&server.url(), spec).await;
     let id = aggregate("tail");
-    let mut position = Position::NEW;
-    for n in 0..4 {
-        position = store
-            .append(
-                &id,
-                &position,
-                &commit(&format!("t{n}"), vec![Ledger::Deposited { amount: n }]),
-            )
-            .await
-            .expect("append")
-            .position;
-    }
+    let position = deposit_each(&store, &id, "t", 4).await;
     let stream = store
         .jetstream()
         .get_stream("LEDGER")
@@ -509,18 +524,7 @@ async fn a_replay_stops_when_its_callback_breaks() {
     let server = NatsServer::start().expect("nats-server");
     let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
     let id = aggregate("stopped");
-    let mut position = Position::NEW;
-    for n in 0..5 {
-        position = store
-            .append(
-                &id,
-                &position,
-                &commit(&format!("s{n}"), vec![Ledger::Deposited { amount: n }]),
-            )
-            .await
-            .expect("append")
-            .position;
-    }
+    deposit_each(&store, &id, "s", 5).await;
     let mut seen = Vec::new();
     let last = store
         .replay_until_break(eventstore::ReplayRange::default(), |commit| {
@@ -545,18 +549,7 @@ async fn a_replay_ends_when_the_end_of_its_range_was_deleted() {
     spec.immutable = false; // let the test delete and purge
     let store = open(&server.url(), spec).await;
     let id = aggregate("shortened");
-    let mut position = Position::NEW;
-    for n in 0..6 {
-        position = store
-            .append(
-                &id,
-                &position,
-                &commit(&format!("d{n}"), vec![Ledger::Deposited { amount: n }]),
-            )
-            .await
-            .expect("append")
-            .position;
-    }
+    deposit_each(&store, &id, "d", 6).await;
     let stream = store
         .jetstream()
         .get_stream("LEDGER")
@@ -606,18 +599,7 @@ async fn snapshots_use_revision_cas_and_a_corrupt_one_means_replay() {
         .await
         .expect("bucket");
     let id = aggregate("snap");
-    let mut position = Position::NEW;
-    for n in 0..10 {
-        position = store
-            .append(
-                &id,
-                &position,
-                &commit(&format!("s{n}"), vec![Ledger::Deposited { amount: n }]),
-            )
-            .await
-            .expect("append")
-            .position;
-    }
+    let position = deposit_each(&store, &id, "s", 10).await;
     let balance: u64 = 45;
     let revision = snapshots
         .write("snap", 1, &balance, position, None)
@@ -675,18 +657,7 @@ async fn catch_up_subscription_resumes_from_checkpoint_and_survives_a_server_res
     let mut server = NatsServer::start().expect("nats-server");
     let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
     let id = aggregate("subscribed");
-    let mut position = Position::NEW;
-    for n in 0..10 {
-        position = store
-            .append(
-                &id,
-                &position,
-                &commit(&format!("p{n}"), vec![Ledger::Deposited { amount: n }]),
-            )
-            .await
-            .expect("append")
-            .position;
-    }
+    deposit_each(&store, &id, "p", 10).await;
     let mut config = SubscriptionConfig::durable("projection-test");
     config.start_after_sequence = 4; // a checkpoint kept with a read model
     config.batch_max = 3;
