@@ -655,11 +655,18 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 }
 
 /// A W3C `traceparent` for work that starts here (no caller sent one): version 00, a random
-/// trace id and span id, sampled.
+/// trace id and span id, flags `00` (not sampled).
+///
+/// wangge records no spans of its own, so a trace it starts is not a sampling decision; the
+/// id is there to tie log lines and commits together. It also keeps nats-server's message
+/// tracing out of the way: for every published message whose `traceparent` says "sampled",
+/// the server builds a map of all its headers to look for a trace destination (about 5% of
+/// the server's time per filing in docs/BENCHMARKS.md, session 13), and traces the message
+/// if the account has one. A caller's own `traceparent` is passed on as it came.
 pub fn new_traceparent() -> String {
     let trace = uuid::Uuid::new_v4().simple().to_string();
     let span = uuid::Uuid::new_v4().simple().to_string();
-    format!("00-{trace}-{}-01", &span[..16])
+    format!("00-{trace}-{}-00", &span[..16])
 }
 
 /// The caller's `traceparent` header if it is well formed, else a new one.

@@ -96,6 +96,28 @@ fn trace_ids_come_from_traceparent() {
     .assert_eq(&seen.join("\n"));
 }
 
+#[test]
+fn a_trace_started_here_is_well_formed_and_not_sampled() {
+    let started = new_traceparent();
+    let parts: Vec<&str> = started.split('-').collect();
+    assert_eq!(parts.len(), 4, "{started}");
+    assert_eq!(parts[0], "00", "version: {started}");
+    assert!(trace_id(&started).is_some(), "trace id: {started}");
+    assert_eq!(parts[2].len(), 16, "span id: {started}");
+    assert_eq!(parts[3], "00", "flags (not sampled): {started}");
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    assert_eq!(
+        traceparent_or_new(Some(&headers)),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "a caller's sampling decision is passed on"
+    );
+}
+
 #[tokio::test]
 async fn health_metrics_over_http_and_micro_service_discovery_on_a_real_server() {
     let server = testkit::NatsServer::start().expect("nats-server");
