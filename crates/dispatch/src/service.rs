@@ -686,12 +686,18 @@ impl DispatchService {
         CommitMeta {
             correlation_id: command,
             causation_id: command,
-            actor: match actor.role {
-                Role::System => format!("system:dispatch/{}", self.config.instance),
-                role => format!("{role}/{}", actor.id),
-            },
+            actor: self.actor_label(actor),
             occurred_at_ms: now.0,
             traceparent: Some(traceparent),
+        }
+    }
+
+    /// How a commit names `actor` (`Wangge-Actor`): `system:dispatch/<instance>` or
+    /// `<role>/<id>`.
+    fn actor_label(&self, actor: &Actor) -> String {
+        match actor.role {
+            Role::System => format!("system:dispatch/{}", self.config.instance),
+            role => format!("{role}/{}", actor.id),
         }
     }
 
@@ -1010,7 +1016,7 @@ impl DispatchService {
                     }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
-                    if let Some(reply) = self.already_applied(&aggregate, command, now).await {
+                    if let Some(reply) = self.already_applied(&aggregate, command).await {
                         return reply;
                     }
                     return CommandReply::from_rejection(&rejection);
@@ -1148,13 +1154,10 @@ impl DispatchService {
         &mut self,
         aggregate: &eventstore::AggregateId,
         command: &ConsoleCommand,
-        now: Timestamp,
     ) -> Option<CommandReply> {
         let command_id = &command.command_id;
         let commit = self.stored_commit(aggregate, command_id).await?;
-        let actor = self
-            .meta(&command.actor, command_id, now, String::new())
-            .actor;
+        let actor = self.actor_label(&command.actor);
         let same_action = commit
             .events
             .first()

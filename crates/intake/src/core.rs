@@ -874,7 +874,7 @@ impl Core {
     }
 }
 
-/// The receipt of a submission filed as `incident` in `grid`.
+/// The receipt of a submission merged into the open `incident` in `grid_code`.
 pub fn merged_receipt(
     submission_id: &str,
     incident: IncidentId,
@@ -890,6 +890,7 @@ pub fn merged_receipt(
     }
 }
 
+/// The receipt of a refused submission (`submission_id` is `None` when it had no usable id).
 pub fn rejected_receipt(
     submission_id: Option<String>,
     reason_code: ReasonCode,
@@ -913,6 +914,7 @@ impl Refusal {
     }
 }
 
+/// The receipt of a submission filed as `incident` in `grid`.
 pub fn filed_receipt(
     submission_id: &str,
     incident: IncidentId,
