@@ -74,8 +74,53 @@ enum Command {
     Audit(cmd::audit::AuditCommand),
 }
 
+/// The variables clap reads for the global flags, with what each must hold. Set but empty,
+/// clap refuses them with an error that names the flag (`--config`), not the variable the
+/// operator set; [`parse_command_line`] names the variable instead.
+const FLAG_VARIABLES: [(&str, &str); 2] = [
+    ("WANGGE_CONFIG", "the path of a TOML configuration file"),
+    ("WANGGE_LOG_FORMAT", "`pretty` or `json`"),
+];
+
+/// The first flag variable that is set but empty, as an error message.
+fn empty_flag_variable() -> Option<String> {
+    FLAG_VARIABLES.iter().find_map(|(name, wanted)| {
+        let value = std::env::var_os(name)?;
+        value
+            .is_empty()
+            .then(|| format!("{name} is set but empty: unset it, or set it to {wanted}"))
+    })
+}
+
+/// The command line, or exit 2 with clap's error (or, when a flag's variable is set but
+/// empty, an error naming the variable).
+fn parse_command_line() -> Result<Cli, std::process::ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(error) => {
+            use clap::error::ErrorKind;
+            let asked_for_text = matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            match empty_flag_variable() {
+                Some(message) if !asked_for_text => {
+                    eprintln!("error: {message}");
+                    Err(std::process::ExitCode::from(2))
+                }
+                _ => error.exit(),
+            }
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let settings = match config::Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {

@@ -113,6 +113,28 @@ fn mistakes_are_named_where_they_were_made() {
             error: RUST_LOG="info,,=[" is not a log filter: invalid filter directive"#]],
     );
     check(
+        &[],
+        &[("WANGGE_CONFIG", "")],
+        expect![[r#"
+            exit Some(2)
+            error: WANGGE_CONFIG is set but empty: unset it, or set it to the path of a TOML configuration file"#]],
+    );
+    check(
+        &[],
+        &[("WANGGE_LOG_FORMAT", "")],
+        expect![[r#"
+            exit Some(2)
+            error: WANGGE_LOG_FORMAT is set but empty: unset it, or set it to `pretty` or `json`"#]],
+    );
+    // Refused beside its flag too (clap reads both), and still named.
+    check(
+        &["--config", "/"],
+        &[("WANGGE_CONFIG", "")],
+        expect![[r#"
+            exit Some(2)
+            error: WANGGE_CONFIG is set but empty: unset it, or set it to the path of a TOML configuration file"#]],
+    );
+    check(
         &["--config", "/"],
         &[],
         expect![[r#"
