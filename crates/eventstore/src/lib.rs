@@ -49,7 +49,7 @@ pub use subscription::{
     Acks, CUMULATIVE_ACK_EVERY_DELIVERIES, CUMULATIVE_ACK_LINGER, DeleteConsumerError, Delivery,
     Readers, SubscribeError, Subscription, SubscriptionConfig, consumer_name_fragment,
 };
-pub use verify::{ChainHead, Finding, SavedHeads, VerifyReport};
+pub use verify::{ChainHead, Finding, SavedHeads, VERIFY_AGGREGATES_MAX, VerifyReport};
 
 /// Most events one commit may hold.
 pub const COMMIT_EVENTS_MAX: usize = 256;

@@ -25,6 +25,11 @@ use crate::store::EventStore;
 const VERIFY_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most findings kept in a report; the count goes on beyond it.
 const FINDINGS_MAX: usize = 10_000;
+/// Most aggregates one walk follows. A walk keeps each aggregate's newest position in memory
+/// (about 150 bytes with its key), and the heads it saves must fit in a heads file that
+/// `wangge audit verify --heads` reads back (1 GiB, about 6 million heads); past the bound
+/// the walk stops with an error instead of growing until the operating system kills it.
+pub const VERIFY_AGGREGATES_MAX: usize = 6_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -157,6 +162,18 @@ impl<C: EventCodec> EventStore<C> {
     pub async fn verify_against(
         &self,
         saved: &SavedHeads,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, LoadError> {
+        self.verify_within(saved, VERIFY_AGGREGATES_MAX, progress)
+            .await
+    }
+
+    /// [`EventStore::verify_against`], following at most `aggregates_max` aggregates (a walk
+    /// that meets more stops with an error: nothing is concluded).
+    pub async fn verify_within(
+        &self,
+        saved: &SavedHeads,
+        aggregates_max: usize,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<VerifyReport, LoadError> {
         let stream_name = self.spec.stream_name.clone();
@@ -280,6 +297,13 @@ impl<C: EventCodec> EventStore<C> {
                 progress(report.commits_checked, last_sequence);
             }
             check_commit(&mut report, &mut chains, saved, sequence, &message);
+            if chains.len() > aggregates_max {
+                return Err(read_error(format!(
+                    "more than {aggregates_max} aggregates by stream sequence {sequence} of \
+                     {last_sequence}: a walk keeps every aggregate's chain head in memory, and \
+                     this one would outgrow its bound; nothing is concluded"
+                )));
+            }
             if nothing_follows {
                 break;
             }

@@ -517,6 +517,30 @@ async fn verify_reports_a_deleted_tail_and_a_purged_stream_once() {
     .assert_eq(&format!("{deleted_tail}\n{purged}"));
 }
 
+/// A walk follows a named number of aggregates at most: one more is an error that concludes
+/// nothing, not a report (and not a process grown until it is killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_stops_past_its_aggregate_bound() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    for name in ["first", "second", "third"] {
+        deposit_each(&store, &aggregate(name), name, 2).await;
+    }
+    let saved = eventstore::SavedHeads::default();
+    let within = store
+        .verify_within(&saved, 3, |_, _| {})
+        .await
+        .expect("three aggregates within a bound of three");
+    assert!(within.is_intact());
+    assert_eq!(within.aggregates, 3);
+    let error = store
+        .verify_within(&saved, 2, |_, _| {})
+        .await
+        .expect_err("three aggregates past a bound of two");
+    expect_test::expect![[r#"load ledger.ev.>: read commits: more than 2 aggregates by stream sequence 5 of 6: a walk keeps every aggregate's chain head in memory, and this one would outgrow its bound; nothing is concluded"#]]
+    .assert_eq(&error.to_string());
+}
+
 /// A replay stops where its callback says (an export whose reader went away), and reads
 /// nothing after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
