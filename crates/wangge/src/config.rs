@@ -647,11 +647,73 @@ pub fn print(settings: &Settings) -> anyhow::Result<()> {
     if shown.nats.password.is_some() {
         shown.nats.password = Some("<redacted>".to_owned());
     }
-    print!(
-        "{}",
-        toml::to_string_pretty(&shown).context("render settings as TOML")?
-    );
+    let rendered = toml::to_string_pretty(&shown).context("render settings as TOML")?;
+    let unset = unset_keys(&serde_json::to_value(&shown).context("render settings")?);
+    print!("{}", note_unset_keys(&rendered, &unset));
     Ok(())
+}
+
+/// The keys whose value is not set (TOML has no null, so they would not show at all), by
+/// section: `""` for the top level, `nats` for `[nats]`.
+fn unset_keys(settings: &serde_json::Value) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut unset = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let Some(top) = settings.as_object() else {
+        return unset;
+    };
+    for (key, value) in top {
+        match value {
+            serde_json::Value::Null => unset.entry(String::new()).or_default().push(key.clone()),
+            serde_json::Value::Object(section) => {
+                let keys: Vec<String> = section
+                    .iter()
+                    .filter(|(_, value)| value.is_null())
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                if !keys.is_empty() {
+                    unset.insert(key.clone(), keys);
+                }
+            }
+            _ => {}
+        }
+    }
+    unset
+}
+
+/// `rendered` (TOML) with a comment line for each unset key at the end of its section, so
+/// `wangge config` shows every key there is to set.
+fn note_unset_keys(
+    rendered: &str,
+    unset: &std::collections::BTreeMap<String, Vec<String>>,
+) -> String {
+    let mut out = String::new();
+    let mut section = String::new();
+    let mut pending_blank_lines = 0;
+    let close = |out: &mut String, section: &str| {
+        for key in unset.get(section).into_iter().flatten() {
+            out.push_str(&format!("# {key}: not set\n"));
+        }
+    };
+    for line in rendered.lines() {
+        if line.is_empty() {
+            pending_blank_lines += 1;
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            close(&mut out, &section);
+            section = name.to_owned();
+        }
+        for _ in 0..pending_blank_lines {
+            out.push('\n');
+        }
+        pending_blank_lines = 0;
+        out.push_str(line);
+        out.push('\n');
+    }
+    close(&mut out, &section);
+    out
 }
 
 #[cfg(test)]
@@ -676,6 +738,48 @@ mod tests {
             Err(error) => format!("error: {error:#}"),
         };
         expect.assert_eq(&shown);
+    }
+
+    /// `wangge config` names the keys it cannot show a value for.
+    #[test]
+    fn unset_keys_are_named_in_their_section() {
+        let mut settings = Settings::default();
+        settings.nats.user = Some("intake".to_owned());
+        settings.policy.routing_file = Some("routing.toml".into());
+        let rendered = toml::to_string_pretty(&settings).expect("toml");
+        let unset = unset_keys(&serde_json::to_value(&settings).expect("json"));
+        let noted = note_unset_keys(&rendered, &unset);
+        let sections = |text: &str| -> String {
+            text.split("\n\n")
+                .filter(|section| section.starts_with("[nats]") || section.starts_with("[policy]"))
+                .collect::<Vec<_>>()
+                .join("\n\n")
+        };
+        expect![[r#"
+            [nats]
+            url = "nats://127.0.0.1:4222"
+            client_name = "wangge"
+            user = "intake"
+            inbox_prefix = "_INBOX"
+            # credentials: not set
+            # password: not set
+            # tls_ca_file: not set
+            # tls_cert_file: not set
+            # tls_key_file: not set
+
+            [policy]
+            routing_file = "routing.toml"
+            # calendar_file: not set
+            # categories_file: not set
+        "#]]
+        .assert_eq(&sections(&noted));
+        // Nothing else changes: without the comments, the text is what TOML rendered.
+        let uncommented: String = noted
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_eq!(uncommented, rendered);
     }
 
     #[test]
