@@ -57,9 +57,6 @@ const _: () = assert!(
     "write Wangge-Body-Format for formats after 1"
 );
 
-/// Where an aggregate stands: the version of its last event (gap-free, from 1), the stream
-/// sequence of its last commit (for `Nats-Expected-Last-Subject-Sequence`), and that commit's
-/// hash (the next commit's previous hash). A new aggregate is [`Position::NEW`].
 /// The correlation and causation id of the commit a command writes, derived from the
 /// command id (SHA-256 of `wangge/<writer>/command/v1`, a zero byte and the id, as a UUID
 /// v8): a console can compute the id of what its command caused, a resent command gets the
@@ -78,6 +75,9 @@ pub fn command_uuid(writer: &str, command_id: &str) -> uuid::Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
+/// Where an aggregate stands: the version of its last event (gap-free, from 1), the stream
+/// sequence of its last commit (for `Nats-Expected-Last-Subject-Sequence`), and that commit's
+/// hash (the next commit's previous hash). A new aggregate is [`Position::NEW`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Position {
     pub version: u64,

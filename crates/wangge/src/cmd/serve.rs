@@ -824,12 +824,13 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Starts listening for SIGINT/SIGTERM; the receiver turns `true` when one arrives. The
-/// returned task ends then; abort it when the service stopped for another reason.
 /// How long a stop may take after the signal before the process exits anyway (under
 /// systemd's `TimeoutStopSec=30` and Kubernetes' 30 s grace, so the last log line is ours).
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// Starts listening for SIGINT/SIGTERM; the receiver turns `true` when one arrives. The
+/// returned task then waits up to [`SHUTDOWN_GRACE`] (or a second signal) and exits the
+/// process; abort it when the service stopped in time or for another reason.
 pub(crate) fn stop_on_signal() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
     let (stop, stopped) = watch::channel(false);
     let signals = tokio::spawn(async move {
