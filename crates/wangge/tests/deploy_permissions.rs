@@ -724,6 +724,47 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &projection_user.refusals().await,
     ));
 
+    // A service's reply holds on every node of a cluster: beside `allow_responses` (granted
+    // by the node that delivered the request, so refused on another after a reconnect) it may
+    // publish to the inboxes of the users that may ask it something, and to no one else's.
+    let intake_user = Connection::open(&url, &accounts, "intake", "intake").await;
+    let mut moved = resident
+        .client
+        .subscribe("_INBOX_resident.moved")
+        .await
+        .expect("subscribe");
+    resident.client.flush().await.expect("flush");
+    for (what, subject) in [
+        (
+            "intake answers a resident outright",
+            "_INBOX_resident.moved",
+        ),
+        (
+            "intake answers a console outright",
+            "_INBOX_console_xiaofang.moved",
+        ),
+        (
+            "intake publishes to dispatch's inbox",
+            "_INBOX_dispatch.forged",
+        ),
+        (
+            "intake publishes to the auditor's inbox",
+            "_INBOX_auditor.forged",
+        ),
+    ] {
+        intake_user
+            .client
+            .publish(subject, bytes::Bytes::from_static(b"{}"))
+            .await
+            .expect("publish call");
+        lines.push(verdict(what, None, &intake_user.refusals().await));
+    }
+    let delivered = tokio::time::timeout(REFUSED_WAIT, moved.next()).await;
+    lines.push(format!(
+        "the resident's inbox got intake's message: {}",
+        matches!(delivered, Ok(Some(_)))
+    ));
+
     expect![[r#"
         resident publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
         resident subscribes to xiaofang's notifications: no answer | server: permissions violation for subscription to "dispatch.notify.department.xiaofang"
@@ -748,7 +789,12 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         xiaofang asks intake for its case: found | server: none
         projection reads intake's contacts: no answer | server: permissions violation for publish to "$js.api.direct.get.kv_intake_contacts"
         projection writes dispatch's snapshots: no answer | server: permissions violation for publish to "$kv.dispatch_snapshots.x"
-        projection pulls intake's submissions: no answer | server: permissions violation for publish to "$js.api.consumer.msg.next.submissions.intake""#]]
+        projection pulls intake's submissions: no answer | server: permissions violation for publish to "$js.api.consumer.msg.next.submissions.intake"
+        intake answers a resident outright: no answer | server: none
+        intake answers a console outright: no answer | server: none
+        intake publishes to dispatch's inbox: no answer | server: permissions violation for publish to "_inbox_dispatch.forged"
+        intake publishes to the auditor's inbox: no answer | server: permissions violation for publish to "_inbox_auditor.forged"
+        the resident's inbox got intake's message: true"#]]
     .assert_eq(&lines.join("\n"));
     assert_eq!(
         version_of(&incidents, case).await,
