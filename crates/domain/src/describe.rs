@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::ids::Timestamp;
+use crate::ids::{DepartmentId, Timestamp};
 use crate::incident::{
     Channel, DeadlineKind, Handler, IncidentEvent, Level, RejectReason, ReturnReason, RouteSource,
     Satisfaction, SubmissionKind, WhistleCause,
@@ -35,6 +35,25 @@ pub fn describe(event: &IncidentEvent) -> Description {
 /// Describes `event` in words, its times at `utc_offset_ms` from UTC (the city's calendar:
 /// an inspector in Sanming reads 13:31+08:00, not 05:31Z).
 pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
+    describe_named(event, utc_offset_ms, &|_| None)
+}
+
+/// [`describe_at`], naming each department the sentence mentions by `department_name` too
+/// (the city's routing table knows `zhujian` as 住房和城乡建设局; an event holds only the id):
+/// "department zhujian [住房和城乡建设局]". An id without a name reads as the id alone.
+pub fn describe_named(
+    event: &IncidentEvent,
+    utc_offset_ms: i64,
+    department_name: &dyn Fn(DepartmentId) -> Option<String>,
+) -> Description {
+    let department_text = |id: DepartmentId| match department_name(id) {
+        Some(name) => format!("department {id} [{name}]"),
+        None => format!("department {id}"),
+    };
+    let handler_text = |handler: Handler| match handler {
+        Handler::Department(id) => department_text(id),
+        other => handler_name(other),
+    };
     let at = |time: &Timestamp| At {
         time: *time,
         utc_offset_ms,
@@ -124,7 +143,7 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
                 "dispatched",
                 format!(
                     "Assigned to {} ({}); respond by {response_due}, resolve by {resolution_due}",
-                    handler_name(*handler),
+                    handler_text(*handler),
                     route_source(*source)
                 ),
             )
@@ -192,9 +211,9 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
                 "returned",
                 format!(
                     "{} returned the case ({}); re-routed to {} ({}); respond by {response_due}, resolve by {resolution_due}",
-                    capitalise(&handler_name(*handler)),
+                    capitalise(&handler_text(*handler)),
                     return_reason(*why),
-                    handler_name(*rerouted_to),
+                    handler_text(*rerouted_to),
                     route_source(*source)
                 ),
             )
@@ -265,7 +284,7 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
                 "deadline_missed",
                 format!(
                     "{} missed the {} deadline of {due}",
-                    capitalise(&handler_name(*handler)),
+                    capitalise(&handler_text(*handler)),
                     deadline_name(*deadline)
                 ),
             )
@@ -293,8 +312,8 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
                     }
                     let _ = write!(
                         text,
-                        "department {} to report by {}",
-                        summons.department,
+                        "{} to report by {}",
+                        department_text(summons.department),
                         at(&summons.report_by)
                     );
                     concerns.push(format!("department:{}", summons.department));
@@ -312,7 +331,8 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
             (
                 "whistle_reported",
                 format!(
-                    "Department {department} reported to the whistle{}",
+                    "{} reported to the whistle{}",
+                    capitalise(&department_text(*department)),
                     late_text(*late)
                 ),
             )
@@ -321,7 +341,11 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
             concerns.push(format!("department:{department}"));
             (
                 "whistle_report_missed",
-                format!("Department {department} did not report by {}", at(due)),
+                format!(
+                    "{} did not report by {}",
+                    capitalise(&department_text(*department)),
+                    at(due)
+                ),
             )
         }
         IncidentEvent::WhistleEscalated {
@@ -342,8 +366,8 @@ pub fn describe_at(event: &IncidentEvent, utc_offset_ms: i64) -> Description {
             for summons in summoned {
                 let _ = write!(
                     text,
-                    "; summoned department {} to report by {}",
-                    summons.department,
+                    "; summoned {} to report by {}",
+                    department_text(summons.department),
                     at(&summons.report_by)
                 );
                 concerns.push(format!("department:{}", summons.department));

@@ -221,3 +221,64 @@ fn times_read_at_the_city_offset() {
         Department zhujian did not report by 9223372036854775807ms"#]]
     .assert_eq(&lines.join("\n"));
 }
+
+/// Given the routing table's names, every sentence that mentions a department names it; an
+/// id the table does not know reads as the id alone.
+#[test]
+fn departments_are_named_where_the_city_knows_them() {
+    let zhujian: domain::DepartmentId = "zhujian".parse().unwrap();
+    let unknown: domain::DepartmentId = "gongan".parse().unwrap();
+    let names = |id: domain::DepartmentId| {
+        (id.to_string() == "zhujian").then(|| "住房和城乡建设局".to_owned())
+    };
+    let events = vec![
+        IncidentEvent::Dispatched {
+            by: actor(Role::System),
+            handler: Handler::Department(zhujian),
+            source: RouteSource::Table,
+            clock: Clock::Working,
+            response_due: at(60),
+            resolution_due: at(24 * 60),
+        },
+        IncidentEvent::WhistleBlown {
+            kind: WhistleKind::Tough,
+            level: Level::Street,
+            cause: WhistleCause::DeadlineMissed(DeadlineKind::Resolution),
+            summoned: vec![
+                Summoned {
+                    department: zhujian,
+                    report_by: at(240),
+                },
+                Summoned {
+                    department: unknown,
+                    report_by: at(240),
+                },
+            ],
+            resolution_due: None,
+        },
+        IncidentEvent::WhistleReported {
+            department: zhujian,
+            by: actor(Role::Department(zhujian)),
+            late: false,
+        },
+        IncidentEvent::WhistleReportMissed {
+            department: unknown,
+            due: at(240),
+        },
+        IncidentEvent::DeadlineMissed {
+            handler: Handler::Department(zhujian),
+            deadline: DeadlineKind::Response,
+            due: at(60),
+        },
+    ];
+    let lines: Vec<String> = events
+        .iter()
+        .map(|event| domain::describe::describe_named(event, 0, &names).summary)
+        .collect();
+    expect![[r#"
+        Assigned to department zhujian [住房和城乡建设局] (by the routing table); respond by 2026-11-23T09:00:00Z, resolve by 2026-11-24T08:00:00Z
+        Tough-case whistle (攻坚哨) blown by the street (街道) (resolution deadline missed): summoned department zhujian [住房和城乡建设局] to report by 2026-11-23T12:00:00Z, department gongan to report by 2026-11-23T12:00:00Z
+        Department zhujian [住房和城乡建设局] reported to the whistle
+        Department gongan did not report by 2026-11-23T12:00:00Z
+        Department zhujian [住房和城乡建设局] missed the response deadline of 2026-11-23T09:00:00Z"#]].assert_eq(&lines.join("\n"));
+}

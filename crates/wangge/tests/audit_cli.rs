@@ -142,7 +142,7 @@ async fn timeline_verify_export_and_a_tampered_disk() {
         2  2026-11-23T10:00:00.000+08:00  resident/intake
              Filed in grid 350402001002007 as category 0102
         3  2026-11-23T10:01:00.000+08:00  system/dispatch
-             Assigned to department chengguan (by the routing table); respond by 2026-11-23T13:31:00+08:00, resolve by 2026-11-25T10:01:00+08:00
+             Assigned to department chengguan [城市管理局(城市管理综合执法)] (by the routing table); respond by 2026-11-23T13:31:00+08:00, resolve by 2026-11-25T10:01:00+08:00
              concerns: department:chengguan (城市管理局(城市管理综合执法))
         4  2026-11-23T10:30:00.000+08:00  department:chengguan/console-acknowledge
              Handler acknowledged the case

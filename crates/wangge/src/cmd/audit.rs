@@ -248,7 +248,7 @@ async fn timeline(
         (Some(policy), false) => policy.calendar.utc_offset_ms(),
         _ => 0,
     };
-    let entries = timeline_entries(&loaded.commits, utc_offset_ms);
+    let entries = timeline_entries(&loaded.commits, utc_offset_ms, policy.as_ref());
     let departments = concerned_departments(&entries, policy.as_ref());
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -311,15 +311,23 @@ fn concerned_departments(
     named
 }
 
-/// One event of a timeline, as printed and as exported, its times at `utc_offset_ms`.
+/// One event of a timeline, as printed and as exported, its times at `utc_offset_ms`, its
+/// departments named as the city's routing table names them.
 fn timeline_entries(
     commits: &[RecordedCommit<domain::IncidentEvent>],
     utc_offset_ms: i64,
+    policy: Option<&domain::Policy>,
 ) -> Vec<Value> {
+    let department_name = |id: domain::DepartmentId| {
+        policy
+            .and_then(|policy| policy.routing.department(id))
+            .map(|department| department.name_zh.clone())
+    };
     let mut entries = Vec::new();
     for commit in commits {
         for recorded in &commit.events {
-            let description = domain::describe::describe_at(&recorded.event, utc_offset_ms);
+            let description =
+                domain::describe::describe_named(&recorded.event, utc_offset_ms, &department_name);
             entries.push(json!({
                 "version": recorded.version,
                 "sequence": commit.sequence,
