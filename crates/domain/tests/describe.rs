@@ -231,7 +231,7 @@ fn departments_are_named_where_the_city_knows_them() {
     let names = |id: domain::DepartmentId| {
         (id.to_string() == "zhujian").then(|| "住房和城乡建设局".to_owned())
     };
-    let events = vec![
+    let events = [
         IncidentEvent::Dispatched {
             by: actor(Role::System),
             handler: Handler::Department(zhujian),
