@@ -438,7 +438,8 @@ impl Core {
         }
     }
 
-    fn forget(&mut self, id: IncidentId) {
+    /// Drops `id` from memory (closed, terminal, or not known to match the store).
+    pub fn forget(&mut self, id: IncidentId) {
         if let Some(tracked) = self.incidents.get_mut(&id) {
             tracked.state.status = Status::Closed;
         }
@@ -645,6 +646,16 @@ impl Core {
                     rfc3339(now.0)
                 ),
             );
+        }
+        // An incident held but not known to be stored (planned here, its append failed) is
+        // no filing: decide this submission afresh (a commit that was stored after all is
+        // met as the same command by the append).
+        if self
+            .incidents
+            .get(&own)
+            .is_some_and(|t| t.position.is_new())
+        {
+            self.forget(own);
         }
         // Filed before a crash, receipt not yet stored: store the receipt only.
         let already_filed = self.incidents.get(&own).map(|t| t.state.grid);

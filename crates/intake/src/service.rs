@@ -71,6 +71,12 @@ const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const QUERY_BYTES_MAX: usize = 1024;
 /// Back-off after the submissions pull stream broke.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(200);
+/// Most incidents held forgotten until they can be read again (see [`IntakeService::reload`]);
+/// past it one is left to the follower, which reads it when its next commit arrives.
+const RELOADS_PENDING_MAX: usize = 4_096;
+/// Most of those read again before one batch is decided, so a store still unreadable does not
+/// hold a batch for long.
+const RELOADS_PER_BATCH_MAX: usize = 16;
 
 /// How one intake instance runs.
 #[derive(Debug, Clone)]
@@ -248,6 +254,9 @@ pub struct IntakeService {
     micro: Option<async_nats::service::Service>,
     /// Batches storing their receipts and answering (at most [`BATCHES_FINISHING_MAX`]).
     finishing: tokio::task::JoinSet<Vec<ReceiptFix>>,
+    /// Incidents forgotten because they could not be read after a failed append (at most
+    /// [`RELOADS_PENDING_MAX`]), read again before the next batches are decided.
+    reloads_pending: std::collections::BTreeSet<IncidentId>,
 }
 
 impl std::fmt::Debug for IntakeService {
@@ -427,6 +436,7 @@ impl IntakeService {
             queries,
             micro: Some(micro),
             finishing: tokio::task::JoinSet::new(),
+            reloads_pending: std::collections::BTreeSet::new(),
         };
         for id in gaps {
             service.reload(id).await;
@@ -611,6 +621,9 @@ impl IntakeService {
             inputs.len() <= SUBMISSION_BATCH_MAX,
             "batch over SUBMISSION_BATCH_MAX"
         );
+        if !self.reloads_pending.is_empty() {
+            self.retry_pending_reloads().await;
+        }
         for retry in 0..=CONFLICT_RETRIES_MAX {
             let retry_allowed = retry < CONFLICT_RETRIES_MAX;
             inputs = self.decide_and_store_once(inputs, retry_allowed).await;
@@ -984,10 +997,52 @@ impl IntakeService {
         }
     }
 
-    async fn reload(&mut self, incident: IncidentId) {
+    /// Reads `incident` again, so memory holds what the store holds. A plan applies its
+    /// effects in memory before its append, so after a failed append memory may hold effects
+    /// that were never stored (a filing, a merged reporter). When the store cannot be read
+    /// either, the incident is forgotten rather than decided on from such effects (a
+    /// redelivered submission would otherwise be answered "filed" from an incident that was
+    /// never stored), and read again before the next batches.
+    async fn reload(&mut self, incident: IncidentId) -> bool {
         match self.incidents.load(&incident_aggregate(incident)).await {
-            Ok(loaded) => self.core.reload(incident, &loaded.commits),
-            Err(error) => warn!(%incident, %error, "reload incident"),
+            Ok(loaded) => {
+                self.core.reload(incident, &loaded.commits);
+                self.reloads_pending.remove(&incident);
+                true
+            }
+            Err(error) => {
+                self.core.forget(incident);
+                let held = self.reloads_pending.len() < RELOADS_PENDING_MAX
+                    || self.reloads_pending.contains(&incident);
+                if held {
+                    self.reloads_pending.insert(incident);
+                } else {
+                    self.reloads_pending.remove(&incident);
+                }
+                warn!(
+                    %incident,
+                    %error,
+                    read_again = held,
+                    "reload incident: forgotten until it can be read again"
+                );
+                false
+            }
+        }
+    }
+
+    /// Reads again up to [`RELOADS_PER_BATCH_MAX`] incidents forgotten by [`Self::reload`];
+    /// stops at the first that still cannot be read.
+    async fn retry_pending_reloads(&mut self) {
+        let pending: Vec<IncidentId> = self
+            .reloads_pending
+            .iter()
+            .take(RELOADS_PER_BATCH_MAX)
+            .copied()
+            .collect();
+        for incident in pending {
+            if !self.reload(incident).await {
+                break;
+            }
         }
     }
 

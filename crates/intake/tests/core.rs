@@ -40,6 +40,12 @@ fn submission(id: &str, lon: f64, reporter: u8) -> Vec<u8> {
     .into_bytes()
 }
 
+/// In a `check`'s list: the plan before was not stored (its append failed, and so did the
+/// re-read that would have corrected memory); the shell forgets its receipt, as it does then.
+fn writes_failed() -> Vec<u8> {
+    Vec::new()
+}
+
 /// Plans each submission in turn on one core (at `now`, one minute apart) and renders, per
 /// submission: the receipt, the INTAKE record if any, and the incident write's event types.
 fn check(given: &[Vec<u8>], expect: Expect) {
@@ -47,11 +53,18 @@ fn check(given: &[Vec<u8>], expect: Expect) {
     let mut core = Core::new(CoreConfig::default());
     let mut out = String::new();
     let start = Timestamp(1_795_000_000_000);
+    let mut last_planned = String::new();
     for (index, payload) in given.iter().enumerate() {
+        if payload.is_empty() {
+            core.forget_receipt(&last_planned);
+            out.push_str("  (not stored)\n");
+            continue;
+        }
         let now = start.plus_minutes(u32::try_from(index).expect("few"));
         let valid = decode_submission(payload, None, &Limits::default(), &policy.taxonomy)
             .expect("a valid submission");
         let submission_id = valid.submission_id.clone();
+        last_planned = submission_id.clone();
         let plan = core.plan(valid, payload, now, &OneGrid, &policy);
         let receipt = serde_json::to_value(&plan.receipt).expect("JSON");
         out.push_str(&format!(
@@ -135,6 +148,29 @@ fn a_resubmission_returns_the_receipt_and_writes_nothing() {
               INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
+        "#]],
+    );
+}
+
+/// A filing whose commit was not stored is decided again as a filing when the submission
+/// comes back (redelivered, or resent): never answered "filed" from memory alone, with only
+/// an INTAKE record and no incident in the store.
+#[test]
+fn a_filing_not_stored_is_filed_again() {
+    check(
+        &[
+            submission("file-0001", 117.63, 1),
+            writes_failed(),
+            submission("file-0001", 117.63, 1),
+        ],
+        expect![[r#"
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              (not stored)
+            file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
+              INTAKE: nothing
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
         "#]],
     );
 }
