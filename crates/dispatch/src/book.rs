@@ -315,7 +315,7 @@ impl Book {
     }
 
     /// Up to `max` filed incidents that wait for their dispatch decision; taken out of the set
-    /// (a failed dispatch is retried when the next commit of the incident arrives, or at start).
+    /// (one whose dispatch was not stored is put back with [`Book::requeue_undispatched`]).
     pub fn take_undispatched(&mut self, max: usize) -> Vec<IncidentId> {
         let mut taken = Vec::new();
         while taken.len() < max {
@@ -325,6 +325,19 @@ impl Book {
             }
         }
         taken
+    }
+
+    /// Puts back those of `incidents` that are still filed (their dispatch was not stored).
+    pub fn requeue_undispatched(&mut self, incidents: &[IncidentId]) {
+        for incident in incidents {
+            if self
+                .incidents
+                .get(incident)
+                .is_some_and(|held| held.state.status == Status::Filed)
+            {
+                self.undispatched.insert(*incident);
+            }
+        }
     }
 
     pub fn has_undispatched(&self) -> bool {

@@ -71,6 +71,10 @@ pub const DELIVERIES_FILL_WAIT_MAX: Duration = Duration::from_secs(1);
 const COMMAND_ATTEMPTS_MAX: usize = 4;
 /// How long requests already delivered may take to be answered at shutdown.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a system commit (an escalation, a dispatch) the store did not take, deadlines and
+/// dispatch wait this long before they try again: a store that refuses at once (a stream
+/// limit, a permission) must not spin the loop.
+const STORE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// A private consumer left behind by a crashed instance is removed by the server after this.
 const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// Durable name of the notifier consumer shared by all dispatch instances.
@@ -196,6 +200,9 @@ pub struct DispatchService {
     commits_since_snapshot: u64,
     /// The snapshot being written beside the loop (one at a time).
     snapshot_task: Option<tokio::task::JoinHandle<Result<usize, String>>>,
+    /// Until when system work (deadlines, dispatch) waits after a commit the store did not
+    /// take (see [`STORE_RETRY_PAUSE`]).
+    system_work_paused_until: Option<tokio::time::Instant>,
     /// Replies to recent console command ids, so a console's retry gets the first answer.
     recent: RecentReplies,
     /// Commits whose notifications this instance stored right after appending them.
@@ -440,6 +447,7 @@ impl DispatchService {
             progress_tx,
             snapshots,
             snapshot_task: None,
+            system_work_paused_until: None,
             from_snapshot,
             commits_since_snapshot: reached.saturating_sub(from_snapshot),
             recent: RecentReplies::default(),
@@ -480,8 +488,13 @@ impl DispatchService {
             if *shutdown.borrow() {
                 break Ok(());
             }
-            let work_pending = self.book.has_undispatched();
-            let wait = self.wait_for_deadline(work_pending);
+            let wait = match self.system_work_paused() {
+                Some(remaining) => remaining,
+                None => {
+                    let work_pending = self.book.has_undispatched();
+                    self.wait_for_deadline(work_pending)
+                }
+            };
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -566,6 +579,25 @@ impl DispatchService {
             "dispatch stopped"
         );
         result
+    }
+
+    /// How much longer system work waits after a commit the store did not take; `None` when
+    /// it may go on.
+    fn system_work_paused(&mut self) -> Option<Duration> {
+        let until = self.system_work_paused_until?;
+        let remaining = until.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            self.system_work_paused_until = None;
+            return None;
+        }
+        Some(remaining)
+    }
+
+    /// Starts the wait of [`STORE_RETRY_PAUSE`] when `batch` has commits the store did not take.
+    fn pause_system_work_after(&mut self, batch: &SystemBatch) {
+        if !batch.not_stored.is_empty() {
+            self.system_work_paused_until = Some(tokio::time::Instant::now() + STORE_RETRY_PAUSE);
+        }
     }
 
     fn wait_for_deadline(&mut self, work_pending: bool) -> Duration {
@@ -709,17 +741,17 @@ impl DispatchService {
     }
 
     /// Decides a system command for each incident, appends the commits concurrently (distinct
-    /// aggregates) and folds in the ones stored. Returns how many were stored.
+    /// aggregates) and folds in the ones stored.
     async fn system_batch(
         &mut self,
         incidents: &[IncidentId],
         action: Action,
         command_id: impl Fn(IncidentId) -> String,
-    ) -> (u64, Vec<IncidentId>) {
+    ) -> SystemBatch {
         let now = self.config.time.now();
         let actor = self.system();
         let mut planned = Vec::with_capacity(incidents.len());
-        let mut untouched = Vec::new();
+        let mut outcome = SystemBatch::default();
         for &incident in incidents {
             let (Some(held), Some(aggregate)) =
                 (self.book.get(incident), self.book.aggregate_of(incident))
@@ -740,10 +772,10 @@ impl DispatchService {
                     let commit = Commit::new(command_id, events, meta);
                     planned.push((incident, aggregate, held.position, commit, after));
                 }
-                Ok(_) => untouched.push(incident),
+                Ok(_) => outcome.nothing_to_do.push(incident),
                 Err(rejection) => {
                     debug!(%incident, %rejection, "system command not applicable");
-                    untouched.push(incident);
+                    outcome.refused.push((incident, rejection));
                 }
             }
         }
@@ -761,25 +793,25 @@ impl DispatchService {
                 .instrument(span)
                 .await
             {
-                Some(position) => stored.push((*incident, commit, after, position)),
-                None => untouched.push(*incident),
+                Settled::Stored(position) => stored.push((*incident, commit, after, position)),
+                Settled::LostRace => outcome.lost_race.push(*incident),
+                Settled::NotStored => outcome.not_stored.push(*incident),
             }
         }
         self.notify_stored(&stored).await;
-        let stored = stored.len() as u64;
-        self.progress.decisions += stored;
-        (stored, untouched)
+        outcome.stored = stored.len() as u64;
+        self.progress.decisions += outcome.stored;
+        outcome
     }
 
-    /// Folds in one system commit's append result; its position when it was stored by this
-    /// call.
+    /// Folds in one system commit's append result.
     async fn settle_system_append(
         &mut self,
         incident: IncidentId,
         commit: &Commit<IncidentEvent>,
         after: &IncidentState,
         result: Result<Appended, AppendError>,
-    ) -> Option<Position> {
+    ) -> Settled {
         match result {
             Ok(appended) if !appended.duplicate => {
                 self.count_appended(&commit.events);
@@ -789,7 +821,7 @@ impl DispatchService {
                 self.book
                     .apply_own(incident, commit.events.iter(), appended.position);
                 self.commits_since_snapshot += 1;
-                Some(appended.position)
+                Settled::Stored(appended.position)
             }
             Ok(_) | Err(AppendError::Conflict { .. }) => {
                 // Another instance (or this one before a restart) stored it first.
@@ -798,17 +830,20 @@ impl DispatchService {
                 if let Err(error) = self.reload(incident).await {
                     warn!(%error, "reload after a lost race");
                 }
-                None
+                Settled::LostRace
             }
             Err(error) => {
                 error!(%error, "append failed; will retry");
-                None
+                Settled::NotStored
             }
         }
     }
 
     /// Escalates every due deadline (a bounded batch per turn).
     async fn fire_due(&mut self) {
+        if self.system_work_paused().is_some() {
+            return;
+        }
         let now = self.config.time.now();
         let due = self.book.take_due(now, DUE_BATCH_MAX);
         if due.is_empty() {
@@ -820,35 +855,62 @@ impl DispatchService {
                 .find(|(id, _)| *id == incident)
                 .map_or(0, |(_, at)| at.0)
         };
-        let (stored, untouched) = self
+        let outcome = self
             .system_batch(&ids, Action::DeadlineElapsed, |incident| {
                 format!("deadline:{incident}:{}", at_of(incident))
             })
             .await;
-        self.progress.deadlines_escalated += stored;
+        self.pause_system_work_after(&outcome);
+        self.progress.deadlines_escalated += outcome.stored;
         self.config
             .observer
             .metrics()
             .deadlines_escalated
-            .inc_by(stored);
-        for incident in untouched {
-            self.book.reschedule(incident);
+            .inc_by(outcome.stored);
+        // Not stored: tried again after STORE_RETRY_PAUSE. A lost race re-read the incident,
+        // whose deadlines are current again.
+        for incident in outcome.not_stored.iter().chain(&outcome.lost_race) {
+            self.book.reschedule(*incident);
+        }
+        // Refused by the domain: the same state refuses it again, so it is not put back
+        // (before, it was re-decided every turn, and enough of them held every later deadline
+        // back); the incident's next commit schedules its deadlines afresh.
+        for (incident, rejection) in &outcome.refused {
+            warn!(%incident, %rejection, "a due deadline cannot be escalated; left until the incident changes");
+        }
+        for incident in &outcome.nothing_to_do {
+            debug!(%incident, "a due deadline had nothing to escalate");
         }
     }
 
     /// Dispatches filed incidents by the routing table.
     async fn dispatch_filed(&mut self) {
+        if self.system_work_paused().is_some() {
+            return;
+        }
         let filed = self.book.take_undispatched(DISPATCH_BATCH_MAX);
         if filed.is_empty() {
             return;
         }
-        let (stored, _) = self
+        let outcome = self
             .system_batch(&filed, Action::Dispatch { to: None }, |incident| {
                 format!("dispatch:{incident}")
             })
             .await;
-        self.progress.dispatched += stored;
-        self.config.observer.metrics().dispatched.inc_by(stored);
+        self.pause_system_work_after(&outcome);
+        self.progress.dispatched += outcome.stored;
+        self.config
+            .observer
+            .metrics()
+            .dispatched
+            .inc_by(outcome.stored);
+        // Not stored: back in the set, tried again after STORE_RETRY_PAUSE. (Before, a filed incident whose
+        // dispatch failed waited for its next commit or a restart; a filed incident has no
+        // deadline, so nothing else would have moved it.)
+        self.book.requeue_undispatched(&outcome.not_stored);
+        for (incident, rejection) in &outcome.refused {
+            warn!(%incident, %rejection, "a filed incident cannot be dispatched by the routing table");
+        }
     }
 
     async fn on_request(&mut self, request: async_nats::service::Request) {
@@ -1369,6 +1431,30 @@ fn whistle_kind(kind: domain::routing::WhistleKind) -> &'static str {
 
 /// The span of work on one incident: every log line inside carries the incident id and the
 /// trace id of the commit or request that caused it.
+/// What became of one system command's commit.
+enum Settled {
+    /// Stored by this call, at this position.
+    Stored(Position),
+    /// Another writer (another instance, or this one before a restart) stored one first; the
+    /// incident was read again.
+    LostRace,
+    /// The store did not take it (it retried and gave up): try again later.
+    NotStored,
+}
+
+/// What [`DispatchService::system_batch`] did with each incident it was given.
+#[derive(Default)]
+struct SystemBatch {
+    /// How many commits it stored.
+    stored: u64,
+    /// The domain decided nothing to write.
+    nothing_to_do: Vec<IncidentId>,
+    /// The domain refused the command on the incident's state.
+    refused: Vec<(IncidentId, domain::Rejection)>,
+    lost_race: Vec<IncidentId>,
+    not_stored: Vec<IncidentId>,
+}
+
 fn incident_span(incident: IncidentId, traceparent: Option<&str>) -> tracing::Span {
     let trace_id = traceparent.and_then(observe::trace_id).unwrap_or("");
     info_span!("incident", incident = %incident, trace_id)

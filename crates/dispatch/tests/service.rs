@@ -750,3 +750,51 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
         v7 extension_decided dispatch.notify.department.xiaofang"#]]
     .assert_eq(&kinds.join("\n"));
 }
+
+/// A filed incident whose dispatch the store refused is dispatched once the store takes
+/// writes again, without a restart and without a later commit of the incident (a filed
+/// incident has no deadline, so nothing else would move it). The refusal here is a stream
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_the_store_refused_is_tried_again() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let stream_name = store.spec().stream_name.clone();
+    let incident = report_and_file(&store, 3, "0101", START).await;
+    let filed = 2;
+    wait_version(&store, incident, filed).await;
+    // Every incident subject full: one commit each, new ones refused.
+    let mut config = jetstream
+        .get_stream(&stream_name)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    let open_config = config.clone();
+    config.max_messages_per_subject = 1;
+    config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    config.discard_new_per_subject = true;
+    jetstream.update_stream(config).await.unwrap();
+
+    let time = ManualTime::new(START);
+    let instance = start_instance(&url, "dispatch-a", &time).await;
+    // Longer than one append's own retries (8 attempts, 0.5 s apart): the dispatch was given
+    // up at least once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let aggregate = AggregateId::new(incident.0.hyphenated().to_string()).unwrap();
+    assert_eq!(
+        store.last_position(&aggregate).await.unwrap().version,
+        filed,
+        "the store refused the dispatch"
+    );
+
+    jetstream.update_stream(open_config).await.unwrap();
+    wait_version(&store, incident, filed + 1).await;
+    let text = history(&store, incident).await;
+    assert!(text.contains("Dispatched("), "{text}");
+    instance.stop.send(true).unwrap();
+    instance.task.await.unwrap();
+}
