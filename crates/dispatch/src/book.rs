@@ -168,9 +168,19 @@ impl Book {
         Some((self.templates.len() - 1) as u8)
     }
 
-    /// Folds one stored commit in (from the replay or the subscription).
+    /// Folds one stored commit in, delivered in stream order (by the replay or the
+    /// subscription): the book has then seen every commit up to its sequence.
     pub fn apply_commit(&mut self, commit: &RecordedCommit<IncidentEvent>) -> Applied {
         self.reached = self.reached.max(commit.sequence);
+        self.apply_read_back(commit)
+    }
+
+    /// Folds one stored commit in that was read out of stream order (an incident read again
+    /// after a gap or a lost race): [`Book::reached_sequence`] does not move. It says up to
+    /// where the book holds every commit, and a snapshot restarts the replay after it; raised
+    /// by a commit read ahead of the subscription, it made a snapshot skip the commits in
+    /// between (incidents filed there were never dispatched after a restart).
+    pub fn apply_read_back(&mut self, commit: &RecordedCommit<IncidentEvent>) -> Applied {
         let Some((template, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
             return Applied::Foreign(format!(
                 "aggregate {} does not end in an incident uuid",
@@ -402,5 +412,93 @@ impl Book {
         }
         book.rebuild_deadlines();
         book
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::incident::{Action, IncidentCommand};
+    use domain::{Actor, ActorId, Policy, Role, decide};
+    use eventstore::{CommitMeta, RecordedEvent};
+
+    use super::*;
+
+    /// Incident `n` reported and filed, as the commit stored at `sequence`.
+    fn filed_commit(n: u128, sequence: u64) -> RecordedCommit<IncidentEvent> {
+        let policy = Policy::embedded("sanming").expect("policy");
+        let incident = IncidentId(uuid::Uuid::from_u128(n));
+        let now = Timestamp(1_778_032_800_000);
+        let mut state = IncidentState::default();
+        let mut events = Vec::new();
+        for (role, action) in [
+            (
+                Role::Resident,
+                Action::Report {
+                    incident,
+                    description: "blocked drain".to_owned(),
+                    position: None,
+                    category_hint: None,
+                },
+            ),
+            (
+                Role::System,
+                Action::File {
+                    grid: "350402001002007".parse().expect("grid"),
+                    category: "0101".parse().expect("category"),
+                },
+            ),
+        ] {
+            let actor = Actor {
+                role,
+                id: ActorId(uuid::Uuid::from_u128(7)),
+            };
+            for event in
+                decide(&state, IncidentCommand { actor, action }, now, &policy).expect("decided")
+            {
+                state.apply(&event);
+                events.push(event);
+            }
+        }
+        RecordedCommit {
+            aggregate: AggregateId::new(incident.0.hyphenated().to_string()).expect("id"),
+            command_id: format!("intake:{n}"),
+            sequence,
+            first_version: 1,
+            version: events.len() as u64,
+            events: events
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| RecordedEvent {
+                    event_id: uuid::Uuid::from_u128(index as u128),
+                    version: index as u64 + 1,
+                    event_type: domain::encoding::event_type(&event).to_owned(),
+                    event,
+                })
+                .collect(),
+            meta: CommitMeta {
+                correlation_id: uuid::Uuid::from_u128(1),
+                causation_id: uuid::Uuid::from_u128(1),
+                actor: "system:intake".to_owned(),
+                occurred_at_ms: now.0,
+                traceparent: None,
+            },
+            previous_hash: [0; 32],
+            hash: [sequence as u8; 32],
+            stored_at_ms: now.0,
+        }
+    }
+
+    /// A commit read ahead of the subscription is held, but the book does not claim the
+    /// commits before it: a snapshot restarts the replay from where the subscription is.
+    #[test]
+    fn a_commit_read_back_out_of_order_does_not_move_the_reached_sequence() {
+        let mut book = Book::new();
+        assert_eq!(book.apply_commit(&filed_commit(1, 1)), Applied::New);
+        assert_eq!(book.apply_read_back(&filed_commit(2, 9)), Applied::New);
+        assert!(book.get(IncidentId(uuid::Uuid::from_u128(2))).is_some());
+        assert_eq!(book.reached_sequence(), 1, "sequences 2 to 8 not seen");
+        // The subscription reaches it later: already held, and now reached.
+        assert_eq!(book.apply_commit(&filed_commit(2, 9)), Applied::AlreadyHeld);
+        assert_eq!(book.reached_sequence(), 9);
     }
 }

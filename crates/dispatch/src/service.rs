@@ -1573,7 +1573,7 @@ async fn reload_into(
             reason: e.to_string(),
         })?;
     for commit in &loaded.commits {
-        if let Applied::Gap { .. } | Applied::Foreign(_) = book.apply_commit(commit) {
+        if let Applied::Gap { .. } | Applied::Foreign(_) = book.apply_read_back(commit) {
             return Err(ServiceError::Reload {
                 incident: incident.to_string(),
                 reason: format!("commit at sequence {} does not follow", commit.sequence),
