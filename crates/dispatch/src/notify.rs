@@ -206,7 +206,8 @@ impl NotifiedHere {
     }
 }
 
-/// Creates (or updates) the NOTIFICATIONS stream.
+/// Creates the NOTIFICATIONS stream, or opens it as it is (`wangge up` applies the replicas
+/// and the duplicate window to an existing one).
 pub async fn open_stream(
     jetstream: &jetstream::Context,
     replicas: usize,

@@ -954,7 +954,6 @@ impl DispatchService {
         }
     }
 
-    /// Counts a commit this instance stored: appends, whistles blown.
     /// Publishes the public view of an incident after a commit this instance stored, on
     /// `incidents.status.<incident>` (core NATS, best effort: the reporter's app can always ask
     /// `incidents.query.get`). The writer announces its own commits, so each stored commit is
@@ -989,6 +988,7 @@ impl DispatchService {
         }
     }
 
+    /// Counts a commit this instance stored: appends, whistles blown.
     fn count_appended(&self, events: &[IncidentEvent]) {
         let metrics = self.config.observer.metrics();
         metrics.commits_appended.inc();
@@ -1587,8 +1587,7 @@ fn shard_key(generation: u64, shard: usize) -> String {
     format!("dispatch.g{generation}.s{shard}")
 }
 
-/// Writes the book as shards of a new generation, then the manifest pointing at them (CAS on
-/// the manifest: two instances never interleave generations).
+/// Logs how a snapshot write ended.
 fn report_snapshot(done: Result<Result<usize, String>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(shards)) => debug!(shards, "snapshot written"),
@@ -1604,6 +1603,9 @@ struct BookCopy {
     reached_sequence: u64,
 }
 
+/// Writes the book as shards of a new generation, then the manifest pointing at them (CAS on
+/// the manifest: of two instances writing at once one wins the manifest, and a reader refuses
+/// shards the other wrote over the winner's).
 async fn write_snapshot(
     snapshots: &SnapshotStore,
     book: BookCopy,
@@ -1622,10 +1624,17 @@ async fn write_snapshot(
     if shards > SNAPSHOT_SHARDS_MAX {
         return Err(format!("{shards} shards, more than {SNAPSHOT_SHARDS_MAX}"));
     }
+    // Every shard and the manifest carry the same position, made unique to this write: two
+    // instances writing the same generation at once overwrite each other's shards, and the
+    // manifest that wins must not be read with the loser's shards (their incidents are split
+    // differently, so together they can miss some). A reader checks that each shard has the
+    // manifest's position.
+    let mut write_id = [0; 32];
+    write_id[..16].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
     let position = Position {
         version: generation,
         sequence: book.reached_sequence,
-        hash: [0; 32],
+        hash: write_id,
     };
     // One shard after another, with a pause between them: written at once (or back to back),
     // the shards (~150 KB each for 1,000 incidents) made a 30-60 ms stall for every incident
@@ -1665,30 +1674,54 @@ async fn write_snapshot(
     Ok(shards)
 }
 
-/// Reads the latest complete snapshot; `None` (replay from the start) when absent or torn.
+/// Reads the latest complete snapshot; `None` (replay from the start) when absent or torn,
+/// with a warning that says why (none when there is no snapshot at all).
 async fn read_snapshot(snapshots: &SnapshotStore) -> Option<Book> {
-    let manifest = snapshots
+    let torn = |reason: String| {
+        warn!(%reason, "dispatch snapshot not used; replaying INCIDENTS from the start");
+    };
+    let (manifest, position) = match snapshots
         .read::<SnapshotManifest>(SNAPSHOT_MANIFEST_KEY, SNAPSHOT_FORMAT)
         .await
-        .ok()?
-        .snapshot?
-        .0;
+    {
+        Ok(read) => read.snapshot?,
+        Err(error) => {
+            torn(format!("manifest {SNAPSHOT_MANIFEST_KEY}: {error}"));
+            return None;
+        }
+    };
     let mut incidents = Vec::new();
     for shard in 0..manifest.shards as usize {
-        let read = snapshots
-            .read::<Vec<(IncidentId, Held)>>(
-                &shard_key(manifest.generation, shard),
-                SNAPSHOT_FORMAT,
-            )
+        let key = shard_key(manifest.generation, shard);
+        let read = match snapshots
+            .read::<Vec<(IncidentId, Held)>>(&key, SNAPSHOT_FORMAT)
             .await
-            .ok()?;
-        let (chunk, _) = read.snapshot?;
+        {
+            Ok(read) => read,
+            Err(error) => {
+                torn(format!("shard {key}: {error}"));
+                return None;
+            }
+        };
+        let Some((chunk, shard_position)) = read.snapshot else {
+            torn(format!("shard {key} is missing or does not decode"));
+            return None;
+        };
+        if shard_position != position {
+            torn(format!(
+                "shard {key} was written by another snapshot than the manifest's (two \
+                 instances wrote generation {} at once)",
+                manifest.generation
+            ));
+            return None;
+        }
         incidents.extend(chunk);
     }
     if incidents
         .iter()
         .any(|(_, h)| usize::from(h.template) >= manifest.templates.len())
     {
+        torn("an incident names an aggregate layout the manifest does not have".to_owned());
         return None;
     }
     let book = Book::from_parts(manifest.templates, incidents, manifest.reached_sequence);

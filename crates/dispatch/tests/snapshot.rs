@@ -356,6 +356,31 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
         );
         kv.put(key, original).await.unwrap();
     }
+    // A shard that decodes but was written by another snapshot than the manifest's (two
+    // instances writing the same generation at once, whose incidents are split differently):
+    // not trusted either.
+    let snapshots = eventstore::SnapshotStore::open(store.jetstream(), BUCKET, 1)
+        .await
+        .unwrap();
+    let original = kv.get("dispatch.g1.s0").await.unwrap().unwrap();
+    let read = snapshots
+        .read::<Vec<(IncidentId, Held)>>("dispatch.g1.s0", 1)
+        .await
+        .unwrap();
+    let (chunk, position) = read.snapshot.expect("shard 0");
+    let mut other = position;
+    other.hash[0] ^= 0xff;
+    snapshots
+        .write("dispatch.g1.s0", 1, &chunk, other, read.revision)
+        .await
+        .unwrap();
+    let restarted = load(&url, "dispatch-e", &time, Some(BUCKET)).await;
+    assert_eq!(
+        restarted.snapshot_sequence(),
+        0,
+        "a shard of another write is not mixed in"
+    );
+    kv.put("dispatch.g1.s0", original).await.unwrap();
     // Restored, the same keys are trusted again: the fallbacks above were the garbage's doing.
     let restarted = load(&url, "dispatch-d", &time, Some(BUCKET)).await;
     assert_eq!(restarted.snapshot_sequence(), 65);
