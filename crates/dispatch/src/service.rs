@@ -1040,6 +1040,17 @@ impl DispatchService {
         traceparent: &str,
     ) -> CommandReply {
         let command_id = command.command_id.clone();
+        // A resend whose first answer was lost, past the store's duplicate window (Msg-Id), to
+        // an instance that did not answer it (see `recent`), on a case that has since moved
+        // back to a state that accepts the command (a failed verification reopens the work):
+        // neither the Msg-Id nor the expected sequence would stop a second write. So the
+        // command id is looked for in the incident's history first: one read of the incident
+        // per console command not answered here before.
+        if let Some(aggregate) = self.book.aggregate_of(command.incident)
+            && let Some(reply) = self.already_applied(&aggregate, command).await
+        {
+            return reply;
+        }
         for attempt in 1..=COMMAND_ATTEMPTS_MAX {
             let (Some(held), Some(aggregate)) = (
                 self.book.get(command.incident),
@@ -1209,9 +1220,9 @@ impl DispatchService {
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
     /// duplicate, when the same actor stored it with the same action (its commit begins with
-    /// the event the action writes first); refused `command_id_reused` otherwise. Read only
-    /// when the decider refused the command, so the per-instance duplicate cache is not the
-    /// only guard across restarts and instances.
+    /// the event the action writes first); refused `command_id_reused` otherwise. Read before
+    /// a command is decided and again when the decider refused it, so the per-instance
+    /// duplicate cache is not the only guard across restarts and instances.
     async fn already_applied(
         &mut self,
         aggregate: &eventstore::AggregateId,

@@ -798,3 +798,75 @@ async fn a_dispatch_the_store_refused_is_tried_again() {
     instance.stop.send(true).unwrap();
     instance.task.await.unwrap();
 }
+
+/// A console resends a command whose first answer it never got, after the store's duplicate
+/// window, to an instance that did not answer it, while the case has moved back to a state
+/// that accepts the command again (a failed verification reopens the work). The command is
+/// answered as the duplicate it is, not stored a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_resent_after_the_duplicate_window_is_not_applied_twice() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    // The stream made here first, with a one-second duplicate window (the default is 120 s).
+    let client = async_nats::connect(&url).await.unwrap();
+    let store: IncidentStore = EventStore::open(
+        async_nats::jetstream::new(client.clone()),
+        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(1)),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let fire = report_and_file(&store, 4, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    let xiaofang = serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
+    let worker = serde_json::json!({"role":"grid_worker","id":uuid::Uuid::from_u128(9)});
+    let mut replies = Vec::new();
+    for (what, action, body) in [
+        (
+            "xiaofang acknowledges",
+            "acknowledge",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang}),
+        ),
+        (
+            "xiaofang resolves (r1)",
+            "resolve",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"command_id":"r1"}),
+        ),
+        (
+            "the grid worker finds it not done",
+            "verify",
+            serde_json::json!({"incident":fire.0,"actor":worker,"passed":false,"note":"still smoking"}),
+        ),
+    ] {
+        replies.push((what.to_owned(), request(&client, action, body).await));
+    }
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+    // Past the duplicate window, another instance (nothing in its reply cache) gets r1 again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let b = start_instance(&url, "dispatch-b", &time).await;
+    replies.push((
+        "xiaofang's console resends r1".to_owned(),
+        request(
+            &client,
+            "resolve",
+            serde_json::json!({"incident":fire.0,"actor":xiaofang,"command_id":"r1"}),
+        )
+        .await,
+    ));
+    check_commands(
+        &replies,
+        expect![[r#"
+        xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
+        xiaofang resolves (r1): accepted v6 dup=false incident.resolved
+        the grid worker finds it not done: accepted v7 dup=false incident.verification_failed
+        xiaofang's console resends r1: accepted v6 dup=true 
+    "#]],
+    );
+    let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
+    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 7);
+    b.stop.send(true).unwrap();
+    b.task.await.unwrap();
+}
