@@ -686,7 +686,7 @@ impl IntakeService {
                     if let Some(contact) = &valid.contact
                         && self.core.receipt(&valid.submission_id).is_none()
                     {
-                        contacts.push((valid.reporter_id, contact.clone()));
+                        contacts.push((index, valid.reporter_id, contact.clone()));
                     }
                     let plan = self.core.plan(
                         valid,
@@ -908,6 +908,12 @@ impl IntakeService {
                 .into_iter()
                 .filter(|(later, earlier)| !conflicted[*later] && !conflicted[*earlier])
                 .map(|(later, earlier)| (kept_index[later], kept_index[earlier]))
+                .collect();
+            // A conflicted input's contact details are written when it is decided again.
+            contacts = contacts
+                .into_iter()
+                .filter(|(index, _, _)| !conflicted[*index])
+                .map(|(index, reporter, contact)| (kept_index[index], reporter, contact))
                 .collect();
             inputs = kept_inputs;
             plans = kept_plans;
@@ -1384,7 +1390,9 @@ struct Finish {
     failed: Vec<bool>,
     /// (later input, earlier input): the later one was answered from the earlier one's plan.
     answered_from: Vec<(usize, usize)>,
-    contacts: Vec<(uuid::Uuid, wire::Contact)>,
+    /// (input, reporter, contact details): an input whose details were not stored fails
+    /// (nak'ed or answered `error`), so they are written when it comes back.
+    contacts: Vec<(usize, uuid::Uuid, wire::Contact)>,
     started: std::time::Instant,
 }
 
@@ -1447,23 +1455,32 @@ impl Finish {
                 .map_err(|stored| stored.ok_or(index))
             })
         });
-        let contact_writes = contacts.iter().map(|(reporter, contact)| {
+        let contact_writes = contacts.iter().map(|(index, reporter, contact)| {
             let contacts_bucket = &contacts_bucket;
             async move {
                 let value = serde_json::to_vec(contact).unwrap_or_default();
-                if let Err(error) = contacts_bucket
+                match contacts_bucket
                     .put(reporter.to_string(), value.into())
                     .await
                 {
-                    warn!(%error, "store contact details");
+                    Ok(_) => None,
+                    Err(error) => {
+                        warn!(%reporter, %error, "store contact details; the submission is decided again later");
+                        Some(*index)
+                    }
                 }
             }
         });
-        let (stored, _) = futures::future::join(
+        let (stored, contacts_failed) = futures::future::join(
             futures::future::join_all(records),
             futures::future::join_all(contact_writes),
         )
         .await;
+        // Not acknowledged without its contact details stored: the work queue would drop the
+        // only copy of them.
+        for index in contacts_failed.into_iter().flatten() {
+            failed[index] = true;
+        }
         for result in stored {
             match result {
                 Ok(_) => {}

@@ -798,3 +798,42 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
+
+/// A submission whose contact details could not be stored is not answered "filed" (nor, on
+/// the durable path, acknowledged: the work queue would drop the only copy of the details).
+/// Sent again once the bucket takes writes, it gets its receipt and the details are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_contact_details_were_not_stored_is_not_answered_filed() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let config = ServiceConfig::default();
+    let running = start_intake(&url, &stack.locator, config.clone()).await;
+    jetstream
+        .delete_key_value(&config.contacts_bucket)
+        .await
+        .expect("delete the contacts bucket");
+    let body = submission("contact-0001", REPORTER, "0101", near_building(3));
+    let answer = send(&client, "intake.request", body.clone()).await;
+    assert_eq!(
+        (&answer["status"], &answer["reason_code"]),
+        (&Value::from("error"), &Value::from("store_unavailable")),
+        "{answer}"
+    );
+    let contacts = intake::service::ensure_contacts_bucket(&jetstream, &config)
+        .await
+        .expect("the bucket again");
+    let answer = send(&client, "intake.request", body).await;
+    assert_eq!(answer["status"], "filed", "{answer}");
+    let stored = contacts
+        .get(REPORTER)
+        .await
+        .expect("read")
+        .expect("contact stored");
+    let stored: Value = serde_json::from_slice(&stored).expect("JSON");
+    assert_eq!(stored["phone"], "13800000000", "{stored}");
+    running.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}
