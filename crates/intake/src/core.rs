@@ -313,8 +313,12 @@ pub struct Core {
     config: CoreConfig,
     incidents: HashMap<IncidentId, Tracked>,
     cells: HashMap<Cell, Vec<IncidentId>>,
-    receipts: HashMap<String, Receipt>,
-    receipt_order: VecDeque<String>,
+    /// Receipts by submission id, each with the number of its entry in `receipt_order`.
+    receipts: HashMap<String, (Receipt, u64)>,
+    /// Submission ids oldest first, each with its entry's number: an entry whose number is
+    /// not its receipt's is stale (forgotten, or remembered again since), and skipped.
+    receipt_order: VecDeque<(String, u64)>,
+    receipt_entries: u64,
     receipts_evicted: bool,
     buckets: HashMap<uuid::Uuid, Bucket>,
 }
@@ -354,6 +358,7 @@ impl Core {
             cells: HashMap::new(),
             receipts: HashMap::new(),
             receipt_order: VecDeque::new(),
+            receipt_entries: 0,
             receipts_evicted: false,
             buckets: HashMap::new(),
         }
@@ -368,7 +373,7 @@ impl Core {
     }
 
     pub fn receipt(&self, submission_id: &str) -> Option<&Receipt> {
-        self.receipts.get(submission_id)
+        self.receipts.get(submission_id).map(|(receipt, _)| receipt)
     }
 
     /// True once some receipts were dropped from memory: an unknown id must then be looked up
@@ -379,19 +384,37 @@ impl Core {
 
     /// Remembers a receipt (from the INTAKE stream at start, or just decided).
     pub fn remember(&mut self, submission_id: &str, receipt: Receipt) {
-        if self
-            .receipts
-            .insert(submission_id.to_owned(), receipt)
-            .is_none()
-        {
-            self.receipt_order.push_back(submission_id.to_owned());
+        if let Some((held, _)) = self.receipts.get_mut(submission_id) {
+            *held = receipt;
+        } else {
+            self.receipt_entries += 1;
+            let entry = self.receipt_entries;
+            self.receipts
+                .insert(submission_id.to_owned(), (receipt, entry));
+            self.receipt_order
+                .push_back((submission_id.to_owned(), entry));
         }
         while self.receipts.len() > self.config.receipts_held_max {
-            let Some(oldest) = self.receipt_order.pop_front() else {
+            let Some((oldest, entry)) = self.receipt_order.pop_front() else {
                 break;
             };
-            self.receipts.remove(&oldest);
-            self.receipts_evicted = true;
+            if self
+                .receipts
+                .get(&oldest)
+                .is_some_and(|(_, held)| *held == entry)
+            {
+                self.receipts.remove(&oldest);
+                self.receipts_evicted = true;
+            }
+        }
+        // Stale entries (a receipt forgotten, one remembered again) are dropped once they
+        // make up half of the queue, so it stays within twice the receipts held. Before, the
+        // queue grew with every retry of a submission the store refused, and a stale entry
+        // evicted a current receipt early.
+        if self.receipt_order.len() > 2 * self.receipts.len().max(1024) {
+            let receipts = &self.receipts;
+            self.receipt_order
+                .retain(|(id, entry)| receipts.get(id).is_some_and(|(_, held)| held == entry));
         }
     }
 
@@ -610,7 +633,7 @@ impl Core {
         locator: &dyn Locate,
         policy: &Policy,
     ) -> Plan {
-        if let Some(receipt) = self.receipts.get(&submission.submission_id) {
+        if let Some((receipt, _)) = self.receipts.get(&submission.submission_id) {
             return Plan {
                 receipt: receipt.clone(),
                 record: None,

@@ -257,6 +257,10 @@ pub struct IntakeService {
     /// Incidents forgotten because they could not be read after a failed append (at most
     /// [`RELOADS_PENDING_MAX`]), read again before the next batches are decided.
     reloads_pending: std::collections::BTreeSet<IncidentId>,
+    /// Submission ids whose INTAKE record (a merge or a refusal) a finishing batch may still be
+    /// storing: their receipts are in memory but may yet be forgotten. Cleared whenever no
+    /// batch is finishing, so at most `BATCHES_FINISHING_MAX` × `SUBMISSION_BATCH_MAX`.
+    records_in_flight: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for IntakeService {
@@ -437,6 +441,7 @@ impl IntakeService {
             micro: Some(micro),
             finishing: tokio::task::JoinSet::new(),
             reloads_pending: std::collections::BTreeSet::new(),
+            records_in_flight: std::collections::HashSet::new(),
         };
         for id in gaps {
             service.reload(id).await;
@@ -670,6 +675,12 @@ impl IntakeService {
             });
             let plan = match decoded {
                 Ok(valid) => {
+                    if self.records_in_flight.contains(&valid.submission_id) {
+                        // A resend of a submission whose record an earlier batch is still
+                        // storing: answered from memory now, it could be told a decision that
+                        // is then not stored. Let the finishing batches end first.
+                        self.wait_for_finishing().await;
+                    }
                     if let Some(earlier) = planned_here.get(&valid.submission_id) {
                         answered_from.push((index, *earlier));
                     }
@@ -935,6 +946,11 @@ impl IntakeService {
                 self.on_finished(done);
             }
         }
+        for (plan, failed) in plans.iter().zip(&failed) {
+            if let (Some((submission_id, _)), false) = (&plan.record, failed) {
+                self.records_in_flight.insert(submission_id.clone());
+            }
+        }
         let finish = Finish {
             intake: self.intake.clone(),
             contacts_bucket: self.contacts.clone(),
@@ -947,6 +963,10 @@ impl IntakeService {
             contacts,
             started: batch_started,
         };
+        debug_assert!(
+            self.records_in_flight.len() <= BATCHES_FINISHING_MAX * SUBMISSION_BATCH_MAX,
+            "records in flight are cleared when no batch is finishing"
+        );
         self.finishing.spawn(finish.run());
         again
     }
@@ -964,6 +984,17 @@ impl IntakeService {
             }
             Err(error) => warn!(%error, "a batch's receipts task failed"),
         }
+        if self.finishing.is_empty() {
+            self.records_in_flight.clear();
+        }
+    }
+
+    /// Waits until every finishing batch has stored its records and answered.
+    async fn wait_for_finishing(&mut self) {
+        while let Some(done) = self.finishing.join_next().await {
+            self.on_finished(done);
+        }
+        self.records_in_flight.clear();
     }
 
     /// Finds a receipt no longer held in memory: a merge or refusal on INTAKE, or a filing in
@@ -1157,6 +1188,10 @@ impl IntakeService {
                 );
                 let receipt = match query {
                     Ok(query) if is_valid_submission_id(&query.submission_id) => {
+                        if self.records_in_flight.contains(&query.submission_id) {
+                            // Answer with a receipt that is stored, not one still on its way.
+                            self.wait_for_finishing().await;
+                        }
                         let looked_up = match self.core.receipt(&query.submission_id) {
                             Some(_) => Ok(()),
                             None => self.look_up_receipt(&query.submission_id).await,

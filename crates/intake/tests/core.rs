@@ -196,3 +196,30 @@ fn a_duplicate_is_merged_and_recorded_on_intake() {
         "#]],
     );
 }
+
+/// Receipts held in memory are evicted oldest first, counting a receipt forgotten (its
+/// decision not stored) and remembered again from when it was remembered again: a stale
+/// entry of the first time does not evict it early.
+#[test]
+fn a_receipt_remembered_again_is_evicted_in_its_new_turn() {
+    let mut core = Core::new(CoreConfig {
+        receipts_held_max: 2,
+        ..CoreConfig::default()
+    });
+    let refused = |id: &str| intake::Receipt::Rejected {
+        submission_id: Some(id.to_owned()),
+        reason_code: intake::wire::ReasonCode::RateLimited,
+        message: "test".to_owned(),
+    };
+    core.remember("a", refused("a"));
+    core.forget_receipt("a");
+    core.remember("b", refused("b"));
+    core.remember("a", refused("a"));
+    core.remember("c", refused("c"));
+    let held: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|id| core.receipt(id).is_some())
+        .collect();
+    assert_eq!(held, ["a", "c"], "b was the oldest receipt held");
+    assert!(core.receipts_evicted());
+}
