@@ -22,7 +22,10 @@ pub const DEDUP_WINDOW_MS: i64 = 72 * 3_600_000;
 pub const RATE_BURST: u32 = 10;
 /// Default time for one reporter token to refill (10 per hour sustained).
 pub const RATE_REFILL_MS: i64 = 6 * 60_000;
-/// Most reporters whose rate buckets are held; full buckets are dropped beyond it.
+/// Most reporters whose rate buckets are held. At the bound, full buckets (reporters who
+/// could send a whole burst anyway) are dropped; if every bucket is still in use, all are
+/// dropped, which resets every reporter's limit (a flood of new reporter ids then costs the
+/// limit its memory, not the process its memory).
 pub const REPORTERS_TRACKED_MAX: usize = 200_000;
 /// Most receipts held in memory for resubmissions; older ones are looked up in the store.
 pub const RECEIPTS_HELD_MAX: usize = 500_000;

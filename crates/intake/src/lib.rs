@@ -9,9 +9,11 @@
 //! - **Exactly once without locks.** The incident id is a UUID v8 hashed from the submission
 //!   id, event ids and commit ids are derived the same way, and the decision uses the stream
 //!   message's timestamp as `now`: a redelivery after a crash re-decides identically and the
-//!   event store reports the repeat as a duplicate. The receipt is stored on INTAKE
-//!   (aggregate = submission id, created at expected sequence 0), so a resubmission returns
-//!   the original receipt, and two instances racing on one id agree on the first receipt.
+//!   event store reports the repeat as a duplicate. A filing's receipt is its incident
+//!   commit (`SubmissionTaken`: one stored message per filing); a merge's or a refusal's is
+//!   stored on INTAKE (aggregate = submission id, created at expected sequence 0). So a
+//!   resubmission returns the original receipt, and two instances racing on one id agree on
+//!   the first receipt.
 //! - **Pure core, thin shell.** [`core::Core`] decides (rate limit, locate, duplicate merge,
 //!   `domain::decide` for report + file) in memory; [`service::IntakeService`] is one
 //!   `tokio::select!` loop that stores, acks and answers.

@@ -661,6 +661,8 @@ impl IntakeService {
         let mut planned_here: HashMap<String, usize> = HashMap::new();
         let mut answered_from: Vec<(usize, usize)> = Vec::new();
         let mut contacts = Vec::new();
+        // Inputs left undecided because the store could not be read.
+        let mut undecided = Vec::new();
         for (index, input) in inputs.iter().enumerate() {
             let decoded = decode_submission(
                 &input.payload,
@@ -673,6 +675,34 @@ impl IntakeService {
                     .and_then(|valid| check_channel(valid, message.subject.as_str())),
                 Origin::Request(_) => Ok(valid),
             });
+            // Receipts were evicted from memory: an id not held may have been decided long ago,
+            // so it is looked up in the store first. A look-up that fails leaves the input
+            // undecided (nak'ed, or answered `error`): decided as new, an old merge or refusal
+            // could be decided again differently, and an old filing whose body no longer
+            // decodes would get a refusal record beside its incident.
+            let known_id = match &decoded {
+                Ok(valid) => Some(valid.submission_id.as_str()),
+                Err(refusal) => refusal.submission_id.as_deref(),
+            };
+            if let Some(id) = known_id
+                && self.core.receipt(id).is_none()
+                && self.core.receipts_evicted()
+                && !planned_here.contains_key(id)
+                && self.look_up_receipt(id).await.is_err()
+            {
+                undecided.push(index);
+                plans.push(Plan {
+                    receipt: Receipt::Error {
+                        reason_code: STORE_UNAVAILABLE.to_owned(),
+                        message: "could not read whether this submission was decided before; \
+                                  send again with the same submission_id"
+                            .to_owned(),
+                    },
+                    record: None,
+                    incident: None,
+                });
+                continue;
+            }
             let plan = match decoded {
                 Ok(valid) => {
                     if self.records_in_flight.contains(&valid.submission_id) {
@@ -685,15 +715,6 @@ impl IntakeService {
                         answered_from.push((index, *earlier));
                     }
                     let submission_id = valid.submission_id.clone();
-                    if self.core.receipt(&valid.submission_id).is_none()
-                        && self.core.receipts_evicted()
-                    {
-                        // A failed look-up is logged and the submission decided as new, as
-                        // before: a filing meets its stored incident commit (the incident id
-                        // comes from the submission id), but an old refusal could be decided
-                        // again differently (receipts evicted and INTAKE unreadable at once).
-                        let _ = self.look_up_receipt(&valid.submission_id).await;
-                    }
                     if let Some(contact) = &valid.contact
                         && self.core.receipt(&valid.submission_id).is_none()
                     {
@@ -753,6 +774,9 @@ impl IntakeService {
         }
         let decided = batch_started.elapsed();
         let mut failed = vec![false; plans.len()];
+        for index in undecided {
+            failed[index] = true;
+        }
         // Phase 1: incident commits, one chain per aggregate.
         let mut chains: Vec<(IncidentId, Vec<usize>)> = Vec::new();
         let mut chain_of: HashMap<IncidentId, usize> = HashMap::new();
@@ -1030,7 +1054,7 @@ impl IntakeService {
     async fn publish_status(&self, public: &wire::IncidentStatus) {
         let subject = format!("{}{}", wire::SUBJECT_STATUS_PREFIX, public.incident_id);
         if let Err(error) = self.client.publish(subject, to_json(public)).await {
-            warn!(%error, "publish incident status");
+            warn!(incident = %public.incident_id, %error, "publish incident status");
         }
     }
 
@@ -1456,7 +1480,7 @@ impl Finish {
             let traceparent = inputs[index].traceparent.as_str();
             Some(async move {
                 let aggregate = AggregateId::new(aggregate.clone()).map_err(|error| {
-                    warn!(%error, "receipt aggregate id");
+                    warn!(%aggregate, %error, "receipt aggregate id");
                     Err(index)
                 })?;
                 let command_id = format!("receipt-{aggregate}");
@@ -1570,7 +1594,8 @@ impl Finish {
                         message.ack().await
                     };
                     if let Err(error) = ack {
-                        warn!(%error, "acknowledge submission");
+                        let submission = receipt_id(&receipt).unwrap_or_default();
+                        warn!(%submission, nak = failed, %error, "acknowledge submission (it is delivered again)");
                     }
                     if !failed && let Some(id) = receipt_id(&receipt) {
                         let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
