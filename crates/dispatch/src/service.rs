@@ -1154,9 +1154,16 @@ impl DispatchService {
                         return CommandReply::error("store_unavailable", error.to_string());
                     }
                 }
+                Err(AppendError::Conflict { .. }) => {
+                    self.progress.conflicts += 1;
+                    self.config.observer.metrics().append_conflicts.inc();
+                    break;
+                }
                 Err(error) => return CommandReply::error("store_unavailable", error.to_string()),
             }
         }
+        // Every attempt lost to another writer (before, the last lost race was answered
+        // `store_unavailable`, so this answer was never given).
         CommandReply::error(
             "conflict",
             format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
@@ -1594,6 +1601,10 @@ async fn reload_into(
     Ok(())
 }
 
+/// Most snapshot shard keys listed when old generations are purged: the shards of the
+/// generations kept, and of many left over by builds that did not purge them.
+const SNAPSHOT_KEYS_LISTED_MAX: usize = 100 * SNAPSHOT_SHARDS_MAX;
+
 fn shard_key(generation: u64, shard: usize) -> String {
     format!("dispatch.g{generation}.s{shard}")
 }
@@ -1682,7 +1693,44 @@ async fn write_snapshot(
         )
         .await
         .map_err(|e| e.to_string())?;
+    remove_old_generations(snapshots, generation).await;
     Ok(shards)
+}
+
+/// Purges the shards of generations before the one this write replaced: every write adds a
+/// generation under new keys, so without this the bucket grew by a whole book per snapshot.
+/// The replaced generation is kept, for an instance that read the manifest just before the
+/// swap and is still reading its shards. A failure is logged: the snapshot itself stands.
+async fn remove_old_generations(snapshots: &SnapshotStore, generation: u64) {
+    let keep_from = generation.saturating_sub(1);
+    let keys = match snapshots
+        .keys_with_prefix("dispatch.g", SNAPSHOT_KEYS_LISTED_MAX)
+        .await
+    {
+        Ok(keys) => keys,
+        Err(error) => {
+            warn!(%error, "list old snapshot shards; they stay in the bucket");
+            return;
+        }
+    };
+    for key in keys {
+        let Some(old) = shard_generation(&key).filter(|old| *old < keep_from) else {
+            continue;
+        };
+        if let Err(error) = snapshots.purge(&key).await {
+            warn!(%error, generation = old, "purge an old snapshot shard");
+            return;
+        }
+    }
+}
+
+/// The generation a shard key names (`dispatch.g<generation>.s<shard>`).
+fn shard_generation(key: &str) -> Option<u64> {
+    key.strip_prefix("dispatch.g")?
+        .split_once(".s")?
+        .0
+        .parse()
+        .ok()
 }
 
 /// Reads the latest complete snapshot; `None` (replay from the start) when absent or torn,

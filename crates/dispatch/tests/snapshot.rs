@@ -384,4 +384,34 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
     // Restored, the same keys are trusted again: the fallbacks above were the garbage's doing.
     let restarted = load(&url, "dispatch-d", &time, Some(BUCKET)).await;
     assert_eq!(restarted.snapshot_sequence(), 65);
+    drop(restarted);
+
+    // Every shutdown that stored something writes a new generation; the bucket keeps the
+    // newest two (the one replaced stays for a reader that had just read its manifest).
+    for (n, name) in [(100, "dispatch-f"), (101, "dispatch-g")] {
+        let (instance_client, instance_store) = open_store(&url).await;
+        let service = DispatchService::start(
+            instance_client,
+            instance_store,
+            config(name, &time, Some(BUCKET)),
+        )
+        .await
+        .unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move { service.run(stopped).await.unwrap() });
+        let incident = report_and_file(&store, n, time.now()).await;
+        wait_version(&store, incident, 4).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await
+        .unwrap()
+        .map(|key| key.unwrap())
+        .collect()
+        .await;
+    keys.sort();
+    expect![[r#"["dispatch.g2.s0", "dispatch.g3.s0", "dispatch.manifest"]"#]]
+        .assert_eq(&format!("{keys:?}"));
 }

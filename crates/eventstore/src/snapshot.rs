@@ -83,6 +83,44 @@ impl SnapshotStore {
         })
     }
 
+    /// The keys of the bucket that begin with `prefix` (at most `keys_max`; more is an
+    /// error, so a caller never works on part of a list it believes whole).
+    pub async fn keys_with_prefix(
+        &self,
+        prefix: &str,
+        keys_max: usize,
+    ) -> Result<Vec<String>, SnapshotError> {
+        use futures::StreamExt as _;
+        let kv_error = |reason: String| SnapshotError::Kv {
+            key: format!("{prefix}*"),
+            reason,
+        };
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|error| kv_error(format!("list keys: {error}")))?;
+        let mut found = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|error| kv_error(format!("list keys: {error}")))?;
+            if key.starts_with(prefix) {
+                if found.len() == keys_max {
+                    return Err(kv_error(format!("more than {keys_max} keys")));
+                }
+                found.push(key);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes `key` with its history.
+    pub async fn purge(&self, key: &str) -> Result<(), SnapshotError> {
+        self.kv.purge(key).await.map_err(|error| SnapshotError::Kv {
+            key: key.to_owned(),
+            reason: format!("purge: {error}"),
+        })
+    }
+
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
