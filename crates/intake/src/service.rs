@@ -49,6 +49,16 @@ pub const SUBMISSIONS_ACK_PENDING_MAX: i64 = 4_096;
 pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Delay before a submission whose decision could not be stored is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(1);
+/// Longest wait before a submission that could not be decided is delivered again: the wait
+/// doubles from [`NAK_DELAY`] with each delivery, so a long outage of the store is not met
+/// by a storm of redeliveries (before, every such submission came back every second).
+const NAK_DELAY_MAX: Duration = Duration::from_secs(60);
+
+/// The wait before delivering again a submission delivered `delivered` times (1 = first).
+fn nak_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    NAK_DELAY.saturating_mul(1 << doublings).min(NAK_DELAY_MAX)
+}
 /// A chunk of at least this many inputs (under load; durable: with more submissions pending
 /// on the consumer) waits up to `ServiceConfig::batch_fill_wait` for more, up to
 /// [`SUBMISSION_BATCH_MAX`]. Fewer and larger batches store more submissions per second
@@ -1589,7 +1599,10 @@ impl Finish {
             match input.origin {
                 Origin::Durable(message) => {
                     let ack = if failed {
-                        message.ack_with(AckKind::Nak(Some(NAK_DELAY))).await
+                        let delivered = message.info().map_or(1, |info| info.delivered);
+                        message
+                            .ack_with(AckKind::Nak(Some(nak_delay(delivered))))
+                            .await
                     } else {
                         message.ack().await
                     };
@@ -1634,6 +1647,16 @@ impl Finish {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A submission that cannot be decided comes back after 1 s, then 2, 4, ... up to a minute.
+    #[test]
+    fn redeliveries_back_off_to_a_minute() {
+        let delays: Vec<u64> = [0, 1, 2, 3, 4, 6, 7, 8, 1_000, i64::MAX]
+            .into_iter()
+            .map(|delivered| nak_delay(delivered).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 1, 2, 4, 8, 32, 60, 60, 60, 60]);
+    }
 
     /// Fills `first` from `chunks` (each ready at once) with `wait`; returns the batch length
     /// and how many chunks were left unread.
