@@ -254,6 +254,10 @@ pub struct IntakeService {
     config: ServiceConfig,
     contacts: kv::Store,
     submissions_consumer: consumer::PullConsumer,
+    /// The SUBMISSIONS stream, to make the consumer again if it was deleted.
+    submissions_stream: stream::Stream,
+    /// Whether the pull stream was opened before (a reopen checks the consumer first).
+    submissions_opened_before: bool,
     submissions: Option<Chunks<consumer::pull::Stream>>,
     follower: Subscription<IncidentCodec>,
     follower_durable: String,
@@ -443,6 +447,8 @@ impl IntakeService {
             config,
             contacts,
             submissions_consumer,
+            submissions_stream: submissions_stream.clone(),
+            submissions_opened_before: false,
             submissions: None,
             follower,
             follower_durable,
@@ -470,6 +476,20 @@ impl IntakeService {
         if self.submissions.is_some() {
             return Some(());
         }
+        if self.submissions_opened_before {
+            // The pull stream broke: if the durable consumer is gone (deleted by an operator,
+            // or lost with a stream restored from a backup), pulling from it again would fail
+            // forever; make it again (the stream keeps every submission not yet acked).
+            match ensure_submissions_consumer(&self.submissions_stream, &self.config).await {
+                Ok(consumer) => self.submissions_consumer = consumer,
+                Err(error) => {
+                    warn!(%error, "check the submissions consumer; retrying");
+                    tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+                    return None;
+                }
+            }
+        }
+        self.submissions_opened_before = true;
         match self
             .submissions_consumer
             .stream()

@@ -837,3 +837,58 @@ async fn a_submission_whose_contact_details_were_not_stored_is_not_answered_file
     running.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
 }
+
+/// The durable submissions consumer deleted under a running intake (an operator's mistake,
+/// a stream restored from a backup) is made again, and submissions published after it are
+/// filed: durable intake does not stop until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_submissions_consumer_is_made_again() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let config = ServiceConfig::default();
+    let running = start_intake(&url, &stack.locator, config.clone()).await;
+    let mut receipts = client
+        .subscribe("intake.receipts.>")
+        .await
+        .expect("subscribe receipts");
+    client.flush().await.expect("flush");
+    let body = submission("before-0001", REPORTER, "0101", near_building(1));
+    publish_durable(
+        &jetstream,
+        &mut receipts,
+        "intake.submit.app",
+        "before-0001",
+        &body,
+    )
+    .await;
+    jetstream
+        .get_stream("SUBMISSIONS")
+        .await
+        .expect("SUBMISSIONS")
+        .delete_consumer(&config.submissions_durable)
+        .await
+        .expect("delete the consumer");
+    let body = submission("after-0001", REPORTER, "0101", near_building(2));
+    let message = publish_durable(
+        &jetstream,
+        &mut receipts,
+        "intake.submit.app",
+        "after-0001",
+        &body,
+    )
+    .await;
+    let receipt: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(
+        (
+            receipt["submission_id"].as_str(),
+            receipt["status"].as_str()
+        ),
+        (Some("after-0001"), Some("filed")),
+        "{receipt}"
+    );
+    running.shutdown().await;
+    stack.registry_stop.send(true).expect("registry listens");
+}
