@@ -319,11 +319,13 @@ pub fn parse_command_as(
     if request.command_id.is_empty()
         || request.command_id.len() > COMMAND_ID_BYTES_MAX
         || request.command_id.chars().any(char::is_control)
+        || request.command_id.trim() != request.command_id
     {
         return Err(CommandReply::rejected(
             observe::refusal::SCHEMA_VIOLATION,
             format!(
-                "command id must be 1..={COMMAND_ID_BYTES_MAX} bytes without control characters"
+                "command id must be 1..={COMMAND_ID_BYTES_MAX} bytes without control characters \
+                 or white space at either end"
             ),
         ));
     }
@@ -508,12 +510,14 @@ mod tests {
     }
 
     #[test]
-    fn a_body_without_an_actor_or_with_a_control_character_in_its_id_is_refused() {
+    fn a_body_without_an_actor_or_with_a_control_character_or_edge_space_in_its_id_is_refused() {
         let incident = uuid::Uuid::from_u128(9);
         let actor = serde_json::json!({"id": uuid::Uuid::from_u128(7)});
         let bodies = [
             serde_json::json!({"command_id": "c-1", "incident": incident}),
             serde_json::json!({"command_id": "c\n1", "incident": incident, "actor": actor}),
+            // Typed with a trailing (full-width) space: NATS headers would drop it on reading.
+            serde_json::json!({"command_id": "c1\u{3000}", "incident": incident, "actor": actor}),
         ];
         let text: String = bodies
             .iter()
@@ -529,7 +533,8 @@ mod tests {
             .collect();
         expect![[r#"
             Rejected { reason_code: "schema_violation", message: "missing field `actor` at line 1 column 70" }
-            Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters" }
+            Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters or white space at either end" }
+            Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters or white space at either end" }
         "#]].assert_eq(&text);
     }
 }

@@ -353,7 +353,7 @@ async fn silent_departments_climb_the_whole_ladder_once_with_two_instances() {
             chengguan claims xiaofang: rejected actor_mismatch (the body claims role "department:xiaofang" on a subject of role "department:chengguan")
             old subject: rejected unknown_subject ("dispatch.cmd.acknowledge.now" is not dispatch.cmd.department.<id>.<action> or dispatch.cmd.<grid_worker|community|street|district|city|resident>.<action>)
             no command id: rejected schema_violation (missing field `command_id` at line 1 column 135)
-            empty command id: rejected schema_violation (command id must be 1..=128 bytes without control characters)
+            empty command id: rejected schema_violation (command id must be 1..=128 bytes without control characters or white space at either end)
             no actor: rejected schema_violation (missing field `actor` at line 1 column 103)
         "#]],
     );

@@ -287,9 +287,13 @@ fn is_header_token(value: &str) -> bool {
         })
 }
 
-/// Free text in a header: printable, no control characters, at most 256 bytes.
+/// Free text in a header: printable, no control characters, no leading or trailing white
+/// space, at most 256 bytes. NATS clients trim header values when they read them (async-nats
+/// does), so a value with white space at either end (a typed "c1 ", a full-width space) would
+/// read back other than the bytes its commit's hash covered: the intact commit would look
+/// edited to `verify` and `load`.
 fn is_header_text(value: &str) -> bool {
-    value.len() <= 256 && !value.chars().any(char::is_control)
+    value.len() <= 256 && !value.chars().any(char::is_control) && value.trim() == value
 }
 
 pub(crate) fn encode_commit<C: EventCodec>(
@@ -774,6 +778,30 @@ mod golden {
             expected,
             commit,
         )
+    }
+
+    /// Header text with white space at either end is refused before anything is stored: NATS
+    /// clients trim header values on reading, so the stored commit would not verify.
+    #[test]
+    fn header_text_with_white_space_at_either_end_is_refused() {
+        let codec = PostcardCodec::<(u64, String)>::new("golden");
+        let (aggregate, expected, mut commit) = sample();
+        let mut refused = Vec::new();
+        for command_id in ["c1 ", " c1", "c1\u{3000}", "c 1"] {
+            commit.command_id = command_id.to_owned();
+            refused.push(
+                match encode_commit(&codec, &aggregate, &expected, &commit) {
+                    Ok(_) => format!("{command_id:?}: encoded"),
+                    Err(error) => error.to_string(),
+                },
+            );
+        }
+        expect_test::expect![[r#"
+            command id "c1 " cannot travel in a NATS header
+            command id " c1" cannot travel in a NATS header
+            command id "c1\u{3000}" cannot travel in a NATS header
+            "c 1": encoded"#]]
+        .assert_eq(&refused.join("\n"));
     }
 
     #[test]

@@ -570,10 +570,14 @@ pub fn decide(
     if command_id.is_empty()
         || command_id.len() > COMMAND_ID_BYTES_MAX
         || command_id.chars().any(char::is_control)
+        || command_id.trim() != command_id
     {
         return Err(Rejection::BadCommandId {
             command_id: command_id.chars().take(COMMAND_ID_BYTES_MAX).collect(),
-            reason: format!("must be 1 to {COMMAND_ID_BYTES_MAX} bytes without control characters"),
+            reason: format!(
+                "must be 1 to {COMMAND_ID_BYTES_MAX} bytes without control characters or white \
+                 space at either end"
+            ),
         });
     }
     check_id(&community.id, COMMUNITY_ID_BYTES_MAX).map_err(|reason| {

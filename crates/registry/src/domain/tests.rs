@@ -496,7 +496,15 @@ fn command_ids_are_checked() {
         &[],
         ("", Command::Partition),
         expect![[
-            r#"rejected bad_command_id: command id "": must be 1 to 128 bytes without control characters"#
+            r#"rejected bad_command_id: command id "": must be 1 to 128 bytes without control characters or white space at either end"#
+        ]],
+    );
+    // White space at either end would be dropped when the commit's headers are read back.
+    check(
+        &[],
+        ("imp-7 ", Command::Partition),
+        expect![[
+            r#"rejected bad_command_id: command id "imp-7 ": must be 1 to 128 bytes without control characters or white space at either end"#
         ]],
     );
 }
