@@ -836,8 +836,21 @@ impl ProjectionService {
                                 first_version = delivery.commit.first_version,
                                 "commit does not follow the incident's view; folding its stored history afresh"
                             );
-                            match self.incident_store.load(&delivery.commit.aggregate).await {
+                            // `inspect`, not `load`: a history whose links do not hold (a commit
+                            // missing or edited) is data to fold as far as it goes, not an error
+                            // to stop on; stopping made every builder stall on the same commit
+                            // for good. Only a store that cannot be read is retried.
+                            match self.incident_store.inspect(&delivery.commit.aggregate).await {
                                 Ok(history) => {
+                                    for broken in &history.breaks {
+                                        warn!(
+                                            aggregate = %delivery.commit.aggregate,
+                                            sequence = broken.sequence,
+                                            version = broken.version,
+                                            detail = %broken.detail,
+                                            "the incident's stored history has a broken link (`wangge audit verify` names it); folded as stored"
+                                        );
+                                    }
                                     let skipped = attached.projector.replace_incident(incident, &history.commits);
                                     for (sequence, applied) in &skipped {
                                         warn!(
@@ -849,6 +862,17 @@ impl ProjectionService {
                                     }
                                     self.progress.history_skipped += skipped.len() as u64;
                                     self.progress.reloaded += 1;
+                                }
+                                // A commit of the history that does not decode: the incident keeps
+                                // the view it had; this commit is skipped like one that does not
+                                // fold.
+                                Err(error @ eventstore::LoadError::Corrupt { .. }) => {
+                                    warn!(
+                                        aggregate = %delivery.commit.aggregate,
+                                        %error,
+                                        "the incident's stored history does not decode; the commit is skipped"
+                                    );
+                                    self.progress.history_skipped += 1;
                                 }
                                 // Not acked: the flush does not cover it and a later builder
                                 // (or this one after a restart) folds it again.

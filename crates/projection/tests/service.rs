@@ -429,3 +429,54 @@ async fn a_second_rebuild_is_refused_while_one_holds_the_claim() {
         "the abandoned bucket is deleted"
     );
 }
+
+/// An incident whose stored history does not hold together (its first commit deleted, as a
+/// partial restore or a damaged block file leaves it) is folded as far as it goes and the
+/// builder goes on: before, reading the history failed on the broken link and every builder
+/// stopped at the same commit for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_with_a_missing_commit_does_not_stop_the_builder() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (mut incidents_spec, _) = specs();
+    incidents_spec.immutable = false; // let the test delete a commit
+    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
+        .await
+        .unwrap();
+    let mut synthetic = Synthetic::new(5, Synthetic::default_grids(2, 2, 3));
+    let histories: Vec<_> = (0..6).map(|n| synthetic.incident(n)).collect();
+    assert!(
+        histories[0].len() >= 2,
+        "the first incident has several commits"
+    );
+    // One commit at a time: sequence 1 is the first incident's first commit.
+    synthetic::append_histories(&store, &histories, 1)
+        .await
+        .unwrap();
+    jetstream
+        .get_stream(&store.spec().stream_name)
+        .await
+        .unwrap()
+        .delete_message(1)
+        .await
+        .unwrap();
+    let last = store.last_sequence().await.unwrap();
+
+    let running = common::start(&server.url(), "projection").await;
+    let mut progress = running.progress.clone();
+    tokio::time::timeout(
+        WAIT_MAX,
+        progress.wait_for(|p| p.incidents_sequence >= last),
+    )
+    .await
+    .expect("the builder folds past the broken history")
+    .unwrap();
+    assert!(
+        progress.borrow().history_skipped >= 1,
+        "{:?}",
+        *progress.borrow()
+    );
+    running.stop.send(true).unwrap();
+    running.task.await.unwrap().unwrap();
+}
