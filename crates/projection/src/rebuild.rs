@@ -124,6 +124,11 @@ pub enum RebuildError {
          them: is this the right server? `wangge up` creates them)"
     )]
     NoStream { stream: String, reason: String },
+    #[error(
+        "another rebuild swapped the read models to generation {swapped_to} while this one \
+         started (it had read generation {read}); nothing was changed: run it again"
+    )]
+    SwappedMeanwhile { read: u64, swapped_to: u64 },
     #[error("{stream} ends at sequence {last}; there is nothing to replay up to sequence {asked}")]
     PastEnd {
         stream: String,
@@ -186,7 +191,6 @@ async fn stored_at(store: &IncidentStore, sequence: u64) -> Result<Option<i64>, 
     Ok(at)
 }
 
-/// Folds both streams up to `until` into `bucket` (emptied first) and writes the checkpoint.
 /// Hands the models folded since the last call to a write task, once the previous write has
 /// finished (one write in flight keeps memory bounded while the fold goes on). Returns how
 /// many keys were handed over.
@@ -208,6 +212,7 @@ async fn write_behind(
     Ok(keys)
 }
 
+/// Folds both streams up to `until` into `bucket` (emptied first) and writes the checkpoint.
 pub async fn build_into(
     jetstream: &jetstream::Context,
     options: &RebuildOptions,
@@ -437,6 +442,22 @@ pub async fn rebuild(
     // nothing, instead of emptying the bucket this one fills.
     let (mut claim, abandoned) =
         Claim::take(&meta, current.map_or(0, |(p, _)| p.generation)).await?;
+    // Another rebuild may have swapped and given its claim back between the pointer read and
+    // the claim: this one would then build the generation that is now current, emptying the
+    // bucket the builder and the queries use. Read the pointer again under the claim.
+    let read = current.map_or(0, |(pointer, _)| pointer.generation);
+    let now_current = store::read_pointer(&meta)
+        .await?
+        .map_or(0, |(pointer, _)| pointer.generation);
+    if now_current != read {
+        if let Err(error) = claim.release().await {
+            warn!(%error, "the rebuild claim was not given back; the next rebuild takes it over once it is stale");
+        }
+        return Err(RebuildError::SwappedMeanwhile {
+            read,
+            swapped_to: now_current,
+        });
+    }
     let rebuilt = rebuild_claimed(
         jetstream, options, progress, &meta, current, abandoned, &mut claim,
     )

@@ -1,4 +1,4 @@
-//! The projection builder as a service: folds INCIDENTS (durable consumer, explicit acks)
+//! The projection builder as a service: folds INCIDENTS (durable consumer, cumulative acks)
 //! and GRIDS into the current generation's bucket, and answers `projection.query.<model>`.
 //!
 //! One `tokio::select!` loop: the shutdown signal, INCIDENTS deliveries, GRIDS deliveries,
@@ -63,6 +63,11 @@ const GRIDS_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
 /// How often an instance that does not build reads the checkpoint its queries reflect (for
 /// its progress and lag metrics).
 const STANDBY_CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// How often an instance reads the generation pointer itself, besides watching it: the
+/// watch reports only swaps made after it was opened (one made while the instance started was
+/// missed, and the builder went on filling a generation no longer current), and an instance
+/// whose switch failed half-way must still reach the current generation.
+const POINTER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// After a failure while building, this instance competes for the lease again only after
 /// this pause, doubled for every failure in a row up to [`BUILD_RETRY_PAUSE_MAX`] (another
 /// instance may build meanwhile); a successful flush resets it.
@@ -117,8 +122,9 @@ pub struct ProjectionConfig {
     pub flush_interval: Duration,
     /// See [`FLUSH_LINGER`]; at most `flush_interval`.
     pub flush_linger: Duration,
-    /// How long the server waits for an ack before redelivering (a crashed builder's
-    /// unflushed commits come back after this).
+    /// How long the server waits for an ack before redelivering. (A crashed builder's
+    /// unflushed commits come back sooner: the next builder deletes the durable and follows
+    /// again from the checkpoint stored with the read models.)
     pub ack_wait: Duration,
 }
 
@@ -690,6 +696,40 @@ impl ProjectionService {
         Ok(())
     }
 
+    /// Reads the generation pointer and moves to it if this instance is elsewhere: a builder
+    /// switches, any instance points its queries there. Re-opens a pointer watch that failed.
+    async fn check_pointer(&mut self, pointer_watch: &mut Option<kv::Watch>) {
+        if pointer_watch.is_none() {
+            match self.meta.watch(keys::CURRENT).await {
+                Ok(watch) => *pointer_watch = Some(watch),
+                Err(error) => debug!(%error, "watch the generation pointer again"),
+            }
+        }
+        let generation = match store::read_pointer(&self.meta).await {
+            Ok(Some((pointer, _))) => pointer.generation,
+            Ok(None) => return,
+            Err(error) => {
+                debug!(%error, "read the generation pointer");
+                return;
+            }
+        };
+        let building = self.attached.as_ref().map(|attached| attached.generation);
+        match building {
+            Some(attached) if attached != generation => {
+                if let Err(error) = self.switch(generation).await {
+                    self.builder_failed(error).await;
+                }
+            }
+            Some(_) => {}
+            None => {
+                if *self.generation_tx.borrow() != generation {
+                    info!(generation, "queries follow the current generation");
+                    self.generation_tx.send_replace(generation);
+                }
+            }
+        }
+    }
+
     /// Moves to `generation` after a rebuild swapped the pointer.
     async fn switch(&mut self, generation: u64) -> Result<(), ServiceError> {
         self.flush_as_builder().await?;
@@ -746,10 +786,13 @@ impl ProjectionService {
         let mut pointer_watch = match self.meta.watch(keys::CURRENT).await {
             Ok(watch) => Some(watch),
             Err(error) => {
-                warn!(%error, "watch the generation pointer; swaps are seen at restart only");
+                warn!(%error, "watch the generation pointer; swaps are seen by reading it every few seconds");
                 None
             }
         };
+        // The first tick is at once: a swap between `start` and the watch above is seen now.
+        let mut pointer_check = tokio::time::interval(POINTER_CHECK_INTERVAL);
+        pointer_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut role = self.lease.as_ref().map(LeaseHandle::role);
         let mut standby_models: Option<ReadModels> = None;
         let result = loop {
@@ -785,6 +828,7 @@ impl ProjectionService {
                     () = tokio::time::sleep(STANDBY_CHECKPOINT_POLL) => {
                         self.note_checkpoint(&mut standby_models).await;
                     }
+                    _ = pointer_check.tick() => self.check_pointer(&mut pointer_watch).await,
                 }
                 continue;
             };
@@ -916,6 +960,7 @@ impl ProjectionService {
                         continue;
                     }
                 }
+                _ = pointer_check.tick() => self.check_pointer(&mut pointer_watch).await,
                 entry = next_pointer(&mut pointer_watch) => {
                     let generation = entry.and_then(|value| serde_json::from_slice::<Pointer>(&value).ok()).map(|p| p.generation);
                     if let Some(generation) = generation
@@ -981,8 +1026,6 @@ impl ProjectionService {
     }
 }
 
-/// Resolves when the lease's role changes (never for a query-only instance, nor after the
-/// lease task ended).
 /// Waits for the query task to end (never, when there is none) and says why; the handle is
 /// taken, so that it is not awaited again.
 async fn query_task_ended(task: &mut Option<tokio::task::JoinHandle<()>>) -> String {
@@ -997,6 +1040,8 @@ async fn query_task_ended(task: &mut Option<tokio::task::JoinHandle<()>>) -> Str
     }
 }
 
+/// Resolves when the lease's role changes (never for a query-only instance, nor after the
+/// lease task ended).
 async fn role_changed(role: &mut Option<watch::Receiver<Role>>) {
     match role {
         Some(receiver) => {
@@ -1021,7 +1066,7 @@ async fn next_pointer(watch: &mut Option<kv::Watch>) -> Option<bytes::Bytes> {
             Some(Ok(entry)) if entry.operation == kv::Operation::Put => Some(entry.value),
             Some(Ok(_)) => None,
             Some(Err(error)) => {
-                warn!(%error, "generation pointer watch");
+                warn!(%error, "generation pointer watch failed; reading the pointer every few seconds, and watching again");
                 *watch = None;
                 None
             }
