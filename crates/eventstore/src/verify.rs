@@ -27,7 +27,7 @@ const VERIFY_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 const FINDINGS_MAX: usize = 10_000;
 /// Most aggregates one walk follows. A walk keeps each aggregate's newest position in memory
 /// (about 150 bytes with its key), and the heads it saves must fit in a heads file that
-/// `wangge audit verify --heads` reads back (1 GiB, about 6 million heads); past the bound
+/// `wangge audit verify --check-heads` reads back (1 GiB, about 6 million heads); past the bound
 /// the walk stops with an error instead of growing until the operating system kills it.
 pub const VERIFY_AGGREGATES_MAX: usize = 6_000_000;
 
