@@ -813,12 +813,35 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
         };
-        let registry_task = tokio::spawn(registry.run(stopped.clone()));
-        service.run(stopped).await.context("intake")?;
-        registry_task
-            .await
-            .context("registry task")?
-            .context("in-process registry")?;
+        // Intake locates through the registry in this process: if the registry stops (a
+        // commit it cannot read, a reload that fails), intake must stop too, rather than go
+        // on locating from a view that no longer changes. Either a signal or the registry's
+        // end stops intake; the process then exits with the registry's error.
+        let (stop_intake, intake_stopped) = watch::channel(false);
+        let mut registry_task = tokio::spawn(registry.run(stopped.clone()));
+        let intake = tokio::spawn(service.run(intake_stopped));
+        let registry_ended = tokio::select! {
+            () = wait_stopped(stopped.clone()) => None,
+            ended = &mut registry_task => Some(ended),
+        };
+        let _ = stop_intake.send(true);
+        let intake_result = intake.await.context("intake task")?;
+        let signalled = *stopped.borrow();
+        let registry_result = match registry_ended {
+            Some(ended) => ended,
+            None => registry_task.await,
+        };
+        match registry_result.context("registry task")? {
+            Ok(()) if !signalled => {
+                anyhow::bail!("the in-process registry stopped; intake stopped with it")
+            }
+            Ok(()) => {}
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context("in-process registry (intake stopped with it)"));
+            }
+        }
+        intake_result.context("intake")?;
         signals.abort();
         Ok(())
     })
