@@ -372,6 +372,37 @@ impl RegistryService {
     }
 
     /// Reads the commits of one community after the held position and folds them in.
+    /// The version and sequence of the stored commit that carries `commit`'s command id, when
+    /// it was stored by the same actor with the same kinds of events (a resend decided again);
+    /// `None` otherwise, or when the history cannot be read.
+    async fn stored_resend(
+        &self,
+        aggregate: &AggregateId,
+        commit: &Commit<domain::Event>,
+    ) -> Option<(u64, u64)> {
+        let loaded = match self.store.load(aggregate).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                warn!(%error, "read the community to look for a resent command");
+                return None;
+            }
+        };
+        let stored = loaded
+            .commits
+            .iter()
+            .find(|stored| stored.command_id == commit.command_id)?;
+        let same_kinds = stored.events.len() == commit.events.len()
+            && stored
+                .events
+                .iter()
+                .zip(&commit.events)
+                .all(|(stored, ours)| {
+                    std::mem::discriminant(&stored.event) == std::mem::discriminant(ours)
+                });
+        (stored.meta.actor == commit.meta.actor && same_kinds)
+            .then_some((stored.version, stored.sequence))
+    }
+
     async fn reload(&mut self, aggregate: &AggregateId) -> Result<(), ServiceError> {
         let held = self.directory.community_or_new(aggregate.as_str()).position;
         let loaded = self
@@ -638,6 +669,25 @@ impl RegistryService {
                     reason: ConflictReason::CommandIdReused { command_id, .. },
                     ..
                 }) => {
+                    // A resend decided again at another moment (its first answer lost) differs
+                    // from the stored commit only in its times (`registered_at_ms`,
+                    // `assigned_at_ms`): the same actor and the same kinds of events make it
+                    // the duplicate it is, not a reused id.
+                    if let Some((version, sequence)) = self.stored_resend(&aggregate, &commit).await
+                    {
+                        if let Err(error) = self.reload(&aggregate).await {
+                            warn!(%error, "reload after a resent command");
+                        }
+                        let community = self.directory.community_or_new(&header.community_id);
+                        return to_json(&receipt(
+                            &header.command_id,
+                            &community.community,
+                            version,
+                            sequence,
+                            true,
+                            &[],
+                        ));
+                    }
                     return to_json(&RejectedReply::new(
                         "command_id_reused",
                         format!("command id {command_id} was already used for another command"),
