@@ -436,7 +436,7 @@ impl RegistryService {
         let body = if subject == api::SUBJECT_LOCATE {
             to_json(&locate_reply(&self.directory.locator(), &message.payload))
         } else if subject == api::SUBJECT_QUERY_COMMUNITY {
-            self.query_community(&message.payload)
+            self.query_community(&message.payload).await
         } else if let Some(name) = subject.strip_prefix(api::SUBJECT_COMMAND_PREFIX) {
             let name = name.to_owned();
             self.command(&name, &message.payload).await
@@ -464,12 +464,38 @@ impl RegistryService {
         }
     }
 
-    fn query_community(&self, payload: &[u8]) -> Vec<u8> {
+    async fn query_community(&mut self, payload: &[u8]) -> Vec<u8> {
         let query: CommunityQuery =
             match observe::refusal::parse_json("query", payload, QUERY_REQUEST_BYTES_MAX) {
                 Ok(query) => query,
                 Err(refusal) => return to_json(&RejectedReply::from(refusal)),
             };
+        let registered = |directory: &Directory| {
+            directory
+                .get(&query.community_id)
+                .is_some_and(|entry| entry.community.profile.is_some())
+        };
+        // No refusal from a stale view: a community registered a moment ago through another
+        // instance may not have reached this one yet. Before `not_found`, ask the store.
+        if !registered(&self.directory)
+            && let Ok(aggregate) = AggregateId::new(query.community_id.clone())
+        {
+            let held = self
+                .directory
+                .get(&query.community_id)
+                .map_or(0, |entry| entry.position.sequence);
+            match self.store.last_position(&aggregate).await {
+                Ok(last) if last.sequence > held => {
+                    if let Err(error) = self.reload(&aggregate).await {
+                        return to_json(&error_reply("store_unavailable", error.to_string()));
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return to_json(&error_reply("store_unavailable", error.to_string()));
+                }
+            }
+        }
         match self.directory.get(&query.community_id) {
             Some(entry) if entry.community.profile.is_some() => to_json(&community_answer(
                 &entry.community,
