@@ -637,6 +637,13 @@ impl ProjectionService {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // A retry starts only within the lease: the pause before it may have outlasted
+            // the term, and a standby may have taken over and flushed meanwhile.
+            if attempt > 1 && !lease_valid() {
+                return Err(ServiceError::NotBuilder {
+                    reason: "builder lease expired while a flush was retried".to_owned(),
+                });
+            }
             // Values are `Bytes`: a retry's copy costs reference counts only.
             let batch = crate::fold::Rendered {
                 models: rendered.models.clone(),
