@@ -359,12 +359,16 @@ impl Directory {
         entry.position = position;
     }
 
-    /// Rebuilds every community's locate part and publishes (after a catch-up).
+    /// Rebuilds every community's locate part and publishes (after a catch-up). A community
+    /// whose part cannot be built is left out and logged (its points answer `unserved`)
+    /// rather than keeping every other community out of service.
     pub fn publish_all(&mut self) -> Result<usize, LocateError> {
         self.views.clear();
         let ids: Vec<String> = self.communities.keys().cloned().collect();
         for id in &ids {
-            self.refresh(id)?;
+            if let Err(error) = self.refresh(id) {
+                tracing::error!(community = %id, %error, "the community's locate index cannot be built; its points are unserved");
+            }
         }
         Ok(self.publish())
     }
@@ -375,14 +379,24 @@ impl Directory {
         Ok(self.publish())
     }
 
+    /// Rebuilds one community's locate part. When it cannot be built the part it had stays
+    /// (before, it was removed first, so a failed build took the community out of locate).
     fn refresh(&mut self, community_id: &str) -> Result<(), LocateError> {
-        self.views.remove(community_id);
-        if let Some(entry) = self.communities.get(community_id)
-            && let Some(view) = CommunityView::build(entry)?
-            && let Some(extent) = CommunityView::extent(entry)
-        {
-            self.views
-                .insert(community_id.to_owned(), (Arc::new(view), extent));
+        let built = match self.communities.get(community_id) {
+            Some(entry) => match CommunityView::build(entry)? {
+                Some(view) => CommunityView::extent(entry).map(|extent| (view, extent)),
+                None => None,
+            },
+            None => None,
+        };
+        match built {
+            Some((view, extent)) => {
+                self.views
+                    .insert(community_id.to_owned(), (Arc::new(view), extent));
+            }
+            None => {
+                self.views.remove(community_id);
+            }
         }
         Ok(())
     }
