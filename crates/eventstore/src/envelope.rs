@@ -338,18 +338,13 @@ pub(crate) fn encode_commit<C: EventCodec>(
             });
         }
     }
-    let mut events_header = String::with_capacity(encoded.len() * 64);
+    let events_header = describe_events(
+        encoded
+            .iter()
+            .zip(&commit.event_ids)
+            .map(|(event, id)| (event.event_type.as_str(), event.schema_version, *id)),
+    );
     let mut uuid_text = Uuid::encode_buffer();
-    for (index, (event, id)) in encoded.iter().zip(&commit.event_ids).enumerate() {
-        if index > 0 {
-            events_header.push(',');
-        }
-        events_header.push_str(&event.event_type);
-        events_header.push('/');
-        events_header.push_str(itoa::Buffer::new().format(event.schema_version));
-        events_header.push('/');
-        events_header.push_str(id.hyphenated().encode_lower(&mut uuid_text));
-    }
     let body_bytes_estimate = encoded
         .iter()
         .map(|event| event.payload.len() + event.event_type.len() + 32)
@@ -594,6 +589,45 @@ impl StoredEnvelope {
 }
 
 /// Events of a body in stored form (type, schema version, payload), before codec decoding.
+/// The `Wangge-Events` header of a commit's events: `type/schema version/event id` each,
+/// comma-separated.
+fn describe_events<'a>(events: impl ExactSizeIterator<Item = (&'a str, u16, Uuid)>) -> String {
+    let mut header = String::with_capacity(events.len() * 64);
+    let mut uuid_text = Uuid::encode_buffer();
+    for (index, (event_type, schema_version, id)) in events.enumerate() {
+        if index > 0 {
+            header.push(',');
+        }
+        header.push_str(event_type);
+        header.push('/');
+        header.push_str(itoa::Buffer::new().format(schema_version));
+        header.push('/');
+        header.push_str(id.hyphenated().encode_lower(&mut uuid_text));
+    }
+    header
+}
+
+/// Why a stored commit's `Wangge-Events` header does not describe its body, if it does not.
+/// The header is not covered by the chain hash (tools route and audit by it without reading
+/// bodies), so `verify` compares it with the body it lists.
+pub(crate) fn events_header_mismatch(headers: &HeaderMap, body: &[RawEvent]) -> Option<String> {
+    let described = describe_events(body.iter().map(|event| {
+        (
+            event.event_type.as_str(),
+            event.schema_version,
+            event.event_id,
+        )
+    }));
+    let stored = headers.get(headers::EVENTS).map(|value| value.as_str());
+    (stored != Some(described.as_str())).then(|| {
+        format!(
+            "{} is {:?}, but the body holds {described:?}",
+            headers::EVENTS,
+            stored.unwrap_or("")
+        )
+    })
+}
+
 pub(crate) struct RawEvent {
     pub event_id: Uuid,
     pub event_type: String,
@@ -778,6 +812,25 @@ mod golden {
             expected,
             commit,
         )
+    }
+
+    /// The events header of an encoded commit describes its body; an edited one does not.
+    #[test]
+    fn an_edited_events_header_no_longer_describes_the_body() {
+        let codec = PostcardCodec::<(u64, String)>::new("golden");
+        let (aggregate, expected, commit) = sample();
+        let outgoing = encode_commit(&codec, &aggregate, &expected, &commit).expect("encode");
+        let body = decode_body(1, &outgoing.body).expect("body");
+        assert_eq!(events_header_mismatch(&outgoing.headers, &body), None);
+        let mut edited = outgoing.headers.clone();
+        let renamed = edited
+            .get(headers::EVENTS)
+            .expect("events header")
+            .as_str()
+            .replacen("golden", "forged", 1);
+        edited.insert(headers::EVENTS, renamed.as_str());
+        let mismatch = events_header_mismatch(&edited, &body).expect("a mismatch");
+        assert!(mismatch.contains("forged"), "{mismatch}");
     }
 
     /// Header text with white space at either end is refused before anything is stored: NATS

@@ -17,7 +17,7 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::EventCodec;
-use crate::envelope::{Position, decode_body, decode_envelope};
+use crate::envelope::{Position, decode_body, decode_envelope, events_header_mismatch};
 use crate::error::LoadError;
 use crate::store::EventStore;
 
@@ -44,6 +44,13 @@ pub enum Finding {
     },
     /// The stored hash does not match the commit's content: it was edited.
     HashMismatch { sequence: u64, aggregate: String },
+    /// The `Wangge-Events` header does not describe the body (not covered by the hash, it was
+    /// edited: tools that route or audit by it would be misled).
+    EventsHeaderMismatch {
+        sequence: u64,
+        aggregate: String,
+        detail: String,
+    },
     /// The commit does not follow the previous commit of its aggregate.
     BrokenLink {
         sequence: u64,
@@ -379,19 +386,29 @@ fn check_commit(
             return;
         }
     };
-    if let Err(error) = decode_body(envelope.body_format, &message.payload) {
-        report.add(Finding::Undecodable {
-            sequence,
-            subject,
-            reason: error.to_string(),
-        });
-        return;
-    }
+    let body = match decode_body(envelope.body_format, &message.payload) {
+        Ok(body) => body,
+        Err(error) => {
+            report.add(Finding::Undecodable {
+                sequence,
+                subject,
+                reason: error.to_string(),
+            });
+            return;
+        }
+    };
     let aggregate = envelope.aggregate.clone();
     if envelope.recomputed_hash(&message.payload) != envelope.hash {
         report.add(Finding::HashMismatch {
             sequence,
             aggregate: aggregate.clone(),
+        });
+    }
+    if let Some(detail) = events_header_mismatch(&headers, &body) {
+        report.add(Finding::EventsHeaderMismatch {
+            sequence,
+            aggregate: aggregate.clone(),
+            detail,
         });
     }
     let previous = chains.entry(aggregate.clone()).or_insert(Position::NEW);
