@@ -1096,7 +1096,15 @@ async fn serve_queries(
     departments: Vec<String>,
 ) {
     let mut models: Option<ReadModels> = None;
+    let departments = std::sync::Arc::new(departments);
+    // Answers in flight (at most QUERIES_IN_FLIGHT_MAX): one slow list query does not hold
+    // up the others.
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
+        // A full set: wait for one answer before taking another request.
+        while in_flight.len() >= QUERIES_IN_FLIGHT_MAX {
+            let _ = in_flight.join_next().await;
+        }
         let request = tokio::select! {
             changed = stopped.changed() => {
                 if changed.is_err() || *stopped.borrow() {
@@ -1104,6 +1112,7 @@ async fn serve_queries(
                 }
                 continue;
             }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             request = requests.next() => match request {
                 Some(request) => request,
                 None => break,
@@ -1111,24 +1120,36 @@ async fn serve_queries(
         };
         let wanted = *generation.borrow();
         if models.as_ref().map(ReadModels::generation) != Some(wanted) {
-            models = ReadModels::open(&jetstream, wanted).await.ok();
+            models = match ReadModels::open(&jetstream, wanted).await {
+                Ok(opened) => Some(opened),
+                Err(error) => {
+                    warn!(generation = wanted, %error, "open the current generation's read models for queries");
+                    None
+                }
+            };
         }
-        let answer = match &models {
-            Some(models) => {
-                answer(
-                    models,
-                    &departments,
-                    &request.message.subject,
-                    &request.message.payload,
-                )
-                .await
+        let models = models.clone();
+        let departments = std::sync::Arc::clone(&departments);
+        in_flight.spawn(async move {
+            let answer = match &models {
+                Some(models) => {
+                    answer(
+                        models,
+                        &departments,
+                        &request.message.subject,
+                        &request.message.payload,
+                    )
+                    .await
+                }
+                None => unavailable_reply(format!("generation {wanted} is not readable")),
+            };
+            if let Err(error) = request.respond(Ok(answer.into())).await {
+                debug!(%error, "query reply not sent");
             }
-            None => unavailable_reply(format!("generation {wanted} is not readable")),
-        };
-        if let Err(error) = request.respond(Ok(answer.into())).await {
-            debug!(%error, "query reply not sent");
-        }
+        });
     }
+    // Answers already being made are sent before the endpoint stops.
+    while in_flight.join_next().await.is_some() {}
     if let Err(error) = requests.stop().await {
         debug!(%error, "stop the query endpoint");
     }
