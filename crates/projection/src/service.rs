@@ -769,7 +769,9 @@ impl ProjectionService {
                         debug!(%consumer, %error, "delete consumer");
                     }
                 }
-                Err(error) => warn!(%error, "open stream to delete a consumer"),
+                Err(error) => {
+                    warn!(%stream, %consumer, %error, "open stream to delete a consumer; the consumer stays")
+                }
             }
         }
     }
