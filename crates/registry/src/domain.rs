@@ -152,11 +152,15 @@ pub enum Command {
 }
 
 impl Command {
-    /// True when deciding this command may draw grids (a partition, or a boundary change of
-    /// a partitioned community): tens of milliseconds of work for a large community, which
-    /// the service runs off its event loop.
+    /// True when deciding this command may draw grids (a partition, a boundary change of a
+    /// partitioned community, or buildings imported into one, which the local repair then
+    /// places): tens of milliseconds of work for a large community, which the service runs
+    /// off its event loop.
     pub fn may_partition(&self) -> bool {
-        matches!(self, Command::Partition | Command::UpdateCommunity(_))
+        matches!(
+            self,
+            Command::Partition | Command::UpdateCommunity(_) | Command::ImportBuildings { .. }
+        )
     }
 }
 
