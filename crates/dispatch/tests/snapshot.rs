@@ -248,6 +248,19 @@ fn check(restarted: &DispatchService, replayed: &DispatchService, expect: Expect
     expect.assert_eq(&text);
 }
 
+/// The bucket's keys, sorted.
+async fn sorted_keys(kv: &async_nats::jetstream::kv::Store) -> Vec<String> {
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await
+        .unwrap()
+        .map(|key| key.unwrap())
+        .collect()
+        .await;
+    keys.sort();
+    keys
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
     let server = testkit::NatsServer::start().unwrap();
@@ -304,14 +317,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
     task.await.unwrap();
 
     let kv = store.jetstream().get_key_value(BUCKET).await.unwrap();
-    let mut keys: Vec<String> = kv
-        .keys()
-        .await
-        .unwrap()
-        .map(|key| key.unwrap())
-        .collect()
-        .await;
-    keys.sort();
+    let keys = sorted_keys(&kv).await;
     expect![[r#"["dispatch.g1.s0", "dispatch.manifest"]"#]].assert_eq(&format!("{keys:?}"));
 
     // While no instance runs: three new fires are filed, one dispatched fire is acknowledged.
@@ -404,14 +410,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
         stop.send(true).unwrap();
         task.await.unwrap();
     }
-    let mut keys: Vec<String> = kv
-        .keys()
-        .await
-        .unwrap()
-        .map(|key| key.unwrap())
-        .collect()
-        .await;
-    keys.sort();
+    let keys = sorted_keys(&kv).await;
     expect![[r#"["dispatch.g2.s0", "dispatch.g3.s0", "dispatch.manifest"]"#]]
         .assert_eq(&format!("{keys:?}"));
 }

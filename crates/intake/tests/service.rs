@@ -149,6 +149,43 @@ impl Running {
     }
 }
 
+/// A nats-server, a client of it, the registry (in this process) and intake started with
+/// `config`: the set-up of a test that needs nothing else.
+struct Harness {
+    server: NatsServer,
+    client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    stack: Stack,
+    running: Running,
+}
+
+async fn harness(config: ServiceConfig) -> Harness {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let stack = registry(&url).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let running = start_intake(&url, &stack.locator, config).await;
+    Harness {
+        server,
+        client,
+        jetstream,
+        stack,
+        running,
+    }
+}
+
+impl Harness {
+    async fn shutdown(self) {
+        self.running.shutdown().await;
+        self.stack
+            .registry_stop
+            .send(true)
+            .expect("registry listens");
+        drop(self.server);
+    }
+}
+
 fn position(column: f64, row: f64) -> (f64, f64) {
     (ORIGIN.0 + column * STEP, ORIGIN.1 + row * STEP)
 }
@@ -804,28 +841,24 @@ async fn a_merge_that_meets_a_concurrent_write_is_decided_again() {
 /// Sent again once the bucket takes writes, it gets its receipt and the details are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_whose_contact_details_were_not_stored_is_not_answered_filed() {
-    let server = NatsServer::start().expect("nats-server");
-    let url = server.url();
-    let client = connect(&url).await;
-    let stack = registry(&url).await;
-    let jetstream = async_nats::jetstream::new(client.clone());
     let config = ServiceConfig::default();
-    let running = start_intake(&url, &stack.locator, config.clone()).await;
+    let harness = harness(config.clone()).await;
+    let (client, jetstream) = (&harness.client, &harness.jetstream);
     jetstream
         .delete_key_value(&config.contacts_bucket)
         .await
         .expect("delete the contacts bucket");
     let body = submission("contact-0001", REPORTER, "0101", near_building(3));
-    let answer = send(&client, "intake.request", body.clone()).await;
+    let answer = send(client, "intake.request", body.clone()).await;
     assert_eq!(
         (&answer["status"], &answer["reason_code"]),
         (&Value::from("error"), &Value::from("store_unavailable")),
         "{answer}"
     );
-    let contacts = intake::service::ensure_contacts_bucket(&jetstream, &config)
+    let contacts = intake::service::ensure_contacts_bucket(jetstream, &config)
         .await
         .expect("the bucket again");
-    let answer = send(&client, "intake.request", body).await;
+    let answer = send(client, "intake.request", body).await;
     assert_eq!(answer["status"], "filed", "{answer}");
     let stored = contacts
         .get(REPORTER)
@@ -834,8 +867,7 @@ async fn a_submission_whose_contact_details_were_not_stored_is_not_answered_file
         .expect("contact stored");
     let stored: Value = serde_json::from_slice(&stored).expect("JSON");
     assert_eq!(stored["phone"], "13800000000", "{stored}");
-    running.shutdown().await;
-    stack.registry_stop.send(true).expect("registry listens");
+    harness.shutdown().await;
 }
 
 /// The durable submissions consumer deleted under a running intake (an operator's mistake,
@@ -843,13 +875,9 @@ async fn a_submission_whose_contact_details_were_not_stored_is_not_answered_file
 /// filed: durable intake does not stop until a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_submissions_consumer_is_made_again() {
-    let server = NatsServer::start().expect("nats-server");
-    let url = server.url();
-    let client = connect(&url).await;
-    let stack = registry(&url).await;
-    let jetstream = async_nats::jetstream::new(client.clone());
     let config = ServiceConfig::default();
-    let running = start_intake(&url, &stack.locator, config.clone()).await;
+    let harness = harness(config.clone()).await;
+    let (client, jetstream) = (&harness.client, &harness.jetstream);
     let mut receipts = client
         .subscribe("intake.receipts.>")
         .await
@@ -857,7 +885,7 @@ async fn a_deleted_submissions_consumer_is_made_again() {
     client.flush().await.expect("flush");
     let body = submission("before-0001", REPORTER, "0101", near_building(1));
     publish_durable(
-        &jetstream,
+        jetstream,
         &mut receipts,
         "intake.submit.app",
         "before-0001",
@@ -873,7 +901,7 @@ async fn a_deleted_submissions_consumer_is_made_again() {
         .expect("delete the consumer");
     let body = submission("after-0001", REPORTER, "0101", near_building(2));
     let message = publish_durable(
-        &jetstream,
+        jetstream,
         &mut receipts,
         "intake.submit.app",
         "after-0001",
@@ -889,6 +917,5 @@ async fn a_deleted_submissions_consumer_is_made_again() {
         (Some("after-0001"), Some("filed")),
         "{receipt}"
     );
-    running.shutdown().await;
-    stack.registry_stop.send(true).expect("registry listens");
+    harness.shutdown().await;
 }
