@@ -267,14 +267,16 @@ pub struct IntakeService {
     queries: SelectAll<Endpoint>,
     micro: Option<async_nats::service::Service>,
     /// Batches storing their receipts and answering (at most [`BATCHES_FINISHING_MAX`]).
-    finishing: tokio::task::JoinSet<Vec<ReceiptFix>>,
+    finishing: tokio::task::JoinSet<Finished>,
     /// Incidents forgotten because they could not be read after a failed append (at most
     /// [`RELOADS_PENDING_MAX`]), read again before the next batches are decided.
     reloads_pending: std::collections::BTreeSet<IncidentId>,
     /// Submission ids whose INTAKE record (a merge or a refusal) a finishing batch may still be
-    /// storing: their receipts are in memory but may yet be forgotten. Cleared whenever no
-    /// batch is finishing, so at most `BATCHES_FINISHING_MAX` × `SUBMISSION_BATCH_MAX`.
-    records_in_flight: std::collections::HashSet<String>,
+    /// storing, with how many batches: their receipts are in memory but may yet be forgotten.
+    /// Each batch takes its ids out when it finishes (all are dropped when no batch is
+    /// finishing, after a task that failed), so at most `BATCHES_FINISHING_MAX` ×
+    /// `SUBMISSION_BATCH_MAX`.
+    records_in_flight: HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for IntakeService {
@@ -457,7 +459,7 @@ impl IntakeService {
             micro: Some(micro),
             finishing: tokio::task::JoinSet::new(),
             reloads_pending: std::collections::BTreeSet::new(),
-            records_in_flight: std::collections::HashSet::new(),
+            records_in_flight: HashMap::new(),
         };
         for id in gaps {
             service.reload(id).await;
@@ -735,7 +737,7 @@ impl IntakeService {
             }
             let plan = match decoded {
                 Ok(valid) => {
-                    if self.records_in_flight.contains(&valid.submission_id) {
+                    if self.records_in_flight.contains_key(&valid.submission_id) {
                         // A resend of a submission whose record an earlier batch is still
                         // storing: answered from memory now, it could be told a decision that
                         // is then not stored. Let the finishing batches end first.
@@ -1000,9 +1002,14 @@ impl IntakeService {
                 self.on_finished(done);
             }
         }
+        let mut records = Vec::new();
         for (plan, failed) in plans.iter().zip(&failed) {
             if let (Some((submission_id, _)), false) = (&plan.record, failed) {
-                self.records_in_flight.insert(submission_id.clone());
+                *self
+                    .records_in_flight
+                    .entry(submission_id.clone())
+                    .or_default() += 1;
+                records.push(submission_id.clone());
             }
         }
         let finish = Finish {
@@ -1015,6 +1022,7 @@ impl IntakeService {
             failed,
             answered_from,
             contacts,
+            records,
             started: batch_started,
         };
         debug_assert!(
@@ -1026,9 +1034,17 @@ impl IntakeService {
     }
 
     /// Applies what a finished batch learned about receipts to the in-memory state.
-    fn on_finished(&mut self, done: Result<Vec<ReceiptFix>, tokio::task::JoinError>) {
+    fn on_finished(&mut self, done: Result<Finished, tokio::task::JoinError>) {
         match done {
-            Ok(fixes) => {
+            Ok(Finished { records, fixes }) => {
+                for id in records {
+                    if let Some(batches) = self.records_in_flight.get_mut(&id) {
+                        *batches -= 1;
+                        if *batches == 0 {
+                            self.records_in_flight.remove(&id);
+                        }
+                    }
+                }
                 for fix in fixes {
                     match fix {
                         ReceiptFix::StoredEarlier(id, receipt) => self.core.remember(&id, receipt),
@@ -1242,7 +1258,7 @@ impl IntakeService {
                 );
                 let receipt = match query {
                     Ok(query) if is_valid_submission_id(&query.submission_id) => {
-                        if self.records_in_flight.contains(&query.submission_id) {
+                        if self.records_in_flight.contains_key(&query.submission_id) {
                             // Answer with a receipt that is stored, not one still on its way.
                             self.wait_for_finishing().await;
                         }
@@ -1482,11 +1498,20 @@ struct Finish {
     /// (input, reporter, contact details): an input whose details were not stored fails
     /// (nak'ed or answered `error`), so they are written when it comes back.
     contacts: Vec<(usize, uuid::Uuid, wire::Contact)>,
+    /// The submission ids of the INTAKE records this batch stores.
+    records: Vec<String>,
     started: std::time::Instant,
 }
 
+/// What a finished batch hands back: the ids it stored records for, and what it learnt
+/// about receipts.
+struct Finished {
+    records: Vec<String>,
+    fixes: Vec<ReceiptFix>,
+}
+
 impl Finish {
-    async fn run(self) -> Vec<ReceiptFix> {
+    async fn run(self) -> Finished {
         let Finish {
             intake,
             contacts_bucket,
@@ -1497,6 +1522,7 @@ impl Finish {
             mut failed,
             answered_from,
             contacts,
+            records: record_ids,
             started,
         } = self;
         let mut fixes = Vec::new();
@@ -1660,7 +1686,10 @@ impl Finish {
             answered_us = started.elapsed().as_micros() as u64,
             "batch answered"
         );
-        fixes
+        Finished {
+            records: record_ids,
+            fixes,
+        }
     }
 }
 
