@@ -904,9 +904,9 @@ impl DispatchService {
             .metrics()
             .dispatched
             .inc_by(outcome.stored);
-        // Not stored: back in the set, tried again after STORE_RETRY_PAUSE. (Before, a filed incident whose
-        // dispatch failed waited for its next commit or a restart; a filed incident has no
-        // deadline, so nothing else would have moved it.)
+        // Not stored: back in the set, tried again after STORE_RETRY_PAUSE. (Before, a filed
+        // incident whose dispatch failed waited for its next commit or a restart; a filed
+        // incident has no deadline, so nothing else would have moved it.)
         self.book.requeue_undispatched(&outcome.not_stored);
         for (incident, rejection) in &outcome.refused {
             warn!(%incident, %rejection, "a filed incident cannot be dispatched by the routing table");

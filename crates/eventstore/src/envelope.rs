@@ -831,6 +831,17 @@ mod golden {
         edited.insert(headers::EVENTS, renamed.as_str());
         let mismatch = events_header_mismatch(&edited, &body).expect("a mismatch");
         assert!(mismatch.contains("forged"), "{mismatch}");
+        // Commits stored by earlier builds (the v1 golden file) describe their bodies too.
+        let stored_body = std::fs::read(golden_dir().join("commit_v1.body")).expect("golden body");
+        let stored_headers_text =
+            std::fs::read_to_string(golden_dir().join("commit_v1.headers")).expect("headers");
+        let mut stored_headers = HeaderMap::new();
+        for line in stored_headers_text.lines() {
+            let (name, value) = line.split_once(": ").expect("a header line");
+            stored_headers.insert(name, value);
+        }
+        let stored = decode_body(1, &stored_body).expect("golden body decodes");
+        assert_eq!(events_header_mismatch(&stored_headers, &stored), None);
     }
 
     /// Header text with white space at either end is refused before anything is stored: NATS
