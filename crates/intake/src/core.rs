@@ -29,6 +29,9 @@ pub const RATE_REFILL_MS: i64 = 6 * 60_000;
 pub const REPORTERS_TRACKED_MAX: usize = 200_000;
 /// Most receipts held in memory for resubmissions; older ones are looked up in the store.
 pub const RECEIPTS_HELD_MAX: usize = 500_000;
+/// Most merges remembered by the duplicate's incident id (see [`Core::plan`]): the newest
+/// ones, which is where a submission redelivered after a crash finds its merge.
+pub const MERGES_HELD_MAX: usize = 200_000;
 /// How far after its arrival a report's `occurred_at` may lie (a phone whose clock runs
 /// fast); later is refused `schema_violation`, never filed with a time to come.
 pub const OCCURRED_AT_AHEAD_MAX_MS: i64 = 60 * 60_000;
@@ -261,6 +264,14 @@ pub fn intake_aggregate(submission_id: Option<&str>, payload_sha256: &[u8; 32]) 
     }
 }
 
+/// Where a duplicate was merged, for its receipt.
+#[derive(Debug, Clone)]
+struct MergedInto {
+    original: IncidentId,
+    grid_code: String,
+    respond_by_ms: i64,
+}
+
 /// What the shell must store for one submission, in order: `incident` commit (if any) on
 /// INCIDENTS, then `record` on INTAKE; then reply with `receipt` and ack.
 #[derive(Debug, Clone, PartialEq)]
@@ -323,6 +334,10 @@ pub struct Core {
     receipt_order: VecDeque<(String, u64)>,
     receipt_entries: u64,
     receipts_evicted: bool,
+    /// Where the incident id a submission would have filed (hashed from its id) was merged
+    /// into, from the stored `DuplicateMerged` events, newest [`MERGES_HELD_MAX`].
+    merged_into: HashMap<IncidentId, MergedInto>,
+    merged_order: VecDeque<IncidentId>,
     buckets: HashMap<uuid::Uuid, Bucket>,
 }
 
@@ -362,6 +377,8 @@ impl Core {
             receipts: HashMap::new(),
             receipt_order: VecDeque::new(),
             receipt_entries: 0,
+            merged_into: HashMap::new(),
+            merged_order: VecDeque::new(),
             receipts_evicted: false,
             buckets: HashMap::new(),
         }
@@ -418,6 +435,19 @@ impl Core {
             let receipts = &self.receipts;
             self.receipt_order
                 .retain(|(id, entry)| receipts.get(id).is_some_and(|(_, held)| held == entry));
+        }
+    }
+
+    /// Remembers that `duplicate` (a submission's would-be incident) was merged, as stored.
+    fn remember_merge(&mut self, duplicate: IncidentId, merged: MergedInto) {
+        if self.merged_into.insert(duplicate, merged).is_none() {
+            self.merged_order.push_back(duplicate);
+        }
+        while self.merged_into.len() > MERGES_HELD_MAX {
+            let Some(oldest) = self.merged_order.pop_front() else {
+                break;
+            };
+            self.merged_into.remove(&oldest);
         }
     }
 
@@ -498,8 +528,10 @@ impl Core {
             cell: None,
         });
         let mut taken = None;
+        let mut merged_here = Vec::new();
         for recorded in &commit.events {
             match &recorded.event {
+                IncidentEvent::DuplicateMerged { duplicate, .. } => merged_here.push(*duplicate),
                 IncidentEvent::Reported {
                     position: Some(position),
                     ..
@@ -522,7 +554,23 @@ impl Core {
                 filed_receipt(submission_id, id, grid.to_string(), respond_by.0),
             ))
         });
+        let merged_details = tracked
+            .state
+            .grid
+            .map(|grid| (grid.to_string(), tracked.state.response.map(|due| due.at.0)));
         let terminal = tracked.state.is_terminal();
+        if let Some((grid_code, respond_by_ms)) = merged_details {
+            for duplicate in merged_here {
+                self.remember_merge(
+                    duplicate,
+                    MergedInto {
+                        original: id,
+                        grid_code: grid_code.clone(),
+                        respond_by_ms: respond_by_ms.unwrap_or(commit.meta.occurred_at_ms),
+                    },
+                );
+            }
+        }
         if let Some((submission_id, receipt)) = filed {
             self.remember(submission_id, receipt);
         }
@@ -682,6 +730,37 @@ impl Core {
             .is_some_and(|t| t.position.is_new())
         {
             self.forget(own);
+        }
+        // Merged before (its merge commit is stored) but its receipt was not (a crash between
+        // the two, a record that failed): answer with that merge, whatever the incidents look
+        // like now. Decided again, it could be merged elsewhere or filed anew (the original
+        // closed meanwhile, or a nearer one appeared): two outcomes for one submission.
+        if let Some(merged) = self.merged_into.get(&own).cloned() {
+            let media = u8::try_from(submission.media.len()).unwrap_or(u8::MAX);
+            let event = IntakeEvent::Merged {
+                submission_id: submission.submission_id.clone(),
+                incident: merged.original.0,
+                grid_code: merged.grid_code.clone(),
+                respond_by_ms: merged.respond_by_ms,
+                kind: submission.kind,
+                channel: submission.channel,
+                category: submission.category.to_string(),
+                reporter: submission.reporter_id,
+                occurred_at_ms: submission.occurred_at_ms,
+                media,
+            };
+            let receipt = merged_receipt(
+                &submission.submission_id,
+                merged.original,
+                merged.grid_code,
+                merged.respond_by_ms,
+            );
+            self.remember(&submission.submission_id, receipt.clone());
+            return Plan {
+                receipt,
+                record: Some((submission.submission_id.clone(), event)),
+                incident: None,
+            };
         }
         // Filed before a crash, receipt not yet stored: store the receipt only.
         let already_filed = self.incidents.get(&own).map(|t| t.state.grid);

@@ -223,3 +223,92 @@ fn a_receipt_remembered_again_is_evicted_in_its_new_turn() {
     assert_eq!(held, ["a", "c"], "b was the oldest receipt held");
     assert!(core.receipts_evicted());
 }
+
+/// `write` as the commit stored at `sequence`, its first event at `first_version`.
+fn stored(
+    incident: domain::IncidentId,
+    events: Vec<domain::incident::IncidentEvent>,
+    first_version: u64,
+    sequence: u64,
+) -> eventstore::RecordedCommit<domain::incident::IncidentEvent> {
+    let version = first_version + events.len() as u64 - 1;
+    eventstore::RecordedCommit {
+        aggregate: eventstore::AggregateId::new(incident.0.hyphenated().to_string())
+            .expect("aggregate id"),
+        command_id: format!("stored-{sequence}"),
+        sequence,
+        first_version,
+        version,
+        events: events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| eventstore::RecordedEvent {
+                event_id: uuid::Uuid::from_u128(u128::from(sequence) * 100 + index as u128),
+                version: first_version + index as u64,
+                event_type: domain::encoding::event_type(&event).to_owned(),
+                event,
+            })
+            .collect(),
+        meta: eventstore::CommitMeta {
+            correlation_id: uuid::Uuid::from_u128(1),
+            causation_id: uuid::Uuid::from_u128(1),
+            actor: "system:intake".to_owned(),
+            occurred_at_ms: 1_795_000_000_000,
+            traceparent: None,
+        },
+        previous_hash: [0; 32],
+        hash: [sequence as u8; 32],
+        stored_at_ms: 1_795_000_000_000,
+    }
+}
+
+/// A submission merged into an incident whose merge commit was stored but whose receipt was
+/// not (a crash between the two): redelivered after the original closed, it is answered with
+/// that merge, not filed as a new incident (one submission, one outcome).
+#[test]
+fn a_merge_stored_before_a_crash_is_answered_again_after_its_original_closed() {
+    let policy = Policy::embedded("sanming").expect("sanming policy");
+    let now = Timestamp(1_795_000_000_000);
+    let plan = |core: &mut Core, payload: &[u8], minutes: u32| {
+        let valid =
+            decode_submission(payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
+        core.plan(valid, payload, now.plus_minutes(minutes), &OneGrid, &policy)
+    };
+    // Before the crash: the first report files incident A, the second merges into it; both
+    // commits are stored, the second's INTAKE record is not.
+    let mut before = Core::new(CoreConfig::default());
+    let first = submission("file-0001", 117.63, 1);
+    let second = submission("file-0002", 117.63001, 2);
+    let filed = plan(&mut before, &first, 0).incident.expect("a filing");
+    let merged = plan(&mut before, &second, 1).incident.expect("a merge");
+    assert_eq!(merged.incident, filed.incident);
+    let original = filed.incident;
+    let filing_events = filed.events.len() as u64;
+    // After the restart: the log is folded, and the original is cancelled meanwhile.
+    let mut after = Core::new(CoreConfig::default());
+    after.fold(&stored(original, filed.events, 1, 1));
+    after.fold(&stored(original, merged.events, filing_events + 1, 2));
+    let cancelled = domain::incident::IncidentEvent::Cancelled {
+        by: domain::Actor {
+            role: domain::Role::System,
+            id: domain::ActorId(uuid::Uuid::from_u128(9)),
+        },
+    };
+    after.fold(&stored(original, vec![cancelled], filing_events + 2, 3));
+    assert!(
+        after.tracked(&original).is_none(),
+        "a cancelled incident leaves memory"
+    );
+    let again = plan(&mut after, &second, 30);
+    let receipt = serde_json::to_value(&again.receipt).expect("JSON");
+    assert_eq!(
+        (receipt["status"].as_str(), receipt["incident_id"].as_str()),
+        (Some("merged"), Some(original.0.to_string().as_str())),
+        "{receipt}"
+    );
+    assert!(again.incident.is_none(), "nothing more on INCIDENTS");
+    assert!(
+        again.record.is_some(),
+        "the merge's receipt is recorded now"
+    );
+}
