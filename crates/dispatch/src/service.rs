@@ -1046,11 +1046,19 @@ impl DispatchService {
         // neither the Msg-Id nor the expected sequence would stop a second write. So the
         // command id is looked for in the incident's history first: one read of the incident
         // per console command not answered here before.
-        if let Some(aggregate) = self.book.aggregate_of(command.incident)
-            && let Some(reply) = self.already_applied(&aggregate, command).await
-        {
-            return reply;
-        }
+        // The held position the history was read at (`None`: not read).
+        let history_read_at = match (
+            self.book.aggregate_of(command.incident),
+            self.book.get(command.incident).map(|held| held.position),
+        ) {
+            (Some(aggregate), Some(held)) => {
+                if let Some(reply) = self.already_applied(&aggregate, command).await {
+                    return reply;
+                }
+                Some(held)
+            }
+            _ => None,
+        };
         for attempt in 1..=COMMAND_ATTEMPTS_MAX {
             let (Some(held), Some(aggregate)) = (
                 self.book.get(command.incident),
@@ -1089,7 +1097,11 @@ impl DispatchService {
                     }
                     // A resent command (its first answer lost in a crash) meets the state it
                     // already changed and would be refused; answer it as the duplicate it is.
-                    if let Some(reply) = self.already_applied(&aggregate, command).await {
+                    // (Already looked for above if the incident is held where it was then: the
+                    // store is not ahead of it, so the history read then is the history now.)
+                    if history_read_at != Some(held_position)
+                        && let Some(reply) = self.already_applied(&aggregate, command).await
+                    {
                         return reply;
                     }
                     return CommandReply::from_rejection(&rejection);
