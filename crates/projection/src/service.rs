@@ -720,16 +720,18 @@ impl ProjectionService {
                 return;
             }
         };
+        // Generations only grow: a lower one is a stale read (a replica behind the leader),
+        // never a reason to go back.
         let building = self.attached.as_ref().map(|attached| attached.generation);
         match building {
-            Some(attached) if attached != generation => {
+            Some(attached) if generation > attached => {
                 if let Err(error) = self.switch(generation).await {
                     self.builder_failed(error).await;
                 }
             }
             Some(_) => {}
             None => {
-                if *self.generation_tx.borrow() != generation {
+                if generation > *self.generation_tx.borrow() {
                     info!(generation, "queries follow the current generation");
                     self.generation_tx.send_replace(generation);
                 }
