@@ -31,10 +31,18 @@ fn actor(role: Role, n: u128) -> Actor {
 }
 
 async fn open_store(url: &str) -> (async_nats::Client, IncidentStore) {
+    open_store_with_window(url, Duration::from_secs(120)).await
+}
+
+/// [`open_store`] with the stream's duplicate window (when this call creates the stream).
+async fn open_store_with_window(
+    url: &str,
+    duplicate_window: Duration,
+) -> (async_nats::Client, IncidentStore) {
     let client = async_nats::connect(url).await.unwrap();
     let store = EventStore::open(
         async_nats::jetstream::new(client.clone()),
-        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
+        StreamSpec::for_context(BoundedContext::Incidents, 1, duplicate_window),
         codecs::IncidentCodec,
     )
     .await
@@ -808,14 +816,7 @@ async fn a_command_resent_after_the_duplicate_window_is_not_applied_twice() {
     let server = testkit::NatsServer::start().unwrap();
     let url = server.url();
     // The stream made here first, with a one-second duplicate window (the default is 120 s).
-    let client = async_nats::connect(&url).await.unwrap();
-    let store: IncidentStore = EventStore::open(
-        async_nats::jetstream::new(client.clone()),
-        StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(1)),
-        codecs::IncidentCodec,
-    )
-    .await
-    .unwrap();
+    let (client, store) = open_store_with_window(&url, Duration::from_secs(1)).await;
     let time = ManualTime::new(START);
     let a = start_instance(&url, "dispatch-a", &time).await;
     let fire = report_and_file(&store, 4, "0405", START).await;

@@ -375,19 +375,11 @@ fn check_commit(
 ) {
     let subject = message.subject.to_string();
     let headers = message.headers.clone().unwrap_or_default();
-    let envelope = match decode_envelope(&subject, &headers) {
-        Ok(envelope) => envelope,
-        Err(error) => {
-            report.add(Finding::Undecodable {
-                sequence,
-                subject,
-                reason: error.to_string(),
-            });
-            return;
-        }
-    };
-    let body = match decode_body(envelope.body_format, &message.payload) {
-        Ok(body) => body,
+    let decoded = decode_envelope(&subject, &headers).and_then(|envelope| {
+        decode_body(envelope.body_format, &message.payload).map(|body| (envelope, body))
+    });
+    let (envelope, body) = match decoded {
+        Ok(decoded) => decoded,
         Err(error) => {
             report.add(Finding::Undecodable {
                 sequence,
