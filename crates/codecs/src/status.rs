@@ -1,6 +1,6 @@
 //! The public view of an incident, `incidents.status.<incident_id>`: shared by the two
-//! services that write incident commits (intake files and merges, dispatch does everything
-//! after), because the writer of a commit is the one that announces it — exactly once per
+//! services that write incident commits (intake files, routes and merges, dispatch does
+//! everything after), because the writer of a commit is the one that announces it — exactly once per
 //! stored commit, however many instances run.
 
 use domain::IncidentId;

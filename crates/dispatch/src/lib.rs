@@ -1,5 +1,7 @@
-//! dispatch: the whistle-and-report service — routes filed incidents, takes department
-//! consoles' commands, fires deadlines and escalates, and tells each console what it must do.
+//! dispatch: the whistle-and-report service — takes department consoles' commands, fires
+//! deadlines and escalates, and tells each console what it must do. Intake routes a new filing
+//! in its filing commit; dispatch routes a filing stored without a dispatch (logs written before
+//! that, or a filing intake could not route).
 //!
 //! WHY it looks like this: every rule lives in `domain` (pure `decide`/`evolve`); this crate is
 //! the imperative shell around it. The working state of every incident is held in memory

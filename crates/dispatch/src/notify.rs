@@ -76,8 +76,17 @@ pub fn notifications(
     stream_sequence: u64,
     version: u64,
 ) -> Vec<(Recipient, Notification)> {
-    let grid = state.and_then(|s| s.grid);
-    let current = state.and_then(|s| s.handler);
+    // The grid never changes once filed; a commit that files the incident names it itself, so
+    // a commit the book has not folded yet (a filing dispatched by intake in the same commit)
+    // is addressed without the held state.
+    let grid = events
+        .iter()
+        .find_map(|event| match event {
+            IncidentEvent::Filed { grid, .. } => Some(*grid),
+            _ => None,
+        })
+        .or_else(|| state.and_then(|s| s.grid));
+    let mut current = state.and_then(|s| s.handler);
     let mut out: Vec<(Recipient, Notification)> = Vec::new();
     let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
         if let Some(recipient) = recipient
@@ -104,20 +113,26 @@ pub fn notifications(
                 handler,
                 response_due,
                 ..
-            } => push(
-                Recipient::for_handler(*handler, grid),
-                "assigned",
-                Some(*response_due),
-            ),
+            } => {
+                current = Some(*handler);
+                push(
+                    Recipient::for_handler(*handler, grid),
+                    "assigned",
+                    Some(*response_due),
+                );
+            }
             E::Returned {
                 rerouted_to,
                 response_due,
                 ..
-            } => push(
-                Recipient::for_handler(*rerouted_to, grid),
-                "assigned",
-                Some(*response_due),
-            ),
+            } => {
+                current = Some(*rerouted_to);
+                push(
+                    Recipient::for_handler(*rerouted_to, grid),
+                    "assigned",
+                    Some(*response_due),
+                );
+            }
             E::Reopened { response_due, .. } | E::Unparked { response_due, .. } => push(
                 current.and_then(|h| Recipient::for_handler(h, grid)),
                 "assigned",
@@ -258,6 +273,62 @@ pub async fn console_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A filing dispatched in its own commit (intake routes at filing) may reach the notifier
+    /// before the book has folded it: the commit names its grid, so the grid worker is still
+    /// told, with the deadline the commit set.
+    #[test]
+    fn a_filing_dispatched_in_its_commit_is_addressed_without_the_held_state() {
+        use domain::incident::{Action, IncidentCommand};
+        use domain::{Actor, ActorId, Policy, Role, decide};
+        let policy = Policy::embedded("sanming").expect("embedded policy");
+        let incident = IncidentId(uuid::Uuid::from_u128(7));
+        let now = Timestamp(1_795_000_000_000);
+        let actor = |role, n| Actor {
+            role,
+            id: ActorId(uuid::Uuid::from_u128(n)),
+        };
+        let mut state = IncidentState::default();
+        let mut events = Vec::new();
+        for (by, action) in [
+            (
+                actor(Role::Resident, 1),
+                Action::Report {
+                    incident,
+                    description: "standing water".to_owned(),
+                    position: None,
+                    category_hint: None,
+                },
+            ),
+            (
+                actor(Role::System, 2),
+                Action::File {
+                    grid: "350402001001003".parse().expect("grid code"),
+                    category: "0103".parse().expect("category"),
+                },
+            ),
+            (actor(Role::System, 2), Action::Dispatch { to: None }),
+        ] {
+            for event in decide(&state, IncidentCommand { actor: by, action }, now, &policy)
+                .expect("decided")
+            {
+                state.apply(&event);
+                events.push(event);
+            }
+        }
+        let commit: Vec<&IncidentEvent> = events.iter().collect();
+        let without_state = notifications(incident, &commit, None, 41, 3);
+        let with_state = notifications(incident, &commit, Some(&state), 41, 3);
+        assert_eq!(without_state.len(), 1, "{without_state:?}");
+        let (recipient, note) = &without_state[0];
+        assert_eq!(
+            recipient.subject(),
+            format!("{NOTIFY_SUBJECT_PREFIX}.grid.350402001001003")
+        );
+        assert_eq!(note.kind, "assigned");
+        assert_eq!(note.due, state.response.map(|due| due.at));
+        assert_eq!(without_state, with_state);
+    }
 
     #[test]
     fn notified_here_answers_once_and_forgets_the_oldest_first() {

@@ -50,12 +50,25 @@ async fn open_store_with_window(
     (client, store)
 }
 
-/// Appends what intake would: Reported + Filed, as one commit, at `now`.
+/// Appends what intake wrote before it routed filings itself: Reported + Filed, as one
+/// commit, at `now` (dispatch routes such a filing).
 async fn report_and_file(
     store: &IncidentStore,
     n: u128,
     category: &str,
     now: Timestamp,
+) -> IncidentId {
+    file_commit(store, n, category, now, false).await
+}
+
+/// Appends Reported + Filed, and with `routed` the table's Dispatch as well (what intake
+/// writes today), as one commit, at `now`.
+async fn file_commit(
+    store: &IncidentStore,
+    n: u128,
+    category: &str,
+    now: Timestamp,
+    routed: bool,
 ) -> IncidentId {
     let policy = Policy::embedded("sanming").unwrap();
     let incident = IncidentId(uuid::Uuid::from_u128(0x1000 + n));
@@ -79,7 +92,12 @@ async fn report_and_file(
                 category: category.parse().unwrap(),
             },
         },
-    ] {
+    ]
+    .into_iter()
+    .chain(routed.then(|| IncidentCommand {
+        actor: actor(Role::System, 9),
+        action: Action::Dispatch { to: None },
+    })) {
         for event in decide(&state, command, now, &policy).unwrap() {
             state.apply(&event);
             events.push(event);
@@ -757,6 +775,42 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
         v4 summoned dispatch.notify.department.yingji
         v7 extension_decided dispatch.notify.department.xiaofang"#]]
     .assert_eq(&kinds.join("\n"));
+}
+
+/// Intake routes a filing in its own commit: dispatch writes nothing for it, the handler is
+/// told by the shared notifier (the commit names its grid, so the notice does not wait for
+/// the book), and its deadlines are kept from the filing commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filing_routed_in_its_own_commit_is_not_dispatched_again() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let grid = "350402001002007".parse().unwrap();
+    let worker = console_consumer(&jetstream, Recipient::Grid(grid), "grid-console")
+        .await
+        .unwrap();
+    let water = file_commit(&store, 11, "0103", START, true).await;
+    settle().await;
+    let notes: Vec<String> = drain(&worker)
+        .await
+        .iter()
+        .map(|note| format!("v{} {} due={:?}", note.version, note.kind, note.due))
+        .collect();
+    // The response deadline passes: dispatch escalates from the filing commit's deadlines.
+    time.set(Timestamp(START.0 + 3 * 24 * 60 * MINUTE));
+    wait_version(&store, water, 5).await;
+    settle().await;
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+    expect![[r#"
+        v3 assigned due=Some(Timestamp(1778036400000))
+        v3 +0min intake: incident.reported incident.filed Dispatched(grid_worker)
+        v7 +4320min deadline: DeadlineMissed(Response) WhistleBlown(Community: chengguan) DeadlineMissed(Resolution) WhistleEscalated(Community->Street: chengguan)
+    "#]]
+    .assert_eq(&format!("{}\n{}", notes.join("\n"), history(&store, water).await));
 }
 
 /// A filed incident whose dispatch the store refused is dispatched once the store takes

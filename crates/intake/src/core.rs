@@ -943,7 +943,26 @@ impl Core {
                 Ok(taken) => events.extend(taken),
                 Err(rejection) => return reject(self, ReasonCode::Refused, rejection.to_string()),
             }
+            // Routed by the city's table in the same commit: one stored message per filed
+            // incident instead of a filing and a dispatch (docs/INTAKE.md, "Dispatched at
+            // filing"). `respond_by` above is the deadline this dispatch sets. Should the
+            // decider refuse, the incident is filed undispatched and dispatch routes it, as it
+            // does every filing without a dispatch.
             let state = IncidentState::from_events(&events);
+            if let Ok(dispatched) = decide_on(
+                &state,
+                system_actor(),
+                Action::Dispatch { to: None },
+                now,
+                policy,
+            ) {
+                events.extend(dispatched);
+            }
+            let state = IncidentState::from_events(&events);
+            debug_assert!(
+                state.response.is_none_or(|due| due.at.0 == respond_by),
+                "the receipt promises the deadline the dispatch set"
+            );
             self.incidents.insert(
                 own,
                 Tracked {

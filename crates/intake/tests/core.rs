@@ -106,7 +106,7 @@ fn a_filing_is_one_commit_that_holds_its_receipt() {
         expect![[r#"
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
         "#]],
     );
 }
@@ -128,7 +128,7 @@ fn a_report_dated_after_its_arrival_is_refused() {
         expect![[r#"
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
             file-0002: "rejected" null
               INTAKE file-0002: "rejected"
         "#]],
@@ -145,7 +145,7 @@ fn a_resubmission_returns_the_receipt_and_writes_nothing() {
         expect![[r#"
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
         "#]],
@@ -166,11 +166,11 @@ fn a_filing_not_stored_is_filed_again() {
         expect![[r#"
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
               (not stored)
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
         "#]],
     );
 }
@@ -187,7 +187,7 @@ fn a_duplicate_is_merged_and_recorded_on_intake() {
         expect![[r#"
             file-0001: "filed" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE: nothing
-              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken
+              INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
             file-0002: "merged" "70fbdbb8-06e4-8edb-9d25-10326fffd7df"
               INTAKE file-0002: "merged"
               INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.duplicate_merged

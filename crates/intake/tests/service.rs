@@ -432,7 +432,8 @@ async fn rejections_merges_status_queries_and_erasure() {
         json!({"incident_id": by_building["incident_id"]}),
     )
     .await;
-    assert_eq!(found["incident"]["status"], "filed", "{found}");
+    // Routed by the city's table in its filing commit.
+    assert_eq!(found["incident"]["status"], "dispatched", "{found}");
     // Rejected submissions are recorded (one INTAKE record per refusal).
     check(
         &send(
@@ -480,7 +481,7 @@ async fn rejections_merges_status_queries_and_erasure() {
     check(
         &serde_json::from_slice(&update.payload).expect("JSON"),
         expect![[
-            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":["incident.duplicate_merged"],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":4}"#
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":["incident.duplicate_merged"],"grid_code":"350402001001003","handler":"grid_worker","incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":"<time>","respond_by_ms":"<time>","status":"dispatched","version":5}"#
         ]],
     );
     // Another category at the same spot is a new incident.
@@ -503,7 +504,7 @@ async fn rejections_merges_status_queries_and_erasure() {
     check(
         &found["incident"],
         expect![[
-            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":[],"grid_code":"350402001001003","handler":null,"incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":null,"respond_by_ms":null,"status":"filed","version":4}"#
+            r#"{"additional_reporters":1,"category":"0103","changed_at_ms":"<time>","events":[],"grid_code":"350402001001003","handler":"grid_worker","incident_id":"3b93881b-230e-8002-86c8-d33f2a8ff3b8","resolve_by_ms":"<time>","respond_by_ms":"<time>","status":"dispatched","version":5}"#
         ]],
     );
     check(

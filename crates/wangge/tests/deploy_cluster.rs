@@ -9,8 +9,8 @@
 //! is lost and nothing is processed twice:
 //!
 //! - every submission has exactly one receipt in INTAKE;
-//! - every filed incident has exactly one intake commit and exactly one dispatch commit in
-//!   INCIDENTS (no command id twice), and no other instance wrote it again;
+//! - every filed incident has exactly one commit that dispatches it in INCIDENTS (intake's
+//!   filing commit routes it) and no command id twice, and no other instance wrote it again;
 //! - the read models equal a pure fold of INCIDENTS after each phase (no commit counted twice
 //!   by two builders, none lost), the standby projection took the lease over within its bound
 //!   and the totals stayed exact;
@@ -260,7 +260,9 @@ async fn submit_phase(resident: &async_nats::Client, range: std::ops::Range<usiz
 #[derive(Debug, Default)]
 struct Ledger {
     receipts: BTreeMap<String, usize>,
-    incidents: BTreeMap<String, Vec<String>>,
+    /// Each incident's commits: command id, and whether the commit dispatches it.
+    incidents: BTreeMap<String, Vec<(String, bool)>>,
+    /// Commits that dispatch an incident, by the writer's actor.
     dispatchers: BTreeMap<String, usize>,
 }
 
@@ -317,7 +319,13 @@ async fn read_ledger(admin: &async_nats::Client) -> Result<Ledger, String> {
                     *ledger.receipts.entry(submission_id.clone()).or_default() += 1;
                 }
             }
-            if commit.command_id.starts_with("dispatch:") {
+            let dispatches = commit.events.iter().any(|recorded| {
+                matches!(
+                    recorded.event,
+                    domain::incident::IncidentEvent::Dispatched { .. }
+                )
+            });
+            if dispatches {
                 *ledger
                     .dispatchers
                     .entry(commit.meta.actor.clone())
@@ -327,7 +335,7 @@ async fn read_ledger(admin: &async_nats::Client) -> Result<Ledger, String> {
                 .incidents
                 .entry(commit.aggregate.to_string())
                 .or_default()
-                .push(commit.command_id);
+                .push((commit.command_id, dispatches));
         })
         .await
         .map_err(|error| error.to_string())?;
@@ -338,12 +346,13 @@ impl Ledger {
     fn dispatched(&self) -> usize {
         self.incidents
             .values()
-            .filter(|ids| ids.iter().any(|id| id.starts_with("dispatch:")))
+            .filter(|commits| commits.iter().any(|(_, dispatches)| *dispatches))
             .count()
     }
 
     /// Problems: a submission with other than one receipt, an incident without exactly one
-    /// intake commit and one dispatch commit, a command id twice.
+    /// commit that dispatches it (intake's filing, or dispatch's for a filing without one), a
+    /// command id twice.
     fn problems(&self, submissions: usize) -> Vec<String> {
         let mut problems = Vec::new();
         if self.receipts.len() != submissions {
@@ -357,13 +366,13 @@ impl Ledger {
                 problems.push(format!("{submission}: {count} receipts"));
             }
         }
-        for (incident, ids) in &self.incidents {
-            let dispatches = ids.iter().filter(|id| id.starts_with("dispatch:")).count();
-            let mut unique = ids.clone();
+        for (incident, commits) in &self.incidents {
+            let dispatches = commits.iter().filter(|(_, dispatches)| *dispatches).count();
+            let mut unique: Vec<&String> = commits.iter().map(|(id, _)| id).collect();
             unique.sort();
             unique.dedup();
-            if dispatches != 1 || unique.len() != ids.len() {
-                problems.push(format!("{incident}: {ids:?}"));
+            if dispatches != 1 || unique.len() != commits.len() {
+                problems.push(format!("{incident}: {commits:?}"));
             }
         }
         problems

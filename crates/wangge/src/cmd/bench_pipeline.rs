@@ -150,7 +150,8 @@ impl MessagesPer {
 struct LatencyHops {
     /// Publish → the filing commit stored on INCIDENTS (intake).
     to_filed: Percentiles,
-    /// Filing commit stored → the dispatch commit stored (dispatch's follower and decision).
+    /// Filing commit stored → the dispatch commit stored (dispatch's follower and decision);
+    /// zero since intake routes a filing in its own commit, kept for filings dispatch routes.
     to_dispatched: Percentiles,
     /// Dispatch commit stored → the `assigned` notification received (dispatch's notifier).
     to_notified: Percentiles,

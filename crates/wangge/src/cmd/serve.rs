@@ -93,8 +93,8 @@ pub enum ServiceCommand {
     /// answered as a duplicate and writes nothing. See docs/REGISTRY.md.
     #[command(verbatim_doc_comment)]
     Registry(RegistryArgs),
-    /// Whistle-and-report dispatch: routes filed incidents, fires deadlines, takes consoles'
-    /// commands, notifies consoles.
+    /// Whistle-and-report dispatch: fires deadlines, takes consoles' commands, notifies
+    /// consoles, routes any filing stored without a dispatch (intake routes new filings).
     ///
     /// At start it reads the INCIDENTS stream to its end (after a DISPATCH_SNAPSHOTS KV
     /// snapshot) and rebuilds every pending deadline from the incidents' states, then answers
