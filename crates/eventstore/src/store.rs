@@ -704,6 +704,36 @@ impl<C: EventCodec> EventStore<C> {
             })
             .await
             .map_err(|error| read_error(error.to_string()))?;
+        let consumer_name = consumer.cached_info().name.clone();
+        let read = self
+            .read_commits(consumer, &subject, after, last, on_broken_link)
+            .await;
+        // The server would keep the consumer for its inactivity threshold (30 s for an
+        // ordered consumer): at a few dozen loads a second (dispatch reads an incident's
+        // history before deciding a console command) they piled up to the server's consumer
+        // limit and every later read failed ("maximum consumers limit reached", seen in
+        // `make demo`). A consumer the ordered stream re-created after a gap is not named
+        // here and expires by itself.
+        if let Err(error) = self.stream.delete_consumer(&consumer_name).await {
+            debug!(%error, subject, "delete the load's consumer; it expires by itself");
+        }
+        read
+    }
+
+    /// Reads the commits of `subject` after `after` up to `last` from a fresh ordered
+    /// consumer, checking every link.
+    async fn read_commits(
+        &self,
+        consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+        subject: &str,
+        after: Position,
+        last: Position,
+        on_broken_link: OnBrokenLink,
+    ) -> Result<(Loaded<C::Event>, Vec<ChainBreak>), LoadError> {
+        let read_error = |reason: String| LoadError::Read {
+            subject: subject.to_owned(),
+            reason,
+        };
         let mut messages = consumer
             .messages()
             .await
@@ -733,11 +763,11 @@ impl<C: EventCodec> EventStore<C> {
                 &message.payload,
             )
             .map_err(|source| LoadError::Corrupt {
-                subject: subject.clone(),
+                subject: subject.to_owned(),
                 sequence,
                 source,
             })?;
-            match check_link(&subject, &position, &commit, &message.payload, headers) {
+            match check_link(subject, &position, &commit, &message.payload, headers) {
                 Ok(()) => {}
                 Err(LoadError::ChainBroken { detail, .. })
                     if on_broken_link == OnBrokenLink::Report =>

@@ -192,6 +192,33 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
     );
 }
 
+/// A load reads through a consumer of its own and removes it when done: left to expire (30 s
+/// for an ordered consumer), a few dozen loads a second reached the server's consumer limit
+/// and every later read failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_leave_no_consumer_behind() {
+    let server = NatsServer::start().expect("nats-server");
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("sanming.account-7");
+    let last = deposit_each(&store, &id, "d", 3).await;
+    for _ in 0..20 {
+        let loaded = store.load(&id).await.expect("load");
+        assert_eq!(loaded.position, last);
+        let after_first = store
+            .load_after(&id, loaded.commits[0].position())
+            .await
+            .expect("load after the first commit");
+        assert_eq!(after_first.commits.len(), 2);
+    }
+    let mut stream = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream");
+    let consumers = stream.info().await.expect("info").state.consumer_count;
+    assert_eq!(consumers, 0, "consumers left behind by 40 loads");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_exactly_one_wins_each_version() {
     let server = NatsServer::start().expect("nats-server");
