@@ -36,7 +36,7 @@ pub use codecs::IncidentCodec;
 pub use core::{Core, CoreConfig, IntakeEvent, Locate, Located, incident_id_for};
 pub use decode::{Limits, decode_submission};
 pub use service::{
-    BATCH_FILL_WAIT, BATCH_FILL_WAIT_MAX, INTAKE_EVENT_TYPE, IntakeCodec, IntakeService,
-    SUBMISSIONS_MAX_AGE, ServiceConfig, ServiceError, ensure_submissions_stream,
+    BATCH_FILL_WAIT, BATCH_FILL_WAIT_MAX, DecisionTime, INTAKE_EVENT_TYPE, IntakeCodec,
+    IntakeService, SUBMISSIONS_MAX_AGE, ServiceConfig, ServiceError, ensure_submissions_stream,
 };
 pub use wire::{Receipt, Submission};

@@ -110,6 +110,36 @@ pub struct ServiceConfig {
     pub batch_fill_wait: Duration,
     /// Metrics and health of this instance ([`observe::Observer::disabled`] by default).
     pub observer: observe::Observer,
+    /// The clock decisions are taken on ([`DecisionTime::Wall`] but in tests and demos).
+    pub time: DecisionTime,
+}
+
+/// The clock intake decides on. A decision is taken at the submission's stream timestamp (a
+/// request's arrival); compressed time maps that instant as dispatch's compressed clock does,
+/// so a deadline set at filing means the same instant to both services (dispatch escalates
+/// it). `wangge demo` and the crash tests run dispatch on compressed time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecisionTime {
+    #[default]
+    Wall,
+    /// `origin_ms + (wall - origin_ms) * scale`, as `dispatch::TimeSource::Scaled`.
+    Compressed { origin_ms: i64, scale: u32 },
+}
+
+impl DecisionTime {
+    /// The decision time of an input that arrived at `wall_ms` (Unix milliseconds).
+    pub fn at(self, wall_ms: i64) -> Timestamp {
+        match self {
+            DecisionTime::Wall => Timestamp(wall_ms),
+            DecisionTime::Compressed { origin_ms, scale } => Timestamp(
+                origin_ms.saturating_add(
+                    wall_ms
+                        .saturating_sub(origin_ms)
+                        .saturating_mul(i64::from(scale)),
+                ),
+            ),
+        }
+    }
 }
 
 impl Default for ServiceConfig {
@@ -126,6 +156,7 @@ impl Default for ServiceConfig {
             contacts_bucket: "INTAKE_CONTACTS".to_owned(),
             batch_fill_wait: BATCH_FILL_WAIT,
             observer: observe::Observer::disabled(),
+            time: DecisionTime::Wall,
         }
     }
 }
@@ -232,7 +263,10 @@ type Chunks<S> = Pin<Box<ReadyChunks<S>>>;
 struct Input {
     payload: Bytes,
     fallback_id: Option<String>,
+    /// When it is decided ([`DecisionTime`] of its arrival).
     now: Timestamp,
+    /// When it arrived, wall clock (Unix milliseconds): its answer's latency is timed from it.
+    arrived_ms: i64,
     origin: Origin,
     /// W3C trace context: the sender's `traceparent` header, or a new one.
     traceparent: String,
@@ -335,11 +369,13 @@ const ENDPOINTS: [(&str, &str); 4] = [
     ("erase", wire::SUBJECT_CONTACT_ERASE),
 ];
 
-fn request_input(request: async_nats::service::Request) -> Input {
+fn request_input(request: async_nats::service::Request, time: DecisionTime) -> Input {
+    let arrived_ms = now_ms();
     Input {
         payload: request.message.payload.clone(),
         fallback_id: None,
-        now: Timestamp(now_ms()),
+        now: time.at(arrived_ms),
+        arrived_ms,
         traceparent: observe::traceparent_or_new(request.message.headers.as_ref()),
         origin: Origin::Request(Box::new(request)),
     }
@@ -550,7 +586,7 @@ impl IntakeService {
                         let wait = self.config.batch_fill_wait;
                         fill_batch(&mut batch, &mut self.requests, wait).await;
                     }
-                    let inputs = batch.into_iter().map(request_input).collect();
+                    let inputs = batch.into_iter().map(|request| request_input(request, self.config.time)).collect();
                     self.decide_and_store(inputs).await;
                 }
                 Some(message) = self.queries.next() => self.on_query(message).await,
@@ -585,7 +621,10 @@ impl IntakeService {
         let mut answered = 0usize;
         while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, self.requests.next()).await {
             answered += batch.len();
-            let inputs = batch.into_iter().map(request_input).collect();
+            let inputs = batch
+                .into_iter()
+                .map(|request| request_input(request, self.config.time))
+                .collect();
             self.decide_and_store(inputs).await;
         }
         while let Some(done) = self.finishing.join_next().await {
@@ -614,7 +653,7 @@ impl IntakeService {
         for item in batch {
             match item {
                 Ok(message) => {
-                    let now = message
+                    let published_ms = message
                         .info()
                         .map(|info| (info.published.unix_timestamp_nanos() / 1_000_000) as i64)
                         .unwrap_or_else(|_| now_ms());
@@ -627,7 +666,8 @@ impl IntakeService {
                     inputs.push(Input {
                         payload: message.payload.clone(),
                         fallback_id,
-                        now: Timestamp(now),
+                        now: self.config.time.at(published_ms),
+                        arrived_ms: published_ms,
                         origin: Origin::Durable(message),
                         traceparent,
                     });
@@ -891,7 +931,7 @@ impl IntakeService {
                             .collect();
                         let now = indices
                             .last()
-                            .map_or(Timestamp(now_ms()), |i| inputs[*i].now);
+                            .map_or(self.config.time.at(now_ms()), |i| inputs[*i].now);
                         let public = status::view(
                             *incident,
                             &tracked.state,
@@ -1216,7 +1256,7 @@ impl IntakeService {
             let command_id = format!("erase-{}", uuid::Uuid::now_v7());
             let commit = Commit {
                 event_ids: crate::core::event_ids_for(&command_id, 1),
-                meta: meta(&command_id, Timestamp(now_ms()), traceparent),
+                meta: meta(&command_id, self.config.time.at(now_ms()), traceparent),
                 command_id,
                 events: vec![event.clone()],
             };
@@ -1668,7 +1708,7 @@ impl Finish {
                         "submit",
                         receipt_outcome(&receipt),
                         Duration::from_millis(
-                            u64::try_from(now_ms().saturating_sub(input.now.0)).unwrap_or(0),
+                            u64::try_from(now_ms().saturating_sub(input.arrived_ms)).unwrap_or(0),
                         ),
                     );
                     if request.message.reply.is_some()
@@ -1698,6 +1738,25 @@ mod tests {
     use super::*;
 
     /// A submission that cannot be decided comes back after 1 s, then 2, 4, ... up to a minute.
+    #[test]
+    fn compressed_time_maps_an_arrival_as_dispatch_does() {
+        let origin_ms = 1_778_032_800_000;
+        let compressed = DecisionTime::Compressed {
+            origin_ms,
+            scale: 600,
+        };
+        assert_eq!(compressed.at(origin_ms), Timestamp(origin_ms));
+        assert_eq!(
+            compressed.at(origin_ms + 1_000),
+            Timestamp(origin_ms + 600_000),
+            "one wall second is ten minutes"
+        );
+        assert_eq!(
+            DecisionTime::Wall.at(origin_ms + 1_000),
+            Timestamp(origin_ms + 1_000)
+        );
+    }
+
     #[test]
     fn redeliveries_back_off_to_a_minute() {
         let delays: Vec<u64> = [0, 1, 2, 3, 4, 6, 7, 8, 1_000, i64::MAX]

@@ -30,8 +30,8 @@ const DEMO_HELP: &str = "\
 What it does, in order:
   1. starts a private nats-server (JetStream, temporary store, free loopback port);
   2. starts `wangge serve registry|intake|dispatch|projection` as child processes (logs in
-     <out>/logs/); dispatch runs on compressed time (--time-scale, default 600: one wall
-     minute is ten hours of deadlines);
+     <out>/logs/); intake and dispatch run on compressed time (--time-scale, default 600:
+     one wall minute is ten hours of deadlines);
   3. plans a seeded city (4 streets x 6 communities, ~55,000 households), registers it with
      the registry, which partitions every community into ~200-household grids, and assigns a
      grid worker to every grid;
@@ -98,14 +98,19 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         &url,
         Some(&logs),
     )?;
-    services.spawn("intake", &owned(&["serve", "intake"]), &url, Some(&logs))?;
-    let mut dispatch_args = owned(&["serve", "dispatch"]);
-    dispatch_args.extend([
+    // Intake sets the deadlines of the incidents it files and routes, so it decides on the
+    // same compressed clock as dispatch, which escalates them.
+    let compressed_time = [
         "--time-scale".to_owned(),
         args.time_scale.to_string(),
         "--time-origin-ms".to_owned(),
         origin_ms.to_string(),
-    ]);
+    ];
+    let mut intake_args = owned(&["serve", "intake"]);
+    intake_args.extend(compressed_time.iter().cloned());
+    services.spawn("intake", &intake_args, &url, Some(&logs))?;
+    let mut dispatch_args = owned(&["serve", "dispatch"]);
+    dispatch_args.extend(compressed_time);
     services.spawn("dispatch", &dispatch_args, &url, Some(&logs))?;
     services.spawn(
         "projection",

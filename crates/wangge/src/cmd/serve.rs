@@ -692,6 +692,14 @@ pub struct IntakeArgs {
         value_parser = clap::value_parser!(u64).range(0..=intake::BATCH_FILL_WAIT_MAX.as_millis() as u64)
     )]
     pub batch_fill_wait_ms: Option<u64>,
+    /// Compressed time for tests and demos, as `serve dispatch --time-scale`: a submission is
+    /// decided (and its deadlines set) at `origin + (arrival - origin) * scale`. Give intake
+    /// and dispatch the same scale and origin.
+    #[arg(long, hide = true, requires = "time_origin_ms")]
+    pub time_scale: Option<u32>,
+    /// Origin (Unix ms) of the compressed time.
+    #[arg(long, hide = true)]
+    pub time_origin_ms: Option<i64>,
 }
 
 impl IntakeArgs {
@@ -780,6 +788,12 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
             replicas: settings.store.replicas,
             duplicate_window: Duration::from_secs(settings.store.duplicate_window_seconds),
             batch_fill_wait: Duration::from_millis(tuning.batch_fill_wait_ms),
+            time: match (args.time_scale, args.time_origin_ms) {
+                (Some(scale), Some(origin_ms)) => {
+                    intake::DecisionTime::Compressed { origin_ms, scale }
+                }
+                _ => intake::DecisionTime::Wall,
+            },
             core: intake::CoreConfig {
                 dedup_radius_m: tuning.dedup_radius_m,
                 dedup_window_ms: tuning.dedup_window_minutes.saturating_mul(60_000),
