@@ -12,7 +12,8 @@
 //!   expected position with the command id `deadline:<incident>:<deadline ms>`: a second
 //!   instance or a restarted one that tries the same escalation gets a conflict or a
 //!   duplicate, re-reads the incident, and finds nothing due. So each deadline escalates once.
-//! - **Filed incidents** are dispatched by the table (`Dispatch { to: None }` as the system
+//! - **Filed incidents that intake did not route** (its filing commit routes a fresh
+//!   submission itself) are dispatched by the table (`Dispatch { to: None }` as the system
 //!   actor, command id `dispatch:<incident>`).
 //! - **Notifications** are published by a consumer shared by all instances (each commit is
 //!   handled by one of them) to `dispatch.notify.<recipient>` with the Msg-Id
@@ -339,11 +340,10 @@ impl DispatchService {
         config: DispatchConfig,
     ) -> Result<DispatchService, ServiceError> {
         let started = std::time::Instant::now();
-        config.observer.metrics().declare_whistle_kinds(&[
-            whistle_kind(domain::routing::WhistleKind::Routine),
-            whistle_kind(domain::routing::WhistleKind::Tough),
-            whistle_kind(domain::routing::WhistleKind::Emergency),
-        ]);
+        config
+            .observer
+            .metrics()
+            .declare_whistle_kinds(&domain::routing::WhistleKind::ALL.map(|kind| kind.name()));
         let jetstream = store.jetstream().clone();
         let snapshots = match &config.snapshot_bucket {
             Some(bucket) => Some(
@@ -994,7 +994,7 @@ impl DispatchService {
         metrics.commits_appended.inc();
         for event in events {
             if let IncidentEvent::WhistleBlown { kind, .. } = event {
-                metrics.whistle(whistle_kind(*kind));
+                metrics.whistle(kind.name());
             }
         }
     }
@@ -1448,14 +1448,6 @@ async fn next_request(
     match requests {
         Some(requests) => requests.next().await,
         None => std::future::pending().await,
-    }
-}
-
-fn whistle_kind(kind: domain::routing::WhistleKind) -> &'static str {
-    match kind {
-        domain::routing::WhistleKind::Routine => "routine",
-        domain::routing::WhistleKind::Tough => "tough",
-        domain::routing::WhistleKind::Emergency => "emergency",
     }
 }
 

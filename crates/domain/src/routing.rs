@@ -36,6 +36,23 @@ pub enum WhistleKind {
     Emergency,
 }
 
+impl WhistleKind {
+    pub const ALL: [WhistleKind; 3] = [
+        WhistleKind::Routine,
+        WhistleKind::Tough,
+        WhistleKind::Emergency,
+    ];
+
+    /// Its name in JSON and in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            WhistleKind::Routine => "routine",
+            WhistleKind::Tough => "tough",
+            WhistleKind::Emergency => "emergency",
+        }
+    }
+}
+
 /// How long a summoned department has to report.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -713,10 +713,14 @@ impl<C: EventCodec> EventStore<C> {
         // history before deciding a console command) they piled up to the server's consumer
         // limit and every later read failed ("maximum consumers limit reached", seen in
         // `make demo`). A consumer the ordered stream re-created after a gap is not named
-        // here and expires by itself.
-        if let Err(error) = self.stream.delete_consumer(&consumer_name).await {
-            debug!(%error, subject, "delete the load's consumer; it expires by itself");
-        }
+        // here and expires by itself. The delete runs beside the caller: a slow answer to it
+        // must not hold up a service loop that loaded an incident.
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            if let Err(error) = stream.delete_consumer(&consumer_name).await {
+                debug!(%error, subject, "delete the load's consumer; it expires by itself");
+            }
+        });
         read
     }
 

@@ -272,6 +272,19 @@ struct MergedInto {
     respond_by_ms: i64,
 }
 
+/// Who routes a new incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The filing commit routes it (the table's `Dispatch` by the system), with deadlines
+    /// from the filing's `now`, the submission's arrival.
+    AtFiling,
+    /// The filing commit does not: dispatch routes the filed incident on its own clock. For
+    /// a submission decided long after it arrived (intake was down, or redelivered it), whose
+    /// deadlines counted from its arrival would be partly or wholly spent before its handler
+    /// heard of it.
+    ByDispatch,
+}
+
 /// What the shell must store for one submission, in order: `incident` commit (if any) on
 /// INCIDENTS, then `record` on INTAKE; then reply with `receipt` and ack.
 #[derive(Debug, Clone, PartialEq)]
@@ -681,6 +694,7 @@ impl Core {
         submission: ValidSubmission,
         payload: &[u8],
         now: Timestamp,
+        routing: Routing,
         locator: &dyn Locate,
         policy: &Policy,
     ) -> Plan {
@@ -945,17 +959,20 @@ impl Core {
             }
             // Routed by the city's table in the same commit: one stored message per filed
             // incident instead of a filing and a dispatch (docs/INTAKE.md, "Dispatched at
-            // filing"). `respond_by` above is the deadline this dispatch sets. Should the
-            // decider refuse, the incident is filed undispatched and dispatch routes it, as it
-            // does every filing without a dispatch.
+            // filing"). `respond_by` above is the deadline this dispatch sets. A submission
+            // decided long after it arrived (`Routing::ByDispatch`) is filed undispatched, and
+            // so is one whose dispatch the decider refused: dispatch routes it, as it does
+            // every filing without a dispatch.
             let state = IncidentState::from_events(&events);
-            if let Ok(dispatched) = decide_on(
-                &state,
-                system_actor(),
-                Action::Dispatch { to: None },
-                now,
-                policy,
-            ) {
+            if routing == Routing::AtFiling
+                && let Ok(dispatched) = decide_on(
+                    &state,
+                    system_actor(),
+                    Action::Dispatch { to: None },
+                    now,
+                    policy,
+                )
+            {
                 events.extend(dispatched);
             }
             let state = IncidentState::from_events(&events);

@@ -33,7 +33,7 @@ pub mod wire;
 
 /// The INCIDENTS codec intake writes with (re-exported for binaries that start intake).
 pub use codecs::IncidentCodec;
-pub use core::{Core, CoreConfig, IntakeEvent, Locate, Located, incident_id_for};
+pub use core::{Core, CoreConfig, IntakeEvent, Locate, Located, Routing, incident_id_for};
 pub use decode::{Limits, decode_submission};
 pub use service::{
     BATCH_FILL_WAIT, BATCH_FILL_WAIT_MAX, DecisionTime, INTAKE_EVENT_TYPE, IntakeCodec,

@@ -24,8 +24,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
 
 use crate::core::{
-    Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, incident_id_for, intake_aggregate,
-    receipt_in_history, refusal_event,
+    Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, Routing, incident_id_for,
+    intake_aggregate, receipt_in_history, refusal_event,
 };
 use crate::decode::{
     Limits, check_channel, check_message_id, decode_submission, is_valid_submission_id,
@@ -69,6 +69,11 @@ pub const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
 /// Longest `ServiceConfig::batch_fill_wait` the command line accepts: a longer wait would
 /// hold every submission of a busy minute for no gain in batch size.
 pub const BATCH_FILL_WAIT_MAX: Duration = Duration::from_secs(1);
+/// The longest a submission may have waited (from its arrival to its decision) and still be
+/// routed in its filing commit, with deadlines counted from its arrival. One that waited
+/// longer (intake down, a redelivery) is filed undispatched and dispatch routes it on its own
+/// clock, so its handler is not given a deadline already partly spent by intake's delay.
+pub const ROUTE_AT_FILING_WAITED_MAX: Duration = Duration::from_secs(60);
 /// How long unprocessed submissions are kept (work-queue retention removes them on ack).
 pub const SUBMISSIONS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The server drops the private follower consumer of a crashed instance after this.
@@ -406,6 +411,11 @@ impl IntakeService {
             .observer
             .metrics()
             .declare_submission_kinds(&["filed", "merged", "rejected", "error"]);
+        // A filing routed in its own commit may blow an emergency whistle.
+        config
+            .observer
+            .metrics()
+            .declare_whistle_kinds(&domain::routing::WhistleKind::ALL.map(|kind| kind.name()));
         let jetstream = incidents.jetstream().clone();
         let submissions_stream =
             ensure_submissions_stream(&jetstream, &config, eventstore::ExistingStream::Keep)
@@ -792,10 +802,19 @@ impl IntakeService {
                     {
                         contacts.push((index, valid.reporter_id, contact.clone()));
                     }
+                    // Routed in its filing commit only while its deadlines, counted from its
+                    // arrival, are still whole.
+                    let waited_ms = now_ms().saturating_sub(input.arrived_ms);
+                    let routing = if waited_ms <= ROUTE_AT_FILING_WAITED_MAX.as_millis() as i64 {
+                        Routing::AtFiling
+                    } else {
+                        Routing::ByDispatch
+                    };
                     let plan = self.core.plan(
                         valid,
                         &input.payload,
                         input.now,
+                        routing,
                         self.locator.as_ref(),
                         &self.policy,
                     );
@@ -916,11 +935,26 @@ impl IntakeService {
                     repeated.extend(indices.iter().copied());
                 }
                 Ok((position, false)) => {
-                    self.config
-                        .observer
-                        .metrics()
-                        .commits_appended
-                        .inc_by(indices.len() as u64);
+                    let metrics = self.config.observer.metrics();
+                    metrics.commits_appended.inc_by(indices.len() as u64);
+                    // A filing routed in its own commit counts where dispatch's would have:
+                    // `wangge_dispatched_total`, and an emergency's whistle in
+                    // `wangge_whistles_blown_total{kind="emergency"}`.
+                    for event in indices
+                        .iter()
+                        .filter_map(|index| plans[*index].incident.as_ref())
+                        .flat_map(|write| write.events.iter())
+                    {
+                        match event {
+                            IncidentEvent::Dispatched { .. } => {
+                                metrics.dispatched.inc();
+                            }
+                            IncidentEvent::WhistleBlown { kind, .. } => {
+                                metrics.whistle(kind.name())
+                            }
+                            _ => {}
+                        }
+                    }
                     self.core.appended(*incident, position);
                     if let Some(tracked) = self.core.tracked(incident) {
                         let events = indices

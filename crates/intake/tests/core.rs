@@ -5,7 +5,7 @@ use domain::{GridCode, Policy, Timestamp};
 use expect_test::{Expect, expect};
 use intake::core::{Locate, Located, receipt_in_history};
 use intake::decode::Place;
-use intake::{Core, CoreConfig, Limits, decode_submission, incident_id_for};
+use intake::{Core, CoreConfig, Limits, Routing, decode_submission, incident_id_for};
 use serde_json::json;
 
 /// Every point is in one grid of a Sanming street that has routes.
@@ -65,7 +65,7 @@ fn check(given: &[Vec<u8>], expect: Expect) {
             .expect("a valid submission");
         let submission_id = valid.submission_id.clone();
         last_planned = submission_id.clone();
-        let plan = core.plan(valid, payload, now, &OneGrid, &policy);
+        let plan = core.plan(valid, payload, now, Routing::AtFiling, &OneGrid, &policy);
         let receipt = serde_json::to_value(&plan.receipt).expect("JSON");
         out.push_str(&format!(
             "{submission_id}: {} {}\n",
@@ -109,6 +109,38 @@ fn a_filing_is_one_commit_that_holds_its_receipt() {
               INCIDENTS 70fbdbb8-06e4-8edb-9d25-10326fffd7df: incident.reported, incident.filed, incident.submission_taken, incident.dispatched
         "#]],
     );
+}
+
+/// A submission decided long after it arrived (intake was down) is filed undispatched:
+/// dispatch routes it on its own clock, so its handler gets whole deadlines. Its receipt
+/// still names the grid and the deadline counted from its arrival.
+#[test]
+fn a_submission_that_waited_is_filed_for_dispatch_to_route() {
+    let policy = Policy::embedded("sanming").expect("sanming policy");
+    let payload = submission("late-0001", 117.63, 1);
+    let valid =
+        decode_submission(&payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
+    let mut core = Core::new(CoreConfig::default());
+    let now = Timestamp(1_795_000_000_000);
+    let plan = core.plan(valid, &payload, now, Routing::ByDispatch, &OneGrid, &policy);
+    let write = plan.incident.expect("a filing");
+    let types: Vec<&str> = write
+        .events
+        .iter()
+        .map(domain::encoding::event_type)
+        .collect();
+    let receipt = serde_json::to_value(&plan.receipt).expect("JSON");
+    expect![[r#"
+        "filed" 53600000
+        incident.reported, incident.filed, incident.submission_taken"#]]
+    .assert_eq(&format!(
+        "{} {}\n{}",
+        receipt["status"],
+        receipt["respond_by_ms"]
+            .as_i64()
+            .map_or(-1, |due| due - now.0),
+        types.join(", ")
+    ));
 }
 
 #[test]
@@ -272,7 +304,14 @@ fn a_merge_stored_before_a_crash_is_answered_again_after_its_original_closed() {
     let plan = |core: &mut Core, payload: &[u8], minutes: u32| {
         let valid =
             decode_submission(payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
-        core.plan(valid, payload, now.plus_minutes(minutes), &OneGrid, &policy)
+        core.plan(
+            valid,
+            payload,
+            now.plus_minutes(minutes),
+            Routing::AtFiling,
+            &OneGrid,
+            &policy,
+        )
     };
     // Before the crash: the first report files incident A, the second merges into it; both
     // commits are stored, the second's INTAKE record is not.

@@ -117,6 +117,7 @@ fn run(core: &mut Core, policy: &Policy, bytes: &[u8]) {
                 submission,
                 bytes,
                 Timestamp(1_790_000_000_000),
+                intake::Routing::AtFiling,
                 &BoxLocator,
                 policy,
             )
