@@ -6,14 +6,25 @@
 //! next deadline pushes the new one, and stale entries are dropped when they surface (their
 //! incident's [`domain::next_deadline`] no longer matches). The heap is rebuilt when stale
 //! entries outnumber live ones, so it stays within twice the pending deadlines.
+//!
+//! Ended incidents (closed, merged, rejected, cancelled) are kept only up to
+//! [`ENDED_HELD_MAX`]: a city files incidents for years, and a book of all of them grew
+//! without bound (≈480 bytes each; past 1,000,000 its snapshot was refused and every start
+//! replayed the whole stream). One dropped is read from the store again when it is needed:
+//! a later commit on it (a rating, a reopening) arrives as a gap, and a console command on an
+//! incident the book does not hold looks in the store before refusing.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 
 use domain::incident::{IncidentEvent, IncidentState, Status};
 use domain::{IncidentId, Timestamp, next_deadline};
 use eventstore::{AggregateId, Position, RecordedCommit};
 use serde::{Deserialize, Serialize};
+
+/// Ended incidents the book keeps; beyond it, the one whose last commit was folded longest
+/// ago is dropped from memory (read from the store again if it is ever needed).
+pub const ENDED_HELD_MAX: usize = 100_000;
 
 /// Distinct aggregate-id layouts (prefix before the incident uuid) the book remembers.
 pub const AGGREGATE_TEMPLATES_MAX: usize = 64;
@@ -110,19 +121,47 @@ pub struct BookStats {
 }
 
 /// Every incident's state and position, and when each next falls due.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Book {
     incidents: HashMap<IncidentId, Held>,
     deadlines: BinaryHeap<Reverse<(Timestamp, IncidentId)>>,
     /// Filed incidents not yet dispatched (dispatch decides their routing).
     undispatched: BTreeSet<IncidentId>,
+    /// Ended incidents in the order their last commit was folded, with the version it left
+    /// them at (an entry whose incident moved on since is stale and skipped).
+    ended: VecDeque<(IncidentId, u64)>,
+    /// Bound on `ended` ([`ENDED_HELD_MAX`]).
+    ended_max: usize,
     templates: Vec<AggregateTemplate>,
     reached: u64,
+}
+
+impl Default for Book {
+    fn default() -> Book {
+        Book {
+            incidents: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            undispatched: BTreeSet::new(),
+            ended: VecDeque::new(),
+            ended_max: ENDED_HELD_MAX,
+            templates: Vec::new(),
+            reached: 0,
+        }
+    }
 }
 
 impl Book {
     pub fn new() -> Book {
         Book::default()
+    }
+
+    /// A book that keeps at most `ended_max` ended incidents (tests; services use
+    /// [`ENDED_HELD_MAX`]).
+    pub fn with_ended_max(ended_max: usize) -> Book {
+        Book {
+            ended_max,
+            ..Book::default()
+        }
     }
 
     pub fn get(&self, incident: IncidentId) -> Option<&Held> {
@@ -254,14 +293,38 @@ impl Book {
         {
             self.deadlines.push(Reverse((at, incident)));
         }
+        let ended = held.state.is_terminal();
         if status == Status::Filed {
             self.undispatched.insert(incident);
         } else {
             self.undispatched.remove(&incident);
         }
+        if ended {
+            self.remember_ended(incident, position.version);
+        }
         if self.deadlines.len() > 2 * self.incidents.len() + 1024 {
             self.rebuild_deadlines();
         }
+    }
+
+    /// Notes that `incident` ended at `version`, and drops the incidents that ended longest
+    /// ago beyond the bound (those still ended at the version noted: one that moved on since,
+    /// by a rating or a reopening, has a later entry, or is open again).
+    fn remember_ended(&mut self, incident: IncidentId, version: u64) {
+        self.ended.push_back((incident, version));
+        while self.ended.len() > self.ended_max {
+            let Some((oldest, at)) = self.ended.pop_front() else {
+                break;
+            };
+            if self
+                .incidents
+                .get(&oldest)
+                .is_some_and(|held| held.state.is_terminal() && held.position.version == at)
+            {
+                self.incidents.remove(&oldest);
+            }
+        }
+        debug_assert!(self.ended.len() <= self.ended_max.max(1));
     }
 
     /// Rebuilds the deadline index from the states (drops stale entries).
@@ -408,7 +471,11 @@ impl Book {
             if held.state.status == Status::Filed {
                 book.undispatched.insert(id);
             }
+            let ended = held.state.is_terminal().then_some(held.position.version);
             book.incidents.insert(id, held);
+            if let Some(version) = ended {
+                book.remember_ended(id, version);
+            }
         }
         book.rebuild_deadlines();
         book
@@ -486,6 +553,73 @@ mod tests {
             hash: [sequence as u8; 32],
             stored_at_ms: now.0,
         }
+    }
+
+    /// Incident `n`'s reporter cancels it: the commit after [`filed_commit`], at `sequence`.
+    fn cancelled_commit(n: u128, sequence: u64) -> RecordedCommit<IncidentEvent> {
+        let filed = filed_commit(n, sequence);
+        let reporter = Actor {
+            role: Role::Resident,
+            id: ActorId(uuid::Uuid::from_u128(7)),
+        };
+        let event = IncidentEvent::Cancelled { by: reporter };
+        let version = filed.version + 1;
+        RecordedCommit {
+            command_id: format!("cancel:{n}"),
+            first_version: version,
+            version,
+            events: vec![RecordedEvent {
+                event_id: uuid::Uuid::from_u128(99),
+                version,
+                event_type: domain::encoding::event_type(&event).to_owned(),
+                event,
+            }],
+            ..filed
+        }
+    }
+
+    /// Ended incidents beyond the bound leave the book, the one that ended first going first;
+    /// a later commit on one comes back as a gap (the service then reads the incident).
+    #[test]
+    fn ended_incidents_beyond_the_bound_leave_the_book_oldest_first() {
+        let id = |n: u128| IncidentId(uuid::Uuid::from_u128(n));
+        let mut book = Book::with_ended_max(2);
+        let mut sequence = 0;
+        for n in 1..=4 {
+            sequence += 1;
+            assert_eq!(book.apply_commit(&filed_commit(n, sequence)), Applied::New);
+        }
+        for n in 1..=3 {
+            sequence += 1;
+            assert_eq!(
+                book.apply_commit(&cancelled_commit(n, sequence)),
+                Applied::New
+            );
+        }
+        let held: Vec<bool> = (1..=4).map(|n| book.get(id(n)).is_some()).collect();
+        assert_eq!(held, [false, true, true, true], "1 ended first; 4 is open");
+        // A later commit on the dropped incident: a gap from nothing held.
+        let mut later = cancelled_commit(1, sequence + 1);
+        later.first_version += 1;
+        later.version += 1;
+        assert_eq!(
+            book.apply_commit(&later),
+            Applied::Gap {
+                incident: id(1),
+                held: Position::NEW
+            }
+        );
+        // Read back from the store (filing and cancellation), it is held again, as the most
+        // recently ended: the next to leave is 2.
+        assert_eq!(book.apply_read_back(&filed_commit(1, 1)), Applied::New);
+        assert_eq!(book.apply_read_back(&cancelled_commit(1, 5)), Applied::New);
+        let held: Vec<bool> = (1..=4).map(|n| book.get(id(n)).is_some()).collect();
+        assert_eq!(held, [true, false, true, true]);
+        // A snapshot holds what the book holds.
+        let (templates, incidents) = book.parts();
+        let copy: Vec<(IncidentId, Held)> = incidents.map(|(id, h)| (*id, h.clone())).collect();
+        let restored = Book::from_parts(templates.to_vec(), copy, book.reached_sequence());
+        assert_eq!(restored.len(), 3);
     }
 
     /// A commit read ahead of the subscription is held, but the book does not claim the

@@ -379,7 +379,8 @@ impl DispatchService {
             .map_err(|e| ServiceError::CatchUp {
                 reason: e.to_string(),
             })?;
-        // A replay in stream order has no gaps unless a snapshot was torn; read those incidents.
+        // A replay in stream order has no gaps unless a snapshot was torn, or an ended incident
+        // left the book (`book::ENDED_HELD_MAX`) before a later commit on it; read those.
         for (aggregate, incident, held) in gaps {
             reload_into(&store, &mut book, &aggregate, incident, held).await?;
         }
