@@ -312,7 +312,20 @@ impl Book {
     /// by a rating or a reopening, has a later entry, or is open again).
     fn remember_ended(&mut self, incident: IncidentId, version: u64) {
         self.ended.push_back((incident, version));
-        while self.ended.len() > self.ended_max {
+        self.drop_ended_beyond_bound();
+    }
+
+    /// Sets the bound on ended incidents held (a book read from a snapshot is built with the
+    /// default one) and drops those beyond it.
+    pub fn set_ended_max(&mut self, ended_max: usize) {
+        self.ended_max = ended_max;
+        self.drop_ended_beyond_bound();
+    }
+
+    /// At least the incident noted last is kept, whatever the bound: it is the one just read
+    /// back or folded, and a command may be about to decide on it.
+    fn drop_ended_beyond_bound(&mut self) {
+        while self.ended.len() > self.ended_max.max(1) {
             let Some((oldest, at)) = self.ended.pop_front() else {
                 break;
             };
@@ -467,15 +480,21 @@ impl Book {
             reached,
             ..Book::default()
         };
+        // Ended incidents, noted in the order they were last written, so that the ones that
+        // ended longest ago leave the book first, as they would have without the restart.
+        let mut ended = Vec::new();
         for (id, held) in incidents {
             if held.state.status == Status::Filed {
                 book.undispatched.insert(id);
             }
-            let ended = held.state.is_terminal().then_some(held.position.version);
-            book.incidents.insert(id, held);
-            if let Some(version) = ended {
-                book.remember_ended(id, version);
+            if held.state.is_terminal() {
+                ended.push((held.position.sequence, id, held.position.version));
             }
+            book.incidents.insert(id, held);
+        }
+        ended.sort_unstable();
+        for (_, id, version) in ended {
+            book.remember_ended(id, version);
         }
         book.rebuild_deadlines();
         book

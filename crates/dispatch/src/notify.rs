@@ -215,6 +215,11 @@ impl NotifiedHere {
         debug_assert!(self.order.len() <= NOTIFIED_HERE_MAX);
     }
 
+    /// Whether the commit at `sequence` was notified here (without taking it).
+    pub fn contains(&self, sequence: u64) -> bool {
+        self.sequences.contains_key(&sequence)
+    }
+
     /// True (once) when the commit at `sequence` was notified here.
     pub fn take(&mut self, sequence: u64) -> bool {
         self.sequences.remove(&sequence).is_some()

@@ -112,6 +112,8 @@ pub struct DispatchConfig {
     pub duplicate_window: Duration,
     /// KV bucket for snapshots (`None`: always replay the stream at start).
     pub snapshot_bucket: Option<String>,
+    /// Ended incidents the book keeps ([`crate::book::ENDED_HELD_MAX`]; tests lower it).
+    pub ended_held_max: usize,
     /// Write a snapshot after this many commits were folded in since the last one.
     pub snapshot_every_commits: u64,
     /// Under load, how long a loop turn waits for more deliveries to fill its batch (see
@@ -135,6 +137,7 @@ impl DispatchConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             snapshot_bucket: Some("DISPATCH_SNAPSHOTS".to_owned()),
+            ended_held_max: crate::book::ENDED_HELD_MAX,
             snapshot_every_commits: 50_000,
             deliveries_fill_wait: DELIVERIES_FILL_WAIT,
             observer: observe::Observer::disabled(),
@@ -359,8 +362,10 @@ impl DispatchService {
             Some(snapshots) => read_snapshot(snapshots).await.unwrap_or_default(),
             None => Book::new(),
         };
+        book.set_ended_max(config.ended_held_max);
         let from_snapshot = book.reached_sequence();
         let mut gaps = Vec::new();
+        let mut gaps_seen = std::collections::HashSet::new();
         let reached = store
             .replay(
                 ReplayRange {
@@ -369,8 +374,10 @@ impl DispatchService {
                 },
                 |commit| match book.apply_commit(&commit) {
                     Applied::New | Applied::AlreadyHeld => {}
-                    Applied::Gap { incident, held } => {
-                        gaps.push((commit.aggregate, incident, held))
+                    Applied::Gap { incident, .. } => {
+                        if gaps_seen.insert(incident) {
+                            gaps.push((commit.aggregate, incident));
+                        }
                     }
                     Applied::Foreign(reason) => warn!(%reason, "commit skipped"),
                 },
@@ -381,8 +388,8 @@ impl DispatchService {
             })?;
         // A replay in stream order has no gaps unless a snapshot was torn, or an ended incident
         // left the book (`book::ENDED_HELD_MAX`) before a later commit on it; read those.
-        for (aggregate, incident, held) in gaps {
-            reload_into(&store, &mut book, &aggregate, incident, held).await?;
+        for (aggregate, incident) in gaps {
+            reload_into(&store, &mut book, &aggregate, incident).await?;
         }
         book.rebuild_deadlines();
         let subscription_config = SubscriptionConfig::private_follower(
@@ -679,13 +686,16 @@ impl DispatchService {
             }
             Applied::AlreadyHeld => {}
             Applied::Gap { incident, held } => {
-                warn!(aggregate = %delivery.commit.aggregate, "commit out of order; reading the incident");
+                if held == Position::NEW {
+                    debug!(aggregate = %delivery.commit.aggregate, "commit on an incident the book does not hold (it ended and left the book); reading the incident");
+                } else {
+                    warn!(aggregate = %delivery.commit.aggregate, "commit out of order; reading the incident");
+                }
                 reload_into(
                     &self.store,
                     &mut self.book,
                     &delivery.commit.aggregate,
                     incident,
-                    held,
                 )
                 .await?;
             }
@@ -701,11 +711,7 @@ impl DispatchService {
         let Some(aggregate) = self.book.aggregate_of(incident) else {
             return Ok(());
         };
-        let held = self
-            .book
-            .get(incident)
-            .map_or(Position::NEW, |h| h.position);
-        reload_into(&self.store, &mut self.book, &aggregate, incident, held).await
+        reload_into(&self.store, &mut self.book, &aggregate, incident).await
     }
 
     fn meta(
@@ -1047,6 +1053,11 @@ impl DispatchService {
         // neither the Msg-Id nor the expected sequence would stop a second write. So the
         // command id is looked for in the incident's history first: one read of the incident
         // per console command not answered here before.
+        // An incident the book does not hold (not folded yet, or dropped once it ended) is read
+        // from the store first, so that its history is searched like any other's.
+        if self.book.get(command.incident).is_none() {
+            let _found = self.found_in_store(command.incident).await;
+        }
         // The held position the history was read at (`None`: not read).
         let history_read_at = match (
             self.book.aggregate_of(command.incident),
@@ -1201,15 +1212,7 @@ impl DispatchService {
     async fn found_in_store(&mut self, incident: IncidentId) -> bool {
         for template in self.book.templates().to_vec() {
             let aggregate = template.aggregate(incident);
-            match reload_into(
-                &self.store,
-                &mut self.book,
-                &aggregate,
-                incident,
-                Position::NEW,
-            )
-            .await
-            {
+            match reload_into(&self.store, &mut self.book, &aggregate, incident).await {
                 Ok(()) if self.book.get(incident).is_some() => return true,
                 Ok(()) => {}
                 Err(error) => warn!(%error, "read an incident the book did not hold"),
@@ -1360,11 +1363,42 @@ impl DispatchService {
     /// with a failed publish is not acknowledged: it comes back, and the server drops the
     /// notifications it already stored (Msg-Id).
     async fn notify_batch(&mut self, deliveries: Vec<eventstore::Delivery<IncidentEvent>>) {
+        // A commit on an incident the book does not hold (it ended and left the book, and a
+        // rating reopened it; or the follower has not folded it yet) is addressed from the
+        // incident read back from the store: a reopening's notice goes to the handler the state
+        // names. A commit that files its incident names its own grid and needs no state. One
+        // that cannot be read is left unacknowledged, to come back.
+        let mut unread = vec![false; deliveries.len()];
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let commit = &delivery.commit;
+            let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
+                continue;
+            };
+            let files = commit
+                .events
+                .iter()
+                .any(|recorded| matches!(recorded.event, IncidentEvent::Filed { .. }));
+            if files
+                || self.book.get(incident).is_some()
+                || self.notified_here.contains(commit.sequence)
+            {
+                continue;
+            }
+            if let Err(error) =
+                reload_into(&self.store, &mut self.book, &commit.aggregate, incident).await
+            {
+                warn!(%error, "read an incident to address its notices; the commit comes back");
+                unread[index] = true;
+            }
+        }
         let mut commits = Vec::with_capacity(deliveries.len());
         // Index into `commits` of each delivery that has notifications to publish.
         let mut published = vec![None; deliveries.len()];
         for (index, delivery) in deliveries.iter().enumerate() {
             let commit = &delivery.commit;
+            if unread[index] {
+                continue;
+            }
             if self.notified_here.take(commit.sequence) {
                 // Notified by this instance right after it stored the commit: just ack.
                 continue;
@@ -1390,8 +1424,8 @@ impl DispatchService {
         .await;
         drop(commits);
         self.count_notifications(count);
-        for (delivery, published) in deliveries.iter().zip(published) {
-            let stored = published.is_none_or(|at| complete[at]);
+        for ((delivery, published), unread) in deliveries.iter().zip(published).zip(unread) {
+            let stored = !unread && published.is_none_or(|at| complete[at]);
             if stored && let Err(error) = delivery.ack().await {
                 debug!(%error, "notifier ack failed; redelivery is deduplicated by Msg-Id");
             }
@@ -1580,14 +1614,17 @@ async fn send_notification(
         .map_err(|e| e.to_string())
 }
 
-/// Reads an incident's commits after `held` and folds them in.
+/// Reads an incident's commits after the position the book holds it at (from the start when
+/// it holds nothing: not folded yet, or dropped once it ended) and folds them in. The
+/// position is the book's at the time of the read, never one noted earlier: an incident
+/// dropped since would otherwise be read from the middle of its history.
 async fn reload_into(
     store: &IncidentStore,
     book: &mut Book,
     aggregate: &AggregateId,
     incident: IncidentId,
-    held: Position,
 ) -> Result<(), ServiceError> {
+    let held = book.get(incident).map_or(Position::NEW, |h| h.position);
     let loaded = store
         .load_after(aggregate, held)
         .await

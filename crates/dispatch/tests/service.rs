@@ -128,12 +128,22 @@ struct Instance {
 }
 
 async fn start_instance(url: &str, name: &str, time: &ManualTime) -> Instance {
+    start_instance_with(url, name, time, |_| {}).await
+}
+
+async fn start_instance_with(
+    url: &str,
+    name: &str,
+    time: &ManualTime,
+    configure: impl FnOnce(&mut DispatchConfig),
+) -> Instance {
     let (client, store) = open_store(url).await;
     let mut config = DispatchConfig::new(Policy::embedded("sanming").unwrap());
     config.instance = name.to_owned();
     config.time = TimeSource::Manual(time.clone());
     config.deadline_poll_max = Duration::from_millis(20);
     config.snapshot_bucket = None;
+    configure(&mut config);
     let service = DispatchService::start(client, store, config).await.unwrap();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(async move { service.run(stopped).await.unwrap() });
@@ -811,6 +821,124 @@ async fn a_filing_routed_in_its_own_commit_is_not_dispatched_again() {
         v7 +4320min deadline: DeadlineMissed(Response) WhistleBlown(Community: chengguan) DeadlineMissed(Resolution) WhistleEscalated(Community->Street: chengguan)
     "#]]
     .assert_eq(&format!("{}\n{}", notes.join("\n"), history(&store, water).await));
+}
+
+/// An incident that ended leaves the book (here as soon as another ends: the book keeps one
+/// ended incident) and is read back from the store when a command needs it: a rating that
+/// reopens it is decided on its stored history and its handler is told, and the rating resent
+/// past the store's duplicate window, after the incident left the book again, is answered as
+/// the same command, not applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_that_left_the_book_is_read_back_for_a_command() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store_with_window(&url, Duration::from_secs(1)).await;
+    let time = ManualTime::new(START);
+    let a = start_instance_with(&url, "dispatch-a", &time, |config| {
+        config.ended_held_max = 1;
+    })
+    .await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let department = console_consumer(
+        &jetstream,
+        Recipient::Department("xiaofang".parse().unwrap()),
+        "xiaofang-console",
+    )
+    .await
+    .unwrap();
+    let fire = file_commit(&store, 21, "0405", START, true).await;
+    let other = file_commit(&store, 22, "0405", START, true).await;
+    settle().await;
+    let xiaofang = serde_json::json!({"role":"department:xiaofang","id":uuid::Uuid::from_u128(7)});
+    let worker = serde_json::json!({"role":"grid_worker","id":uuid::Uuid::from_u128(9)});
+    let resident = serde_json::json!({"role":"resident","id":uuid::Uuid::from_u128(100 + 21)});
+    let rating = serde_json::json!({"incident":fire.0,"actor":resident,"satisfaction":"unsatisfied","reopen":true,"command_id":"rate-1"});
+    time.set(Timestamp(START.0 + 5 * MINUTE));
+    let mut replies = Vec::new();
+    let close = |incident: IncidentId| {
+        [
+            (
+                "xiaofang acknowledges",
+                "acknowledge",
+                serde_json::json!({"incident":incident.0,"actor":xiaofang}),
+            ),
+            (
+                "xiaofang resolves",
+                "resolve",
+                serde_json::json!({"incident":incident.0,"actor":xiaofang,"note":"out"}),
+            ),
+            (
+                "grid worker verifies",
+                "verify",
+                serde_json::json!({"incident":incident.0,"actor":worker,"passed":true}),
+            ),
+        ]
+    };
+    // The fire closes, then the other case: the fire leaves the book.
+    for (what, action, body) in close(fire).into_iter().chain(close(other)) {
+        replies.push((what.to_owned(), request(&client, action, body).await));
+    }
+    settle().await;
+    replies.push((
+        "resident rates and reopens the fire".to_owned(),
+        request(&client, "rate", rating.clone()).await,
+    ));
+    settle().await;
+    // The reopened fire closes again, and the other case is rated: the fire leaves the book
+    // again. Then the rating comes again, past the store's duplicate window.
+    for (what, action, body) in close(fire) {
+        replies.push((what.to_owned(), request(&client, action, body).await));
+    }
+    let rate_other = serde_json::json!({"incident":other.0,"actor":{"role":"resident","id":uuid::Uuid::from_u128(100 + 22)},"satisfaction":"satisfied"});
+    replies.push((
+        "the other case is rated".to_owned(),
+        request(&client, "rate", rate_other).await,
+    ));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // To an instance that did not answer it (so not from its cache of recent commands), and
+    // that holds the other case, not the fire.
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+    let b = start_instance_with(&url, "dispatch-b", &time, |config| {
+        config.ended_held_max = 1;
+    })
+    .await;
+    replies.push((
+        "the rating resent to another instance".to_owned(),
+        request(&client, "rate", rating).await,
+    ));
+    settle().await;
+    b.stop.send(true).unwrap();
+    b.task.await.unwrap();
+    check_commands(
+        &replies,
+        expect![[r#"
+            xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
+            xiaofang resolves: accepted v6 dup=false incident.resolved
+            grid worker verifies: accepted v8 dup=false incident.verified incident.closed
+            xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
+            xiaofang resolves: accepted v6 dup=false incident.resolved
+            grid worker verifies: accepted v8 dup=false incident.verified incident.closed
+            resident rates and reopens the fire: accepted v10 dup=false incident.rated incident.reopened
+            xiaofang acknowledges: accepted v11 dup=false incident.acknowledged
+            xiaofang resolves: accepted v12 dup=false incident.resolved
+            grid worker verifies: accepted v14 dup=false incident.verified incident.closed
+            the other case is rated: accepted v9 dup=false incident.rated
+            the rating resent to another instance: accepted v10 dup=true 
+        "#]],
+    );
+    let kinds: Vec<String> = drain(&department)
+        .await
+        .iter()
+        .map(|note| format!("v{} {}", note.version, note.kind))
+        .collect();
+    expect![[r#"
+        v4 assigned
+        v4 summoned
+        v4 assigned
+        v4 summoned
+        v10 assigned"#]]
+    .assert_eq(&kinds.join("\n"));
 }
 
 /// A filed incident whose dispatch the store refused is dispatched once the store takes
