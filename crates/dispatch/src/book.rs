@@ -155,15 +155,6 @@ impl Book {
         Book::default()
     }
 
-    /// A book that keeps at most `ended_max` ended incidents (tests; services use
-    /// [`ENDED_HELD_MAX`]).
-    pub fn with_ended_max(ended_max: usize) -> Book {
-        Book {
-            ended_max,
-            ..Book::default()
-        }
-    }
-
     pub fn get(&self, incident: IncidentId) -> Option<&Held> {
         self.incidents.get(&incident)
     }
@@ -602,7 +593,8 @@ mod tests {
     #[test]
     fn ended_incidents_beyond_the_bound_leave_the_book_oldest_first() {
         let id = |n: u128| IncidentId(uuid::Uuid::from_u128(n));
-        let mut book = Book::with_ended_max(2);
+        let mut book = Book::new();
+        book.set_ended_max(2);
         let mut sequence = 0;
         for n in 1..=4 {
             sequence += 1;

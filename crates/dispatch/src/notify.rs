@@ -113,22 +113,15 @@ pub fn notifications(
                 handler,
                 response_due,
                 ..
+            }
+            | E::Returned {
+                rerouted_to: handler,
+                response_due,
+                ..
             } => {
                 current = Some(*handler);
                 push(
                     Recipient::for_handler(*handler, grid),
-                    "assigned",
-                    Some(*response_due),
-                );
-            }
-            E::Returned {
-                rerouted_to,
-                response_due,
-                ..
-            } => {
-                current = Some(*rerouted_to);
-                push(
-                    Recipient::for_handler(*rerouted_to, grid),
                     "assigned",
                     Some(*response_due),
                 );

@@ -1052,35 +1052,30 @@ impl DispatchService {
         // back to a state that accepts the command (a failed verification reopens the work):
         // neither the Msg-Id nor the expected sequence would stop a second write. So the
         // command id is looked for in the incident's history first: one read of the incident
-        // per console command not answered here before.
-        // An incident the book does not hold (not folded yet, or dropped once it ended) is read
-        // from the store first, so that its history is searched like any other's.
-        if self.book.get(command.incident).is_none() {
-            let _found = self.found_in_store(command.incident).await;
-        }
-        // The held position the history was read at (`None`: not read).
-        let history_read_at = match (
-            self.book.aggregate_of(command.incident),
-            self.book.get(command.incident).map(|held| held.position),
-        ) {
-            (Some(aggregate), Some(held)) => {
-                if let Some(reply) = self.already_applied(&aggregate, command).await {
-                    return reply;
-                }
-                Some(held)
-            }
-            _ => None,
-        };
+        // per console command not answered here before. The held position the history was read
+        // at (`None`: not read yet).
+        let mut history_read_at = None;
         for attempt in 1..=COMMAND_ATTEMPTS_MAX {
-            let (Some(held), Some(aggregate)) = (
-                self.book.get(command.incident),
+            let (Some(held_position), Some(aggregate)) = (
+                self.book.get(command.incident).map(|held| held.position),
                 self.book.aggregate_of(command.incident),
             ) else {
                 // This instance may not have folded the incident yet (filed a moment ago,
-                // its commit still on the way here): look in the store before refusing.
+                // its commit still on the way here), or dropped it once it ended: look in the
+                // store before refusing.
                 if attempt < COMMAND_ATTEMPTS_MAX && self.found_in_store(command.incident).await {
                     continue;
                 }
+                return CommandReply::from_rejection(&Rejection::NoSuchIncident);
+            };
+            // Searched once, as soon as the incident is held (at once, or read from the store).
+            if history_read_at.is_none() {
+                if let Some(reply) = self.already_applied(&aggregate, command).await {
+                    return reply;
+                }
+                history_read_at = Some(held_position);
+            }
+            let Some(held) = self.book.get(command.incident) else {
                 return CommandReply::from_rejection(&Rejection::NoSuchIncident);
             };
             let held_position = held.position;
