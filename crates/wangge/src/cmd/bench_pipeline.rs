@@ -63,6 +63,35 @@ pub(crate) async fn settle(context: &jetstream::Context, streams: &[&str]) -> an
 }
 
 /// Poll interval of the read models while the pipeline drains.
+/// Every stream's last sequence: how many messages each has stored so far.
+pub(crate) async fn stored_by_stream(
+    context: &jetstream::Context,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut stored = std::collections::BTreeMap::new();
+    let mut streams = context.streams();
+    while let Some(info) = streams.next().await {
+        let info = info.context("list streams")?;
+        stored.insert(info.config.name, info.state.last_sequence);
+    }
+    Ok(stored)
+}
+
+/// `after - before` per stream, divided by `per`, for streams that stored anything.
+pub(crate) fn show_stored(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    per: u64,
+) -> String {
+    after
+        .iter()
+        .filter_map(|(name, last)| {
+            let stored = last.saturating_sub(before.get(name).copied().unwrap_or(0));
+            (stored > 0).then(|| format!("{name} {:.2}", stored as f64 / per.max(1) as f64))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, clap::Args)]
@@ -498,6 +527,7 @@ async fn bench(
         }
         (filed, other, Instant::now())
     });
+    let stored_before = stored_by_stream(&context).await?;
     let counts_before = server.message_counts();
     let started = Instant::now();
     super::bench_intake::publish_all(&context, "intake.submit.app", &throughput).await?;
@@ -549,6 +579,7 @@ async fn bench(
         tokio::time::sleep(POLL_EVERY).await;
     };
     let pipeline_counts = counts_before.zip(server.message_counts());
+    let stored_after = stored_by_stream(&context).await?;
     let filed = filed.unwrap_or(0);
     let incidents_per_s = filed as f64 / elapsed.as_secs_f64();
     let server_messages_per_raw_publish = MessagesPer::of(raw_counts, args.reports);
@@ -561,6 +592,11 @@ async fn bench(
         "  server messages: {} per incident, {} per raw publish",
         MessagesPer::show(&server_messages_per_incident),
         MessagesPer::show(&server_messages_per_raw_publish)
+    );
+
+    eprintln!(
+        "  stored per incident by stream: {}",
+        show_stored(&stored_before, &stored_after, filed)
     );
 
     // The latency phase measures the steady state, not the tail of the burst above: wait

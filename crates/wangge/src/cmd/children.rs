@@ -62,8 +62,12 @@ impl Services {
                     .stderr(log);
             }
             None => {
+                // A `WANGGE_LOG__FILTER` given to this process reaches its services too (for
+                // example `warn,intake::batch=debug` for intake's batch sizes and timings).
+                let filter = std::env::var("WANGGE_LOG__FILTER")
+                    .unwrap_or_else(|_| "warn,async_nats=error".to_owned());
                 command
-                    .env("WANGGE_LOG__FILTER", "warn,async_nats=error")
+                    .env("WANGGE_LOG__FILTER", filter)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit());
             }
