@@ -181,6 +181,14 @@ pub struct RuntimeSettings {
     /// context switches of handing every message between threads (docs/BENCHMARKS.md,
     /// "Session 12"). With 2 or more, a multi-threaded runtime with that many workers.
     pub worker_threads: usize,
+    /// Whether the service's heap may be backed by transparent huge pages (Linux). Off by
+    /// default: the allocator asks for them on every arena, and a service whose read models
+    /// grow (a hash table doubling, memory handed back and taken again) then has the kernel
+    /// zero a whole 2 MiB page at each first touch. On the 2-core benchmark machine that
+    /// zeroing was 6.5% of all CPU time in the pipeline, and turning it off gave about 8% more
+    /// incidents per second (docs/BENCHMARKS.md, "Session 20"). Turn it on for a service
+    /// whose heap is large and settled, where fewer TLB misses may pay.
+    pub transparent_huge_pages: bool,
 }
 
 /// Largest `runtime.worker_threads`.
@@ -242,7 +250,10 @@ impl Default for DispatchSettings {
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        RuntimeSettings { worker_threads: 1 }
+        RuntimeSettings {
+            worker_threads: 1,
+            transparent_huge_pages: false,
+        }
     }
 }
 
@@ -789,7 +800,10 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 1 }
+                RuntimeSettings {
+            worker_threads: 1,
+            transparent_huge_pages: false,
+        }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
@@ -797,7 +811,10 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 0 }
                 DispatchSettings { deliveries_fill_wait_ms: 5 }
-                RuntimeSettings { worker_threads: 1 }
+                RuntimeSettings {
+            worker_threads: 1,
+            transparent_huge_pages: false,
+        }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
@@ -855,7 +872,10 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 1 }
+                RuntimeSettings {
+            worker_threads: 1,
+            transparent_huge_pages: false,
+        }
                 ProjectionSettings { weight_response: 2.0, weight_resolution: 1.0, weight_satisfaction: 0.5 }"#]],
         );
         check(
@@ -897,7 +917,10 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 1 }
+                RuntimeSettings {
+            worker_threads: 1,
+            transparent_huge_pages: false,
+        }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(

@@ -139,3 +139,45 @@ async fn json_logs_name_the_instance_on_every_line() {
         "{messages:?}"
     );
 }
+
+/// A service opts out of transparent huge pages unless `runtime.transparent_huge_pages` says
+/// otherwise (the kernel shows the process's switch as `THP_enabled` in /proc/PID/status).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_opts_out_of_transparent_huge_pages_unless_told() {
+    let server = testkit::NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let mut seen = Vec::new();
+    for allowed in [None, Some("true"), Some("false")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wangge"));
+        command
+            .args(["serve", "registry", "--instance", "registry-thp"])
+            .env_remove("WANGGE_CONFIG")
+            .env_remove("WANGGE_RUNTIME__TRANSPARENT_HUGE_PAGES")
+            .env("WANGGE_NATS__URL", &url)
+            .env("WANGGE_LOG__FILTER", "warn,async_nats=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(allowed) = allowed {
+            command.env("WANGGE_RUNTIME__TRANSPARENT_HUGE_PAGES", allowed);
+        }
+        let mut service = command.spawn().expect("spawn wangge serve registry");
+        wait_ready(&url, &mut service).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", service.id()))
+            .expect("read /proc/PID/status");
+        let switch = status
+            .lines()
+            .find_map(|line| line.strip_prefix("THP_enabled:"))
+            .map(str::trim)
+            .unwrap_or("(no THP_enabled line)")
+            .to_owned();
+        signal(&service);
+        let exit = service.wait().expect("wait");
+        assert!(exit.success(), "{exit:?}: {}", stderr_of(&mut service));
+        seen.push(format!("{allowed:?}: THP_enabled {switch}"));
+    }
+    assert_eq!(
+        seen.join("; "),
+        "None: THP_enabled 0; Some(\"true\"): THP_enabled 1; Some(\"false\"): THP_enabled 0"
+    );
+}

@@ -165,8 +165,10 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The runtime a long-running service (`wangge serve …`) runs on: `runtime.worker_threads`
-/// threads, one by default (see [`crate::config::RuntimeSettings`]).
+/// threads, one by default (see [`crate::config::RuntimeSettings`]). Before it starts, the
+/// process opts out of transparent huge pages unless `runtime.transparent_huge_pages` is on.
 pub(crate) fn service_runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
+    set_transparent_huge_pages(settings.runtime.transparent_huge_pages);
     let threads = settings.runtime.worker_threads;
     assert!(
         (1..=crate::config::WORKER_THREADS_MAX).contains(&threads),
@@ -183,6 +185,23 @@ pub(crate) fn service_runtime(settings: &Settings) -> anyhow::Result<tokio::runt
         .enable_all()
         .build()
         .with_context(|| format!("start the async runtime ({threads} worker threads)"))
+}
+
+/// Sets whether this process's memory may be backed by transparent huge pages
+/// (`prctl(PR_SET_THP_DISABLE)`: the whole process, from now on). Where the kernel has no
+/// such switch the service runs as before, and says so.
+fn set_transparent_huge_pages(allowed: bool) {
+    #[cfg(target_os = "linux")]
+    match rustix::thread::disable_transparent_huge_pages(!allowed) {
+        Ok(()) => tracing::debug!(allowed, "transparent huge pages"),
+        Err(error) => {
+            tracing::warn!(allowed, %error, "could not set runtime.transparent_huge_pages")
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    if !allowed {
+        tracing::debug!("runtime.transparent_huge_pages: no such switch on this system");
+    }
 }
 
 /// Parses `nats.url`: one or more comma-separated server URLs.
