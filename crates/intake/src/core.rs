@@ -282,7 +282,23 @@ pub enum Routing {
     /// a submission decided long after it arrived (intake was down, or redelivered it), whose
     /// deadlines counted from its arrival would be partly or wholly spent before its handler
     /// heard of it.
-    ByDispatch,
+    ByDispatch {
+        /// When intake decides the submission (on the clock its decisions use): the receipt's
+        /// `respond_by` counts from here, the earliest moment dispatch can route it, so the
+        /// promise is not already spent when the reporter reads it.
+        decided_at: Timestamp,
+    },
+}
+
+impl Routing {
+    /// The moment the receipt's `respond_by` counts from, for a submission that arrived at
+    /// `arrived`.
+    pub fn deadlines_from(self, arrived: Timestamp) -> Timestamp {
+        match self {
+            Routing::AtFiling => arrived,
+            Routing::ByDispatch { decided_at } => Timestamp(decided_at.0.max(arrived.0)),
+        }
+    }
 }
 
 /// What the shell must store for one submission, in order: `incident` commit (if any) on
@@ -811,7 +827,11 @@ impl Core {
             Some(route) => {
                 policy
                     .calendar
-                    .add(now, route.response_minutes, route.clock)
+                    .add(
+                        routing.deadlines_from(now),
+                        route.response_minutes,
+                        route.clock,
+                    )
                     .0
             }
             None => {
@@ -960,7 +980,8 @@ impl Core {
             // Routed by the city's table in the same commit: one stored message per filed
             // incident instead of a filing and a dispatch (docs/INTAKE.md, "Dispatched at
             // filing"). `respond_by` above is the deadline this dispatch sets. A submission
-            // decided long after it arrived (`Routing::ByDispatch`) is filed undispatched, and
+            // decided long after it arrived (`Routing::ByDispatch`, its receipt's `respond_by`
+            // counted from the decision) is filed undispatched, and
             // so is one whose dispatch the decider refused: dispatch routes it, as it does
             // every filing without a dispatch.
             let state = IncidentState::from_events(&events);

@@ -804,11 +804,14 @@ impl IntakeService {
                     }
                     // Routed in its filing commit only while its deadlines, counted from its
                     // arrival, are still whole.
-                    let waited_ms = now_ms().saturating_sub(input.arrived_ms);
+                    let decided_ms = now_ms();
+                    let waited_ms = decided_ms.saturating_sub(input.arrived_ms);
                     let routing = if waited_ms <= ROUTE_AT_FILING_WAITED_MAX.as_millis() as i64 {
                         Routing::AtFiling
                     } else {
-                        Routing::ByDispatch
+                        Routing::ByDispatch {
+                            decided_at: self.config.time.at(decided_ms),
+                        }
                     };
                     let plan = self.core.plan(
                         valid,

@@ -113,7 +113,10 @@ fn a_filing_is_one_commit_that_holds_its_receipt() {
 
 /// A submission decided long after it arrived (intake was down) is filed undispatched:
 /// dispatch routes it on its own clock, so its handler gets whole deadlines. Its receipt
-/// still names the grid and the deadline counted from its arrival.
+/// names the grid and a deadline counted from the decision, not from the arrival (which
+/// would be spent already): decided 18 h after an evening arrival, it is due 5,000,000 ms
+/// (working time) after the decision; counted from the arrival it fell due 14.9 h after
+/// the arrival, three hours before the decision.
 #[test]
 fn a_submission_that_waited_is_filed_for_dispatch_to_route() {
     let policy = Policy::embedded("sanming").expect("sanming policy");
@@ -122,7 +125,9 @@ fn a_submission_that_waited_is_filed_for_dispatch_to_route() {
         decode_submission(&payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
     let mut core = Core::new(CoreConfig::default());
     let now = Timestamp(1_795_000_000_000);
-    let plan = core.plan(valid, &payload, now, Routing::ByDispatch, &OneGrid, &policy);
+    let decided_at = Timestamp(now.0 + 18 * 3_600_000);
+    let routing = Routing::ByDispatch { decided_at };
+    let plan = core.plan(valid, &payload, now, routing, &OneGrid, &policy);
     let write = plan.incident.expect("a filing");
     let types: Vec<&str> = write
         .events
@@ -131,14 +136,14 @@ fn a_submission_that_waited_is_filed_for_dispatch_to_route() {
         .collect();
     let receipt = serde_json::to_value(&plan.receipt).expect("JSON");
     expect![[r#"
-        "filed" 53600000
+        "filed" 5000000
         incident.reported, incident.filed, incident.submission_taken"#]]
     .assert_eq(&format!(
         "{} {}\n{}",
         receipt["status"],
         receipt["respond_by_ms"]
             .as_i64()
-            .map_or(-1, |due| due - now.0),
+            .map_or(-1, |due| due - decided_at.0),
         types.join(", ")
     ));
 }
