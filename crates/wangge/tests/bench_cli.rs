@@ -26,6 +26,24 @@ fn run(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|error| panic!("last line not JSON ({error}): {last}"))
 }
 
+/// `raw_publish_per_s` is the median of three positive `raw_publish_rounds_per_s`.
+fn assert_raw_is_the_median_of_its_rounds(result: &serde_json::Value) {
+    let mut rounds: Vec<f64> = result["raw_publish_rounds_per_s"]
+        .as_array()
+        .unwrap_or_else(|| panic!("raw_publish_rounds_per_s: {result}"))
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .filter(|rate| *rate > 0.0)
+        .collect();
+    assert_eq!(rounds.len(), 3, "{result}");
+    rounds.sort_by(f64::total_cmp);
+    assert_eq!(
+        result["raw_publish_per_s"].as_f64(),
+        Some(rounds[1]),
+        "{result}"
+    );
+}
+
 /// Each of `keys` is a number above zero in `result`.
 fn assert_positive(result: &serde_json::Value, keys: &[&str]) {
     for key in keys {
@@ -68,6 +86,7 @@ fn bench_pipeline_files_every_report_it_sends() {
             "p99_ms",
         ],
     );
+    assert_raw_is_the_median_of_its_rounds(&result);
 }
 
 #[test]
@@ -96,4 +115,5 @@ fn bench_intake_files_every_submission_it_sends() {
             "p99_ms",
         ],
     );
+    assert_raw_is_the_median_of_its_rounds(&result);
 }
