@@ -119,8 +119,10 @@ pub struct ServiceConfig {
     pub time: DecisionTime,
 }
 
-/// The clock intake decides on. A decision is taken at the submission's stream timestamp (a
-/// request's arrival); compressed time maps that instant as dispatch's compressed clock does,
+/// The clock intake decides on. A decision is dated at the submission's stream timestamp (a
+/// request's arrival), whenever it is taken; only the receipt of a submission decided long
+/// after it arrived counts its `respond_by` from the moment it is taken
+/// ([`Routing::ByDispatch`]); compressed time maps that instant as dispatch's compressed clock does,
 /// so a deadline set at filing means the same instant to both services (dispatch escalates
 /// it). `wangge demo` and the crash tests run dispatch on compressed time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -268,7 +270,7 @@ type Chunks<S> = Pin<Box<ReadyChunks<S>>>;
 struct Input {
     payload: Bytes,
     fallback_id: Option<String>,
-    /// When it is decided ([`DecisionTime`] of its arrival).
+    /// The date its decision carries ([`DecisionTime`] of its arrival).
     now: Timestamp,
     /// When it arrived, wall clock (Unix milliseconds): its answer's latency is timed from it.
     arrived_ms: i64,

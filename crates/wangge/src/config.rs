@@ -185,7 +185,7 @@ pub struct RuntimeSettings {
     /// default: the allocator asks for them on every arena, and a service whose read models
     /// grow (a hash table doubling, memory handed back and taken again) then has the kernel
     /// zero a whole 2 MiB page at each first touch. On the 2-core benchmark machine that
-    /// zeroing was 6.5% of all CPU time in the pipeline, and turning it off gave about 8% more
+    /// zeroing was 6.5% of all CPU time in the pipeline, and turning it off gave about 12% more
     /// incidents per second (docs/BENCHMARKS.md, "Session 20"). Turn it on for a service
     /// whose heap is large and settled, where fewer TLB misses may pay.
     pub transparent_huge_pages: bool,
@@ -800,10 +800,7 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings {
-            worker_threads: 1,
-            transparent_huge_pages: false,
-        }
+                RuntimeSettings { worker_threads: 1, transparent_huge_pages: false }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
@@ -811,10 +808,7 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 0.0, dedup_window_minutes: 4320, rate_burst: 50, rate_refill_seconds: 360, batch_fill_wait_ms: 0 }
                 DispatchSettings { deliveries_fill_wait_ms: 5 }
-                RuntimeSettings {
-            worker_threads: 1,
-            transparent_huge_pages: false,
-        }
+                RuntimeSettings { worker_threads: 1, transparent_huge_pages: false }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
@@ -858,7 +852,7 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings { worker_threads: 2 }
+                RuntimeSettings { worker_threads: 2, transparent_huge_pages: false }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(
@@ -872,10 +866,7 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings {
-            worker_threads: 1,
-            transparent_huge_pages: false,
-        }
+                RuntimeSettings { worker_threads: 1, transparent_huge_pages: false }
                 ProjectionSettings { weight_response: 2.0, weight_resolution: 1.0, weight_satisfaction: 0.5 }"#]],
         );
         check(
@@ -917,10 +908,7 @@ mod tests {
             expect![[r#"
                 IntakeSettings { dedup_radius_m: 50.0, dedup_window_minutes: 4320, rate_burst: 10, rate_refill_seconds: 360, batch_fill_wait_ms: 2 }
                 DispatchSettings { deliveries_fill_wait_ms: 2 }
-                RuntimeSettings {
-            worker_threads: 1,
-            transparent_huge_pages: false,
-        }
+                RuntimeSettings { worker_threads: 1, transparent_huge_pages: false }
                 ProjectionSettings { weight_response: 1.0, weight_resolution: 1.0, weight_satisfaction: 1.0 }"#]],
         );
         check(

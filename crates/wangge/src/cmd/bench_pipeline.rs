@@ -62,7 +62,6 @@ pub(crate) async fn settle(context: &jetstream::Context, streams: &[&str]) -> an
     }
 }
 
-/// Poll interval of the read models while the pipeline drains.
 /// Every stream's last sequence: how many messages each has stored so far.
 pub(crate) async fn stored_by_stream(
     context: &jetstream::Context,
@@ -92,6 +91,7 @@ pub(crate) fn show_stored(
         .join(", ")
 }
 
+/// Poll interval of the read models while the pipeline drains.
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, clap::Args)]
