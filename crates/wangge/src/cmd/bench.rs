@@ -38,6 +38,18 @@ pub fn run(_settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The median of `values` (the mean of the middle two of an even count).
+pub(super) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
+}
+
 /// The value at quantile `p` (0..=1) of `sorted` (ascending), by nearest rank; 0 when empty.
 pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     debug_assert!((0.0..=1.0).contains(&p), "quantile out of range");

@@ -227,7 +227,7 @@ pub(crate) const RAW_ROUNDS: usize = 3;
 /// The raw side of a benchmark: `payloads` as acked JetStream publishes to a plain limits
 /// stream (`BENCH_RAW`, created here), [`RAW_ROUNDS`] times, each round under fresh
 /// `Nats-Msg-Id`s so that none is dropped as a duplicate. Returns each round's publishes per
-/// second.
+/// second, and prints them.
 pub(crate) async fn raw_publish_rounds(
     context: &jetstream::Context,
     payloads: &[(String, bytes::Bytes)],
@@ -251,14 +251,16 @@ pub(crate) async fn raw_publish_rounds(
         publish_all(context, "raw.submit.app", &payloads).await?;
         rounds.push(payloads.len() as f64 / started.elapsed().as_secs_f64());
     }
+    eprintln!(
+        "  raw acked publishes: {:.0}/s (median of {})",
+        super::bench::median(&rounds),
+        rounds
+            .iter()
+            .map(|rate| format!("{rate:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(rounds)
-}
-
-/// The median of `values` (the middle one of an odd count).
-pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    super::bench::percentile(&sorted, 0.5)
 }
 
 /// Sends every payload as a submit request, `PUBLISHES_IN_FLIGHT_MAX` outstanding; counts
@@ -313,15 +315,7 @@ async fn bench(
 
     // Raw: the same payloads, acked JetStream publishes to a plain limits stream.
     let raw_rounds = raw_publish_rounds(&context, &payloads).await?;
-    let raw_publish_per_s = median(&raw_rounds);
-    eprintln!(
-        "  raw acked publishes: {raw_publish_per_s:.0}/s (median of {})",
-        raw_rounds
-            .iter()
-            .map(|rate| format!("{rate:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let raw_publish_per_s = super::bench::median(&raw_rounds);
 
     // Intake: publish durably, count receipts announced after the decisions were stored.
     let mut receipts = client

@@ -63,7 +63,7 @@ pub(crate) async fn settle(context: &jetstream::Context, streams: &[&str]) -> an
 }
 
 /// Every stream's last sequence: how many messages each has stored so far.
-pub(crate) async fn stored_by_stream(
+async fn stored_by_stream(
     context: &jetstream::Context,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
     let mut stored = std::collections::BTreeMap::new();
@@ -76,7 +76,7 @@ pub(crate) async fn stored_by_stream(
 }
 
 /// `after - before` per stream, divided by `per`, for streams that stored anything.
-pub(crate) fn show_stored(
+fn show_stored(
     before: &std::collections::BTreeMap<String, u64>,
     after: &std::collections::BTreeMap<String, u64>,
     per: u64,
@@ -482,16 +482,8 @@ async fn bench(
     // Raw: the same payloads, acked JetStream publishes to a plain limits stream.
     let counts_before = server.message_counts();
     let raw_rounds = super::bench_intake::raw_publish_rounds(&context, &throughput).await?;
-    let raw_publish_per_s = super::bench_intake::median(&raw_rounds);
+    let raw_publish_per_s = super::bench::median(&raw_rounds);
     let raw_counts = counts_before.zip(server.message_counts());
-    eprintln!(
-        "  raw acked publishes: {raw_publish_per_s:.0}/s (median of {})",
-        raw_rounds
-            .iter()
-            .map(|rate| format!("{rate:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
 
     // Pipeline: until the read models show every report as an incident, none left undispatched.
     let models = loop {

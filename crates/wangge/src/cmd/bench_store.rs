@@ -9,6 +9,8 @@ use eventstore::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::bench::median;
+
 /// Aggregates (independent writers) in flight at once, as in DESIGN.md's reference figure.
 const AGGREGATES_IN_FLIGHT_DEFAULT: usize = 1_000;
 /// Replays per side, alternating raw and store.
@@ -337,17 +339,6 @@ async fn raw_replay(stream: &jetstream::stream::Stream, until: u64) -> anyhow::R
         }
     }
     Ok(count)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[middle - 1] + sorted[middle]) / 2.0
-    } else {
-        sorted[middle]
-    }
 }
 
 fn paired_ratios(numerators: &[f64], denominators: &[f64]) -> Vec<f64> {
