@@ -330,7 +330,19 @@ pub struct Tracked {
     pub position: Position,
     pub point: Option<(f64, f64)>,
     pub reported_at_ms: i64,
+    /// The `respond_by` its filing's receipt promised (its `incident.submission_taken`):
+    /// what a report merged into it is told while it has no response deadline yet.
+    pub promised_ms: Option<i64>,
     cell: Option<Cell>,
+}
+
+impl Tracked {
+    /// The deadline a report merged into this incident is told: its response deadline once
+    /// routed, before that the one its filing promised (a filing left for dispatch to route).
+    /// The same whether the merge is decided now or its receipt rebuilt from the log.
+    fn merge_deadline_ms(&self) -> Option<i64> {
+        self.state.response.map(|due| due.at.0).or(self.promised_ms)
+    }
 }
 
 type Cell = (CategoryCode, i64, i64);
@@ -554,6 +566,7 @@ impl Core {
             position: Position::NEW,
             point: None,
             reported_at_ms: commit.meta.occurred_at_ms,
+            promised_ms: None,
             cell: None,
         });
         let mut taken = None;
@@ -569,7 +582,10 @@ impl Core {
                     submission_id,
                     respond_by,
                     ..
-                } => taken = Some((submission_id, *respond_by)),
+                } => {
+                    taken = Some((submission_id, *respond_by));
+                    tracked.promised_ms = Some(respond_by.0);
+                }
                 _ => {}
             }
             tracked.state.apply(&recorded.event);
@@ -586,7 +602,7 @@ impl Core {
         let merged_details = tracked
             .state
             .grid
-            .map(|grid| (grid.to_string(), tracked.state.response.map(|due| due.at.0)));
+            .map(|grid| (grid.to_string(), tracked.merge_deadline_ms()));
         let terminal = tracked.state.is_terminal();
         if let Some((grid_code, respond_by_ms)) = merged_details {
             for duplicate in merged_here {
@@ -868,7 +884,7 @@ impl Core {
                 policy,
             );
             let grid_code = tracked.state.grid.unwrap_or(grid).to_string();
-            let respond_by_ms = tracked.state.response.map_or(respond_by, |due| due.at.0);
+            let respond_by_ms = tracked.merge_deadline_ms().unwrap_or(respond_by);
             let merged = |events| {
                 let event = IntakeEvent::Merged {
                     submission_id: submission.submission_id.clone(),
@@ -1008,6 +1024,7 @@ impl Core {
                     position: Position::NEW,
                     point,
                     reported_at_ms: now.0,
+                    promised_ms: Some(respond_by),
                     cell: None,
                 },
             );

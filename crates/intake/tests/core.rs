@@ -356,3 +356,64 @@ fn a_merge_stored_before_a_crash_is_answered_again_after_its_original_closed() {
         "the merge's receipt is recorded now"
     );
 }
+
+/// A report merged into an incident that was filed for dispatch to route (no response
+/// deadline yet) is told the deadline the original's receipt promised, not one counted from
+/// its own arrival; and a receipt rebuilt from the log after a crash (merge commit stored,
+/// INTAKE record not) says the same, not the merge commit's own time.
+#[test]
+fn a_merge_into_an_incident_not_yet_routed_promises_the_originals_deadline() {
+    let policy = Policy::embedded("sanming").expect("sanming policy");
+    // 18 h after the other tests' `now`: in working hours, so an hour later is a later
+    // deadline.
+    let decided_at = Timestamp(1_795_000_000_000 + 18 * 3_600_000);
+    let plan = |core: &mut Core, payload: &[u8], now: Timestamp, routing: Routing| {
+        let valid =
+            decode_submission(payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
+        core.plan(valid, payload, now, routing, &OneGrid, &policy)
+    };
+    let respond_by = |plan: &intake::core::Plan| {
+        serde_json::to_value(&plan.receipt).expect("JSON")["respond_by_ms"]
+            .as_i64()
+            .expect("respond_by_ms")
+    };
+    let first = submission("file-0001", 117.63, 1);
+    let second = submission("file-0002", 117.63001, 2);
+    let mut before = Core::new(CoreConfig::default());
+    let filed = plan(
+        &mut before,
+        &first,
+        Timestamp(decided_at.0 - 3_600_000),
+        Routing::ByDispatch { decided_at },
+    );
+    let merged = plan(
+        &mut before,
+        &second,
+        decided_at.plus_minutes(60),
+        Routing::AtFiling,
+    );
+    let promised = respond_by(&filed);
+    let filing = filed.incident.expect("a filing");
+    let merge = merged.incident.clone().expect("a merge");
+    assert_eq!(merge.incident, filing.incident, "merged into the first");
+    let filing_events = filing.events.len() as u64;
+    let mut after = Core::new(CoreConfig::default());
+    after.fold(&stored(filing.incident, filing.events, 1, 1));
+    after.fold(&stored(filing.incident, merge.events, filing_events + 1, 2));
+    let again = plan(
+        &mut after,
+        &second,
+        decided_at.plus_minutes(30),
+        Routing::AtFiling,
+    );
+    expect![[r#"
+        filed: due 5000000 ms after the decision
+        merged: due 0 ms after the original's promise
+        answered again after the crash: due 0 ms after the original's promise"#]]
+    .assert_eq(&format!(
+        "filed: due {} ms after the decision\nmerged: due {} ms after the original's promise\nanswered again after the crash: due {} ms after the original's promise",
+        promised - decided_at.0,
+        respond_by(&merged) - promised,
+        respond_by(&again) - promised,
+    ));
+}
