@@ -1031,6 +1031,16 @@ impl Core {
             self.index(own);
             events
         };
+        // Filed before, its receipt not kept (an incident filed by a version before
+        // `incident.submission_taken`, its INTAKE record lost in a crash): the receipt says
+        // what the stored incident says, not what this submission would get now.
+        let (grid, respond_by) = match self.incidents.get(&own) {
+            Some(tracked) if already_filed.flatten().is_some() => (
+                tracked.state.grid.unwrap_or(grid),
+                tracked.merge_deadline_ms().unwrap_or(respond_by),
+            ),
+            _ => (grid, respond_by),
+        };
         let receipt = filed_receipt(&submission.submission_id, own, grid.to_string(), respond_by);
         self.remember(&submission.submission_id, receipt.clone());
         // A fresh filing's receipt is its commit's `SubmissionTaken`: one stored message. Only

@@ -417,3 +417,49 @@ fn a_merge_into_an_incident_not_yet_routed_promises_the_originals_deadline() {
         respond_by(&again) - promised,
     ));
 }
+
+/// An incident filed by a version before `incident.submission_taken`, whose INTAKE record
+/// was lost in a crash: the submission, redelivered hours later, is answered with the
+/// deadline the stored incident holds, not one counted from the redelivery.
+#[test]
+fn a_filing_without_its_receipt_is_answered_with_the_stored_deadline() {
+    let policy = Policy::embedded("sanming").expect("sanming policy");
+    let now = Timestamp(1_795_000_000_000 + 18 * 3_600_000);
+    let payload = submission("file-0001", 117.63, 1);
+    let plan = |core: &mut Core, now: Timestamp| {
+        let valid =
+            decode_submission(&payload, None, &Limits::default(), &policy.taxonomy).expect("valid");
+        core.plan(valid, &payload, now, Routing::AtFiling, &OneGrid, &policy)
+    };
+    let respond_by = |plan: &intake::core::Plan| {
+        serde_json::to_value(&plan.receipt).expect("JSON")["respond_by_ms"]
+            .as_i64()
+            .expect("respond_by_ms")
+    };
+    let first = plan(&mut Core::new(CoreConfig::default()), now);
+    let filing = first.incident.clone().expect("a filing");
+    // The older version's filing commit: the same events without the receipt's.
+    let older: Vec<_> = filing
+        .events
+        .into_iter()
+        .filter(|event| domain::encoding::event_type(event) != "incident.submission_taken")
+        .collect();
+    let mut after = Core::new(CoreConfig::default());
+    after.fold(&stored(filing.incident, older, 1, 1));
+    let again = plan(&mut after, now.plus_minutes(90));
+    let types: Vec<&str> = again
+        .incident
+        .iter()
+        .flat_map(|write| write.events.iter().map(domain::encoding::event_type))
+        .collect();
+    expect![[r#"
+        filed, due 0 ms after the first answer's deadline; INCIDENTS: []; INTAKE record: true"#]]
+    .assert_eq(&format!(
+        "{}, due {} ms after the first answer's deadline; INCIDENTS: {types:?}; INTAKE record: {}",
+        serde_json::to_value(&again.receipt).expect("JSON")["status"]
+            .as_str()
+            .unwrap_or("?"),
+        respond_by(&again) - respond_by(&first),
+        again.record.is_some(),
+    ));
+}
