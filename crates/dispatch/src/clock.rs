@@ -25,8 +25,7 @@ impl TimeSource {
         match self {
             TimeSource::System => Timestamp(wall_ms()),
             TimeSource::Scaled { origin_ms, scale } => {
-                let elapsed = wall_ms().saturating_sub(*origin_ms);
-                Timestamp(origin_ms.saturating_add(elapsed.saturating_mul(i64::from(*scale))))
+                Timestamp::compressed(wall_ms(), *origin_ms, *scale)
             }
             TimeSource::Manual(manual) => manual.now(),
         }

@@ -22,6 +22,19 @@ impl Timestamp {
     pub fn plus_minutes(self, minutes: u32) -> Timestamp {
         Timestamp(self.0.saturating_add(i64::from(minutes) * MINUTE_MS))
     }
+
+    /// The instant of compressed time that wall-clock `wall_ms` maps to: `origin_ms +
+    /// (wall_ms - origin_ms) * scale` (saturating). Every process given the same origin and
+    /// scale agrees on it (dispatch's scaled clock, intake's decision time).
+    pub fn compressed(wall_ms: i64, origin_ms: i64, scale: u32) -> Timestamp {
+        Timestamp(
+            origin_ms.saturating_add(
+                wall_ms
+                    .saturating_sub(origin_ms)
+                    .saturating_mul(i64::from(scale)),
+            ),
+        )
+    }
 }
 
 impl fmt::Display for Timestamp {

@@ -337,10 +337,11 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    /// The deadline a report merged into this incident is told: its response deadline once
-    /// routed, before that the one its filing promised (a filing left for dispatch to route).
-    /// The same whether the merge is decided now or its receipt rebuilt from the log.
-    fn merge_deadline_ms(&self) -> Option<i64> {
+    /// The deadline a receipt naming this incident tells (a report merged into it, or its own
+    /// filing answered again): its response deadline once routed, before that the one its
+    /// filing promised (a filing left for dispatch to route). The same whether the receipt is
+    /// decided now or rebuilt from the log.
+    fn receipt_deadline_ms(&self) -> Option<i64> {
         self.state.response.map(|due| due.at.0).or(self.promised_ms)
     }
 }
@@ -602,7 +603,7 @@ impl Core {
         let merged_details = tracked
             .state
             .grid
-            .map(|grid| (grid.to_string(), tracked.merge_deadline_ms()));
+            .map(|grid| (grid.to_string(), tracked.receipt_deadline_ms()));
         let terminal = tracked.state.is_terminal();
         if let Some((grid_code, respond_by_ms)) = merged_details {
             for duplicate in merged_here {
@@ -884,7 +885,7 @@ impl Core {
                 policy,
             );
             let grid_code = tracked.state.grid.unwrap_or(grid).to_string();
-            let respond_by_ms = tracked.merge_deadline_ms().unwrap_or(respond_by);
+            let respond_by_ms = tracked.receipt_deadline_ms().unwrap_or(respond_by);
             let merged = |events| {
                 let event = IntakeEvent::Merged {
                     submission_id: submission.submission_id.clone(),
@@ -1037,7 +1038,7 @@ impl Core {
         let (grid, respond_by) = match self.incidents.get(&own) {
             Some(tracked) if already_filed.flatten().is_some() => (
                 tracked.state.grid.unwrap_or(grid),
-                tracked.merge_deadline_ms().unwrap_or(respond_by),
+                tracked.receipt_deadline_ms().unwrap_or(respond_by),
             ),
             _ => (grid, respond_by),
         };

@@ -138,13 +138,9 @@ impl DecisionTime {
     pub fn at(self, wall_ms: i64) -> Timestamp {
         match self {
             DecisionTime::Wall => Timestamp(wall_ms),
-            DecisionTime::Compressed { origin_ms, scale } => Timestamp(
-                origin_ms.saturating_add(
-                    wall_ms
-                        .saturating_sub(origin_ms)
-                        .saturating_mul(i64::from(scale)),
-                ),
-            ),
+            DecisionTime::Compressed { origin_ms, scale } => {
+                Timestamp::compressed(wall_ms, origin_ms, scale)
+            }
         }
     }
 }

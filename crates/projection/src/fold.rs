@@ -54,11 +54,7 @@ const STATUSES: [Status; 10] = [
     Status::Parked,
     Status::Merged,
 ];
-const KINDS: [WhistleKind; 3] = [
-    WhistleKind::Routine,
-    WhistleKind::Tough,
-    WhistleKind::Emergency,
-];
+const KINDS: [WhistleKind; 3] = WhistleKind::ALL;
 const LEVELS: [Level; 5] = [
     Level::Grid,
     Level::Community,
@@ -69,14 +65,6 @@ const LEVELS: [Level; 5] = [
 
 fn status_index(status: Status) -> Option<usize> {
     STATUSES.iter().position(|s| *s == status)
-}
-
-pub fn kind_name(kind: WhistleKind) -> &'static str {
-    match kind {
-        WhistleKind::Routine => "routine",
-        WhistleKind::Tough => "tough",
-        WhistleKind::Emergency => "emergency",
-    }
 }
 
 pub fn level_name(level: Level) -> &'static str {
@@ -425,7 +413,7 @@ impl Held {
             response_due: due_view(state.response),
             resolution_due: due_view(state.resolution),
             whistle: state.whistle.as_ref().map(|w| WhistleView {
-                kind: kind_name(w.kind).to_owned(),
+                kind: w.kind.name().to_owned(),
                 level: level_name(w.level).to_owned(),
                 cause: cause_name(w.cause).to_owned(),
                 summons: w
@@ -1071,7 +1059,7 @@ impl Projector {
                 let [blown, escalated] = self.totals.whistle_matrix[matrix_index(kind, level)];
                 if blown + escalated > 0 {
                     whistles.push(WhistleCount {
-                        kind: kind_name(kind).to_owned(),
+                        kind: kind.name().to_owned(),
                         level: level_name(level).to_owned(),
                         blown,
                         escalated,
