@@ -25,6 +25,7 @@
 //! See docs/INTAKE.md for subjects, reason codes, figures and limits.
 #![forbid(unsafe_code)]
 
+pub mod contacts;
 pub mod core;
 pub mod decode;
 pub mod service;

@@ -23,6 +23,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
 
+use crate::contacts::{self, ContactWrite};
 use crate::core::{
     Core, CoreConfig, Folded, IntakeEvent, Locate, Plan, Routing, incident_id_for,
     intake_aggregate, receipt_in_history, refusal_event,
@@ -1645,18 +1646,42 @@ impl Finish {
                 .map_err(|stored| stored.ok_or(index))
             })
         });
-        let contact_writes = contacts.iter().map(|(index, reporter, contact)| {
+        // One write per reporter: the details of their last submission in the batch (those
+        // of the earlier ones are superseded; concurrent writes of one key would only contend).
+        // Every submission of the reporter fails with the write.
+        let mut last_contact: Vec<(uuid::Uuid, Vec<usize>, &wire::Contact)> = Vec::new();
+        for (index, reporter, contact) in &contacts {
+            match last_contact
+                .iter_mut()
+                .find(|(held, _, _)| held == reporter)
+            {
+                Some((_, indices, held)) => {
+                    indices.push(*index);
+                    *held = contact;
+                }
+                None => last_contact.push((*reporter, vec![*index], contact)),
+            }
+        }
+        let contact_writes = last_contact.iter().map(|(reporter, indices, contact)| {
             let contacts_bucket = &contacts_bucket;
+            let arrived_ms = indices
+                .iter()
+                .map(|index| inputs[*index].arrived_ms)
+                .max()
+                .unwrap_or(i64::MAX);
             async move {
                 let value = serde_json::to_vec(contact).unwrap_or_default();
-                match contacts_bucket
-                    .put(reporter.to_string(), value.into())
+                match contacts::write_contact(contacts_bucket, *reporter, value.into(), arrived_ms)
                     .await
                 {
-                    Ok(_) => None,
+                    Ok(ContactWrite::Written) => None,
+                    Ok(ContactWrite::ErasedSince) => {
+                        info!(%reporter, "contact details erased after the submission arrived; not written again");
+                        None
+                    }
                     Err(error) => {
-                        warn!(%reporter, %error, "store contact details; the submission is decided again later");
-                        Some(*index)
+                        warn!(%error, "store contact details; the submission is decided again later");
+                        Some(indices.as_slice())
                     }
                 }
             }
@@ -1668,8 +1693,8 @@ impl Finish {
         .await;
         // Not acknowledged without its contact details stored: the work queue would drop the
         // only copy of them.
-        for index in contacts_failed.into_iter().flatten() {
-            failed[index] = true;
+        for index in contacts_failed.into_iter().flatten().flatten() {
+            failed[*index] = true;
         }
         for result in stored {
             match result {

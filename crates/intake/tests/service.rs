@@ -289,6 +289,13 @@ async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
         20,
         "Msg-Id dedup"
     );
+    // The reporter's contact details are erased while the submissions wait (through another
+    // instance, say): the details they gave before the erasure are not written back.
+    let contacts = jetstream
+        .get_key_value("INTAKE_CONTACTS")
+        .await
+        .expect("contacts bucket");
+    contacts.purge(REPORTER).await.expect("erase");
 
     let mut config = ServiceConfig::default();
     config.core.rate_burst = 1_000;
@@ -320,6 +327,31 @@ async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
         0,
         "acked and removed"
     );
+    let erased = contacts
+        .entry(REPORTER)
+        .await
+        .expect("read")
+        .expect("the erasure's marker");
+    assert!(
+        matches!(
+            erased.operation,
+            async_nats::jetstream::kv::Operation::Purge
+        ),
+        "details given before the erasure came back: {:?}",
+        erased.operation
+    );
+    // Given again after the erasure, they are kept.
+    let after = send(
+        &client,
+        "intake.request",
+        submission("after-erasure-0001", REPORTER, "0103", near_building(5)),
+    )
+    .await;
+    assert_eq!(after["status"], "filed", "{after}");
+    assert_eq!(
+        contacts.get(REPORTER).await.expect("read").as_deref(),
+        Some(r#"{"name":"张三","phone":"13800000000"}"#.as_bytes())
+    );
 
     // The same submission id on the request path returns the original receipt, writes nothing.
     let again = submission("durable-0003", REPORTER, "0101", near_building(3));
@@ -345,7 +377,7 @@ async fn durable_path_survives_intake_outage_and_resubmission_files_once() {
     let fourth = start_intake(&url, &stack.locator, config).await;
     let reply = send(&client, "intake.request", again).await;
     assert_eq!(reply, replies[0]);
-    assert_eq!(stream_messages(&client, "INCIDENTS").await, 20);
+    assert_eq!(stream_messages(&client, "INCIDENTS").await, 21);
     assert_eq!(stream_messages(&client, "INTAKE").await, 0);
     fourth.shutdown().await;
     stack.registry_stop.send(true).expect("registry listens");
