@@ -405,13 +405,29 @@ impl<C: EventCodec> Subscription<C> {
             match next {
                 Some(Ok(message)) => {
                     self.backoff = RESUBSCRIBE_BACKOFF_MIN;
-                    let delivery = self.decode(message)?;
+                    let decoded = self.decode(message);
+                    // A commit that does not decode takes its place in the order too: the
+                    // caller may skip it (ack it and go on), and unrecorded, the next delivery
+                    // would look like one after lost deliveries and rewind to it, forever.
+                    let sequences = match &decoded {
+                        Ok(delivery) => {
+                            Some((delivery.consumer_sequence, delivery.commit.sequence))
+                        }
+                        Err(SubscribeError::Decode {
+                            sequence, message, ..
+                        }) => message
+                            .info()
+                            .ok()
+                            .map(|info| (info.consumer_sequence, *sequence)),
+                        Err(_) => None,
+                    };
                     if self.config.readers == Readers::One
-                        && !self.in_order(delivery.consumer_sequence, delivery.commit.sequence)
+                        && let Some((consumer_sequence, stream_sequence)) = sequences
+                        && !self.in_order(consumer_sequence, stream_sequence)
                     {
                         continue;
                     }
-                    return Ok(delivery);
+                    return decoded;
                 }
                 Some(Err(error)) => {
                     let kind = error.kind();

@@ -861,6 +861,76 @@ async fn a_private_follower_acks_cumulatively_and_is_caught_up_after_settling_ev
     );
 }
 
+/// A commit that does not decode (a foreign publish on the stream's subjects, an event type
+/// from a newer build) is handed to a single reader as an error once, in its place; a reader
+/// that skips it (acks it and goes on) then gets every later commit, in order. Before, the
+/// skipped commit was not counted in the order, the next delivery looked like one after lost
+/// deliveries, and the subscription rewound to the bad commit again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_reader_that_skips_an_undecodable_commit_gets_every_later_one() {
+    let server = NatsServer::start().expect("nats-server");
+    let jetstream = connect(&server.url()).await;
+    let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    let id = aggregate("after-junk");
+    let mut position = store
+        .append(
+            &id,
+            &Position::NEW,
+            &commit("j0", vec![Ledger::Deposited { amount: 0 }]),
+        )
+        .await
+        .expect("append")
+        .position;
+    jetstream
+        .publish("ledger.ev.junk", "not a commit".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    for n in 1..=4 {
+        position = store
+            .append(
+                &id,
+                &position,
+                &commit(&format!("j{n}"), vec![Ledger::Deposited { amount: n }]),
+            )
+            .await
+            .expect("append")
+            .position;
+    }
+    let mut subscription = store
+        .subscribe(SubscriptionConfig::private_follower(
+            "skipping-reader",
+            0,
+            Duration::from_secs(60),
+        ))
+        .await
+        .expect("subscribe");
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        match tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("in time, after {seen:?}"))
+        {
+            Ok(delivery) => {
+                seen.push(format!("{}", delivery.commit.sequence));
+                subscription.settle(&delivery).await.expect("settle");
+            }
+            Err(eventstore::SubscribeError::Decode {
+                sequence, message, ..
+            }) => {
+                seen.push(format!("{sequence} undecodable"));
+                message.ack().await.expect("ack");
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert_eq!(
+        (seen.join(", "), subscription.rewinds()),
+        ("1, 2 undecodable, 3, 4, 5, 6".to_owned(), 0)
+    );
+}
+
 /// A single-reader subscription whose pull stream breaks with deliveries on the way (here:
 /// buffered in the dropped stream) hands out every commit once, in stream order: with either
 /// ack policy, without waiting for `ack_wait`.
