@@ -22,7 +22,7 @@ use eventstore::{
 use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::fold::{Applied, Projector, StoredIncident};
 use crate::keys;
@@ -166,6 +166,8 @@ pub struct Progress {
     /// Commits of such a history that did not fold (stored data the fold cannot read, each
     /// one logged): skipped rather than crashing the builder on them at every restart.
     pub history_skipped: u64,
+    /// INCIDENTS commits this build cannot decode (each one logged as an error): skipped.
+    pub undecodable_skipped: u64,
     pub flushes: u64,
     pub keys_written: u64,
 }
@@ -560,8 +562,15 @@ impl ProjectionService {
 
     /// [`Self::flush`], standing by instead of failing when the lease is gone.
     async fn flush_as_builder(&mut self) -> Result<(), ServiceError> {
+        // Failures in a row end only with a flush that stored progress: the first flush of
+        // every attach stores none, and counted, a builder that fails at the same commit
+        // every time (one that does not decode) would retry every second, forever, each
+        // time loading every read model again.
+        let progressed = self.attached.as_ref().is_some_and(|attached| {
+            attached.unflushed > 0 || attached.last_unacked_grids.is_some()
+        });
         let flushed = self.flush().await;
-        if flushed.is_ok() && self.attached.is_some() {
+        if flushed.is_ok() && progressed && self.attached.is_some() {
             self.build_failures = 0;
         }
         match flushed {
@@ -870,6 +879,27 @@ impl ProjectionService {
                 delivery = attached.incidents.next() => {
                     let delivery = match delivery {
                         Ok(delivery) => delivery,
+                        // A commit this build cannot decode (an event type from a newer build
+                        // during a rolling upgrade, a foreign publish on the subjects) is
+                        // skipped like one of a stored history that does not decode (below):
+                        // stopping on it stopped every builder on it, for good, while the
+                        // read models went stale. The checkpoint moves past it.
+                        Err(SubscribeError::Decode { sequence, source, message, .. }) => {
+                            error!(
+                                sequence,
+                                %source,
+                                "an INCIDENTS commit does not decode; skipped (the read models miss it until this build is upgraded and `wangge projection rebuild` runs)"
+                            );
+                            self.progress.undecodable_skipped += 1;
+                            attached.projector.note_incidents_sequence(sequence);
+                            attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
+                            // Cumulative: covers the commits before it too, which the
+                            // checkpoint (where a builder resumes) covers at the next flush.
+                            if let Err(error) = message.ack().await {
+                                debug!(%error, "ack of an undecodable commit lost; it comes back and is skipped again");
+                            }
+                            continue;
+                        }
                         // A builder whose lease ran out finds its consumer replaced.
                         Err(error) if self.lease.is_some() && !self.holds_lease() => {
                             self.stand_by(&format!("INCIDENTS consumer: {error}")).await;
@@ -1029,6 +1059,7 @@ impl ProjectionService {
             skipped = progress.skipped,
             reloaded = progress.reloaded,
             history_skipped = progress.history_skipped,
+            undecodable_skipped = progress.undecodable_skipped,
             flushes = progress.flushes,
             keys_written = progress.keys_written,
             "projection stopped"

@@ -480,3 +480,54 @@ async fn a_history_with_a_missing_commit_does_not_stop_the_builder() {
     running.stop.send(true).unwrap();
     running.task.await.unwrap().unwrap();
 }
+
+/// A commit on INCIDENTS that this build cannot decode (here a foreign publish on the
+/// stream's subjects; in a rolling upgrade, an event type from a newer build) is skipped,
+/// counted and logged, and the builder folds every commit after it. Before, every builder
+/// stood by on it and attached again every second, for good, while the read models went stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_does_not_decode_does_not_stop_the_builder() {
+    let server = testkit::NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let (incidents_spec, _) = specs();
+    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
+        .await
+        .unwrap();
+    let mut synthetic = Synthetic::new(5, Synthetic::default_grids(2, 2, 3));
+    let histories: Vec<_> = (0..6).map(|n| synthetic.incident(n)).collect();
+    synthetic::append_histories(&store, &histories[..3], 1)
+        .await
+        .unwrap();
+    let junk_subject =
+        store.subject(&eventstore::AggregateId::new(uuid::Uuid::nil().to_string()).unwrap());
+    jetstream
+        .publish(junk_subject, "not a commit".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    synthetic::append_histories(&store, &histories[3..], 1)
+        .await
+        .unwrap();
+    let last = store.last_sequence().await.unwrap();
+
+    let running = common::start(&server.url(), "projection").await;
+    let mut progress = running.progress.clone();
+    tokio::time::timeout(
+        WAIT_MAX,
+        progress.wait_for(|p| p.incidents_sequence >= last),
+    )
+    .await
+    .expect("the builder folds past the undecodable commit")
+    .unwrap();
+    let commits: u64 = histories.iter().map(|history| history.len() as u64).sum();
+    let folded = *progress.borrow();
+    assert_eq!(
+        (folded.undecodable_skipped, folded.applied, folded.builder),
+        (1, commits, true),
+        "{folded:?}"
+    );
+    running.stop.send(true).unwrap();
+    running.task.await.unwrap().unwrap();
+}
