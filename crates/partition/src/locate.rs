@@ -28,7 +28,7 @@ pub enum Located<'a> {
 /// Why an index could not be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LocateError {
-    #[error("grid {grid_code}: polygon is empty or has non-finite coordinates")]
+    #[error("grid {grid_code}: polygon has non-finite coordinates")]
     BadPolygon { grid_code: String },
     #[error("{grids} grids, more than {max}")]
     TooManyGrids { grids: usize, max: usize },
@@ -83,14 +83,19 @@ impl LocateIndex {
                     max: GRIDS_MAX,
                 });
             }
-            let Some(rect) = polygon.bounding_rect().filter(|r| {
-                r.min().x.is_finite()
-                    && r.min().y.is_finite()
-                    && r.max().x.is_finite()
-                    && r.max().y.is_finite()
-            }) else {
-                return Err(LocateError::BadPolygon { grid_code });
+            // A grid without land (an empty polygon: every one of its buildings shares its
+            // point with another grid's, as a tower geocoded to one address does) holds no
+            // point to find; it is reached by building id. Left out of the index, not an
+            // error: failing here took the whole community out of locate.
+            let Some(rect) = polygon.bounding_rect() else {
+                continue;
             };
+            if ![rect.min().x, rect.min().y, rect.max().x, rect.max().y]
+                .iter()
+                .all(|value| value.is_finite())
+            {
+                return Err(LocateError::BadPolygon { grid_code });
+            }
             boxes.push([rect.min().x, rect.min().y, rect.max().x, rect.max().y]);
             for ring in std::iter::once(polygon.exterior()).chain(polygon.interiors()) {
                 if ring.0.len() < 3 {

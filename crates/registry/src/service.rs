@@ -356,8 +356,15 @@ impl RegistryService {
         match self.directory.apply(&delivery.commit) {
             Ok(Applied::New) => {
                 metrics.commits_folded.inc();
-                self.directory
-                    .publish_community(delivery.commit.aggregate.as_str())?;
+                // As the writer does (`locate index not rebuilt after a command`): the
+                // community keeps the locate part it had. Before, every follower (other
+                // registry instances, intake's in-process one) stopped on it.
+                if let Err(error) = self
+                    .directory
+                    .publish_community(delivery.commit.aggregate.as_str())
+                {
+                    error!(community = %delivery.commit.aggregate, %error, "locate index not rebuilt after a commit");
+                }
             }
             Ok(Applied::AlreadyHeld) => {}
             Err(gap) => {
@@ -421,7 +428,9 @@ impl RegistryService {
                     reason: error.to_string(),
                 })?;
         }
-        self.directory.publish_community(aggregate.as_str())?;
+        if let Err(error) = self.directory.publish_community(aggregate.as_str()) {
+            error!(community = %aggregate, %error, "locate index not rebuilt after a reload");
+        }
         Ok(())
     }
 

@@ -388,3 +388,74 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     );
     lagging.shutdown().await;
 }
+
+/// A tower geocoded to one address: 40 buildings of 200 households at one point (and two
+/// elsewhere). The partition draws grids whose buildings all share that point, with no land
+/// of their own (an empty polygon). They are left out of the point index and reached by
+/// building id; the rest of the community is located as usual, on the instance that stored
+/// the partition and on the one that follows it. Before, the empty polygon failed the
+/// community's whole locate part, and every follower stopped on the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grids_without_land_leave_the_community_locatable_on_every_instance() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let instances = [
+        start(&url, "registry-one").await,
+        start(&url, "registry-two").await,
+    ];
+    let registered = send(&client, "grids.cmd.register_community", register_body()).await;
+    assert_eq!(registered["status"], "accepted", "{registered}");
+    let tower = position(2.0, 2.0);
+    let mut buildings: Vec<Value> = (0..40)
+        .map(|index| json!({"id": format!("t{index}"), "lon": tower.0, "lat": tower.1, "households": 200}))
+        .collect();
+    let (west, east) = (position(0.5, 0.5), position(3.5, 3.5));
+    buildings.push(json!({"id": "west", "lon": west.0, "lat": west.1, "households": 100}));
+    buildings.push(json!({"id": "east", "lon": east.0, "lat": east.1, "households": 100}));
+    let imported = send(
+        &client,
+        "grids.cmd.import_buildings",
+        json!({"command_id": "cmd-import-tower", "community_id": "liedong", "buildings": buildings}),
+    )
+    .await;
+    assert_eq!(imported["status"], "accepted", "{imported}");
+    let partitioned = send(
+        &client,
+        "grids.cmd.partition",
+        json!({"command_id": "cmd-partition-tower", "community_id": "liedong"}),
+    )
+    .await;
+    assert_eq!(partitioned["status"], "accepted", "{partitioned}");
+    for instance in &instances {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while instance.locator.grids() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the partition reaches every instance"
+            );
+            assert!(
+                !instance.task.is_finished(),
+                "the instance is still serving"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (what, (lon, lat)) in [("west", west), ("east", east), ("tower", tower)] {
+            let answer = instance.locator.locate(lon, lat);
+            assert!(
+                matches!(answer, registry::api::LocateAnswer::Served { .. }),
+                "{what}: {answer:?}"
+            );
+        }
+        for building in ["t0", "t39", "west"] {
+            assert!(
+                instance.locator.locate_building(building).is_some(),
+                "{building} is reached by id"
+            );
+        }
+    }
+    for instance in instances {
+        assert!(!instance.task.is_finished(), "no instance stopped");
+        instance.shutdown().await;
+    }
+}
