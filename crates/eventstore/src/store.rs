@@ -584,13 +584,15 @@ impl<C: EventCodec> EventStore<C> {
     }
 
     /// The position of an aggregate's last commit, or [`Position::NEW`] if it has none.
+    ///
+    /// Read from the stream's leader (`STREAM.MSG.GET`), not by a direct get, which any
+    /// replica answers: on a replicated stream a replica a commit has not reached yet would
+    /// answer an older position, and what callers decide on it would be stale: a refusal
+    /// (`not_registered` for a community another instance registered a moment ago), or a
+    /// history read to its end that ends before the commit that made the caller read it.
     pub async fn last_position(&self, aggregate: &AggregateId) -> Result<Position, LoadError> {
         let subject = self.subject(aggregate);
-        match self
-            .stream
-            .direct_get_last_for_subject(subject.clone())
-            .await
-        {
+        match self.stream.get_last_raw_message_by_subject(&subject).await {
             Ok(message) => {
                 let envelope =
                     decode_envelope(&message.subject, &message.headers).map_err(|source| {
@@ -606,7 +608,12 @@ impl<C: EventCodec> EventStore<C> {
                     hash: envelope.hash,
                 })
             }
-            Err(error) if matches!(error.kind(), stream::DirectGetErrorKind::NotFound) => {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
                 Ok(Position::NEW)
             }
             Err(error) => Err(LoadError::LastCommit {
