@@ -729,6 +729,10 @@ impl RegistryService {
                     ));
                 }
                 Err(error) => {
+                    if let Some(refusal) = too_large_to_store(&error) {
+                        warn!(%error, "command refused: its commit is over the size a commit holds");
+                        return to_json(&refusal);
+                    }
                     error!(%error, "append failed");
                     return to_json(&error_reply("store_unavailable", error.to_string()));
                 }
@@ -739,6 +743,33 @@ impl RegistryService {
             format!("other writers won {COMMAND_ATTEMPTS_MAX} times; retry"),
         ))
     }
+}
+
+/// A commit over the store's bounds is refused as what it is: sent again, the same command
+/// decides the same commit, so `store_unavailable` ("nothing was written, send again") would
+/// have it sent again for ever.
+fn too_large_to_store(error: &AppendError) -> Option<RejectedReply> {
+    let AppendError::Encode { source, .. } = error else {
+        return None;
+    };
+    let what = match source {
+        eventstore::EncodeCommitError::TooLarge { bytes } => format!(
+            "its commit would be {bytes} bytes, more than the {} a commit holds",
+            eventstore::COMMIT_BODY_BYTES_MAX
+        ),
+        eventstore::EncodeCommitError::TooManyEvents { count } => format!(
+            "its commit would hold {count} events, more than the {} a commit holds",
+            eventstore::COMMIT_EVENTS_MAX
+        ),
+        _ => return None,
+    };
+    Some(RejectedReply::new(
+        "commit_too_large",
+        format!(
+            "{what}: import fewer buildings per command; a community whose grids do not fit \
+             one commit must be split"
+        ),
+    ))
 }
 
 fn error_reply(reason_code: &str, message: String) -> RejectedReply {
@@ -894,5 +925,27 @@ pub fn community_answer(
         grid_workers,
         version,
         compliance: standards::evaluate(profile, &facts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Refused with its own code (nothing to retry), not `store_unavailable`.
+    #[test]
+    fn a_commit_over_the_store_bounds_is_refused_not_retried() {
+        let error = AppendError::Encode {
+            subject: "grids.ev.liedong".to_owned(),
+            source: eventstore::EncodeCommitError::TooLarge { bytes: 1_200_000 },
+        };
+        let refusal = serde_json::to_string(&too_large_to_store(&error)).expect("JSON");
+        expect_test::expect![[r#"{"status":"rejected","reason_code":"commit_too_large","message":"its commit would be 1200000 bytes, more than the 983040 a commit holds: import fewer buildings per command; a community whose grids do not fit one commit must be split"}"#]]
+            .assert_eq(&refusal);
+        let other = AppendError::Encode {
+            subject: "grids.ev.liedong".to_owned(),
+            source: eventstore::EncodeCommitError::Empty,
+        };
+        assert!(too_large_to_store(&other).is_none());
     }
 }
