@@ -77,7 +77,8 @@ pub struct RejectedReply {
     /// A request that cannot be read: `malformed_json`, `schema_violation` or
     /// `payload_too_large` (as on every service's subjects); `unknown_subject`,
     /// `unknown_command`; `not_found` (a community query for an unregistered community);
-    /// `command_id_reused`; else the command's business refusal (docs/REGISTRY.md lists them).
+    /// `command_id_reused`; `commit_too_large` (the command's commit is over the event store's
+    /// bounds); else the command's business refusal (docs/REGISTRY.md lists them).
     pub reason_code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
