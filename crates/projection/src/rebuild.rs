@@ -238,8 +238,12 @@ pub async fn build_into(
         });
     }
     let kv = store::fresh_bucket(jetstream, bucket, options.replicas).await?;
-    let (incidents_target, time_cut) = match until {
-        Until::End => (incidents_last, None),
+    // INCIDENTS is cut by sequence or by time; GRIDS (another stream, other sequences) always
+    // by time: as of a sequence, at the time INCIDENTS stored it. INCIDENTS as of a sequence is
+    // never cut by time: a server's timestamps need not grow with the sequence (a new leader
+    // with a clock behind), and a time cut could stop short of the sequence asked for.
+    let (incidents_target, time_cut, grids_cut) = match until {
+        Until::End => (incidents_last, None, None),
         Until::Sequence(sequence) => {
             let target = sequence;
             let cut = if target == 0 {
@@ -247,15 +251,15 @@ pub async fn build_into(
             } else {
                 stored_at(&incident_store, target).await?
             };
-            (target, cut)
+            (target, None, cut)
         }
-        Until::Time(ms) => (incidents_last, Some(ms)),
+        Until::Time(ms) => (incidents_last, Some(ms), Some(ms)),
     };
     let mut projector = Projector::new(options.weights, options.profile.clone(), false);
-    // GRIDS first (small), cut at the same time as INCIDENTS.
+    // GRIDS first (small), cut at the time INCIDENTS is cut at.
     grids_store
         .replay(ReplayRange::default(), |commit| {
-            if time_cut.is_none_or(|cut| commit.stored_at_ms <= cut) {
+            if grids_cut.is_none_or(|cut| commit.stored_at_ms <= cut) {
                 projector.apply_grids_commit(&commit);
             }
         })
