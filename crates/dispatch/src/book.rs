@@ -4,8 +4,10 @@
 //! Pure (no IO, no clock) so it is tested without a server. The deadline index is a binary
 //! heap of `(deadline, incident)` with lazy deletion: a state change that moves an incident's
 //! next deadline pushes the new one, and stale entries are dropped when they surface (their
-//! incident's [`domain::next_deadline`] no longer matches). The heap is rebuilt when stale
-//! entries outnumber live ones, so it stays within twice the pending deadlines.
+//! incident's [`domain::next_deadline`] no longer matches). The heap is rebuilt when it holds
+//! more than twice as many entries as incidents held (open, and ended up to
+//! [`ENDED_HELD_MAX`]) plus 1,024, so stale entries never outnumber the held incidents by
+//! more than that.
 //!
 //! Ended incidents (closed, merged, rejected, cancelled) are kept only up to
 //! [`ENDED_HELD_MAX`]: a city files incidents for years, and a book of all of them grew
@@ -370,7 +372,11 @@ impl Book {
         while due.len() < max {
             match self.next_deadline() {
                 Some(at) if at <= now => {
-                    if let Some(Reverse((at, incident))) = self.deadlines.pop() {
+                    // An incident's live deadline can stand in the heap twice (pushed when its
+                    // state moved, and again when a stale entry of it surfaced): taken once.
+                    if let Some(Reverse((at, incident))) = self.deadlines.pop()
+                        && !due.iter().any(|(taken, _)| *taken == incident)
+                    {
                         due.push((incident, at));
                     }
                 }
@@ -586,6 +592,75 @@ mod tests {
             }],
             ..filed
         }
+    }
+
+    /// An incident acknowledged after its dispatch has its resolution deadline pushed when the
+    /// acknowledgement folds, and pushed again when the stale response entry surfaces: due, it
+    /// is taken once (before, twice: two identical appends, one of them a lost race).
+    #[test]
+    fn a_due_incident_is_taken_once() {
+        let policy = Policy::embedded("sanming").expect("policy");
+        let filed = filed_commit(5, 1);
+        let incident = IncidentId(uuid::Uuid::from_u128(5));
+        let now = Timestamp(filed.stored_at_ms);
+        let mut state = IncidentState::default();
+        filed
+            .events
+            .iter()
+            .for_each(|recorded| state.apply(&recorded.event));
+        let mut decided = |state: &mut IncidentState, role, action| {
+            let actor = Actor {
+                role,
+                id: ActorId(uuid::Uuid::from_u128(7)),
+            };
+            let events =
+                decide(state, IncidentCommand { actor, action }, now, &policy).expect("decided");
+            events.iter().for_each(|event| state.apply(event));
+            events
+        };
+        let commit_of = |sequence: u64, first_version: u64, events: Vec<IncidentEvent>| {
+            let version = first_version + events.len() as u64 - 1;
+            RecordedCommit {
+                command_id: format!("c{sequence}"),
+                sequence,
+                first_version,
+                version,
+                events: events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, event)| RecordedEvent {
+                        event_id: uuid::Uuid::from_u128(
+                            100 + sequence as u128 * 10 + index as u128,
+                        ),
+                        version: first_version + index as u64,
+                        event_type: domain::encoding::event_type(&event).to_owned(),
+                        event,
+                    })
+                    .collect(),
+                hash: [sequence as u8; 32],
+                ..filed.clone()
+            }
+        };
+        let mut book = Book::new();
+        book.apply_commit(&filed);
+        let dispatched = decided(&mut state, Role::System, Action::Dispatch { to: None });
+        book.apply_commit(&commit_of(2, filed.version + 1, dispatched));
+        let handler = match state.handler.expect("dispatched") {
+            domain::incident::Handler::Department(department) => Role::Department(department),
+            domain::incident::Handler::GridWorker => Role::GridWorker,
+            domain::incident::Handler::Community => Role::Community,
+            domain::incident::Handler::Street => Role::Street,
+        };
+        let acknowledged = decided(&mut state, handler, Action::Acknowledge);
+        let version = book.get(incident).expect("held").position.version;
+        book.apply_commit(&commit_of(3, version + 1, acknowledged));
+        let resolution = domain::next_deadline(&state).expect("a resolution deadline");
+        // A loop turn looks at the next deadline: the stale response entry surfaces.
+        book.next_deadline();
+        assert_eq!(
+            book.take_due(Timestamp(resolution.0 + 1), 256),
+            vec![(incident, resolution)]
+        );
     }
 
     /// Ended incidents beyond the bound leave the book, the one that ended first going first;

@@ -561,7 +561,10 @@ impl DispatchService {
         if let Some(task) = self.snapshot_task.take() {
             report_snapshot(task.await);
         }
-        if self.commits_since_snapshot > 0 {
+        // Not after an error: the loop may have stopped between a commit's sequence counted
+        // as reached and its incident folded (a gap whose read failed), and a snapshot would
+        // claim that commit for an incident the book holds at an older version, or not at all.
+        if result.is_ok() && self.commits_since_snapshot > 0 {
             // Nothing left to hold up: no pause between shards.
             self.write_snapshot(Duration::ZERO).await;
             if let Some(task) = self.snapshot_task.take() {
