@@ -608,7 +608,7 @@ mod tests {
             .events
             .iter()
             .for_each(|recorded| state.apply(&recorded.event));
-        let mut decided = |state: &mut IncidentState, role, action| {
+        let decided = |state: &mut IncidentState, role, action| {
             let actor = Actor {
                 role,
                 id: ActorId(uuid::Uuid::from_u128(7)),
