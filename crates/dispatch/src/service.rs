@@ -1066,8 +1066,13 @@ impl DispatchService {
                 // This instance may not have folded the incident yet (filed a moment ago,
                 // its commit still on the way here), or dropped it once it ended: look in the
                 // store before refusing.
-                if attempt < COMMAND_ATTEMPTS_MAX && self.found_in_store(command.incident).await {
-                    continue;
+                if attempt < COMMAND_ATTEMPTS_MAX {
+                    match self.found_in_store(command.incident).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        // Not read: the incident may well exist; a refusal would be final.
+                        Err(error) => return store_unavailable(error),
+                    }
                 }
                 return CommandReply::from_rejection(&Rejection::NoSuchIncident);
             };
@@ -1097,9 +1102,11 @@ impl DispatchService {
                     // The book may lag the store (another instance wrote, or the follower has
                     // not delivered the latest commit yet), and a refusal is never checked by
                     // an append: refuse only on the latest state.
-                    if attempt < COMMAND_ATTEMPTS_MAX
-                        && self.store_is_ahead(&aggregate, held_position).await
-                    {
+                    let ahead = match self.store_is_ahead(&aggregate, held_position).await {
+                        Ok(ahead) => ahead,
+                        Err(error) => return store_unavailable(error),
+                    };
+                    if attempt < COMMAND_ATTEMPTS_MAX && ahead {
                         if let Err(error) = self.reload(command.incident).await {
                             return CommandReply::error("store_unavailable", error.to_string());
                         }
@@ -1193,13 +1200,18 @@ impl DispatchService {
     }
 
     /// Whether the store holds commits of `aggregate` after `held` (one read: the last
-    /// message of the aggregate's subject). A failed read counts as "not ahead".
-    async fn store_is_ahead(&self, aggregate: &eventstore::AggregateId, held: Position) -> bool {
+    /// message of the aggregate's subject). A failed read is an error: counted as "not
+    /// ahead", it refused a command from a view the store may be ahead of.
+    async fn store_is_ahead(
+        &self,
+        aggregate: &eventstore::AggregateId,
+        held: Position,
+    ) -> Result<bool, String> {
         match self.store.last_position(aggregate).await {
-            Ok(last) => last.sequence > held.sequence,
+            Ok(last) => Ok(last.sequence > held.sequence),
             Err(error) => {
                 warn!(%error, "read the incident's last commit before a refusal");
-                false
+                Err(format!("read the incident's last commit: {error}"))
             }
         }
     }
@@ -1207,16 +1219,24 @@ impl DispatchService {
     /// Looks for an incident the book does not hold under every aggregate id layout seen so
     /// far, and folds its stored history in. Whether it was found. (A layout under which
     /// nothing is stored costs one read: `load_after` stops at the subject's last position.)
-    async fn found_in_store(&mut self, incident: IncidentId) -> bool {
+    /// An error when it was not found and some layout could not be read.
+    async fn found_in_store(&mut self, incident: IncidentId) -> Result<bool, String> {
+        let mut unread = None;
         for template in self.book.templates().to_vec() {
             let aggregate = template.aggregate(incident);
             match reload_into(&self.store, &mut self.book, &aggregate, incident).await {
-                Ok(()) if self.book.get(incident).is_some() => return true,
+                Ok(()) if self.book.get(incident).is_some() => return Ok(true),
                 Ok(()) => {}
-                Err(error) => warn!(%error, "read an incident the book did not hold"),
+                Err(error) => {
+                    warn!(%error, "read an incident the book did not hold");
+                    unread = Some(error.to_string());
+                }
             }
         }
-        false
+        match unread {
+            Some(error) => Err(error),
+            None => Ok(false),
+        }
     }
 
     /// The stored commit of `aggregate` that carries `command_id`, read from the store (the
@@ -1225,18 +1245,20 @@ impl DispatchService {
         &self,
         aggregate: &eventstore::AggregateId,
         command_id: &str,
-    ) -> Option<eventstore::RecordedCommit<IncidentEvent>> {
+    ) -> Result<Option<eventstore::RecordedCommit<IncidentEvent>>, String> {
         let loaded = match self.store.load(aggregate).await {
             Ok(loaded) => loaded,
             Err(error) => {
                 warn!(%error, "read the incident to look for a resent command");
-                return None;
+                return Err(format!(
+                    "read the incident's history to look for the command id: {error}"
+                ));
             }
         };
-        loaded
+        Ok(loaded
             .commits
             .into_iter()
-            .find(|commit| commit.command_id == command_id)
+            .find(|commit| commit.command_id == command_id))
     }
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
@@ -1250,7 +1272,11 @@ impl DispatchService {
         command: &ConsoleCommand,
     ) -> Option<CommandReply> {
         let command_id = &command.command_id;
-        let commit = self.stored_commit(aggregate, command_id).await?;
+        // Not read: deciding without knowing whether it was applied could apply it twice.
+        let commit = match self.stored_commit(aggregate, command_id).await {
+            Ok(commit) => commit?,
+            Err(error) => return Some(store_unavailable(error)),
+        };
         let actor = self.actor_label(&command.actor);
         let same_action = commit
             .events
@@ -1275,7 +1301,10 @@ impl DispatchService {
         aggregate: &eventstore::AggregateId,
         commit: &Commit<IncidentEvent>,
     ) -> Option<CommandReply> {
-        let stored = self.stored_commit(aggregate, &commit.command_id).await?;
+        let stored = match self.stored_commit(aggregate, &commit.command_id).await {
+            Ok(stored) => stored?,
+            Err(error) => return Some(store_unavailable(error)),
+        };
         let same_kinds = stored
             .events
             .iter()
@@ -1610,6 +1639,15 @@ async fn send_notification(
         .send_publish(subject, message)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The answer to a command that could not be decided because the store could not be read:
+/// nothing was written; send it again with the same command id.
+fn store_unavailable(reason: String) -> CommandReply {
+    CommandReply::error(
+        "store_unavailable",
+        format!("{reason}; nothing was written, send again with the same command_id"),
+    )
 }
 
 /// Reads an incident's commits after the position the book holds it at (from the start when
