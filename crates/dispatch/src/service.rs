@@ -867,7 +867,8 @@ impl DispatchService {
         };
         let outcome = self
             .system_batch(&ids, Action::DeadlineElapsed, |incident| {
-                format!("deadline:{incident}:{}", at_of(incident))
+                let prefix = wire::SYSTEM_COMMAND_ID_PREFIXES[0];
+                format!("{prefix}{incident}:{}", at_of(incident))
             })
             .await;
         self.pause_system_work_after(&outcome);
@@ -904,7 +905,7 @@ impl DispatchService {
         }
         let outcome = self
             .system_batch(&filed, Action::Dispatch { to: None }, |incident| {
-                format!("dispatch:{incident}")
+                format!("{}{incident}", wire::SYSTEM_COMMAND_ID_PREFIXES[1])
             })
             .await;
         self.pause_system_work_after(&outcome);

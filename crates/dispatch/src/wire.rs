@@ -102,6 +102,7 @@ pub struct ActorJson {
 pub struct CommandRequest {
     /// Idempotency key, required (1 to 128 bytes): resending the same command id writes
     /// nothing new and gets the first answer, so a console may resend after a lost reply.
+    /// Ids beginning `deadline:` or `dispatch:` are dispatch's own and refused.
     #[schemars(length(min = 1, max = 128))]
     pub command_id: String,
     pub incident: uuid::Uuid,
@@ -307,6 +308,13 @@ pub fn parse_command(subject: &str, payload: &[u8]) -> Result<ConsoleCommand, Co
     parse_command_as(role, action, payload)
 }
 
+/// Command id prefixes of the commits dispatch stores itself: an escalation
+/// (`deadline:<incident>:<deadline ms>`) and a dispatch by the routing table
+/// (`dispatch:<incident>`). A console may not use them: a console commit stored under such an
+/// id would make the server drop dispatch's own commit as its repeat (Msg-Id) for as long as
+/// the duplicate window lasts.
+pub const SYSTEM_COMMAND_ID_PREFIXES: [&str; 2] = ["deadline:", "dispatch:"];
+
 /// Parses a command body for `role` (already taken from the subject) and `action`.
 pub fn parse_command_as(
     role: Role,
@@ -327,6 +335,15 @@ pub fn parse_command_as(
                 "command id must be 1..={COMMAND_ID_BYTES_MAX} bytes without control characters \
                  or white space at either end"
             ),
+        ));
+    }
+    if let Some(prefix) = SYSTEM_COMMAND_ID_PREFIXES
+        .iter()
+        .find(|prefix| request.command_id.starts_with(**prefix))
+    {
+        return Err(CommandReply::rejected(
+            observe::refusal::SCHEMA_VIOLATION,
+            format!("command ids beginning {prefix:?} are dispatch's own; choose another"),
         ));
     }
     let Some(action_index) = ACTIONS.iter().position(|known| *known == action) else {
@@ -518,6 +535,8 @@ mod tests {
             serde_json::json!({"command_id": "c\n1", "incident": incident, "actor": actor}),
             // Typed with a trailing (full-width) space: NATS headers would drop it on reading.
             serde_json::json!({"command_id": "c1\u{3000}", "incident": incident, "actor": actor}),
+            // The id of an escalation dispatch stores itself.
+            serde_json::json!({"command_id": format!("deadline:{incident}:1795000000000"), "incident": incident, "actor": actor}),
         ];
         let text: String = bodies
             .iter()
@@ -535,6 +554,7 @@ mod tests {
             Rejected { reason_code: "schema_violation", message: "missing field `actor` at line 1 column 70" }
             Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters or white space at either end" }
             Rejected { reason_code: "schema_violation", message: "command id must be 1..=128 bytes without control characters or white space at either end" }
+            Rejected { reason_code: "schema_violation", message: "command ids beginning \"deadline:\" are dispatch's own; choose another" }
         "#]].assert_eq(&text);
     }
 }
