@@ -1,21 +1,41 @@
 //! Reporters' contact details in their erasable KV bucket.
 //!
 //! Why a write is more than a `put`: a batch writes its contact details beside the next batch,
-//! and another intake instance may be writing at the same moment, so a write can land after
-//! `intake.contact.erase` purged the key. A plain put would then put back details the office
-//! was asked to erase (the personal-information law's right to erasure). So a write first
-//! reads the key: when its last entry is an erasure (the purge marker) made at or after the
-//! submission arrived, the details stay erased; otherwise it writes at the revision it read,
-//! so that an erasure landing between the read and the write fails the write, which then
-//! reads again. A submission that arrives after an erasure writes its details: the reporter
-//! gave them again.
+//! another intake instance may be writing at the same moment, and a submission can come back
+//! (a redelivery) long after it arrived. So a write can land after `intake.contact.erase`
+//! purged the key, or after a later submission of the same reporter wrote newer details. A
+//! plain put would then put back details the office was asked to erase (the
+//! personal-information law's right to erasure), or older ones over newer. So each value
+//! holds the arrival of the submission that gave it, and a write first reads the key:
+//! - its last entry is an erasure (the purge marker) made at or after the submission
+//!   arrived: the details stay erased;
+//! - it holds details of a submission that arrived later: those stay;
+//! - otherwise it writes at the revision it read, so that a write or an erasure landing
+//!   between the read and the write fails it, and it reads again.
+//!
+//! A submission that arrives after an erasure writes its details: the reporter gave them again.
 
 use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
-use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::Contact;
 
 /// Read-then-write rounds for one contact write while other writes to the same key keep
 /// landing between its read and its write.
 pub const CONTACT_WRITE_ATTEMPTS_MAX: usize = 4;
+
+/// A reporter's contact details as the bucket holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredContact {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    /// When the submission that gave them arrived (Unix milliseconds; 0 in values written
+    /// before it was kept: older than any submission).
+    #[serde(default)]
+    pub arrived_ms: i64,
+}
 
 /// What a contact write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +43,8 @@ pub enum ContactWrite {
     Written,
     /// Not written: the reporter's details were erased at or after the submission arrived.
     ErasedSince,
+    /// Not written: the bucket holds details of a submission that arrived later.
+    Superseded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +59,11 @@ pub enum ContactWriteError {
         reporter: uuid::Uuid,
         source: kv::UpdateError,
     },
+    #[error("encode the contact details of {reporter}: {source}")]
+    Encode {
+        reporter: uuid::Uuid,
+        source: serde_json::Error,
+    },
     #[error(
         "write the contact details of {reporter}: other writes to the key won \
          {CONTACT_WRITE_ATTEMPTS_MAX} times"
@@ -44,16 +71,23 @@ pub enum ContactWriteError {
     Contended { reporter: uuid::Uuid },
 }
 
-/// Writes `details` (the contact JSON) for `reporter`, unless they were erased at or after
-/// `arrived_ms` (the submission's arrival, Unix milliseconds, wall clock: the stream's
-/// timestamp for a durable submission, so a redelivery after a crash keeps its first arrival).
+/// Writes `contact` for `reporter`, given by a submission that arrived at `arrived_ms` (Unix
+/// milliseconds, wall clock: the stream's timestamp for a durable submission, so a
+/// redelivery keeps its first arrival), unless the key holds an erasure made since or the
+/// details of a later submission.
 pub async fn write_contact(
     bucket: &kv::Store,
     reporter: uuid::Uuid,
-    details: Bytes,
+    contact: &Contact,
     arrived_ms: i64,
 ) -> Result<ContactWrite, ContactWriteError> {
     let key = reporter.to_string();
+    let value = serde_json::to_vec(&StoredContact {
+        name: contact.name.clone(),
+        phone: contact.phone.clone(),
+        arrived_ms,
+    })
+    .map_err(|source| ContactWriteError::Encode { reporter, source })?;
     for _ in 0..CONTACT_WRITE_ATTEMPTS_MAX {
         let entry = bucket
             .entry(key.as_str())
@@ -67,11 +101,22 @@ pub async fn write_contact(
                 }
                 entry.revision
             }
-            Some(entry) => entry.revision,
+            Some(entry) => {
+                // A value that does not read as details is overwritten.
+                let held_arrived_ms = serde_json::from_slice::<StoredContact>(&entry.value)
+                    .map_or(i64::MIN, |held| held.arrived_ms);
+                if held_arrived_ms > arrived_ms {
+                    return Ok(ContactWrite::Superseded);
+                }
+                entry.revision
+            }
             // Never written: the write expects no message on the key (revision 0).
             None => 0,
         };
-        match bucket.update(key.as_str(), details.clone(), revision).await {
+        match bucket
+            .update(key.as_str(), value.clone().into(), revision)
+            .await
+        {
             Ok(_) => return Ok(ContactWrite::Written),
             Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => continue,
             Err(source) => return Err(ContactWriteError::Write { reporter, source }),

@@ -1646,37 +1646,47 @@ impl Finish {
                 .map_err(|stored| stored.ok_or(index))
             })
         });
-        // One write per reporter: the details of their last submission in the batch (those
-        // of the earlier ones are superseded; concurrent writes of one key would only contend).
-        // Every submission of the reporter fails with the write.
-        let mut last_contact: Vec<(uuid::Uuid, Vec<usize>, &wire::Contact)> = Vec::new();
-        for (index, reporter, contact) in &contacts {
-            match last_contact
+        // One write per reporter: the details of their submission in the batch that arrived
+        // last (those of the others are superseded; concurrent writes of one key would only
+        // contend). Every submission of the reporter fails with the write.
+        let mut latest_contact: Vec<(uuid::Uuid, Vec<usize>, usize)> = Vec::new();
+        for (index, reporter, _) in &contacts {
+            match latest_contact
                 .iter_mut()
                 .find(|(held, _, _)| held == reporter)
             {
-                Some((_, indices, held)) => {
+                Some((_, indices, latest)) => {
                     indices.push(*index);
-                    *held = contact;
+                    if inputs[*index].arrived_ms >= inputs[*latest].arrived_ms {
+                        *latest = *index;
+                    }
                 }
-                None => last_contact.push((*reporter, vec![*index], contact)),
+                None => latest_contact.push((*reporter, vec![*index], *index)),
             }
         }
-        let contact_writes = last_contact.iter().map(|(reporter, indices, contact)| {
-            let contacts_bucket = &contacts_bucket;
-            let arrived_ms = indices
+        let contact_of = |index: usize| {
+            contacts
                 .iter()
-                .map(|index| inputs[*index].arrived_ms)
-                .max()
-                .unwrap_or(i64::MAX);
+                .find(|(at, _, _)| *at == index)
+                .map(|(_, _, contact)| contact)
+        };
+        let contact_writes = latest_contact.iter().map(|(reporter, indices, latest)| {
+            let contacts_bucket = &contacts_bucket;
+            let arrived_ms = inputs[*latest].arrived_ms;
+            let contact = contact_of(*latest);
             async move {
-                let value = serde_json::to_vec(contact).unwrap_or_default();
-                match contacts::write_contact(contacts_bucket, *reporter, value.into(), arrived_ms)
+                // Always there: `latest` is an index of `contacts`.
+                let contact = contact?;
+                match contacts::write_contact(contacts_bucket, *reporter, contact, arrived_ms)
                     .await
                 {
                     Ok(ContactWrite::Written) => None,
                     Ok(ContactWrite::ErasedSince) => {
                         info!(%reporter, "contact details erased after the submission arrived; not written again");
+                        None
+                    }
+                    Ok(ContactWrite::Superseded) => {
+                        debug!(%reporter, "contact details of a later submission held; not overwritten");
                         None
                     }
                     Err(error) => {

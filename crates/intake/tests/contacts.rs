@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, kv};
 use expect_test::{Expect, expect};
 use intake::ServiceConfig;
-use intake::contacts::{ContactWrite, write_contact};
+use intake::contacts::{ContactWrite, StoredContact, write_contact};
+use intake::wire::Contact;
 use testkit::NatsServer;
 
 const REPORTER: uuid::Uuid = uuid::Uuid::from_u128(0x0193a1b2_0000_7000_8000_000000000001);
@@ -25,15 +26,22 @@ async fn bucket(url: &str) -> kv::Store {
         .expect("contacts bucket")
 }
 
-/// What the bucket holds for the reporter, as text.
+/// What the bucket holds for the reporter, as text: the operation and the phone number.
 async fn held(bucket: &kv::Store) -> String {
     match bucket.entry(REPORTER.to_string()).await.expect("read") {
         None => "never written".to_owned(),
-        Some(entry) => format!(
-            "{:?} {}",
-            entry.operation,
-            String::from_utf8_lossy(&entry.value)
-        ),
+        Some(entry) if entry.value.is_empty() => format!("{:?}", entry.operation),
+        Some(entry) => {
+            let stored: StoredContact = serde_json::from_slice(&entry.value).expect("details");
+            format!("{:?} {}", entry.operation, stored.phone.unwrap_or_default())
+        }
+    }
+}
+
+fn contact(phone: &str) -> Contact {
+    Contact {
+        name: Some("张三".to_owned()),
+        phone: Some(phone.to_owned()),
     }
 }
 
@@ -54,11 +62,14 @@ async fn check(steps: &[Step], expect: Expect) {
                 phone,
                 arrived_ms_ago,
             } => {
-                let details = format!(r#"{{"phone":"{phone}"}}"#);
-                let done =
-                    write_contact(&bucket, REPORTER, details.into(), now_ms() - arrived_ms_ago)
-                        .await
-                        .expect("write");
+                let done = write_contact(
+                    &bucket,
+                    REPORTER,
+                    &contact(phone),
+                    now_ms() - arrived_ms_ago,
+                )
+                .await
+                .expect("write");
                 format!("{done:?}")
             }
         };
@@ -103,13 +114,26 @@ async fn a_write_keeps_an_erasure_made_after_its_submission_arrived() {
                 phone: "13700000000",
                 arrived_ms_ago: -1_000,
             },
+            // A submission that arrived before the erasure, written even later: the details
+            // held are newer (and the erased number does not come back over them).
+            Step::Write {
+                phone: "13800000000",
+                arrived_ms_ago: 60_000,
+            },
+            // One that arrived after those held replaces them.
+            Step::Write {
+                phone: "13600000000",
+                arrived_ms_ago: -2_000,
+            },
         ],
         expect![[r#"
-            Write { phone: "13800000000", arrived_ms_ago: 0 } -> Written; holds Put {"phone":"13800000000"}
-            Write { phone: "13900000000", arrived_ms_ago: 0 } -> Written; holds Put {"phone":"13900000000"}
-            Erase -> erased; holds Purge 
-            Write { phone: "13800000000", arrived_ms_ago: 60000 } -> ErasedSince; holds Purge 
-            Write { phone: "13700000000", arrived_ms_ago: -1000 } -> Written; holds Put {"phone":"13700000000"}
+            Write { phone: "13800000000", arrived_ms_ago: 0 } -> Written; holds Put 13800000000
+            Write { phone: "13900000000", arrived_ms_ago: 0 } -> Written; holds Put 13900000000
+            Erase -> erased; holds Purge
+            Write { phone: "13800000000", arrived_ms_ago: 60000 } -> ErasedSince; holds Purge
+            Write { phone: "13700000000", arrived_ms_ago: -1000 } -> Written; holds Put 13700000000
+            Write { phone: "13800000000", arrived_ms_ago: 60000 } -> Superseded; holds Put 13700000000
+            Write { phone: "13600000000", arrived_ms_ago: -2000 } -> Written; holds Put 13600000000
         "#]],
     )
     .await;
@@ -130,8 +154,8 @@ async fn racing_writes_never_undo_an_erasure() {
             tokio::spawn(async move {
                 // Spread over 8 ms, half of them after the purge below.
                 tokio::time::sleep(Duration::from_micros(index as u64 * 250)).await;
-                let details = format!(r#"{{"phone":"1380000{round}{index:03}"}}"#);
-                write_contact(&bucket, REPORTER, details.into(), arrived_ms).await
+                let phone = format!("1380000{round}{index:03}");
+                write_contact(&bucket, REPORTER, &contact(&phone), arrived_ms).await
             })
         });
         let writes: Vec<_> = writes.collect();
@@ -139,7 +163,9 @@ async fn racing_writes_never_undo_an_erasure() {
         bucket.purge(REPORTER.to_string()).await.expect("purge");
         for write in writes {
             match write.await.expect("task") {
-                Ok(ContactWrite::Written | ContactWrite::ErasedSince) => {}
+                Ok(
+                    ContactWrite::Written | ContactWrite::ErasedSince | ContactWrite::Superseded,
+                ) => {}
                 // Contention is a retryable failure (the submission is decided again).
                 Err(intake::contacts::ContactWriteError::Contended { .. }) => {}
                 Err(error) => panic!("round {round}: {error}"),
