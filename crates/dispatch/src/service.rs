@@ -673,7 +673,20 @@ impl DispatchService {
         &mut self,
         delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
     ) -> Result<(), ServiceError> {
-        let delivery = delivery?;
+        let delivery = match delivery {
+            // Not a commit (another client's publish on `incidents.ev.*`): nothing to fold.
+            // A commit this build cannot read still stops dispatch (see docs/DISPATCH.md).
+            Err(error @ SubscribeError::Decode { .. }) if error.is_foreign() => {
+                warn!(%error, "a message that is not a commit skipped");
+                if let SubscribeError::Decode { message, .. } = error
+                    && let Err(error) = message.ack().await
+                {
+                    debug!(%error, "ack of a skipped message lost; it comes back and is skipped again");
+                }
+                return Ok(());
+            }
+            delivery => delivery?,
+        };
         let span = commit_span(&delivery.commit);
         self.fold_delivery(delivery).instrument(span).await
     }
@@ -1329,6 +1342,14 @@ impl DispatchService {
             Ok(delivery) => vec![delivery],
             Err(error) => {
                 warn!(%error, "notifier delivery");
+                // A message that is not a commit has no notices: acked, or it came back
+                // after every ack wait, for ever.
+                if error.is_foreign()
+                    && let SubscribeError::Decode { message, .. } = error
+                    && let Err(error) = message.ack().await
+                {
+                    debug!(%error, "ack of a skipped message lost");
+                }
                 return;
             }
         };

@@ -1053,3 +1053,38 @@ async fn a_command_resent_after_the_duplicate_window_is_not_applied_twice() {
     b.stop.send(true).unwrap();
     b.task.await.unwrap();
 }
+
+/// A message on `incidents.ev.*` that is not a commit (another client's publish: no envelope)
+/// is skipped by the follower and the notifier: dispatch goes on routing and notifying.
+/// Before, the follower stopped dispatch on it, and a restart stopped on it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_a_commit_does_not_stop_dispatch() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let grid = "350402001002007".parse().unwrap();
+    let worker = console_consumer(&jetstream, Recipient::Grid(grid), "grid-console")
+        .await
+        .unwrap();
+    let stray = AggregateId::new(uuid::Uuid::from_u128(0xbad).hyphenated().to_string()).unwrap();
+    jetstream
+        .publish(store.subject(&stray), "not a commit".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let water = file_commit(&store, 12, "0103", START, true).await;
+    settle().await;
+    let notes: Vec<String> = drain(&worker)
+        .await
+        .iter()
+        .map(|note| format!("v{} {}", note.version, note.kind))
+        .collect();
+    assert_eq!(notes, ["v3 assigned"], "{water}");
+    assert!(!a.task.is_finished(), "dispatch is still serving");
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+}

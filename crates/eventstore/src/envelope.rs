@@ -471,6 +471,12 @@ pub enum DecodeCommitError {
     Codec(#[from] CodecError),
 }
 
+/// Whether a message carries the envelope every commit has (its `Wangge-Version` header): a
+/// message without one on a stream's subjects was not written by the event store.
+pub fn carries_envelope(headers: &HeaderMap) -> bool {
+    headers.get(headers::VERSION).is_some()
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, DecodeCommitError> {
     headers
         .get(name)

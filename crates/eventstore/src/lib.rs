@@ -36,8 +36,8 @@ mod verify;
 pub use aggregate::{AggregateId, AggregateIdError};
 pub use codec::{CodecError, EncodedEvent, EventCodec, PostcardCodec};
 pub use envelope::{
-    Commit, CommitMeta, EncodeCommitError, Position, RecordedCommit, RecordedEvent, command_uuid,
-    headers,
+    Commit, CommitMeta, EncodeCommitError, Position, RecordedCommit, RecordedEvent,
+    carries_envelope, command_uuid, headers,
 };
 pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use async_nats::jetstream::consumer;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::StreamExt as _;
+use tracing::warn;
 
 use crate::codec::EventCodec;
-use crate::envelope::{RecordedCommit, datetime_to_ms, decode_commit};
+use crate::envelope::{RecordedCommit, carries_envelope, datetime_to_ms, decode_commit};
 use crate::error::LoadError;
 use crate::store::EventStore;
 
@@ -104,7 +105,8 @@ impl<C: EventCodec> EventStore<C> {
 
     /// Calls `apply` with every commit in `range`, in stream order; returns the last sequence
     /// replayed. A commit that does not decode stops the replay with its sequence: an audit
-    /// or rebuild must not silently skip history.
+    /// or rebuild must not silently skip history. A message that is not a commit at all (no
+    /// `Wangge-Version` header) is logged and skipped.
     pub async fn replay(
         &self,
         range: ReplayRange,
@@ -200,6 +202,17 @@ impl<C: EventCodec> EventStore<C> {
                 break;
             }
             let headers = message.headers.as_ref().unwrap_or(&no_headers);
+            if !carries_envelope(headers) {
+                // Not history: a message some other client published on the stream's
+                // subjects. Stopping on it stopped every rebuild and audit replay for good
+                // (the streams deny deletes); `wangge audit verify` reports it.
+                warn!(subject = %message.subject, sequence, "a message that is not a commit (no Wangge-Version header) skipped");
+                last = sequence;
+                if info.pending == 0 {
+                    break;
+                }
+                continue;
+            }
             let commit = decode_commit(
                 &self.codec,
                 sequence,

@@ -185,6 +185,24 @@ pub enum SubscribeError {
     Metadata { durable: String, reason: String },
 }
 
+impl SubscribeError {
+    /// A message on the stream's subjects that is not a commit at all (no `Wangge-Version`
+    /// header: nothing wangge's event store writes lacks it), as opposed to a commit this
+    /// build cannot read (an event type or body format from a newer build). A reader skips
+    /// the first; what it does with the second is its own decision.
+    pub fn is_foreign(&self) -> bool {
+        match self {
+            SubscribeError::Decode { message, .. } => !crate::envelope::carries_envelope(
+                message
+                    .headers
+                    .as_ref()
+                    .unwrap_or(&async_nats::HeaderMap::new()),
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// One delivered commit; acknowledge it after its effects are stored.
 #[derive(Debug)]
 pub struct Delivery<E> {

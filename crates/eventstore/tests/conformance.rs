@@ -929,6 +929,16 @@ async fn a_single_reader_that_skips_an_undecodable_commit_gets_every_later_one()
         (seen.join(", "), subscription.rewinds()),
         ("1, 2 undecodable, 3, 4, 5, 6".to_owned(), 0)
     );
+    // A bulk replay (rebuilds, audits) skips it too: it is not a commit (no envelope), so
+    // not history. Before, it stopped every replay of the stream, for good.
+    let mut replayed = Vec::new();
+    let last = store
+        .replay(eventstore::ReplayRange::default(), |commit| {
+            replayed.push(commit.sequence)
+        })
+        .await
+        .expect("replay past a message that is not a commit");
+    assert_eq!((replayed, last), (vec![1, 3, 4, 5, 6], 6));
 }
 
 /// A single-reader subscription whose pull stream breaks with deliveries on the way (here:

@@ -166,7 +166,8 @@ pub struct Progress {
     /// Commits of such a history that did not fold (stored data the fold cannot read, each
     /// one logged): skipped rather than crashing the builder on them at every restart.
     pub history_skipped: u64,
-    /// INCIDENTS commits this build cannot decode (each one logged as an error): skipped.
+    /// Messages skipped because they do not decode: INCIDENTS commits this build cannot read
+    /// (logged as errors) and messages on INCIDENTS or GRIDS that are not commits at all.
     pub undecodable_skipped: u64,
     pub flushes: u64,
     pub keys_written: u64,
@@ -885,11 +886,15 @@ impl ProjectionService {
                         // stopping on it stopped every builder on it, for good, while the
                         // read models went stale. The checkpoint moves past it.
                         Err(SubscribeError::Decode { sequence, source, message, .. }) => {
-                            error!(
-                                sequence,
-                                %source,
-                                "an INCIDENTS commit does not decode; skipped (the read models miss it until this build is upgraded and `wangge projection rebuild` runs)"
-                            );
+                            if message.headers.as_ref().is_some_and(eventstore::carries_envelope) {
+                                error!(
+                                    sequence,
+                                    %source,
+                                    "an INCIDENTS commit this build cannot read skipped (the read models miss it until this build is upgraded and `wangge projection rebuild` runs)"
+                                );
+                            } else {
+                                warn!(sequence, %source, "an INCIDENTS message that is not a commit skipped");
+                            }
                             self.progress.undecodable_skipped += 1;
                             attached.projector.note_incidents_sequence(sequence);
                             attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
@@ -985,6 +990,15 @@ impl ProjectionService {
                 delivery = attached.grids.next() => {
                     let delivery = match delivery {
                         Ok(delivery) => delivery,
+                        // Not a commit (another client's publish on `grids.ev.*`): skipped.
+                        // A GRIDS commit this build cannot read stops the builder, as the
+                        // registry stops on it (upgrade the registry last).
+                        Err(error @ SubscribeError::Decode { .. }) if error.is_foreign() => {
+                            warn!(%error, "a GRIDS message that is not a commit skipped");
+                            self.progress.undecodable_skipped += 1;
+                            attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
+                            continue;
+                        }
                         Err(error) => {
                             self.builder_failed(error.into()).await;
                             continue;
