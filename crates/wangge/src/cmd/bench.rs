@@ -58,3 +58,9 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
         .copied()
         .unwrap_or(0.0)
 }
+
+/// How a benchmark's text line judges a figure against its target, on the exact value (a
+/// ratio of 0.0996 printed to three places reads "0.100", which is not 0.1).
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "not met" }
+}
