@@ -193,6 +193,8 @@ struct Attached {
     /// The last GRIDS commit folded since the last flush (its ack covers the earlier ones).
     last_unacked_grids: Option<Delivery<registry::domain::Event>>,
     first_unflushed: Option<tokio::time::Instant>,
+    /// When this builder attached (a failure long after it is not one "in a row").
+    attached_at: tokio::time::Instant,
     /// The last delivery said the server held nothing more: flush after the linger.
     caught_up: bool,
 }
@@ -486,6 +488,7 @@ impl ProjectionService {
             last_unacked: None,
             last_unacked_grids: None,
             first_unflushed: Some(tokio::time::Instant::now()),
+            attached_at: tokio::time::Instant::now(),
             caught_up: false,
         });
         Ok(())
@@ -513,6 +516,15 @@ impl ProjectionService {
     /// read models nobody built any more, and never exited for a supervisor to restart it.
     /// Only the end of the query task ends the service (see `run`).
     async fn builder_failed(&mut self, error: ServiceError) {
+        // A builder that held on longer than the longest pause (a quiet city: no flush to
+        // show progress) fails afresh, not as one more in a row.
+        if self
+            .attached
+            .as_ref()
+            .is_some_and(|attached| attached.attached_at.elapsed() >= BUILD_RETRY_PAUSE_MAX)
+        {
+            self.build_failures = 0;
+        }
         self.build_failures = self.build_failures.saturating_add(1);
         let doublings = self.build_failures.saturating_sub(1).min(16);
         let hold_off = BUILD_RETRY_PAUSE_MIN
@@ -897,6 +909,8 @@ impl ProjectionService {
                             }
                             self.progress.undecodable_skipped += 1;
                             attached.projector.note_incidents_sequence(sequence);
+                            // Progress: the next flush moves the checkpoint past it.
+                            attached.unflushed += 1;
                             attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
                             // Cumulative: covers the commits before it too, which the
                             // checkpoint (where a builder resumes) covers at the next flush.
