@@ -673,19 +673,11 @@ impl DispatchService {
         &mut self,
         delivery: Result<eventstore::Delivery<IncidentEvent>, SubscribeError>,
     ) -> Result<(), ServiceError> {
+        // Not a commit (another client's publish on `incidents.ev.*`): nothing to fold. A
+        // commit this build cannot read still stops dispatch (see docs/DISPATCH.md).
         let delivery = match delivery {
-            // Not a commit (another client's publish on `incidents.ev.*`): nothing to fold.
-            // A commit this build cannot read still stops dispatch (see docs/DISPATCH.md).
-            Err(error @ SubscribeError::Decode { .. }) if error.is_foreign() => {
-                warn!(%error, "a message that is not a commit skipped");
-                if let SubscribeError::Decode { message, .. } = error
-                    && let Err(error) = message.ack().await
-                {
-                    debug!(%error, "ack of a skipped message lost; it comes back and is skipped again");
-                }
-                return Ok(());
-            }
-            delivery => delivery?,
+            Ok(delivery) => delivery,
+            Err(error) => return Ok(error.skip_if_foreign().await?),
         };
         let span = commit_span(&delivery.commit);
         self.fold_delivery(delivery).instrument(span).await
@@ -1341,14 +1333,10 @@ impl DispatchService {
         let mut deliveries = match first {
             Ok(delivery) => vec![delivery],
             Err(error) => {
-                warn!(%error, "notifier delivery");
                 // A message that is not a commit has no notices: acked, or it came back
                 // after every ack wait, for ever.
-                if error.is_foreign()
-                    && let SubscribeError::Decode { message, .. } = error
-                    && let Err(error) = message.ack().await
-                {
-                    debug!(%error, "ack of a skipped message lost");
+                if let Err(error) = error.skip_if_foreign().await {
+                    warn!(%error, "notifier delivery");
                 }
                 return;
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::codec::EventCodec;
 use crate::envelope::{DecodeCommitError, RecordedCommit, datetime_to_ms, decode_commit};
@@ -200,6 +200,22 @@ impl SubscribeError {
             ),
             _ => false,
         }
+    }
+
+    /// Skips a message that [is foreign](Self::is_foreign): logs it and acknowledges it (so it
+    /// does not come back after every ack wait; under cumulative acks this covers the
+    /// deliveries before it, which a reader handles in order). Any other error is handed back.
+    pub async fn skip_if_foreign(self) -> Result<(), SubscribeError> {
+        if !self.is_foreign() {
+            return Err(self);
+        }
+        warn!(error = %self, "a message that is not a commit skipped");
+        if let SubscribeError::Decode { message, .. } = self
+            && let Err(error) = message.ack().await
+        {
+            debug!(%error, "ack of a skipped message lost; it comes back and is skipped again");
+        }
+        Ok(())
     }
 }
 

@@ -1007,16 +1007,16 @@ impl ProjectionService {
                         // Not a commit (another client's publish on `grids.ev.*`): skipped.
                         // A GRIDS commit this build cannot read stops the builder, as the
                         // registry stops on it (upgrade the registry last).
-                        Err(error @ SubscribeError::Decode { .. }) if error.is_foreign() => {
-                            warn!(%error, "a GRIDS message that is not a commit skipped");
-                            self.progress.undecodable_skipped += 1;
-                            attached.first_unflushed.get_or_insert_with(tokio::time::Instant::now);
-                            continue;
-                        }
-                        Err(error) => {
-                            self.builder_failed(error.into()).await;
-                            continue;
-                        }
+                        Err(error) => match error.skip_if_foreign().await {
+                            Ok(()) => {
+                                self.progress.undecodable_skipped += 1;
+                                continue;
+                            }
+                            Err(error) => {
+                                self.builder_failed(error.into()).await;
+                                continue;
+                            }
+                        },
                     };
                     attached.projector.apply_grids_commit(&delivery.commit);
                     attached.caught_up = delivery.pending == 0;

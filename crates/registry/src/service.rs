@@ -350,19 +350,11 @@ impl RegistryService {
         &mut self,
         delivery: Result<eventstore::Delivery<Event>, SubscribeError>,
     ) -> Result<(), ServiceError> {
+        // Not a commit (another client's publish on `grids.ev.*`): nothing to fold. A commit
+        // this build cannot read still stops the follower.
         let delivery = match delivery {
-            // Not a commit (another client's publish on `grids.ev.*`): nothing to fold. A
-            // commit this build cannot read still stops the follower.
-            Err(error @ SubscribeError::Decode { .. }) if error.is_foreign() => {
-                warn!(%error, "a message that is not a commit skipped");
-                if let SubscribeError::Decode { message, .. } = error
-                    && let Err(error) = message.ack().await
-                {
-                    debug!(%error, "ack of a skipped message lost; it comes back and is skipped again");
-                }
-                return Ok(());
-            }
-            delivery => delivery?,
+            Ok(delivery) => delivery,
+            Err(error) => return Ok(error.skip_if_foreign().await?),
         };
         let metrics = self.config.observer.metrics();
         metrics.reached(&self.store.spec().stream_name, delivery.commit.sequence);
