@@ -1108,11 +1108,13 @@ impl DispatchService {
                     // The book may lag the store (another instance wrote, or the follower has
                     // not delivered the latest commit yet), and a refusal is never checked by
                     // an append: refuse only on the latest state.
-                    let ahead = match self.store_is_ahead(&aggregate, held_position).await {
-                        Ok(ahead) => ahead,
-                        Err(error) => return store_unavailable(error),
-                    };
-                    if attempt < COMMAND_ATTEMPTS_MAX && ahead {
+                    // (Not read on the last attempt: nothing is decided again after it.)
+                    let ahead = attempt < COMMAND_ATTEMPTS_MAX
+                        && match self.store_is_ahead(&aggregate, held_position).await {
+                            Ok(ahead) => ahead,
+                            Err(error) => return store_unavailable(error),
+                        };
+                    if ahead {
                         if let Err(error) = self.reload(command.incident).await {
                             return CommandReply::error("store_unavailable", error.to_string());
                         }
@@ -1347,8 +1349,13 @@ impl DispatchService {
                 match futures::FutureExt::now_or_never(notifier.next()) {
                     Some(Ok(delivery)) => deliveries.push(delivery),
                     Some(Err(error)) => {
-                        warn!(%error, "notifier delivery");
-                        break;
+                        // One that is not a commit, anywhere in the batch, is acked and
+                        // skipped (before, only the batch's first was: the rest came back
+                        // after every ack wait).
+                        if let Err(error) = error.skip_if_foreign().await {
+                            warn!(%error, "notifier delivery");
+                            break;
+                        }
                     }
                     None => break,
                 }

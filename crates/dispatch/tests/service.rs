@@ -1084,6 +1084,44 @@ async fn a_message_that_is_not_a_commit_does_not_stop_dispatch() {
         .map(|note| format!("v{} {}", note.version, note.kind))
         .collect();
     assert_eq!(notes, ["v3 assigned"], "{water}");
+    // Stray messages between commits, published faster than the notifier takes them, reach
+    // it inside its batches: each is acked where it stands in its batch, none waits for the
+    // ack wait to come back (before, only one that opened a batch was acked).
+    let mut acks = Vec::new();
+    for n in 13..53 {
+        acks.push(
+            jetstream
+                .publish(store.subject(&stray), "not a commit".into())
+                .await
+                .unwrap(),
+        );
+        file_commit(&store, n, "0103", START, true).await;
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut told = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while told < 40 && tokio::time::Instant::now() < deadline {
+        told += drain(&worker).await.len();
+    }
+    assert_eq!(told, 40, "every filing is told");
+    settle().await;
+    let mut notifier = jetstream
+        .get_stream("INCIDENTS")
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+            dispatch::service::NOTIFIER_DURABLE,
+        )
+        .await
+        .unwrap();
+    let info = notifier.info().await.unwrap();
+    assert_eq!(
+        (info.num_ack_pending, info.num_pending),
+        (0, 0),
+        "every message acked"
+    );
     assert!(!a.task.is_finished(), "dispatch is still serving");
     a.stop.send(true).unwrap();
     a.task.await.unwrap();

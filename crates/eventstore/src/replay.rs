@@ -56,6 +56,19 @@ impl<C: EventCodec> EventStore<C> {
         Ok(info.state.last_sequence)
     }
 
+    /// When the server stored the message at `sequence` (UTC milliseconds, whether it is a
+    /// commit or not), asked of the stream leader; `None` when no message is stored there.
+    pub async fn stored_at_ms(&self, sequence: u64) -> Result<Option<i64>, LoadError> {
+        match self.stream.get_raw_message(sequence).await {
+            Ok(message) => Ok(Some(datetime_to_ms(message.time))),
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(LoadError::Read {
+                subject: self.spec.all_subjects(),
+                reason: format!("read sequence {sequence}: {error}"),
+            }),
+        }
+    }
+
     /// The first stream sequence the server stored at or after `time_ms` (UTC milliseconds),
     /// or `None` when nothing was stored since. Lets audits and exports start at a time
     /// without reading the history before it.
@@ -121,7 +134,8 @@ impl<C: EventCodec> EventStore<C> {
 
     /// [`EventStore::replay`] that `apply` can stop: after it returns
     /// [`ControlFlow::Break`] nothing more is read (an export whose reader went away must not
-    /// read the rest of the stream). Returns the last sequence handed to `apply`.
+    /// read the rest of the stream). Returns the last sequence read: the last one handed to
+    /// `apply`, or a message after it that was skipped as not a commit.
     pub async fn replay_until_break(
         &self,
         range: ReplayRange,

@@ -174,21 +174,18 @@ fn replay_error(stream: &str) -> impl Fn(eventstore::LoadError) -> RebuildError 
     }
 }
 
-/// The stored time of INCIDENTS commit `sequence` (to cut GRIDS at the same moment).
-async fn stored_at(store: &IncidentStore, sequence: u64) -> Result<Option<i64>, RebuildError> {
-    let mut at = None;
+/// When INCIDENTS stored sequence `sequence` (to cut GRIDS at the same moment). Before, a
+/// sequence that held no commit gave no time, and GRIDS was folded uncut.
+async fn stored_at(store: &IncidentStore, sequence: u64) -> Result<i64, RebuildError> {
+    let stream = &store.spec().stream_name;
     store
-        .replay(
-            ReplayRange {
-                after_sequence: sequence.saturating_sub(1),
-                until_sequence: Some(sequence),
-                batch_max: 1,
-            },
-            |commit| at = Some(commit.stored_at_ms),
-        )
+        .stored_at_ms(sequence)
         .await
-        .map_err(replay_error(&store.spec().stream_name))?;
-    Ok(at)
+        .map_err(replay_error(stream))?
+        .ok_or_else(|| RebuildError::Replay {
+            stream: stream.clone(),
+            reason: format!("no message is stored at sequence {sequence}; ask for another"),
+        })
 }
 
 /// Hands the models folded since the last call to a write task, once the previous write has
@@ -249,7 +246,7 @@ pub async fn build_into(
             let cut = if target == 0 {
                 Some(i64::MIN)
             } else {
-                stored_at(&incident_store, target).await?
+                Some(stored_at(&incident_store, target).await?)
             };
             (target, None, cut)
         }
