@@ -1498,6 +1498,28 @@ where
 }
 
 /// The metric outcome of a receipt: `accepted` (filed or merged), `rejected`, `error`.
+/// Groups a batch's contact writes by reporter, in first appearance order: (reporter, the
+/// inputs that gave their details, the one of them that arrived last). Of inputs that arrived
+/// at the same millisecond, the later listed counts as last.
+fn latest_per_reporter(
+    contacts: impl IntoIterator<Item = (usize, uuid::Uuid)>,
+    arrived_ms: impl Fn(usize) -> i64,
+) -> Vec<(uuid::Uuid, Vec<usize>, usize)> {
+    let mut latest: Vec<(uuid::Uuid, Vec<usize>, usize)> = Vec::new();
+    for (index, reporter) in contacts {
+        match latest.iter_mut().find(|(held, _, _)| *held == reporter) {
+            Some((_, indices, last)) => {
+                indices.push(index);
+                if arrived_ms(index) >= arrived_ms(*last) {
+                    *last = index;
+                }
+            }
+            None => latest.push((reporter, vec![index], index)),
+        }
+    }
+    latest
+}
+
 fn receipt_outcome(receipt: &Receipt) -> &'static str {
     match receipt {
         Receipt::Filed { .. } | Receipt::Merged { .. } => "accepted",
@@ -1649,21 +1671,12 @@ impl Finish {
         // One write per reporter: the details of their submission in the batch that arrived
         // last (those of the others are superseded; concurrent writes of one key would only
         // contend). Every submission of the reporter fails with the write.
-        let mut latest_contact: Vec<(uuid::Uuid, Vec<usize>, usize)> = Vec::new();
-        for (index, reporter, _) in &contacts {
-            match latest_contact
-                .iter_mut()
-                .find(|(held, _, _)| held == reporter)
-            {
-                Some((_, indices, latest)) => {
-                    indices.push(*index);
-                    if inputs[*index].arrived_ms >= inputs[*latest].arrived_ms {
-                        *latest = *index;
-                    }
-                }
-                None => latest_contact.push((*reporter, vec![*index], *index)),
-            }
-        }
+        let latest_contact = latest_per_reporter(
+            contacts
+                .iter()
+                .map(|(index, reporter, _)| (*index, *reporter)),
+            |index| inputs[index].arrived_ms,
+        );
         let contact_of = |index: usize| {
             contacts
                 .iter()
@@ -1825,6 +1838,19 @@ mod tests {
             DecisionTime::Wall.at(origin_ms + 1_000),
             Timestamp(origin_ms + 1_000)
         );
+    }
+
+    /// A batch may list a reporter's submissions out of arrival order (a redelivery, stream
+    /// timestamps after a failover): the details written are those that arrived last.
+    #[test]
+    fn a_batch_writes_the_details_that_arrived_last() {
+        let (one, two) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let arrived = [300, 100, 200, 50, 200];
+        let grouped = latest_per_reporter(
+            [(0, one), (1, two), (2, one), (3, one), (4, two)],
+            |index| arrived[index],
+        );
+        assert_eq!(grouped, vec![(one, vec![0, 2, 3], 0), (two, vec![1, 4], 4)]);
     }
 
     #[test]
