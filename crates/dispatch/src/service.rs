@@ -872,7 +872,7 @@ impl DispatchService {
         };
         let outcome = self
             .system_batch(&ids, Action::DeadlineElapsed, |incident| {
-                let prefix = wire::SYSTEM_COMMAND_ID_PREFIXES[0];
+                let prefix = wire::DEADLINE_COMMAND_ID_PREFIX;
                 format!("{prefix}{incident}:{}", at_of(incident))
             })
             .await;
@@ -910,7 +910,7 @@ impl DispatchService {
         }
         let outcome = self
             .system_batch(&filed, Action::Dispatch { to: None }, |incident| {
-                format!("{}{incident}", wire::SYSTEM_COMMAND_ID_PREFIXES[1])
+                format!("{}{incident}", wire::DISPATCH_COMMAND_ID_PREFIX)
             })
             .await;
         self.pause_system_work_after(&outcome);

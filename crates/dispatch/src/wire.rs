@@ -313,7 +313,12 @@ pub fn parse_command(subject: &str, payload: &[u8]) -> Result<ConsoleCommand, Co
 /// (`dispatch:<incident>`). A console may not use them: a console commit stored under such an
 /// id would make the server drop dispatch's own commit as its repeat (Msg-Id) for as long as
 /// the duplicate window lasts.
-pub const SYSTEM_COMMAND_ID_PREFIXES: [&str; 2] = ["deadline:", "dispatch:"];
+pub const SYSTEM_COMMAND_ID_PREFIXES: [&str; 2] =
+    [DEADLINE_COMMAND_ID_PREFIX, DISPATCH_COMMAND_ID_PREFIX];
+/// Command id prefix of an escalation dispatch stores (`deadline:<incident>:<deadline ms>`).
+pub const DEADLINE_COMMAND_ID_PREFIX: &str = "deadline:";
+/// Command id prefix of a dispatch by the routing table (`dispatch:<incident>`).
+pub const DISPATCH_COMMAND_ID_PREFIX: &str = "dispatch:";
 
 /// Parses a command body for `role` (already taken from the subject) and `action`.
 pub fn parse_command_as(

@@ -192,12 +192,10 @@ impl SubscribeError {
     /// the first; what it does with the second is its own decision.
     pub fn is_foreign(&self) -> bool {
         match self {
-            SubscribeError::Decode { message, .. } => !crate::envelope::carries_envelope(
-                message
-                    .headers
-                    .as_ref()
-                    .unwrap_or(&async_nats::HeaderMap::new()),
-            ),
+            SubscribeError::Decode { message, .. } => !message
+                .headers
+                .as_ref()
+                .is_some_and(crate::envelope::carries_envelope),
             _ => false,
         }
     }

@@ -1498,23 +1498,25 @@ where
 }
 
 /// The metric outcome of a receipt: `accepted` (filed or merged), `rejected`, `error`.
-/// Groups a batch's contact writes by reporter, in first appearance order: (reporter, the
-/// inputs that gave their details, the one of them that arrived last). Of inputs that arrived
-/// at the same millisecond, the later listed counts as last.
-fn latest_per_reporter(
-    contacts: impl IntoIterator<Item = (usize, uuid::Uuid)>,
+/// Groups a batch's contact writes `(input index, reporter, details)` by reporter, in first
+/// appearance order: (reporter, the inputs that gave their details, the one of them that
+/// arrived last, its details). Of inputs that arrived at the same millisecond, the later
+/// listed counts as last.
+fn latest_per_reporter<T>(
+    contacts: impl IntoIterator<Item = (usize, uuid::Uuid, T)>,
     arrived_ms: impl Fn(usize) -> i64,
-) -> Vec<(uuid::Uuid, Vec<usize>, usize)> {
-    let mut latest: Vec<(uuid::Uuid, Vec<usize>, usize)> = Vec::new();
-    for (index, reporter) in contacts {
-        match latest.iter_mut().find(|(held, _, _)| *held == reporter) {
-            Some((_, indices, last)) => {
+) -> Vec<(uuid::Uuid, Vec<usize>, usize, T)> {
+    let mut latest: Vec<(uuid::Uuid, Vec<usize>, usize, T)> = Vec::new();
+    for (index, reporter, details) in contacts {
+        match latest.iter_mut().find(|(held, ..)| *held == reporter) {
+            Some((_, indices, last, held_details)) => {
                 indices.push(index);
                 if arrived_ms(index) >= arrived_ms(*last) {
                     *last = index;
+                    *held_details = details;
                 }
             }
-            None => latest.push((reporter, vec![index], index)),
+            None => latest.push((reporter, vec![index], index, details)),
         }
     }
     latest
@@ -1674,22 +1676,13 @@ impl Finish {
         let latest_contact = latest_per_reporter(
             contacts
                 .iter()
-                .map(|(index, reporter, _)| (*index, *reporter)),
+                .map(|(index, reporter, contact)| (*index, *reporter, contact)),
             |index| inputs[index].arrived_ms,
         );
-        let contact_of = |index: usize| {
-            contacts
-                .iter()
-                .find(|(at, _, _)| *at == index)
-                .map(|(_, _, contact)| contact)
-        };
-        let contact_writes = latest_contact.iter().map(|(reporter, indices, latest)| {
+        let contact_writes = latest_contact.iter().map(|(reporter, indices, latest, contact)| {
             let contacts_bucket = &contacts_bucket;
             let arrived_ms = inputs[*latest].arrived_ms;
-            let contact = contact_of(*latest);
             async move {
-                // Always there: `latest` is an index of `contacts`.
-                let contact = contact?;
                 match contacts::write_contact(contacts_bucket, *reporter, contact, arrived_ms)
                     .await
                 {
@@ -1847,10 +1840,19 @@ mod tests {
         let (one, two) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
         let arrived = [300, 100, 200, 50, 200];
         let grouped = latest_per_reporter(
-            [(0, one), (1, two), (2, one), (3, one), (4, two)],
+            [
+                (0, one, "a"),
+                (1, two, "b"),
+                (2, one, "c"),
+                (3, one, "d"),
+                (4, two, "e"),
+            ],
             |index| arrived[index],
         );
-        assert_eq!(grouped, vec![(one, vec![0, 2, 3], 0), (two, vec![1, 4], 4)]);
+        assert_eq!(
+            grouped,
+            vec![(one, vec![0, 2, 3], 0, "a"), (two, vec![1, 4], 4, "e")]
+        );
     }
 
     #[test]

@@ -90,13 +90,11 @@ impl LocateIndex {
             let Some(rect) = polygon.bounding_rect() else {
                 continue;
             };
-            if ![rect.min().x, rect.min().y, rect.max().x, rect.max().y]
-                .iter()
-                .all(|value| value.is_finite())
-            {
+            let bounds = [rect.min().x, rect.min().y, rect.max().x, rect.max().y];
+            if !bounds.iter().all(|value| value.is_finite()) {
                 return Err(LocateError::BadPolygon { grid_code });
             }
-            boxes.push([rect.min().x, rect.min().y, rect.max().x, rect.max().y]);
+            boxes.push(bounds);
             for ring in std::iter::once(polygon.exterior()).chain(polygon.interiors()) {
                 if ring.0.len() < 3 {
                     continue;
