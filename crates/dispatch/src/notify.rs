@@ -67,8 +67,28 @@ pub struct Notification {
     pub due: Option<Timestamp>,
 }
 
-/// The notifications a commit causes. `state` is the incident's state as held (for the grid
-/// and the current handler).
+/// Whether a commit's events include a notice addressed to whoever handles the case when the
+/// commit is made (an extension decided, a verification failed, a reopening or unparking):
+/// its recipient comes from the state, not from the events themselves, so it must be the
+/// state as of the commit, not a later one.
+pub fn addressed_to_current_handler<'a>(
+    events: impl IntoIterator<Item = &'a IncidentEvent>,
+) -> bool {
+    events.into_iter().any(|event| {
+        matches!(
+            event,
+            IncidentEvent::Reopened { .. }
+                | IncidentEvent::Unparked { .. }
+                | IncidentEvent::ExtensionApproved { .. }
+                | IncidentEvent::ExtensionDenied { .. }
+                | IncidentEvent::VerificationFailed { .. }
+        )
+    })
+}
+
+/// The notifications a commit causes. `state` is the incident's state just before the commit
+/// or just after it (for the grid and the handler the commit's notices go to; see
+/// [`addressed_to_current_handler`]), never a later one.
 pub fn notifications(
     incident: IncidentId,
     events: &[&IncidentEvent],

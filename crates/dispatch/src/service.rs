@@ -1435,6 +1435,40 @@ impl DispatchService {
                 unread[index] = true;
             }
         }
+        // A notice addressed to whoever handles the case (an extension decided, a reopening)
+        // goes to the handler of the time of the commit. The book may hold the incident
+        // further on (its follower ran ahead of this notifier; another instance's commit, or a
+        // reload above, moved it past the commit) or not yet as far: unless it holds the
+        // incident exactly at this commit, the state before the commit is read from the store.
+        let mut as_of: Vec<Option<IncidentState>> = vec![None; deliveries.len()];
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let commit = &delivery.commit;
+            if unread[index]
+                || self.notified_here.contains(commit.sequence)
+                || !notify::addressed_to_current_handler(
+                    commit.events.iter().map(|recorded| &recorded.event),
+                )
+            {
+                continue;
+            }
+            let Some((_, incident)) = AggregateTemplate::parse(&commit.aggregate) else {
+                continue;
+            };
+            if self
+                .book
+                .get(incident)
+                .is_some_and(|held| held.position.sequence == commit.sequence)
+            {
+                continue;
+            }
+            match state_before(&self.store, &commit.aggregate, commit.sequence).await {
+                Ok(state) => as_of[index] = Some(state),
+                Err(error) => {
+                    warn!(%error, "read an incident to address its notices; the commit comes back");
+                    unread[index] = true;
+                }
+            }
+        }
         let mut commits = Vec::with_capacity(deliveries.len());
         // Index into `commits` of each delivery that has notifications to publish.
         let mut published = vec![None; deliveries.len()];
@@ -1454,7 +1488,9 @@ impl DispatchService {
             commits.push(ToNotify {
                 incident,
                 events: commit.events.iter().map(|e| &e.event).collect(),
-                state: self.book.get(incident).map(|h: &Held| &h.state),
+                state: as_of[index]
+                    .as_ref()
+                    .or_else(|| self.book.get(incident).map(|h: &Held| &h.state)),
                 sequence: commit.sequence,
                 version: commit.version,
                 traceparent: commit.meta.traceparent.as_deref(),
@@ -1665,6 +1701,32 @@ fn store_unavailable(reason: String) -> CommandReply {
         "store_unavailable",
         format!("{reason}; nothing was written, send again with the same command_id"),
     )
+}
+
+/// The incident's state just before the commit at `sequence`: its stored commits before that
+/// one, folded.
+async fn state_before(
+    store: &IncidentStore,
+    aggregate: &AggregateId,
+    sequence: u64,
+) -> Result<IncidentState, ServiceError> {
+    let loaded = store
+        .load(aggregate)
+        .await
+        .map_err(|e| ServiceError::Reload {
+            incident: aggregate.to_string(),
+            reason: e.to_string(),
+        })?;
+    let mut state = IncidentState::default();
+    for recorded in loaded
+        .commits
+        .iter()
+        .take_while(|commit| commit.sequence < sequence)
+        .flat_map(|commit| &commit.events)
+    {
+        state.apply(&recorded.event);
+    }
+    Ok(state)
 }
 
 /// Reads an incident's commits after the position the book holds it at (from the start when

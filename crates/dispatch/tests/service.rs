@@ -787,6 +787,79 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
     .assert_eq(&kinds.join("\n"));
 }
 
+/// A notice for whoever handles the case goes to the handler of the time of its commit, even
+/// when the notifier reaches that commit after the case changed hands: an extension approved
+/// for xiaofang, and xiaofang handing the case on before the notifier got there, still tells
+/// xiaofang (not the new handler) that its extension was decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_notifier_tells_the_handler_of_the_time() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let (client, store) = open_store(&url).await;
+    let time = ManualTime::new(START);
+    let a = start_instance(&url, "dispatch-a", &time).await;
+    let fire = report_and_file(&store, 3, "0405", START).await;
+    wait_version(&store, fire, 4).await;
+    settle().await;
+    // While no dispatch instance runs, consoles' commands are decided elsewhere; the shared
+    // notifier consumer keeps them for whoever starts next.
+    a.stop.send(true).unwrap();
+    a.task.await.unwrap();
+    let xiaofang = actor(Role::Department("xiaofang".parse().unwrap()), 7);
+    let street = actor(Role::Street, 3);
+    for (by, action, command_id) in [
+        (xiaofang, Action::Acknowledge, "acknowledged"),
+        (
+            xiaofang,
+            Action::RequestExtension {
+                minutes: 60,
+                reason: "smoke".to_owned(),
+            },
+            "extension-requested",
+        ),
+        (
+            street,
+            Action::DecideExtension {
+                approve: true,
+                note: "granted".to_owned(),
+            },
+            "extension-approved",
+        ),
+        (
+            xiaofang,
+            Action::ReturnNotOurs {
+                reason: domain::incident::ReturnReason::NotOurDuty,
+                note: "a gas main, not a fire".to_owned(),
+            },
+            "returned",
+        ),
+    ] {
+        time.set(Timestamp(time.now().0 + MINUTE));
+        append_elsewhere(&store, fire, by, action, time.now(), command_id).await;
+    }
+    // The next instance reads the whole stream into its book before its notifier takes the
+    // first of those commits: the book is past the approval when its notice is addressed.
+    let mut published = client.subscribe("dispatch.notify.>").await.unwrap();
+    client.flush().await.unwrap();
+    let b = start_instance(&url, "dispatch-b", &time).await;
+    let mut kinds = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(1), published.next()).await
+    {
+        let note: Notification = serde_json::from_slice(&message.payload).unwrap();
+        kinds.push(format!(
+            "v{} {} {}",
+            note.version, note.kind, message.subject
+        ));
+    }
+    b.stop.send(true).unwrap();
+    b.task.await.unwrap();
+    expect![[r#"
+        v7 extension_decided dispatch.notify.department.xiaofang
+        v8 assigned dispatch.notify.street.350402001"#]]
+    .assert_eq(&kinds.join("\n"));
+}
+
 /// Intake routes a filing in its own commit: dispatch writes nothing for it, the handler is
 /// told by the shared notifier (the commit names its grid, so the notice does not wait for
 /// the book), and its deadlines are kept from the filing commit.
