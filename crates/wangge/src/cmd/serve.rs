@@ -848,24 +848,32 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
         };
         // Intake locates through the registry in this process: if the registry stops (a
         // commit it cannot read, a reload that fails), intake must stop too, rather than go
-        // on locating from a view that no longer changes. Either a signal or the registry's
-        // end stops intake; the process then exits with the registry's error.
+        // on locating from a view that no longer changes; and if intake stops (an error, a
+        // panic), the process must not live on as a registry alone that looks healthy. A
+        // signal, or the end of either, stops both; the process then exits with the error.
         let (stop_intake, intake_stopped) = watch::channel(false);
-        let mut registry_task = tokio::spawn(registry.run(stopped.clone()));
-        let intake = tokio::spawn(service.run(intake_stopped));
-        let registry_ended = tokio::select! {
-            () = wait_stopped(stopped.clone()) => None,
-            ended = &mut registry_task => Some(ended),
+        let (stop_registry, registry_stopped) = watch::channel(false);
+        let mut registry_task = tokio::spawn(registry.run(registry_stopped));
+        let mut intake_task = tokio::spawn(service.run(intake_stopped));
+        let (registry_ended, intake_ended) = tokio::select! {
+            () = wait_stopped(stopped.clone()) => (None, None),
+            ended = &mut registry_task => (Some(ended), None),
+            ended = &mut intake_task => (None, Some(ended)),
         };
         let _ = stop_intake.send(true);
-        let intake_result = intake.await.context("intake task")?;
+        let _ = stop_registry.send(true);
         let signalled = *stopped.borrow();
+        let intake_ended_first = intake_ended.is_some();
+        let intake_result = match intake_ended {
+            Some(ended) => ended,
+            None => intake_task.await,
+        };
         let registry_result = match registry_ended {
             Some(ended) => ended,
             None => registry_task.await,
         };
         match registry_result.context("registry task")? {
-            Ok(()) if !signalled => {
+            Ok(()) if !signalled && !intake_ended_first => {
                 anyhow::bail!("the in-process registry stopped; intake stopped with it")
             }
             Ok(()) => {}
@@ -874,7 +882,13 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
                     .context("in-process registry (intake stopped with it)"));
             }
         }
-        intake_result.context("intake")?;
+        match intake_result.context("intake task")? {
+            Ok(()) if !signalled => {
+                anyhow::bail!("intake stopped on its own; its in-process registry stopped with it")
+            }
+            Ok(()) => {}
+            Err(error) => return Err(anyhow::Error::new(error).context("intake")),
+        }
         signals.abort();
         Ok(())
     })
