@@ -43,6 +43,14 @@ compose = yaml.safe_load(open(f"{deploy}/compose/compose.yaml"))
 print("compose services:", " ".join(sorted(compose["services"])))
 docs = list(yaml.safe_load_all(open(f"{deploy}/kubernetes/wangge.yaml")))
 print("kubernetes objects:", " ".join(f"{d['kind']}/{d['metadata']['name']}" for d in docs))
+# A StatefulSet's pods find each other by name through its headless Service before any is
+# Ready (a NATS cluster forms its routes first): the Service must publish unready addresses.
+services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+for d in docs:
+    if d["kind"] == "StatefulSet":
+        governing = services.get(d["spec"]["serviceName"])
+        if governing is None or not governing["spec"].get("publishNotReadyAddresses"):
+            sys.exit(f"StatefulSet/{d['metadata']['name']}: Service {d['spec']['serviceName']} must set publishNotReadyAddresses: true")
 PY
 )"; then ok "$(echo "$out" | tr '\n' ';')"; else bad "YAML: $out"; fi
   else
