@@ -97,7 +97,11 @@ pub fn run(args: BenchIntakeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start tokio")?;
-    let outcome = runtime.block_on(bench(args, &server, &mut services));
+    let outcome = runtime.block_on(super::children::until_signalled(bench(
+        args,
+        &server,
+        &mut services,
+    )));
     services.stop();
     drop(server);
     outcome

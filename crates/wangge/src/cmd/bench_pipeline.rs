@@ -376,12 +376,12 @@ pub fn run(args: BenchPipelineArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start tokio")?;
-    let figures = runtime.block_on(bench(
+    let figures = runtime.block_on(super::children::until_signalled(bench(
         &args,
         &server,
         &mut services,
         binary.display().to_string(),
-    ));
+    )));
     services.stop();
     drop(server);
     let figures = figures?;

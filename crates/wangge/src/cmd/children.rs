@@ -46,9 +46,21 @@ impl Services {
         logs: Option<&Path>,
     ) -> anyhow::Result<()> {
         let mut command = Command::new(std::env::current_exe().context("find the wangge binary")?);
+        // The children run on the private server with the defaults, whatever this process was
+        // given for a deployment (a metrics port, replicas, credentials, a config file):
+        // every `WANGGE_*` setting is left out, except the log filter (below) and the
+        // process's runtime tuning (`WANGGE_RUNTIME__*`, which benchmarks compare).
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(|key| {
+                key.starts_with("WANGGE_")
+                    && key != "WANGGE_LOG__FILTER"
+                    && !key.starts_with("WANGGE_RUNTIME__")
+            }) {
+                command.env_remove(key);
+            }
+        }
         command
             .args(args)
-            .env_remove("WANGGE_CONFIG")
             .env("WANGGE_NATS__URL", url)
             .stdin(Stdio::null());
         match logs {
@@ -116,10 +128,18 @@ impl Services {
     }
 
     pub fn stop(&mut self) {
-        for (_, child) in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+        for (name, child) in &mut self.children {
+            // Only a child not yet reaped: the id of one reaped (by `check_alive`) may belong
+            // to another process by now.
+            if let Ok(None) = child.try_wait()
+                && let Some(pid) = i32::try_from(child.id())
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                && let Err(error) =
+                    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            {
+                tracing::warn!(service = %name, %error, "send SIGTERM");
+            }
         }
         let deadline = Instant::now() + SERVICE_STOP_TIMEOUT;
         for (name, child) in &mut self.children {
@@ -145,5 +165,20 @@ impl Services {
 impl Drop for Services {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Runs `work` until it ends or SIGINT/SIGTERM arrives; on a signal, `work` is dropped and
+/// an error returned, so that the caller goes on to stop its services and its private
+/// nats-server (whose store directory is removed) instead of leaving them behind.
+pub async fn until_signalled<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        outcome = work => outcome,
+        signal = super::serve::termination() => {
+            let signal = signal?;
+            anyhow::bail!("stopped by {signal}; stopping the services")
+        }
     }
 }

@@ -125,7 +125,12 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .context("start the async runtime")?;
     let mut settings = settings.clone();
     settings.nats.url = url.clone();
-    let outcome = runtime.block_on(simulate(&settings, &args, &mut services, started));
+    let outcome = runtime.block_on(super::children::until_signalled(simulate(
+        &settings,
+        &args,
+        &mut services,
+        started,
+    )));
     services.stop();
     drop(server);
     let report = outcome?;

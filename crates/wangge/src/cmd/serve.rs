@@ -483,7 +483,7 @@ async fn up_once(settings: &Settings, client: &async_nats::Client) -> anyhow::Re
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
-async fn termination() -> anyhow::Result<&'static str> {
+pub(crate) async fn termination() -> anyhow::Result<&'static str> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listen for SIGTERM")?;
     tokio::select! {
