@@ -693,7 +693,9 @@ pub(crate) fn raw_content_digest(events: &[RawEvent]) -> [u8; 32] {
     }))
 }
 
-/// Decodes a stored message into a [`RecordedCommit`], checking that its own hash matches.
+/// Decodes a stored message into a [`RecordedCommit`], checking its event count against its
+/// versions. Its hash is not recomputed here: the readers that check chains (`load`, `verify`)
+/// do that; a replay (`export`, a projection rebuild) takes the commit as stored.
 pub(crate) fn decode_commit<C: EventCodec>(
     codec: &C,
     sequence: u64,

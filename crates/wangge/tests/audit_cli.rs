@@ -540,6 +540,27 @@ async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
     assert_eq!(document["events"].as_array().unwrap().len(), 6);
     expect![[r#"[{"detail":"version 5 follows version 5","sequence":5,"version":5}]"#]]
         .assert_eq(&document["chain_breaks"].to_string());
+
+    // A stream that cannot be checked (INTAKE was never created here) does not hide the
+    // forgery found in another: the findings are printed and the exit status is 3.
+    let verify = audit(
+        &url,
+        &[
+            "verify",
+            "--stream",
+            "incidents",
+            "--stream",
+            "intake",
+            "--stream",
+            "incidents",
+        ],
+    );
+    assert_eq!(verify.status.code(), Some(3), "{}", text(&verify.stderr));
+    let output = text(&verify.stdout);
+    assert_eq!(output.matches("INCIDENTS:").count(), 1, "{output}");
+    assert!(output.contains("FINDINGS"), "{output}");
+    let errors = text(&verify.stderr);
+    assert!(errors.contains("not checked: Intake"), "{errors}");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -3,7 +3,8 @@
 //! WHY read the streams and not the read models: an audit must not trust anything derived.
 //! Every command here opens the streams without creating or changing them
 //! (`EventStore::open_existing`), so it runs with the read-only auditor credential, and reads
-//! the commits themselves, checking their hash links as it goes.
+//! the commits themselves. `timeline` and `verify` check every commit's hash and its link to
+//! the one before; `export` only decodes, so run `verify` for the chains.
 
 use std::io::Write as _;
 use std::ops::ControlFlow;
@@ -68,8 +69,10 @@ pub enum AuditCommand {
     Verify(VerifyArgs),
     /// Decoded events as JSON lines (one event per line) for external tools.
     ///
-    /// Ranges by the time the server stored each commit (monotonic with the stream sequence);
-    /// each line also carries the decision time (`occurred_at`) from the envelope.
+    /// Ranges by the time the server stored each commit; each line also carries the decision
+    /// time (`occurred_at`) from the envelope. Export decodes what is stored and does not check
+    /// hashes, links or missing sequences: an edited or forged commit is exported as it is.
+    /// Run `wangge audit verify` over the same streams to know whether the log is intact.
     Export(ExportArgs),
 }
 
@@ -150,11 +153,18 @@ impl StreamName {
     }
 }
 
+/// The streams named (each once, in the order first named), or all of them.
 fn chosen(streams: &[StreamName]) -> Vec<StreamName> {
     if streams.is_empty() {
         StreamName::ALL.to_vec()
     } else {
-        streams.to_vec()
+        let mut once = Vec::with_capacity(streams.len());
+        for stream in streams {
+            if !once.contains(stream) {
+                once.push(*stream);
+            }
+        }
+        once
     }
 }
 
@@ -521,6 +531,7 @@ async fn verify(
         None => None,
     };
     let mut reports = Vec::new();
+    let mut unchecked: Vec<String> = Vec::new();
     for stream in streams {
         let progress = |checked: u64, sequence: u64| {
             eprintln!("  {stream:?}: {checked} commits checked (sequence {sequence})");
@@ -529,33 +540,45 @@ async fn verify(
             .as_mut()
             .and_then(|by_stream| by_stream.remove(&spec(settings, stream).stream_name))
             .unwrap_or_default();
-        let report = match stream {
-            StreamName::Grids => {
-                open(settings, client, stream, registry::RegistryCodec)
+        // A stream that cannot be opened or read does not hide what the others showed: every
+        // report is printed, the streams not checked are named, and findings anywhere still
+        // give the exit status of a log that is not intact.
+        let verified: anyhow::Result<_> = async {
+            Ok(match stream {
+                StreamName::Grids => {
+                    open(settings, client, stream, registry::RegistryCodec)
+                        .await?
+                        .verify_against(&saved, progress)
+                        .await?
+                }
+                StreamName::Incidents => {
+                    open(settings, client, stream, codecs::IncidentCodec)
+                        .await?
+                        .verify_against(&saved, progress)
+                        .await?
+                }
+                StreamName::Intake => {
+                    open(
+                        settings,
+                        client,
+                        stream,
+                        intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
+                    )
                     .await?
                     .verify_against(&saved, progress)
-                    .await
-            }
-            StreamName::Incidents => {
-                open(settings, client, stream, codecs::IncidentCodec)
                     .await?
-                    .verify_against(&saved, progress)
-                    .await
-            }
-            StreamName::Intake => {
-                open(
-                    settings,
-                    client,
-                    stream,
-                    intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
-                )
-                .await?
-                .verify_against(&saved, progress)
-                .await
+                }
+            })
+        }
+        .await;
+        match verified {
+            Ok(report) => reports.push(report),
+            Err(error) => {
+                let error = error.context(format!("verify stream {stream:?}"));
+                eprintln!("not checked: {error:#}");
+                unchecked.push(format!("{stream:?}"));
             }
         }
-        .with_context(|| format!("verify stream {stream:?}"))?;
-        reports.push(report);
     }
     let findings: u64 = reports.iter().map(|report| report.findings_total).sum();
     let mut out = std::io::stdout().lock();
@@ -593,8 +616,21 @@ async fn verify(
                 path.display()
             );
         }
+        if !unchecked.is_empty() {
+            eprintln!("not checked: {}", unchecked.join(", "));
+        }
         return Err(NotIntact { findings }.into());
     }
+    anyhow::ensure!(
+        unchecked.is_empty(),
+        "stream(s) {} could not be checked (see above); nothing is concluded about them{}",
+        unchecked.join(", "),
+        if args.save_heads.is_some() {
+            "; chain heads not saved"
+        } else {
+            ""
+        }
+    );
     if let Some(path) = &args.save_heads {
         let saved_at = format_ms(
             std::time::SystemTime::now()
