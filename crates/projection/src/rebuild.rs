@@ -98,6 +98,40 @@ pub struct RebuildReport {
     /// Time the fold waited for chunks to be read and decoded.
     pub read_wait_ms: u64,
     pub chunks_written_ms: u64,
+    /// INCIDENTS commits that did not follow their incident's history as folded so far (a
+    /// commit before them is missing from the stream: lost from a damaged store, or deleted),
+    /// and so were not folded: those incidents stand as of their last commit that followed.
+    /// `wangge audit verify` names what is missing.
+    pub commits_not_following: u64,
+    /// The first of them (at most [`NOT_FOLLOWING_LISTED_MAX`]): stream sequence and aggregate.
+    pub not_following: Vec<(u64, String)>,
+}
+
+/// Commits not following their incident's history listed in a [`RebuildReport`] (and logged);
+/// the rest are only counted.
+pub const NOT_FOLLOWING_LISTED_MAX: usize = 20;
+
+/// Notes a commit the projector did not fold because it does not follow (see
+/// [`RebuildReport::commits_not_following`]).
+fn note_not_following(
+    applied: &crate::fold::Applied,
+    commit: &eventstore::RecordedCommit<domain::incident::IncidentEvent>,
+    count: &mut u64,
+    listed: &mut Vec<(u64, String)>,
+) {
+    if let crate::fold::Applied::Gap { held_version, .. } = applied {
+        *count += 1;
+        if listed.len() < NOT_FOLLOWING_LISTED_MAX {
+            warn!(
+                aggregate = %commit.aggregate,
+                sequence = commit.sequence,
+                held_version,
+                first_version = commit.first_version,
+                "commit does not follow its incident's history (one before it is missing); not folded"
+            );
+            listed.push((commit.sequence, commit.aggregate.to_string()));
+        }
+    }
 }
 
 /// Progress of a replay: INCIDENTS sequence reached of the target.
@@ -274,6 +308,8 @@ pub async fn build_into(
     // order, and each chunk's incident values are written while the next ones are read.
     let mut reads = std::collections::VecDeque::new();
     let mut next_after = 0u64;
+    let mut not_following_count = 0u64;
+    let mut not_following: Vec<(u64, String)> = Vec::new();
     let mut past_cut = false;
     // One chunk at a time: fold inside the replay callback (no hand-over of decoded chunks).
     while options.chunks_in_flight <= 1 && next_after < incidents_target && !past_cut {
@@ -295,7 +331,13 @@ pub async fn build_into(
                     let started = Instant::now();
                     commits += 1;
                     events += commit.events.len() as u64;
-                    projector.apply_incident_commit(&commit);
+                    let applied = projector.apply_incident_commit(&commit);
+                    note_not_following(
+                        &applied,
+                        &commit,
+                        &mut not_following_count,
+                        &mut not_following,
+                    );
                     folding += started.elapsed();
                 },
             )
@@ -350,7 +392,13 @@ pub async fn build_into(
             }
             commits += 1;
             events += commit.events.len() as u64;
-            projector.apply_incident_commit(commit);
+            let applied = projector.apply_incident_commit(commit);
+            note_not_following(
+                &applied,
+                commit,
+                &mut not_following_count,
+                &mut not_following,
+            );
         }
         fold_time += folding.elapsed();
         let reached = chunk_commits.last().map_or(0, |c| c.sequence);
@@ -424,6 +472,8 @@ pub async fn build_into(
         fold_ms: fold_time.as_millis() as u64,
         read_wait_ms: wait_time.as_millis() as u64,
         chunks_written_ms: written_at,
+        commits_not_following: not_following_count,
+        not_following,
     })
 }
 

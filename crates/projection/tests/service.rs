@@ -439,11 +439,15 @@ async fn a_history_with_a_missing_commit_does_not_stop_the_builder() {
     let server = testkit::NatsServer::start().unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let jetstream = async_nats::jetstream::new(client.clone());
-    let (mut incidents_spec, _) = specs();
+    let (mut incidents_spec, grids_spec) = specs();
     incidents_spec.immutable = false; // let the test delete a commit
-    let store = EventStore::open(jetstream.clone(), incidents_spec, codecs::IncidentCodec)
-        .await
-        .unwrap();
+    let store = EventStore::open(
+        jetstream.clone(),
+        incidents_spec.clone(),
+        codecs::IncidentCodec,
+    )
+    .await
+    .unwrap();
     let mut synthetic = Synthetic::new(5, Synthetic::default_grids(2, 2, 3));
     let histories: Vec<_> = (0..6).map(|n| synthetic.incident(n)).collect();
     assert!(
@@ -479,6 +483,25 @@ async fn a_history_with_a_missing_commit_does_not_stop_the_builder() {
     );
     running.stop.send(true).unwrap();
     running.task.await.unwrap().unwrap();
+
+    // A replay as of the end says which commits it could not fold, instead of leaving the
+    // incident silently short of its history.
+    let options = RebuildOptions::new(incidents_spec, grids_spec);
+    let report = projection::as_of(&jetstream, &options, Until::Sequence(last), &NoProgress)
+        .await
+        .unwrap();
+    let first_incident_commits = histories[0].len() as u64 - 1;
+    assert_eq!(
+        report.commits_not_following, first_incident_commits,
+        "{report:?}"
+    );
+    assert_eq!(report.not_following.len() as u64, first_incident_commits);
+    assert!(
+        report
+            .not_following
+            .iter()
+            .all(|(sequence, _)| *sequence > 1)
+    );
 }
 
 /// A commit on INCIDENTS that this build cannot decode (here a foreign publish on the

@@ -296,6 +296,7 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                     .await
                     .context("rebuild the read models")?;
                 progress.0.finish_and_clear();
+                warn_not_following(&report);
                 if args.json {
                     writeln!(out, "{}", serde_json::to_string(&report)?)?;
                 } else {
@@ -336,6 +337,7 @@ pub fn run(settings: &Settings, command: ProjectionCommand) -> anyhow::Result<()
                     .await
                     .context("replay as of")?;
                 progress.0.finish_and_clear();
+                warn_not_following(&report);
                 let models = projection::ReadModels::open_bucket(&jetstream, 0, &report.bucket)
                     .await?;
                 let totals = models.totals().await?;
@@ -420,4 +422,24 @@ pub async fn up(settings: &Settings, client: &async_nats::Client) -> anyhow::Res
         projection::keys::META_BUCKET.to_owned(),
         projection::keys::generation_bucket(generation),
     ])
+}
+
+/// Says on stderr, in either output mode, which commits a replay could not fold because one
+/// before them is missing from the stream.
+fn warn_not_following(report: &projection::RebuildReport) {
+    if report.commits_not_following == 0 {
+        return;
+    }
+    eprintln!(
+        "WARNING: {} INCIDENTS commit(s) did not follow their incident's history (a commit \
+         before them is missing from the stream) and were not folded; those incidents stand \
+         as of their last commit that followed. First: {}. Run `wangge audit verify`.",
+        report.commits_not_following,
+        report
+            .not_following
+            .iter()
+            .map(|(sequence, aggregate)| format!("sequence {sequence} ({aggregate})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
