@@ -17,6 +17,10 @@ const DAY_MS: i64 = 86_400_000;
 /// How far ahead `add_working_minutes` looks before giving up (a bound on the loop; a valid
 /// calendar always has working time within a few weeks).
 pub const LOOKAHEAD_DAYS_MAX: i64 = 3_660;
+/// Timestamps (Unix milliseconds) the working calendar counts in: 1900-01-01 to 9999-12-31
+/// UTC. Outside it [`Calendar::add_working_minutes`] counts wall-clock time.
+pub const WORKING_TIME_FROM_MS: i64 = -2_208_988_800_000;
+pub const WORKING_TIME_UNTIL_MS: i64 = 253_402_300_799_000;
 /// Most holidays plus make-up days one calendar file may list.
 pub const CALENDAR_DATES_MAX: usize = 2_000;
 /// Most working segments per day.
@@ -212,6 +216,12 @@ impl BusinessCalendar {
     /// is inside working time, else the start of the next working segment. Saturates at
     /// [`LOOKAHEAD_DAYS_MAX`] days after `start` (unreachable for a validated calendar).
     pub fn add_working_minutes(&self, start: Timestamp, minutes: u32) -> Timestamp {
+        // Day arithmetic below multiplies and adds whole days of milliseconds: far from any
+        // real date (a corrupt or saturated timestamp) it would overflow. There the working
+        // calendar means nothing either; count wall-clock time, which saturates.
+        if !(WORKING_TIME_FROM_MS..=WORKING_TIME_UNTIL_MS).contains(&start.0) {
+            return start.plus_minutes(minutes);
+        }
         let mut remaining = i64::from(minutes) * MINUTE_MS;
         let local_start = start.0.saturating_add(self.utc_offset_ms);
         let first_day = local_start.div_euclid(DAY_MS);
@@ -298,6 +308,23 @@ mod tests {
     fn check(start: &str, minutes: u32, expect: Expect) {
         let c = sanming();
         expect.assert_eq(&local(c.add_working_minutes(at(start), minutes)));
+    }
+
+    #[test]
+    fn timestamps_far_from_any_date_count_wall_time_without_overflow() {
+        let c = sanming();
+        for start in [
+            i64::MIN,
+            i64::MIN + 1,
+            -9_000_000_000_000_000,
+            9_000_000_000_000_000,
+            i64::MAX,
+        ] {
+            let due = c.add_working_minutes(Timestamp(start), 840);
+            assert_eq!(due, Timestamp(start).plus_minutes(840), "{start}");
+        }
+        let last = Timestamp(WORKING_TIME_UNTIL_MS);
+        assert!(c.add_working_minutes(last, 840) > last);
     }
 
     #[test]

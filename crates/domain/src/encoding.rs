@@ -845,8 +845,9 @@ impl Upcast<'_> {
         })
     }
     fn category(&self, c: u16) -> Result<CategoryCode, DecodeError> {
-        CategoryCode::new((c / 100) as u8, (c % 100) as u8)
-            .map_err(|e| self.invalid(format!("{e}")))
+        let major = u8::try_from(c / 100)
+            .map_err(|_| self.invalid(format!("category {c} is not a two-level code")))?;
+        CategoryCode::new(major, (c % 100) as u8).map_err(|e| self.invalid(format!("{e}")))
     }
     fn grid(&self, g: u64) -> Result<GridCode, DecodeError> {
         GridCode::new(g).map_err(|e| self.invalid(format!("{e}")))

@@ -1478,7 +1478,14 @@ impl Decision<'_> {
                 if self.state.extensions_granted >= EXTENSIONS_MAX {
                     return Err(Rejection::ExtensionsExhausted);
                 }
-                if self.state.resolution.is_none_or(|d| d.missed) {
+                // A deadline at or before `now` is missed, recorded or not (the shell's
+                // `DeadlineElapsed` may not have run yet): granting time on it would erase the
+                // miss, and the outcome would depend on which command the shell decided first.
+                if self
+                    .state
+                    .resolution
+                    .is_none_or(|d| d.missed || d.at <= self.now)
+                {
                     return Err(Rejection::ResolutionAlreadyMissed);
                 }
                 self.emit(IncidentEvent::ExtensionRequested {
@@ -1495,7 +1502,12 @@ impl Decision<'_> {
                     return Err(Rejection::NoExtensionPending);
                 };
                 if approve {
-                    let Some(due) = self.state.resolution.filter(|d| !d.missed) else {
+                    // As for a request: a deadline at or before `now` is missed.
+                    let Some(due) = self
+                        .state
+                        .resolution
+                        .filter(|d| !d.missed && d.at > self.now)
+                    else {
                         return Err(Rejection::ResolutionAlreadyMissed);
                     };
                     let (route, _) = self.route()?;

@@ -1000,6 +1000,37 @@ fn extensions() {
         ExtensionApproved { by: Street#5, minutes: 840, resolution_due: 2026-03-17 10:00 }
     "#]],
     );
+    // Decided once the resolution deadline has passed, before the shell recorded the miss:
+    // the extension would erase it, so it is refused, as a request would be.
+    let resolution_due = IncidentState::from_events(&requested)
+        .resolution
+        .expect("a resolution deadline")
+        .at;
+    for now in [resolution_due, Timestamp(resolution_due.0 + 60_000)] {
+        check_at(
+            &requested,
+            now,
+            street(),
+            Action::DecideExtension {
+                approve: true,
+                note: String::new(),
+            },
+            expect![[r#"
+            rejected: the resolution deadline has already been missed
+              ResolutionAlreadyMissed
+        "#]],
+        );
+        check_at(
+            &Story::acknowledged().events,
+            now,
+            department("shizheng"),
+            request(),
+            expect![[r#"
+            rejected: the resolution deadline has already been missed
+              ResolutionAlreadyMissed
+        "#]],
+        );
+    }
     check(
         &requested,
         district(),
