@@ -909,7 +909,9 @@ impl State {
     /// grid each, the rest is cut into runs of equal households. Returns the new grid ids.
     fn cut(&mut self, s: &Sites, region: &[u32]) -> Vec<u32> {
         let mut order = region.to_vec();
-        order.sort_by_key(|&site| s.hilbert[site as usize]);
+        // Ties (sites in one Hilbert cell: buildings at one point are only millimetres
+        // apart) broken by site index, not by the order the region came in.
+        order.sort_by_key(|&site| (s.hilbert[site as usize], site));
         let mut created = Vec::new();
         let mut rest_households = 0u64;
         for &site in &order {
@@ -1204,7 +1206,9 @@ impl State {
         let compact = moves == Moves::Compact;
         let keep_in_range = moves == Moves::KeepInRange;
         let mut order = region.to_vec();
-        order.sort_by_key(|&site| s.hilbert[site as usize]);
+        // Ties (sites in one Hilbert cell: buildings at one point are only millimetres
+        // apart) broken by site index, not by the order the region came in.
+        order.sort_by_key(|&site| (s.hilbert[site as usize], site));
         let mut carry = Vec::new();
         for _ in 0..passes {
             let mut moved = 0usize;
@@ -1472,7 +1476,9 @@ fn repair_out_of_range(state: &mut State, s: &Sites, codes: &mut HashMap<u32, St
             if penalty(state.households[grid as usize]) == 0 || retired.contains(&grid) {
                 continue;
             }
-            let neighbourhood: HashSet<u32> = adjacency
+            // Ordered, so that the region (and every move made in it) does not depend on a
+            // hash seed: the same input gives the same grids in every process.
+            let neighbourhood: std::collections::BTreeSet<u32> = adjacency
                 .get(&grid)
                 .into_iter()
                 .flatten()
