@@ -256,6 +256,70 @@ fn osm_extract_meets_the_quality_targets() {
     "#]].assert_eq(&verdict);
     let svg_text = std::fs::read_to_string(&svg).expect("svg");
     assert!(svg_text.starts_with("<svg") && svg_text.contains("<circle"));
+    // Derived from OpenStreetMap data: every output carries the input's ODbL notice.
+    let grids: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("grids")).expect("JSON");
+    for (what, attribution) in [
+        ("grids", grids["attribution"].as_str()),
+        ("report", report["attribution"].as_str()),
+    ] {
+        assert!(
+            attribution.is_some_and(|a| a.contains("OpenStreetMap contributors, ODbL")),
+            "{what}: {attribution:?}"
+        );
+    }
+    assert!(svg_text.contains("© OpenStreetMap contributors, ODbL"));
+}
+
+/// Communities without a code are numbered in input order without wrapping; a code used
+/// twice refuses the later community instead of giving two communities' grids one code.
+#[test]
+fn community_codes_are_never_shared() {
+    let square = |id: &str, code: Option<&str>, lon: f64| {
+        let code = code.map_or(String::new(), |code| format!(r#","code":"{code}""#));
+        format!(
+            r#"{{"type":"Feature","properties":{{"kind":"community","id":"{id}"{code}}},"geometry":{{"type":"Polygon","coordinates":[[[{lon},27.0],[{lon1},27.0],[{lon1},27.01],[{lon},27.01],[{lon},27.0]]]}}}}"#,
+            lon1 = lon + 0.01
+        )
+    };
+    let scratch = Scratch::new("codes");
+    let input = scratch.file("input.geojson");
+    std::fs::write(
+        &input,
+        collection(&[
+            square("a", Some("431302001001"), 113.0),
+            square("b", Some("431302001001"), 113.1),
+            square("c", None, 113.2),
+            square("d", None, 113.3),
+            building("in-a", "100", 113.005, 27.005),
+            building("in-c", "100", 113.205, 27.005),
+            building("in-d", "100", 113.305, 27.005),
+        ]),
+    )
+    .expect("write input");
+    let out = scratch.file("grids.geojson");
+    let run = wangge(&["partition", "--input", &input, "--out", &out]);
+    assert!(run.success, "{}", run.stderr);
+    let grids: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("grids")).expect("JSON");
+    let codes: Vec<String> = grids["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {}",
+                f["properties"]["community"], f["properties"]["grid_code"]
+            )
+        })
+        .collect();
+    expect![[r#"
+        rejected community b: community code 431302001001 is used by another community
+        "a" "431302001001001"
+        "c" "000000000001001"
+        "d" "000000000002001"
+    "#]]
+    .assert_eq(&format!("{}\n{}\n", run.stderr, codes.join("\n")));
 }
 
 /// A file that is not .osm.pbf (here GeoJSON) is named as such, not as a corrupt block.

@@ -144,7 +144,7 @@ impl GridMap {
     /// Writes `map.svg` and `grids.geojson` into `out`.
     pub fn write(&self, out: &Path) -> anyhow::Result<()> {
         let (inputs, partitions) = self.inputs_and_partitions();
-        let svg = super::partition::svg_map(&inputs, &partitions);
+        let svg = super::partition::svg_map(&inputs, &partitions, None);
         std::fs::write(out.join("map.svg"), svg).context("write map.svg")?;
         let mut geojson = super::partition::grids_geojson(&partitions);
         geojson["attribution"] =

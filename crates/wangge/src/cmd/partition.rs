@@ -30,6 +30,9 @@ const BUILDING_HOUSEHOLDS_MAX: u64 = 5_000;
 const BUILDING_POPULATION_MAX: u64 = 50_000;
 /// Largest id length accepted.
 const ID_BYTES_MAX: usize = 128;
+/// Communities without a code an input may hold: they are numbered 000000 000001 onwards, in
+/// the six digits a 12-digit community code leaves after a county.
+const UNCODED_COMMUNITIES_MAX: u32 = 999_999;
 /// Largest SVG canvas side (pixels).
 const SVG_SIDE_PIXELS: f64 = 1600.0;
 
@@ -82,6 +85,9 @@ struct Rejection {
 struct Input {
     communities: Vec<CommunityInput>,
     rejected: Vec<Rejection>,
+    /// The input's top-level `attribution` (e.g. the OpenStreetMap notice `wangge import osm`
+    /// writes): carried into every output derived from it, as the ODbL asks.
+    attribution: Option<String>,
 }
 
 pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
@@ -115,13 +121,25 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
             }
         }
     }
-    write_file(&args.out, &grids_geojson(&partitions).to_string())?;
-    let report = report_json(&input.communities, &partitions, &rejected);
+    let mut grids = grids_geojson(&partitions);
+    let mut report = report_json(&input.communities, &partitions, &rejected);
+    if let Some(attribution) = &input.attribution {
+        grids["attribution"] = json!(attribution);
+        report["attribution"] = json!(attribution);
+    }
+    write_file(&args.out, &grids.to_string())?;
     if let Some(path) = &args.report {
         write_file(path, &serde_json::to_string_pretty(&report)?)?;
     }
     if let Some(path) = &args.svg {
-        write_file(path, &svg_map(&input.communities, &partitions))?;
+        write_file(
+            path,
+            &svg_map(
+                &input.communities,
+                &partitions,
+                input.attribution.as_deref(),
+            ),
+        )?;
     }
     println!("{}", report["total"]);
     Ok(())
@@ -202,7 +220,13 @@ fn parse_input(text: &str) -> anyhow::Result<Input> {
         .and_then(Value::as_array)
         .ok_or_else(|| anyhow::anyhow!("FeatureCollection without a \"features\" array"))?;
 
-    let mut input = Input::default();
+    let mut input = Input {
+        attribution: value
+            .get("attribution")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        ..Input::default()
+    };
     let mut seen_ids: HashSet<String> = HashSet::new();
     let mut communities: Vec<(CommunityInput, bool)> = Vec::new();
     let mut buildings: Vec<(BuildingInput, Option<String>)> = Vec::new();
@@ -262,15 +286,41 @@ fn parse_input(text: &str) -> anyhow::Result<Input> {
         }
     }
 
-    // Communities without a code get 000000 000 + a sequence in input order.
-    let mut uncoded = 0;
-    for (community, coded) in &mut communities {
-        if !*coded {
+    // Communities without a code get 000000 + a six-digit sequence in input order (street
+    // and community digits together), past any code given; a code used twice refuses the
+    // later community: two communities under one code would give their grids the same codes.
+    let mut used_codes: HashSet<String> = HashSet::new();
+    let mut uncoded = 0u32;
+    let mut kept = Vec::with_capacity(communities.len());
+    for (mut community, coded) in communities {
+        if !coded {
             uncoded += 1;
-            community.code = format!("000000000{:03}", uncoded % 1000);
+            if uncoded > UNCODED_COMMUNITIES_MAX {
+                input.rejected.push(Rejection {
+                    id: community.id.clone(),
+                    kind: "community",
+                    reason: format!(
+                        "more than {UNCODED_COMMUNITIES_MAX} communities without a \"code\": give each its 12-digit code"
+                    ),
+                });
+                continue;
+            }
+            community.code = format!("000000{uncoded:06}");
         }
+        if !used_codes.insert(community.code.clone()) {
+            input.rejected.push(Rejection {
+                id: community.id.clone(),
+                kind: "community",
+                reason: format!(
+                    "community code {} is used by another community",
+                    community.code
+                ),
+            });
+            continue;
+        }
+        kept.push(community);
     }
-    let mut communities: Vec<CommunityInput> = communities.into_iter().map(|(c, _)| c).collect();
+    let mut communities: Vec<CommunityInput> = kept;
     let by_id: HashMap<String, usize> = communities
         .iter()
         .enumerate()
@@ -523,9 +573,25 @@ fn round7(v: f64) -> f64 {
 }
 
 fn polygon_json(polygon: &Polygon<f64>) -> Value {
+    json!({"type": "Polygon", "coordinates": polygon_rings(polygon)})
+}
+
+fn polygon_rings(polygon: &Polygon<f64>) -> Vec<Value> {
     let mut rings = vec![ring_json(polygon.exterior())];
     rings.extend(polygon.interiors().iter().map(ring_json));
-    json!({"type": "Polygon", "coordinates": rings})
+    rings
+}
+
+/// A grid's land: its main polygon, and its detached parts (never dropped) as a MultiPolygon.
+fn grid_geometry_json(grid: &partition::Grid) -> Value {
+    if grid.detached.is_empty() {
+        return polygon_json(&grid.polygon);
+    }
+    let parts: Vec<Value> = std::iter::once(&grid.polygon)
+        .chain(&grid.detached)
+        .map(|polygon| json!(polygon_rings(polygon)))
+        .collect();
+    json!({"type": "MultiPolygon", "coordinates": parts})
 }
 
 pub fn grids_geojson(partitions: &[Partition]) -> Value {
@@ -545,7 +611,7 @@ pub fn grids_geojson(partitions: &[Partition]) -> Value {
                     "flags": grid.flags.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
                     "polsby_popper": (grid.polsby_popper * 1000.0).round() / 1000.0,
                 },
-                "geometry": polygon_json(&grid.polygon),
+                "geometry": grid_geometry_json(grid),
             })
         })
         .collect();
@@ -606,7 +672,11 @@ fn report_json(
 
 /// A map a city engineer checks first: community boundaries, grids filled and outlined in
 /// distinct colours with their codes, buildings as dots in their grid's colour.
-pub fn svg_map(communities: &[CommunityInput], partitions: &[Partition]) -> String {
+pub fn svg_map(
+    communities: &[CommunityInput],
+    partitions: &[Partition],
+    attribution: Option<&str>,
+) -> String {
     let mut bounds: Option<geo::Rect<f64>> = None;
     for community in communities {
         if let Some(rect) = community.boundary.bounding_rect() {
@@ -669,7 +739,10 @@ pub fn svg_map(communities: &[CommunityInput], partitions: &[Partition]) -> Stri
         let _ = writeln!(
             svg,
             "<path d=\"{}\" fill=\"hsl({hue:.0},70%,80%)\" stroke=\"{stroke}\" stroke-width=\"0.8\"><title>{} {} households {:?}</title></path>",
-            path(&grid.polygon),
+            std::iter::once(&grid.polygon)
+                .chain(&grid.detached)
+                .map(path)
+                .collect::<String>(),
             grid.grid_code,
             grid.households,
             grid.flags.iter().map(|f| f.as_str()).collect::<Vec<_>>()
@@ -703,6 +776,18 @@ pub fn svg_map(communities: &[CommunityInput], partitions: &[Partition]) -> Stri
                 community.code
             );
         }
+    }
+    if let Some(attribution) = attribution {
+        let escaped = attribution
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.0}\" y=\"{:.0}\" font-size=\"8\" text-anchor=\"end\">{escaped}</text>",
+            width - 4.0,
+            height - 3.0
+        );
     }
     svg.push_str("</svg>\n");
     svg
