@@ -217,12 +217,13 @@ def main():
     user("projection", "PROJECTION")
 
     # Resident apps: submit reports (core publish or JetStream publish on intake.submit.*),
-    # ask for a receipt or an incident's public status by id (request/reply on their own
-    # inbox). They may subscribe to nothing but their inbox: no receipts, status changes or
+    # ask for a receipt or an incident's public status by id, and which grid covers a place
+    # before submitting (`grids.locate`), all request/reply on their own inbox. They may subscribe to nothing but their inbox: no receipts, status changes or
     # notifications broadcast to others, and no JetStream API at all.
     roles.append(block(
         "RESIDENT_APP",
-        ["intake.submit.*", "intake.request", "intake.query.receipt", "incidents.query.get"],
+        ["intake.submit.*", "intake.request", "intake.query.receipt", "incidents.query.get",
+         "grids.locate"],
         [inbox("resident")],
     ))
     user("resident-app", "RESIDENT_APP")
@@ -239,6 +240,7 @@ def main():
                 f"dispatch.cmd.department.{dept}.>",
                 "projection.query.*",
                 "incidents.query.get",
+                "grids.locate",
                 "$JS.API.INFO",
                 "$JS.API.STREAM.INFO.NOTIFICATIONS",
                 f"$JS.API.CONSUMER.CREATE.NOTIFICATIONS.{consumer}.dispatch.notify.department.{dept}",

@@ -492,6 +492,17 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         answer,
         &resident.refusals().await,
     ));
+    let answer = resident
+        .request(
+            "grids.locate",
+            serde_json::json!({"lon": 117.6, "lat": 26.2}),
+        )
+        .await;
+    lines.push(verdict(
+        "resident asks which grid covers a place",
+        answer,
+        &resident.refusals().await,
+    ));
     // Only the personal-information office erases contact details; intake, as its own user,
     // records the erasure on INTAKE first.
     let erase = serde_json::json!({
@@ -772,6 +783,7 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         resident listens to all receipts: no answer | server: permissions violation for subscription to "intake.receipts.>"
         resident submits: rejected outside_communities | server: none
         resident reads its receipt: rejected outside_communities | server: none
+        resident asks which grid covers a place: unserved | server: none
         resident erases contact details: no answer | server: permissions violation for publish to "intake.contact.erase"
         privacy office erases contact details: erased | server: none
         chengguan publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
