@@ -67,6 +67,17 @@ impl Refusal {
 /// Reads a JSON request of at most `bytes_max` bytes (`what` names it in the message). A
 /// request is an object: serde would also read a struct from an array of its fields in
 /// order, which no schema allows, so an array is refused.
+/// Refuses a body that is not a JSON object (an array, a bare value): serde reads an array as
+/// a struct's fields in order, which no client means. `what` names it in the message.
+pub fn require_object(what: &str, payload: &[u8]) -> Result<(), Refusal> {
+    match payload.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        _ => Err(Refusal::schema_violation(format!(
+            "the {what} must be a JSON object"
+        ))),
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(
     what: &str,
     payload: &[u8],
@@ -77,12 +88,8 @@ pub fn parse_json<T: DeserializeOwned>(
     }
     let value: T =
         serde_json::from_slice(payload).map_err(|error| Refusal::from_json_error(&error))?;
-    match payload.iter().find(|byte| !byte.is_ascii_whitespace()) {
-        Some(b'{') => Ok(value),
-        _ => Err(Refusal::schema_violation(format!(
-            "the {what} must be a JSON object"
-        ))),
-    }
+    require_object(what, payload)?;
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -20,7 +20,11 @@ pub const REQUEST_BYTES_MAX: usize = 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocateRequest {
+    /// Longitude, -180..=180.
+    #[schemars(range(min = -180, max = 180))]
     pub lon: f64,
+    /// Latitude, -90..=90.
+    #[schemars(range(min = -90, max = 90))]
     pub lat: f64,
 }
 
@@ -236,9 +240,11 @@ fn header(command_id: &str, community_id: &str, actor: &Option<String>) -> Comma
 /// Parses the body of `grids.cmd.<name>`; the error is the refusal to send back.
 pub fn parse_command(name: &str, body: &[u8]) -> Result<ParsedCommand, RejectedReply> {
     fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RejectedReply> {
-        serde_json::from_slice(body).map_err(|error| {
+        let value = serde_json::from_slice(body).map_err(|error| {
             RejectedReply::from(observe::refusal::Refusal::from_json_error(&error))
-        })
+        })?;
+        observe::refusal::require_object("command", body).map_err(RejectedReply::from)?;
+        Ok(value)
     }
     let parsed = match name {
         "register_community" | "update_community" => {

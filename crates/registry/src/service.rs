@@ -453,7 +453,16 @@ impl RegistryService {
             self.query_community(&message.payload).await
         } else if let Some(name) = subject.strip_prefix(api::SUBJECT_COMMAND_PREFIX) {
             let name = name.to_owned();
-            self.command(&name, &message.payload).await
+            // The caller's W3C traceparent goes into the commit, so that the audit log links
+            // back to the request; without one, the envelope derives it from the command.
+            let traceparent = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("traceparent"))
+                .map(|value| value.as_str())
+                .filter(|value| observe::trace_id(value).is_some())
+                .map(str::to_owned);
+            self.command(&name, &message.payload, traceparent).await
         } else {
             to_json(&RejectedReply::new(
                 "unknown_subject",
@@ -523,7 +532,12 @@ impl RegistryService {
         }
     }
 
-    async fn command(&mut self, name: &str, payload: &[u8]) -> Vec<u8> {
+    async fn command(
+        &mut self,
+        name: &str,
+        payload: &[u8],
+        traceparent: Option<String>,
+    ) -> Vec<u8> {
         if payload.len() > api::REQUEST_BYTES_MAX {
             let refusal = observe::refusal::Refusal::too_large(
                 "command",
@@ -649,7 +663,7 @@ impl RegistryService {
                     actor.clone()
                 },
                 occurred_at_ms: now,
-                traceparent: None,
+                traceparent: traceparent.clone(),
             };
             let commit = Commit::new(header.command_id.clone(), events, meta);
             match self.store.append(&aggregate, &position, &commit).await {
@@ -803,6 +817,12 @@ pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
             LOCATE_REQUEST_BYTES_MAX,
         )
         .into();
+    }
+    if let Err(refusal) = observe::refusal::require_object("request", payload) {
+        // Malformed JSON is named as such, not as a shape error.
+        if serde_json::from_slice::<serde_json::Value>(payload).is_ok() {
+            return refusal.into();
+        }
     }
     let point_error = match serde_json::from_slice::<LocateRequest>(payload) {
         Ok(request) => return locator.locate(request.lon, request.lat),

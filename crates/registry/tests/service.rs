@@ -459,3 +459,37 @@ async fn grids_without_land_leave_the_community_locatable_on_every_instance() {
         instance.shutdown().await;
     }
 }
+
+/// A command's W3C `traceparent` header goes into its commit, so that the audit log links
+/// back to the request (as intake's and dispatch's commits do); a command without one gets
+/// the trace the envelope derives from the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_traceparent_is_stored_in_its_commit() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let client = connect(&url).await;
+    let running = start(&url, "registry-trace").await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    let reply = client
+        .request_with_headers(
+            "grids.cmd.register_community",
+            headers,
+            register_body().to_string().into(),
+        )
+        .await
+        .expect("request");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(reply["status"], "accepted", "{reply}");
+    let loaded = store(&client)
+        .await
+        .load(&eventstore::AggregateId::new("liedong").expect("aggregate id"))
+        .await
+        .expect("load");
+    assert_eq!(
+        loaded.commits[0].meta.traceparent.as_deref(),
+        Some(traceparent)
+    );
+    running.shutdown().await;
+}

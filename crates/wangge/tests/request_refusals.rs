@@ -1,6 +1,7 @@
 //! Every request subject of every service refuses a request it cannot read with the same three
 //! codes (`observe::refusal`): `malformed_json` when the body is not JSON, `schema_violation`
-//! when it is JSON of the wrong shape, `payload_too_large` when it is over the subject's limit.
+//! when it is JSON of the wrong shape (an array included), `payload_too_large` when it is over
+//! the subject's limit.
 //! A client handles "fix the request" once, whichever service it asked.
 
 use std::process::{Child, Command, Stdio};
@@ -92,6 +93,9 @@ async fn every_service_refuses_an_unreadable_request_with_the_shared_codes() {
             b"not json".to_vec(),
             br#""a string, not an object""#.to_vec(),
             oversized.clone(),
+            // An array serde would read as a struct's fields in order (a locate's lon, lat):
+            // JSON of the wrong shape all the same.
+            br#"[117.6, 26.2]"#.to_vec(),
         ] {
             let code = ask(&client, subject, body).await;
             row.push(format!("{:<18}", code.as_deref().unwrap_or("(no answer)")));
@@ -99,14 +103,14 @@ async fn every_service_refuses_an_unreadable_request_with_the_shared_codes() {
         table.push(row.concat().trim_end().to_owned());
     }
     expect_test::expect![[r#"
-        grids.locate                  malformed_json    schema_violation  payload_too_large
-        grids.query.community         malformed_json    schema_violation  payload_too_large
-        grids.cmd.register_community  malformed_json    schema_violation  schema_violation
-        intake.request                malformed_json    schema_violation  payload_too_large
-        intake.query.receipt          malformed_json    schema_violation  payload_too_large
-        incidents.query.get           malformed_json    schema_violation  payload_too_large
-        intake.contact.erase          malformed_json    schema_violation  payload_too_large
-        dispatch.cmd.city.verify      malformed_json    schema_violation  payload_too_large
-        projection.query.incident     malformed_json    schema_violation  payload_too_large"#]]
+        grids.locate                  malformed_json    schema_violation  payload_too_large schema_violation
+        grids.query.community         malformed_json    schema_violation  payload_too_large schema_violation
+        grids.cmd.register_community  malformed_json    schema_violation  schema_violation  schema_violation
+        intake.request                malformed_json    schema_violation  payload_too_large schema_violation
+        intake.query.receipt          malformed_json    schema_violation  payload_too_large schema_violation
+        incidents.query.get           malformed_json    schema_violation  payload_too_large schema_violation
+        intake.contact.erase          malformed_json    schema_violation  payload_too_large schema_violation
+        dispatch.cmd.city.verify      malformed_json    schema_violation  payload_too_large schema_violation
+        projection.query.incident     malformed_json    schema_violation  payload_too_large schema_violation"#]]
     .assert_eq(&table.join("\n"));
 }
