@@ -75,7 +75,9 @@ pub struct ObserveSettings {
     /// service, e.g. `WANGGE_OBSERVE__METRICS_ADDRESS=0.0.0.0:9464`. Port 0 picks a free
     /// port (logged at start). A port already taken stops the service at start.
     pub metrics_address: String,
-    /// Register as a NATS micro service (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`).
+    /// Register as a NATS micro service (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`). Always true:
+    /// the request subjects are micro-service endpoints; `false` is refused at start (kept as
+    /// a key so that a file naming it still loads).
     pub micro_service: bool,
     /// How often stream lag (stream end minus the service's reached sequence) is refreshed.
     pub lag_refresh_seconds: u64,
@@ -529,6 +531,11 @@ impl Settings {
             "observe.metrics_address {:?} is not an address and port such as 0.0.0.0:9464 \
              (empty: no metrics endpoint)",
             self.observe.metrics_address
+        );
+        anyhow::ensure!(
+            self.observe.micro_service,
+            "observe.micro_service = false is not supported: every service's request subjects \
+             are NATS micro-service endpoints, which answer $SRV.PING/INFO/STATS as well"
         );
         anyhow::ensure!(
             self.nats.user.is_some() == self.nats.password.is_some(),

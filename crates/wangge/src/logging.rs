@@ -41,6 +41,22 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The line a failed run writes when the log filter would drop its error: the fields the JSON
+/// subscriber writes for `tracing::error!(error, "wangge failed")`.
+pub fn fatal_json_line(message: &str) -> String {
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    serde_json::json!({
+        "timestamp": timestamp,
+        "level": "ERROR",
+        "message": "wangge failed",
+        "error": message,
+        "target": "wangge",
+    })
+    .to_string()
+}
+
 /// The log filter that applies, and where it comes from: `RUST_LOG` when set (and not
 /// blank), else the settings' `log.filter`.
 pub fn effective_filter(configured: &str) -> (String, &'static str) {

@@ -158,7 +158,13 @@ fn main() -> std::process::ExitCode {
             let message = logging::error_chain(&error);
             // Once: a structured line for collectors, a plain one for a person.
             match log_format {
-                logging::LogFormat::Json => tracing::error!(error = message, "wangge failed"),
+                // Through the subscriber when its filter lets the line through; else written
+                // directly, in the same shape, so that no filter can hide why the process
+                // failed (`RUST_LOG=intake=debug` leaves this crate's errors off).
+                logging::LogFormat::Json if tracing::enabled!(tracing::Level::ERROR) => {
+                    tracing::error!(error = message, "wangge failed")
+                }
+                logging::LogFormat::Json => eprintln!("{}", logging::fatal_json_line(&message)),
                 logging::LogFormat::Pretty => eprintln!("error: {message}"),
             }
             if error.downcast_ref::<cmd::audit::NotIntact>().is_some() {

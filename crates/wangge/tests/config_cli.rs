@@ -93,6 +93,13 @@ fn mistakes_are_named_where_they_were_made() {
     );
     check(
         &[],
+        &[("WANGGE_OBSERVE__MICRO_SERVICE", "false")],
+        expect![[r#"
+            exit Some(2)
+            error: invalid settings (from WANGGE_* variables): observe.micro_service = false is not supported: every service's request subjects are NATS micro-service endpoints, which answer $SRV.PING/INFO/STATS as well"#]],
+    );
+    check(
+        &[],
         &[("WANGGE_CITY", "paris")],
         expect![[r#"
             exit Some(2)
@@ -141,4 +148,34 @@ fn mistakes_are_named_where_they_were_made() {
             exit Some(2)
             error: config file / is not a file"#]],
     );
+}
+
+/// In JSON log mode, a failed run says why on stderr whatever the log filter: a filter that
+/// leaves this crate's errors off (`RUST_LOG=intake=debug`) used to leave nothing at all.
+#[test]
+fn a_failure_is_logged_whatever_the_filter() {
+    for filter in ["intake=debug", "off", "info"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_wangge"))
+            .args(["audit", "verify"])
+            .env_remove("WANGGE_CONFIG")
+            .env("WANGGE_LOG__FORMAT", "json")
+            .env("RUST_LOG", filter)
+            .env("WANGGE_NATS__URL", "nats://127.0.0.1:1")
+            .output()
+            .expect("run wangge");
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr
+            .lines()
+            .find(|line| line.contains("wangge failed"))
+            .unwrap_or_else(|| panic!("{filter}: {stderr:?}"));
+        let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(value["level"], "ERROR", "{line}");
+        assert!(
+            value["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("connect to NATS")),
+            "{line}"
+        );
+    }
 }
