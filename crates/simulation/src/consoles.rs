@@ -163,7 +163,13 @@ impl Consoles {
         plan: ConsolePlan,
         residents: Residents,
         stop: watch::Receiver<bool>,
-    ) -> Result<(Consoles, tokio::task::JoinHandle<()>), SimulationError> {
+    ) -> Result<
+        (
+            Consoles,
+            tokio::task::JoinHandle<Result<(), SimulationError>>,
+        ),
+        SimulationError,
+    > {
         let jetstream = async_nats::jetstream::new(client.clone());
         let bus = |context: &str, error: String| SimulationError::Bus {
             context: context.to_owned(),
@@ -194,9 +200,11 @@ impl Consoles {
         let this = consoles.clone();
         let client = client.clone();
         let task = tokio::spawn(async move {
-            if let Err(error) = this.serve(client, plan, residents, stop).await {
+            let served = this.serve(client, plan, residents, stop).await;
+            if let Err(error) = &served {
                 tracing::error!(error = %error, "simulated consoles stopped");
             }
+            served
         });
         Ok((consoles, task))
     }

@@ -31,7 +31,7 @@ fn a_short_demo_passes_its_checks_and_writes_its_outputs() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
     let checks = report["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 5, "{checks:?}");
+    assert_eq!(checks.len(), 7, "{checks:?}");
     assert!(
         checks.iter().all(|check| check["passed"] == true),
         "{checks:?}"

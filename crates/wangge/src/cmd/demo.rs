@@ -131,6 +131,9 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         &mut services,
         started,
     )));
+    // The demo's own connection ends before the server does (no "connection lost" warnings
+    // after the report).
+    drop(runtime);
     services.stop();
     drop(server);
     let report = outcome?;
@@ -269,7 +272,13 @@ async fn simulate(
     }
     let _ = stop.send(true);
     let _ = receipts_task.await;
-    let _ = consoles_task.await;
+    // How the consoles ended is a check of the report: a console loop that stopped on an
+    // error leaves dispatch's notices unanswered while intake's checks still pass.
+    let consoles_outcome = match consoles_task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(format!("the consoles' task ended abnormally: {error}")),
+    };
 
     let report = build_report(
         settings,
@@ -280,8 +289,12 @@ async fn simulate(
         &behaviours,
         households,
         buildings,
+        consoles_outcome,
     )
     .await?;
+    // A service that died while the report was read back (after the last progress tick)
+    // fails the run too.
+    services.check_alive()?;
     std::fs::write(
         args.out.join("report.json"),
         serde_json::to_string_pretty(&report)? + "\n",
@@ -342,6 +355,7 @@ async fn build_report(
     behaviours: &BTreeMap<String, Behaviour>,
     households: u64,
     buildings: usize,
+    consoles_outcome: Result<(), String>,
 ) -> anyhow::Result<Value> {
     let spec = |context| {
         StreamSpec::for_context(
@@ -401,6 +415,11 @@ async fn build_report(
     }
     let stats = residents.stats();
     let console_stats = consoles.stats();
+    let registered_households = grid_summary["households"].as_u64().unwrap_or(0);
+    let registered_buildings = grid_summary["buildings"].as_u64().unwrap_or(0);
+    let closed = totals.by_status.get("closed").copied().unwrap_or(0);
+    let whistles_blown: u64 = totals.whistles.iter().map(|w| w.blown).sum();
+    let any_silent = behaviours.values().any(|b| *b == Behaviour::Silent);
     let checks = vec![
         check(
             "every stored report has a receipt",
@@ -430,11 +449,41 @@ async fn build_report(
             format!("{} streams verified", verification.len()),
         ),
         check(
-            "at least 20 communities and 50,000 households",
-            grid_summary["communities"].as_u64().unwrap_or(0) >= 20 && households >= 50_000,
+            "at least 20 communities and 50,000 households, as the registry stored them",
+            grid_summary["communities"].as_u64().unwrap_or(0) >= 20
+                && registered_households >= 50_000
+                && registered_households == households
+                && registered_buildings == buildings as u64,
             format!(
-                "{} communities, {households} households",
+                "registry: {} communities, {registered_households} households in grids, \
+                 {registered_buildings} buildings; planned {households} households, \
+                 {buildings} buildings",
                 grid_summary["communities"]
+            ),
+        ),
+        check(
+            "consoles answered every notice they acted on",
+            console_stats.failed == 0 && consoles_outcome.is_ok(),
+            format!(
+                "{} commands accepted, {} refused, {} failed{}",
+                console_stats.accepted.values().sum::<u64>(),
+                console_stats.rejected.values().sum::<u64>(),
+                console_stats.failed,
+                consoles_outcome
+                    .as_ref()
+                    .err()
+                    .map_or(String::new(), |error| format!("; {error}"))
+            ),
+        ),
+        check(
+            "cases closed and whistles blew",
+            closed > 0 && (whistles_blown > 0 || !any_silent),
+            format!(
+                "{closed} closed; {whistles_blown} whistles blown ({} silent department(s))",
+                behaviours
+                    .values()
+                    .filter(|b| **b == Behaviour::Silent)
+                    .count()
             ),
         ),
     ];

@@ -186,6 +186,9 @@ impl GridMap {
         json!({
             "communities": partitions.len(),
             "grids": households.len(),
+            // As the registry stored them: every building's households in some grid.
+            "households": households.iter().map(|h| u64::from(*h)).sum::<u64>(),
+            "buildings": quality.buildings,
             "households_min": at(0.0),
             "households_p10": at(0.1),
             "households_median": at(0.5),
