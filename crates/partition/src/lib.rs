@@ -50,6 +50,10 @@ pub const UNITS_PER_BUILDING_MAX: usize = 200;
 pub const GRIDS_PER_COMMUNITY_MAX: usize = 999;
 /// Largest number of vertices of a community boundary.
 pub const BOUNDARY_VERTICES_MAX: usize = 100_000;
+/// Widest community boundary (east-west or north-south, metres) partitioned. Far beyond any
+/// residential community (社区, a few kilometres across); past it the local projection to
+/// metres distorts and the work grows with the extent.
+pub const COMMUNITY_EXTENT_MAX_METRES: f64 = 50_000.0;
 
 /// One household-holding entrance of a building (单元). Grids may split a building between its
 /// units but never split a unit.
@@ -236,6 +240,15 @@ pub enum PartitionError {
         community: String,
         grids: usize,
         max: usize,
+    },
+    #[error(
+        "community {community}: boundary spans {extent_m} m, more than {max_m} m (a residential \
+         community is a few kilometres across)"
+    )]
+    CommunityTooLarge {
+        community: String,
+        extent_m: u64,
+        max_m: u64,
     },
     #[error("community {community}: triangulation failed: {reason}")]
     Triangulation { community: String, reason: String },

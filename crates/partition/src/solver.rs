@@ -14,9 +14,9 @@ use crate::geometry::{
     Projection, hilbert_key, multipolygon_area, polsby_popper, sample_ring, signed_area,
 };
 use crate::{
-    BOUNDARY_VERTICES_MAX, BUILDINGS_PER_COMMUNITY_MAX, CommunityInput, Flag,
-    GRIDS_PER_COMMUNITY_MAX, Grid, HOUSEHOLDS_MAX, HOUSEHOLDS_MIN, HOUSEHOLDS_TARGET, Partition,
-    PartitionError, Quality, UNITS_PER_BUILDING_MAX,
+    BOUNDARY_VERTICES_MAX, BUILDINGS_PER_COMMUNITY_MAX, COMMUNITY_EXTENT_MAX_METRES,
+    CommunityInput, Flag, GRIDS_PER_COMMUNITY_MAX, Grid, HOUSEHOLDS_MAX, HOUSEHOLDS_MIN,
+    HOUSEHOLDS_TARGET, Partition, PartitionError, Quality, UNITS_PER_BUILDING_MAX,
 };
 
 const NONE: u32 = u32::MAX;
@@ -37,6 +37,11 @@ const RASTER_CELLS_MAX: usize = 1 << 20;
 const TERRITORY_PROBE_DEGREES: f64 = 1e-4;
 /// Ratio between successive allowed territory spacings.
 const TERRITORY_SPACING_STEP: f64 = 1.25;
+/// Most sites sampled along a community's boundary between its vertices: the spacing grows
+/// for a boundary so long that the usual one would sample more (no residential community
+/// comes near: 100,000 × 60 m is 6,000 km of boundary), so memory and time stay bounded by
+/// the input's vertices ([`BOUNDARY_VERTICES_MAX`]) plus this.
+const TERRITORY_SITES_MAX: usize = 100_000;
 /// Spacing (metres) between the sites of a building's units along its long axis.
 const UNIT_SPACING_METRES: f64 = 3.0;
 /// Largest number of household-free sites (territory, empty buildings) carried along with a
@@ -185,6 +190,14 @@ impl<'a> Community<'a> {
         if area <= 0.0 {
             return Err(bad_boundary());
         }
+        let extent = bbox_size(&boundary);
+        if extent > COMMUNITY_EXTENT_MAX_METRES {
+            return Err(PartitionError::CommunityTooLarge {
+                community,
+                extent_m: extent.round() as u64,
+                max_m: COMMUNITY_EXTENT_MAX_METRES as u64,
+            });
+        }
         let boundary_segments = RTree::bulk_load(
             boundary
                 .iter()
@@ -272,6 +285,23 @@ impl<'a> Community<'a> {
             }
         }
 
+        // The grids the first cut will draw, refused before any triangulation when over the
+        // bound: each item over HOUSEHOLDS_MAX alone, the rest in even runs (as `cut` does).
+        let oversize = weight.iter().filter(|w| **w > HOUSEHOLDS_MAX).count();
+        let rest: u64 = weight
+            .iter()
+            .filter(|w| **w <= HOUSEHOLDS_MAX)
+            .map(|w| u64::from(*w))
+            .sum();
+        let planned = oversize + if rest > 0 { grid_count_for(rest) } else { 0 };
+        if planned > GRIDS_PER_COMMUNITY_MAX {
+            return Err(PartitionError::TooManyGrids {
+                community: input.id.clone(),
+                grids: planned,
+                max: GRIDS_PER_COMMUNITY_MAX,
+            });
+        }
+
         // Territory: the boundary, sampled about one building spacing apart.
         // Quantised to steps of 25%, so that adding or removing a few buildings leaves the
         // territory sites (and so the graph near the boundary) exactly as they were.
@@ -279,8 +309,15 @@ impl<'a> Community<'a> {
         let steps = (raw_spacing.max(TERRITORY_SPACING_MIN_METRES) / TERRITORY_SPACING_MIN_METRES)
             .log(TERRITORY_SPACING_STEP)
             .round();
+        let perimeter: f64 = boundary
+            .iter()
+            .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
+            .flat_map(|ring| ring.lines())
+            .map(|line| geo::Length::length(&Euclidean, &line))
+            .sum();
         let spacing = (TERRITORY_SPACING_MIN_METRES * TERRITORY_SPACING_STEP.powf(steps))
-            .clamp(TERRITORY_SPACING_MIN_METRES, TERRITORY_SPACING_MAX_METRES);
+            .clamp(TERRITORY_SPACING_MIN_METRES, TERRITORY_SPACING_MAX_METRES)
+            .max(perimeter / TERRITORY_SITES_MAX as f64);
         let mut territory = Vec::new();
         for polygon in boundary.iter() {
             sample_ring(polygon.exterior(), spacing, &mut territory);

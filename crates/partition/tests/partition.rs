@@ -653,3 +653,71 @@ fn the_same_input_gives_the_same_grids() {
         }
     }
 }
+
+/// Inputs past the named bounds are refused or bounded before the expensive work: a
+/// community whose first cut would draw more than GRIDS_PER_COMMUNITY_MAX grids is refused
+/// at once (before, only after the whole solve), and so is a boundary thousands of
+/// kilometres across (before, millions of sites sampled along it).
+#[test]
+fn work_is_bounded_before_it_starts() {
+    let started = std::time::Instant::now();
+    let buildings: Vec<BuildingInput> = (0..2_000)
+        .map(|i| {
+            let (x, y) = ((i % 50) as f64 * 20.0 + 10.0, (i / 50) as f64 * 20.0 + 10.0);
+            building(&format!("b{i}"), x, y, 240, &[])
+        })
+        .collect();
+    let refused = partition::partition(&square_community(1_000.0, buildings));
+    assert!(
+        matches!(
+            refused,
+            Err(partition::PartitionError::TooManyGrids {
+                grids: 2_400,
+                max: 999,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+
+    // Most of the world's longitudes: ~30,000 km of boundary, one building.
+    let ring = vec![
+        Coord {
+            x: -170.0,
+            y: -60.0,
+        },
+        Coord { x: 170.0, y: -60.0 },
+        Coord { x: 170.0, y: 60.0 },
+        Coord { x: -170.0, y: 60.0 },
+        Coord {
+            x: -170.0,
+            y: -60.0,
+        },
+    ];
+    let huge = CommunityInput {
+        id: "huge".into(),
+        code: "431302001001".into(),
+        boundary: MultiPolygon::new(vec![Polygon::new(LineString::new(ring), vec![])]),
+        buildings: vec![BuildingInput {
+            id: "lonely".into(),
+            position: Point(Coord { x: 0.0, y: 0.0 }),
+            footprint: None,
+            households: 100,
+            population: None,
+            units: Vec::new(),
+        }],
+    };
+    let refused = partition::partition(&huge);
+    assert!(
+        matches!(
+            refused,
+            Err(partition::PartitionError::CommunityTooLarge { max_m: 50_000, .. })
+        ),
+        "{refused:?}"
+    );
+}
