@@ -531,20 +531,20 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
             xiaofang reports with yingji's command id: rejected command_id_reused (command id c1 was already used for another command)
             yingji reports again: rejected already_reported_to_whistle (department yingji has already reported)
             xiaofang resolves first: rejected not_acknowledged (the handler has not acknowledged the case)
-            xiaofang acknowledges: accepted v6 dup=false incident.acknowledged
-            xiaofang asks for time: accepted v7 dup=false incident.extension_requested
-            street approves: accepted v8 dup=false incident.extension_approved
-            xiaofang resolves: accepted v9 dup=false incident.resolved
-            grid worker verifies: accepted v11 dup=false incident.verified incident.closed
-            resident rates: accepted v12 dup=false incident.rated
+            xiaofang acknowledges: accepted v7 dup=false incident.acknowledged incident.whistle_reported
+            xiaofang asks for time: accepted v8 dup=false incident.extension_requested
+            street approves: accepted v9 dup=false incident.extension_approved
+            xiaofang resolves: accepted v10 dup=false incident.resolved
+            grid worker verifies: accepted v12 dup=false incident.verified incident.closed
+            resident rates: accepted v13 dup=false incident.rated
         "#]],
     );
     // Nothing is due any more, however late it gets.
     time.set(Timestamp(START.0 + 10_000 * MINUTE));
     settle().await;
-    wait_version(&store, fire, 12).await;
+    wait_version(&store, fire, 13).await;
     let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
-    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 12);
+    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 13);
     // The console commands' commits carry ids derived from their command ids ("c1" is
     // yingji's report to the whistle), as the system's do.
     history(&store, fire).await;
@@ -561,12 +561,12 @@ async fn a_department_acknowledges_resolves_and_the_case_closes() {
     expect![[r#"
         v4 dispatched incident.dispatched incident.whistle_blown handler=department:xiaofang
         v5 dispatched incident.whistle_reported handler=department:xiaofang
-        v6 acknowledged incident.acknowledged handler=department:xiaofang
-        v7 acknowledged incident.extension_requested handler=department:xiaofang
-        v8 acknowledged incident.extension_approved handler=department:xiaofang
-        v9 resolved incident.resolved handler=department:xiaofang
-        v11 closed incident.verified incident.closed handler=department:xiaofang
-        v12 closed incident.rated handler=department:xiaofang"#]]
+        v7 acknowledged incident.acknowledged incident.whistle_reported handler=department:xiaofang
+        v8 acknowledged incident.extension_requested handler=department:xiaofang
+        v9 acknowledged incident.extension_approved handler=department:xiaofang
+        v10 resolved incident.resolved handler=department:xiaofang
+        v12 closed incident.verified incident.closed handler=department:xiaofang
+        v13 closed incident.rated handler=department:xiaofang"#]]
     .assert_eq(&statuses(&mut status_updates).await);
     a.stop.send(true).unwrap();
     a.task.await.unwrap();
@@ -672,9 +672,9 @@ async fn an_instance_behind_the_stream_reads_it_before_refusing() {
     check_commands(
         &replies,
         expect![[r#"
-            xiaofang resolves (acknowledged elsewhere): accepted v6 dup=false incident.resolved
+            xiaofang resolves (acknowledged elsewhere): accepted v7 dup=false incident.resolved
             xiaofang acknowledges an incident filed a moment ago: rejected not_assigned (department:xiaofang may not acknowledge: the case is neither assigned to it nor summoned it)
-            xiaofang resends the acknowledge stored elsewhere: accepted v5 dup=true 
+            xiaofang resends the acknowledge stored elsewhere: accepted v6 dup=true 
             chengguan sends a command under that id: rejected command_id_reused (command id acknowledged-elsewhere was already used for another command)
         "#]],
     );
@@ -762,7 +762,7 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
     expect![[r#"
         xiaofang acknowledges: last for xiaofang summoned v4 (this commit: false)
         xiaofang asks for time: last for xiaofang summoned v4 (this commit: false)
-        street approves: last for xiaofang extension_decided v7 (this commit: true)"#]]
+        street approves: last for xiaofang extension_decided v8 (this commit: true)"#]]
     .assert_eq(&seen.join("\n"));
     // Resumed, the notifier reaches every commit: nothing is published twice.
     pause_notifier(&client, None).await;
@@ -783,7 +783,7 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
         v4 assigned dispatch.notify.department.xiaofang
         v4 summoned dispatch.notify.department.xiaofang
         v4 summoned dispatch.notify.department.yingji
-        v7 extension_decided dispatch.notify.department.xiaofang"#]]
+        v8 extension_decided dispatch.notify.department.xiaofang"#]]
     .assert_eq(&kinds.join("\n"));
 }
 
@@ -855,8 +855,8 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
     b.stop.send(true).unwrap();
     b.task.await.unwrap();
     expect![[r#"
-        v7 extension_decided dispatch.notify.department.xiaofang
-        v8 assigned dispatch.notify.street.350402001"#]]
+        v8 extension_decided dispatch.notify.department.xiaofang
+        v9 assigned dispatch.notify.street.350402001"#]]
     .assert_eq(&kinds.join("\n"));
 }
 
@@ -986,18 +986,18 @@ async fn an_incident_that_left_the_book_is_read_back_for_a_command() {
     check_commands(
         &replies,
         expect![[r#"
-            xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
-            xiaofang resolves: accepted v6 dup=false incident.resolved
-            grid worker verifies: accepted v8 dup=false incident.verified incident.closed
-            xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
-            xiaofang resolves: accepted v6 dup=false incident.resolved
-            grid worker verifies: accepted v8 dup=false incident.verified incident.closed
-            resident rates and reopens the fire: accepted v10 dup=false incident.rated incident.reopened
-            xiaofang acknowledges: accepted v11 dup=false incident.acknowledged
-            xiaofang resolves: accepted v12 dup=false incident.resolved
-            grid worker verifies: accepted v14 dup=false incident.verified incident.closed
-            the other case is rated: accepted v9 dup=false incident.rated
-            the rating resent to another instance: accepted v10 dup=true 
+            xiaofang acknowledges: accepted v6 dup=false incident.acknowledged incident.whistle_reported
+            xiaofang resolves: accepted v7 dup=false incident.resolved
+            grid worker verifies: accepted v9 dup=false incident.verified incident.closed
+            xiaofang acknowledges: accepted v6 dup=false incident.acknowledged incident.whistle_reported
+            xiaofang resolves: accepted v7 dup=false incident.resolved
+            grid worker verifies: accepted v9 dup=false incident.verified incident.closed
+            resident rates and reopens the fire: accepted v11 dup=false incident.rated incident.reopened
+            xiaofang acknowledges: accepted v12 dup=false incident.acknowledged
+            xiaofang resolves: accepted v13 dup=false incident.resolved
+            grid worker verifies: accepted v15 dup=false incident.verified incident.closed
+            the other case is rated: accepted v10 dup=false incident.rated
+            the rating resent to another instance: accepted v11 dup=true 
         "#]],
     );
     let kinds: Vec<String> = drain(&department)
@@ -1010,7 +1010,7 @@ async fn an_incident_that_left_the_book_is_read_back_for_a_command() {
         v4 summoned
         v4 assigned
         v4 summoned
-        v10 assigned"#]]
+        v11 assigned"#]]
     .assert_eq(&kinds.join("\n"));
 }
 
@@ -1115,14 +1115,14 @@ async fn a_command_resent_after_the_duplicate_window_is_not_applied_twice() {
     check_commands(
         &replies,
         expect![[r#"
-        xiaofang acknowledges: accepted v5 dup=false incident.acknowledged
-        xiaofang resolves (r1): accepted v6 dup=false incident.resolved
-        the grid worker finds it not done: accepted v7 dup=false incident.verification_failed
-        xiaofang's console resends r1: accepted v6 dup=true 
-    "#]],
+            xiaofang acknowledges: accepted v6 dup=false incident.acknowledged incident.whistle_reported
+            xiaofang resolves (r1): accepted v7 dup=false incident.resolved
+            the grid worker finds it not done: accepted v8 dup=false incident.verification_failed
+            xiaofang's console resends r1: accepted v7 dup=true 
+        "#]],
     );
     let aggregate = AggregateId::new(fire.0.hyphenated().to_string()).unwrap();
-    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 7);
+    assert_eq!(store.last_position(&aggregate).await.unwrap().version, 8);
     b.stop.send(true).unwrap();
     b.task.await.unwrap();
 }

@@ -334,7 +334,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
         &replayed,
         expect![[r#"
             from snapshot at sequence 65, reached 69
-            6 x Acknowledged v5 next deadline +30min
+            6 x Acknowledged v6 next deadline +30min
             24 x Dispatched v4 next deadline +10min
             3 x Filed v2 next deadline none
         "#]],
@@ -355,7 +355,7 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
             &replayed,
             expect![[r#"
                 from snapshot at sequence 0, reached 69
-                6 x Acknowledged v5 next deadline +30min
+                6 x Acknowledged v6 next deadline +30min
                 24 x Dispatched v4 next deadline +10min
                 3 x Filed v2 next deadline none
             "#]],

@@ -478,6 +478,44 @@ pub enum IncidentEvent {
     },
 }
 
+impl IncidentEvent {
+    /// Who decided this event, when the event names them (the reporter of a report, the
+    /// department that acknowledged): for an auditor, not always the commit's actor (a
+    /// filing commit is written by intake for the resident who reported). `None` for what the
+    /// clock decided (missed deadlines, whistles) and for intake's bookkeeping.
+    pub fn by(&self) -> Option<&Actor> {
+        use IncidentEvent as E;
+        match self {
+            E::Reported { by, .. }
+            | E::Filed { by, .. }
+            | E::ReportRejected { by, .. }
+            | E::Dispatched { by, .. }
+            | E::Acknowledged { by, .. }
+            | E::Resolved { by, .. }
+            | E::VerificationFailed { by, .. }
+            | E::Verified { by, .. }
+            | E::Closed { by, .. }
+            | E::Rated { by, .. }
+            | E::Reopened { by, .. }
+            | E::Returned { by, .. }
+            | E::ExtensionRequested { by, .. }
+            | E::ExtensionApproved { by, .. }
+            | E::ExtensionDenied { by, .. }
+            | E::Parked { by, .. }
+            | E::Unparked { by, .. }
+            | E::DuplicateMerged { by, .. }
+            | E::MergedInto { by, .. }
+            | E::Cancelled { by, .. }
+            | E::WhistleReported { by, .. } => Some(by),
+            E::DeadlineMissed { .. }
+            | E::WhistleBlown { .. }
+            | E::WhistleReportMissed { .. }
+            | E::WhistleEscalated { .. }
+            | E::SubmissionTaken { .. } => None,
+        }
+    }
+}
+
 /// What an actor asks for.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Action {
@@ -1351,6 +1389,21 @@ impl Decision<'_> {
                     .response
                     .is_some_and(|d| d.missed || self.now > d.at);
                 self.emit(IncidentEvent::Acknowledged { by: actor, late });
+                // Acknowledging is reporting in (报到): a handler department that an active
+                // whistle summoned has reported to it, in the same commit, rather than being
+                // recorded as missing its report and escalated while it works the case.
+                if let R::Department(department) = self.role()
+                    && self.state.whistle.is_some()
+                    && let Some(summons) = self.state.summons(department)
+                    && summons.state != ReportState::Reported
+                {
+                    let late = summons.state == ReportState::Missed || self.now > summons.report_by;
+                    self.emit(IncidentEvent::WhistleReported {
+                        by: actor,
+                        department,
+                        late,
+                    });
+                }
             }
             Action::Resolve { note } => {
                 let reported_summons = matches!(self.role(), R::Department(d)

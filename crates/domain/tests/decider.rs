@@ -1321,6 +1321,18 @@ fn whistle_on_missed_response_then_missed_report_escalates() {
           NothingDue { next: Some(2026-03-10 15:30) }
     "#]],
     );
+    // The late handler acknowledges: that is its report (报到) to the whistle that summoned
+    // it, in the same commit, so it is not recorded as missing its report at 15:30.
+    check_at(
+        &whistled.events,
+        at_noon,
+        department("shizheng"),
+        Action::Acknowledge,
+        expect![[r#"
+            Acknowledged { by: Department(shizheng)#9, late: true }
+            WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
+        "#]],
+    );
     // The department reports.
     check_at(
         &whistled.events,

@@ -139,15 +139,20 @@ async fn timeline_verify_export_and_a_tampered_disk() {
 
         1  2026-11-23T10:00:00.000+08:00  resident/intake
              Incident 0193f1c2-7d1e-7a40-9a8e-2f0c1d9b7e55 reported: "路面坑洼，雨后积水"
+             by: resident/00000000-0000-0000-0000-00000000002a
         2  2026-11-23T10:00:00.000+08:00  resident/intake
              Filed in grid 350402001002007 as category 0102
+             by: system/00000000-0000-0000-0000-00000000002a
         3  2026-11-23T10:01:00.000+08:00  system/dispatch
              Assigned to department chengguan [城市管理局(城市管理综合执法)] (by the routing table); respond by 2026-11-23T13:31:00+08:00, resolve by 2026-11-25T10:01:00+08:00
+             by: system/00000000-0000-0000-0000-00000000002a
              concerns: department:chengguan (城市管理局(城市管理综合执法))
         4  2026-11-23T10:30:00.000+08:00  department:chengguan/console-acknowledge
              Handler acknowledged the case
+             by: department:chengguan/00000000-0000-0000-0000-00000000002a
         5  2026-11-23T13:20:00.000+08:00  department:chengguan/console-resolve
              Handler reported the case resolved
+             by: department:chengguan/00000000-0000-0000-0000-00000000002a
              reason: refilled the pothole and rolled it flat
 
         Hash chain: every commit links to the one before it.
@@ -525,6 +530,7 @@ async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
     expect![[r#"
         5  2026-11-23T13:20:00.000+08:00  department:chengguan/console-resolve
              Handler reported the case resolved
+             by: department:chengguan/00000000-0000-0000-0000-00000000002a
              reason: Refilled the pothole and rolled it flat
 
         Hash chain: 1 BROKEN link(s); the events above are as stored, not as decided:

@@ -344,6 +344,9 @@ fn timeline_entries(
                 "occurred_at": format_at(commit.meta.occurred_at_ms, utc_offset_ms),
                 "stored_at": format_at(commit.stored_at_ms, utc_offset_ms),
                 "actor": commit.meta.actor,
+                // Who the event names as deciding it (the resident who reported, in a filing
+                // commit intake wrote): `null` for what the clock decided.
+                "by": recorded.event.by().map(|by| format!("{}/{}", by.role, by.id)),
                 "command_id": commit.command_id,
                 "correlation_id": commit.meta.correlation_id,
                 "event_id": recorded.event_id,
@@ -382,6 +385,11 @@ fn render_timeline(
             field("actor"),
             field("summary"),
         ));
+        if let Some(by) = entry["by"].as_str()
+            && by != field("actor")
+        {
+            text.push_str(&format!("     by: {by}\n"));
+        }
         if let Some(reason) = entry["reason"].as_str() {
             text.push_str(&format!("     reason: {reason}\n"));
         }
