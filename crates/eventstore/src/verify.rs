@@ -7,7 +7,11 @@
 //! nothing (the newest commit of an aggregate, or a whole stream replaced, checks out). What
 //! an auditor keeps outside the log closes that: the heads a walk saw ([`ChainHead`]: each
 //! aggregate's newest version and hash), checked by a later walk. Each head's hash covers its
-//! aggregate's whole history up to it, so any change at or before a saved head shows.
+//! aggregate's whole history up to it, so any change at or before a saved head shows. Hashes
+//! do not cover the stream sequence, so a copied stream could also take commits slipped in
+//! among the old ones; but a log only appended to since the heads were saved has every commit
+//! they do not cover after all of them, so one standing before a saved head is a finding
+//! ([`Finding::AddedBeforeSavedHeads`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -73,6 +77,17 @@ pub enum Finding {
         version: u64,
         /// The newest version found (0: none).
         found_version: u64,
+    },
+    /// A commit the saved heads do not cover (an aggregate they do not name, or a version
+    /// past its saved head) stands before a saved head in stream order. In a log that was
+    /// only appended to since the heads were saved, every such commit comes after all of
+    /// them: this one was put in among the old commits (a copied stream, rewritten).
+    AddedBeforeSavedHeads {
+        sequence: u64,
+        aggregate: String,
+        version: u64,
+        /// Saved heads not yet met at this commit.
+        heads_not_yet_met: u64,
     },
 }
 
@@ -253,6 +268,10 @@ impl<C: EventCodec> EventStore<C> {
         // (the tampering test in crates/wangge/tests/audit_cli.rs: `messages` 4, nothing
         // listed as deleted, sequence 4 not found).
         let mut chains: HashMap<String, Position> = HashMap::new();
+        // Saved heads the walk has not met yet; while any is left, a commit they do not cover
+        // is out of place (see `Finding::AddedBeforeSavedHeads`).
+        let mut heads_unmet: std::collections::HashSet<&str> =
+            saved.heads.keys().map(String::as_str).collect();
         let mut previous_sequence = first_sequence - 1;
         while previous_sequence < last_sequence {
             let message = match tokio::time::timeout(VERIFY_MESSAGE_TIMEOUT, messages.next()).await
@@ -303,7 +322,14 @@ impl<C: EventCodec> EventStore<C> {
             if report.commits_checked.is_multiple_of(10_000) {
                 progress(report.commits_checked, last_sequence);
             }
-            check_commit(&mut report, &mut chains, saved, sequence, &message);
+            check_commit(
+                &mut report,
+                &mut chains,
+                saved,
+                &mut heads_unmet,
+                sequence,
+                &message,
+            );
             if chains.len() > aggregates_max {
                 return Err(read_error(format!(
                     "more than {aggregates_max} aggregates by stream sequence {sequence} of \
@@ -370,6 +396,7 @@ fn check_commit(
     report: &mut VerifyReport,
     chains: &mut HashMap<String, Position>,
     saved: &SavedHeads,
+    heads_unmet: &mut std::collections::HashSet<&str>,
     sequence: u64,
     message: &async_nats::jetstream::Message,
 ) {
@@ -422,9 +449,22 @@ fn check_commit(
             detail,
         });
     }
+    let covered = saved
+        .heads
+        .get(&aggregate)
+        .is_some_and(|(saved_version, _)| envelope.first_version <= *saved_version);
+    if !covered && !heads_unmet.is_empty() {
+        report.add(Finding::AddedBeforeSavedHeads {
+            sequence,
+            aggregate: aggregate.clone(),
+            version: envelope.version,
+            heads_not_yet_met: heads_unmet.len() as u64,
+        });
+    }
     if let Some((saved_version, saved_hash)) = saved.heads.get(&aggregate)
         && (envelope.first_version..=envelope.version).contains(saved_version)
     {
+        heads_unmet.remove(aggregate.as_str());
         let detail = if envelope.version != *saved_version {
             Some(format!(
                 "the saved head is version {saved_version}; this commit holds versions {} to {}",

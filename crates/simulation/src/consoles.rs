@@ -108,6 +108,10 @@ pub struct ConsoleStats {
     /// `<action>:<reason_code>` -> count. Some refusals are expected: a slow console that
     /// acknowledges a case already taken away from it gets `not_assigned`.
     pub rejected: BTreeMap<String, u64>,
+    /// `<action>` -> count of commands refused because what they ask is already so: a
+    /// handler department summoned by a whistle has reported to it by acknowledging, so its
+    /// own `report_to_whistle` finds the report made. Not a refusal of the console's work.
+    pub already_done: BTreeMap<String, u64>,
     pub failed: u64,
 }
 
@@ -315,6 +319,15 @@ impl Consoles {
                 Ok(reply) if reply["status"] == "accepted" => {
                     *lock(&self.stats)
                         .accepted
+                        .entry(step.action.to_owned())
+                        .or_default() += 1;
+                }
+                Ok(reply)
+                    if step.action == "report_to_whistle"
+                        && reply["reason_code"] == "already_reported_to_whistle" =>
+                {
+                    *lock(&self.stats)
+                        .already_done
                         .entry(step.action.to_owned())
                         .or_default() += 1;
                 }

@@ -475,6 +475,114 @@ async fn saved_chain_heads_reveal_a_rewritten_history() {
     assert_eq!(again, file);
 }
 
+/// A copied stream with a made-up incident put in before the old commits (hashes do not
+/// cover the stream sequence, so every chain is intact in itself): the saved heads show it,
+/// since in a log only appended to since they were saved, every commit they do not cover
+/// comes after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_chain_heads_reveal_commits_slipped_in_before_them() {
+    let server = testkit::NatsServer::start().unwrap();
+    let url = server.url();
+    let folder = tempfile::tempdir().unwrap();
+    let heads = folder.path().join("heads.json");
+    let heads_arg = heads.to_str().unwrap();
+    let genuine = IncidentId(uuid::Uuid::from_u128(
+        0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0011,
+    ));
+    write_incident(&url, genuine, RESOLVE_NOTE).await;
+    let saving = audit(
+        &url,
+        &["verify", "--stream", "incidents", "--save-heads", heads_arg],
+    );
+    assert!(saving.status.success(), "{}", text(&saving.stderr));
+
+    // Copy the stream's messages out, recreate it with a made-up incident first, then put
+    // the genuine commits back as they were.
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let mut copied = Vec::new();
+    {
+        let stream = jetstream.get_stream("INCIDENTS").await.unwrap();
+        let last = stream.cached_info().state.last_sequence;
+        for sequence in 1..=last {
+            copied.push(stream.get_raw_message(sequence).await.unwrap());
+        }
+    }
+    jetstream.delete_stream("INCIDENTS").await.unwrap();
+    let made_up = IncidentId(uuid::Uuid::from_u128(
+        0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0012,
+    ));
+    write_incident(&url, made_up, "never happened").await;
+    for message in copied {
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in message.headers.iter() {
+            if name.to_string().starts_with("Nats-Expected") {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        jetstream
+            .publish_with_headers(message.subject.to_string(), headers, message.payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let alone = audit(&url, &["verify", "--stream", "incidents"]);
+    assert!(
+        alone.status.success(),
+        "intact in itself: {}",
+        text(&alone.stderr)
+    );
+
+    let checked = audit(
+        &url,
+        &[
+            "verify",
+            "--stream",
+            "incidents",
+            "--json",
+            "--check-heads",
+            heads_arg,
+        ],
+    );
+    assert_eq!(checked.status.code(), Some(3), "{}", text(&checked.stderr));
+    let reports: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    expect![[r#"
+        [
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000012",
+            "heads_not_yet_met": 1,
+            "kind": "added_before_saved_heads",
+            "sequence": 1,
+            "version": 2
+          },
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000012",
+            "heads_not_yet_met": 1,
+            "kind": "added_before_saved_heads",
+            "sequence": 2,
+            "version": 3
+          },
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000012",
+            "heads_not_yet_met": 1,
+            "kind": "added_before_saved_heads",
+            "sequence": 3,
+            "version": 4
+          },
+          {
+            "aggregate": "0193f1c2-7d1e-7a40-9a8e-000000000012",
+            "heads_not_yet_met": 1,
+            "kind": "added_before_saved_heads",
+            "sequence": 4,
+            "version": 5
+          }
+        ]"#]]
+    .assert_eq(&serde_json::to_string_pretty(&reports[0]["findings"]).unwrap());
+}
+
 /// A commit forged onto an incident's subject (the last one copied, its note edited, no hash
 /// recomputed): the timeline still shows every stored event and names the broken link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

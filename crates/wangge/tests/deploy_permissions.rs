@@ -810,8 +810,9 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
     .assert_eq(&lines.join("\n"));
     assert_eq!(
         version_of(&incidents, case).await,
-        version_before + 1,
-        "only xiaofang's own acknowledgement was written"
+        version_before + 2,
+        "only xiaofang's own acknowledgement was written (with its report to the fire's \
+         emergency whistle, which summoned it)"
     );
     assert!(
         tokio::time::timeout(Duration::from_millis(200), peek.next())

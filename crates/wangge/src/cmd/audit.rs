@@ -60,7 +60,9 @@ pub enum AuditCommand {
     /// The hashes are plain SHA-256, so someone who can write the streams could rewrite a
     /// history and recompute its hashes; a walk alone cannot see that. Save the chain heads a
     /// walk saw (`--save-heads`) where the log's operators cannot change them, and check a
-    /// later walk against them (`--check-heads`): any change at or before a saved head shows.
+    /// later walk against them (`--check-heads`): any change at or before a saved head shows,
+    /// and so does a commit put in among the old ones (one the heads do not cover, standing
+    /// before one they name).
     ///
     /// Exit status: 0 every stream checked and intact; 3 checked, and the log is not intact
     /// (the findings are printed); 1 the check could not be made or finished (no connection,
