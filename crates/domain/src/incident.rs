@@ -1392,18 +1392,7 @@ impl Decision<'_> {
                 // Acknowledging is reporting in (报到): a handler department that an active
                 // whistle summoned has reported to it, in the same commit, rather than being
                 // recorded as missing its report and escalated while it works the case.
-                if let R::Department(department) = self.role()
-                    && self.state.whistle.is_some()
-                    && let Some(summons) = self.state.summons(department)
-                    && summons.state != ReportState::Reported
-                {
-                    let late = summons.state == ReportState::Missed || self.now > summons.report_by;
-                    self.emit(IncidentEvent::WhistleReported {
-                        by: actor,
-                        department,
-                        late,
-                    });
-                }
+                self.report_own_summons(actor);
             }
             Action::Resolve { note } => {
                 let reported_summons = matches!(self.role(), R::Department(d)
@@ -1518,6 +1507,10 @@ impl Decision<'_> {
                     response_due,
                     resolution_due,
                 });
+                // Answering a whistle's summons with "not ours" is reporting in (报到): the
+                // department that returns the case is not left pending on it, to be recorded
+                // as missing its report and the whistle escalated for a case it no longer has.
+                self.report_own_summons(actor);
             }
             Action::RequestExtension { minutes, reason } => {
                 self.require_handler_in(command, ACTIVE)?;
@@ -1725,6 +1718,24 @@ impl Decision<'_> {
             }
         }
         Ok(())
+    }
+
+    /// When the acting department has a summons of the active whistle not yet reported,
+    /// records its report (`WhistleReported`) in the same commit: used where the command is
+    /// itself the department's answer to the case (acknowledging it, returning it).
+    fn report_own_summons(&mut self, actor: Actor) {
+        if let Role::Department(department) = self.role()
+            && self.state.whistle.is_some()
+            && let Some(summons) = self.state.summons(department)
+            && summons.state != ReportState::Reported
+        {
+            let late = summons.state == ReportState::Missed || self.now > summons.report_by;
+            self.emit(IncidentEvent::WhistleReported {
+                by: actor,
+                department,
+                late,
+            });
+        }
     }
 
     fn dispatch(&mut self, to: Option<Handler>) -> Result<(), Rejection> {

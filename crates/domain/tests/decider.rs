@@ -1333,6 +1333,21 @@ fn whistle_on_missed_response_then_missed_report_escalates() {
             WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
         "#]],
     );
+    // Returning the case ("not ours") answers the summons too: the department is not left
+    // pending on a whistle about a case it no longer has.
+    check_at(
+        &whistled.events,
+        at_noon,
+        department("shizheng"),
+        Action::ReturnNotOurs {
+            reason: domain::incident::ReturnReason::NotOurDuty,
+            note: "供水管网归水务公司".to_owned(),
+        },
+        expect![[r#"
+            Returned { by: Department(shizheng)#9, handler: Department(shizheng), reason: NotOurDuty, note: "供水管网归水务公司", rerouted_to: Street, source: Street, response_due: 2026-03-10 14:30, resolution_due: 2026-03-13 12:00 }
+            WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
+        "#]],
+    );
     // The department reports.
     check_at(
         &whistled.events,
