@@ -155,7 +155,7 @@ async fn timeline_verify_export_and_a_tampered_disk() {
              by: department:chengguan/00000000-0000-0000-0000-00000000002a
              reason: refilled the pothole and rolled it flat
 
-        Hash chain: every commit links to the one before it.
+        Hash chain: every commit links to the one before it. (Commits deleted after the last one shown would not show here: `wangge audit verify` checks the whole log.)
     "#]]
     .assert_eq(&text(&timeline.stdout));
 

@@ -418,7 +418,10 @@ fn render_timeline(
         }
     }
     if chain.is_empty() {
-        text.push_str("\nHash chain: every commit links to the one before it.\n");
+        text.push_str(
+            "\nHash chain: every commit links to the one before it. (Commits deleted after the \
+             last one shown would not show here: `wangge audit verify` checks the whole log.)\n",
+        );
     } else {
         text.push_str(&format!(
             "\nHash chain: {} BROKEN link(s); the events above are as stored, not as decided:\n",
@@ -615,6 +618,17 @@ async fn verify(
             }
             for finding in &report.findings {
                 writeln!(out, "  {}", serde_json::to_string(finding)?)?;
+            }
+            let unlisted = report
+                .findings_total
+                .saturating_sub(report.findings.len() as u64);
+            if unlisted > 0 {
+                writeln!(
+                    out,
+                    "  ... and {unlisted} more finding(s), counted but not listed (a walk lists \
+                     the first {})",
+                    report.findings.len()
+                )?;
             }
         }
     }
