@@ -1760,6 +1760,17 @@ impl Finish {
             drop(entered);
             match input.origin {
                 Origin::Durable(message) => {
+                    // Announced before the ack, on the same connection: an ack the server got
+                    // implies the announcement before it was sent too. (Acked first, a crash
+                    // between the two lost the announcement for good: the submission was
+                    // never delivered again.) A crash before the ack redelivers the
+                    // submission, and its stored receipt is announced again.
+                    if !failed && let Some(id) = receipt_id(&receipt) {
+                        let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
+                        if let Err(error) = client.publish(subject, to_json(&receipt)).await {
+                            warn!(%error, "announce receipt");
+                        }
+                    }
                     let ack = if failed {
                         let delivered = message.info().map_or(1, |info| info.delivered);
                         message
@@ -1771,12 +1782,6 @@ impl Finish {
                     if let Err(error) = ack {
                         let submission = receipt_id(&receipt).unwrap_or_default();
                         warn!(%submission, nak = failed, %error, "acknowledge submission (it is delivered again)");
-                    }
-                    if !failed && let Some(id) = receipt_id(&receipt) {
-                        let subject = format!("{}{id}", wire::SUBJECT_RECEIPTS_PREFIX);
-                        if let Err(error) = client.publish(subject, to_json(&receipt)).await {
-                            warn!(%error, "announce receipt");
-                        }
                     }
                 }
                 Origin::Request(request) => {
