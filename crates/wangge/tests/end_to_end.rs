@@ -281,6 +281,8 @@ async fn run(crash: bool) -> Outcome {
     let mut by_incident: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Incident -> the reports merged into it (their would-be incident ids).
     let mut merged_into: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Incident -> its state as the log leaves it (who handles it, who is summoned).
+    let mut states: BTreeMap<String, domain::IncidentState> = BTreeMap::new();
     incidents
         .replay(ReplayRange::default(), |commit| {
             let incident = projection::fold::incident_of_aggregate(commit.aggregate.as_str())
@@ -293,6 +295,10 @@ async fn run(crash: bool) -> Outcome {
                         .or_default()
                         .push(duplicate.to_string());
                 }
+                states
+                    .entry(incident.clone())
+                    .or_default()
+                    .apply(&recorded.event);
                 by_incident
                     .entry(incident.clone())
                     .or_default()
@@ -301,21 +307,28 @@ async fn run(crash: bool) -> Outcome {
         })
         .await
         .unwrap();
-    // Every incident is closed, merged, or waits on a department that never answers.
+    // Every incident is closed, merged, or waits on a department that never answers: its
+    // handler, or a summons of its active whistle still pending.
     let by_incident_in_order = by_incident.clone();
+    let is_silent = |department: &domain::DepartmentId| silent.contains(&department.to_string());
     for (incident, kinds) in &by_incident_in_order {
         let last = kinds.last().map(String::as_str).unwrap_or("");
+        let state = &states[incident];
+        let waits_on_silent = matches!(state.handler, Some(domain::incident::Handler::Department(d)) if is_silent(&d))
+            || state.whistle.as_ref().is_some_and(|whistle| {
+                whistle.summons.iter().any(|summons| {
+                    summons.state == domain::incident::ReportState::Pending
+                        && is_silent(&summons.department)
+                })
+            });
         let settled = matches!(
             last,
             "rated" | "closed" | "merged_into" | "duplicate_merged"
-        ) || (!silent.is_empty()
-            && matches!(
-                last,
-                "dispatched" | "whistle_blown" | "whistle_reported" | "filed"
-            ));
+        ) || waits_on_silent;
         assert!(
             settled,
-            "incident {incident} stopped at {kinds:?} (crash: {crash}); consoles: {console_stats:?}"
+            "incident {incident} stopped at {kinds:?}, handler {:?} (crash: {crash}); consoles: {console_stats:?}",
+            state.handler
         );
     }
     // The read models, once caught up with the log.
