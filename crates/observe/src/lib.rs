@@ -647,12 +647,45 @@ pub async fn start_micro(
     Ok((micro, added))
 }
 
-/// The trace id (32 hex digits) of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+/// The trace id (32 hex digits) of a well-formed W3C `traceparent`
+/// (`<version>-<trace id>-<parent id>-<flags>`), `None` for anything else. Well formed, as
+/// W3C Trace Context says: lower-case hex throughout; version two digits, not `ff`; trace id
+/// 32 digits and parent id 16, neither all zeros; flags two digits; version 00 exactly
+/// those 55 characters, a later version at least those and then only `-` and more. A value
+/// that is not is replaced, never passed on into a commit's headers.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.split('-');
-    let (_version, trace, _span) = (parts.next()?, parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+    fn lower_hex(field: &str, len: usize) -> bool {
+        field.len() == len
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    let head = traceparent.get(..55)?;
+    let rest = &traceparent[55..];
+    let mut parts = head.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = parts.next().is_none()
+        && lower_hex(version, 2)
+        && version != "ff"
+        && lower_hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && lower_hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && lower_hex(flags, 2)
+        && if version == "00" {
+            rest.is_empty()
+        } else {
+            rest.is_empty() || rest.starts_with('-')
+        }
+        && traceparent.len() <= TRACEPARENT_BYTES_MAX;
+    well_formed.then_some(trace)
 }
+
+/// Longest `traceparent` passed on (a later version may append fields; nothing sane is
+/// longer): a header no limit on a message's body counts must not carry kilobytes into a
+/// commit.
+pub const TRACEPARENT_BYTES_MAX: usize = 256;
 
 /// A W3C `traceparent` for work that starts here (no caller sent one): version 00, a random
 /// trace id and span id, flags `00` (not sampled).

@@ -62,11 +62,25 @@ impl Refusal {
             message: error.to_string(),
         }
     }
+
+    /// [`Refusal::from_json_error`] for an error met reading `payload`, telling valid JSON
+    /// that serde files under syntax (a number out of range, nesting past its limit, a map
+    /// key that must be a number) from JSON that does not parse: the first is JSON of the
+    /// wrong shape, [`SCHEMA_VIOLATION`].
+    pub fn from_json_error_in(error: &serde_json::Error, payload: &[u8]) -> Self {
+        let refusal = Refusal::from_json_error(error);
+        if refusal.reason_code == MALFORMED_JSON
+            && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+        {
+            return Refusal {
+                reason_code: SCHEMA_VIOLATION,
+                message: refusal.message,
+            };
+        }
+        refusal
+    }
 }
 
-/// Reads a JSON request of at most `bytes_max` bytes (`what` names it in the message). A
-/// request is an object: serde would also read a struct from an array of its fields in
-/// order, which no schema allows, so an array is refused.
 /// Refuses a body that is not a JSON object (an array, a bare value): serde reads an array as
 /// a struct's fields in order, which no client means. `what` names it in the message.
 pub fn require_object(what: &str, payload: &[u8]) -> Result<(), Refusal> {
@@ -78,6 +92,9 @@ pub fn require_object(what: &str, payload: &[u8]) -> Result<(), Refusal> {
     }
 }
 
+/// Reads a JSON request of at most `bytes_max` bytes (`what` names it in the message). A
+/// request is an object: serde would also read a struct from an array of its fields in
+/// order, which no schema allows, so an array is refused.
 pub fn parse_json<T: DeserializeOwned>(
     what: &str,
     payload: &[u8],
@@ -86,8 +103,8 @@ pub fn parse_json<T: DeserializeOwned>(
     if payload.len() > bytes_max {
         return Err(Refusal::too_large(what, payload.len(), bytes_max));
     }
-    let value: T =
-        serde_json::from_slice(payload).map_err(|error| Refusal::from_json_error(&error))?;
+    let value: T = serde_json::from_slice(payload)
+        .map_err(|error| Refusal::from_json_error_in(&error, payload))?;
     require_object(what, payload)?;
     Ok(value)
 }
@@ -140,6 +157,11 @@ mod tests {
         check(
             "[7]",
             expect!["schema_violation: the query must be a JSON object"],
+        );
+        // Valid JSON that serde files under syntax errors: of the wrong shape, not malformed.
+        check(
+            r#"{"id":1e400}"#,
+            expect!["schema_violation: number out of range at line 1 column 11"],
         );
         check(
             r#"{"id":7,     "x":1}"#,

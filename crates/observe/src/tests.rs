@@ -82,8 +82,16 @@ fn metrics_carry_service_and_instance_and_compute_lag() {
 fn trace_ids_come_from_traceparent() {
     let cases = [
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later-field",
         "00-short-00f067aa0ba902b7-01",
         "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
     ];
     let seen: Vec<String> = cases
         .iter()
@@ -91,8 +99,16 @@ fn trace_ids_come_from_traceparent() {
         .collect();
     expect![[r#"
         00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 -> Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later-field -> Some("4bf92f3577b34da6a3ce929d0e0e4736")
         00-short-00f067aa0ba902b7-01 -> None
-        garbage -> None"#]]
+        garbage -> None
+        00-00000000000000000000000000000000-00f067aa0ba902b7-01 -> None
+        00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01 -> None
+        00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01 -> None
+        ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 -> None
+        00-4bf92f3577b34da6a3ce929d0e0e4736- -> None
+        00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra -> None
+        00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1 -> None"#]]
     .assert_eq(&seen.join("\n"));
 }
 

@@ -241,7 +241,7 @@ fn header(command_id: &str, community_id: &str, actor: &Option<String>) -> Comma
 pub fn parse_command(name: &str, body: &[u8]) -> Result<ParsedCommand, RejectedReply> {
     fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RejectedReply> {
         let value = serde_json::from_slice(body).map_err(|error| {
-            RejectedReply::from(observe::refusal::Refusal::from_json_error(&error))
+            RejectedReply::from(observe::refusal::Refusal::from_json_error_in(&error, body))
         })?;
         observe::refusal::require_object("command", body).map_err(RejectedReply::from)?;
         Ok(value)

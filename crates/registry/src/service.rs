@@ -846,7 +846,7 @@ pub fn locate_reply(locator: &Locator, payload: &[u8]) -> LocateAnswer {
             } else {
                 point_error
             };
-            observe::refusal::Refusal::from_json_error(&error).into()
+            observe::refusal::Refusal::from_json_error_in(&error, payload).into()
         }
     }
 }
