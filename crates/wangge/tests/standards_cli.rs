@@ -248,6 +248,17 @@ fn bad_input_is_named() {
         ]],
     );
     check(
+        "a-building-without-households.geojson",
+        r#"{"type": "FeatureCollection", "features": [
+            {"type": "Feature", "geometry": null, "properties": {"kind": "community", "id": "c", "activity_space_m2": 100}},
+            {"type": "Feature", "geometry": null, "properties": {"kind": "building", "community": "c", "households": 300}},
+            {"type": "Feature", "geometry": null, "properties": {"kind": "building", "community": "c"}}]}"#,
+        &["--city", "hangzhou"],
+        expect![[
+            r#"error: in <input>: community "c" has no households, and 1 of its buildings do not say theirs: a sum of the others would judge every household rule on too few; give the community's `households`, or every building's"#
+        ]],
+    );
+    check(
         "duplicate.json",
         r#"[{"id": "c1", "households": 900}, {"id": "c1", "households": 800}]"#,
         &["--city", "hangzhou"],

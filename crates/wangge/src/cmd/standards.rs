@@ -154,13 +154,16 @@ fn from_array(items: &[Value]) -> anyhow::Result<Vec<Community>> {
             .with_context(|| format!("item #{index} has no id (a string or a number)"))?;
         communities.push((id, properties.clone()));
     }
-    finish(communities, &BTreeMap::new())
+    finish(communities, &BTreeMap::new(), &BTreeMap::new())
 }
 
 fn from_features(features: &[Value]) -> anyhow::Result<Vec<Community>> {
     check_count(features.len())?;
     let mut communities = Vec::new();
     let mut building_households: BTreeMap<String, u64> = BTreeMap::new();
+    // Community -> its buildings that do not say their households: a community's count
+    // summed from its buildings is unknown while any is.
+    let mut households_unknown: BTreeMap<String, usize> = BTreeMap::new();
     let mut buildings_without_community = 0_usize;
     for (index, feature) in features.iter().enumerate() {
         let properties = match feature.get("properties") {
@@ -177,7 +180,12 @@ fn from_features(features: &[Value]) -> anyhow::Result<Vec<Community>> {
             }
             Some("building") => {
                 let households = match properties.get("households") {
-                    None | Some(Value::Null) => continue,
+                    None | Some(Value::Null) => {
+                        if let Some(community) = id_of(properties.get("community")) {
+                            *households_unknown.entry(community).or_default() += 1;
+                        }
+                        continue;
+                    }
                     Some(value) => value.as_u64().with_context(|| {
                         format!("feature #{index} (building): households = {value} is not a whole number >= 0")
                     })?,
@@ -197,7 +205,7 @@ fn from_features(features: &[Value]) -> anyhow::Result<Vec<Community>> {
             "note: {buildings_without_community} building(s) with households but no `community` property were not counted"
         );
     }
-    finish(communities, &building_households)
+    finish(communities, &building_households, &households_unknown)
 }
 
 fn check_count(count: usize) -> anyhow::Result<()> {
@@ -210,6 +218,7 @@ fn check_count(count: usize) -> anyhow::Result<()> {
 fn finish(
     raw: Vec<(String, Map<String, Value>)>,
     building_households: &BTreeMap<String, u64>,
+    households_unknown: &BTreeMap<String, usize>,
 ) -> anyhow::Result<Vec<Community>> {
     if raw.len() > COMMUNITIES_MAX {
         bail!(
@@ -224,6 +233,13 @@ fn finish(
             bail!("community {id:?} appears twice");
         }
         if matches!(properties.get("households"), None | Some(Value::Null)) {
+            if let Some(unknown) = households_unknown.get(&id) {
+                bail!(
+                    "community {id:?} has no households, and {unknown} of its buildings do not say \
+                     theirs: a sum of the others would judge every household rule on too few; give \
+                     the community's `households`, or every building's"
+                );
+            }
             let Some(&households) = building_households.get(&id) else {
                 bail!(
                     "community {id:?} has no households, and no building names it in its `community` property"
