@@ -49,6 +49,10 @@ pub const SERVICE_NAME_PREFIX: &str = "wangge-";
 const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP connections served at once; more wait in the listen backlog.
 const HTTP_CONNECTIONS_MAX: usize = 64;
+/// Longest wait for a request's headers on a connection: a client that connects and sends
+/// nothing (or dribbles) frees its place after this, so idle connections cannot hold every
+/// place and starve the probes for `HTTP_CONNECTION_TIMEOUT`.
+const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest lag poll interval accepted (a larger one would make the lag gauge useless).
 pub const LAG_REFRESH_MAX: Duration = Duration::from_secs(300);
 
@@ -475,8 +479,18 @@ pub async fn serve_http(
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
+            // Waiting for a place, still listening for the shutdown.
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
             };
             let observer = observer.clone();
             tokio::spawn(async move {
@@ -484,7 +498,12 @@ pub async fn serve_http(
                     let observer = observer.clone();
                     async move { Ok::<_, std::convert::Infallible>(answer(&observer, &request)) }
                 });
+                // One request per connection (a scrape or a probe), its headers read within
+                // HTTP_HEADER_READ_TIMEOUT.
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HTTP_HEADER_READ_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 match tokio::time::timeout(HTTP_CONNECTION_TIMEOUT, connection).await {
                     Ok(Ok(())) => {}

@@ -264,3 +264,37 @@ async fn health_metrics_over_http_and_micro_service_discovery_on_a_real_server()
     poller.await.expect("poller");
     service.stop().await.expect("stop micro");
 }
+
+/// Connections that send nothing hold their place for the header read timeout only: with
+/// every place taken by idle clients, a probe is still answered (before, they held the
+/// places for 30 s and a liveness probe with a 1 s timeout failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_probes() {
+    let observer = Observer::new("registry", "registry-1");
+    let (stop, stopped) = watch::channel(false);
+    let http = serve_http("127.0.0.1:0", observer, stopped)
+        .await
+        .expect("serve http");
+    let address = http.address;
+    let idle: Vec<std::net::TcpStream> = (0..super::HTTP_CONNECTIONS_MAX + 8)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    let probe = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    });
+    let answer = probe.await.expect("probe");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    drop(idle);
+    stop.send(true).expect("stop");
+}
