@@ -1462,7 +1462,15 @@ impl DispatchService {
                 continue;
             }
             match state_before(&self.store, &commit.aggregate, commit.sequence).await {
-                Ok(state) => as_of[index] = Some(state),
+                Ok(Some(state)) => as_of[index] = Some(state),
+                // A history that cannot be read as far as this commit (one in it does not
+                // decode) never will be: addressed from the book, as before, rather than
+                // left to come back every ack wait for good.
+                Ok(None) => warn!(
+                    aggregate = %commit.aggregate,
+                    sequence = commit.sequence,
+                    "the incident's history before this commit does not decode; its notices are addressed from the held state"
+                ),
                 Err(error) => {
                     warn!(%error, "read an incident to address its notices; the commit comes back");
                     unread[index] = true;
@@ -1704,21 +1712,26 @@ fn store_unavailable(reason: String) -> CommandReply {
 }
 
 /// The incident's state just before the commit at `sequence`: its stored commits before that
-/// one, folded.
+/// one, folded as stored (`inspect`: a broken link elsewhere in the history, which `verify`
+/// reports, does not stop the notice). `None` when the history does not decode: that will
+/// not change by reading again. A read that fails is an error (read again later).
 async fn state_before(
     store: &IncidentStore,
     aggregate: &AggregateId,
     sequence: u64,
-) -> Result<IncidentState, ServiceError> {
-    let loaded = store
-        .load(aggregate)
-        .await
-        .map_err(|e| ServiceError::Reload {
-            incident: aggregate.to_string(),
-            reason: e.to_string(),
-        })?;
+) -> Result<Option<IncidentState>, ServiceError> {
+    let history = match store.inspect(aggregate).await {
+        Ok(history) => history,
+        Err(eventstore::LoadError::Corrupt { .. }) => return Ok(None),
+        Err(error) => {
+            return Err(ServiceError::Reload {
+                incident: aggregate.to_string(),
+                reason: error.to_string(),
+            });
+        }
+    };
     let mut state = IncidentState::default();
-    for recorded in loaded
+    for recorded in history
         .commits
         .iter()
         .take_while(|commit| commit.sequence < sequence)
@@ -1726,7 +1739,7 @@ async fn state_before(
     {
         state.apply(&recorded.event);
     }
-    Ok(state)
+    Ok(Some(state))
 }
 
 /// Reads an incident's commits after the position the book holds it at (from the start when

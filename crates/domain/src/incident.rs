@@ -1395,8 +1395,11 @@ impl Decision<'_> {
                 self.report_own_summons(actor);
             }
             Action::Resolve { note } => {
+                // A summoned department that reported may resolve jointly; not one that
+                // returned the case as not its own (returning answered its summons too).
                 let reported_summons = matches!(self.role(), R::Department(d)
-                    if self.state.summons(d).is_some_and(|s| s.state == ReportState::Reported));
+                    if self.state.summons(d).is_some_and(|s| s.state == ReportState::Reported)
+                        && !self.state.returned_by.contains(&Handler::Department(d)));
                 if reported_summons {
                     self.require_status(command, ACTIVE)?;
                 } else {

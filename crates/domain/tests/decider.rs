@@ -137,6 +137,7 @@ fn check(given: &[IncidentEvent], actor: Actor, action: Action, expect: Expect) 
 }
 
 /// A history built by running commands.
+#[derive(Clone)]
 struct Story {
     events: Vec<IncidentEvent>,
     now: Timestamp,
@@ -1346,6 +1347,26 @@ fn whistle_on_missed_response_then_missed_report_escalates() {
         expect![[r#"
             Returned { by: Department(shizheng)#9, handler: Department(shizheng), reason: NotOurDuty, note: "供水管网归水务公司", rerouted_to: Street, source: Street, response_due: 2026-03-10 14:30, resolution_due: 2026-03-13 12:00 }
             WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
+        "#]],
+    );
+    // ... but does not make it a joint handler that may resolve the case it handed on.
+    let returned = whistled.clone().then(
+        department("shizheng"),
+        Action::ReturnNotOurs {
+            reason: domain::incident::ReturnReason::NotOurDuty,
+            note: "供水管网归水务公司".to_owned(),
+        },
+    );
+    check_at(
+        &returned.events,
+        at_noon,
+        department("shizheng"),
+        Action::Resolve {
+            note: "x".to_owned(),
+        },
+        expect![[r#"
+            rejected: department:shizheng may not resolve: the case is neither assigned to it nor summoned it
+              NotAssigned { command: "resolve", role: Department(shizheng) }
         "#]],
     );
     // The department reports.

@@ -172,6 +172,39 @@ impl VerifyReport {
     }
 }
 
+/// Commits the saved heads do not cover, met while some saved head was still ahead. They are
+/// findings only once a saved head is met after them: a head that never comes (its commit
+/// lost, a restore from an older backup) is reported as `HeadMissing`, and every commit
+/// appended since must not be accused of having been slipped in.
+#[derive(Debug, Default)]
+struct UncoveredBeforeHeads {
+    /// Saved heads not met yet.
+    unmet: std::collections::HashSet<String>,
+    /// Held findings (at most [`FINDINGS_MAX`]), and how many more were met.
+    held: Vec<Finding>,
+    held_beyond: u64,
+}
+
+impl UncoveredBeforeHeads {
+    fn hold(&mut self, finding: Finding) {
+        if self.held.len() < FINDINGS_MAX {
+            self.held.push(finding);
+        } else {
+            self.held_beyond += 1;
+        }
+    }
+
+    /// A saved head was met: everything held stood before it.
+    fn head_met(&mut self, aggregate: &str, report: &mut VerifyReport) {
+        if self.unmet.remove(aggregate) {
+            for finding in self.held.drain(..) {
+                report.add(finding);
+            }
+            report.findings_total += std::mem::take(&mut self.held_beyond);
+        }
+    }
+}
+
 impl<C: EventCodec> EventStore<C> {
     /// Checks every commit in the stream. `progress` is called every 10,000 commits with
     /// (checked, last sequence).
@@ -268,10 +301,12 @@ impl<C: EventCodec> EventStore<C> {
         // (the tampering test in crates/wangge/tests/audit_cli.rs: `messages` 4, nothing
         // listed as deleted, sequence 4 not found).
         let mut chains: HashMap<String, Position> = HashMap::new();
-        // Saved heads the walk has not met yet; while any is left, a commit they do not cover
-        // is out of place (see `Finding::AddedBeforeSavedHeads`).
-        let mut heads_unmet: std::collections::HashSet<&str> =
-            saved.heads.keys().map(String::as_str).collect();
+        // Saved heads the walk has not met yet; a commit they do not cover, met before one of
+        // them, is out of place (see `Finding::AddedBeforeSavedHeads`).
+        let mut uncovered = UncoveredBeforeHeads {
+            unmet: saved.heads.keys().cloned().collect(),
+            ..UncoveredBeforeHeads::default()
+        };
         let mut previous_sequence = first_sequence - 1;
         while previous_sequence < last_sequence {
             let message = match tokio::time::timeout(VERIFY_MESSAGE_TIMEOUT, messages.next()).await
@@ -326,7 +361,7 @@ impl<C: EventCodec> EventStore<C> {
                 &mut report,
                 &mut chains,
                 saved,
-                &mut heads_unmet,
+                &mut uncovered,
                 sequence,
                 &message,
             );
@@ -396,7 +431,7 @@ fn check_commit(
     report: &mut VerifyReport,
     chains: &mut HashMap<String, Position>,
     saved: &SavedHeads,
-    heads_unmet: &mut std::collections::HashSet<&str>,
+    uncovered: &mut UncoveredBeforeHeads,
     sequence: u64,
     message: &async_nats::jetstream::Message,
 ) {
@@ -453,18 +488,18 @@ fn check_commit(
         .heads
         .get(&aggregate)
         .is_some_and(|(saved_version, _)| envelope.first_version <= *saved_version);
-    if !covered && !heads_unmet.is_empty() {
-        report.add(Finding::AddedBeforeSavedHeads {
+    if !covered && !uncovered.unmet.is_empty() {
+        uncovered.hold(Finding::AddedBeforeSavedHeads {
             sequence,
             aggregate: aggregate.clone(),
             version: envelope.version,
-            heads_not_yet_met: heads_unmet.len() as u64,
+            heads_not_yet_met: uncovered.unmet.len() as u64,
         });
     }
     if let Some((saved_version, saved_hash)) = saved.heads.get(&aggregate)
         && (envelope.first_version..=envelope.version).contains(saved_version)
     {
-        heads_unmet.remove(aggregate.as_str());
+        uncovered.head_met(&aggregate, report);
         let detail = if envelope.version != *saved_version {
             Some(format!(
                 "the saved head is version {saved_version}; this commit holds versions {} to {}",

@@ -414,6 +414,16 @@ async fn saved_chain_heads_reveal_a_rewritten_history() {
         .await
         .unwrap();
     write_incident(&url, rewritten, "filled the pothole with gravel").await;
+    // An incident appended after the rewrite: with `dropped`'s head never met, it is not
+    // accused of having been slipped in before it (that head is reported missing instead).
+    write_incident(
+        &url,
+        IncidentId(uuid::Uuid::from_u128(
+            0x0193_f1c2_7d1e_7a40_9a8e_0000_0000_0003,
+        )),
+        RESOLVE_NOTE,
+    )
+    .await;
 
     let alone = audit(&url, &["verify", "--stream", "incidents"]);
     assert!(

@@ -33,9 +33,35 @@ pub const READINESS_PROBES: [(&str, &str, &str); 4] = [
 #[derive(Debug, Default)]
 pub struct Services {
     children: Vec<(String, Child)>,
+    /// Settings every child gets as `WANGGE_*` variables (see [`Services::share_policy`]).
+    shared: Vec<(String, String)>,
 }
 
 impl Services {
+    /// Children started after this run on the city and policy files of `settings` (this
+    /// process's effective ones, from its file or environment), so that a demo's residents
+    /// and consoles, planned from this process's policy, meet services deciding on the same.
+    pub fn share_policy(&mut self, settings: &crate::config::Settings) {
+        self.shared
+            .push(("WANGGE_CITY".to_owned(), settings.city.clone()));
+        for (key, file) in [
+            (
+                "WANGGE_POLICY__CATEGORIES_FILE",
+                &settings.policy.categories_file,
+            ),
+            ("WANGGE_POLICY__ROUTING_FILE", &settings.policy.routing_file),
+            (
+                "WANGGE_POLICY__CALENDAR_FILE",
+                &settings.policy.calendar_file,
+            ),
+        ] {
+            if let Some(file) = file {
+                self.shared
+                    .push((key.to_owned(), file.display().to_string()));
+            }
+        }
+    }
+
     /// Starts `wangge <args>` against `url`; its output goes to `<logs>/<name>.log`, or only
     /// its warnings to this process's stderr when `logs` is `None`.
     pub fn spawn(
@@ -61,6 +87,7 @@ impl Services {
         }
         command
             .args(args)
+            .envs(self.shared.iter().map(|(key, value)| (key, value)))
             .env("WANGGE_NATS__URL", url)
             .stdin(Stdio::null());
         match logs {

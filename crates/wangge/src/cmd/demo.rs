@@ -91,6 +91,7 @@ pub fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     ));
     let origin_ms = dispatch::clock::wall_ms();
     let mut services = Services::default();
+    services.share_policy(settings);
     let owned = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     services.spawn(
         "registry",
