@@ -523,17 +523,12 @@ async fn saved_chain_heads_reveal_commits_slipped_in_before_them() {
     ));
     write_incident(&url, made_up, "never happened").await;
     for message in copied {
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, values) in message.headers.iter() {
-            if name.to_string().starts_with("Nats-Expected") {
-                continue;
-            }
-            for value in values {
-                headers.append(name.clone(), value.clone());
-            }
-        }
         jetstream
-            .publish_with_headers(message.subject.to_string(), headers, message.payload)
+            .publish_with_headers(
+                message.subject.to_string(),
+                copied_headers(&message.headers, ""),
+                message.payload,
+            )
             .await
             .unwrap()
             .await
@@ -611,21 +606,8 @@ async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
         .get_last_raw_message_by_subject(&subject)
         .await
         .unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, values) in last.headers.iter() {
-        let name_text = name.to_string();
-        if name_text.starts_with("Nats-Expected") {
-            continue;
-        }
-        for value in values {
-            if name_text == "Nats-Msg-Id" {
-                // Another id, or the server drops the copy as a duplicate.
-                headers.append(name.clone(), format!("{value}-forged"));
-            } else {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-    }
+    // Another Msg-Id, or the server drops the copy as a duplicate.
+    let headers = copied_headers(&last.headers, "-forged");
     let needle = b"refilled";
     let mut payload = last.payload.to_vec();
     let at = payload
@@ -685,6 +667,26 @@ async fn the_timeline_of_a_tampered_incident_shows_where_its_chain_breaks() {
     assert!(output.contains("FINDINGS"), "{output}");
     let errors = text(&verify.stderr);
     assert!(errors.contains("not checked: Intake"), "{errors}");
+}
+
+/// A stored message's headers for publishing a copy of it: without the `Nats-Expected-*`
+/// checks of the original publish, its `Nats-Msg-Id` with `msg_id_suffix` appended.
+fn copied_headers(stored: &async_nats::HeaderMap, msg_id_suffix: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in stored.iter() {
+        let name_text = name.to_string();
+        if name_text.starts_with("Nats-Expected") {
+            continue;
+        }
+        for value in values {
+            if name_text == "Nats-Msg-Id" {
+                headers.append(name.clone(), format!("{value}{msg_id_suffix}"));
+            } else {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    headers
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
