@@ -21,6 +21,9 @@ use crate::{SimulationError, request_json};
 pub const ACTIONS_IN_FLIGHT_MAX: usize = 2_048;
 /// Notifications per pull request.
 const NOTIFICATIONS_BATCH_MAX: usize = 256;
+/// Cases remembered as acknowledged by their handler console (see `Consoles::acknowledged`);
+/// past it, a late report of such a handler counts as refused.
+const ACKNOWLEDGED_REMEMBERED_MAX: usize = 1_000_000;
 /// Pause between two reads of an incident view while a handler waits for summoned reports.
 const SUMMONS_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -110,7 +113,8 @@ pub struct ConsoleStats {
     pub rejected: BTreeMap<String, u64>,
     /// `<action>` -> count of commands refused because what they ask is already so: a
     /// handler department summoned by a whistle has reported to it by acknowledging, so its
-    /// own `report_to_whistle` finds the report made. Not a refusal of the console's work.
+    /// own `report_to_whistle` finds the report made (or, arriving after it resolved the
+    /// case, the case moved on). Not a refusal of the console's work.
     pub already_done: BTreeMap<String, u64>,
     pub failed: u64,
 }
@@ -121,6 +125,9 @@ pub struct Consoles {
     stats: Arc<Mutex<ConsoleStats>>,
     /// Answers being waited for or sent.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// (incident, console scope) of every case a console acknowledged as its handler: its
+    /// acknowledgement answered the whistle's summons too (see `ConsoleStats::already_done`).
+    acknowledged: Arc<Mutex<std::collections::HashSet<(uuid::Uuid, String)>>>,
     consumer: consumer::PullConsumer,
 }
 
@@ -199,6 +206,7 @@ impl Consoles {
         let consoles = Consoles {
             stats: Arc::new(Mutex::new(ConsoleStats::default())),
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            acknowledged: Arc::new(Mutex::new(std::collections::HashSet::new())),
             consumer,
         };
         let this = consoles.clone();
@@ -317,14 +325,26 @@ impl Consoles {
             let subject = format!("dispatch.cmd.{}.{}", step.scope, step.action);
             match request_json(client, &subject, &body).await {
                 Ok(reply) if reply["status"] == "accepted" => {
+                    if step.action == "acknowledge" {
+                        let mut acknowledged = lock(&self.acknowledged);
+                        if acknowledged.len() < ACKNOWLEDGED_REMEMBERED_MAX {
+                            acknowledged.insert((notification.incident, step.scope.clone()));
+                        }
+                    }
                     *lock(&self.stats)
                         .accepted
                         .entry(step.action.to_owned())
                         .or_default() += 1;
                 }
+                // The report is already made (the handler's acknowledgement made it), or,
+                // for a console that acknowledged the case as its handler, moot once it
+                // resolved the case: its acknowledgement was its report.
                 Ok(reply)
                     if step.action == "report_to_whistle"
-                        && reply["reason_code"] == "already_reported_to_whistle" =>
+                        && (reply["reason_code"] == "already_reported_to_whistle"
+                            || (reply["reason_code"] == "invalid_transition"
+                                && lock(&self.acknowledged)
+                                    .contains(&(notification.incident, step.scope.clone())))) =>
                 {
                     *lock(&self.stats)
                         .already_done
