@@ -96,6 +96,8 @@ async fn every_service_refuses_an_unreadable_request_with_the_shared_codes() {
             // An array serde would read as a struct's fields in order (a locate's lon, lat):
             // JSON of the wrong shape all the same.
             br#"[117.6, 26.2]"#.to_vec(),
+            // ... and a registry command's fields in order (register_community's).
+            br#"["cmd-1", "c1", null, "350402001001", "n", "s", "d", [[[[117.6, 26.2], [117.61, 26.2], [117.61, 26.21], [117.6, 26.2]]]]]"#.to_vec(),
         ] {
             let code = ask(&client, subject, body).await;
             row.push(format!("{:<18}", code.as_deref().unwrap_or("(no answer)")));
@@ -103,14 +105,14 @@ async fn every_service_refuses_an_unreadable_request_with_the_shared_codes() {
         table.push(row.concat().trim_end().to_owned());
     }
     expect_test::expect![[r#"
-        grids.locate                  malformed_json    schema_violation  payload_too_large schema_violation
-        grids.query.community         malformed_json    schema_violation  payload_too_large schema_violation
-        grids.cmd.register_community  malformed_json    schema_violation  schema_violation  schema_violation
-        intake.request                malformed_json    schema_violation  payload_too_large schema_violation
-        intake.query.receipt          malformed_json    schema_violation  payload_too_large schema_violation
-        incidents.query.get           malformed_json    schema_violation  payload_too_large schema_violation
-        intake.contact.erase          malformed_json    schema_violation  payload_too_large schema_violation
-        dispatch.cmd.city.verify      malformed_json    schema_violation  payload_too_large schema_violation
-        projection.query.incident     malformed_json    schema_violation  payload_too_large schema_violation"#]]
+        grids.locate                  malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        grids.query.community         malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        grids.cmd.register_community  malformed_json    schema_violation  schema_violation  schema_violation  schema_violation
+        intake.request                malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        intake.query.receipt          malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        incidents.query.get           malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        intake.contact.erase          malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        dispatch.cmd.city.verify      malformed_json    schema_violation  payload_too_large schema_violation  schema_violation
+        projection.query.incident     malformed_json    schema_violation  payload_too_large schema_violation  schema_violation"#]]
     .assert_eq(&table.join("\n"));
 }
