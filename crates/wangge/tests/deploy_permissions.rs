@@ -39,8 +39,10 @@ use testkit::{DeployAccounts, NatsServer};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused request is given before it counts as unanswered.
 const REFUSED_WAIT: Duration = Duration::from_millis(800);
-/// How long a message that must arrive is waited for.
-const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+/// How long a message that must arrive is waited for, each time it is sent.
+const DELIVERY_WAIT: Duration = Duration::from_secs(3);
+/// How many times a message that must arrive is sent.
+const DELIVERY_ATTEMPTS_MAX: u32 = 3;
 const SERVICES: [&str; 4] = ["registry", "intake", "dispatch", "projection"];
 
 fn workspace_file(path: &str) -> std::path::PathBuf {
@@ -772,12 +774,26 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
             .expect("publish call");
         lines.push(verdict(what, None, &intake_user.refusals().await));
     }
-    // A delivery expected: waited for as long as a loaded machine may take (the wait ends
-    // when it arrives), not the short wait for an answer that must not come.
-    let delivered = tokio::time::timeout(DELIVERY_WAIT, moved.next()).await;
+    // A delivery expected: a core message is at most once (under the full suite's load one
+    // went missing twice in a day), so it is published again, a few times, before the
+    // inbox is found closed to intake; a permission that refused it would refuse every copy.
+    let mut delivered = false;
+    for attempt in 1..=DELIVERY_ATTEMPTS_MAX {
+        if attempt > 1 {
+            intake_user
+                .client
+                .publish("_INBOX_resident.moved", bytes::Bytes::from_static(b"{}"))
+                .await
+                .expect("publish call");
+            let _ = intake_user.client.flush().await;
+        }
+        if let Ok(Some(_)) = tokio::time::timeout(DELIVERY_WAIT, moved.next()).await {
+            delivered = true;
+            break;
+        }
+    }
     lines.push(format!(
-        "the resident's inbox got intake's message: {}",
-        matches!(delivered, Ok(Some(_)))
+        "the resident's inbox got intake's message: {delivered}"
     ));
 
     expect![[r#"
