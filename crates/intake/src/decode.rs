@@ -182,7 +182,7 @@ pub fn decode_submission(
     // find the submission id for the refusal record (same outcome and message as before).
     // Objects only: serde would also take a positional array, whose id the refusal record
     // must not trust.
-    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let is_object = observe::refusal::require_object("submission", bytes).is_ok();
     if is_object && let Ok(submission) = serde_json::from_slice::<Submission>(bytes) {
         let known_id = if is_valid_submission_id(&submission.submission_id) {
             Some(submission.submission_id.clone())

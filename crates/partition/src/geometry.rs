@@ -72,13 +72,18 @@ pub(crate) fn hilbert_key(c: Coord<f64>, min: Coord<f64>, size: f64) -> u64 {
     d
 }
 
-/// Polsby–Popper compactness 4πA/P² (1 for a disc); perimeter includes holes.
-pub(crate) fn polsby_popper(p: &Polygon<f64>) -> f64 {
-    let perimeter: f64 = Euclidean.length(p.exterior())
+/// A polygon's perimeter, its holes' rings included.
+pub(crate) fn perimeter(p: &Polygon<f64>) -> f64 {
+    Euclidean.length(p.exterior())
         + p.interiors()
             .iter()
             .map(|ring| Euclidean.length(ring))
-            .sum::<f64>();
+            .sum::<f64>()
+}
+
+/// Polsby–Popper compactness 4πA/P² (1 for a disc); perimeter includes holes.
+pub(crate) fn polsby_popper(p: &Polygon<f64>) -> f64 {
+    let perimeter = perimeter(p);
     if perimeter <= 0.0 {
         return 0.0;
     }

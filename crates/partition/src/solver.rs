@@ -11,7 +11,7 @@ use rstar::{AABB, RTree};
 use spade::{DelaunayTriangulation, Point2, Triangulation};
 
 use crate::geometry::{
-    Projection, hilbert_key, multipolygon_area, polsby_popper, sample_ring, signed_area,
+    Projection, hilbert_key, multipolygon_area, perimeter, polsby_popper, sample_ring, signed_area,
 };
 use crate::{
     BOUNDARY_VERTICES_MAX, BUILDINGS_PER_COMMUNITY_MAX, COMMUNITY_EXTENT_MAX_METRES,
@@ -309,15 +309,10 @@ impl<'a> Community<'a> {
         let steps = (raw_spacing.max(TERRITORY_SPACING_MIN_METRES) / TERRITORY_SPACING_MIN_METRES)
             .log(TERRITORY_SPACING_STEP)
             .round();
-        let perimeter: f64 = boundary
-            .iter()
-            .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
-            .flat_map(|ring| ring.lines())
-            .map(|line| geo::Length::length(&Euclidean, &line))
-            .sum();
+        let boundary_length: f64 = boundary.iter().map(perimeter).sum();
         let spacing = (TERRITORY_SPACING_MIN_METRES * TERRITORY_SPACING_STEP.powf(steps))
             .clamp(TERRITORY_SPACING_MIN_METRES, TERRITORY_SPACING_MAX_METRES)
-            .max(perimeter / TERRITORY_SITES_MAX as f64);
+            .max(boundary_length / TERRITORY_SITES_MAX as f64);
         let mut territory = Vec::new();
         for polygon in boundary.iter() {
             sample_ring(polygon.exterior(), spacing, &mut territory);
