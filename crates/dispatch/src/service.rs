@@ -1271,7 +1271,7 @@ impl DispatchService {
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
     /// duplicate, when the same actor stored it with the same action (its commit begins with
-    /// the event the action writes first); refused `command_id_reused` otherwise. Read before
+    /// the event the action writes first, after any misses recorded first); refused `command_id_reused` otherwise. Read before
     /// a command is decided and again when the decider refused it, so the per-instance
     /// duplicate cache is not the only guard across restarts and instances.
     async fn already_applied(
@@ -1286,10 +1286,9 @@ impl DispatchService {
             Err(error) => return Some(store_unavailable(error)),
         };
         let actor = self.actor_label(&command.actor);
-        let same_action = commit
-            .events
-            .first()
-            .is_some_and(|first| command.action.writes_first(&first.event));
+        let same_action = command
+            .action
+            .opens(commit.events.iter().map(|stored| &stored.event));
         if commit.meta.actor != actor || !same_action {
             return Some(CommandReply::rejected(
                 "command_id_reused",

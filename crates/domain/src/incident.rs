@@ -26,7 +26,9 @@
 //! 县(市、区)职能部门快速“响应”、联动处置。"
 //!
 //! A whistle ([`Whistle`]) always has a cause ([`WhistleCause`]): an emergency category (blown
-//! at dispatch), a missed response or resolution deadline (blown by [`Action::DeadlineElapsed`]),
+//! at dispatch), a missed response or resolution deadline (blown by [`Action::DeadlineElapsed`],
+//! or first in the commit of a command that would replace the deadline: see
+//! [`Action::records_misses_first`]),
 //! a handler declaring the case beyond its powers, or summoned departments missing their report
 //! deadline. An incident has at most one active whistle; a new cause while one is active
 //! escalates it one rung up the ladder [`Level`] (grid → community 巷长 → street 街长 → district →
@@ -479,6 +481,21 @@ pub enum IncidentEvent {
 }
 
 impl IncidentEvent {
+    /// Whether the event records a deadline found past, or the whistle such a miss blew or
+    /// escalated: what [`Action::DeadlineElapsed`] writes, and what a command that
+    /// [records misses first](Action::records_misses_first) may begin its commit with.
+    pub fn records_a_miss(&self) -> bool {
+        use IncidentEvent as E;
+        match self {
+            E::DeadlineMissed { .. } | E::WhistleReportMissed { .. } => true,
+            E::WhistleBlown { cause, .. } | E::WhistleEscalated { cause, .. } => matches!(
+                cause,
+                WhistleCause::DeadlineMissed(_) | WhistleCause::ReportsMissed
+            ),
+            _ => false,
+        }
+    }
+
     /// Who decided this event, when the event names them (the reporter of a report, the
     /// department that acknowledged): for an auditor, not always the commit's actor (a
     /// filing commit is written by intake for the resident who reported). `None` for what the
@@ -622,9 +639,43 @@ impl Action {
         }
     }
 
-    /// Whether a commit that begins with `event` can be this action's: the first event
-    /// [`decide`] emits for it. Tells a resent command from a command id reused for another
-    /// action when only the stored commit is left to compare with.
+    /// Whether [`decide`] first records the deadlines already past at the command's time
+    /// (`DeadlineMissed`, `WhistleReportMissed` and the whistle they blow, as
+    /// [`Action::DeadlineElapsed`] would) before the action's own events: true for the actions
+    /// that replace or clear the deadlines (returning, reassigning, parking, declaring a case
+    /// beyond the handler's powers, cancelling). Without it a miss the shell had not yet
+    /// recorded would be erased by the new deadlines, and whether a late department was
+    /// recorded late would depend on which of two commands the shell happened to decide
+    /// first. Acknowledging and resolving keep the deadline: their own `late` flag records
+    /// lateness.
+    pub fn records_misses_first(&self) -> bool {
+        matches!(
+            self,
+            Action::Dispatch { .. }
+                | Action::ReturnNotOurs { .. }
+                | Action::Park { .. }
+                | Action::DeclareBeyondPowers { .. }
+                | Action::Cancel
+        )
+    }
+
+    /// Whether a commit whose events are `events` can be this action's: its first event is
+    /// the one [`decide`] emits first for the action ([`Action::writes_first`]), after any
+    /// misses it recorded first ([`Action::records_misses_first`]). Tells a resent command
+    /// from a command id reused for another action when only the stored commit is left to
+    /// compare with.
+    pub fn opens<'a>(&self, events: impl IntoIterator<Item = &'a IncidentEvent>) -> bool {
+        let mut events = events.into_iter();
+        let first = if self.records_misses_first() {
+            events.find(|event| !event.records_a_miss())
+        } else {
+            events.next()
+        };
+        first.is_some_and(|event| self.writes_first(event))
+    }
+
+    /// Whether `event` can be the first event [`decide`] emits for this action itself (after
+    /// any misses recorded first: see [`Action::opens`]).
     pub fn writes_first(&self, event: &IncidentEvent) -> bool {
         use IncidentEvent as E;
         match self {
@@ -1129,6 +1180,15 @@ pub fn decide(
         policy,
         actor: command.actor,
     };
+    if command.action.records_misses_first()
+        && next_deadline(&d.state).is_some_and(|due| due <= now)
+        && d.deadlines_elapsed().is_err()
+    {
+        // What the shell's `DeadlineElapsed` would be refused too (no route left for the
+        // category): the action is decided on the state as it is, as before it was late.
+        d.state = state.clone();
+        d.events.clear();
+    }
     d.run(command.action)?;
     Ok(d.events)
 }

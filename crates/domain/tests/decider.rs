@@ -18,6 +18,9 @@ const T0: Timestamp = Timestamp(1_773_108_000_000);
 const MINUTE: i64 = 60_000;
 /// When `check` runs its command: one hour after the story started.
 const NOW: Timestamp = Timestamp(T0.0 + 60 * MINUTE);
+/// A minute before the response deadline of a case dispatched at [`T0`] with a one-hour
+/// response time (which falls due at [`NOW`]).
+const BEFORE_RESPONSE_DUE: Timestamp = Timestamp(NOW.0 - MINUTE);
 
 fn policy() -> &'static Policy {
     static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
@@ -498,17 +501,19 @@ fn dispatch_by_table_override_and_hand() {
           Forbidden { command: "dispatch", role: Department(shizheng) }
     "#]],
     );
-    // Reassignment of a dispatched case by the street.
+    // Reassignment of a dispatched case by the street, before its response deadline (NOW);
+    // after it, see `misses_past_at_the_command_are_recorded_first`.
     let dispatched = Story::dispatched("1201").events;
-    check(
+    check_at(
         &dispatched,
+        BEFORE_RESPONSE_DUE,
         street(),
         Action::Dispatch {
             to: Some(Handler::Department(dept("jiaojing"))),
         },
         expect![[r#"
-        Dispatched { by: Street#5, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 12:00, resolution_due: 2026-03-13 11:00 }
-    "#]],
+            Dispatched { by: Street#5, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 11:59, resolution_due: 2026-03-13 10:59 }
+        "#]],
     );
     check(
         &dispatched,
@@ -873,17 +878,19 @@ fn return_not_ours() {
           NotAssigned { command: "return_not_ours", role: Department(chengguan) }
     "#]],
     );
-    // A grid worker hands a case up to the responsible department.
-    check(
+    // A grid worker hands a case up to the responsible department (before its response
+    // deadline).
+    check_at(
         &Story::dispatched("0101").events,
+        BEFORE_RESPONSE_DUE,
         grid_worker(),
         Action::ReturnNotOurs {
             reason: ReturnReason::NotOurDuty,
             note: "需要清运车".to_owned(),
         },
         expect![[r#"
-        Returned { by: GridWorker#3, handler: GridWorker, reason: NotOurDuty, note: "需要清运车", rerouted_to: Department(chengguan), source: Table, response_due: 2026-03-10 12:00, resolution_due: 2026-03-11 11:00 }
-    "#]],
+            Returned { by: GridWorker#3, handler: GridWorker, reason: NotOurDuty, note: "需要清运车", rerouted_to: Department(chengguan), source: Table, response_due: 2026-03-10 11:59, resolution_due: 2026-03-11 10:59 }
+        "#]],
     );
     check(
         &dispatched,
@@ -1574,14 +1581,16 @@ fn beyond_powers_summons_the_joint_departments() {
           NotAssigned { command: "declare_beyond_powers", role: Department(jiaojing) }
     "#]],
     );
-    // A grid worker declares: the community (巷长) whistles for the department.
-    check(
+    // A grid worker declares: the community (巷长) whistles for the department (before its
+    // response deadline).
+    check_at(
         &Story::dispatched("0101").events,
+        BEFORE_RESPONSE_DUE,
         grid_worker(),
         declare(),
         expect![[r#"
-        WhistleBlown { kind: Tough, level: Community, cause: BeyondPowers, summoned: [Summoned { department: chengguan, report_by: 2026-03-10 11:30 }], resolution_due: Some(2026-03-11 11:00) }
-    "#]],
+            WhistleBlown { kind: Tough, level: Community, cause: BeyondPowers, summoned: [Summoned { department: chengguan, report_by: 2026-03-10 11:29 }], resolution_due: Some(2026-03-11 10:59) }
+        "#]],
     );
     // With a whistle already active, a declaration escalates it.
     let whistled = Story::dispatched("1201")
@@ -1710,4 +1719,139 @@ fn a_category_the_policy_no_longer_routes() {
               NoRoute { category: CategoryCode { class: 1, subclass: 99 }, street: StreetCode(350404002) }
         "#]],
     );
+}
+
+/// A command that replaces or clears the deadlines (returning, reassigning, parking,
+/// declaring, cancelling) first records the deadlines already past at its time, as the
+/// shell's `DeadlineElapsed` would have: a miss the shell had not yet recorded is not erased,
+/// and the log does not depend on which of the two the shell decided first.
+#[test]
+fn misses_past_at_the_command_are_recorded_first() {
+    // Dispatched to shizheng at 10:00, response due 11:00; the shell has recorded nothing.
+    let dispatched = Story::dispatched("1201");
+    let late = Timestamp(NOW.0 + 5 * MINUTE);
+    check_at(
+        &dispatched.events,
+        late,
+        department("shizheng"),
+        Action::ReturnNotOurs {
+            reason: ReturnReason::NotOurDuty,
+            note: "不归我们管".to_owned(),
+        },
+        expect![[r#"
+            DeadlineMissed { handler: Department(shizheng), deadline: Response, due: 2026-03-10 11:00 }
+            WhistleBlown { kind: Routine, level: Street, cause: DeadlineMissed(Response), summoned: [Summoned { department: shizheng, report_by: 2026-03-10 14:35 }], resolution_due: None }
+            Returned { by: Department(shizheng)#9, handler: Department(shizheng), reason: NotOurDuty, note: "不归我们管", rerouted_to: Street, source: Street, response_due: 2026-03-10 13:35, resolution_due: 2026-03-13 11:05 }
+            WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
+        "#]],
+    );
+    // The same log as the shell deciding `DeadlineElapsed` first, then the command.
+    let timer_first = dispatched
+        .clone()
+        .after_minutes(65)
+        .then(system(), Action::DeadlineElapsed)
+        .then(
+            department("shizheng"),
+            Action::ReturnNotOurs {
+                reason: ReturnReason::NotOurDuty,
+                note: "不归我们管".to_owned(),
+            },
+        );
+    let command_only = dispatched.clone().after_minutes(65).then(
+        department("shizheng"),
+        Action::ReturnNotOurs {
+            reason: ReturnReason::NotOurDuty,
+            note: "不归我们管".to_owned(),
+        },
+    );
+    assert_eq!(timer_first.events, command_only.events);
+    for (actor, action) in [
+        (
+            street(),
+            Action::Dispatch {
+                to: Some(Handler::Department(dept("jiaojing"))),
+            },
+        ),
+        (
+            street(),
+            Action::Park {
+                reason: "等待上级批复".to_owned(),
+            },
+        ),
+        (resident(), Action::Cancel),
+    ] {
+        let name = action.name();
+        let events = decide(
+            &IncidentState::from_events(&dispatched.events),
+            IncidentCommand {
+                actor,
+                action: action.clone(),
+            },
+            late,
+            policy(),
+        )
+        .unwrap_or_else(|e| panic!("{name} refused: {e}"));
+        assert!(
+            matches!(
+                events[0],
+                IncidentEvent::DeadlineMissed {
+                    deadline: DeadlineKind::Response,
+                    ..
+                }
+            ),
+            "{name} began with {:?}",
+            events[0]
+        );
+        assert!(action.opens(&events), "{name} does not open its own commit");
+    }
+    // At the deadline's own millisecond it is past, as for `DeadlineElapsed`.
+    check_at(
+        &dispatched.events,
+        NOW,
+        street(),
+        Action::Park {
+            reason: "等待上级批复".to_owned(),
+        },
+        expect![[r#"
+            DeadlineMissed { handler: Department(shizheng), deadline: Response, due: 2026-03-10 11:00 }
+            WhistleBlown { kind: Routine, level: Street, cause: DeadlineMissed(Response), summoned: [Summoned { department: shizheng, report_by: 2026-03-10 14:30 }], resolution_due: None }
+            Parked { by: Street#5, reason: "等待上级批复" }
+        "#]],
+    );
+    // Acknowledging keeps the deadline: its own `late` flag records the lateness, and the
+    // commit is the acknowledgement alone.
+    check_at(
+        &dispatched.events,
+        late,
+        department("shizheng"),
+        Action::Acknowledge,
+        expect![[r#"
+            Acknowledged { by: Department(shizheng)#9, late: true }
+        "#]],
+    );
+    // Nothing past: the command alone.
+    check_at(
+        &dispatched.events,
+        BEFORE_RESPONSE_DUE,
+        street(),
+        Action::Park {
+            reason: "等待上级批复".to_owned(),
+        },
+        expect![[r#"
+            Parked { by: Street#5, reason: "等待上级批复" }
+        "#]],
+    );
+    // A resent command is told from another by the event after the recorded misses.
+    let returned = Action::ReturnNotOurs {
+        reason: ReturnReason::NotOurDuty,
+        note: "不归我们管".to_owned(),
+    };
+    assert!(returned.opens(&command_only.events[dispatched.events.len()..]));
+    assert!(
+        !Action::Park {
+            reason: String::new()
+        }
+        .opens(&command_only.events[dispatched.events.len()..])
+    );
+    assert!(!Action::DeadlineElapsed.opens(&command_only.events[dispatched.events.len() + 2..]));
 }
