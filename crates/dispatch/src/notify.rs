@@ -54,8 +54,9 @@ impl Recipient {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Notification {
     pub incident: uuid::Uuid,
-    /// `assigned`, `summoned`, `deadline_missed`, `report_missed`, `extension_decided`,
-    /// `verification_failed`, `to_verify`.
+    /// `assigned`, `summoned`, `deadline_missed`, `report_missed`, `summons_withdrawn` (the
+    /// case was reassigned away from a summoned department before it reported),
+    /// `extension_decided`, `verification_failed`, `to_verify`.
     pub kind: String,
     pub recipient: String,
     /// INCIDENTS stream sequence of the commit that caused it.
@@ -168,6 +169,11 @@ pub fn notifications(
             E::WhistleReportMissed { department, .. } => push(
                 Some(Recipient::Department(*department)),
                 "report_missed",
+                None,
+            ),
+            E::WhistleSummonsWithdrawn { department, .. } => push(
+                Some(Recipient::Department(*department)),
+                "summons_withdrawn",
                 None,
             ),
             E::ExtensionApproved { resolution_due, .. } => push(

@@ -348,6 +348,16 @@ pub fn describe_named(
                 ),
             )
         }
+        IncidentEvent::WhistleSummonsWithdrawn { department, .. } => {
+            concerns.push(format!("department:{department}"));
+            (
+                "whistle_summons_withdrawn",
+                format!(
+                    "The whistle's summons of {} was withdrawn: the case was reassigned before it reported",
+                    department_text(*department)
+                ),
+            )
+        }
         IncidentEvent::WhistleEscalated {
             kind,
             from,

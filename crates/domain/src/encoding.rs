@@ -85,6 +85,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "incident.whistle_report_missed",
     "incident.whistle_escalated",
     "incident.submission_taken",
+    "incident.whistle_summons_withdrawn",
 ];
 
 /// Schema version 1: frozen. Never edit; add `v2` instead.
@@ -350,6 +351,11 @@ pub mod v1 {
         pub media: u8,
         pub respond_by_ms: i64,
     }
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub struct WhistleSummonsWithdrawn {
+        pub by: Actor,
+        pub department: String,
+    }
 }
 
 macro_rules! same_enum {
@@ -495,6 +501,7 @@ pub fn event_type(event: &IncidentEvent) -> &'static str {
         E::WhistleReportMissed { .. } => "incident.whistle_report_missed",
         E::WhistleEscalated { .. } => "incident.whistle_escalated",
         E::SubmissionTaken { .. } => "incident.submission_taken",
+        E::WhistleSummonsWithdrawn { .. } => "incident.whistle_summons_withdrawn",
     }
 }
 
@@ -757,6 +764,13 @@ pub fn encode_event(event: &IncidentEvent) -> EncodedEvent {
             postcard_bytes(&v1::WhistleReportMissed {
                 department: department.as_str().to_owned(),
                 due_ms: due.0,
+            }),
+        ),
+        E::WhistleSummonsWithdrawn { by, department } => (
+            "incident.whistle_summons_withdrawn",
+            postcard_bytes(&v1::WhistleSummonsWithdrawn {
+                by: w_actor(by),
+                department: department.as_str().to_owned(),
             }),
         ),
         E::WhistleEscalated {
@@ -1069,6 +1083,13 @@ impl Upcast<'_> {
                 E::WhistleReportMissed {
                     department: self.department(&w.department)?,
                     due: Timestamp(w.due_ms),
+                }
+            }
+            "incident.whistle_summons_withdrawn" => {
+                let w: v1::WhistleSummonsWithdrawn = self.read(payload)?;
+                E::WhistleSummonsWithdrawn {
+                    by: self.actor(w.by)?,
+                    department: self.department(&w.department)?,
                 }
             }
             "incident.whistle_escalated" => {

@@ -456,6 +456,13 @@ pub enum IncidentEvent {
         department: DepartmentId,
         due: Timestamp,
     },
+    /// An office reassigned the case away from a department the active whistle had summoned
+    /// and that had not yet reported: its summons is withdrawn, not left to fall due (and to
+    /// escalate the whistle) over a case the department no longer holds.
+    WhistleSummonsWithdrawn {
+        by: Actor,
+        department: DepartmentId,
+    },
     WhistleEscalated {
         kind: WhistleKind,
         from: Level,
@@ -523,7 +530,8 @@ impl IncidentEvent {
             | E::DuplicateMerged { by, .. }
             | E::MergedInto { by, .. }
             | E::Cancelled { by, .. }
-            | E::WhistleReported { by, .. } => Some(by),
+            | E::WhistleReported { by, .. }
+            | E::WhistleSummonsWithdrawn { by, .. } => Some(by),
             E::DeadlineMissed { .. }
             | E::WhistleBlown { .. }
             | E::WhistleReportMissed { .. }
@@ -1020,6 +1028,13 @@ impl IncidentState {
                     && s.state == ReportState::Pending
                 {
                     s.state = ReportState::Missed;
+                }
+            }
+            E::WhistleSummonsWithdrawn { department, .. } => {
+                if let Some(whistle) = &mut self.whistle {
+                    whistle
+                        .summons
+                        .retain(|s| s.department != *department || s.state != ReportState::Pending);
                 }
             }
             E::WhistleEscalated {
@@ -1843,6 +1858,7 @@ impl Decision<'_> {
             return Err(Rejection::SameHandler(handler));
         }
         let (response_due, resolution_due) = self.deadlines(&route);
+        let outgoing = self.state.handler.filter(|_| reassign);
         self.emit(IncidentEvent::Dispatched {
             by: self.actor,
             handler,
@@ -1851,6 +1867,20 @@ impl Decision<'_> {
             response_due,
             resolution_due,
         });
+        // The department the case is taken from is no longer answerable to the whistle for
+        // it: a summons it has not answered is withdrawn (one it answered or missed stays on
+        // the record).
+        if let Some(Handler::Department(department)) = outgoing
+            && self
+                .state
+                .summons(department)
+                .is_some_and(|s| s.state == ReportState::Pending)
+        {
+            self.emit(IncidentEvent::WhistleSummonsWithdrawn {
+                by: self.actor,
+                department,
+            });
+        }
         if self.state.emergency && !self.state.emergency_whistled {
             // An emergency whistle is blown at once (应急哨), by the street (属地).
             self.whistle(

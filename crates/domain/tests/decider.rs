@@ -1855,3 +1855,81 @@ fn misses_past_at_the_command_are_recorded_first() {
     );
     assert!(!Action::DeadlineElapsed.opens(&command_only.events[dispatched.events.len() + 2..]));
 }
+
+/// An office that reassigns a case away from a department the active whistle summoned, before
+/// it reported, withdraws that summons in the same commit: the department is not recorded as
+/// missing a report, nor the whistle escalated, over a case it no longer holds.
+#[test]
+fn reassignment_withdraws_the_outgoing_departments_summons() {
+    // Dispatched to shizheng at 10:00; its response deadline (11:00) is missed and the street
+    // whistles for it (report by 14:30).
+    let whistled = Story::dispatched("1201")
+        .after_minutes(60)
+        .then(system(), Action::DeadlineElapsed);
+    let reassign = || Action::Dispatch {
+        to: Some(Handler::Department(dept("jiaojing"))),
+    };
+    let at = Timestamp(NOW.0 + 10 * MINUTE);
+    check_at(
+        &whistled.events,
+        at,
+        street(),
+        reassign(),
+        expect![[r#"
+        Dispatched { by: Street#5, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 13:40, resolution_due: 2026-03-13 11:10 }
+        WhistleSummonsWithdrawn { by: Street#5, department: shizheng }
+    "#]],
+    );
+    // Its report time passes: nothing is due for shizheng; jiaojing's own response deadline
+    // is the next one.
+    let reassigned = whistled
+        .clone()
+        .after_minutes(10)
+        .then(street(), reassign());
+    let state = IncidentState::from_events(&reassigned.events);
+    check_at(
+        &reassigned.events,
+        Timestamp(T0.0 + 6 * 60 * MINUTE),
+        system(),
+        Action::DeadlineElapsed,
+        expect![[r#"
+            DeadlineMissed { handler: Department(jiaojing), deadline: Response, due: 2026-03-10 13:40 }
+            WhistleEscalated { kind: Tough, from: Street, to: District, cause: DeadlineMissed(Response), summoned: [Summoned { department: jiaojing, report_by: 2026-03-10 16:30 }], resolution_due: None }
+        "#]],
+    );
+    let summoned: Vec<_> = state
+        .whistle
+        .iter()
+        .flat_map(|w| w.summons.iter().map(|s| s.department))
+        .collect();
+    assert!(
+        state.whistle.is_some() && summoned.is_empty(),
+        "{summoned:?}"
+    );
+    // A summons it already answered stays on the record.
+    let reported = whistled
+        .clone()
+        .after_minutes(5)
+        .then(department("shizheng"), Action::ReportToWhistle)
+        .after_minutes(5);
+    check_at(
+        &reported.events,
+        at,
+        street(),
+        reassign(),
+        expect![[r#"
+        Dispatched { by: Street#5, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 13:40, resolution_due: 2026-03-13 11:10 }
+    "#]],
+    );
+    // After the withdrawal the department cannot report to the whistle for the case.
+    check_at(
+        &reassigned.events,
+        Timestamp(at.0 + MINUTE),
+        department("shizheng"),
+        Action::ReportToWhistle,
+        expect![[r#"
+            rejected: department shizheng was not summoned by the active whistle
+              NotSummoned(shizheng)
+        "#]],
+    );
+}

@@ -182,6 +182,10 @@ fn samples() -> Vec<IncidentEvent> {
             media: 2,
             respond_by: t(120),
         },
+        E::WhistleSummonsWithdrawn {
+            by: actor(Role::Street),
+            department: shizheng(),
+        },
     ]
 }
 
