@@ -798,6 +798,12 @@ pub enum Rejection {
     AlreadyReportedToWhistle(DepartmentId),
     #[error("the handler already declared this assignment beyond its powers")]
     AlreadyDeclared,
+    #[error("{role} may not {command}: the active whistle is at the {level:?} level, above it")]
+    BelowWhistleLevel {
+        command: &'static str,
+        role: Role,
+        level: Level,
+    },
     #[error("the whistle is already at the top of the ladder")]
     TopOfLadder,
     #[error("more than {CO_REPORTERS_MAX} additional reporters")]
@@ -1257,6 +1263,27 @@ impl Decision<'_> {
         }
     }
 
+    /// A supervisor's decision on a case (parking it, reassigning it, deciding an extension)
+    /// is taken at the active whistle's level or above: once the whistle has climbed to the
+    /// district, the street no longer decides for the case alone. The system (the city's own
+    /// automation) is not bound.
+    fn require_whistle_level(&self, command: &'static str) -> Result<(), Rejection> {
+        let role_level = match self.role() {
+            Role::Street => Level::Street,
+            Role::District => Level::District,
+            Role::City => Level::City,
+            _ => return Ok(()),
+        };
+        match &self.state.whistle {
+            Some(whistle) if whistle.level > role_level => Err(Rejection::BelowWhistleLevel {
+                command,
+                role: self.role(),
+                level: whistle.level,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn require_status(&self, command: &'static str, allowed: &[Status]) -> Result<(), Rejection> {
         if self.state.status == Status::Absent && !allowed.contains(&Status::Absent) {
             return Err(Rejection::NoSuchIncident);
@@ -1621,6 +1648,7 @@ impl Decision<'_> {
             Action::DecideExtension { approve, note } => {
                 self.require_status(command, ACTIVE)?;
                 self.require_role(command, SUPERVISOR)?;
+                self.require_whistle_level(command)?;
                 check_text("note", &note, NOTE_BYTES_MAX)?;
                 let Some(minutes) = self.state.pending_extension else {
                     return Err(Rejection::NoExtensionPending);
@@ -1648,6 +1676,7 @@ impl Decision<'_> {
             Action::Park { reason } => {
                 self.require_status(command, ACTIVE)?;
                 self.require_role(command, SUPERVISOR)?;
+                self.require_whistle_level(command)?;
                 check_reason("reason", &reason)?;
                 self.emit(IncidentEvent::Parked { by: actor, reason });
             }
@@ -1823,6 +1852,7 @@ impl Decision<'_> {
         let reassign = matches!(self.state.status, S::Dispatched | S::Acknowledged);
         if reassign {
             self.require_role(command, &[R::Street, R::District, R::City])?;
+            self.require_whistle_level(command)?;
         } else {
             self.require_status(command, &[S::Filed])?;
             self.require_role(

@@ -1933,3 +1933,101 @@ fn reassignment_withdraws_the_outgoing_departments_summons() {
         "#]],
     );
 }
+
+/// Once the whistle has climbed above the street, parking the case, reassigning it and
+/// deciding an extension are for the whistle's level or above.
+#[test]
+fn an_office_decides_at_the_whistles_level_or_above() {
+    // shizheng misses its response (11:00): the street whistles (report by 14:30); it does not
+    // report, and the whistle climbs to the district. Then it acknowledges (reporting in) and
+    // asks for more time.
+    let at_district = Story::dispatched("1201")
+        .after_minutes(60)
+        .then(system(), Action::DeadlineElapsed)
+        .after_minutes(210)
+        .then(system(), Action::DeadlineElapsed)
+        .after_minutes(10)
+        .then(department("shizheng"), Action::Acknowledge)
+        .then(
+            department("shizheng"),
+            Action::RequestExtension {
+                minutes: 60,
+                reason: "需要封路".to_owned(),
+            },
+        );
+    let state = IncidentState::from_events(&at_district.events);
+    assert_eq!(
+        state.whistle.as_ref().map(|w| w.level),
+        Some(domain::incident::Level::District)
+    );
+    let at = Timestamp(at_district.now.0 + 10 * MINUTE);
+    let park = || Action::Park {
+        reason: "纳入改造计划".to_owned(),
+    };
+    let reassign = || Action::Dispatch {
+        to: Some(Handler::Department(dept("jiaojing"))),
+    };
+    let decide_extension = || Action::DecideExtension {
+        approve: true,
+        note: String::new(),
+    };
+    for action in [park(), reassign(), decide_extension()] {
+        let refused = decide(
+            &state,
+            IncidentCommand {
+                actor: street(),
+                action: action.clone(),
+            },
+            at,
+            policy(),
+        );
+        assert!(
+            matches!(
+                refused,
+                Err(domain::Rejection::BelowWhistleLevel {
+                    role: Role::Street,
+                    level: domain::incident::Level::District,
+                    ..
+                })
+            ),
+            "{action:?}: {refused:?}"
+        );
+    }
+    check_at(
+        &at_district.events,
+        at,
+        street(),
+        park(),
+        expect![[r#"
+        rejected: street may not park: the active whistle is at the District level, above it
+          BelowWhistleLevel { command: "park", role: Street, level: District }
+    "#]],
+    );
+    check_at(
+        &at_district.events,
+        at,
+        district(),
+        park(),
+        expect![[r#"
+            Parked { by: District#6, reason: "纳入改造计划" }
+        "#]],
+    );
+    check_at(
+        &at_district.events,
+        at,
+        district(),
+        decide_extension(),
+        expect![[r#"
+            ExtensionApproved { by: District#6, minutes: 60, resolution_due: 2026-03-13 11:00 }
+        "#]],
+    );
+    check_at(
+        &at_district.events,
+        at,
+        actor(Role::City, 7),
+        reassign(),
+        expect![[r#"
+            Dispatched { by: City#7, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 15:50, resolution_due: 2026-03-13 14:50 }
+        "#]],
+    );
+}

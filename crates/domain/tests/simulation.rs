@@ -107,6 +107,15 @@ fn system() -> Actor {
 fn street() -> Actor {
     actor(Role::Street, 2)
 }
+/// The office that decides for a case (parks, reassigns, decides extensions): the street, or
+/// the level the active whistle has climbed to.
+fn supervisor(state: &IncidentState) -> Actor {
+    match state.whistle.as_ref().map(|w| w.level) {
+        Some(domain::incident::Level::District) => actor(Role::District, 6),
+        Some(domain::incident::Level::City) => actor(Role::City, 7),
+        _ => street(),
+    }
+}
 fn grid_worker() -> Actor {
     actor(Role::GridWorker, 3)
 }
@@ -256,7 +265,7 @@ impl Sim {
                     let to = candidates[self.rng.gen_range(0..candidates.len())];
                     plan.push((
                         self.minutes(10, 120),
-                        street(),
+                        supervisor(&state),
                         Action::Dispatch {
                             to: Some(Handler::Department(to)),
                         },
@@ -273,7 +282,7 @@ impl Sim {
                             if Handler::Department(to) != handler {
                                 plan.push((
                                     self.minutes(30, 300),
-                                    street(),
+                                    supervisor(&state),
                                     Action::Dispatch {
                                         to: Some(Handler::Department(to)),
                                     },
@@ -310,7 +319,7 @@ impl Sim {
                 if roll < 3 {
                     plan.push((
                         self.minutes(10, 300),
-                        street(),
+                        supervisor(&state),
                         Action::Park {
                             reason: "纳入改造计划".to_owned(),
                         },
@@ -349,7 +358,7 @@ impl Sim {
                     let to = self.departments[self.rng.gen_range(0..self.departments.len())];
                     plan.push((
                         self.minutes(10, 100),
-                        street(),
+                        supervisor(&state),
                         Action::Dispatch {
                             to: Some(Handler::Department(to)),
                         },
@@ -372,7 +381,7 @@ impl Sim {
                     let approve = self.rng.gen_bool(0.7);
                     plan.push((
                         self.minutes(10, 60),
-                        street(),
+                        supervisor(&state),
                         Action::DecideExtension {
                             approve,
                             note: String::new(),
@@ -494,12 +503,15 @@ impl Sim {
                 self.rejections += 1;
                 // Planned before a deadline the shell has not yet recorded: an extension
                 // decided after the resolution deadline passed is refused, and a declaration
-                // after the misses it records first took the whistle to the top, as they would
-                // be had the shell recorded the deadline first (and the plan been redone).
+                // (or an office's decision) after the misses it records first took the whistle
+                // to the top (or above the office), as they would be had the shell recorded
+                // the deadline first (and the plan been redone).
                 let lagging = next_deadline(&before).is_some_and(|due| due <= self.now);
                 let overtaken = matches!(
                     rejection,
-                    domain::Rejection::ResolutionAlreadyMissed | domain::Rejection::TopOfLadder
+                    domain::Rejection::ResolutionAlreadyMissed
+                        | domain::Rejection::TopOfLadder
+                        | domain::Rejection::BelowWhistleLevel { .. }
                 );
                 if must_succeed && !(lagging && overtaken) {
                     self.fail(i, format!("{what} rejected: {rejection}"));
