@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use domain::incident::{Handler, IncidentEvent, IncidentState};
-use domain::{DepartmentId, GridCode, IncidentId, Timestamp};
+use domain::{DepartmentId, GridCode, IncidentId, Role, Timestamp};
 use serde::{Deserialize, Serialize};
 
 pub const NOTIFICATIONS_STREAM: &str = "NOTIFICATIONS";
@@ -191,7 +191,16 @@ pub fn notifications(
                 "verification_failed",
                 Some(*resolution_due),
             ),
-            E::Resolved { .. } => push(grid.map(Recipient::Grid), "to_verify", None),
+            // The grid verifies the handler's work (核查); work its own grid worker did goes
+            // to the community (巷长), since no one verifies their own.
+            E::Resolved { by, .. } => push(
+                grid.map(|grid| match by.role {
+                    Role::GridWorker => Recipient::Community(grid.community()),
+                    _ => Recipient::Grid(grid),
+                }),
+                "to_verify",
+                None,
+            ),
             _ => {}
         }
     }

@@ -798,6 +798,8 @@ pub enum Rejection {
     AlreadyReportedToWhistle(DepartmentId),
     #[error("the handler already declared this assignment beyond its powers")]
     AlreadyDeclared,
+    #[error("the one who resolved the case may not {command} it")]
+    OwnWork { command: &'static str },
     #[error("{role} may not {command}: the active whistle is at the {level:?} level, above it")]
     BelowWhistleLevel {
         command: &'static str,
@@ -839,6 +841,8 @@ pub struct IncidentState {
     pub beyond_powers_declared: bool,
     pub emergency_whistled: bool,
     pub rating: Option<Satisfaction>,
+    /// Who resolved the case last: the one actor that may not verify that work.
+    pub resolved_by: Option<ActorId>,
 }
 
 impl IncidentState {
@@ -904,7 +908,8 @@ impl IncidentState {
                 self.status = Status::Acknowledged;
                 self.response = None;
             }
-            E::Resolved { .. } => {
+            E::Resolved { by, .. } => {
+                self.resolved_by = Some(by.id);
                 self.status = Status::Resolved;
                 self.response = None;
                 self.resolution = None;
@@ -1521,7 +1526,13 @@ impl Decision<'_> {
             }
             Action::Verify { passed, note } => {
                 self.require_status(command, &[S::Resolved])?;
-                self.require_role(command, &[R::GridWorker])?;
+                // Verification (核查) is the grid's check on the handler's work, so not by the
+                // one who did it: a case a grid worker handled is verified by another grid
+                // worker or by the community (巷长), to which dispatch sends the `to_verify`.
+                self.require_role(command, &[R::GridWorker, R::Community])?;
+                if self.state.resolved_by == Some(actor.id) {
+                    return Err(Rejection::OwnWork { command });
+                }
                 check_text("note", &note, NOTE_BYTES_MAX)?;
                 if passed {
                     self.emit(IncidentEvent::Verified { by: actor });

@@ -17,9 +17,9 @@
 //! configuration) but not their own occurrence time: the shell stores the `now` it passed to
 //! `decide` as the commit's occurred-at header.
 //!
-//! Memory: an [`incident::IncidentState`] is 200 bytes inline; its three short lists are
+//! Memory: an [`incident::IncidentState`] is 216 bytes inline; its three short lists are
 //! bounded (`CO_REPORTERS_MAX`, `RETURNS_MAX`, `WHISTLE_SUMMONS_MAX`) and grown exactly, so the
-//! worst case is 908 bytes with heap and a typical open incident 200-460 bytes (measured in
+//! worst case is 924 bytes with heap and a typical open incident 216-480 bytes (measured in
 //! `tests/decider.rs` and `tests/simulation.rs`), within the dispatch budget of 1,024 bytes.
 //! `IncidentState` derives serde for snapshots; snapshots are a cache, not a frozen format —
 //! rebuild from events when one does not decode.

@@ -1691,7 +1691,7 @@ fn worst_case_state_fits_the_memory_budget() {
     let summons = state.whistle.as_ref().map_or(0, |w| w.summons.len());
     assert_eq!(summons, WHISTLE_SUMMONS_MAX);
     let bytes = std::mem::size_of::<IncidentState>() + state.heap_bytes();
-    expect!["200 bytes inline + 708 on the heap = 908 bytes"].assert_eq(&format!(
+    expect!["216 bytes inline + 708 on the heap = 924 bytes"].assert_eq(&format!(
         "{} bytes inline + {} on the heap = {bytes} bytes",
         std::mem::size_of::<IncidentState>(),
         state.heap_bytes()
@@ -2028,6 +2028,62 @@ fn an_office_decides_at_the_whistles_level_or_above() {
         reassign(),
         expect![[r#"
             Dispatched { by: City#7, handler: Department(jiaojing), source: Manual, clock: Working, response_due: 2026-03-10 15:50, resolution_due: 2026-03-13 14:50 }
+        "#]],
+    );
+}
+
+/// Verification (核查) is a check on the handler's work by someone else: a case its grid
+/// worker resolved is verified by the community (or another grid worker), not by itself.
+#[test]
+fn no_one_verifies_their_own_work() {
+    // Street litter (0101) goes to the grid worker.
+    let resolved = Story::dispatched("0101")
+        .then(grid_worker(), Action::Acknowledge)
+        .then(
+            grid_worker(),
+            Action::Resolve {
+                note: "已清理".to_owned(),
+            },
+        );
+    let verify = || Action::Verify {
+        passed: true,
+        note: String::new(),
+    };
+    check(
+        &resolved.events,
+        grid_worker(),
+        verify(),
+        expect![[r#"
+        rejected: the one who resolved the case may not verify it
+          OwnWork { command: "verify" }
+    "#]],
+    );
+    check(
+        &resolved.events,
+        community(),
+        verify(),
+        expect![[r#"
+        Verified { by: Community#4 }
+        Closed { by: Community#4 }
+    "#]],
+    );
+    check(
+        &resolved.events,
+        actor(Role::GridWorker, 33),
+        verify(),
+        expect![[r#"
+            Verified { by: GridWorker#33 }
+            Closed { by: GridWorker#33 }
+        "#]],
+    );
+    // A department's work is verified by the grid worker, as before.
+    check(
+        &Story::resolved().events,
+        grid_worker(),
+        verify(),
+        expect![[r#"
+            Verified { by: GridWorker#3 }
+            Closed { by: GridWorker#3 }
         "#]],
     );
 }

@@ -396,9 +396,15 @@ impl Sim {
                 } else {
                     "问题仍在".to_owned()
                 };
+                // No one verifies their own work: the community checks its grid worker's.
+                let verifier = if state.resolved_by == Some(grid_worker().id) {
+                    actor(Role::Community, 5)
+                } else {
+                    grid_worker()
+                };
                 plan.push((
                     self.minutes(10, 240),
-                    grid_worker(),
+                    verifier,
                     Action::Verify { passed, note },
                 ));
             }
