@@ -251,7 +251,15 @@ impl Metrics {
         };
         let reached = i64::try_from(sequence).unwrap_or(i64::MAX);
         self.reached_sequence.get_or_create(&labels).set(reached);
-        let last = self.stream_last_sequence.get_or_create(&labels).get();
+        // The lag is unknown until the stream's end has been polled: exported then, not as a
+        // reassuring 0 before.
+        let Some(last) = self
+            .stream_last_sequence
+            .get(&labels)
+            .map(|gauge| gauge.get())
+        else {
+            return;
+        };
         self.stream_lag
             .get_or_create(&labels)
             .set(last.saturating_sub(reached).max(0));
