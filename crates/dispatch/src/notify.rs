@@ -127,7 +127,30 @@ pub fn notifications(
             ));
         }
     };
-    for event in events {
+    // A summons answered or ended within the same commit is not announced: a command that
+    // records a miss first (`Action::records_misses_first`) may blow a whistle and, in the same
+    // commit, report to it (an acknowledgement), withdraw it (a reassignment) or clear it
+    // (parking, cancelling, resolving).
+    let answered_later = |at: usize, department: DepartmentId| {
+        events[at + 1..].iter().any(|later| match later {
+            IncidentEvent::WhistleReported { department: d, .. }
+            | IncidentEvent::WhistleSummonsWithdrawn { department: d, .. } => *d == department,
+            IncidentEvent::Parked { .. }
+            | IncidentEvent::Cancelled { .. }
+            | IncidentEvent::Resolved { .. } => true,
+            _ => false,
+        })
+    };
+    let summoned_before = |at: usize, department: DepartmentId| {
+        events[..at].iter().any(|earlier| match earlier {
+            IncidentEvent::WhistleBlown { summoned, .. }
+            | IncidentEvent::WhistleEscalated { summoned, .. } => {
+                summoned.iter().any(|s| s.department == department)
+            }
+            _ => false,
+        })
+    };
+    for (at, event) in events.iter().enumerate() {
         use IncidentEvent as E;
         match event {
             E::Dispatched {
@@ -153,7 +176,10 @@ pub fn notifications(
                 Some(*response_due),
             ),
             E::WhistleBlown { summoned, .. } | E::WhistleEscalated { summoned, .. } => {
-                for s in summoned {
+                for s in summoned
+                    .iter()
+                    .filter(|s| !answered_later(at, s.department))
+                {
                     push(
                         Some(Recipient::Department(s.department)),
                         "summoned",
@@ -171,11 +197,13 @@ pub fn notifications(
                 "report_missed",
                 None,
             ),
-            E::WhistleSummonsWithdrawn { department, .. } => push(
-                Some(Recipient::Department(*department)),
-                "summons_withdrawn",
-                None,
-            ),
+            E::WhistleSummonsWithdrawn { department, .. } if !summoned_before(at, *department) => {
+                push(
+                    Some(Recipient::Department(*department)),
+                    "summons_withdrawn",
+                    None,
+                )
+            }
             E::ExtensionApproved { resolution_due, .. } => push(
                 current.and_then(|h| Recipient::for_handler(h, grid)),
                 "extension_decided",
@@ -361,6 +389,151 @@ mod tests {
         assert_eq!(note.kind, "assigned");
         assert_eq!(note.due, state.response.map(|due| due.at));
         assert_eq!(without_state, with_state);
+    }
+
+    /// Notices of commands decided on a deadline the shell had not recorded yet (so their
+    /// commit records the miss first), of reassignment, and of verification: each line is
+    /// `kind -> recipient`.
+    #[test]
+    fn a_summons_answered_or_ended_in_its_own_commit_is_not_announced() {
+        use domain::incident::{Action, Handler, IncidentCommand};
+        use domain::{Actor, ActorId, Policy, decide};
+        use expect_test::{Expect, expect};
+        let policy = Policy::embedded("sanming").expect("embedded policy");
+        let incident = IncidentId(uuid::Uuid::from_u128(7));
+        let t0 = Timestamp(1_773_108_000_000); // Tuesday 2026-03-10 10:00 in Sanming
+        let minutes = |n: i64| Timestamp(t0.0 + n * 60_000);
+        let actor = |role, n| Actor {
+            role,
+            id: ActorId(uuid::Uuid::from_u128(n)),
+        };
+        let shizheng = actor(Role::Department("shizheng".parse().expect("id")), 3);
+        let street = actor(Role::Street, 4);
+        let system = actor(Role::System, 2);
+        let run = |history: &[(Timestamp, Actor, Action)]| {
+            let mut state = IncidentState::default();
+            let mut last = Vec::new();
+            for (now, by, action) in history.iter().cloned() {
+                last = decide(&state, IncidentCommand { actor: by, action }, now, &policy)
+                    .expect("decided");
+                last.iter().for_each(|event| state.apply(event));
+            }
+            (state, last)
+        };
+        let check = |commands: &[(Timestamp, Actor, Action)], expect: Expect| {
+            let (before, _) = run(&commands[..commands.len() - 1]);
+            let (_, last) = run(commands);
+            let commit: Vec<&IncidentEvent> = last.iter().collect();
+            let mut text: String = last
+                .iter()
+                .map(|e| format!("{}\n", domain::encoding::event_type(e)))
+                .collect();
+            for (recipient, notice) in notifications(incident, &commit, Some(&before), 9, 9) {
+                text.push_str(&format!("  {} -> {}\n", notice.kind, recipient.subject()));
+            }
+            expect.assert_eq(&text);
+        };
+        let filed = |category: &str| {
+            vec![
+                (
+                    t0,
+                    actor(Role::Resident, 1),
+                    Action::Report {
+                        incident,
+                        description: "路面有个大坑".to_owned(),
+                        position: None,
+                        category_hint: None,
+                    },
+                ),
+                (
+                    t0,
+                    system,
+                    Action::File {
+                        grid: "350404002001001".parse().expect("grid code"),
+                        category: category.parse().expect("category"),
+                    },
+                ),
+                (t0, system, Action::Dispatch { to: None }),
+            ]
+        };
+        let with = |mut history: Vec<(Timestamp, Actor, Action)>, now, by, action| {
+            history.push((now, by, action));
+            history
+        };
+        let reassign = || Action::Dispatch {
+            to: Some(Handler::Department("jiaojing".parse().expect("id"))),
+        };
+        // The response (due 11:00) acknowledged at 13:00: the miss is recorded, and the whistle
+        // it blows is reported to in the same commit: no summons to announce.
+        check(
+            &with(filed("1201"), minutes(180), shizheng, Action::Acknowledge),
+            expect![[r#"
+                incident.deadline_missed
+                incident.whistle_blown
+                incident.acknowledged
+                incident.whistle_reported
+                  deadline_missed -> dispatch.notify.department.shizheng
+            "#]],
+        );
+        // Parked late: the whistle blown first is cleared in the same commit.
+        check(
+            &with(
+                filed("1201"),
+                minutes(180),
+                street,
+                Action::Park {
+                    reason: "纳入改造计划".to_owned(),
+                },
+            ),
+            expect![[r#"
+                incident.deadline_missed
+                incident.whistle_blown
+                incident.parked
+                  deadline_missed -> dispatch.notify.department.shizheng
+            "#]],
+        );
+        // Reassigned after the shell recorded the miss: the summons it announced then is
+        // withdrawn now.
+        let whistled = with(filed("1201"), minutes(60), system, Action::DeadlineElapsed);
+        check(
+            &with(whistled, minutes(180), street, reassign()),
+            expect![[r#"
+                incident.dispatched
+                incident.whistle_summons_withdrawn
+                  assigned -> dispatch.notify.department.jiaojing
+                  summons_withdrawn -> dispatch.notify.department.shizheng
+            "#]],
+        );
+        // Reassigned late, before the shell recorded the miss: summoned and withdrawn in one
+        // commit, so neither is announced.
+        check(
+            &with(filed("1201"), minutes(180), street, reassign()),
+            expect![[r#"
+                incident.deadline_missed
+                incident.whistle_blown
+                incident.dispatched
+                incident.whistle_summons_withdrawn
+                  deadline_missed -> dispatch.notify.department.shizheng
+                  assigned -> dispatch.notify.department.jiaojing
+            "#]],
+        );
+        // Street litter (0101) its grid worker resolved: the community verifies.
+        let grid_worker = actor(Role::GridWorker, 5);
+        let acknowledged = with(filed("0101"), minutes(10), grid_worker, Action::Acknowledge);
+        check(
+            &with(
+                acknowledged,
+                minutes(20),
+                grid_worker,
+                Action::Resolve {
+                    note: "已清理".to_owned(),
+                },
+            ),
+            expect![[r#"
+                incident.resolved
+                  to_verify -> dispatch.notify.community.350404002001
+            "#]],
+        );
     }
 
     #[test]

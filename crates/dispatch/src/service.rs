@@ -85,8 +85,9 @@ pub const NOTIFIER_DURABLE: &str = "dispatch-notifier";
 pub const SNAPSHOT_INCIDENTS_PER_SHARD: usize = 1_000;
 /// Snapshot shards at most (1,000 x 1,000 = one million incidents).
 pub const SNAPSHOT_SHARDS_MAX: usize = 1_000;
-/// Format of the snapshot manifest and shards (bump when `Held` changes).
-const SNAPSHOT_FORMAT: u16 = 1;
+/// Format of the snapshot manifest and shards (bump when `Held` changes). 2: the incident
+/// state holds `resolved_by`.
+pub const SNAPSHOT_FORMAT: u16 = 2;
 const SNAPSHOT_MANIFEST_KEY: &str = "dispatch.manifest";
 
 /// How one dispatch instance runs.
@@ -1176,7 +1177,10 @@ impl DispatchService {
                     reason: ConflictReason::CommandIdReused { command_id, .. },
                     ..
                 }) => {
-                    if let Some(reply) = self.resent(command.incident, &aggregate, &commit).await {
+                    if let Some(reply) = self
+                        .resent(command.incident, &aggregate, &command.action, &commit)
+                        .await
+                    {
                         return reply;
                     }
                     return CommandReply::rejected(
@@ -1298,26 +1302,25 @@ impl DispatchService {
         Some(duplicate_reply(command.incident.0, &commit))
     }
 
-    /// A command whose id is already stored, by the same actor with the same kinds of events,
-    /// is a resend decided again at another moment: its first append was stored although its
-    /// answer was lost (an ack that timed out, a crash), so the book had not seen it. Answered
-    /// as the duplicate it is, after re-reading the incident; `None` for a genuinely reused id.
+    /// A command whose id is already stored, by the same actor, in a commit that opens with
+    /// the action's own first event (`Action::opens`: after any misses recorded first, which
+    /// differ with the moment it was decided), is a resend decided again at another moment:
+    /// its first append was stored although its answer was lost (an ack that timed out, a
+    /// crash), so the book had not seen it. Answered as the duplicate it is, after re-reading
+    /// the incident; `None` for a genuinely reused id.
     async fn resent(
         &mut self,
         incident: IncidentId,
         aggregate: &eventstore::AggregateId,
+        action: &Action,
         commit: &Commit<IncidentEvent>,
     ) -> Option<CommandReply> {
         let stored = match self.stored_commit(aggregate, &commit.command_id).await {
             Ok(stored) => stored?,
             Err(error) => return Some(store_unavailable(error)),
         };
-        let same_kinds = stored
-            .events
-            .iter()
-            .map(|recorded| domain::encoding::event_type(&recorded.event))
-            .eq(commit.events.iter().map(domain::encoding::event_type));
-        if stored.meta.actor != commit.meta.actor || !same_kinds {
+        let same_action = action.opens(stored.events.iter().map(|recorded| &recorded.event));
+        if stored.meta.actor != commit.meta.actor || !same_action {
             return None;
         }
         if let Err(error) = self.reload(incident).await {

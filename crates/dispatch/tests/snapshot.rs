@@ -370,14 +370,20 @@ async fn a_restart_from_the_shutdown_snapshot_holds_what_a_full_replay_holds() {
         .unwrap();
     let original = kv.get("dispatch.g1.s0").await.unwrap().unwrap();
     let read = snapshots
-        .read::<Vec<(IncidentId, Held)>>("dispatch.g1.s0", 1)
+        .read::<Vec<(IncidentId, Held)>>("dispatch.g1.s0", dispatch::service::SNAPSHOT_FORMAT)
         .await
         .unwrap();
     let (chunk, position) = read.snapshot.expect("shard 0");
     let mut other = position;
     other.hash[0] ^= 0xff;
     snapshots
-        .write("dispatch.g1.s0", 1, &chunk, other, read.revision)
+        .write(
+            "dispatch.g1.s0",
+            dispatch::service::SNAPSHOT_FORMAT,
+            &chunk,
+            other,
+            read.revision,
+        )
         .await
         .unwrap();
     let restarted = load(&url, "dispatch-e", &time, Some(BUCKET)).await;

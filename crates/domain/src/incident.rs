@@ -649,21 +649,26 @@ impl Action {
 
     /// Whether [`decide`] first records the deadlines already past at the command's time
     /// (`DeadlineMissed`, `WhistleReportMissed` and the whistle they blow, as
-    /// [`Action::DeadlineElapsed`] would) before the action's own events: true for the actions
-    /// that replace or clear the deadlines (returning, reassigning, parking, declaring a case
-    /// beyond the handler's powers, cancelling). Without it a miss the shell had not yet
-    /// recorded would be erased by the new deadlines, and whether a late department was
-    /// recorded late would depend on which of two commands the shell happened to decide
-    /// first. Acknowledging and resolving keep the deadline: their own `late` flag records
-    /// lateness.
+    /// [`Action::DeadlineElapsed`] would) before the action's own events: true for every
+    /// decision on a handled case (a handler's, an office's, the reporter's). Without it a
+    /// command decided after a deadline passed but before the shell recorded the miss would
+    /// replace or clear that deadline and erase the miss (a return, a reassignment, parking,
+    /// cancelling), or get a different answer than had the shell decided first (an
+    /// acknowledgement with no whistle, a report to a whistle that had already climbed): the
+    /// log would depend on which of the two the shell happened to decide first. False for
+    /// intake's filing and bookkeeping (`Report`, `File`, `TakeSubmission`, `RejectReport`,
+    /// `MergeDuplicate`, `MarkDuplicateOf`), which neither read nor change a deadline, and for
+    /// `DeadlineElapsed`, which is the recording itself.
     pub fn records_misses_first(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            Action::Dispatch { .. }
-                | Action::ReturnNotOurs { .. }
-                | Action::Park { .. }
-                | Action::DeclareBeyondPowers { .. }
-                | Action::Cancel
+            Action::Report { .. }
+                | Action::File { .. }
+                | Action::TakeSubmission { .. }
+                | Action::RejectReport { .. }
+                | Action::MergeDuplicate { .. }
+                | Action::MarkDuplicateOf { .. }
+                | Action::DeadlineElapsed
         )
     }
 

@@ -562,22 +562,28 @@ fn emergency_blows_the_whistle_at_once() {
 #[test]
 fn acknowledge_resolve_verify_close_rate() {
     let dispatched = Story::dispatched("1201").events;
-    check(
+    check_at(
         &dispatched,
+        BEFORE_RESPONSE_DUE,
         department("shizheng"),
         Action::Acknowledge,
         expect![[r#"
         Acknowledged { by: Department(shizheng)#9, late: false }
     "#]],
     );
+    // Late, before the shell recorded the miss: the miss is recorded first, with the whistle
+    // it blows, and acknowledging reports to that whistle, as had the shell decided first.
     check_at(
         &dispatched,
         Timestamp(NOW.0 + 3 * 60 * MINUTE),
         department("shizheng"),
         Action::Acknowledge,
         expect![[r#"
-        Acknowledged { by: Department(shizheng)#9, late: true }
-    "#]],
+            DeadlineMissed { handler: Department(shizheng), deadline: Response, due: 2026-03-10 11:00 }
+            WhistleBlown { kind: Routine, level: Street, cause: DeadlineMissed(Response), summoned: [Summoned { department: shizheng, report_by: 2026-03-10 16:00 }], resolution_due: None }
+            Acknowledged { by: Department(shizheng)#9, late: true }
+            WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
+        "#]],
     );
     check(
         &dispatched,
@@ -1009,34 +1015,65 @@ fn extensions() {
     "#]],
     );
     // Decided once the resolution deadline has passed, before the shell recorded the miss:
-    // the extension would erase it, so it is refused, as a request would be.
+    // the miss is recorded first, as the shell would have, and the pending request lapses
+    // with the deadline it asked to move (an approval cannot erase the miss); a request asks
+    // for time on the joint resolution deadline the whistle set.
     let resolution_due = IncidentState::from_events(&requested)
         .resolution
         .expect("a resolution deadline")
         .at;
-    for now in [resolution_due, Timestamp(resolution_due.0 + 60_000)] {
-        check_at(
-            &requested,
-            now,
-            street(),
-            Action::DecideExtension {
-                approve: true,
-                note: String::new(),
-            },
-            expect![[r#"
-            rejected: the resolution deadline has already been missed
-              ResolutionAlreadyMissed
+    let approve = || Action::DecideExtension {
+        approve: true,
+        note: String::new(),
+    };
+    check_at(
+        &requested,
+        resolution_due,
+        street(),
+        approve(),
+        expect![[r#"
+            rejected: no extension request is pending
+              NoExtensionPending
         "#]],
-        );
-        check_at(
-            &Story::acknowledged().events,
+    );
+    check_at(
+        &Story::acknowledged().events,
+        resolution_due,
+        department("shizheng"),
+        request(),
+        expect![[r#"
+            DeadlineMissed { handler: Department(shizheng), deadline: Resolution, due: 2026-03-13 10:00 }
+            WhistleBlown { kind: Routine, level: Street, cause: DeadlineMissed(Resolution), summoned: [Summoned { department: shizheng, report_by: 2026-03-13 12:00 }], resolution_due: Some(2026-03-18 10:00) }
+            ExtensionRequested { by: Department(shizheng)#9, minutes: 840, reason: "需要封路施工" }
+        "#]],
+    );
+    // A minute later, the same.
+    let later = Timestamp(resolution_due.0 + MINUTE);
+    let kinds = |given: &[IncidentEvent], actor: Actor, action: Action, now: Timestamp| {
+        decide(
+            &IncidentState::from_events(given),
+            IncidentCommand { actor, action },
             now,
+            policy(),
+        )
+        .map(|events| {
+            events
+                .iter()
+                .map(domain::encoding::event_type)
+                .collect::<Vec<_>>()
+        })
+    };
+    for (given, actor, action) in [
+        (&requested, street(), approve()),
+        (
+            &Story::acknowledged().events,
             department("shizheng"),
             request(),
-            expect![[r#"
-            rejected: the resolution deadline has already been missed
-              ResolutionAlreadyMissed
-        "#]],
+        ),
+    ] {
+        assert_eq!(
+            kinds(given, actor, action.clone(), resolution_due),
+            kinds(given, actor, action, later)
         );
     }
     check(
@@ -1431,8 +1468,9 @@ fn whistle_on_missed_response_then_missed_report_escalates() {
           AlreadyReportedToWhistle(shizheng)
     "#]],
     );
-    check(
+    check_at(
         &dispatched,
+        BEFORE_RESPONSE_DUE,
         department("shizheng"),
         Action::ReportToWhistle,
         expect![[r#"
@@ -1826,7 +1864,10 @@ fn misses_past_at_the_command_are_recorded_first() {
         department("shizheng"),
         Action::Acknowledge,
         expect![[r#"
+            DeadlineMissed { handler: Department(shizheng), deadline: Response, due: 2026-03-10 11:00 }
+            WhistleBlown { kind: Routine, level: Street, cause: DeadlineMissed(Response), summoned: [Summoned { department: shizheng, report_by: 2026-03-10 14:35 }], resolution_due: None }
             Acknowledged { by: Department(shizheng)#9, late: true }
+            WhistleReported { by: Department(shizheng)#9, department: shizheng, late: false }
         "#]],
     );
     // Nothing past: the command alone.

@@ -472,12 +472,10 @@ impl Sim {
         let what = format!("{action:?} by {:?}", actor.role);
         let is_dispatch = matches!(action, Action::Dispatch { .. });
         let is_declare = matches!(action, Action::DeclareBeyondPowers { .. });
-        if action != Action::DeadlineElapsed
-            && next_deadline(&before).is_some_and(|d| d <= self.now)
-        {
-            eprintln!("DEBUG late act {}", action.name());
-        } else {
-            eprintln!("DEBUG act {}", action.name());
+        // Order independence: a command decided on a deadline the shell has not recorded yet
+        // gives the events the shell's `DeadlineElapsed` and then the command would have.
+        if action.records_misses_first() && next_deadline(&before).is_some_and(|d| d <= self.now) {
+            self.check_timer_order(i, &before, actor, &action);
         }
         match decide(
             &before,
@@ -508,14 +506,16 @@ impl Sim {
             Err(rejection) => {
                 self.rejections += 1;
                 // Planned before a deadline the shell has not yet recorded: an extension
-                // decided after the resolution deadline passed is refused, and a declaration
-                // (or an office's decision) after the misses it records first took the whistle
-                // to the top (or above the office), as they would be had the shell recorded
-                // the deadline first (and the plan been redone).
+                // decided after the resolution deadline passed is refused (the request lapsed
+                // with the miss recorded first), and a declaration (or an office's decision)
+                // after the misses it records first took the whistle to the top (or above the
+                // office), as they would be had the shell recorded the deadline first (and the
+                // plan been redone).
                 let lagging = next_deadline(&before).is_some_and(|due| due <= self.now);
                 let overtaken = matches!(
                     rejection,
                     domain::Rejection::ResolutionAlreadyMissed
+                        | domain::Rejection::NoExtensionPending
                         | domain::Rejection::TopOfLadder
                         | domain::Rejection::BelowWhistleLevel { .. }
                 );
@@ -523,6 +523,33 @@ impl Sim {
                     self.fail(i, format!("{what} rejected: {rejection}"));
                 }
             }
+        }
+    }
+
+    /// The command alone and the shell's `DeadlineElapsed` followed by the command give the
+    /// same events, or the same refusal of the command.
+    fn check_timer_order(&self, i: usize, before: &IncidentState, actor: Actor, action: &Action) {
+        let decide_at = |state: &IncidentState, actor: Actor, action: Action| {
+            decide(
+                state,
+                IncidentCommand { actor, action },
+                self.now,
+                &self.policy,
+            )
+        };
+        let alone = decide_at(before, actor, action.clone());
+        let timer_first = decide_at(before, system(), Action::DeadlineElapsed).and_then(|misses| {
+            let after = misses.iter().fold(before.clone(), domain::evolve);
+            decide_at(&after, actor, action.clone()).map(|own| [misses, own].concat())
+        });
+        if alone != timer_first {
+            self.fail(
+                i,
+                format!(
+                    "{action:?} by {:?} alone gave {alone:?}; after DeadlineElapsed {timer_first:?}",
+                    actor.role
+                ),
+            );
         }
     }
 
