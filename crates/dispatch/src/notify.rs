@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use domain::incident::{Handler, IncidentEvent, IncidentState};
+use domain::incident::{Handler, IncidentEvent, IncidentState, Level};
 use domain::{DepartmentId, GridCode, IncidentId, Role, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,10 @@ pub const NOTIFICATIONS_PER_COMMIT_MAX: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Recipient {
     Department(DepartmentId),
+    /// A city office (4-digit GB/T 2260 code), for whistles that reached the city.
+    City(u32),
+    /// A district office (6-digit GB/T 2260 code), for whistles that reached the district.
+    District(u32),
     Street(domain::StreetCode),
     Community(u64),
     Grid(GridCode),
@@ -33,9 +37,22 @@ impl Recipient {
     pub fn subject(&self) -> String {
         match self {
             Recipient::Department(d) => format!("{NOTIFY_SUBJECT_PREFIX}.department.{d}"),
+            Recipient::City(c) => format!("{NOTIFY_SUBJECT_PREFIX}.city.{c:04}"),
+            Recipient::District(d) => format!("{NOTIFY_SUBJECT_PREFIX}.district.{d:06}"),
             Recipient::Street(s) => format!("{NOTIFY_SUBJECT_PREFIX}.street.{s}"),
             Recipient::Community(c) => format!("{NOTIFY_SUBJECT_PREFIX}.community.{c:012}"),
             Recipient::Grid(g) => format!("{NOTIFY_SUBJECT_PREFIX}.grid.{g}"),
+        }
+    }
+
+    /// The office at `level` of the whistle ladder for a case in `grid`.
+    pub fn for_level(level: Level, grid: GridCode) -> Recipient {
+        match level {
+            Level::Grid => Recipient::Grid(grid),
+            Level::Community => Recipient::Community(grid.community()),
+            Level::Street => Recipient::Street(grid.street()),
+            Level::District => Recipient::District(grid.district()),
+            Level::City => Recipient::City(grid.city()),
         }
     }
 
@@ -56,7 +73,10 @@ pub struct Notification {
     pub incident: uuid::Uuid,
     /// `assigned`, `summoned`, `deadline_missed`, `report_missed`, `summons_withdrawn` (the
     /// case was reassigned away from a summoned department before it reported),
-    /// `extension_decided`, `verification_failed`, `to_verify`.
+    /// `whistle` (to the office at the level a whistle was blown or escalated to: community,
+    /// street, district or city), `extension_requested` (to the office that decides it: the
+    /// street, or the whistle's level when above), `extension_decided`,
+    /// `verification_failed`, `to_verify`.
     pub kind: String,
     pub recipient: String,
     /// INCIDENTS stream sequence of the commit that caused it.
@@ -108,6 +128,8 @@ pub fn notifications(
         })
         .or_else(|| state.and_then(|s| s.grid));
     let mut current = state.and_then(|s| s.handler);
+    // The active whistle's level as the commit goes (an office decides at it or above).
+    let mut whistle_level = state.and_then(|s| s.whistle.as_ref()).map(|w| w.level);
     let mut out: Vec<(Recipient, Notification)> = Vec::new();
     let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
         if let Some(recipient) = recipient
@@ -131,16 +153,22 @@ pub fn notifications(
     // records a miss first (`Action::records_misses_first`) may blow a whistle and, in the same
     // commit, report to it (an acknowledgement), withdraw it (a reassignment) or clear it
     // (parking, cancelling, resolving).
+    let ends_whistle = |event: &IncidentEvent| {
+        matches!(
+            event,
+            IncidentEvent::Parked { .. }
+                | IncidentEvent::Cancelled { .. }
+                | IncidentEvent::Resolved { .. }
+        )
+    };
     let answered_later = |at: usize, department: DepartmentId| {
         events[at + 1..].iter().any(|later| match later {
             IncidentEvent::WhistleReported { department: d, .. }
             | IncidentEvent::WhistleSummonsWithdrawn { department: d, .. } => *d == department,
-            IncidentEvent::Parked { .. }
-            | IncidentEvent::Cancelled { .. }
-            | IncidentEvent::Resolved { .. } => true,
-            _ => false,
+            other => ends_whistle(other),
         })
     };
+    let whistle_ended_later = |at: usize| events[at + 1..].iter().any(|later| ends_whistle(later));
     let summoned_before = |at: usize, department: DepartmentId| {
         events[..at].iter().any(|earlier| match earlier {
             IncidentEvent::WhistleBlown { summoned, .. }
@@ -175,7 +203,22 @@ pub fn notifications(
                 "assigned",
                 Some(*response_due),
             ),
-            E::WhistleBlown { summoned, .. } | E::WhistleEscalated { summoned, .. } => {
+            E::WhistleBlown {
+                summoned, level, ..
+            }
+            | E::WhistleEscalated {
+                summoned,
+                to: level,
+                ..
+            } => {
+                whistle_level = Some(*level);
+                if !whistle_ended_later(at) {
+                    push(
+                        grid.map(|grid| Recipient::for_level(*level, grid)),
+                        "whistle",
+                        None,
+                    );
+                }
                 for s in summoned
                     .iter()
                     .filter(|s| !answered_later(at, s.department))
@@ -204,6 +247,16 @@ pub fn notifications(
                     None,
                 )
             }
+            E::ExtensionRequested { .. } => {
+                // Decided by the street, or by the office at the whistle's level when the
+                // whistle has climbed above it (`below_whistle_level`).
+                let office = whistle_level.map_or(Level::Street, |level| level.max(Level::Street));
+                push(
+                    grid.map(|grid| Recipient::for_level(office, grid)),
+                    "extension_requested",
+                    state.and_then(|s| s.resolution).map(|due| due.at),
+                );
+            }
             E::ExtensionApproved { resolution_due, .. } => push(
                 current.and_then(|h| Recipient::for_handler(h, grid)),
                 "extension_decided",
@@ -230,6 +283,9 @@ pub fn notifications(
                 None,
             ),
             _ => {}
+        }
+        if ends_whistle(event) {
+            whistle_level = None;
         }
     }
     out
@@ -473,6 +529,7 @@ mod tests {
                 incident.acknowledged
                 incident.whistle_reported
                   deadline_missed -> dispatch.notify.department.shizheng
+                  whistle -> dispatch.notify.street.350404002
             "#]],
         );
         // Parked late: the whistle blown first is cleared in the same commit.
@@ -492,11 +549,22 @@ mod tests {
                   deadline_missed -> dispatch.notify.department.shizheng
             "#]],
         );
-        // Reassigned after the shell recorded the miss: the summons it announced then is
-        // withdrawn now.
+        // The shell records the miss: the street is told of the whistle it blows, the
+        // department of its summons.
         let whistled = with(filed("1201"), minutes(60), system, Action::DeadlineElapsed);
         check(
-            &with(whistled, minutes(180), street, reassign()),
+            &whistled,
+            expect![[r#"
+            incident.deadline_missed
+            incident.whistle_blown
+              deadline_missed -> dispatch.notify.department.shizheng
+              whistle -> dispatch.notify.street.350404002
+              summoned -> dispatch.notify.department.shizheng
+        "#]],
+        );
+        // Reassigned after that: the summons announced then is withdrawn now.
+        check(
+            &with(whistled.clone(), minutes(180), street, reassign()),
             expect![[r#"
                 incident.dispatched
                 incident.whistle_summons_withdrawn
@@ -514,8 +582,37 @@ mod tests {
                 incident.dispatched
                 incident.whistle_summons_withdrawn
                   deadline_missed -> dispatch.notify.department.shizheng
+                  whistle -> dispatch.notify.street.350404002
                   assigned -> dispatch.notify.department.jiaojing
             "#]],
+        );
+        // An extension asked for once the whistle climbed to the district goes to the
+        // district office, which decides it (`below_whistle_level` for the street).
+        let at_district = with(
+            with(
+                with(
+                    whistled.clone(),
+                    minutes(270),
+                    system,
+                    Action::DeadlineElapsed,
+                ),
+                minutes(280),
+                shizheng,
+                Action::Acknowledge,
+            ),
+            minutes(290),
+            shizheng,
+            Action::RequestExtension {
+                minutes: 60,
+                reason: "需要封路".to_owned(),
+            },
+        );
+        check(
+            &at_district,
+            expect![[r#"
+            incident.extension_requested
+              extension_requested -> dispatch.notify.district.350404
+        "#]],
         );
         // Street litter (0101) its grid worker resolved: the community verifies.
         let grid_worker = actor(Role::GridWorker, 5);

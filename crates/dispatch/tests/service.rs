@@ -781,8 +781,10 @@ async fn a_command_is_answered_after_its_notifications_are_stored_and_they_go_ou
     }
     expect![[r#"
         v4 assigned dispatch.notify.department.xiaofang
+        v4 whistle dispatch.notify.street.350402001
         v4 summoned dispatch.notify.department.xiaofang
         v4 summoned dispatch.notify.department.yingji
+        v7 extension_requested dispatch.notify.street.350402001
         v8 extension_decided dispatch.notify.department.xiaofang"#]]
     .assert_eq(&kinds.join("\n"));
 }
@@ -855,6 +857,7 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
     b.stop.send(true).unwrap();
     b.task.await.unwrap();
     expect![[r#"
+        v7 extension_requested dispatch.notify.street.350402001
         v8 extension_decided dispatch.notify.department.xiaofang
         v9 assigned dispatch.notify.street.350402001"#]]
     .assert_eq(&kinds.join("\n"));

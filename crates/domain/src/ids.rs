@@ -125,6 +125,16 @@ impl GridCode {
     pub fn community(self) -> u64 {
         self.0 / 1_000
     }
+
+    /// The district (区/县): the first 6 digits, the GB/T 2260 county-level division code.
+    pub fn district(self) -> u32 {
+        (self.0 / 1_000_000_000) as u32
+    }
+
+    /// The city (市): the first 4 digits of the GB/T 2260 code (province 2 + prefecture 2).
+    pub fn city(self) -> u32 {
+        (self.0 / 100_000_000_000) as u32
+    }
 }
 
 impl FromStr for GridCode {
@@ -348,6 +358,9 @@ mod tests {
         let grid: GridCode = "350402001002007".parse().unwrap();
         assert_eq!(grid.to_string(), "350402001002007");
         assert_eq!(grid.street().to_string(), "350402001");
+        assert_eq!(grid.community(), 350_402_001_002);
+        assert_eq!(grid.district(), 350_402);
+        assert_eq!(grid.city(), 3_504);
         assert!("35040200100200".parse::<GridCode>().is_err());
         assert!("35040200100200x".parse::<GridCode>().is_err());
         let category: CategoryCode = "0103".parse().unwrap();
