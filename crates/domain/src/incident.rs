@@ -928,6 +928,10 @@ impl IncidentState {
                     missed: false,
                 });
                 self.resolution_missed = false;
+                // The work starts over: a handler that declared the case beyond its powers
+                // before resolving it (the whistle that raised ended with the resolution) may
+                // declare again.
+                self.beyond_powers_declared = false;
             }
             E::Verified { .. } => {}
             E::Closed { .. } => self.status = Status::Closed,

@@ -1598,6 +1598,33 @@ fn beyond_powers_summons_the_joint_departments() {
           AlreadyDeclared
     "#]],
     );
+    // Resolved jointly, then the grid finds the problem still there: the work starts over,
+    // and the handler may declare it beyond its powers again.
+    let failed = Story::dispatched("0304")
+        .then(department("chengguan"), Action::Acknowledge)
+        .then(department("chengguan"), declare())
+        .then(
+            department("chengguan"),
+            Action::Resolve {
+                note: "已拆除".to_owned(),
+            },
+        )
+        .then(
+            grid_worker(),
+            Action::Verify {
+                passed: false,
+                note: "仍在加盖".to_owned(),
+            },
+        )
+        .events;
+    check(
+        &failed,
+        department("chengguan"),
+        declare(),
+        expect![[r#"
+            WhistleBlown { kind: Tough, level: Street, cause: BeyondPowers, summoned: [Summoned { department: ziranziyuan, report_by: 2026-03-10 11:30 }, Summoned { department: zhujian, report_by: 2026-03-10 11:30 }], resolution_due: Some(2026-03-24 11:00) }
+        "#]],
+    );
     // A summoned department that has not reported may not act on the case.
     check(
         &declared,
