@@ -2,7 +2,8 @@
 //! the NOTIFICATIONS stream, so a console that was offline reads what it missed from its own
 //! durable consumer.
 //!
-//! Subjects: `dispatch.notify.department.<id>`, `dispatch.notify.street.<9 digits>`,
+//! Subjects: `dispatch.notify.department.<id>`, `dispatch.notify.city.<4 digits>`,
+//! `dispatch.notify.district.<6 digits>`, `dispatch.notify.street.<9 digits>`,
 //! `dispatch.notify.community.<12 digits>`, `dispatch.notify.grid.<15 digits>`.
 
 use std::collections::{HashMap, VecDeque};
@@ -88,10 +89,11 @@ pub struct Notification {
     pub due: Option<Timestamp>,
 }
 
-/// Whether a commit's events include a notice addressed to whoever handles the case when the
-/// commit is made (an extension decided, a verification failed, a reopening or unparking):
-/// its recipient comes from the state, not from the events themselves, so it must be the
-/// state as of the commit, not a later one.
+/// Whether a commit's events include a notice addressed from the incident as the commit found
+/// it (to whoever handles the case: an extension decided, a verification failed, a reopening
+/// or unparking; to the office at the whistle's level: an extension requested): its
+/// recipient comes from the state, not from the events themselves, so it must be the state
+/// as of the commit, not a later one.
 pub fn addressed_to_current_handler<'a>(
     events: impl IntoIterator<Item = &'a IncidentEvent>,
 ) -> bool {
@@ -103,6 +105,7 @@ pub fn addressed_to_current_handler<'a>(
                 | IncidentEvent::ExtensionApproved { .. }
                 | IncidentEvent::ExtensionDenied { .. }
                 | IncidentEvent::VerificationFailed { .. }
+                | IncidentEvent::ExtensionRequested { .. }
         )
     })
 }
@@ -128,8 +131,10 @@ pub fn notifications(
         })
         .or_else(|| state.and_then(|s| s.grid));
     let mut current = state.and_then(|s| s.handler);
-    // The active whistle's level as the commit goes (an office decides at it or above).
+    // The active whistle's level and the resolution deadline as the commit goes (an office
+    // decides an extension at the whistle's level or above, before that deadline).
     let mut whistle_level = state.and_then(|s| s.whistle.as_ref()).map(|w| w.level);
+    let mut resolution_due = state.and_then(|s| s.resolution).map(|due| due.at);
     let mut out: Vec<(Recipient, Notification)> = Vec::new();
     let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
         if let Some(recipient) = recipient
@@ -168,7 +173,18 @@ pub fn notifications(
             other => ends_whistle(other),
         })
     };
-    let whistle_ended_later = |at: usize| events[at + 1..].iter().any(|later| ends_whistle(later));
+    // Only the last whistle of a commit is announced to an office (a late declaration may blow
+    // a whistle for the miss it records first and escalate it in the same commit), and none
+    // that the commit ends.
+    let whistle_superseded_later = |at: usize| {
+        events[at + 1..].iter().any(|later| {
+            ends_whistle(later)
+                || matches!(
+                    later,
+                    IncidentEvent::WhistleBlown { .. } | IncidentEvent::WhistleEscalated { .. }
+                )
+        })
+    };
     let summoned_before = |at: usize, department: DepartmentId| {
         events[..at].iter().any(|earlier| match earlier {
             IncidentEvent::WhistleBlown { summoned, .. }
@@ -212,7 +228,7 @@ pub fn notifications(
                 ..
             } => {
                 whistle_level = Some(*level);
-                if !whistle_ended_later(at) {
+                if !whistle_superseded_later(at) {
                     push(
                         grid.map(|grid| Recipient::for_level(*level, grid)),
                         "whistle",
@@ -254,7 +270,7 @@ pub fn notifications(
                 push(
                     grid.map(|grid| Recipient::for_level(office, grid)),
                     "extension_requested",
-                    state.and_then(|s| s.resolution).map(|due| due.at),
+                    resolution_due,
                 );
             }
             E::ExtensionApproved { resolution_due, .. } => push(
@@ -286,6 +302,42 @@ pub fn notifications(
         }
         if ends_whistle(event) {
             whistle_level = None;
+            resolution_due = None;
+        }
+        match event {
+            E::Dispatched {
+                resolution_due: due,
+                ..
+            }
+            | E::Returned {
+                resolution_due: due,
+                ..
+            }
+            | E::Reopened {
+                resolution_due: due,
+                ..
+            }
+            | E::Unparked {
+                resolution_due: due,
+                ..
+            }
+            | E::ExtensionApproved {
+                resolution_due: due,
+                ..
+            }
+            | E::VerificationFailed {
+                resolution_due: due,
+                ..
+            }
+            | E::WhistleBlown {
+                resolution_due: Some(due),
+                ..
+            }
+            | E::WhistleEscalated {
+                resolution_due: Some(due),
+                ..
+            } => resolution_due = Some(*due),
+            _ => {}
         }
     }
     out
@@ -485,7 +537,15 @@ mod tests {
                 .map(|e| format!("{}\n", domain::encoding::event_type(e)))
                 .collect();
             for (recipient, notice) in notifications(incident, &commit, Some(&before), 9, 9) {
-                text.push_str(&format!("  {} -> {}\n", notice.kind, recipient.subject()));
+                let due = notice
+                    .due
+                    .map(|due| format!(" due {due}"))
+                    .unwrap_or_default();
+                text.push_str(&format!(
+                    "  {} -> {}{due}\n",
+                    notice.kind,
+                    recipient.subject()
+                ));
             }
             expect.assert_eq(&text);
         };
@@ -555,12 +615,12 @@ mod tests {
         check(
             &whistled,
             expect![[r#"
-            incident.deadline_missed
-            incident.whistle_blown
-              deadline_missed -> dispatch.notify.department.shizheng
-              whistle -> dispatch.notify.street.350404002
-              summoned -> dispatch.notify.department.shizheng
-        "#]],
+                incident.deadline_missed
+                incident.whistle_blown
+                  deadline_missed -> dispatch.notify.department.shizheng
+                  whistle -> dispatch.notify.street.350404002
+                  summoned -> dispatch.notify.department.shizheng due 2026-03-10T06:30:00Z
+            "#]],
         );
         // Reassigned after that: the summons announced then is withdrawn now.
         check(
@@ -568,7 +628,7 @@ mod tests {
             expect![[r#"
                 incident.dispatched
                 incident.whistle_summons_withdrawn
-                  assigned -> dispatch.notify.department.jiaojing
+                  assigned -> dispatch.notify.department.jiaojing due 2026-03-10T06:30:00Z
                   summons_withdrawn -> dispatch.notify.department.shizheng
             "#]],
         );
@@ -583,7 +643,7 @@ mod tests {
                 incident.whistle_summons_withdrawn
                   deadline_missed -> dispatch.notify.department.shizheng
                   whistle -> dispatch.notify.street.350404002
-                  assigned -> dispatch.notify.department.jiaojing
+                  assigned -> dispatch.notify.department.jiaojing due 2026-03-10T06:30:00Z
             "#]],
         );
         // An extension asked for once the whistle climbed to the district goes to the
@@ -610,9 +670,32 @@ mod tests {
         check(
             &at_district,
             expect![[r#"
-            incident.extension_requested
-              extension_requested -> dispatch.notify.district.350404
-        "#]],
+                incident.extension_requested
+                  extension_requested -> dispatch.notify.district.350404 due 2026-03-13T02:00:00Z
+            "#]],
+        );
+        // Asked for after the resolution deadline passed, unrecorded: the commit records the
+        // miss first, and the whistle it blows sets the joint deadline the request is about.
+        let acknowledged = with(filed("1201"), minutes(10), shizheng, Action::Acknowledge);
+        check(
+            &with(
+                acknowledged,
+                minutes(4 * 24 * 60),
+                shizheng,
+                Action::RequestExtension {
+                    minutes: 60,
+                    reason: "需要封路".to_owned(),
+                },
+            ),
+            expect![[r#"
+                incident.deadline_missed
+                incident.whistle_blown
+                incident.extension_requested
+                  deadline_missed -> dispatch.notify.department.shizheng
+                  whistle -> dispatch.notify.street.350404002
+                  summoned -> dispatch.notify.department.shizheng due 2026-03-16T03:00:00Z
+                  extension_requested -> dispatch.notify.street.350404002 due 2026-03-18T09:30:00Z
+            "#]],
         );
         // Street litter (0101) its grid worker resolved: the community verifies.
         let grid_worker = actor(Role::GridWorker, 5);

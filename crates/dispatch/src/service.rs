@@ -85,9 +85,10 @@ pub const NOTIFIER_DURABLE: &str = "dispatch-notifier";
 pub const SNAPSHOT_INCIDENTS_PER_SHARD: usize = 1_000;
 /// Snapshot shards at most (1,000 x 1,000 = one million incidents).
 pub const SNAPSHOT_SHARDS_MAX: usize = 1_000;
-/// Format of the snapshot manifest and shards (bump when `Held` changes). 2: the incident
-/// state holds `resolved_by`.
-pub const SNAPSHOT_FORMAT: u16 = 2;
+/// Format of the snapshot manifest and shards: bump when `Held` changes, or how it is folded
+/// from events (a snapshot must hold what a replay would). 2: the incident state holds
+/// `resolved_by`; 3: a failed verification resets `beyond_powers_declared`.
+pub const SNAPSHOT_FORMAT: u16 = 3;
 const SNAPSHOT_MANIFEST_KEY: &str = "dispatch.manifest";
 
 /// How one dispatch instance runs.

@@ -495,6 +495,9 @@ impl Sim {
                 if action != Action::DeadlineElapsed && events[0].records_a_miss() {
                     self.misses_recorded_by_commands += 1;
                 }
+                if action.records_misses_first() {
+                    self.check_no_miss_erased(i, &before, &events);
+                }
                 self.check_commit(i, &before, &events, is_dispatch, is_declare);
                 for e in &events {
                     self.states[i].apply(e);
@@ -512,13 +515,15 @@ impl Sim {
                 // office), as they would be had the shell recorded the deadline first (and the
                 // plan been redone).
                 let lagging = next_deadline(&before).is_some_and(|due| due <= self.now);
-                let overtaken = matches!(
-                    rejection,
+                let overtaken = match rejection {
                     domain::Rejection::ResolutionAlreadyMissed
-                        | domain::Rejection::NoExtensionPending
-                        | domain::Rejection::TopOfLadder
-                        | domain::Rejection::BelowWhistleLevel { .. }
-                );
+                    | domain::Rejection::TopOfLadder
+                    | domain::Rejection::BelowWhistleLevel { .. } => true,
+                    domain::Rejection::NoExtensionPending => {
+                        matches!(action, Action::DecideExtension { .. })
+                    }
+                    _ => false,
+                };
                 if must_succeed && !(lagging && overtaken) {
                     self.fail(i, format!("{what} rejected: {rejection}"));
                 }
@@ -527,7 +532,9 @@ impl Sim {
     }
 
     /// The command alone and the shell's `DeadlineElapsed` followed by the command give the
-    /// same events, or the same refusal of the command.
+    /// same events, or the same refusal of the command. (Equal by construction today: `decide`
+    /// records the misses with the code `DeadlineElapsed` runs; this keeps the two one path.
+    /// `check_no_miss_erased` checks what the misses recorded first are for.)
     fn check_timer_order(&self, i: usize, before: &IncidentState, actor: Actor, action: &Action) {
         let decide_at = |state: &IncidentState, actor: Actor, action: Action| {
             decide(
@@ -548,6 +555,74 @@ impl Sim {
                 format!(
                     "{action:?} by {:?} alone gave {alone:?}; after DeadlineElapsed {timer_first:?}",
                     actor.role
+                ),
+            );
+        }
+    }
+
+    /// A command decided on deadlines the shell had not recorded yet records each of them
+    /// that a shell running on time would have recorded missed, with the time it fell due: no
+    /// miss is erased by the command's own events. (A shell on time decides `DeadlineElapsed`
+    /// at each deadline in turn; an escalation there may re-summon a department before its
+    /// report fell due, so not every deadline pending before is a miss.)
+    fn check_no_miss_erased(&self, i: usize, before: &IncidentState, events: &[IncidentEvent]) {
+        let now = self.now;
+        let misses = |events: &[IncidentEvent]| -> Vec<String> {
+            events
+                .iter()
+                .filter_map(|event| match event {
+                    IncidentEvent::DeadlineMissed { deadline, due, .. } => {
+                        Some(format!("{deadline:?} {due}"))
+                    }
+                    IncidentEvent::WhistleReportMissed { department, due } => {
+                        Some(format!("report {department} {due}"))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut pending_before: Vec<String> = Vec::new();
+        for (deadline, due) in [
+            ("Response", before.response),
+            ("Resolution", before.resolution),
+        ] {
+            if let Some(due) = due.filter(|d| !d.missed && d.at <= now) {
+                pending_before.push(format!("{deadline} {}", due.at));
+            }
+        }
+        for summons in before.whistle.iter().flat_map(|w| w.summons.iter()) {
+            if summons.state == ReportState::Pending && summons.report_by <= now {
+                pending_before.push(format!(
+                    "report {} {}",
+                    summons.department, summons.report_by
+                ));
+            }
+        }
+        let mut on_time = before.clone();
+        let mut recorded_on_time: Vec<String> = Vec::new();
+        while let Some(due) = next_deadline(&on_time).filter(|due| *due <= now) {
+            let decided = decide(
+                &on_time,
+                IncidentCommand {
+                    actor: system(),
+                    action: Action::DeadlineElapsed,
+                },
+                due,
+                &self.policy,
+            );
+            let Ok(timer) = decided else { break };
+            recorded_on_time.extend(misses(&timer));
+            on_time = timer.iter().fold(on_time, domain::evolve);
+        }
+        let recorded = misses(events);
+        if let Some(erased) = pending_before
+            .iter()
+            .find(|miss| recorded_on_time.contains(miss) && !recorded.contains(miss))
+        {
+            self.fail(
+                i,
+                format!(
+                    "{erased} was past, a shell on time records it, the command did not: {events:?}"
                 ),
             );
         }

@@ -115,7 +115,8 @@ pub enum ServiceCommand {
     ///                              {"status":"rejected","reason_code","message"}
     ///
     /// Notifications go to the NOTIFICATIONS stream, dispatch.notify.department.<id> (and
-    /// .street.<code>, .community.<code>, .grid.<code>); a console reads its subject with its
+    /// .city.<code>, .district.<code>, .street.<code>, .community.<code>, .grid.<code>);
+    /// a console reads its subject with its
     /// own durable consumer and catches up after being offline. Every commit dispatch stores
     /// is announced on incidents.status.<incident_id> (the public view; see `serve intake`).
     /// See docs/DISPATCH.md.
