@@ -2009,9 +2009,12 @@ impl Decision<'_> {
             });
         }
         for _ in 0..DUE_ITEMS_MAX {
+            // In time order; at one instant, missed reports first: an escalation for a missed
+            // response or resolution re-summons the departments, and would otherwise replace a
+            // summons whose report fell due at that same instant before its miss was recorded.
             let Some(item) = due_items(&self.state)
                 .filter(|i| i.at() <= now)
-                .min_by_key(|i| i.at())
+                .min_by_key(|i| (i.at(), !matches!(i, DueItem::Report(..))))
             else {
                 break;
             };

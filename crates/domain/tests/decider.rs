@@ -2155,3 +2155,32 @@ fn no_one_verifies_their_own_work() {
         "#]],
     );
 }
+
+/// A report and a response falling due at the same instant are both recorded missed: the
+/// report first, since the escalation for the response re-summons the handler department and
+/// would otherwise replace its summons before the miss was recorded.
+#[test]
+fn a_report_due_with_a_response_is_recorded_first() {
+    // A burst water main (0401, an emergency): dispatched to shizheng at 10:00 and the
+    // emergency whistle summons shizheng, yingji and jiaojing; shizheng's response and every
+    // report fall due at 10:30, and nobody acts.
+    let dispatched = Story::dispatched("0401");
+    let due = IncidentState::from_events(&dispatched.events)
+        .response
+        .expect("a response deadline")
+        .at;
+    check_at(
+        &dispatched.events,
+        due,
+        system(),
+        Action::DeadlineElapsed,
+        expect![[r#"
+            WhistleReportMissed { department: shizheng, due: 2026-03-10 10:30 }
+            WhistleReportMissed { department: yingji, due: 2026-03-10 10:30 }
+            WhistleReportMissed { department: jiaojing, due: 2026-03-10 10:30 }
+            WhistleEscalated { kind: Emergency, from: Street, to: District, cause: ReportsMissed, summoned: [Summoned { department: shizheng, report_by: 2026-03-10 11:00 }, Summoned { department: yingji, report_by: 2026-03-10 11:00 }, Summoned { department: jiaojing, report_by: 2026-03-10 11:00 }], resolution_due: None }
+            DeadlineMissed { handler: Department(shizheng), deadline: Response, due: 2026-03-10 10:30 }
+            WhistleEscalated { kind: Emergency, from: District, to: City, cause: DeadlineMissed(Response), summoned: [Summoned { department: shizheng, report_by: 2026-03-10 11:00 }], resolution_due: None }
+        "#]],
+    );
+}
