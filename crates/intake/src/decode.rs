@@ -193,6 +193,16 @@ pub fn decode_submission(
     }
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
+        // A number JSON's grammar allows but a 64-bit float cannot hold (`1e400`) is well-formed
+        // JSON with a field out of range, not malformed JSON. serde_json tells it only by its
+        // message (its category is `Syntax`, as for malformed input).
+        Err(error) if error.to_string().starts_with(NUMBER_OUT_OF_RANGE) => {
+            return Err(refuse(
+                fallback,
+                ReasonCode::SchemaViolation,
+                format!("not a submission: {error}"),
+            ));
+        }
         Err(error) => {
             return Err(refuse(
                 fallback,
@@ -220,6 +230,9 @@ pub fn decode_submission(
     };
     validate(submission, known_id, limits, taxonomy)
 }
+
+/// How serde_json's error for an out-of-range number begins.
+const NUMBER_OUT_OF_RANGE: &str = "number out of range";
 
 fn validate(
     submission: Submission,
@@ -412,6 +425,27 @@ mod tests {
             ),
         };
         expect.assert_eq(&actual);
+    }
+
+    /// A number beyond a 64-bit float is well-formed JSON out of range: a schema violation.
+    #[test]
+    fn an_out_of_range_number_is_a_schema_violation() {
+        let taxonomy = Taxonomy::default_embedded();
+        let body = valid().to_string().replace("117.63", "1e400");
+        let refusal = decode_submission(body.as_bytes(), None, &Limits::default(), &taxonomy)
+            .expect_err("refused");
+        expect![
+            "schema_violation (None): not a submission: number out of range at line 1 column 131"
+        ]
+        .assert_eq(&format!(
+            "{} ({:?}): {}",
+            refusal.reason_code.as_str(),
+            refusal.submission_id,
+            refusal.message
+        ));
+        let refusal = decode_submission(b"{\"lon\": 1e40", None, &Limits::default(), &taxonomy)
+            .expect_err("refused");
+        assert_eq!(refusal.reason_code.as_str(), "malformed_json");
     }
 
     #[test]
