@@ -2074,15 +2074,17 @@ impl Decision<'_> {
                         )?;
                     }
                 }
-                DueItem::Report(..) => {
-                    // Every department whose report is overdue is recorded, then one escalation
-                    // re-summons them all a rung higher.
+                DueItem::Report(_, due) => {
+                    // Every department whose report fell due at this instant is recorded, then
+                    // one escalation re-summons them all a rung higher. A report due later is
+                    // taken in its turn: an escalation before it (at an on-time shell, too)
+                    // may re-summon the department first, and then it was never missed.
                     let missed: Vec<(DepartmentId, Timestamp)> = self
                         .state
                         .whistle
                         .iter()
                         .flat_map(|w| w.summons.iter())
-                        .filter(|s| s.state == ReportState::Pending && s.report_by <= now)
+                        .filter(|s| s.state == ReportState::Pending && s.report_by <= due)
                         .map(|s| (s.department, s.report_by))
                         .collect();
                     for (department, due) in &missed {

@@ -560,9 +560,9 @@ impl Sim {
         }
     }
 
-    /// A command decided on deadlines the shell had not recorded yet records each of them
-    /// that a shell running on time would have recorded missed, with the time it fell due: no
-    /// miss is erased by the command's own events. (A shell on time decides `DeadlineElapsed`
+    /// A command decided on deadlines the shell had not recorded yet records exactly the misses
+    /// a shell running on time would have recorded, with the times they fell due: no miss is
+    /// erased by the command's own events, and none is added by the shell's lateness. (A shell on time decides `DeadlineElapsed`
     /// at each deadline in turn; an escalation there may re-summon a department before its
     /// report fell due, so not every deadline pending before is a miss.)
     fn check_no_miss_erased(&self, i: usize, before: &IncidentState, events: &[IncidentEvent]) {
@@ -626,6 +626,17 @@ impl Sim {
                 ),
             );
         }
+        // Nor more: a department a shell on time had re-summoned before its report fell due is
+        // not charged a miss because the shell ran late.
+        if let Some(extra) = recorded
+            .iter()
+            .find(|miss| !recorded_on_time.contains(miss))
+        {
+            self.fail(
+                i,
+                format!("{extra} recorded, which a shell on time would not have: {events:?}"),
+            );
+        }
     }
 
     /// Invariants of one commit (the events of one command).
@@ -640,6 +651,9 @@ impl Sim {
         let mut state = before.clone();
         let mut causes_recorded: Vec<WhistleCause> = Vec::new();
         let mut whistle_events = 0;
+        // When the miss a whistle answers fell due (the command's own time for a declaration or
+        // an emergency): the moment, in the shell's timeline, the whistle is blown at.
+        let mut miss_due = self.now;
         for e in events {
             // Stored encoding round-trips.
             let encoded = encode_event(e);
@@ -659,6 +673,7 @@ impl Sim {
                         );
                     }
                     causes_recorded.push(WhistleCause::DeadlineMissed(*deadline));
+                    miss_due = *due;
                 }
                 IncidentEvent::WhistleReportMissed { department, due } => {
                     let prior = self.logs[i].iter().any(|p| matches!(p, IncidentEvent::WhistleReportMissed { department: d, due: t } if d == department && t == due));
@@ -673,6 +688,7 @@ impl Sim {
                     if !causes_recorded.contains(&WhistleCause::ReportsMissed) {
                         causes_recorded.push(WhistleCause::ReportsMissed);
                     }
+                    miss_due = *due;
                 }
                 IncidentEvent::WhistleBlown {
                     cause,
@@ -687,6 +703,33 @@ impl Sim {
                     ..
                 } => {
                     whistle_events += 1;
+                    // A summons re-issued only after its own miss (or report) is on record: an
+                    // escalation does not replace a summons whose report had fallen due by the
+                    // time the escalation answers, which would erase that miss.
+                    let blown_at = match cause {
+                        WhistleCause::DeadlineMissed(_) | WhistleCause::ReportsMissed => miss_due,
+                        WhistleCause::Emergency | WhistleCause::BeyondPowers => self.now,
+                    };
+                    for s in summoned {
+                        let overdue =
+                            state
+                                .whistle
+                                .iter()
+                                .flat_map(|w| w.summons.iter())
+                                .find(|p| {
+                                    p.department == s.department
+                                        && p.state == ReportState::Pending
+                                        && p.report_by <= blown_at
+                                });
+                        if let Some(overdue) = overdue {
+                            self.fail(
+                                i,
+                                format!(
+                                    "{e:?} replaced {overdue:?}, due by {blown_at}, before its miss was recorded"
+                                ),
+                            );
+                        }
+                    }
                     let blown = matches!(e, IncidentEvent::WhistleBlown { .. });
                     if blown {
                         self.whistles += 1;

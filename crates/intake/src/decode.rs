@@ -193,12 +193,22 @@ pub fn decode_submission(
     }
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
-        // A number JSON's grammar allows but a 64-bit float cannot hold (`1e400`) is well-formed
-        // JSON with a field out of range, not malformed JSON. serde_json tells it only by its
-        // message (its category is `Syntax`, as for malformed input).
-        Err(error) if error.to_string().starts_with(NUMBER_OUT_OF_RANGE) => {
+        // Well-formed JSON that `Value` cannot hold (a number beyond a 64-bit float such as
+        // `1e400`, nesting deeper than serde_json's 128 levels) is a schema violation, as in
+        // every other service (`observe::refusal::from_json_error_in`); the ignoring parser
+        // checks the grammar alone. Its id, if any, is read the same way.
+        Err(error) if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() => {
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                submission_id: Option<String>,
+            }
+            let body_id = serde_json::from_slice::<IdOnly>(bytes)
+                .ok()
+                .filter(|_| is_object)
+                .and_then(|body| body.submission_id)
+                .filter(|id| is_valid_submission_id(id));
             return Err(refuse(
-                fallback,
+                body_id.or(fallback),
                 ReasonCode::SchemaViolation,
                 format!("not a submission: {error}"),
             ));
@@ -230,9 +240,6 @@ pub fn decode_submission(
     };
     validate(submission, known_id, limits, taxonomy)
 }
-
-/// How serde_json's error for an out-of-range number begins.
-const NUMBER_OUT_OF_RANGE: &str = "number out of range";
 
 fn validate(
     submission: Submission,
@@ -434,18 +441,28 @@ mod tests {
         let body = valid().to_string().replace("117.63", "1e400");
         let refusal = decode_submission(body.as_bytes(), None, &Limits::default(), &taxonomy)
             .expect_err("refused");
-        expect![
-            "schema_violation (None): not a submission: number out of range at line 1 column 131"
-        ]
-        .assert_eq(&format!(
+        expect![[r#"schema_violation (Some("sub-00000001")): not a submission: number out of range at line 1 column 131"#]].assert_eq(&format!(
             "{} ({:?}): {}",
             refusal.reason_code.as_str(),
             refusal.submission_id,
             refusal.message
         ));
-        let refusal = decode_submission(b"{\"lon\": 1e40", None, &Limits::default(), &taxonomy)
+        // Malformed after the number, or cut short: malformed, whatever the number.
+        for body in [&b"{\"lon\": 1e400"[..], b"{\"lon\": 1e400,,}", b"[1e400"] {
+            let refusal =
+                decode_submission(body, None, &Limits::default(), &taxonomy).expect_err("refused");
+            assert_eq!(
+                refusal.reason_code.as_str(),
+                "malformed_json",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Nested past serde_json's depth: well-formed, so a schema violation.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let refusal = decode_submission(deep.as_bytes(), None, &Limits::default(), &taxonomy)
             .expect_err("refused");
-        assert_eq!(refusal.reason_code.as_str(), "malformed_json");
+        assert_eq!(refusal.reason_code.as_str(), "schema_violation");
     }
 
     #[test]
