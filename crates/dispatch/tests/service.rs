@@ -808,9 +808,13 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
     a.stop.send(true).unwrap();
     a.task.await.unwrap();
     let xiaofang = actor(Role::Department("xiaofang".parse().unwrap()), 7);
-    let street = actor(Role::Street, 3);
-    for (by, action, command_id) in [
-        (xiaofang, Action::Acknowledge, "acknowledged"),
+    let district = actor(Role::District, 3);
+    let system = actor(Role::System, 1);
+    // The request is made while the emergency whistle is at the street; the other summoned
+    // departments then miss their reports and the whistle climbs to the district, which
+    // decides the extension: the request's notice still goes to the street, as of its commit.
+    for (by, action, command_id, after_minutes) in [
+        (xiaofang, Action::Acknowledge, "acknowledged", 1),
         (
             xiaofang,
             Action::RequestExtension {
@@ -818,14 +822,17 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
                 reason: "smoke".to_owned(),
             },
             "extension-requested",
+            1,
         ),
+        (system, Action::DeadlineElapsed, "reports-missed", 40),
         (
-            street,
+            district,
             Action::DecideExtension {
                 approve: true,
                 note: "granted".to_owned(),
             },
             "extension-approved",
+            1,
         ),
         (
             xiaofang,
@@ -834,9 +841,10 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
                 note: "a gas main, not a fire".to_owned(),
             },
             "returned",
+            1,
         ),
     ] {
-        time.set(Timestamp(time.now().0 + MINUTE));
+        time.set(Timestamp(time.now().0 + after_minutes * MINUTE));
         append_elsewhere(&store, fire, by, action, time.now(), command_id).await;
     }
     // The next instance reads the whole stream into its book before its notifier takes the
@@ -858,8 +866,11 @@ async fn a_lagging_notifier_tells_the_handler_of_the_time() {
     b.task.await.unwrap();
     expect![[r#"
         v7 extension_requested dispatch.notify.street.350402001
-        v8 extension_decided dispatch.notify.department.xiaofang
-        v9 assigned dispatch.notify.street.350402001"#]]
+        v9 report_missed dispatch.notify.department.yingji
+        v9 whistle dispatch.notify.district.350402
+        v9 summoned dispatch.notify.department.yingji
+        v10 extension_decided dispatch.notify.department.xiaofang
+        v11 assigned dispatch.notify.street.350402001"#]]
     .assert_eq(&kinds.join("\n"));
 }
 
