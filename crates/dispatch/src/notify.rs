@@ -130,11 +130,10 @@ pub fn notifications(
             _ => None,
         })
         .or_else(|| state.and_then(|s| s.grid));
-    let mut current = state.and_then(|s| s.handler);
-    // The active whistle's level and the resolution deadline as the commit goes (an office
-    // decides an extension at the whistle's level or above, before that deadline).
-    let mut whistle_level = state.and_then(|s| s.whistle.as_ref()).map(|w| w.level);
-    let mut resolution_due = state.and_then(|s| s.resolution).map(|due| due.at);
+    // The incident as the commit goes: who handles it, the whistle's level (an office decides
+    // an extension at it or above) and the resolution deadline. Folding the commit onto the
+    // state after it again leaves those as they are: each event sets them outright.
+    let mut scratch = state.cloned().unwrap_or_default();
     let mut out: Vec<(Recipient, Notification)> = Vec::new();
     let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
         if let Some(recipient) = recipient
@@ -207,7 +206,6 @@ pub fn notifications(
                 response_due,
                 ..
             } => {
-                current = Some(*handler);
                 push(
                     Recipient::for_handler(*handler, grid),
                     "assigned",
@@ -215,7 +213,9 @@ pub fn notifications(
                 );
             }
             E::Reopened { response_due, .. } | E::Unparked { response_due, .. } => push(
-                current.and_then(|h| Recipient::for_handler(h, grid)),
+                scratch
+                    .handler
+                    .and_then(|h| Recipient::for_handler(h, grid)),
                 "assigned",
                 Some(*response_due),
             ),
@@ -227,7 +227,6 @@ pub fn notifications(
                 to: level,
                 ..
             } => {
-                whistle_level = Some(*level);
                 if !whistle_superseded_later(at) {
                     push(
                         grid.map(|grid| Recipient::for_level(*level, grid)),
@@ -266,25 +265,34 @@ pub fn notifications(
             E::ExtensionRequested { .. } => {
                 // Decided by the street, or by the office at the whistle's level when the
                 // whistle has climbed above it (`below_whistle_level`).
-                let office = whistle_level.map_or(Level::Street, |level| level.max(Level::Street));
+                let office = scratch
+                    .whistle
+                    .as_ref()
+                    .map_or(Level::Street, |whistle| whistle.level.max(Level::Street));
                 push(
                     grid.map(|grid| Recipient::for_level(office, grid)),
                     "extension_requested",
-                    resolution_due,
+                    scratch.resolution.map(|due| due.at),
                 );
             }
             E::ExtensionApproved { resolution_due, .. } => push(
-                current.and_then(|h| Recipient::for_handler(h, grid)),
+                scratch
+                    .handler
+                    .and_then(|h| Recipient::for_handler(h, grid)),
                 "extension_decided",
                 Some(*resolution_due),
             ),
             E::ExtensionDenied { .. } => push(
-                current.and_then(|h| Recipient::for_handler(h, grid)),
+                scratch
+                    .handler
+                    .and_then(|h| Recipient::for_handler(h, grid)),
                 "extension_decided",
                 None,
             ),
             E::VerificationFailed { resolution_due, .. } => push(
-                current.and_then(|h| Recipient::for_handler(h, grid)),
+                scratch
+                    .handler
+                    .and_then(|h| Recipient::for_handler(h, grid)),
                 "verification_failed",
                 Some(*resolution_due),
             ),
@@ -300,45 +308,7 @@ pub fn notifications(
             ),
             _ => {}
         }
-        if ends_whistle(event) {
-            whistle_level = None;
-            resolution_due = None;
-        }
-        match event {
-            E::Dispatched {
-                resolution_due: due,
-                ..
-            }
-            | E::Returned {
-                resolution_due: due,
-                ..
-            }
-            | E::Reopened {
-                resolution_due: due,
-                ..
-            }
-            | E::Unparked {
-                resolution_due: due,
-                ..
-            }
-            | E::ExtensionApproved {
-                resolution_due: due,
-                ..
-            }
-            | E::VerificationFailed {
-                resolution_due: due,
-                ..
-            }
-            | E::WhistleBlown {
-                resolution_due: Some(due),
-                ..
-            }
-            | E::WhistleEscalated {
-                resolution_due: Some(due),
-                ..
-            } => resolution_due = Some(*due),
-            _ => {}
-        }
+        scratch.apply(event);
     }
     out
 }
