@@ -134,6 +134,9 @@ pub fn notifications(
     // an extension at it or above) and the resolution deadline. Folding the commit onto the
     // state after it again leaves those as they are: each event sets them outright.
     let mut scratch = state.cloned().unwrap_or_default();
+    // Whoever handles the case, for the notices the events do not address themselves.
+    let handling =
+        |state: &IncidentState| state.handler.and_then(|h| Recipient::for_handler(h, grid));
     let mut out: Vec<(Recipient, Notification)> = Vec::new();
     let mut push = |recipient: Option<Recipient>, kind: &str, due: Option<Timestamp>| {
         if let Some(recipient) = recipient
@@ -212,13 +215,9 @@ pub fn notifications(
                     Some(*response_due),
                 );
             }
-            E::Reopened { response_due, .. } | E::Unparked { response_due, .. } => push(
-                scratch
-                    .handler
-                    .and_then(|h| Recipient::for_handler(h, grid)),
-                "assigned",
-                Some(*response_due),
-            ),
+            E::Reopened { response_due, .. } | E::Unparked { response_due, .. } => {
+                push(handling(&scratch), "assigned", Some(*response_due))
+            }
             E::WhistleBlown {
                 summoned, level, ..
             }
@@ -276,23 +275,13 @@ pub fn notifications(
                 );
             }
             E::ExtensionApproved { resolution_due, .. } => push(
-                scratch
-                    .handler
-                    .and_then(|h| Recipient::for_handler(h, grid)),
+                handling(&scratch),
                 "extension_decided",
                 Some(*resolution_due),
             ),
-            E::ExtensionDenied { .. } => push(
-                scratch
-                    .handler
-                    .and_then(|h| Recipient::for_handler(h, grid)),
-                "extension_decided",
-                None,
-            ),
+            E::ExtensionDenied { .. } => push(handling(&scratch), "extension_decided", None),
             E::VerificationFailed { resolution_due, .. } => push(
-                scratch
-                    .handler
-                    .and_then(|h| Recipient::for_handler(h, grid)),
+                handling(&scratch),
                 "verification_failed",
                 Some(*resolution_due),
             ),

@@ -316,6 +316,18 @@ fn to_json<T: Serialize>(value: &T) -> bytes::Bytes {
 }
 
 /// `accepted`, as a duplicate of the stored `commit`: nothing was written.
+/// Whether `stored`, the commit holding a command id, is the command `actor` now sends again
+/// with `action`: the same actor, and a commit that opens with the action's own first event
+/// (`Action::opens`: after any misses recorded first, which differ with the moment the
+/// command was decided, so a resend decided later carries other leading events).
+fn is_same_command(
+    stored: &eventstore::RecordedCommit<IncidentEvent>,
+    actor: &str,
+    action: &Action,
+) -> bool {
+    stored.meta.actor == actor && action.opens(stored.events.iter().map(|recorded| &recorded.event))
+}
+
 fn duplicate_reply(
     incident: uuid::Uuid,
     commit: &eventstore::RecordedCommit<IncidentEvent>,
@@ -1275,10 +1287,10 @@ impl DispatchService {
     }
 
     /// The answer to a command whose id is already in the incident's history: accepted, as a
-    /// duplicate, when the same actor stored it with the same action (its commit begins with
-    /// the event the action writes first, after any misses recorded first); refused `command_id_reused` otherwise. Read before
-    /// a command is decided and again when the decider refused it, so the per-instance
-    /// duplicate cache is not the only guard across restarts and instances.
+    /// duplicate, when it is the same command ([`is_same_command`]); refused
+    /// `command_id_reused` otherwise. Read before a command is decided and again when the
+    /// decider refused it, so the per-instance duplicate cache is not the only guard across
+    /// restarts and instances.
     async fn already_applied(
         &mut self,
         aggregate: &eventstore::AggregateId,
@@ -1291,10 +1303,7 @@ impl DispatchService {
             Err(error) => return Some(store_unavailable(error)),
         };
         let actor = self.actor_label(&command.actor);
-        let same_action = command
-            .action
-            .opens(commit.events.iter().map(|stored| &stored.event));
-        if commit.meta.actor != actor || !same_action {
+        if !is_same_command(&commit, &actor, &command.action) {
             return Some(CommandReply::rejected(
                 "command_id_reused",
                 format!("command id {command_id} was already used for another command"),
@@ -1303,12 +1312,10 @@ impl DispatchService {
         Some(duplicate_reply(command.incident.0, &commit))
     }
 
-    /// A command whose id is already stored, by the same actor, in a commit that opens with
-    /// the action's own first event (`Action::opens`: after any misses recorded first, which
-    /// differ with the moment it was decided), is a resend decided again at another moment:
-    /// its first append was stored although its answer was lost (an ack that timed out, a
-    /// crash), so the book had not seen it. Answered as the duplicate it is, after re-reading
-    /// the incident; `None` for a genuinely reused id.
+    /// A command whose id is already stored as the same command ([`is_same_command`]) is a
+    /// resend decided again at another moment: its first append was stored although its
+    /// answer was lost (an ack that timed out, a crash), so the book had not seen it. Answered
+    /// as the duplicate it is, after re-reading the incident; `None` for a genuinely reused id.
     async fn resent(
         &mut self,
         incident: IncidentId,
@@ -1320,8 +1327,7 @@ impl DispatchService {
             Ok(stored) => stored?,
             Err(error) => return Some(store_unavailable(error)),
         };
-        let same_action = action.opens(stored.events.iter().map(|recorded| &recorded.event));
-        if stored.meta.actor != commit.meta.actor || !same_action {
+        if !is_same_command(&stored, &commit.meta.actor, action) {
             return None;
         }
         if let Err(error) = self.reload(incident).await {
