@@ -753,7 +753,7 @@ impl DispatchService {
         }
     }
 
-    /// How a commit names `actor` (`Wangge-Actor`): `system:dispatch/<instance>` or
+    /// How a commit's envelope names `actor`: `system:dispatch/<instance>` or
     /// `<role>/<id>`.
     fn actor_label(&self, actor: &Actor) -> String {
         match actor.role {

@@ -57,6 +57,53 @@ const _: () = assert!(
     "write Wangge-Body-Format for formats after 1"
 );
 
+/// Where a commit keeps its envelope (version, chain, ids, actor, time, events list). Both
+/// are read, whatever a build writes; [`EventStore::with_commit_format`] chooses what it
+/// writes.
+///
+/// Why the body: async-nats parses every header of every delivered message into a map of
+/// owned strings. With the envelope in nine headers a pull consumer read 65–85k commits/s at
+/// 12–16 µs of client CPU each; with the same bytes in the body, 160–220k/s at 3–4 µs, and a
+/// publish cost 7–8 µs instead of 12–15 (docs/BENCHMARKS.md, "Session 24"). Every commit is
+/// read back by several consumers (dispatch, its notifier, the projection, intake's
+/// follower), so that parse was paid several times per commit.
+///
+/// [`EventStore::with_commit_format`]: crate::EventStore::with_commit_format
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitFormat {
+    /// Format 1: the envelope in `Wangge-*` headers (every build before session 24).
+    Headers,
+    /// Format 2: the body is [`BODY_MAGIC`], the postcard envelope, then the events exactly
+    /// as format 1 stores them; the only headers are the ones JetStream acts on
+    /// (`Nats-Msg-Id`, `Nats-Expected-Last-Subject-Sequence`).
+    #[default]
+    Body,
+}
+
+/// Room reserved for a format-2 envelope: the fixed fields, an actor of 256 bytes and a
+/// traceparent, with their length prefixes.
+const BODY_ENVELOPE_BYTES_MAX: usize = 2 * 10 + 2 * 16 + 3 + 256 + 10 + 2 * 32 + 1 + 1 + 64;
+
+/// First bytes of a format-2 commit body. A message on a stream's subjects with neither this
+/// nor a `Wangge-Version` header is not a commit.
+pub const BODY_MAGIC: &[u8; 4] = b"WGC\x02";
+
+/// The envelope of a format-2 commit, stored (postcard) between [`BODY_MAGIC`] and the
+/// events. Frozen: a change is a new format.
+#[derive(Debug, Serialize, Deserialize)]
+struct BodyEnvelopeV2 {
+    first_version: u64,
+    version: u64,
+    correlation_id: [u8; 16],
+    causation_id: [u8; 16],
+    actor: String,
+    occurred_at_ms: i64,
+    previous_hash: [u8; 32],
+    hash: [u8; 32],
+    traceparent: Option<String>,
+}
+
 /// The correlation and causation id of the commit a command writes, derived from the
 /// command id (SHA-256 of `wangge/<writer>/command/v1`, a zero byte and the id, as a UUID
 /// v8): a console can compute the id of what its command caused, a resent command gets the
@@ -301,6 +348,7 @@ pub(crate) fn encode_commit<C: EventCodec>(
     aggregate: &AggregateId,
     expected: &Position,
     commit: &Commit<C::Event>,
+    format: CommitFormat,
 ) -> Result<OutgoingCommit, EncodeCommitError> {
     let count = commit.events.len();
     if count == 0 {
@@ -338,12 +386,14 @@ pub(crate) fn encode_commit<C: EventCodec>(
             });
         }
     }
-    let events_header = describe_events(
-        encoded
-            .iter()
-            .zip(&commit.event_ids)
-            .map(|(event, id)| (event.event_type.as_str(), event.schema_version, *id)),
-    );
+    let events_header = (format == CommitFormat::Headers).then(|| {
+        describe_events(
+            encoded
+                .iter()
+                .zip(&commit.event_ids)
+                .map(|(event, id)| (event.event_type.as_str(), event.schema_version, *id)),
+        )
+    });
     let mut uuid_text = Uuid::encode_buffer();
     let body_bytes_estimate = encoded
         .iter()
@@ -399,6 +449,39 @@ pub(crate) fn encode_commit<C: EventCodec>(
             traceparent
         }
     };
+    let mut msg_id = String::with_capacity(aggregate.as_str().len() + 1 + commit.command_id.len());
+    msg_id.push_str(aggregate.as_str());
+    msg_id.push('/');
+    msg_id.push_str(&commit.command_id);
+    let Some(events_header) = events_header else {
+        let envelope = BodyEnvelopeV2 {
+            first_version,
+            version,
+            correlation_id: *meta.correlation_id.as_bytes(),
+            causation_id: *meta.causation_id.as_bytes(),
+            actor: meta.actor.clone(),
+            occurred_at_ms: meta.occurred_at_ms,
+            previous_hash: expected.hash,
+            hash,
+            traceparent: Some(traceparent),
+        };
+        let mut stored =
+            Vec::with_capacity(BODY_MAGIC.len() + BODY_ENVELOPE_BYTES_MAX + body.len());
+        stored.extend_from_slice(BODY_MAGIC);
+        let mut stored = postcard::to_extend(&envelope, stored).map_err(|error| {
+            EncodeCommitError::Codec(CodecError::Encode {
+                event_type: "commit envelope".to_owned(),
+                reason: error.to_string(),
+            })
+        })?;
+        stored.extend_from_slice(&body);
+        return Ok(OutgoingCommit {
+            headers: HeaderMap::new(),
+            body: stored.into(),
+            msg_id,
+            position_after: (version, hash),
+        });
+    };
     let names = &*HEADER_NAMES;
     let mut headers = HeaderMap::new();
     let mut put = |index: usize, value: String| headers.insert(names[index].clone(), value);
@@ -429,10 +512,6 @@ pub(crate) fn encode_commit<C: EventCodec>(
     hex_into(&hash, &mut chain_hex[65..]);
     put(6, String::from_utf8_lossy(&chain_hex).into_owned());
     put(7, traceparent);
-    let mut msg_id = String::with_capacity(aggregate.as_str().len() + 1 + commit.command_id.len());
-    msg_id.push_str(aggregate.as_str());
-    msg_id.push('/');
-    msg_id.push_str(&commit.command_id);
     Ok(OutgoingCommit {
         headers,
         body: body.into(),
@@ -471,10 +550,38 @@ pub enum DecodeCommitError {
     Codec(#[from] CodecError),
 }
 
-/// Whether a message carries the envelope every commit has (its `Wangge-Version` header): a
-/// message without one on a stream's subjects was not written by the event store.
-pub fn carries_envelope(headers: &HeaderMap) -> bool {
-    headers.get(headers::VERSION).is_some()
+/// Whether a message carries the envelope every commit has (a `Wangge-Version` header, or a
+/// body that starts with [`BODY_MAGIC`]): a message with neither on a stream's subjects was
+/// not written by the event store.
+pub fn carries_envelope(headers: Option<&HeaderMap>, payload: &[u8]) -> bool {
+    stored_format(headers, payload).is_some()
+}
+
+/// Which format a stored message is in, if it is a commit at all. The header wins: a
+/// format-1 commit is recognised by its `Wangge-Version` header whatever its body holds.
+fn stored_format(headers: Option<&HeaderMap>, payload: &[u8]) -> Option<CommitFormat> {
+    if headers.is_some_and(|headers| headers.get(headers::VERSION).is_some()) {
+        Some(CommitFormat::Headers)
+    } else if payload.starts_with(BODY_MAGIC) {
+        Some(CommitFormat::Body)
+    } else {
+        None
+    }
+}
+
+/// How many events a stored commit holds, read from its envelope alone (the events are not
+/// decoded); `None` for a message that is not a well-formed commit.
+pub fn stored_event_count(headers: Option<&HeaderMap>, payload: &[u8]) -> Option<u64> {
+    match stored_format(headers, payload)? {
+        CommitFormat::Headers => headers?
+            .get(headers::EVENTS)
+            .map(|events| events.as_str().split(',').count() as u64),
+        CommitFormat::Body => {
+            let (envelope, _) =
+                postcard::take_from_bytes::<BodyEnvelopeV2>(&payload[BODY_MAGIC.len()..]).ok()?;
+            (envelope.version + 1).checked_sub(envelope.first_version)
+        }
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, DecodeCommitError> {
@@ -514,13 +621,19 @@ pub(crate) struct StoredEnvelope {
     pub meta: CommitMeta,
     pub previous_hash: [u8; 32],
     pub hash: [u8; 32],
+    /// Format of the events part of the body (1 in both commit formats).
     pub body_format: u16,
+    /// Where the envelope was read from.
+    pub format: CommitFormat,
 }
 
-pub(crate) fn decode_envelope(
+/// The envelope of a stored message and the events part of its body (the bytes the chain
+/// hash covers), in either commit format.
+pub(crate) fn decode_envelope<'a>(
     subject: &str,
     headers: &HeaderMap,
-) -> Result<StoredEnvelope, DecodeCommitError> {
+    payload: &'a [u8],
+) -> Result<(StoredEnvelope, &'a [u8]), DecodeCommitError> {
     let aggregate = subject
         .split_once(".ev.")
         .map(|(_, aggregate)| aggregate)
@@ -537,6 +650,42 @@ pub(crate) fn decode_envelope(
             });
         }
     };
+    if stored_format(Some(headers), payload) == Some(CommitFormat::Body) {
+        let (envelope, events) = postcard::take_from_bytes::<BodyEnvelopeV2>(
+            &payload[BODY_MAGIC.len()..],
+        )
+        .map_err(|error| DecodeCommitError::BadBody {
+            reason: format!("envelope: {error}"),
+        })?;
+        if envelope.first_version == 0 || envelope.first_version > envelope.version {
+            return Err(DecodeCommitError::BadBody {
+                reason: format!(
+                    "envelope: versions {}..={}",
+                    envelope.first_version, envelope.version
+                ),
+            });
+        }
+        return Ok((
+            StoredEnvelope {
+                aggregate: aggregate.to_owned(),
+                command_id: command_id.to_owned(),
+                first_version: envelope.first_version,
+                version: envelope.version,
+                meta: CommitMeta {
+                    correlation_id: Uuid::from_bytes(envelope.correlation_id),
+                    causation_id: Uuid::from_bytes(envelope.causation_id),
+                    actor: envelope.actor,
+                    occurred_at_ms: envelope.occurred_at_ms,
+                    traceparent: envelope.traceparent,
+                },
+                previous_hash: envelope.previous_hash,
+                hash: envelope.hash,
+                body_format: 1,
+                format: CommitFormat::Body,
+            },
+            events,
+        ));
+    }
     let version: u64 = parsed(headers, headers::VERSION)?;
     let events = header(headers, headers::EVENTS)?;
     let event_count = events.split(',').count() as u64;
@@ -559,24 +708,28 @@ pub(crate) fn decode_envelope(
         Some(_) => parsed(headers, headers::BODY_FORMAT)?,
         None => 1,
     };
-    Ok(StoredEnvelope {
-        aggregate: aggregate.to_owned(),
-        command_id: command_id.to_owned(),
-        first_version,
-        version,
-        meta: CommitMeta {
-            correlation_id: parsed(headers, headers::CORRELATION_ID)?,
-            causation_id: parsed(headers, headers::CAUSATION_ID)?,
-            actor: header(headers, headers::ACTOR)?.to_owned(),
-            occurred_at_ms: parsed(headers, headers::OCCURRED_AT)?,
-            traceparent: headers
-                .get(headers::TRACEPARENT)
-                .map(|value| value.as_str().to_owned()),
+    Ok((
+        StoredEnvelope {
+            aggregate: aggregate.to_owned(),
+            command_id: command_id.to_owned(),
+            first_version,
+            version,
+            meta: CommitMeta {
+                correlation_id: parsed(headers, headers::CORRELATION_ID)?,
+                causation_id: parsed(headers, headers::CAUSATION_ID)?,
+                actor: header(headers, headers::ACTOR)?.to_owned(),
+                occurred_at_ms: parsed(headers, headers::OCCURRED_AT)?,
+                traceparent: headers
+                    .get(headers::TRACEPARENT)
+                    .map(|value| value.as_str().to_owned()),
+            },
+            previous_hash: hex_hash(headers::CHAIN, previous)?,
+            hash: hex_hash(headers::CHAIN, own)?,
+            body_format,
+            format: CommitFormat::Headers,
         },
-        previous_hash: hex_hash(headers::CHAIN, previous)?,
-        hash: hex_hash(headers::CHAIN, own)?,
-        body_format,
-    })
+        payload,
+    ))
 }
 
 impl StoredEnvelope {
@@ -704,8 +857,8 @@ pub(crate) fn decode_commit<C: EventCodec>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<RecordedCommit<C::Event>, DecodeCommitError> {
-    let envelope = decode_envelope(subject, headers)?;
-    let raw = decode_body(envelope.body_format, body)?;
+    let (envelope, events) = decode_envelope(subject, headers, body)?;
+    let raw = decode_body(envelope.body_format, events)?;
     let expected_count = envelope
         .version
         .checked_sub(envelope.first_version)
@@ -822,12 +975,35 @@ mod golden {
         )
     }
 
+    /// Decodes a stored sample commit and checks it holds [`sample`]'s events and versions.
+    fn decode_sample(
+        headers: &HeaderMap,
+        body: &[u8],
+        commit: &Commit<(u64, String)>,
+    ) -> RecordedCommit<(u64, String)> {
+        let codec = PostcardCodec::<(u64, String)>::new("golden");
+        let decoded = decode_commit(&codec, 42, 0, "golden.ev.sanming.golden", headers, body)
+            .expect("decode golden");
+        let events: Vec<_> = decoded.events.iter().map(|e| e.event.clone()).collect();
+        assert_eq!(events, commit.events);
+        assert_eq!((decoded.first_version, decoded.version), (4, 5));
+        assert_eq!(decoded.previous_hash, [0xab; 32]);
+        decoded
+    }
+
     /// The events header of an encoded commit describes its body; an edited one does not.
     #[test]
     fn an_edited_events_header_no_longer_describes_the_body() {
         let codec = PostcardCodec::<(u64, String)>::new("golden");
         let (aggregate, expected, commit) = sample();
-        let outgoing = encode_commit(&codec, &aggregate, &expected, &commit).expect("encode");
+        let outgoing = encode_commit(
+            &codec,
+            &aggregate,
+            &expected,
+            &commit,
+            CommitFormat::Headers,
+        )
+        .expect("encode");
         let body = decode_body(1, &outgoing.body).expect("body");
         assert_eq!(events_header_mismatch(&outgoing.headers, &body), None);
         let mut edited = outgoing.headers.clone();
@@ -862,7 +1038,7 @@ mod golden {
         for command_id in ["c1 ", " c1", "c1\u{3000}", "c 1"] {
             commit.command_id = command_id.to_owned();
             refused.push(
-                match encode_commit(&codec, &aggregate, &expected, &commit) {
+                match encode_commit(&codec, &aggregate, &expected, &commit, CommitFormat::Body) {
                     Ok(_) => format!("{command_id:?}: encoded"),
                     Err(error) => error.to_string(),
                 },
@@ -880,7 +1056,14 @@ mod golden {
     fn commit_v1_golden_bytes_decode_and_verify_forever() {
         let codec = PostcardCodec::<(u64, String)>::new("golden");
         let (aggregate, expected, commit) = sample();
-        let outgoing = encode_commit(&codec, &aggregate, &expected, &commit).expect("encode");
+        let outgoing = encode_commit(
+            &codec,
+            &aggregate,
+            &expected,
+            &commit,
+            CommitFormat::Headers,
+        )
+        .expect("encode");
         let mut header_lines: Vec<String> = outgoing
             .headers
             .iter()
@@ -919,30 +1102,75 @@ mod golden {
             let (name, value) = line.split_once(": ").expect("name: value");
             headers.insert(name, value);
         }
-        let decoded = decode_commit(
-            &codec,
-            42,
-            0,
-            "golden.ev.sanming.golden",
-            &headers,
-            &golden_body,
-        )
-        .expect("decode golden");
+        let decoded = decode_sample(&headers, &golden_body, &commit);
+        let (envelope, events) =
+            decode_envelope("golden.ev.sanming.golden", &headers, &golden_body).expect("envelope");
         assert_eq!(
-            decoded
-                .events
-                .iter()
-                .map(|e| e.event.clone())
-                .collect::<Vec<_>>(),
-            commit.events
-        );
-        assert_eq!((decoded.first_version, decoded.version), (4, 5));
-        assert_eq!(decoded.previous_hash, [0xab; 32]);
-        let envelope = decode_envelope("golden.ev.sanming.golden", &headers).expect("envelope");
-        assert_eq!(
-            envelope.recomputed_hash(&golden_body),
+            envelope.recomputed_hash(events),
             decoded.hash,
             "chain hash v1 is stable"
+        );
+        assert!(carries_envelope(Some(&headers), &golden_body));
+        assert_eq!(stored_event_count(Some(&headers), &golden_body), Some(2));
+    }
+
+    /// Format 2 (the envelope in the body): frozen bytes, the same chain hash as format 1
+    /// over the same commit, and only `Nats-Msg-Id` in the headers the store writes.
+    #[test]
+    fn commit_v2_golden_bytes_decode_and_verify_forever() {
+        let codec = PostcardCodec::<(u64, String)>::new("golden");
+        let (aggregate, expected, commit) = sample();
+        let outgoing = encode_commit(&codec, &aggregate, &expected, &commit, CommitFormat::Body)
+            .expect("encode");
+        assert!(outgoing.headers.is_empty(), "{:?}", outgoing.headers);
+        assert_eq!(outgoing.msg_id, "sanming.golden/golden-1");
+        let body_path = golden_dir().join("commit_v2.body");
+        if std::env::var_os("WANGGE_WRITE_GOLDEN").is_some() && !body_path.exists() {
+            std::fs::write(&body_path, &outgoing.body).expect("write golden body");
+        }
+        let golden_body = std::fs::read(&body_path).expect("golden body is committed");
+        assert_eq!(outgoing.body.as_ref(), golden_body.as_slice());
+        assert!(golden_body.starts_with(BODY_MAGIC));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::MSG_ID, "sanming.golden/golden-1");
+        let decoded = decode_sample(&headers, &golden_body, &commit);
+        assert_eq!(decoded.meta, {
+            let mut meta = commit.meta.clone();
+            meta.traceparent =
+                Some("00-01930000000070008000000000000001-8000000000000010-00".to_owned());
+            meta
+        });
+        // The chain hash is format 1's: one chain runs across commits of both formats.
+        let v1 = std::fs::read_to_string(golden_dir().join("commit_v1.headers")).expect("v1");
+        assert!(
+            v1.contains(&format!(":{}\n", hex::encode(decoded.hash))),
+            "{v1}"
+        );
+        let (envelope, events) =
+            decode_envelope("golden.ev.sanming.golden", &headers, &golden_body).expect("envelope");
+        assert_eq!(envelope.recomputed_hash(events), decoded.hash);
+        assert!(carries_envelope(Some(&headers), &golden_body));
+        assert!(carries_envelope(None, &golden_body));
+        assert_eq!(stored_event_count(None, &golden_body), Some(2));
+
+        // An edited envelope no longer verifies: the actor is under the hash.
+        let edited = golden_body
+            .windows(b"golden".len())
+            .position(|window| window == b"golden")
+            .expect("the actor is in the body");
+        let mut forged = golden_body.clone();
+        forged[edited] = b'G';
+        let (envelope, events) =
+            decode_envelope("golden.ev.sanming.golden", &headers, &forged).expect("envelope");
+        assert_eq!(envelope.meta.actor, "system:Golden");
+        assert_ne!(envelope.recomputed_hash(events), envelope.hash);
+        // A body cut inside the envelope is refused, not misread.
+        let cut = decode_envelope("golden.ev.sanming.golden", &headers, &golden_body[..20]);
+        assert!(
+            matches!(cut, Err(DecodeCommitError::BadBody { .. })),
+            "{:?}",
+            cut.map(|(envelope, _)| envelope)
         );
     }
 }

@@ -36,8 +36,8 @@ mod verify;
 pub use aggregate::{AggregateId, AggregateIdError};
 pub use codec::{CodecError, EncodedEvent, EventCodec, PostcardCodec};
 pub use envelope::{
-    Commit, CommitMeta, EncodeCommitError, Position, RecordedCommit, RecordedEvent,
-    carries_envelope, command_uuid, headers,
+    BODY_MAGIC, Commit, CommitFormat, CommitMeta, EncodeCommitError, Position, RecordedCommit,
+    RecordedEvent, carries_envelope, command_uuid, headers, stored_event_count,
 };
 pub use error::{AppendError, ConflictReason, LoadError, OpenError};
 pub use replay::ReplayRange;

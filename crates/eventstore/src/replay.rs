@@ -216,11 +216,11 @@ impl<C: EventCodec> EventStore<C> {
                 break;
             }
             let headers = message.headers.as_ref().unwrap_or(&no_headers);
-            if !carries_envelope(headers) {
+            if !carries_envelope(Some(headers), &message.payload) {
                 // Not history: a message some other client published on the stream's
                 // subjects. Stopping on it stopped every rebuild and audit replay for good
                 // (the streams deny deletes); `wangge audit verify` reports it.
-                warn!(subject = %message.subject, sequence, "a message that is not a commit (no Wangge-Version header) skipped");
+                warn!(subject = %message.subject, sequence, "a message that is not a commit (no Wangge-Version header, no commit body) skipped");
                 last = sequence;
                 if info.pending == 0 {
                     break;

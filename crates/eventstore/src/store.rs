@@ -11,8 +11,8 @@ use tracing::{debug, warn};
 use crate::aggregate::AggregateId;
 use crate::codec::EventCodec;
 use crate::envelope::{
-    self, Commit, Position, RecordedCommit, datetime_to_ms, decode_body, decode_envelope,
-    encode_commit, raw_content_digest,
+    self, Commit, CommitFormat, Position, RecordedCommit, datetime_to_ms, decode_body,
+    decode_envelope, encode_commit, raw_content_digest,
 };
 use crate::error::{AppendError, ConflictReason, LoadError, OpenError};
 
@@ -196,6 +196,8 @@ pub struct EventStore<C: EventCodec> {
     pub(crate) stream: stream::Stream,
     pub(crate) spec: StreamSpec,
     pub(crate) codec: C,
+    /// What [`EventStore::append`] writes ([`CommitFormat::Body`] unless told).
+    pub(crate) commit_format: CommitFormat,
 }
 
 /// Whether creating a stream failed for a reason that passes: no answer in time, no
@@ -379,6 +381,7 @@ impl<C: EventCodec> EventStore<C> {
             stream,
             spec,
             codec,
+            commit_format: CommitFormat::default(),
         })
     }
 
@@ -401,7 +404,22 @@ impl<C: EventCodec> EventStore<C> {
             stream,
             spec,
             codec,
+            commit_format: CommitFormat::default(),
         })
+    }
+
+    /// Writes commits in `format` from now on (both formats are always read). A city
+    /// upgrading from a build that reads only [`CommitFormat::Headers`] keeps writing that
+    /// until every reader runs a build that reads both (ARCHITECTURE.md, "Upgrades").
+    #[must_use]
+    pub fn with_commit_format(mut self, format: CommitFormat) -> Self {
+        self.commit_format = format;
+        self
+    }
+
+    /// What [`EventStore::append`] writes.
+    pub fn commit_format(&self) -> CommitFormat {
+        self.commit_format
     }
 
     pub fn spec(&self) -> &StreamSpec {
@@ -439,12 +457,11 @@ impl<C: EventCodec> EventStore<C> {
             // Encoding is deterministic (event ids live in the commit), so each attempt
             // encodes afresh and moves its headers into the publish instead of cloning them.
             let outgoing =
-                encode_commit(&self.codec, aggregate, expected, commit).map_err(|source| {
-                    AppendError::Encode {
+                encode_commit(&self.codec, aggregate, expected, commit, self.commit_format)
+                    .map_err(|source| AppendError::Encode {
                         subject: subject.clone(),
                         source,
-                    }
-                })?;
+                    })?;
             let position_after = outgoing.position_after;
             let publish = jetstream::message::PublishMessage::build()
                 .headers(outgoing.headers)
@@ -557,9 +574,9 @@ impl<C: EventCodec> EventStore<C> {
             sequence: stored.sequence,
             reason,
         };
-        let envelope = decode_envelope(&stored.subject, &stored.headers)
+        let (envelope, events) = decode_envelope(&stored.subject, &stored.headers, &stored.payload)
             .map_err(|error| duplicate_check(error.to_string()))?;
-        let raw = decode_body(envelope.body_format, &stored.payload)
+        let raw = decode_body(envelope.body_format, events)
             .map_err(|error| duplicate_check(error.to_string()))?;
         let ours = envelope::commit_content_digest(&self.codec, commit)
             .map_err(|error| duplicate_check(error.to_string()))?;
@@ -594,14 +611,14 @@ impl<C: EventCodec> EventStore<C> {
         let subject = self.subject(aggregate);
         match self.stream.get_last_raw_message_by_subject(&subject).await {
             Ok(message) => {
-                let envelope =
-                    decode_envelope(&message.subject, &message.headers).map_err(|source| {
-                        LoadError::Corrupt {
+                let (envelope, _) =
+                    decode_envelope(&message.subject, &message.headers, &message.payload).map_err(
+                        |source| LoadError::Corrupt {
                             subject: subject.clone(),
                             sequence: message.sequence,
                             source,
-                        }
-                    })?;
+                        },
+                    )?;
                 Ok(Position {
                     version: envelope.version,
                     sequence: message.sequence,
@@ -823,12 +840,13 @@ fn check_link<E>(
             "previous hash does not match the preceding commit".to_owned(),
         ));
     }
-    let envelope = decode_envelope(subject, headers).map_err(|source| LoadError::Corrupt {
-        subject: subject.to_owned(),
-        sequence: commit.sequence,
-        source,
-    })?;
-    if envelope.recomputed_hash(body) != commit.hash {
+    let (envelope, events) =
+        decode_envelope(subject, headers, body).map_err(|source| LoadError::Corrupt {
+            subject: subject.to_owned(),
+            sequence: commit.sequence,
+            source,
+        })?;
+    if envelope.recomputed_hash(events) != commit.hash {
         return Err(broken(
             "stored hash does not match the commit's content".to_owned(),
         ));

@@ -186,16 +186,16 @@ pub enum SubscribeError {
 }
 
 impl SubscribeError {
-    /// A message on the stream's subjects that is not a commit at all (no `Wangge-Version`
-    /// header: nothing wangge's event store writes lacks it), as opposed to a commit this
+    /// A message on the stream's subjects that is not a commit at all (neither a
+    /// `Wangge-Version` header nor a body that starts with [`crate::BODY_MAGIC`]: nothing
+    /// wangge's event store writes lacks both), as opposed to a commit this
     /// build cannot read (an event type or body format from a newer build). A reader skips
     /// the first; what it does with the second is its own decision.
     pub fn is_foreign(&self) -> bool {
         match self {
-            SubscribeError::Decode { message, .. } => !message
-                .headers
-                .as_ref()
-                .is_some_and(crate::envelope::carries_envelope),
+            SubscribeError::Decode { message, .. } => {
+                !crate::envelope::carries_envelope(message.headers.as_ref(), &message.payload)
+            }
             _ => false,
         }
     }

@@ -21,7 +21,9 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::EventCodec;
-use crate::envelope::{Position, decode_body, decode_envelope, events_header_mismatch};
+use crate::envelope::{
+    CommitFormat, Position, decode_body, decode_envelope, events_header_mismatch,
+};
 use crate::error::LoadError;
 use crate::store::EventStore;
 
@@ -437,10 +439,11 @@ fn check_commit(
 ) {
     let subject = message.subject.to_string();
     let headers = message.headers.clone().unwrap_or_default();
-    let decoded = decode_envelope(&subject, &headers).and_then(|envelope| {
-        decode_body(envelope.body_format, &message.payload).map(|body| (envelope, body))
-    });
-    let (envelope, body) = match decoded {
+    let decoded =
+        decode_envelope(&subject, &headers, &message.payload).and_then(|(envelope, events)| {
+            decode_body(envelope.body_format, events).map(|body| (envelope, events, body))
+        });
+    let (envelope, events, body) = match decoded {
         Ok(decoded) => decoded,
         Err(error) => {
             report.add(Finding::Undecodable {
@@ -452,13 +455,17 @@ fn check_commit(
         }
     };
     let aggregate = envelope.aggregate.clone();
-    if envelope.recomputed_hash(&message.payload) != envelope.hash {
+    if envelope.recomputed_hash(events) != envelope.hash {
         report.add(Finding::HashMismatch {
             sequence,
             aggregate: aggregate.clone(),
         });
     }
-    if let Some(detail) = events_header_mismatch(&headers, &body) {
+    // A format-2 commit lists its events once, in the body the hash covers.
+    if let Some(detail) = (envelope.format == CommitFormat::Headers)
+        .then(|| events_header_mismatch(&headers, &body))
+        .flatten()
+    {
         report.add(Finding::EventsHeaderMismatch {
             sequence,
             aggregate: aggregate.clone(),

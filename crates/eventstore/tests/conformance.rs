@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventstore::{
-    AggregateId, AppendError, Commit, CommitMeta, ConflictReason, EventStore, Finding, Position,
-    PostcardCodec, SnapshotStore, StreamSpec, SubscriptionConfig,
+    AggregateId, AppendError, Commit, CommitFormat, CommitMeta, ConflictReason, EventStore,
+    Finding, Position, PostcardCodec, SnapshotStore, StreamSpec, SubscriptionConfig,
 };
 use serde::{Deserialize, Serialize};
 use testkit::{NatsCluster, NatsServer};
@@ -91,9 +91,12 @@ async fn open(url: &str, spec: StreamSpec) -> EventStore<Codec> {
 async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
     let server = NatsServer::start().expect("nats-server");
     let store = open(&server.url(), StreamSpec::named("LEDGER", "ledger")).await;
+    assert_eq!(store.commit_format(), CommitFormat::Body);
+    // The first commit as a build before format 2 wrote it: one chain runs across formats.
+    let older_build = store.clone().with_commit_format(CommitFormat::Headers);
     let id = aggregate("sanming.account-1");
 
-    let first = store
+    let first = older_build
         .append(
             &id,
             &Position::NEW,
@@ -126,6 +129,20 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
         .await
         .expect("next");
     assert_eq!(second.position.version, 3);
+    // The format-1 commit sent again by a format-2 writer is recognised as stored.
+    let again = store
+        .append(
+            &id,
+            &Position::NEW,
+            &Commit {
+                command_id: "c1".to_owned(),
+                ..loaded_commit_of_first(&older_build, &id).await
+            },
+        )
+        .await
+        .expect("resend");
+    assert!(again.duplicate);
+    assert!(store.verify(|_, _| {}).await.expect("verify").is_intact());
 
     let loaded = store.load(&id).await.expect("load");
     assert_eq!(loaded.position, second.position);
@@ -147,7 +164,7 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
     );
     assert_eq!(loaded.commits[1].previous_hash, loaded.commits[0].hash);
 
-    // The envelope is readable from headers alone.
+    // Format 1: the envelope is readable from headers alone.
     let raw = store
         .jetstream()
         .get_stream("LEDGER")
@@ -157,15 +174,7 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
         .await
         .expect("raw");
     // Direct get adds Nats-Stream, Nats-Sequence, ...: keep what the store wrote.
-    let mut names: Vec<String> = raw
-        .headers
-        .iter()
-        .map(|(name, _)| name.to_string())
-        .filter(|name| {
-            !name.starts_with("Nats-") || name == "Nats-Msg-Id" || name.starts_with("Nats-Expected")
-        })
-        .collect();
-    names.sort();
+    let names = stored_header_names(&raw.headers);
     expect_test::expect![[r#"
         Nats-Expected-Last-Subject-Sequence
         Nats-Msg-Id
@@ -190,6 +199,54 @@ async fn append_and_load_keep_versions_gap_free_with_full_envelope() {
         raw.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
         Some("sanming.account-1/c1")
     );
+    // Format 2: only what JetStream acts on travels in headers; the body says it is a commit.
+    let raw = store
+        .jetstream()
+        .get_stream("LEDGER")
+        .await
+        .expect("stream")
+        .direct_get(2)
+        .await
+        .expect("raw");
+    let names = stored_header_names(&raw.headers);
+    expect_test::expect![[r#"
+        Nats-Expected-Last-Subject-Sequence
+        Nats-Msg-Id"#]]
+    .assert_eq(&names.join("\n"));
+    assert!(raw.payload.starts_with(eventstore::BODY_MAGIC));
+    assert_eq!(
+        eventstore::stored_event_count(Some(&raw.headers), &raw.payload),
+        Some(1)
+    );
+    assert_eq!(
+        raw.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("sanming.account-1/c2")
+    );
+}
+
+/// Header names the store wrote, sorted: a direct get adds `Nats-Stream`, `Nats-Sequence`, ...
+fn stored_header_names(headers: &async_nats::HeaderMap) -> Vec<String> {
+    let mut names: Vec<String> = headers
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .filter(|name| {
+            !name.starts_with("Nats-") || name == "Nats-Msg-Id" || name.starts_with("Nats-Expected")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The first commit of `id` as loaded, as a commit to send again (same events and ids).
+async fn loaded_commit_of_first(store: &EventStore<Codec>, id: &AggregateId) -> Commit<Ledger> {
+    let loaded = store.load(id).await.expect("load");
+    let first = &loaded.commits[0];
+    Commit {
+        command_id: first.command_id.clone(),
+        events: first.events.iter().map(|e| e.event.clone()).collect(),
+        event_ids: first.events.iter().map(|e| e.event_id).collect(),
+        meta: first.meta.clone(),
+    }
 }
 
 /// A load reads through a consumer of its own and removes it when done: left to expire (30 s

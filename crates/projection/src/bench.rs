@@ -113,11 +113,8 @@ async fn raw_replay(
             .info()
             .map_err(|e| BenchError::from(e.to_string()))?
             .stream_sequence;
-        events += message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(eventstore::headers::EVENTS))
-            .map_or(1, |list| list.as_str().split(',').count() as u64);
+        events +=
+            eventstore::stored_event_count(message.headers.as_ref(), &message.payload).unwrap_or(1);
     }
     let _ = stream.delete_consumer(&consumer.cached_info().name).await;
     Ok(events)

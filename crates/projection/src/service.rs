@@ -898,7 +898,7 @@ impl ProjectionService {
                         // stopping on it stopped every builder on it, for good, while the
                         // read models went stale. The checkpoint moves past it.
                         Err(SubscribeError::Decode { sequence, source, message, .. }) => {
-                            if message.headers.as_ref().is_some_and(eventstore::carries_envelope) {
+                            if eventstore::carries_envelope(message.headers.as_ref(), &message.payload) {
                                 error!(
                                     sequence,
                                     %source,

@@ -112,7 +112,7 @@ pub mod v1 {
 
 use v1::*;
 
-/// Event type names as stored in the `Wangge-Events` header.
+/// Event type names as stored in each commit's envelope.
 pub mod event_types {
     pub const COMMUNITY_REGISTERED: &str = "community_registered";
     pub const COMMUNITY_UPDATED: &str = "community_updated";

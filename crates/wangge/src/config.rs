@@ -90,6 +90,12 @@ pub struct StoreSettings {
     pub replicas: usize,
     /// Window in which JetStream drops a repeated `Nats-Msg-Id`, in seconds.
     pub duplicate_window_seconds: u64,
+    /// How the writing services store a commit's envelope: `body` (format 2, the default)
+    /// or `headers` (format 1, what builds before format 2 wrote and the only one they
+    /// read). Every build reads both. A city upgrading from such a build sets `headers`
+    /// until every service runs the new build, then removes it (ARCHITECTURE.md,
+    /// "Upgrades").
+    pub commit_format: eventstore::CommitFormat,
 }
 
 /// `[intake]`: how `wangge serve intake` files reports. Its flags of the same name override.
@@ -290,6 +296,7 @@ impl Default for StoreSettings {
         StoreSettings {
             replicas: 1,
             duplicate_window_seconds: 120,
+            commit_format: eventstore::CommitFormat::Body,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Instants as the audit and projection commands read and print them.
 //!
 //! WHY here and not humantime: a stored time is any i64 of milliseconds (a commit's
-//! `Wangge-Occurred-At` header is whatever its writer put there), and humantime's formatter
+//! occurred-at is whatever its writer put there), and humantime's formatter
 //! panics past the year 9999. An auditor's tool must print every stored value, so a time
 //! RFC 3339 cannot express is printed as plain milliseconds instead. And humantime's "weak"
 //! parser read a time without an offset as UTC, refused `+08:00`, and dropped the offset of a

@@ -531,7 +531,8 @@ fn serve_registry(settings: &Settings, args: RegistryArgs) -> anyhow::Result<()>
             RegistryCodec,
         )
         .await
-        .context("open the GRIDS stream")?;
+        .context("open the GRIDS stream")?
+        .with_commit_format(settings.store.commit_format);
         let observer = observe_service(
             settings,
             "registry",
@@ -646,7 +647,8 @@ fn serve_dispatch(settings: &Settings, args: DispatchArgs) -> anyhow::Result<()>
             dispatch::IncidentCodec,
         )
         .await
-        .context("open the INCIDENTS stream")?;
+        .context("open the INCIDENTS stream")?
+        .with_commit_format(settings.store.commit_format);
         let observer = observe_service(
             settings,
             "dispatch",
@@ -780,14 +782,16 @@ fn serve_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
             intake::IncidentCodec,
         )
         .await
-        .context("open the INCIDENTS stream")?;
+        .context("open the INCIDENTS stream")?
+        .with_commit_format(settings.store.commit_format);
         let receipts = EventStore::open(
             jetstream,
             spec(settings, BoundedContext::Intake),
             intake::IntakeCodec::new(intake::INTAKE_EVENT_TYPE),
         )
         .await
-        .context("open the INTAKE stream")?;
+        .context("open the INTAKE stream")?
+        .with_commit_format(settings.store.commit_format);
         // The registry in process, only following GRIDS, for locating.
         let mut registry_config = ServiceConfig::new(profile);
         registry_config.instance = format!("{}-grids", args.instance);
