@@ -1,5 +1,6 @@
-//! The stored form of a commit: NATS headers for the envelope, a postcard body for the events,
-//! and the hash chain that links each commit to the one before it.
+//! The stored form of a commit: an envelope (in the body since format 2, in NATS headers
+//! before), a postcard body for the events, and the hash chain that links each commit to
+//! the one before it.
 
 use async_nats::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -88,6 +89,10 @@ const BODY_ENVELOPE_BYTES_MAX: usize = 2 * 10 + 2 * 16 + 3 + 256 + 10 + 2 * 32 +
 /// First bytes of a format-2 commit body. A message on a stream's subjects with neither this
 /// nor a `Wangge-Version` header is not a commit.
 pub const BODY_MAGIC: &[u8; 4] = b"WGC\x02";
+/// What every body-envelope format starts with, whatever its version byte: a commit of a
+/// later format (`WGC\x03`, ...) is a commit this build cannot read, never a foreign message
+/// to skip (see "Stored bytes decode forever" in ARCHITECTURE.md).
+const BODY_MAGIC_PREFIX: &[u8; 3] = b"WGC";
 
 /// The envelope of a format-2 commit, stored (postcard) between [`BODY_MAGIC`] and the
 /// events. Frozen: a change is a new format.
@@ -562,7 +567,7 @@ pub fn carries_envelope(headers: Option<&HeaderMap>, payload: &[u8]) -> bool {
 fn stored_format(headers: Option<&HeaderMap>, payload: &[u8]) -> Option<CommitFormat> {
     if headers.is_some_and(|headers| headers.get(headers::VERSION).is_some()) {
         Some(CommitFormat::Headers)
-    } else if payload.starts_with(BODY_MAGIC) {
+    } else if payload.starts_with(BODY_MAGIC_PREFIX) {
         Some(CommitFormat::Body)
     } else {
         None
@@ -578,8 +583,12 @@ pub fn stored_event_count(headers: Option<&HeaderMap>, payload: &[u8]) -> Option
             .map(|events| events.as_str().split(',').count() as u64),
         CommitFormat::Body => {
             let (envelope, _) =
-                postcard::take_from_bytes::<BodyEnvelopeV2>(&payload[BODY_MAGIC.len()..]).ok()?;
-            (envelope.version + 1).checked_sub(envelope.first_version)
+                postcard::take_from_bytes::<BodyEnvelopeV2>(payload.strip_prefix(BODY_MAGIC)?)
+                    .ok()?;
+            envelope
+                .version
+                .checked_sub(envelope.first_version)?
+                .checked_add(1)
         }
     }
 }
@@ -651,12 +660,19 @@ pub(crate) fn decode_envelope<'a>(
         }
     };
     if stored_format(Some(headers), payload) == Some(CommitFormat::Body) {
-        let (envelope, events) = postcard::take_from_bytes::<BodyEnvelopeV2>(
-            &payload[BODY_MAGIC.len()..],
-        )
-        .map_err(|error| DecodeCommitError::BadBody {
-            reason: format!("envelope: {error}"),
-        })?;
+        let Some(envelope_bytes) = payload.strip_prefix(BODY_MAGIC) else {
+            // `WGC` and another version byte: a later build's format.
+            return Err(DecodeCommitError::UnknownBodyFormat {
+                format: payload
+                    .get(BODY_MAGIC_PREFIX.len())
+                    .copied()
+                    .map_or(0, u16::from),
+            });
+        };
+        let (envelope, events) = postcard::take_from_bytes::<BodyEnvelopeV2>(envelope_bytes)
+            .map_err(|error| DecodeCommitError::BadBody {
+                reason: format!("envelope: {error}"),
+            })?;
         if envelope.first_version == 0 || envelope.first_version > envelope.version {
             return Err(DecodeCommitError::BadBody {
                 reason: format!(
@@ -1165,6 +1181,15 @@ mod golden {
             decode_envelope("golden.ev.sanming.golden", &headers, &forged).expect("envelope");
         assert_eq!(envelope.meta.actor, "system:Golden");
         assert_ne!(envelope.recomputed_hash(events), envelope.hash);
+        // A later format is a commit this build cannot read, not a foreign message.
+        let mut later = golden_body.clone();
+        later[3] = 3;
+        assert!(carries_envelope(None, &later));
+        assert!(matches!(
+            decode_envelope("golden.ev.sanming.golden", &headers, &later),
+            Err(DecodeCommitError::UnknownBodyFormat { format: 3 })
+        ));
+        assert_eq!(stored_event_count(None, &later), None);
         // A body cut inside the envelope is refused, not misread.
         let cut = decode_envelope("golden.ev.sanming.golden", &headers, &golden_body[..20]);
         assert!(

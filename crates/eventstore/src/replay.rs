@@ -118,8 +118,8 @@ impl<C: EventCodec> EventStore<C> {
 
     /// Calls `apply` with every commit in `range`, in stream order; returns the last sequence
     /// replayed. A commit that does not decode stops the replay with its sequence: an audit
-    /// or rebuild must not silently skip history. A message that is not a commit at all (no
-    /// `Wangge-Version` header) is logged and skipped.
+    /// or rebuild must not silently skip history. A message that is not a commit at all (neither
+    /// a `Wangge-Version` header nor a commit body) is logged and skipped.
     pub async fn replay(
         &self,
         range: ReplayRange,

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::EventCodec;
 use crate::envelope::{
-    CommitFormat, Position, decode_body, decode_envelope, events_header_mismatch,
+    CommitFormat, DecodeCommitError, Position, decode_body, decode_envelope, events_header_mismatch,
 };
 use crate::error::LoadError;
 use crate::store::EventStore;
@@ -439,9 +439,23 @@ fn check_commit(
 ) {
     let subject = message.subject.to_string();
     let headers = message.headers.clone().unwrap_or_default();
-    let decoded =
-        decode_envelope(&subject, &headers, &message.payload).and_then(|(envelope, events)| {
+    // As `load` reads it: a body whose event count disagrees with its versions (a format-2
+    // envelope states both versions) cannot be loaded, so it is reported here too.
+    let decoded = decode_envelope(&subject, &headers, &message.payload)
+        .and_then(|(envelope, events)| {
             decode_body(envelope.body_format, events).map(|body| (envelope, events, body))
+        })
+        .and_then(|(envelope, events, body)| {
+            let versions = envelope.version - envelope.first_version + 1;
+            if body.len() as u64 == versions {
+                Ok((envelope, events, body))
+            } else {
+                Err(DecodeCommitError::CountMismatch {
+                    events: body.len(),
+                    first_version: envelope.first_version,
+                    version: envelope.version,
+                })
+            }
         });
     let (envelope, events, body) = match decoded {
         Ok(decoded) => decoded,

@@ -556,6 +556,21 @@ async fn the_hash_chain_finds_edited_forged_and_deleted_commits() {
         .await
         .expect("ack");
 
+    // Miscount: a copy of a's last commit (one event, versions 4..=4) on a new aggregate,
+    // its envelope's first version lowered to 3: `load` could not read it, so `verify` says so.
+    let mut miscounted = original.payload.to_vec();
+    assert_eq!(&miscounted[..4], eventstore::BODY_MAGIC);
+    assert_eq!(miscounted[4], 4, "first version, a one-byte varint");
+    miscounted[4] = 3;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "miscounted/copy");
+    jetstream
+        .publish_with_headers("ledger.ev.miscounted", headers, miscounted.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
     // Delete: remove one of b's commits from the middle.
     let b_second = store.load(&b).await.expect("load b").commits[1].sequence;
     stream.delete_message(b_second).await.expect("delete");
@@ -566,7 +581,8 @@ async fn the_hash_chain_finds_edited_forged_and_deleted_commits() {
         MissingSequences { from: 4, to: 4 }
         BrokenLink { sequence: 6, aggregate: "bystander", detail: "version 3 follows version 1" }
         HashMismatch { sequence: 9, aggregate: "victim" }
-        BrokenLink { sequence: 9, aggregate: "victim", detail: "version 4 follows version 4" }"#]]
+        BrokenLink { sequence: 9, aggregate: "victim", detail: "version 4 follows version 4" }
+        Undecodable { sequence: 10, subject: "ledger.ev.miscounted", reason: "body holds 1 events but versions 3..=4 say otherwise" }"#]]
     .assert_eq(&findings.join("\n"));
     assert!(matches!(
         store.load(&a).await,

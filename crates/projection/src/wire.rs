@@ -62,7 +62,7 @@ pub struct HistoryEntry {
     /// When the decision was made (the commit's occurred-at), RFC 3339 UTC.
     pub at: String,
     pub at_ms: i64,
-    /// The commit's actor header, e.g. `system:dispatch/dispatch-1`.
+    /// The commit's actor, e.g. `system:dispatch/dispatch-1`.
     pub actor: String,
     /// Event types of the commit, in order.
     pub events: Vec<String>,
