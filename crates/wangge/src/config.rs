@@ -945,6 +945,31 @@ mod tests {
         );
     }
 
+    /// The commit format an upgrade holds back, and a word that is not one.
+    #[test]
+    fn the_commit_format_is_named_and_checked() {
+        let load = |toml: &str| {
+            Settings::from_figment(
+                Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(toml)),
+                "the test's TOML",
+            )
+            .map(|settings| format!("{:?}", settings.store.commit_format))
+            .unwrap_or_else(|error| format!("error: {error:#}"))
+        };
+        let shown = [
+            "",
+            "[store]\ncommit_format = \"headers\"",
+            "[store]\ncommit_format = \"body\"",
+            "[store]\ncommit_format = \"sideways\"",
+        ]
+        .map(load);
+        expect![[r#"
+            Body
+            Headers
+            Body
+            error: read configuration from the test's TOML: setting "store.commit_format" (from the test's TOML): unknown variant: found `sideways`, expected ``headers` or `body``"#]].assert_eq(&shown.join("\n"));
+    }
+
     #[test]
     fn text_settings_from_the_environment_are_taken_verbatim() {
         let variables = [
