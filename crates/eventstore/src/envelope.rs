@@ -343,7 +343,9 @@ fn is_header_token(value: &str) -> bool {
 /// space, at most 256 bytes. NATS clients trim header values when they read them (async-nats
 /// does), so a value with white space at either end (a typed "c1 ", a full-width space) would
 /// read back other than the bytes its commit's hash covered: the intact commit would look
-/// edited to `verify` and `load`.
+/// edited to `verify` and `load`. The command id travels in `Nats-Msg-Id` in both formats;
+/// event types and the actor only in format 1, but both formats accept the same commits, so
+/// a city holding format 1 back during an upgrade refuses nothing format 2 would take.
 fn is_header_text(value: &str) -> bool {
     value.len() <= 256 && !value.chars().any(char::is_control) && value.trim() == value
 }

@@ -50,7 +50,7 @@ pub enum Finding {
     },
     /// The stored hash does not match the commit's content: it was edited.
     HashMismatch { sequence: u64, aggregate: String },
-    /// The `Wangge-Events` header does not describe the body (not covered by the hash, it was
+    /// In a format-1 commit, the `Wangge-Events` header does not describe the body (not covered by the hash, it was
     /// edited: tools that route or audit by it would be misled).
     EventsHeaderMismatch {
         sequence: u64,
