@@ -993,6 +993,15 @@ mod golden {
         )
     }
 
+    /// [`sample`] encoded in `format`.
+    fn encode_sample(format: CommitFormat) -> (Commit<(u64, String)>, OutgoingCommit) {
+        let codec = PostcardCodec::<(u64, String)>::new("golden");
+        let (aggregate, expected, commit) = sample();
+        let outgoing =
+            encode_commit(&codec, &aggregate, &expected, &commit, format).expect("encode");
+        (commit, outgoing)
+    }
+
     /// Decodes a stored sample commit and checks it holds [`sample`]'s events and versions.
     fn decode_sample(
         headers: &HeaderMap,
@@ -1012,16 +1021,7 @@ mod golden {
     /// The events header of an encoded commit describes its body; an edited one does not.
     #[test]
     fn an_edited_events_header_no_longer_describes_the_body() {
-        let codec = PostcardCodec::<(u64, String)>::new("golden");
-        let (aggregate, expected, commit) = sample();
-        let outgoing = encode_commit(
-            &codec,
-            &aggregate,
-            &expected,
-            &commit,
-            CommitFormat::Headers,
-        )
-        .expect("encode");
+        let (_, outgoing) = encode_sample(CommitFormat::Headers);
         let body = decode_body(1, &outgoing.body).expect("body");
         assert_eq!(events_header_mismatch(&outgoing.headers, &body), None);
         let mut edited = outgoing.headers.clone();
@@ -1072,16 +1072,7 @@ mod golden {
 
     #[test]
     fn commit_v1_golden_bytes_decode_and_verify_forever() {
-        let codec = PostcardCodec::<(u64, String)>::new("golden");
-        let (aggregate, expected, commit) = sample();
-        let outgoing = encode_commit(
-            &codec,
-            &aggregate,
-            &expected,
-            &commit,
-            CommitFormat::Headers,
-        )
-        .expect("encode");
+        let (commit, outgoing) = encode_sample(CommitFormat::Headers);
         let mut header_lines: Vec<String> = outgoing
             .headers
             .iter()
@@ -1136,10 +1127,7 @@ mod golden {
     /// over the same commit, and only `Nats-Msg-Id` in the headers the store writes.
     #[test]
     fn commit_v2_golden_bytes_decode_and_verify_forever() {
-        let codec = PostcardCodec::<(u64, String)>::new("golden");
-        let (aggregate, expected, commit) = sample();
-        let outgoing = encode_commit(&codec, &aggregate, &expected, &commit, CommitFormat::Body)
-            .expect("encode");
+        let (commit, outgoing) = encode_sample(CommitFormat::Body);
         assert!(outgoing.headers.is_empty(), "{:?}", outgoing.headers);
         assert_eq!(outgoing.msg_id, "sanming.golden/golden-1");
         let body_path = golden_dir().join("commit_v2.body");
