@@ -252,6 +252,53 @@ def main():
         ))
         user(f"console-{dept}", f"CONSOLE_{dept.upper()}")
 
+    # Office consoles: one user for each kind of office on the whistle ladder (街道 street,
+    # 社区 community, 网格员 grid worker, 区 district, 市 city). Commands in that role's scope;
+    # the notifications of every office of that kind, each office through a durable consumer
+    # it names itself (`<kind>-<office code>`, e.g. `street-350404002`) whose filter is pinned
+    # to the kind in the API subject. Which office of the kind a console speaks for is not
+    # bound by the server (deploy/README.md, "Not enforced by the server"). A consumer name
+    # cannot be pinned by prefix in a NATS permission, so the department consoles' consumers
+    # and dispatch's notifier are denied by name; another kind's office consumer is not.
+    offices = [
+        # (user, command scope, notification subject kind)
+        ("console-street", "street", "street"),
+        ("console-community", "community", "community"),
+        ("console-grid-worker", "grid_worker", "grid"),
+        ("console-district", "district", "district"),
+        ("console-city", "city", "city"),
+    ]
+    named_consumers = [f"console-{dept}" for dept in depts] + ["dispatch-notifier"]
+    for name, scope, kind in offices:
+        role = name.upper().replace("-", "_")
+        roles.append(block(
+            role,
+            [
+                f"dispatch.cmd.{scope}.>",
+                "projection.query.*",
+                "incidents.query.get",
+                "grids.locate",
+                "$JS.API.INFO",
+                "$JS.API.STREAM.INFO.NOTIFICATIONS",
+                f"$JS.API.CONSUMER.CREATE.NOTIFICATIONS.*.dispatch.notify.{kind}.*",
+                "$JS.API.CONSUMER.INFO.NOTIFICATIONS.*",
+                "$JS.API.CONSUMER.MSG.NEXT.NOTIFICATIONS.*",
+                "$JS.ACK.NOTIFICATIONS.*.>",
+            ],
+            [inbox(name.replace("-", "_")), f"dispatch.notify.{kind}.*"],
+            deny_publish=[
+                subject
+                for consumer in named_consumers
+                for subject in (
+                    f"$JS.API.CONSUMER.CREATE.NOTIFICATIONS.{consumer}.>",
+                    f"$JS.API.CONSUMER.INFO.NOTIFICATIONS.{consumer}",
+                    f"$JS.API.CONSUMER.MSG.NEXT.NOTIFICATIONS.{consumer}",
+                    f"$JS.ACK.NOTIFICATIONS.{consumer}.>",
+                )
+            ],
+        ))
+        user(name, role)
+
     # Auditors: read every stream through ephemeral consumers and direct gets; no writes, no
     # stream changes, no durable consumers, and no pulls from (or deletes of) the services'
     # shared work consumers. They may delete a consumer by name (their replays remove their

@@ -8,12 +8,15 @@
 //!   (core subscription or a JetStream consumer), or listening to everyone's receipts;
 //! - a department console publishing another department's command, or creating a consumer on
 //!   another department's notifications;
+//! - an office console (the street's) publishing a department's command, creating a consumer
+//!   on a department's notifications or reading a department console's consumer;
 //! - an auditor writing to a stream or deleting it;
 //! - the projection reading intake's contact bucket (personal data), writing dispatch's
 //!   snapshots or pulling intake's submissions.
 //!
 //! And what is allowed works: a resident submits and reads its receipt (but may not erase
-//! contact details: the privacy office may), a department reads its
+//! contact details: the privacy office may), an office console opens a consumer on its own
+//! street's notifications and sends the street's commands, a department reads its
 //! notifications and acknowledges its case, and a department acting on another department's
 //! case through its own subject is refused by the domain (`not_assigned`); the auditor replays
 //! the log. The projection, as its own user, creates its buckets, takes the builder lease,
@@ -614,6 +617,68 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &xiaofang.refusals().await,
     ));
 
+    // An office console (the street's): its own kind's notifications through a consumer it
+    // names, commands in the street's scope; never a department's command, consumer or
+    // notifications.
+    let street_office = Connection::open(&url, &accounts, "console-street", "console_street").await;
+    let street = "350402001002007"
+        .parse::<domain::GridCode>()
+        .expect("grid")
+        .street();
+    let consumer = console_consumer(
+        &street_office.jetstream(),
+        Recipient::Street(street),
+        &format!("street-{street}"),
+    )
+    .await;
+    lines.push(format!(
+        "street office opens a consumer on its street's notifications: {} | server: {}",
+        if consumer.is_ok() { "opened" } else { "failed" },
+        or_none(&street_office.refusals().await)
+    ));
+    let consumer = console_consumer(
+        &street_office.jetstream(),
+        Recipient::Department("xiaofang".parse().expect("department")),
+        &format!("street-{street}-x"),
+    )
+    .await;
+    lines.push(format!(
+        "street office opens a consumer on xiaofang's notifications: {} | server: {}",
+        if consumer.is_ok() { "opened" } else { "failed" },
+        or_none(&street_office.refusals().await)
+    ));
+    let taken = street_office
+        .jetstream()
+        .get_stream("NOTIFICATIONS")
+        .await
+        .expect("stream info")
+        .get_consumer::<jetstream::consumer::pull::Config>("console-xiaofang")
+        .await;
+    lines.push(format!(
+        "street office takes over xiaofang's consumer: {} | server: {}",
+        if taken.is_ok() { "taken" } else { "failed" },
+        or_none(&street_office.refusals().await)
+    ));
+    let answer = street_office
+        .request("dispatch.cmd.street.acknowledge", body(None, 9))
+        .await;
+    lines.push(verdict(
+        "street office acknowledges xiaofang's case as the street",
+        answer,
+        &street_office.refusals().await,
+    ));
+    let answer = street_office
+        .request(
+            "dispatch.cmd.department.xiaofang.acknowledge",
+            body(None, 9),
+        )
+        .await;
+    lines.push(verdict(
+        "street office publishes xiaofang's command",
+        answer,
+        &street_office.refusals().await,
+    ));
+
     // Auditor: reads everything, changes nothing.
     let audit_store = EventStore::open_existing(
         auditor.jetstream(),
@@ -812,6 +877,11 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         chengguan claims to be xiaofang in the body: rejected actor_mismatch | server: none
         xiaofang reads its notifications: assigned,summoned | server: none
         xiaofang acknowledges its case: accepted | server: none
+        street office opens a consumer on its street's notifications: opened | server: none
+        street office opens a consumer on xiaofang's notifications: failed | server: permissions violation for publish to "$js.api.consumer.create.notifications.street-350402001-x.dispatch.notify.department.xiaofang"
+        street office takes over xiaofang's consumer: failed | server: permissions violation for publish to "$js.api.consumer.info.notifications.console-xiaofang"
+        street office acknowledges xiaofang's case as the street: rejected not_assigned | server: none
+        street office publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
         auditor replays INCIDENTS: 3 commits | server: none
         auditor writes to INCIDENTS: no answer | server: permissions violation for publish to "incidents.ev.forged"
         auditor deletes INCIDENTS: no answer | server: permissions violation for publish to "$js.api.stream.delete.incidents"
@@ -856,7 +926,7 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
             commands["subject"].as_str(),
             commands["num_requests"].as_u64()
         ),
-        (Some("commands"), Some("dispatch.cmd.>"), Some(3)),
+        (Some("commands"), Some("dispatch.cmd.>"), Some(4)),
         "{stats}"
     );
     let address = metrics_address.clone();
@@ -879,7 +949,7 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
     requests.sort_unstable();
     expect![[r#"
         wangge_requests_total{service="dispatch",instance="dispatch",endpoint="commands",outcome="accepted"} 1
-        wangge_requests_total{service="dispatch",instance="dispatch",endpoint="commands",outcome="rejected"} 2"#]]
+        wangge_requests_total{service="dispatch",instance="dispatch",endpoint="commands",outcome="rejected"} 3"#]]
     .assert_eq(&requests.join("\n"));
     // Every whistle kind is exported from the start (an alert on its first increase fires).
     let mut whistles: Vec<&str> = metrics
