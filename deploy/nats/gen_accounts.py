@@ -180,13 +180,21 @@ def main():
     # remove an event stream. Its builder lease is the key `builder` of its own meta bucket
     # PROJECTION (create / revision-checked update / delete through $KV.PROJECTION.builder,
     # reads through the bucket's direct get): nothing beyond these rights.
+    # dispatch's shared notifier consumer (dispatch::service::NOTIFIER_DURABLE) on INCIDENTS:
+    # no one but dispatch pulls from, acks on or deletes it.
+    notifier_protected = [
+        "$JS.API.CONSUMER.MSG.NEXT.INCIDENTS.dispatch-notifier",
+        "$JS.API.CONSUMER.DELETE.INCIDENTS.dispatch-notifier",
+        "$JS.ACK.INCIDENTS.dispatch-notifier.>",
+    ]
     protect = []
     for stream in EVENT_STREAMS:
         for op in ["CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE"]:
             protect.append(f"$JS.API.STREAM.{op}.{stream}")
     # Nor may it touch the other services' state: intake's contact bucket (residents' personal
     # data) and dispatch's snapshots, nor pull from, ack on or delete the shared work
-    # consumers of SUBMISSIONS (intake) and NOTIFICATIONS (dispatch-notifier).
+    # consumers: of SUBMISSIONS (intake's), of NOTIFICATIONS (the consoles'), and dispatch's
+    # notifier on INCIDENTS (by name: the projection reads INCIDENTS through its own).
     foreign_buckets = ["INTAKE_CONTACTS", "DISPATCH_SNAPSHOTS"]
     for bucket in foreign_buckets:
         stream = f"KV_{bucket}"
@@ -206,6 +214,7 @@ def main():
             f"$JS.API.CONSUMER.DELETE.{stream}.>",
             f"$JS.ACK.{stream}.>",
         ]
+    protect += notifier_protected
     roles.append(block(
         "PROJECTION",
         ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"] + own_inbox("projection"),
@@ -259,7 +268,8 @@ def main():
     # to the kind in the API subject. Which office of the kind a console speaks for is not
     # bound by the server (deploy/README.md, "Not enforced by the server"). A consumer name
     # cannot be pinned by prefix in a NATS permission, so the department consoles' consumers
-    # and dispatch's notifier are denied by name; another kind's office consumer is not.
+    # are denied by name; another kind's office consumer is not (and `console_consumer`
+    # refuses to read one whose filter is not its office's).
     offices = [
         # (user, command scope, notification subject kind)
         ("console-street", "street", "street"),
@@ -268,7 +278,7 @@ def main():
         ("console-district", "district", "district"),
         ("console-city", "city", "city"),
     ]
-    named_consumers = [f"console-{dept}" for dept in depts] + ["dispatch-notifier"]
+    named_consumers = [f"console-{dept}" for dept in depts]
     for name, scope, kind in offices:
         role = name.upper().replace("-", "_")
         roles.append(block(
@@ -326,8 +336,11 @@ def main():
         auditor_publish,
         [inbox("auditor")],
         deny_publish=[
-            "$JS.API.CONSUMER.MSG.NEXT.NOTIFICATIONS.dispatch-notifier",
-            "$JS.API.CONSUMER.DELETE.NOTIFICATIONS.dispatch-notifier",
+            *notifier_protected,
+            # the department consoles' notification consumers (an office console's name is
+            # its own choice and cannot be listed here: deploy/README.md)
+            *(f"$JS.API.CONSUMER.{op}.NOTIFICATIONS.{consumer}"
+              for consumer in named_consumers for op in ("MSG.NEXT", "DELETE")),
             "$JS.API.CONSUMER.MSG.NEXT.SUBMISSIONS.*",
             "$JS.API.CONSUMER.DELETE.SUBMISSIONS.*",
         ],

@@ -373,7 +373,8 @@ pub async fn open_stream(
 }
 
 /// A console's durable consumer on its own notification subject: the server keeps its
-/// position, so a console that was offline reads everything it missed, in order.
+/// position, so a console that was offline reads everything it missed, in order. An existing
+/// consumer of that name with another filter is refused, not read.
 pub async fn console_consumer(
     jetstream: &jetstream::Context,
     recipient: Recipient,
@@ -383,19 +384,30 @@ pub async fn console_consumer(
         .get_stream(NOTIFICATIONS_STREAM)
         .await
         .map_err(|e| format!("open stream {NOTIFICATIONS_STREAM}: {e}"))?;
-    stream
+    let filter = recipient.subject();
+    let consumer = stream
         .get_or_create_consumer(
             durable,
             consumer::pull::Config {
                 durable_name: Some(durable.to_owned()),
-                filter_subject: recipient.subject(),
+                filter_subject: filter.clone(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 deliver_policy: consumer::DeliverPolicy::All,
                 ..Default::default()
             },
         )
         .await
-        .map_err(|e| format!("console consumer {durable}: {e}"))
+        .map_err(|e| format!("console consumer {durable}: {e}"))?;
+    // An existing consumer is returned as it is: one another console created under this name,
+    // or redirected, with another filter would silently deliver someone else's notices.
+    let found = consumer.cached_info().config.filter_subject.clone();
+    if found != filter {
+        return Err(format!(
+            "console consumer {durable} reads {found:?}, not {filter:?}: another console holds \
+             this name; pick another or have an operator delete it"
+        ));
+    }
+    Ok(consumer)
 }
 
 #[cfg(test)]

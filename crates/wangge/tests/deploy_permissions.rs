@@ -647,6 +647,18 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         if consumer.is_ok() { "opened" } else { "failed" },
         or_none(&street_office.refusals().await)
     ));
+    // A name already taken with another street's filter (another street's office, or a
+    // console of another kind that squatted it) is refused, not read.
+    let squatted = console_consumer(
+        &street_office.jetstream(),
+        Recipient::Street("350402002".parse().expect("street")),
+        &format!("street-{street}"),
+    )
+    .await;
+    lines.push(format!(
+        "street office opens its consumer under a name holding another street's filter: {}",
+        squatted.map_or_else(|error| error, |_| "opened".to_owned())
+    ));
     let taken = street_office
         .jetstream()
         .get_stream("NOTIFICATIONS")
@@ -679,7 +691,7 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &street_office.refusals().await,
     ));
 
-    // Auditor: reads everything, changes nothing.
+    // Auditor: reads everything, changes nothing, takes nothing from dispatch's notifier.
     let audit_store = EventStore::open_existing(
         auditor.jetstream(),
         StreamSpec::for_context(BoundedContext::Incidents, 1, Duration::from_secs(120)),
@@ -696,6 +708,35 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         "auditor replays INCIDENTS: {commits} commits | server: {}",
         or_none(&auditor.refusals().await)
     ));
+    for (stream, consumer) in [
+        ("INCIDENTS", dispatch::service::NOTIFIER_DURABLE),
+        ("NOTIFICATIONS", "console-xiaofang"),
+    ] {
+        let shared = auditor
+            .jetstream()
+            .get_stream(stream)
+            .await
+            .expect("stream info")
+            .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+            .await
+            .expect("the auditor may read a consumer's info");
+        let mut pulled = 0;
+        if let Ok(mut batch) = shared
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_millis(300))
+            .messages()
+            .await
+        {
+            while let Some(Ok(_)) = batch.next().await {
+                pulled += 1;
+            }
+        }
+        lines.push(format!(
+            "auditor pulls from {consumer}: {pulled} messages | server: {}",
+            or_none(&auditor.refusals().await)
+        ));
+    }
     auditor
         .client
         .publish("incidents.ev.forged", bytes::Bytes::from_static(b"x"))
@@ -879,10 +920,13 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         xiaofang acknowledges its case: accepted | server: none
         street office opens a consumer on its street's notifications: opened | server: none
         street office opens a consumer on xiaofang's notifications: failed | server: permissions violation for publish to "$js.api.consumer.create.notifications.street-350402001-x.dispatch.notify.department.xiaofang"
+        street office opens its consumer under a name holding another street's filter: console consumer street-350402001 reads "dispatch.notify.street.350402001", not "dispatch.notify.street.350402002": another console holds this name; pick another or have an operator delete it
         street office takes over xiaofang's consumer: failed | server: permissions violation for publish to "$js.api.consumer.info.notifications.console-xiaofang"
         street office acknowledges xiaofang's case as the street: rejected not_assigned | server: none
         street office publishes xiaofang's command: no answer | server: permissions violation for publish to "dispatch.cmd.department.xiaofang.acknowledge"
         auditor replays INCIDENTS: 3 commits | server: none
+        auditor pulls from dispatch-notifier: 0 messages | server: permissions violation for publish to "$js.api.consumer.msg.next.incidents.dispatch-notifier"
+        auditor pulls from console-xiaofang: 0 messages | server: permissions violation for publish to "$js.api.consumer.msg.next.notifications.console-xiaofang"
         auditor writes to INCIDENTS: no answer | server: permissions violation for publish to "incidents.ev.forged"
         auditor deletes INCIDENTS: no answer | server: permissions violation for publish to "$js.api.stream.delete.incidents"
         projection folds INCIDENTS to its end: checkpoint 3 of 3, lease held by projection
