@@ -584,15 +584,39 @@ pub fn stored_event_count(headers: Option<&HeaderMap>, payload: &[u8]) -> Option
             .get(headers::EVENTS)
             .map(|events| events.as_str().split(',').count() as u64),
         CommitFormat::Body => {
-            let (envelope, _) =
-                postcard::take_from_bytes::<BodyEnvelopeV2>(payload.strip_prefix(BODY_MAGIC)?)
-                    .ok()?;
-            envelope
-                .version
-                .checked_sub(envelope.first_version)?
-                .checked_add(1)
+            let (envelope, _) = read_body_envelope(payload).ok()?;
+            Some(envelope.version - envelope.first_version + 1)
         }
     }
+}
+
+/// The envelope of a body that starts with [`BODY_MAGIC_PREFIX`], and the events part after
+/// it; its versions are checked (`1 <= first_version <= version`).
+fn read_body_envelope(payload: &[u8]) -> Result<(BodyEnvelopeV2, &[u8]), DecodeCommitError> {
+    let Some(envelope_bytes) = payload.strip_prefix(BODY_MAGIC) else {
+        // `WGC` and another version byte: a later build's format.
+        return Err(DecodeCommitError::UnknownBodyFormat {
+            format: payload
+                .get(BODY_MAGIC_PREFIX.len())
+                .copied()
+                .map_or(0, u16::from),
+        });
+    };
+    let (envelope, events) =
+        postcard::take_from_bytes::<BodyEnvelopeV2>(envelope_bytes).map_err(|error| {
+            DecodeCommitError::BadBody {
+                reason: format!("envelope: {error}"),
+            }
+        })?;
+    if envelope.first_version == 0 || envelope.first_version > envelope.version {
+        return Err(DecodeCommitError::BadBody {
+            reason: format!(
+                "envelope: versions {}..={}",
+                envelope.first_version, envelope.version
+            ),
+        });
+    }
+    Ok((envelope, events))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, DecodeCommitError> {
@@ -662,27 +686,7 @@ pub(crate) fn decode_envelope<'a>(
         }
     };
     if stored_format(Some(headers), payload) == Some(CommitFormat::Body) {
-        let Some(envelope_bytes) = payload.strip_prefix(BODY_MAGIC) else {
-            // `WGC` and another version byte: a later build's format.
-            return Err(DecodeCommitError::UnknownBodyFormat {
-                format: payload
-                    .get(BODY_MAGIC_PREFIX.len())
-                    .copied()
-                    .map_or(0, u16::from),
-            });
-        };
-        let (envelope, events) = postcard::take_from_bytes::<BodyEnvelopeV2>(envelope_bytes)
-            .map_err(|error| DecodeCommitError::BadBody {
-                reason: format!("envelope: {error}"),
-            })?;
-        if envelope.first_version == 0 || envelope.first_version > envelope.version {
-            return Err(DecodeCommitError::BadBody {
-                reason: format!(
-                    "envelope: versions {}..={}",
-                    envelope.first_version, envelope.version
-                ),
-            });
-        }
+        let (envelope, events) = read_body_envelope(payload)?;
         return Ok((
             StoredEnvelope {
                 aggregate: aggregate.to_owned(),
@@ -864,18 +868,15 @@ pub(crate) fn raw_content_digest(events: &[RawEvent]) -> [u8; 32] {
     }))
 }
 
-/// Decodes a stored message into a [`RecordedCommit`], checking its event count against its
-/// versions. Its hash is not recomputed here: the readers that check chains (`load`, `verify`)
-/// do that; a replay (`export`, a projection rebuild) takes the commit as stored.
-pub(crate) fn decode_commit<C: EventCodec>(
-    codec: &C,
-    sequence: u64,
-    stored_at_ms: i64,
+/// The envelope, the events part the chain hash covers, and the events in stored form of a
+/// stored message, its event count checked against its versions: what `load` and `verify`
+/// both read.
+pub(crate) fn decode_raw<'a>(
     subject: &str,
     headers: &HeaderMap,
-    body: &[u8],
-) -> Result<RecordedCommit<C::Event>, DecodeCommitError> {
-    let (envelope, events) = decode_envelope(subject, headers, body)?;
+    payload: &'a [u8],
+) -> Result<(StoredEnvelope, &'a [u8], Vec<RawEvent>), DecodeCommitError> {
+    let (envelope, events) = decode_envelope(subject, headers, payload)?;
     let raw = decode_body(envelope.body_format, events)?;
     let expected_count = envelope
         .version
@@ -888,6 +889,21 @@ pub(crate) fn decode_commit<C: EventCodec>(
             version: envelope.version,
         });
     }
+    Ok((envelope, events, raw))
+}
+
+/// Decodes a stored message into a [`RecordedCommit`], checking its event count against its
+/// versions. Its hash is not recomputed here: the readers that check chains (`load`, `verify`)
+/// do that; a replay (`export`, a projection rebuild) takes the commit as stored.
+pub(crate) fn decode_commit<C: EventCodec>(
+    codec: &C,
+    sequence: u64,
+    stored_at_ms: i64,
+    subject: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<RecordedCommit<C::Event>, DecodeCommitError> {
+    let (envelope, _, raw) = decode_raw(subject, headers, body)?;
     let aggregate =
         AggregateId::new(envelope.aggregate.clone()).map_err(|_| DecodeCommitError::BadHeader {
             name: "subject",

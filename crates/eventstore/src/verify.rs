@@ -21,9 +21,7 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::EventCodec;
-use crate::envelope::{
-    CommitFormat, DecodeCommitError, Position, decode_body, decode_envelope, events_header_mismatch,
-};
+use crate::envelope::{CommitFormat, Position, decode_raw, events_header_mismatch};
 use crate::error::LoadError;
 use crate::store::EventStore;
 
@@ -441,23 +439,7 @@ fn check_commit(
     let headers = message.headers.clone().unwrap_or_default();
     // As `load` reads it: a body whose event count disagrees with its versions (a format-2
     // envelope states both versions) cannot be loaded, so it is reported here too.
-    let decoded = decode_envelope(&subject, &headers, &message.payload)
-        .and_then(|(envelope, events)| {
-            decode_body(envelope.body_format, events).map(|body| (envelope, events, body))
-        })
-        .and_then(|(envelope, events, body)| {
-            let versions = envelope.version - envelope.first_version + 1;
-            if body.len() as u64 == versions {
-                Ok((envelope, events, body))
-            } else {
-                Err(DecodeCommitError::CountMismatch {
-                    events: body.len(),
-                    first_version: envelope.first_version,
-                    version: envelope.version,
-                })
-            }
-        });
-    let (envelope, events, body) = match decoded {
+    let (envelope, events, body) = match decode_raw(&subject, &headers, &message.payload) {
         Ok(decoded) => decoded,
         Err(error) => {
             report.add(Finding::Undecodable {

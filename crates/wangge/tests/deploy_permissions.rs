@@ -216,6 +216,12 @@ fn verdict(what: &str, answer: Option<serde_json::Value>, refusals: &[String]) -
     format!("{what}: {answer} | server: {}", or_none(refusals))
 }
 
+/// A line for a consumer a client tried to open: opened or failed, and what the server said.
+fn opened<T, E>(what: &str, consumer: &Result<T, E>, refusals: &[String]) -> String {
+    let outcome = if consumer.is_ok() { "opened" } else { "failed" };
+    format!("{what}: {outcome} | server: {}", or_none(refusals))
+}
+
 fn actor(role: Role, n: u128) -> Actor {
     Actor {
         role,
@@ -456,10 +462,10 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         "console-xiaofang",
     )
     .await;
-    lines.push(format!(
-        "resident opens xiaofang's notification consumer: {} | server: {}",
-        if consumer.is_ok() { "opened" } else { "failed" },
-        or_none(&resident.refusals().await)
+    lines.push(opened(
+        "resident opens xiaofang's notification consumer",
+        &consumer,
+        &resident.refusals().await,
     ));
     let _receipts = resident
         .client
@@ -551,10 +557,10 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         "console-chengguan",
     )
     .await;
-    lines.push(format!(
-        "chengguan opens a consumer on xiaofang's notifications: {} | server: {}",
-        if consumer.is_ok() { "opened" } else { "failed" },
-        or_none(&chengguan.refusals().await)
+    lines.push(opened(
+        "chengguan opens a consumer on xiaofang's notifications",
+        &consumer,
+        &chengguan.refusals().await,
     ));
     let answer = chengguan
         .request(
@@ -631,10 +637,10 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &format!("street-{street}"),
     )
     .await;
-    lines.push(format!(
-        "street office opens a consumer on its street's notifications: {} | server: {}",
-        if consumer.is_ok() { "opened" } else { "failed" },
-        or_none(&street_office.refusals().await)
+    lines.push(opened(
+        "street office opens a consumer on its street's notifications",
+        &consumer,
+        &street_office.refusals().await,
     ));
     let consumer = console_consumer(
         &street_office.jetstream(),
@@ -642,10 +648,10 @@ async fn each_role_gets_exactly_its_subjects_from_the_server() {
         &format!("street-{street}-x"),
     )
     .await;
-    lines.push(format!(
-        "street office opens a consumer on xiaofang's notifications: {} | server: {}",
-        if consumer.is_ok() { "opened" } else { "failed" },
-        or_none(&street_office.refusals().await)
+    lines.push(opened(
+        "street office opens a consumer on xiaofang's notifications",
+        &consumer,
+        &street_office.refusals().await,
     ));
     // A name already taken with another street's filter (another street's office, or a
     // console of another kind that squatted it) is refused, not read.
